@@ -1,0 +1,80 @@
+r"""How privacy losses add up: composition and group privacy.
+
+Running several differentially private mechanisms on the same data spends privacy each time. The
+theorems here bound the total (Dwork and Roth 2014, Sections 2.3 and 3.5):
+
+- basic composition: :math:`k` mechanisms that are each :math:`(\varepsilon, \delta)`-DP are
+  together :math:`(k\varepsilon, k\delta)`-DP;
+- advanced composition (Dwork, Rothblum and Vadhan 2010): for any :math:`\delta' > 0` they are
+  :math:`(\varepsilon', k\delta + \delta')`-DP with
+  :math:`\varepsilon' = \sqrt{2k\ln(1/\delta')}\,\varepsilon + k\varepsilon(e^{\varepsilon}-1)`;
+- group privacy: an :math:`(\varepsilon, \delta)`-DP mechanism protects groups of :math:`g`
+  people with :math:`(g\varepsilon, g e^{(g-1)\varepsilon}\delta)`.
+
+Both composition theorems hold for adaptively chosen mechanisms. They are bounds, not the exact
+total: the optimal composition theorem (Kairouz, Oh and Viswanath 2015) and the Renyi-DP
+accounting of the DP-SGD chapter are tighter.
+"""
+
+from __future__ import annotations
+
+import math
+
+from companion._validation import check_delta, check_epsilon, check_positive_int
+
+__all__ = ["advanced_composition", "basic_composition", "group_privacy"]
+
+
+def basic_composition(*, epsilon: float, delta: float = 0.0, k: int) -> tuple[float, float]:
+    """Total (epsilon, delta) of ``k`` mechanisms, each (epsilon, delta)-DP: ``(k eps, k delta)``.
+
+    Dwork and Roth (2014), Theorem 3.16. ``delta`` may be 0 (pure DP).
+    """
+    epsilon = check_epsilon(epsilon)
+    delta = check_delta(delta, allow_zero=True)
+    k = check_positive_int("k", k)
+    return k * epsilon, k * delta
+
+
+def advanced_composition(
+    *, epsilon: float, delta: float = 0.0, k: int, delta_prime: float
+) -> tuple[float, float]:
+    r"""Total (epsilon, delta) of ``k`` adaptive (epsilon, delta)-DP mechanisms, advanced theorem.
+
+    .. math::
+
+        \varepsilon' = \sqrt{2k \ln(1/\delta')}\,\varepsilon + k \varepsilon (e^{\varepsilon} - 1),
+        \qquad \delta_{\text{total}} = k\delta + \delta'
+
+    (Dwork, Rothblum and Vadhan 2010; Dwork and Roth 2014, Theorem 3.20). It grows like
+    :math:`\sqrt{k}` rather than :math:`k`, but for few mechanisms or large epsilon it is worse
+    than :func:`basic_composition`; both are valid, so use the smaller.
+
+    Args:
+        epsilon: the epsilon of each mechanism, > 0.
+        delta: the delta of each mechanism, in [0, 1).
+        k: the number of mechanisms, >= 1.
+        delta_prime: the extra failure probability the theorem spends, in (0, 1).
+    """
+    epsilon = check_epsilon(epsilon)
+    delta = check_delta(delta, allow_zero=True)
+    k = check_positive_int("k", k)
+    delta_prime = check_delta(delta_prime, "delta_prime")
+    total_epsilon = math.sqrt(2 * k * math.log(1 / delta_prime)) * epsilon + k * epsilon * math.expm1(
+        epsilon
+    )
+    return total_epsilon, k * delta + delta_prime
+
+
+def group_privacy(*, epsilon: float, delta: float = 0.0, group_size: int) -> tuple[float, float]:
+    r"""The guarantee an (epsilon, delta)-DP mechanism gives a group of ``group_size`` people.
+
+    Data sets that differ in :math:`g` people are joined by a chain of :math:`g` neighbours;
+    applying the definition along the chain gives
+    :math:`(g\varepsilon,\; g\, e^{(g-1)\varepsilon} \delta)`-DP (Dwork and Roth 2014,
+    Theorem 2.2 for delta = 0; the delta term follows by the same chain argument).
+    """
+    epsilon = check_epsilon(epsilon)
+    delta = check_delta(delta, allow_zero=True)
+    group_size = check_positive_int("group_size", group_size)
+    return group_size * epsilon, group_size * math.exp((group_size - 1) * epsilon) * delta

@@ -1,0 +1,63 @@
+"""Tests of companion.composition against the theorems' formulas and their known properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from companion.composition import advanced_composition, basic_composition, group_privacy
+
+
+def test_basic_composition_adds_epsilons_and_deltas():
+    assert basic_composition(epsilon=0.5, delta=1e-6, k=10) == pytest.approx((5.0, 1e-5))
+    assert basic_composition(epsilon=0.5, k=3) == pytest.approx((1.5, 0.0))
+
+
+def test_advanced_composition_formula():
+    """Dwork and Roth (2014), Theorem 3.20, evaluated by hand for eps = 0.1, k = 100, delta' = 1e-5."""
+    total, delta = advanced_composition(epsilon=0.1, delta=1e-7, k=100, delta_prime=1e-5)
+    by_hand = math.sqrt(200 * math.log(1e5)) * 0.1 + 100 * 0.1 * (math.exp(0.1) - 1)
+    assert total == pytest.approx(by_hand)
+    assert delta == pytest.approx(100 * 1e-7 + 1e-5)
+
+
+def test_advanced_composition_grows_like_square_root_of_k():
+    """For small epsilon the first term dominates: quadrupling k roughly doubles the total."""
+    small, _ = advanced_composition(epsilon=1e-3, k=1_000, delta_prime=1e-6)
+    large, _ = advanced_composition(epsilon=1e-3, k=4_000, delta_prime=1e-6)
+    assert large / small == pytest.approx(2.0, rel=0.01)
+    basic_large, _ = basic_composition(epsilon=1e-3, k=4_000)
+    assert large < basic_large
+
+
+def test_advanced_composition_loses_to_basic_for_few_mechanisms():
+    basic, _ = basic_composition(epsilon=1.0, k=5)
+    advanced, _ = advanced_composition(epsilon=1.0, k=5, delta_prime=1e-5)
+    assert advanced > basic
+
+
+def test_group_privacy():
+    assert group_privacy(epsilon=0.5, group_size=3) == pytest.approx((1.5, 0.0))
+    eps, delta = group_privacy(epsilon=0.5, delta=1e-6, group_size=3)
+    assert eps == pytest.approx(1.5)
+    assert delta == pytest.approx(3 * math.exp(1.0) * 1e-6)
+    assert group_privacy(epsilon=0.5, delta=1e-6, group_size=1) == pytest.approx((0.5, 1e-6))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: basic_composition(epsilon=0.0, k=2), ValueError, "epsilon must be > 0"),
+        (lambda: basic_composition(epsilon=1.0, delta=1.0, k=2), ValueError, r"delta must lie in \[0, 1\)"),
+        (lambda: basic_composition(epsilon=1.0, k=0), ValueError, "k must be >= 1"),
+        (lambda: basic_composition(epsilon=1.0, k=2.0), TypeError, "k must be an integer"),
+        (lambda: advanced_composition(epsilon=1.0, k=2, delta_prime=0.0), ValueError, "delta_prime"),
+        (lambda: advanced_composition(epsilon=float("nan"), k=2, delta_prime=1e-5), ValueError, "NaN"),
+        (lambda: group_privacy(epsilon=1.0, group_size=0), ValueError, "group_size"),
+        (lambda: group_privacy(epsilon=1.0, delta=-0.1, group_size=2), ValueError, "delta"),
+    ],
+)
+def test_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

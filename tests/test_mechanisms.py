@@ -1,0 +1,398 @@
+"""Tests of companion.mechanisms.
+
+Statistical tests use fixed seeds and tolerances derived from the sampling distribution of the
+statistic they check (stated at each test), typically five standard deviations, so a correct
+implementation fails with negligible probability and a wrong scale (off by a factor of 2 or more)
+fails for certain.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import integrate, stats
+
+from companion import mechanisms as m
+
+EPSILONS = st.floats(min_value=1e-2, max_value=20.0)
+DELTAS = st.floats(min_value=1e-12, max_value=0.5)
+HYPOTHESIS = settings(derandomize=True, max_examples=150, deadline=None)
+
+
+# --- input validation ---------------------------------------------------------------------------
+
+BAD_EPSILONS = [
+    (0.0, ValueError, "epsilon must be > 0"),
+    (-1.0, ValueError, "epsilon must be > 0"),
+    (float("nan"), ValueError, "NaN"),
+    (float("inf"), ValueError, "finite"),
+    ("1", TypeError, "real number"),
+    (None, TypeError, "real number"),
+    (True, TypeError, "real number"),
+]
+BAD_DELTAS = [
+    (0.0, ValueError, r"\(0, 1\)"),
+    (1.0, ValueError, r"\(0, 1\)"),
+    (-1e-5, ValueError, r"\(0, 1\)"),
+    (float("nan"), ValueError, "NaN"),
+    ("1e-5", TypeError, "real number"),
+]
+
+
+def _calls_taking_epsilon():
+    """One valid call of each public function, as a function of epsilon alone."""
+    bits = np.array([0, 1, 1, 0])
+    return {
+        "laplace": lambda e: m.laplace_mechanism(1.0, sensitivity=1.0, epsilon=e, rng=0),
+        "gaussian": lambda e: m.gaussian_mechanism(1.0, sensitivity=1.0, epsilon=e, delta=1e-5),
+        "analytic_sigma": lambda e: m.analytic_gaussian_sigma(epsilon=e, delta=1e-5),
+        "classic_sigma": lambda e: m.classic_gaussian_sigma(epsilon=e, delta=1e-5),
+        "profile": lambda e: m.gaussian_privacy_profile(sigma=1.0, epsilon=e),
+        "rr": lambda e: m.randomized_response(bits, epsilon=e, rng=0),
+        "rr_estimate": lambda e: m.randomized_response_estimate(bits, epsilon=e),
+        "rr_keep": lambda e: m.randomized_response_keep_probability(epsilon=e),
+        "exponential": lambda e: m.exponential_mechanism(np.array([1.0, 2.0]), sensitivity=1.0, epsilon=e),
+        "count": lambda e: m.private_count(bits.astype(bool), epsilon=e),
+        "sum": lambda e: m.private_sum(np.array([1.0, 2.0]), lower=0, upper=5, epsilon=e),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_calls_taking_epsilon()))
+@pytest.mark.parametrize(("epsilon", "error", "message"), BAD_EPSILONS)
+def test_every_mechanism_rejects_bad_epsilon(name, epsilon, error, message):
+    with pytest.raises(error, match=message):
+        _calls_taking_epsilon()[name](epsilon)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d: m.gaussian_mechanism(1.0, sensitivity=1.0, epsilon=1.0, delta=d),
+        lambda d: m.analytic_gaussian_sigma(epsilon=1.0, delta=d),
+        lambda d: m.classic_gaussian_sigma(epsilon=0.5, delta=d),
+    ],
+    ids=["gaussian", "analytic_sigma", "classic_sigma"],
+)
+@pytest.mark.parametrize(("delta", "error", "message"), BAD_DELTAS)
+def test_gaussian_rejects_bad_delta(call, delta, error, message):
+    with pytest.raises(error, match=message):
+        call(delta)
+
+
+@pytest.mark.parametrize("sensitivity", [0.0, -1.0, float("nan")])
+def test_bad_sensitivity(sensitivity):
+    with pytest.raises(ValueError, match="sensitivity"):
+        m.laplace_mechanism(1.0, sensitivity=sensitivity, epsilon=1.0)
+    with pytest.raises(ValueError, match="sensitivity"):
+        m.analytic_gaussian_sigma(epsilon=1.0, delta=1e-5, sensitivity=sensitivity)
+    with pytest.raises(ValueError, match="sensitivity"):
+        m.exponential_mechanism(np.array([1.0]), sensitivity=sensitivity, epsilon=1.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (float("nan"), ValueError, "NaN"),
+        (np.array([1.0, np.nan]), ValueError, "NaN"),
+        (np.array([]), ValueError, "empty"),
+        ("3", TypeError, "real number or a numpy array"),
+        ([1.0, 2.0], TypeError, "real number or a numpy array"),
+        (None, TypeError, "real number or a numpy array"),
+        (np.array(["a"]), TypeError, "numeric"),
+        (np.array([True]), TypeError, "numeric"),
+        (np.array([1 + 2j]), TypeError, "real"),
+    ],
+)
+def test_value_validation(value, error, message):
+    with pytest.raises(error, match=message):
+        m.laplace_mechanism(value, sensitivity=1.0, epsilon=1.0)
+    with pytest.raises(error, match=message):
+        m.gaussian_mechanism(value, sensitivity=1.0, epsilon=1.0, delta=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("rng", "error"),
+    [("seed", TypeError), (1.5, TypeError), (True, TypeError), (-1, ValueError), (np.random.RandomState(0), TypeError)],
+)
+def test_rng_validation(rng, error):
+    with pytest.raises(error, match="rng"):
+        m.laplace_mechanism(1.0, sensitivity=1.0, epsilon=1.0, rng=rng)
+
+
+def test_classic_gaussian_refuses_epsilon_of_one_or_more_and_points_to_analytic():
+    with pytest.raises(ValueError, match="analytic_gaussian_sigma"):
+        m.classic_gaussian_sigma(epsilon=1.0, delta=1e-5)
+    with pytest.raises(ValueError, match="epsilon < 1"):
+        m.gaussian_mechanism(0.0, sensitivity=1.0, epsilon=2.0, delta=1e-5, calibration="classic")
+
+
+def test_unknown_calibration_and_neighbouring_are_rejected():
+    with pytest.raises(ValueError, match="calibration"):
+        m.gaussian_mechanism(0.0, sensitivity=1.0, epsilon=1.0, delta=1e-5, calibration="tight")
+    with pytest.raises(ValueError, match="neighbouring"):
+        m.sum_sensitivity(lower=0, upper=1, neighbouring="swap")
+
+
+@pytest.mark.parametrize(
+    ("bits", "error", "message"),
+    [
+        ([0, 1], TypeError, "numpy array"),
+        (np.array([0, 2]), ValueError, "only 0 and 1"),
+        (np.array([0.0, 1.0]), TypeError, "bool or integer"),
+        (np.array([[0, 1]]), ValueError, "one-dimensional"),
+        (np.array([], dtype=int), ValueError, "non-empty"),
+    ],
+)
+def test_randomized_response_bits_validation(bits, error, message):
+    with pytest.raises(error, match=message):
+        m.randomized_response(bits, epsilon=1.0)
+
+
+@pytest.mark.parametrize(
+    ("scores", "error", "message"),
+    [
+        (np.array([[1.0, 2.0]]), ValueError, "one-dimensional"),
+        (np.array([1.0, np.inf]), ValueError, "finite"),
+        (np.array([1.0, np.nan]), ValueError, "NaN"),
+        ([1.0, 2.0], TypeError, "numpy array"),
+    ],
+)
+def test_exponential_scores_validation(scores, error, message):
+    with pytest.raises(error, match=message):
+        m.exponential_mechanism(scores, sensitivity=1.0, epsilon=1.0)
+
+
+def test_sum_bounds_validation():
+    with pytest.raises(ValueError, match="lower must be < upper"):
+        m.private_sum(np.array([1.0]), lower=5, upper=5, epsilon=1.0)
+
+
+# --- types, shapes and seeds --------------------------------------------------------------------
+
+
+def test_outputs_keep_type_and_shape_and_seeds_reproduce():
+    assert isinstance(m.laplace_mechanism(3, sensitivity=1.0, epsilon=1.0, rng=1), float)
+    out = m.gaussian_mechanism(np.zeros((2, 3)), sensitivity=1.0, epsilon=1.0, delta=1e-5, rng=1)
+    assert out.shape == (2, 3)
+    a = m.laplace_mechanism(np.zeros(5), sensitivity=1.0, epsilon=1.0, rng=7)
+    b = m.laplace_mechanism(np.zeros(5), sensitivity=1.0, epsilon=1.0, rng=np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+    bits = np.array([True, False, True])
+    assert m.randomized_response(bits, epsilon=1.0, rng=0).dtype == bool
+
+
+def test_generator_is_advanced_not_copied():
+    rng = np.random.default_rng(3)
+    first = m.laplace_mechanism(0.0, sensitivity=1.0, epsilon=1.0, rng=rng)
+    second = m.laplace_mechanism(0.0, sensitivity=1.0, epsilon=1.0, rng=rng)
+    assert first != second
+
+
+# --- Laplace ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sensitivity", "epsilon"), [(1.0, 1.0), (2.0, 0.5), (1.0, 4.0)])
+def test_laplace_variance_matches_scale(sensitivity, epsilon):
+    """Var(Lap(b)) = 2 b^2. For n draws the sample variance has relative sd sqrt(5/n)
+    (fourth moment 24 b^4), so 5 sd at n = 200,000 is 2.5%."""
+    n = 200_000
+    b = sensitivity / epsilon
+    noise = m.laplace_mechanism(np.zeros(n), sensitivity=sensitivity, epsilon=epsilon, rng=11)
+    assert abs(noise.var() / (2 * b**2) - 1) < 5 * math.sqrt(5 / n)
+    assert abs(noise.mean()) < 5 * math.sqrt(2 * b**2 / n)
+
+
+def _max_log_ratio(sample_a, sample_b, bins, min_count=400):
+    """Largest |log(p_a / p_b)| over histogram bins, and the 5-sd sampling allowance there.
+
+    For bin counts k_a, k_b out of n draws each, log(k_a / k_b) has sd about
+    sqrt(1/k_a + 1/k_b) (delta method). Bins with fewer than ``min_count`` draws are skipped.
+    """
+    count_a, _ = np.histogram(sample_a, bins=bins)
+    count_b, _ = np.histogram(sample_b, bins=bins)
+    keep = (count_a >= min_count) & (count_b >= min_count)
+    log_ratio = np.abs(np.log(count_a[keep] / count_b[keep]))
+    allowance = 5 * np.sqrt(1 / count_a[keep] + 1 / count_b[keep])
+    worst = np.argmax(log_ratio - allowance)
+    return log_ratio[worst], allowance[worst], log_ratio.max()
+
+
+def test_laplace_histograms_on_neighbouring_counts_respect_e_to_the_epsilon():
+    """A count of 10 versus 11 (neighbours). In every bin the ratio of output frequencies is at
+    most e^epsilon up to sampling error; in the tails it equals e^epsilon, so the bound is tight."""
+    epsilon, n = 1.0, 400_000
+    rng = np.random.default_rng(5)
+    a = m.laplace_mechanism(np.full(n, 10.0), sensitivity=1.0, epsilon=epsilon, rng=rng)
+    b = m.laplace_mechanism(np.full(n, 11.0), sensitivity=1.0, epsilon=epsilon, rng=rng)
+    bins = np.arange(0.0, 21.5, 0.5)
+    log_ratio, allowance, largest = _max_log_ratio(a, b, bins)
+    assert log_ratio <= epsilon + allowance
+    assert largest > epsilon - 0.1  # the tails reach the bound
+
+
+def test_laplace_histogram_check_catches_too_little_noise():
+    """Negative control: noise of half the right scale gives ratios near e^(2 epsilon)."""
+    epsilon, n = 1.0, 400_000
+    rng = np.random.default_rng(5)
+    a = m.laplace_mechanism(np.full(n, 10.0), sensitivity=0.5, epsilon=epsilon, rng=rng)
+    b = m.laplace_mechanism(np.full(n, 11.0), sensitivity=0.5, epsilon=epsilon, rng=rng)
+    log_ratio, allowance, _ = _max_log_ratio(a, b, np.arange(0.0, 21.5, 0.5))
+    assert log_ratio > epsilon + allowance
+
+
+# --- Gaussian ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("calibration", ["analytic", "classic"])
+def test_gaussian_variance_matches_sigma(calibration):
+    """The sample variance of n normal draws has relative sd sqrt(2/(n-1)); 5 sd at n = 200,000
+    is 1.6%."""
+    n, epsilon, delta, sensitivity = 200_000, 0.5, 1e-5, 2.0
+    noise = m.gaussian_mechanism(
+        np.zeros(n), sensitivity=sensitivity, epsilon=epsilon, delta=delta, calibration=calibration, rng=3
+    )
+    if calibration == "analytic":
+        sigma = m.analytic_gaussian_sigma(epsilon=epsilon, delta=delta, sensitivity=sensitivity)
+    else:
+        sigma = sensitivity * math.sqrt(2 * math.log(1.25 / delta)) / epsilon
+    assert abs(noise.var() / sigma**2 - 1) < 5 * math.sqrt(2 / (n - 1))
+
+
+@pytest.mark.parametrize(("sigma", "epsilon", "sensitivity"), [(1.0, 1.0, 1.0), (3.0, 0.5, 2.0), (0.5, 3.0, 1.0)])
+def test_gaussian_profile_equals_the_definition_by_integration(sigma, epsilon, sensitivity):
+    """delta(epsilon) = sup_S P(S) - e^eps Q(S) = integral of max(0, p - e^eps q), computed here
+    by quadrature for p = N(0, sigma^2), q = N(sensitivity, sigma^2): independent of the closed
+    form."""
+    p = stats.norm(0.0, sigma).pdf
+    q = stats.norm(sensitivity, sigma).pdf
+    # p - e^eps q > 0 exactly for x below this point (solve log p - log q = eps).
+    x_star = sensitivity / 2 - epsilon * sigma**2 / sensitivity
+    integral, _ = integrate.quad(lambda x: p(x) - math.exp(epsilon) * q(x), -np.inf, x_star, epsabs=1e-14)
+    profile = m.gaussian_privacy_profile(sigma=sigma, epsilon=epsilon, sensitivity=sensitivity)
+    assert profile == pytest.approx(integral, rel=1e-8)
+
+
+@HYPOTHESIS
+@given(epsilon=EPSILONS, delta=DELTAS, sensitivity=st.floats(min_value=0.1, max_value=10.0))
+def test_analytic_sigma_is_private_and_smallest(epsilon, delta, sensitivity):
+    """The returned sigma meets the exact privacy profile at (epsilon, delta), and 1e-6 less
+    noise would not."""
+    sigma = m.analytic_gaussian_sigma(epsilon=epsilon, delta=delta, sensitivity=sensitivity)
+    profile = m.gaussian_privacy_profile
+    assert profile(sigma=sigma, epsilon=epsilon, sensitivity=sensitivity) <= delta
+    assert profile(sigma=sigma * (1 - 1e-6), epsilon=epsilon, sensitivity=sensitivity) > delta
+
+
+@HYPOTHESIS
+@given(epsilon=st.floats(min_value=1e-3, max_value=0.999), delta=DELTAS)
+def test_classic_sigma_is_never_smaller_than_analytic(epsilon, delta):
+    classic = m.classic_gaussian_sigma(epsilon=epsilon, delta=delta)
+    analytic = m.analytic_gaussian_sigma(epsilon=epsilon, delta=delta)
+    assert classic >= analytic
+
+
+def test_analytic_sigma_scales_linearly_with_sensitivity():
+    one = m.analytic_gaussian_sigma(epsilon=1.0, delta=1e-5)
+    assert m.analytic_gaussian_sigma(epsilon=1.0, delta=1e-5, sensitivity=3.0) == pytest.approx(3 * one, rel=1e-10)
+
+
+# --- randomized response ------------------------------------------------------------------------
+
+
+def test_randomized_response_flips_with_the_right_probability():
+    """Flip frequency over n bits has sd sqrt(p(1-p)/n); allow 5 sd."""
+    epsilon, n = 1.0, 200_000
+    bits = np.random.default_rng(0).integers(0, 2, size=n)
+    reports = m.randomized_response(bits, epsilon=epsilon, rng=1)
+    keep = math.exp(epsilon) / (1 + math.exp(epsilon))
+    kept = np.mean(reports == bits)
+    assert abs(kept - keep) < 5 * math.sqrt(keep * (1 - keep) / n)
+    # the likelihood ratio of a report under the two true bits is exactly e^epsilon
+    assert keep / (1 - keep) == pytest.approx(math.exp(epsilon))
+
+
+@pytest.mark.parametrize(("fraction", "epsilon"), [(0.1, 0.5), (0.3, 1.0), (0.8, 2.0)])
+def test_randomized_response_estimator_is_unbiased(fraction, epsilon):
+    """Average the estimate over R surveys of the same n people. With the true bits fixed, each
+    estimate has variance p (1 - p) / (n (2p - 1)^2), so the average is within 5 sd / sqrt(R) of
+    the truth, and the spread of the estimates matches sd."""
+    n, repeats = 1_000, 2_000
+    rng = np.random.default_rng(42)
+    bits = (np.arange(n) < fraction * n).astype(int)
+    estimates = [
+        m.randomized_response_estimate(m.randomized_response(bits, epsilon=epsilon, rng=rng), epsilon=epsilon)
+        for _ in range(repeats)
+    ]
+    p = math.exp(epsilon) / (1 + math.exp(epsilon))
+    sd = math.sqrt(p * (1 - p) / (n * (2 * p - 1) ** 2))
+    assert abs(np.mean(estimates) - fraction) < 5 * sd / math.sqrt(repeats)
+    # a sample sd from R draws has relative sd about 1/sqrt(2R) = 1.6%; allow 5 of those
+    assert np.std(estimates) == pytest.approx(sd, rel=5 / math.sqrt(2 * repeats))
+
+
+# --- exponential mechanism ----------------------------------------------------------------------
+
+
+@HYPOTHESIS
+@given(
+    scores=st.lists(st.floats(-100, 100), min_size=2, max_size=8),
+    shifts=st.lists(st.floats(-1, 1), min_size=8, max_size=8),
+    epsilon=EPSILONS,
+)
+def test_exponential_mechanism_probability_ratio_is_bounded(scores, shifts, epsilon):
+    """Neighbouring data change each utility by at most the sensitivity (here 1); every
+    selection probability then changes by a factor of at most e^epsilon."""
+    u = np.array(scores)
+    u_neighbour = u + np.array(shifts[: u.size])
+    p = m.exponential_mechanism_probabilities(u, sensitivity=1.0, epsilon=epsilon)
+    p_neighbour = m.exponential_mechanism_probabilities(u_neighbour, sensitivity=1.0, epsilon=epsilon)
+    assert p.sum() == pytest.approx(1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.abs(np.log(p) - np.log(p_neighbour))
+    finite = np.isfinite(log_ratio)  # probabilities that underflow to 0 in both are skipped
+    assert (log_ratio[finite] <= epsilon * (1 + 1e-9) + 1e-12).all()
+
+
+def test_exponential_mechanism_samples_follow_the_probabilities():
+    """Each frequency is within 5 binomial sd of its probability."""
+    scores = np.array([0.0, 1.0, 2.0, 5.0])
+    p = m.exponential_mechanism_probabilities(scores, sensitivity=1.0, epsilon=1.0)
+    rng = np.random.default_rng(9)
+    n = 20_000
+    picks = np.array([m.exponential_mechanism(scores, sensitivity=1.0, epsilon=1.0, rng=rng) for _ in range(n)])
+    freq = np.bincount(picks, minlength=4) / n
+    assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n))
+
+
+# --- counts and sums ----------------------------------------------------------------------------
+
+
+def test_sum_sensitivity_depends_on_the_neighbouring_notion():
+    assert m.sum_sensitivity(lower=0, upper=100) == 100
+    assert m.sum_sensitivity(lower=-30, upper=10) == 30
+    assert m.sum_sensitivity(lower=-30, upper=10, neighbouring="replace") == 40
+
+
+def test_private_sum_clips_then_adds_noise_of_the_clipped_sensitivity():
+    """With values far outside the bounds the answer centres on the clipped sum, and its
+    spread matches Lap(upper / epsilon): sample variance within 5 sd (relative sd sqrt(5/n))."""
+    values = np.array([1.0, 2.0, 1000.0])  # 1000 is clipped to 10: clipped sum 13
+    rng = np.random.default_rng(8)
+    n = 20_000
+    answers = np.array([m.private_sum(values, lower=0, upper=10, epsilon=2.0, rng=rng) for _ in range(n)])
+    b = 10 / 2.0
+    assert abs(answers.mean() - 13) < 5 * math.sqrt(2 * b**2 / n)
+    assert abs(answers.var() / (2 * b**2) - 1) < 5 * math.sqrt(5 / n)
+
+
+def test_private_count_is_centred_on_the_count():
+    """Mean of n noisy counts within 5 sd (sqrt(2 / (eps^2 n))) of the true count."""
+    mask = np.array([True] * 30 + [False] * 70)
+    rng = np.random.default_rng(4)
+    n = 20_000
+    answers = [m.private_count(mask, epsilon=0.5, rng=rng) for _ in range(n)]
+    assert abs(np.mean(answers) - 30) < 5 * math.sqrt(2 / (0.5**2 * n))
