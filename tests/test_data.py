@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from companion.data import load_digits, make_patients
+from companion.data import (
+    label_distribution,
+    load_digits,
+    make_patients,
+    partition_dirichlet,
+    partition_iid,
+    partition_shards,
+)
 
 
 def test_digits_split_is_a_stratified_partition():
@@ -54,3 +61,92 @@ def test_patients_are_reproducible_and_plausible():
 def test_patients_reject_bad_size(n, error):
     with pytest.raises(error, match="n must"):
         make_patients(n)
+
+
+# --- partitions among clients -------------------------------------------------------------------
+
+LABELS = load_digits(seed=0).y_train
+
+
+def _assert_exact_cover(parts, n):
+    everything = np.concatenate(parts)
+    assert everything.size == n
+    np.testing.assert_array_equal(np.sort(everything), np.arange(n))
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        lambda rng: partition_iid(LABELS.size, num_clients=7, rng=rng),
+        lambda rng: partition_shards(LABELS, num_clients=10, rng=rng),
+        lambda rng: partition_dirichlet(LABELS, num_clients=10, alpha=0.3, rng=rng),
+    ],
+    ids=["iid", "shards", "dirichlet"],
+)
+def test_partitions_cover_every_example_once_and_reproduce_from_the_seed(split):
+    parts = split(5)
+    _assert_exact_cover(parts, LABELS.size)
+    for a, b in zip(parts, split(5)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, split(6)))
+
+
+def test_iid_parts_have_equal_sizes():
+    sizes = [p.size for p in partition_iid(103, num_clients=10, rng=0)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_shards_give_each_client_few_classes():
+    """Two shards per client: at most two classes, plus one more where a shard straddles a
+    class boundary."""
+    parts = partition_shards(LABELS, num_clients=20, shards_per_client=2, rng=0)
+    classes_per_client = (label_distribution(LABELS, parts) > 0).sum(axis=1)
+    assert classes_per_client.max() <= 4
+    assert np.median(classes_per_client) <= 3
+
+
+def _mean_total_variation(parts):
+    """Average total-variation distance between each client's label mix and the global mix."""
+    counts = label_distribution(LABELS, parts)
+    local = counts / counts.sum(axis=1, keepdims=True)
+    overall = np.bincount(LABELS) / LABELS.size
+    return float(np.mean(0.5 * np.abs(local - overall).sum(axis=1)))
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks():
+    """Measured by the mean total-variation distance from the global label mix, averaged over
+    five seeds: strictly decreasing in alpha, near IID levels at alpha = 100."""
+    alphas = [0.05, 0.3, 1.0, 100.0]
+    skew = [
+        np.mean([_mean_total_variation(partition_dirichlet(LABELS, num_clients=10, alpha=a, rng=s)) for s in range(5)])
+        for a in alphas
+    ]
+    assert all(x > y for x, y in zip(skew, skew[1:]))
+    iid = np.mean([_mean_total_variation(partition_iid(LABELS.size, num_clients=10, rng=s)) for s in range(5)])
+    assert skew[-1] < 2 * iid + 0.02
+    assert skew[0] > 0.6
+
+
+def test_dirichlet_respects_min_size_or_says_why():
+    parts = partition_dirichlet(LABELS, num_clients=30, alpha=0.1, min_size=5, rng=0)
+    assert min(p.size for p in parts) >= 5
+    with pytest.raises(ValueError, match="attempts"):
+        partition_dirichlet(LABELS, num_clients=300, alpha=0.01, min_size=4, max_attempts=3, rng=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: partition_iid(10, num_clients=0), ValueError, "num_clients must be >= 1"),
+        (lambda: partition_iid(10, num_clients=11), ValueError, "at most the number of examples"),
+        (lambda: partition_shards(LABELS.astype(float), num_clients=2), TypeError, "integers"),
+        (lambda: partition_shards([0, 1], num_clients=2), TypeError, "numpy array"),
+        (lambda: partition_shards(LABELS[:10], num_clients=6, shards_per_client=2), ValueError, "must not exceed"),
+        (lambda: partition_dirichlet(LABELS, num_clients=5, alpha=0.0), ValueError, "alpha must be > 0"),
+        (lambda: partition_dirichlet(LABELS, num_clients=5, alpha=float("nan")), ValueError, "NaN"),
+        (lambda: partition_dirichlet(np.array([], dtype=int), num_clients=1, alpha=1.0), ValueError, "empty"),
+    ],
+)
+def test_partition_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
