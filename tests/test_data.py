@@ -8,6 +8,7 @@ import pytest
 from companion.data import (
     label_distribution,
     load_digits,
+    make_moons,
     make_patients,
     partition_dirichlet,
     partition_iid,
@@ -150,3 +151,20 @@ def test_dirichlet_respects_min_size_or_says_why():
 def test_partition_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_moons_are_a_reproducible_balanced_binary_task():
+    moons = make_moons(400, noise=0.2, seed=3)
+    assert moons.x_train.shape == (300, 2) and moons.x_test.shape == (100, 2)
+    assert set(np.unique(moons.y_train)) == {0, 1}
+    assert moons.y_test.mean() == 0.5  # stratified: 50 of each class held out
+    np.testing.assert_array_equal(moons.x_test, make_moons(400, noise=0.2, seed=3).x_test)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [({"n": 0}, ValueError, "n must be >= 1"), ({"noise": -0.1}, ValueError, "noise"), ({"test_fraction": 1.5}, ValueError, "test_fraction")],
+)
+def test_moons_bad_input(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        make_moons(**kwargs)
