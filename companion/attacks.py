@@ -1,0 +1,476 @@
+r"""Attacks that show why model updates and models leak.
+
+For now this module holds the **gradient-inversion** attack on federated learning: a server (or
+anyone who sees the traffic) that receives one client's gradient can often reconstruct the
+client's training inputs from it.
+
+- :func:`model_gradient`: the gradient of the mean loss of a batch with respect to every
+  trainable parameter, which is exactly what one client shares in FedSGD.
+- :func:`invert_gradient`: reconstruct the inputs behind such a gradient by *gradient matching*
+  (Deep Leakage from Gradients, Zhu, Liu and Han 2019, NeurIPS; the cosine refinement of Geiping,
+  Bauermeister, Dröge and Moeller 2020, "Inverting Gradients - How Easy Is It to Break Privacy in
+  Federated Learning?", NeurIPS), with the label of a single example recovered analytically
+  (iDLG, Zhao, Mopuri and Bilen 2020).
+- :func:`reconstruction_similarity`: how close a reconstruction is to the original image
+  (Pearson correlation of the pixels).
+
+.. rubric:: Why a fully connected first layer gives the input away
+
+Let the first layer be :math:`z = W x + b` and let :math:`\ell` be the loss of a *single*
+example. By the chain rule :math:`\partial \ell / \partial W = \delta\, x^\top` and
+:math:`\partial \ell / \partial b = \delta` with :math:`\delta = \partial \ell / \partial z`.
+So for every row :math:`i` with :math:`\delta_i \ne 0`,
+
+.. math::
+    :label: attacks-phong
+
+    x = \frac{(\nabla_W \ell)_{i,:}}{(\nabla_b \ell)_i}
+
+exactly, with no optimisation at all (Phong, Aono, Hayashi, Wang and Moriai 2017/2018,
+"Privacy-Preserving Deep Learning via Additively Homomorphic Encryption"). The gradient of such
+a layer *is* the input, scaled; this is why even the simple optimisation attack below
+reconstructs digits almost perfectly from the gradient of a multilayer perceptron. For a batch
+of several examples the rows are sums :math:`\sum_j \delta_{j,i} x_j^\top` and the inputs mix,
+which makes the attack harder but not impossible.
+
+.. rubric:: Defences
+
+Clipping the update to norm :math:`C` and adding Gaussian noise of standard deviation
+:math:`\sigma C` per coordinate, as DP-SGD and DP-FedAvg do, drowns the signal: at
+:math:`\sigma = 1` the reconstruction from the gradient of one digit is no more similar to that
+digit than to any other (``tests/test_attacks.py`` measures this).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from companion._validation import check_nonnegative, check_positive, check_positive_int, check_real
+from companion.training import ArrayLike, LossName, _check_data, _check_loss, _check_model, _generator, _loss_fn
+
+__all__ = ["InversionResult", "invert_gradient", "model_gradient", "reconstruction_similarity"]
+
+Distance = Literal["cosine", "l2"]
+_DISTANCES = ("cosine", "l2")
+_COSINE_EPS = 1e-12  # guards the cosine against a zero gradient
+
+
+# --- the shared gradient ------------------------------------------------------------------------
+
+
+def _trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (none has requires_grad=True).")
+    return params
+
+
+def model_gradient(
+    model: nn.Module, x: ArrayLike, y: ArrayLike, *, loss: LossName = "cross_entropy"
+) -> dict[str, torch.Tensor]:
+    r"""The gradient of the batch's mean loss with respect to every trainable parameter.
+
+    .. math:: g = \nabla_\theta \frac{1}{B} \sum_{i=1}^{B} \ell(\theta; x_i, y_i)
+
+    This is what one client sends to the server in one round of FedSGD (McMahan et al. 2017),
+    and what :func:`invert_gradient` attacks. It is computed with :func:`torch.autograd.grad`,
+    so the model's ``.grad`` attributes and its parameters are left as they were.
+
+    Args:
+        model: the model; its parameters are read, not changed.
+        x: inputs, shape ``(B, n_features)`` (tensor or numpy array).
+        y: labels, shape ``(B,)``: integer classes, or 0/1 for ``loss="bce"``.
+        loss: ``"cross_entropy"`` or ``"bce"`` (see :mod:`companion.training`).
+
+    Returns:
+        A dict from parameter name (as in ``model.named_parameters()``, trainable parameters
+        only) to a detached tensor of the parameter's shape.
+
+    Example:
+        >>> from companion import data, models
+        >>> digits = data.load_digits()
+        >>> g = model_gradient(models.mlp(seed=0), digits.x_train[:1], digits.y_train[:1])
+        >>> sorted(g)
+        ['0.bias', '0.weight', '2.bias', '2.weight']
+    """
+    model = _check_model(model)
+    loss = _check_loss(loss)
+    x, y = _check_data(x, y, loss=loss)
+    params = _trainable_named(model)
+    value = _loss_fn(loss)(model(x), y)
+    grads = torch.autograd.grad(value, [p for _, p in params])
+    return {name: g.detach() for (name, _), g in zip(params, grads, strict=True)}
+
+
+# --- the attack ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InversionResult:
+    """The outcome of :func:`invert_gradient`.
+
+    Attributes:
+        x: the reconstructed inputs, shape ``(batch_size, n_features)``.
+        y: the labels used (given or recovered), shape ``(batch_size,)``, int64.
+        losses: the gradient-matching loss (including any total-variation term) of the dummy
+            inputs after each optimisation step, ``steps`` values.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    losses: list[float]
+
+
+def _check_gradient(gradient: object, params: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """The observed gradient must have exactly the trainable parameters' names and shapes."""
+    if not isinstance(gradient, dict):
+        raise TypeError(
+            f"gradient must be a dict name -> tensor (as returned by model_gradient), got "
+            f"{type(gradient).__name__}."
+        )
+    names = [name for name, _ in params]
+    if set(gradient) != set(names):
+        missing = sorted(set(names) - set(gradient))
+        extra = sorted(set(gradient) - set(names), key=str)
+        raise ValueError(
+            "gradient must have one entry per trainable parameter of the model; "
+            f"missing {missing}, unexpected {extra}."
+        )
+    checked = {}
+    for name, p in params:
+        g = gradient[name]
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"gradient[{name!r}] must be a torch.Tensor, got {type(g).__name__}.")
+        if g.shape != p.shape:
+            raise ValueError(
+                f"gradient[{name!r}] must have the parameter's shape {tuple(p.shape)}, got {tuple(g.shape)}."
+            )
+        if not torch.isfinite(g).all():
+            raise ValueError(f"gradient[{name!r}] must not contain NaN or infinite values.")
+        checked[name] = g.detach().to(dtype=p.dtype, device=p.device)
+    return checked
+
+
+def _input_features(model: nn.Module, image_shape: tuple[int, int] | None) -> int:
+    """The number of input features of ``model``, read from its first layer.
+
+    A first :class:`torch.nn.Linear` gives ``in_features``; a first :class:`torch.nn.Unflatten`
+    of dimension 1 (as in :func:`companion.models.small_cnn`) gives the product of its sizes.
+    Otherwise ``image_shape`` is used, and without it the number cannot be known.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return module.in_features
+        if isinstance(module, nn.Unflatten) and module.dim == 1:
+            return math.prod(module.unflattened_size)
+        if len(list(module.children())) == 0:  # some other leaf layer comes first
+            break
+    if image_shape is not None:
+        return math.prod(image_shape)
+    raise ValueError(
+        "cannot tell the number of input features of this model (its first layer is neither "
+        "Linear nor Unflatten); pass image_shape."
+    )
+
+
+def _check_image_shape(image_shape: object) -> tuple[int, int] | None:
+    if image_shape is None:
+        return None
+    if not isinstance(image_shape, Sequence) or len(image_shape) != 2:
+        raise TypeError(f"image_shape must be a pair (height, width) or None, got {image_shape!r}.")
+    return (check_positive_int("image_shape[0]", image_shape[0]), check_positive_int("image_shape[1]", image_shape[1]))
+
+
+def _check_bounds(bounds: object) -> tuple[float, float] | None:
+    if bounds is None:
+        return None
+    if not isinstance(bounds, Sequence) or len(bounds) != 2:
+        raise TypeError(f"bounds must be a pair (low, high) or None, got {bounds!r}.")
+    low, high = check_real("bounds[0]", bounds[0]), check_real("bounds[1]", bounds[1])
+    if not low < high:
+        raise ValueError(f"bounds must satisfy low < high, got {bounds!r}.")
+    return low, high
+
+
+def _check_label(label: object, batch_size: int) -> torch.Tensor | None:
+    if label is None:
+        return None
+    if isinstance(label, Integral) and not isinstance(label, bool):
+        labels = torch.tensor([int(label)])
+    elif isinstance(label, (torch.Tensor, np.ndarray, list, tuple)):
+        labels = torch.as_tensor(label)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"label must hold integer class labels, got dtype {labels.dtype}.")
+        labels = labels.to(torch.long).reshape(-1) if labels.ndim == 0 else labels.to(torch.long)
+    else:
+        raise TypeError(f"label must be an int, a sequence of ints, a tensor or None, got {type(label).__name__}.")
+    if labels.shape != (batch_size,):
+        raise ValueError(
+            f"label must have shape (batch_size,) = ({batch_size},) (an int for batch_size=1), "
+            f"got shape {tuple(labels.shape)}."
+        )
+    if (labels < 0).any():
+        raise ValueError("label must hold class labels >= 0.")
+    return labels
+
+
+def _recover_label(model: nn.Module, gradient: dict[str, torch.Tensor]) -> torch.Tensor:
+    r"""iDLG: the true class of a single example from the last layer's bias gradient.
+
+    For cross-entropy, :math:`\partial \ell / \partial b = \mathrm{softmax}(z) - e_y`: every
+    entry is positive except the one of the true class, which is :math:`p_y - 1 < 0`.
+    """
+    bias_name = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            bias = module.bias
+            bias_name = f"{name}.bias" if bias is not None and bias.requires_grad else None
+    if bias_name is None or bias_name not in gradient:
+        raise ValueError(
+            "cannot recover the label: the model's last Linear layer has no trainable bias; "
+            "pass label."
+        )
+    return gradient[bias_name].argmin().reshape(1)
+
+
+def _total_variation(images: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of vertically and horizontally neighbouring pixels."""
+    return (images[:, 1:, :] - images[:, :-1, :]).abs().mean() + (images[:, :, 1:] - images[:, :, :-1]).abs().mean()
+
+
+def invert_gradient(
+    model: nn.Module,
+    gradient: dict[str, torch.Tensor],
+    *,
+    batch_size: int = 1,
+    label: int | Sequence[int] | torch.Tensor | np.ndarray | None = None,
+    steps: int = 300,
+    lr: float = 0.1,
+    distance: Distance = "cosine",
+    tv_weight: float = 0.0,
+    image_shape: tuple[int, int] | None = None,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    seed: int = 0,
+    progress: bool = False,
+) -> InversionResult:
+    r"""Reconstruct training inputs from a shared gradient by gradient matching.
+
+    The attacker knows the model :math:`\theta` and the observed gradient :math:`g`
+    (:func:`model_gradient` of the client's batch under cross-entropy). It draws dummy inputs
+    :math:`\hat x` uniformly at random (in ``bounds``, or in :math:`[0, 1]` without bounds) from
+    a :class:`torch.Generator` seeded with ``seed`` and minimises, with Adam at learning rate
+    ``lr``, the distance between the gradient they induce and the observed one:
+
+    .. math::
+
+        \hat g(\hat x) = \nabla_\theta \frac{1}{B} \sum_{i=1}^{B} \ell(\theta; \hat x_i, y_i),
+        \qquad
+        \min_{\hat x}\; D\bigl(\hat g(\hat x), g\bigr) + \lambda_{TV}\, \mathrm{TV}(\hat x).
+
+    - ``distance="l2"``: :math:`D = \lVert \hat g - g \rVert_2^2`, summed over all parameters:
+      Deep Leakage from Gradients (DLG; Zhu, Liu and Han 2019, NeurIPS).
+    - ``distance="cosine"``: :math:`D = 1 - \langle \hat g, g \rangle / (\lVert \hat g \rVert_2
+      \lVert g \rVert_2)`, all parameters flattened into one vector (Geiping, Bauermeister, Dröge
+      and Moeller 2020, NeurIPS). It matches the *direction* of the gradient, which carries the
+      information about the input, and ignores its magnitude, which mostly reflects how wrong
+      the model is; it is also the more robust of the two on trained models.
+    - :math:`\mathrm{TV}` is the anisotropic total variation of the images (mean absolute
+      difference of neighbouring pixels, both directions), weighted by ``tv_weight``
+      (:math:`\lambda_{TV}`); it favours smooth images, a prior that helps on natural images.
+      It needs ``image_shape``.
+
+    Differentiating :math:`D` with respect to :math:`\hat x` differentiates through the
+    gradient :math:`\hat g`, so :math:`\hat g` is built with ``create_graph=True`` (a
+    second-order derivative). After each Adam step the inputs are clamped to ``bounds``.
+
+    **Labels.** The gradient depends on the labels, so the attack needs them. With
+    ``label=None`` and ``batch_size=1`` the label is recovered analytically (iDLG; Zhao, Mopuri
+    and Bilen 2020): the bias gradient of the last layer is :math:`\mathrm{softmax}(z) - e_y`,
+    whose only negative entry is the true class :math:`y`; the attack takes its smallest entry.
+    For larger batches pass the labels.
+
+    **Why it works so well on fully connected models.** For one example and a first layer
+    :math:`z = Wx + b`, the input is :math:`x = (\nabla_W \ell)_{i,:} / (\nabla_b \ell)_i` for
+    any row :math:`i` with a nonzero bias gradient (Phong et al. 2017/2018, "Privacy-Preserving
+    Deep Learning via Additively Homomorphic Encryption"): the first layer's gradient is a
+    scaled copy of the input, and matching its direction pins the input down.
+
+    The model is not changed: neither its parameters nor their ``.grad`` attributes (all
+    derivatives are taken with :func:`torch.autograd.grad`), nor its train/eval mode.
+
+    Args:
+        model: the attacked model, returning class logits (cross-entropy loss).
+        gradient: the observed gradient, a dict with exactly the names and shapes of the
+            model's trainable parameters (as returned by :func:`model_gradient`).
+        batch_size: number of inputs to reconstruct, >= 1 (the size of the client's batch).
+        label: the labels: an int (``batch_size=1``) or ``batch_size`` integers; ``None``
+            recovers the label of a single example (``batch_size=1`` only).
+        steps: optimisation steps, >= 1.
+        lr: Adam learning rate, > 0.
+        distance: ``"cosine"`` (Geiping et al.) or ``"l2"`` (DLG).
+        tv_weight: weight of the total-variation prior, >= 0; > 0 needs ``image_shape``.
+        image_shape: ``(height, width)`` of the images, e.g. ``(8, 8)`` for the digits; its
+            product must equal the model's number of input features.
+        bounds: ``(low, high)`` the inputs are clamped to after each step (``(0, 1)`` for the
+            digits), or ``None`` for no clamping.
+        seed: seed of the generator that draws the initial dummy inputs.
+        progress: show a tqdm progress bar over the steps.
+
+    Returns:
+        An :class:`InversionResult` with the reconstructed inputs, the labels used and the loss
+        after each step.
+
+    Raises:
+        TypeError: if ``model`` is not a module or an argument has the wrong type.
+        ValueError: if the gradient does not match the model's trainable parameters, an
+            argument is out of range, ``image_shape`` does not match the input size, the label
+            has the wrong shape or is missing for ``batch_size > 1``.
+
+    Example:
+        >>> from companion import data, models
+        >>> digits = data.load_digits()
+        >>> model = models.mlp(seed=0)
+        >>> g = model_gradient(model, digits.x_train[:1], digits.y_train[:1])
+        >>> result = invert_gradient(model, g, steps=200, lr=0.1)  # doctest: +SKIP
+        >>> reconstruction_similarity(digits.x_train[0], result.x[0]) > 0.9  # doctest: +SKIP
+        True
+    """
+    model = _check_model(model)
+    params = _trainable_named(model)
+    target = _check_gradient(gradient, params)
+    batch_size = check_positive_int("batch_size", batch_size)
+    steps = check_positive_int("steps", steps)
+    lr = check_positive("lr", lr)
+    if distance not in _DISTANCES:
+        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}.")
+    tv_weight = check_nonnegative("tv_weight", tv_weight)
+    image_shape = _check_image_shape(image_shape)
+    if tv_weight > 0 and image_shape is None:
+        raise ValueError("tv_weight > 0 needs image_shape, the (height, width) of the images, e.g. (8, 8).")
+    n_features = _input_features(model, image_shape)
+    if image_shape is not None and math.prod(image_shape) != n_features:
+        raise ValueError(
+            f"image_shape {image_shape} has {math.prod(image_shape)} pixels, but the model takes "
+            f"{n_features} input features."
+        )
+    bounds = _check_bounds(bounds)
+    labels = _check_label(label, batch_size)
+    generator = _generator(seed)
+    if labels is None:
+        if batch_size > 1:
+            raise ValueError(
+                "label is required for batch_size > 1: analytic label recovery is implemented for "
+                "a single example only. Pass batch_size labels."
+            )
+        labels = _recover_label(model, target)
+
+    first = params[0][1]
+    low, high = bounds if bounds is not None else (0.0, 1.0)
+    start = low + (high - low) * torch.rand(batch_size, n_features, generator=generator, dtype=torch.float64)
+    dummy = start.to(dtype=first.dtype, device=first.device).requires_grad_(True)
+    labels = labels.to(first.device)
+    with torch.no_grad():
+        n_classes = model(dummy).shape[-1]
+    if (labels >= n_classes).any():
+        raise ValueError(f"label must hold classes below the model's {n_classes} outputs, got {labels.tolist()}.")
+
+    weights = [p for _, p in params]
+    flat_target = torch.cat([target[name].reshape(-1) for name, _ in params])
+    target_norm = torch.linalg.vector_norm(flat_target)
+    loss_fn = _loss_fn("cross_entropy")
+
+    def matching_loss(inputs: torch.Tensor) -> torch.Tensor:
+        value = loss_fn(model(inputs), labels)
+        grads = torch.autograd.grad(value, weights, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if distance == "l2":
+            result = (flat - flat_target).square().sum()
+        else:
+            result = 1 - flat @ flat_target / (torch.linalg.vector_norm(flat) * target_norm + _COSINE_EPS)
+        if tv_weight > 0:
+            assert image_shape is not None
+            result = result + tv_weight * _total_variation(inputs.reshape(-1, *image_shape))
+        return result
+
+    optimizer = torch.optim.Adam([dummy], lr=lr)
+    losses: list[float] = []
+    value = matching_loss(dummy)
+    bar = tqdm(range(steps), desc="gradient inversion", unit="step", disable=not progress)
+    for _ in bar:
+        (dummy.grad,) = torch.autograd.grad(value, [dummy])
+        optimizer.step()
+        if bounds is not None:
+            with torch.no_grad():
+                dummy.clamp_(low, high)
+        value = matching_loss(dummy)  # the loss after this step (and the next step's objective)
+        losses.append(float(value.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3g}")
+    bar.close()
+    return InversionResult(x=dummy.detach().clone(), y=labels.detach().clone(), losses=losses)
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+def _as_image(name: str, image: object) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(image).__name__}.")
+    if image.dtype == bool or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+        raise TypeError(f"{name} must hold real numbers, got dtype {image.dtype}.")
+    if not (image.ndim == 1 or (image.ndim == 2 and image.shape[0] == 1)):
+        raise ValueError(f"{name} must be one image, of shape (n,) or (1, n), got shape {image.shape}.")
+    flat = image.reshape(-1).astype(np.float64)
+    if flat.size < 2:
+        raise ValueError(f"{name} must have at least two pixels, got {flat.size}.")
+    if not np.isfinite(flat).all():
+        raise ValueError(f"{name} must not contain NaN or infinite values.")
+    return flat
+
+
+def reconstruction_similarity(original: torch.Tensor | np.ndarray, reconstruction: torch.Tensor | np.ndarray) -> float:
+    r"""How similar a reconstruction is to the original image: the Pearson correlation of pixels.
+
+    .. math::
+
+        \rho(x, \hat x) = \frac{\sum_j (x_j - \bar x)(\hat x_j - \bar{\hat x})}
+        {\sqrt{\sum_j (x_j - \bar x)^2}\,\sqrt{\sum_j (\hat x_j - \bar{\hat x})^2}} \in [-1, 1].
+
+    Why the correlation: it is unchanged by a brightness shift or a contrast change of either
+    image (:math:`\hat x \mapsto a \hat x + c` with :math:`a > 0`), so it scores whether the
+    *picture* was recovered, not whether the attack also guessed the exact intensity scale
+    (which the cosine gradient distance does not pin down). 1 means a perfect reconstruction up
+    to such a change, 0 no linear relation (what unrelated images give on average), -1 the
+    negative image.
+
+    Args:
+        original: one image, shape ``(n,)`` or ``(1, n)`` (tensor or numpy array).
+        reconstruction: its reconstruction, the same number of pixels.
+
+    Returns:
+        The correlation, a float in [-1, 1]. A constant image has no variation to correlate,
+        so if either image is constant the score is 0.0 (the reconstruction says nothing about
+        the picture).
+    """
+    x = _as_image("original", original)
+    x_hat = _as_image("reconstruction", reconstruction)
+    if x.shape != x_hat.shape:
+        raise ValueError(
+            f"original and reconstruction must have the same number of pixels, got {x.size} and {x_hat.size}."
+        )
+    x = x - x.mean()
+    x_hat = x_hat - x_hat.mean()
+    denominator = math.sqrt(float(x @ x) * float(x_hat @ x_hat))
+    if denominator == 0.0:
+        return 0.0
+    return float(np.clip(float(x @ x_hat) / denominator, -1.0, 1.0))

@@ -1,0 +1,564 @@
+"""Tests of the federated-learning loops in companion.federated.
+
+References are computed by hand, independently of the module: full-batch gradient descent with
+:func:`torch.autograd.grad` on the mean loss, weighted means of :func:`local_update` results, the
+clipping factor ``min(1, S / (norm + 1e-6))`` written out, and the accountant of
+:mod:`companion.accounting`. Exact identities are checked in float64, where both sides differ
+only by the order of floating-point summation (a few ulps, about 1e-15 relative per step), so
+a tolerance of 1e-10 has a wide margin, while every error of the kind the identities rule out
+(a wrong weight, a missing clip, a wrong denominator) changes the result by 1e-3 or more; the
+negative controls show that the comparisons see such differences.
+
+Statistical tests use fixed seeds and acceptance regions derived from the sampling distribution
+of the statistic (chi-square, binomial), stated at each test.
+
+The models are tiny, so the tests run torch on one thread: with two threads on a loaded
+two-core machine, the thread synchronisation of each small matrix product costs far more than
+the product itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from companion import data, models, training
+from companion.accounting import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
+from companion.federated import client_datasets, dp_fedavg, fedavg, local_update
+
+DIGITS = data.load_digits(seed=0)
+TOL = 1e-10  # float64 identities; see the module docstring
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tensors(start, stop, dtype=torch.float64):
+    x = torch.tensor(DIGITS.x_train[start:stop], dtype=dtype)
+    y = torch.tensor(DIGITS.y_train[start:stop])
+    return x, y
+
+
+def _weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _norm(tensors):
+    return math.sqrt(sum(float((t**2).sum()) for t in tensors.values()))
+
+
+def _max_diff(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _gd_step(model, x, y, lr):
+    """One step of full-batch gradient descent on the mean cross-entropy, in place."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(lr * g)
+
+
+def _iid_clients(num_clients, n=None, seed=0, dtype=torch.float32):
+    y = DIGITS.y_train if n is None else DIGITS.y_train[:n]
+    parts = data.partition_iid(len(y), num_clients=num_clients, rng=seed)
+    clients = client_datasets(DIGITS.x_train[: len(y)], y, parts)
+    return [(x.to(dtype), y) for x, y in clients]
+
+
+# --- client_datasets ----------------------------------------------------------------------------
+
+
+def test_client_datasets_selects_the_indexed_rows():
+    parts = data.partition_shards(DIGITS.y_train, num_clients=5, rng=1)
+    clients = client_datasets(DIGITS.x_train, DIGITS.y_train, parts)
+    assert len(clients) == 5
+    for part, (x_k, y_k) in zip(parts, clients):
+        assert x_k.dtype == torch.float32 and y_k.dtype == torch.int64
+        np.testing.assert_array_equal(x_k.numpy(), DIGITS.x_train[part].astype(np.float32))
+        np.testing.assert_array_equal(y_k.numpy(), DIGITS.y_train[part])
+    # tensors and plain lists of indices work as well
+    x, y = training.to_tensors(DIGITS.x_train, DIGITS.y_train)
+    (x_0, y_0), (x_1, _) = client_datasets(x, y, [[3, 1], torch.tensor([0])])
+    assert torch.equal(x_0, x[[3, 1]]) and torch.equal(y_0, y[[3, 1]]) and torch.equal(x_1, x[[0]])
+
+
+@pytest.mark.parametrize(
+    ("parts", "match"),
+    [
+        ([np.array([0, 1]), np.array([], dtype=int)], r"parts\[1\] is empty"),
+        ([np.array([0, 1347])], r"parts\[0\] holds indices out of range"),
+        ([np.array([-1, 2])], r"parts\[0\] holds indices out of range"),
+        ([], "parts must hold at least one"),
+    ],
+)
+def test_client_datasets_rejects_bad_parts(parts, match):
+    with pytest.raises(ValueError, match=match):
+        client_datasets(DIGITS.x_train, DIGITS.y_train, parts)
+
+
+def test_client_datasets_rejects_mismatched_lengths_and_float_indices():
+    with pytest.raises(ValueError, match="x and y must have the same number of examples"):
+        client_datasets(DIGITS.x_train, DIGITS.y_train[:-1], [np.array([0])])
+    with pytest.raises(TypeError, match=r"parts\[0\] must hold integer indices"):
+        client_datasets(DIGITS.x_train, DIGITS.y_train, [np.array([0.0, 1.0])])
+
+
+# --- FedSGD / FedAvg: exact identities ----------------------------------------------------------
+
+
+def test_fedavg_with_one_client_is_full_batch_gradient_descent():
+    """One client, C = 1, E = 1, B = all: every round is one full-batch GD step with the same lr."""
+    x, y = _tensors(0, 200)
+    model = models.mlp(seed=1).double()
+    reference = copy.deepcopy(model)
+    fedavg(model, [(x, y)], rounds=5, client_fraction=1.0, local_epochs=1, batch_size=None, lr=0.5,
+           progress=False)  # fmt: skip
+    for _ in range(5):
+        _gd_step(reference, x, y, lr=0.5)
+    assert _max_diff(_weights(model), _weights(reference)) < TOL
+    # negative control: one GD step fewer is far away
+    fewer = models.mlp(seed=1).double()
+    for _ in range(4):
+        _gd_step(fewer, x, y, lr=0.5)
+    assert _max_diff(_weights(model), _weights(fewer)) > 1e-3
+
+
+def test_fedavg_round_is_gradient_step_on_the_union_for_unequal_clients():
+    """sum_k (n_k / n) grad L_k = grad of the mean loss over the union, so one FedSGD round with
+    every client (unequal sizes 30, 90, 250) is one GD step on the pooled 370 examples."""
+    bounds = [(0, 30), (30, 120), (120, 370)]
+    clients = [_tensors(a, b) for a, b in bounds]
+    model = models.mlp(seed=2).double()
+    start = copy.deepcopy(model)
+    fedavg(model, clients, rounds=1, client_fraction=1.0, local_epochs=1, batch_size=None, lr=0.3,
+           progress=False)  # fmt: skip
+    pooled = copy.deepcopy(start)
+    _gd_step(pooled, *_tensors(0, 370), lr=0.3)
+    assert _max_diff(_weights(model), _weights(pooled)) < TOL
+
+    # the same result by hand from local_update, and the unweighted mean (wrong) is far away
+    updates = [local_update(start, x, y, epochs=1, batch_size=None, lr=0.3) for x, y in clients]
+    sizes = [b - a for a, b in bounds]
+    w0 = _weights(start)
+    weighted = {k: w0[k] + sum(n * u[k] for n, u in zip(sizes, updates)) / sum(sizes) for k in w0}
+    unweighted = {k: w0[k] + sum(u[k] for u in updates) / len(updates) for k in w0}
+    assert _max_diff(_weights(model), weighted) < TOL
+    assert _max_diff(_weights(model), unweighted) > 1e-3
+
+
+def test_fedavg_weights_multi_step_local_updates_by_data_size():
+    """With E = 3 full-batch epochs the round is no longer a GD step on the union, but still the
+    n_k-weighted mean of the clients' local updates (full batches: independent of the shuffle)."""
+    bounds = [(0, 20), (20, 100), (100, 160)]
+    clients = [_tensors(a, b) for a, b in bounds]
+    model = models.logistic_regression(seed=3).double()
+    start = copy.deepcopy(model)
+    fedavg(model, clients, rounds=1, client_fraction=1.0, local_epochs=3, batch_size=None, lr=0.4,
+           progress=False)  # fmt: skip
+    updates = [local_update(start, x, y, epochs=3, batch_size=None, lr=0.4) for x, y in clients]
+    sizes = [b - a for a, b in bounds]
+    w0 = _weights(start)
+    expected = {k: w0[k] + sum(n * u[k] for n, u in zip(sizes, updates)) / sum(sizes) for k in w0}
+    assert _max_diff(_weights(model), expected) < TOL
+    pooled = copy.deepcopy(start)
+    for _ in range(3):
+        _gd_step(pooled, *_tensors(0, 160), lr=0.4)
+    assert _max_diff(_weights(model), _weights(pooled)) > 1e-4  # it is not 3 GD steps on the union
+
+
+# --- FedSGD vs FedAvg ---------------------------------------------------------------------------
+
+
+def _rounds_to_reach(history, target):
+    return next((r["round"] for r in history if r["test_accuracy"] >= target), math.inf)
+
+
+def test_more_local_work_reaches_target_accuracy_in_fewer_rounds():
+    """IID digits, 10 clients, C = 0.5, lr = 0.1, target 80% test accuracy within 40 rounds.
+    McMahan et al. (2017, Table 2) report large reductions in rounds from more local computation;
+    here FedSGD needs about 30 rounds, E = 5 about 6, E = 5 with B = 20 about 2. The assertions
+    ask only for a strict ordering and a factor 4 for the largest gap."""
+    clients = _iid_clients(10)
+    rounds = {}
+    for epochs, batch in [(1, None), (5, None), (5, 20)]:
+        history = fedavg(models.logistic_regression(seed=0), clients, rounds=40, client_fraction=0.5,
+                         local_epochs=epochs, batch_size=batch, lr=0.1, x_test=DIGITS.x_test,
+                         y_test=DIGITS.y_test, seed=0, progress=False)  # fmt: skip
+        rounds[(epochs, batch)] = _rounds_to_reach(history, 0.8)
+    assert rounds[(5, 20)] < rounds[(5, None)] < rounds[(1, None)]
+    assert 4 * rounds[(5, 20)] <= rounds[(1, None)]
+
+
+# --- local_update and FedProx -------------------------------------------------------------------
+
+
+def test_local_update_leaves_the_model_alone_and_is_reproducible():
+    x, y = _tensors(0, 100, dtype=torch.float32)
+    model = models.mlp(seed=0)
+    before = _weights(model)
+    first = local_update(model, x, y, epochs=2, batch_size=16, lr=0.1, seed=7)
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    assert set(first) == {name for name, p in model.named_parameters() if p.requires_grad}
+    assert all(first[k].shape == before[k].shape for k in first)
+    again = local_update(model, x, y, epochs=2, batch_size=16, lr=0.1, seed=7)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = local_update(model, x, y, epochs=2, batch_size=16, lr=0.1, seed=8)
+    assert _max_diff(first, other) > 1e-4  # another shuffle, another result
+    # numpy inputs are accepted
+    from_numpy = local_update(model, DIGITS.x_train[:100], DIGITS.y_train[:100], epochs=2,
+                              batch_size=16, lr=0.1, seed=7)  # fmt: skip
+    assert all(torch.equal(first[k], from_numpy[k]) for k in first)
+
+
+def test_local_update_skips_frozen_parameters():
+    x, y = _tensors(0, 50, dtype=torch.float32)
+    model = models.mlp(seed=0)
+    model[0].bias.requires_grad_(False)
+    update = local_update(model, x, y, epochs=1, batch_size=10, lr=0.1)
+    assert "0.bias" not in update and "0.weight" in update
+
+
+def test_fedprox_with_mu_zero_is_plain_local_sgd():
+    """mu = 0 with the same seed: the update equals training.train on a copy minus the start."""
+    x, y = _tensors(0, 120)
+    model = models.mlp(seed=4).double()
+    update = local_update(model, x, y, epochs=3, batch_size=16, lr=0.2, mu=0.0, seed=5)
+    trained = copy.deepcopy(model)
+    training.train(trained, x, y, epochs=3, batch_size=16, lr=0.2, seed=5)
+    w0, w1 = _weights(model), _weights(trained)
+    assert _max_diff(update, {k: w1[k] - w0[k] for k in w0}) < TOL
+
+
+def test_fedprox_shrinks_the_update():
+    x, y = _tensors(0, 200)
+    model = models.logistic_regression(seed=0).double()
+    norms = {
+        mu: _norm(local_update(model, x, y, epochs=10, batch_size=10, lr=0.1, mu=mu, seed=1))
+        for mu in (0.0, 1.0, 10.0)
+    }
+    assert norms[10.0] < norms[1.0] < norms[0.0]
+
+
+def test_fedprox_with_large_mu_keeps_the_update_near_zero():
+    """With d = w - w_t and step a = lr * mu <= 1, a local step is d <- (1 - a) d - lr g, so
+    |d| <= lr G / a = G / mu for every step, G a bound on the batch-gradient norm. For softmax
+    regression with cross-entropy an example's gradient is (p - e_y) [x; 1]^T, of norm at most
+    sqrt(2) * sqrt(|x|^2 + 1), and a batch mean is no larger than the largest of these."""
+    x, y = _tensors(0, 200)
+    model = models.logistic_regression(seed=0).double()
+    bound = float(torch.sqrt(2 * ((x**2).sum(dim=1) + 1)).max())
+    lr, mu = 0.05, 20.0  # a = lr * mu = 1
+    prox = _norm(local_update(model, x, y, epochs=10, batch_size=10, lr=lr, mu=mu, seed=1))
+    plain = _norm(local_update(model, x, y, epochs=10, batch_size=10, lr=lr, mu=0.0, seed=1))
+    assert prox <= bound / mu
+    assert prox < 0.05 * plain
+    assert plain > bound / mu  # the bound is not trivially met by plain training
+
+
+# --- client selection in FedAvg -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.33, 0.5, 1.0])
+def test_fedavg_picks_max_1_round_ck_distinct_clients(fraction):
+    clients = _iid_clients(20, n=60)  # 3 examples each
+    kwargs = dict(rounds=4, client_fraction=fraction, local_epochs=1, batch_size=None, lr=0.1,
+                  progress=False)  # fmt: skip
+    history = fedavg(models.logistic_regression(), clients, seed=3, **kwargs)
+    expected = max(1, round(fraction * 20))
+    assert [r["round"] for r in history] == [1, 2, 3, 4]
+    for record in history:
+        picked = record["clients"]
+        assert len(picked) == expected
+        assert len(set(picked)) == expected
+        assert all(isinstance(k, int) and 0 <= k < 20 for k in picked)
+    again = fedavg(models.logistic_regression(), clients, seed=3, **kwargs)
+    assert [r["clients"] for r in again] == [r["clients"] for r in history]
+    if expected < 20:
+        other = fedavg(models.logistic_regression(), clients, seed=4, **kwargs)
+        assert [r["clients"] for r in other] != [r["clients"] for r in history]
+
+
+def test_fedavg_picks_clients_uniformly():
+    """200 rounds, 3 of 10 clients each: every client is picked Binomial(200, 0.3) times
+    (marginally). Pearson's statistic of the counts against 60 each is chi-square with 9 degrees
+    of freedom up to a factor (1 - 3/10) for sampling without replacement; p > 1e-3."""
+    clients = _iid_clients(10, n=20)
+    history = fedavg(models.logistic_regression(), clients, rounds=200, client_fraction=0.3,
+                     local_epochs=1, batch_size=None, lr=0.1, seed=0, progress=False)  # fmt: skip
+    counts = np.bincount(np.concatenate([np.asarray(r["clients"], dtype=int) for r in history]), minlength=10)
+    statistic = ((counts - 60) ** 2 / 60).sum() / (1 - 0.3)
+    assert stats.chi2.sf(statistic, df=9) > 1e-3
+
+
+def test_fedavg_records_test_scores():
+    clients = _iid_clients(4, n=80)
+    model = models.logistic_regression()
+    history = fedavg(model, clients, rounds=2, client_fraction=0.5, local_epochs=1, batch_size=8,
+                     lr=0.1, x_test=DIGITS.x_test, y_test=DIGITS.y_test, progress=False)  # fmt: skip
+    final = training.evaluate(model, DIGITS.x_test, DIGITS.y_test)
+    assert history[-1]["test_accuracy"] == final["accuracy"]
+    assert history[-1]["test_loss"] == pytest.approx(final["loss"], rel=1e-6)
+    assert set(history[0]) == {"round", "clients", "test_loss", "test_accuracy"}
+
+
+# --- DP-FedAvg ----------------------------------------------------------------------------------
+
+
+def test_dp_fedavg_epsilon_matches_the_accountant():
+    clients = _iid_clients(20, n=40)
+    history = dp_fedavg(models.logistic_regression(), clients, rounds=6, sample_rate=0.25,
+                        noise_multiplier=1.3, max_update_norm=1.0, local_epochs=1, batch_size=None,
+                        lr=0.1, delta=1e-3, progress=False)  # fmt: skip
+    accountant = RDPAccountant()
+    for t, record in enumerate(history, start=1):
+        accountant.step(noise_multiplier=1.3, sample_rate=0.25)
+        rdp = compute_rdp(q=0.25, noise_multiplier=1.3, steps=t, orders=DEFAULT_ORDERS)
+        epsilon, _ = get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=1e-3)
+        assert record["round"] == t and record["delta"] == 1e-3
+        assert record["epsilon"] == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-12)
+        assert record["epsilon"] == pytest.approx(epsilon, rel=1e-9)  # summed vs multiplied RDP
+    assert 0 < history[0]["epsilon"] < history[-1]["epsilon"]
+
+
+def test_dp_fedavg_without_noise_or_clipping_is_fedavg_with_equal_weights():
+    """Equal client sizes (4 x 30), q = 1, sigma = 0, S = 1e6 (no update comes near it): one
+    DP-FedAvg round (divide the sum by qK = 4) gives the same global weights as one FedAvg round
+    with C = 1 (weights n_k / n = 1/4). E = 2 full-batch epochs, so the local training does not
+    depend on the shuffling seed. With server_lr = 0.5 the change of the weights is halved."""
+    clients = [_tensors(30 * k, 30 * (k + 1)) for k in range(4)]
+    start = models.mlp(seed=6).double()
+    common = dict(local_epochs=2, batch_size=None, lr=0.3, progress=False)
+    avg = copy.deepcopy(start)
+    fedavg(avg, clients, rounds=1, client_fraction=1.0, **common)
+    dp = copy.deepcopy(start)
+    history = dp_fedavg(dp, clients, rounds=1, sample_rate=1.0, noise_multiplier=0.0,
+                        max_update_norm=1e6, delta=1e-5, **common)  # fmt: skip
+    half = copy.deepcopy(start)
+    dp_fedavg(half, clients, rounds=1, sample_rate=1.0, noise_multiplier=0.0,
+              max_update_norm=1e6, delta=1e-5, server_lr=0.5, **common)  # fmt: skip
+    assert history[0]["clients"] == [0, 1, 2, 3]
+    assert history[0]["epsilon"] == math.inf  # no noise, no privacy
+    assert _max_diff(_weights(dp), _weights(avg)) < TOL
+    w0, w_avg, w_half = _weights(start), _weights(avg), _weights(half)
+    assert _max_diff({k: w_half[k] - w0[k] for k in w0}, {k: (w_avg[k] - w0[k]) / 2 for k in w0}) < TOL
+
+
+def _huge_client():
+    """A client whose update is huge: inputs scaled by 1000."""
+    x, y = _tensors(0, 30)
+    return x * 1000, y
+
+
+def test_dp_fedavg_clips_each_update_to_s():
+    """A single client with a huge update, q = 1, sigma = 0: the change of the model is its update
+    clipped, of norm S * |u| / (|u| + 1e-6), in the direction of the unclipped update."""
+    S = 0.5
+    start = models.logistic_regression(seed=0).double()
+    x, y = _huge_client()
+    raw = local_update(start, x, y, epochs=1, batch_size=None, lr=1.0)
+    assert _norm(raw) > 1000 * S
+    model = copy.deepcopy(start)
+    dp_fedavg(model, [(x, y)], rounds=1, sample_rate=1.0, noise_multiplier=0.0, max_update_norm=S,
+              local_epochs=1, batch_size=None, lr=1.0, delta=1e-5, progress=False)  # fmt: skip
+    w0, w1 = _weights(start), _weights(model)
+    change = {k: w1[k] - w0[k] for k in w0}
+    assert _norm(change) <= S
+    # the 1e-6 in the factor shortens it by 1e-6 / |u| < 2e-9 relative
+    assert _norm(change) == pytest.approx(S, rel=1e-8)
+    cosine = sum(float((change[k] * raw[k]).sum()) for k in w0) / (_norm(change) * _norm(raw))
+    assert cosine == pytest.approx(1.0, abs=1e-12)
+
+
+def test_dp_fedavg_sums_clipped_updates_of_mixed_clients():
+    """Three clients (one huge, two ordinary), q = 1, sigma = 0, S = 0.5, server_lr = 1: the change
+    is (1/3) sum_k u_k min(1, S / (|u_k| + 1e-6)), computed by hand from local_update. One of the
+    ordinary updates is below S, so it enters unclipped."""
+    S = 0.5
+    start = models.logistic_regression(seed=0).double()
+    clients = [_huge_client(), _tensors(100, 140), _tensors(140, 180)]
+    lrs = 0.05
+    raws = [local_update(start, x, y, epochs=1, batch_size=None, lr=lrs) for x, y in clients]
+    norms = [_norm(u) for u in raws]
+    assert norms[0] > S and min(norms[1:]) < S
+    model = copy.deepcopy(start)
+    dp_fedavg(model, clients, rounds=1, sample_rate=1.0, noise_multiplier=0.0, max_update_norm=S,
+              local_epochs=1, batch_size=None, lr=lrs, delta=1e-3, progress=False)  # fmt: skip
+    w0 = _weights(start)
+    expected = {
+        k: w0[k] + sum(u[k] * min(1.0, S / (n + 1e-6)) for u, n in zip(raws, norms)) / 3 for k in w0
+    }
+    assert _max_diff(_weights(model), expected) < TOL
+    unclipped = {k: w0[k] + sum(u[k] for u in raws) / 3 for k in w0}
+    assert _max_diff(_weights(model), unclipped) > 1e-3
+
+
+def test_dp_fedavg_noise_has_std_server_lr_sigma_s_over_qk():
+    """Two runs with the same seed differ only in sigma (the client sampling and the local
+    training do not depend on it), so the difference of the weights is the noise of one round:
+    server_lr * N(0, sigma^2 S^2 I) / (qK). Over the 9,610 weights of the MLP, sum(d^2) / std^2 is
+    chi-square with 9,610 degrees of freedom; accept within its 1e-6 and 1 - 1e-6 quantiles
+    (about +-7% on the variance). The realised number of clients differs from qK = 5, so dividing
+    by it instead would move the variance by at least (5/4)^2 and fail."""
+    q, K, sigma, S, server_lr = 0.5, 10, 1.5, 2.0, 0.8
+    clients = _iid_clients(K, n=50, dtype=torch.float64)
+    start = models.mlp(seed=0).double()
+    runs = []
+    for noise in (sigma, 0.0):
+        model = copy.deepcopy(start)
+        history = dp_fedavg(model, clients, rounds=1, sample_rate=q, noise_multiplier=noise,
+                            max_update_norm=S, local_epochs=1, batch_size=None, lr=0.1, delta=1e-3,
+                            server_lr=server_lr, seed=11, progress=False)  # fmt: skip
+        runs.append((_weights(model), history[0]["clients"]))
+    (noisy, picked), (clean, picked_again) = runs
+    assert picked == picked_again and len(picked) != q * K
+    d = torch.cat([(noisy[k] - clean[k]).flatten() for k in noisy]).numpy()
+    std = server_lr * sigma * S / (q * K)
+    statistic = float((d**2).sum()) / std**2
+    low, high = stats.chi2.ppf([1e-6, 1 - 1e-6], df=d.size)
+    assert low < statistic < high
+    assert abs(d.mean()) < 5 * std / math.sqrt(d.size)  # mean 0: a 5-sigma bound
+    assert not (low < statistic * (q * K / len(picked)) ** 2 < high)  # realised count would fail
+
+
+def test_dp_fedavg_poisson_sampling_has_binomial_size():
+    """300 rounds, K = 20, q = 0.3: the number of clients per round is Binomial(20, 0.3).
+    Pearson's chi-square test of the observed sizes (tails pooled so every expected count >= 5)
+    must not reject at level 1e-3; each client joins Binomial(300, 0.3) times, within 5 sd."""
+    K, q, rounds = 20, 0.3, 300
+    clients = _iid_clients(K, n=2 * K)
+    history = dp_fedavg(models.logistic_regression(), clients, rounds=rounds, sample_rate=q,
+                        noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1, batch_size=None,
+                        lr=0.1, delta=1e-3, seed=2, progress=False)  # fmt: skip
+    sizes = np.array([len(r["clients"]) for r in history])
+    for record in history:
+        assert len(set(record["clients"])) == len(record["clients"])
+        assert record["clients"] == sorted(record["clients"])
+    edges = [2, 3, 4, 5, 6, 7, 8, 9]  # bins: <=2, 3, ..., 8, >=9
+    observed = [np.sum(sizes <= 2)] + [np.sum(sizes == s) for s in edges[1:-1]] + [np.sum(sizes >= 9)]
+    probs = [stats.binom.cdf(2, K, q)] + [stats.binom.pmf(s, K, q) for s in edges[1:-1]]
+    probs.append(stats.binom.sf(8, K, q))
+    expected = rounds * np.array(probs)
+    assert expected.min() >= 5
+    _, p_value = stats.chisquare(observed, expected)
+    assert p_value > 1e-3
+    counts = np.bincount(np.concatenate([np.asarray(r["clients"], dtype=int) for r in history]), minlength=K)
+    assert np.all(np.abs(counts - rounds * q) < 5 * math.sqrt(rounds * q * (1 - q)))
+    again = dp_fedavg(models.logistic_regression(), clients, rounds=3, sample_rate=q,
+                      noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1, batch_size=None,
+                      lr=0.1, delta=1e-3, seed=2, progress=False)  # fmt: skip
+    assert [r["clients"] for r in again] == [r["clients"] for r in history[:3]]
+
+
+def test_dp_fedavg_warns_when_delta_is_not_below_one_over_k():
+    clients = _iid_clients(10, n=20)
+    kwargs = dict(rounds=1, sample_rate=0.5, noise_multiplier=1.0, max_update_norm=1.0,
+                  local_epochs=1, batch_size=None, lr=0.1, progress=False)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"delta=0.1 is not below 1/K"):
+        dp_fedavg(models.logistic_regression(), clients, delta=0.1, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dp_fedavg(models.logistic_regression(), clients, delta=1e-3, **kwargs)
+
+
+def test_dp_fedavg_records_test_scores():
+    clients = _iid_clients(10, n=50)
+    history = dp_fedavg(models.logistic_regression(), clients, rounds=2, sample_rate=0.5,
+                        noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1, batch_size=5,
+                        lr=0.1, delta=1e-3, x_test=DIGITS.x_test, y_test=DIGITS.y_test,
+                        progress=False)  # fmt: skip
+    assert set(history[0]) == {"round", "clients", "epsilon", "delta", "test_loss", "test_accuracy"}
+    assert 0 <= history[-1]["test_accuracy"] <= 1
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+_CLIENTS = [_tensors(0, 10, dtype=torch.float32), _tensors(10, 25, dtype=torch.float32)]
+_EMPTY = (torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
+_MISMATCHED = (torch.zeros(5, 64), torch.zeros(4, dtype=torch.long))
+_FEDAVG = dict(rounds=1, client_fraction=1.0, local_epochs=1, batch_size=None, lr=0.1, progress=False)
+_DP = dict(rounds=1, sample_rate=1.0, noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1,
+           batch_size=None, lr=0.1, delta=1e-3, progress=False)  # fmt: skip
+
+_BAD = [
+    # (which function, changed arguments, error type, message)
+    ("both", {"clients": []}, ValueError, "clients must hold at least one client"),
+    ("both", {"clients": [_CLIENTS[0], _EMPTY]}, ValueError, r"clients\[1\] x must hold at least one"),
+    ("both", {"clients": [_MISMATCHED]}, ValueError, r"clients\[0\] x and clients\[0\] y must have the same"),
+    ("both", {"clients": _CLIENTS[0][0]}, TypeError, "clients must be a list of"),
+    ("both", {"rounds": 0}, ValueError, "rounds must be >= 1"),
+    ("both", {"rounds": 2.0}, TypeError, "rounds must be an integer"),
+    ("both", {"local_epochs": 0}, ValueError, "local_epochs must be >= 1"),
+    ("both", {"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+    ("both", {"lr": 0.0}, ValueError, "lr must be > 0"),
+    ("both", {"lr": -0.1}, ValueError, "lr must be > 0"),
+    ("both", {"loss": "mse"}, ValueError, "loss must be one of"),
+    ("both", {"seed": -1}, ValueError, "seed must be >= 0"),
+    ("fedavg", {"client_fraction": 0.0}, ValueError, r"client_fraction must be > 0"),
+    ("fedavg", {"client_fraction": 1.5}, ValueError, r"client_fraction must lie in \(0, 1\]"),
+    ("fedavg", {"mu": -0.1}, ValueError, "mu must be >= 0"),
+    ("dp", {"sample_rate": 0.0}, ValueError, "sample_rate must be > 0"),
+    ("dp", {"sample_rate": 1.2}, ValueError, r"sample_rate must lie in \(0, 1\]"),
+    ("dp", {"noise_multiplier": -1.0}, ValueError, "noise_multiplier must be >= 0"),
+    ("dp", {"max_update_norm": 0.0}, ValueError, "max_update_norm must be > 0"),
+    ("dp", {"max_update_norm": -1.0}, ValueError, "max_update_norm must be > 0"),
+    ("dp", {"delta": 0.0}, ValueError, r"delta must lie in the open interval \(0, 1\)"),
+    ("dp", {"delta": 1.0}, ValueError, r"delta must lie in the open interval \(0, 1\)"),
+    ("dp", {"server_lr": 0.0}, ValueError, "server_lr must be > 0"),
+]
+
+
+def _cases():
+    for which, changes, error, match in _BAD:
+        for name in (["fedavg", "dp"] if which == "both" else [which]):
+            yield pytest.param(name, changes, error, match, id=f"{name}-{changes}"[:60])
+
+
+@pytest.mark.parametrize(("name", "changes", "error", "match"), list(_cases()))
+def test_bad_configurations_raise(name, changes, error, match):
+    function, defaults = (fedavg, _FEDAVG) if name == "fedavg" else (dp_fedavg, _DP)
+    kwargs = {"clients": _CLIENTS, **defaults, **changes}
+    clients = kwargs.pop("clients")
+    with pytest.raises(error, match=match):
+        function(models.logistic_regression(), clients, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"epochs": 0}, ValueError, "epochs must be >= 1"),
+        ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+        ({"lr": 0.0}, ValueError, "lr must be > 0"),
+        ({"mu": -1.0}, ValueError, "mu must be >= 0"),
+        ({"loss": "hinge"}, ValueError, "loss must be one of"),
+        ({"seed": 1.5}, TypeError, "seed must be an integer"),
+        ({"y": torch.zeros(9, dtype=torch.long)}, ValueError, "same number of examples"),
+        ({"x": _EMPTY[0], "y": _EMPTY[1]}, ValueError, "at least one example"),
+    ],
+)
+def test_local_update_rejects_bad_arguments(changes, error, match):
+    kwargs = {"x": _CLIENTS[0][0], "y": _CLIENTS[0][1], "epochs": 1, "batch_size": None, "lr": 0.1,
+              **changes}  # fmt: skip
+    x, y = kwargs.pop("x"), kwargs.pop("y")
+    with pytest.raises(error, match=match):
+        local_update(models.logistic_regression(), x, y, **kwargs)
+
+
+def test_a_model_must_be_a_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fedavg("model", _CLIENTS, **_FEDAVG)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        dp_fedavg(None, _CLIENTS, **_DP)
