@@ -112,8 +112,12 @@ def _check_data(
     name_x, name_y = names
     try:
         x, y = to_tensors(x, y)
-    except TypeError as error:
-        raise TypeError(str(error).replace("x ", f"{name_x} ", 1).replace("y ", f"{name_y} ", 1)) from None
+    except TypeError as error:  # to_tensors names its arguments x and y: use the caller's names
+        message = str(error)
+        for old, new in (("x ", name_x), ("y ", name_y)):
+            if message.startswith(old):
+                message = f"{new} {message[len(old):]}"
+        raise TypeError(message) from None
     if not x.is_floating_point():
         raise TypeError(f"{name_x} must hold floating-point inputs, got dtype {x.dtype}.")
     if x.ndim < 2:
