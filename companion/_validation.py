@@ -43,6 +43,23 @@ def check_nonnegative(name: str, value: object) -> float:
     return value
 
 
+def check_fraction(name: str, value: object) -> float:
+    """A finite real number in (0, 1], such as a sampling rate or a share of clients."""
+    value = check_positive(name, value)
+    if value > 1:
+        raise ValueError(f"{name} must lie in (0, 1], got {value}.")
+    return value
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """An integer seed >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}.")
+    return int(value)
+
+
 def check_epsilon(value: object, name: str = "epsilon") -> float:
     """A privacy parameter epsilon: a finite real number > 0."""
     return check_positive(name, value)

@@ -91,7 +91,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from tqdm import tqdm
 
-from companion._validation import check_delta, check_nonnegative, check_positive, check_positive_int
+from companion._validation import (
+    check_delta,
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+)
+from companion.accounting import RDPAccountant
 from companion.training import (
     ArrayLike,
     LossName,
@@ -162,13 +169,6 @@ def check_dp_compatible(model: nn.Module) -> None:
 
 def _check_noise_multiplier(noise_multiplier: object) -> float:
     return check_nonnegative("noise_multiplier", noise_multiplier)
-
-
-def _check_sample_rate(sample_rate: object) -> float:
-    sample_rate = check_positive("sample_rate", sample_rate)
-    if sample_rate > 1:
-        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}.")
-    return sample_rate
 
 
 def _check_generator(generator: object) -> torch.Generator:
@@ -549,7 +549,7 @@ def poisson_sample(n: int, *, sample_rate: float, generator: torch.Generator) ->
         generator: a :class:`torch.Generator`; the draw is reproducible from its seed.
     """
     n = check_positive_int("n", n)
-    sample_rate = _check_sample_rate(sample_rate)
+    sample_rate = check_fraction("sample_rate", sample_rate)
     generator = _check_generator(generator)
     return _poisson_mask(n, sample_rate, generator)
 
@@ -631,19 +631,35 @@ def _dp_sgd_step(
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     with torch.no_grad():
         if noise_multiplier > 0:
-            total = sum(p.numel() for _, p in params)
-            first = params[0][1]
-            noise = torch.randn(total, generator=generator, device=generator.device, dtype=first.dtype)
-            noise = noise.to(first.device)
-            start = 0
-            for name, p in params:
-                size = p.numel()
-                sums[name].add_(noise[start : start + size].view_as(p), alpha=noise_multiplier * max_grad_norm)
-                start += size
+            _add_gaussian_noise(sums, params, std=noise_multiplier * max_grad_norm, generator=generator)
         step = -lr / expected_batch_size
         for name, p in params:
             p.add_(sums[name], alpha=step)
     return norms
+
+
+def _add_gaussian_noise(
+    sums: dict[str, torch.Tensor],
+    params: list[tuple[str, nn.Parameter]],
+    *,
+    std: float,
+    generator: torch.Generator,
+) -> None:
+    """Add N(0, std^2) to every coordinate of ``sums``, in place.
+
+    The noise for all parameters is one draw of a standard normal vector from ``generator``, in
+    the order of ``params``, so a run is reproducible from the generator's seed. DP-FedAvg
+    (:func:`companion.federated.dp_fedavg`) noises the sum of client updates the same way.
+    """
+    total = sum(p.numel() for _, p in params)
+    first = params[0][1]
+    noise = torch.randn(total, generator=generator, device=generator.device, dtype=first.dtype)
+    noise = noise.to(first.device)
+    start = 0
+    for name, p in params:
+        size = p.numel()
+        sums[name].add_(noise[start : start + size].view_as(p), alpha=std)
+        start += size
 
 
 # --- the training loop --------------------------------------------------------------------------
@@ -714,15 +730,13 @@ def train_dpsgd(
         >>> history[-1]["epsilon"]  # doctest: +SKIP
         7.88...
     """
-    from companion.accounting import RDPAccountant
-
     check_dp_compatible(model)
     loss = _check_loss(loss)
     x, y = _check_data(x, y, loss=loss)
     test_data = _check_optional_test(x_test, y_test, loss=loss)
     noise_multiplier = _check_noise_multiplier(noise_multiplier)
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-    sample_rate = _check_sample_rate(sample_rate)
+    sample_rate = check_fraction("sample_rate", sample_rate)
     epochs = check_positive_int("epochs", epochs)
     lr = check_positive("lr", lr)
     delta = check_delta(delta)

@@ -107,10 +107,13 @@ from companion._validation import (
     RNGLike,
     as_generator,
     check_delta,
+    check_fraction,
     check_nonnegative,
     check_positive,
     check_positive_int,
 )
+from companion.accounting import RDPAccountant
+from companion.dpsgd import _add_gaussian_noise, _clip_factors
 from companion.training import (
     ArrayLike,
     LossName,
@@ -334,13 +337,6 @@ def _check_batch_size(batch_size: object) -> int | None:
     return None if batch_size is None else check_positive_int("batch_size", batch_size)
 
 
-def _check_fraction(name: str, value: object) -> float:
-    value = check_positive(name, value)
-    if value > 1:
-        raise ValueError(f"{name} must lie in (0, 1], got {value}.")
-    return value
-
-
 def _client_seed(seed: int, round_: int, client: int) -> int:
     """The seed of ``client``'s local shuffling in round ``round_``: independent streams per pair."""
     return int(np.random.SeedSequence((seed, round_, client)).generate_state(1)[0])
@@ -534,7 +530,7 @@ def fedavg(
     loss = _check_loss(loss)
     data = _check_clients(clients, loss=loss)
     rounds = check_positive_int("rounds", rounds)
-    client_fraction = _check_fraction("client_fraction", client_fraction)
+    client_fraction = check_fraction("client_fraction", client_fraction)
     local_epochs = check_positive_int("local_epochs", local_epochs)
     batch_size = _check_batch_size(batch_size)
     lr = check_positive("lr", lr)
@@ -687,15 +683,12 @@ def dp_fedavg(
         >>> round(history[-1]["epsilon"], 2)  # doctest: +SKIP
         2.1...
     """
-    from companion.accounting import RDPAccountant
-    from companion.dpsgd import _clip_factors
-
     model = _check_model(model)
     _trainable(model)
     loss = _check_loss(loss)
     data = _check_clients(clients, loss=loss)
     rounds = check_positive_int("rounds", rounds)
-    sample_rate = _check_fraction("sample_rate", sample_rate)
+    sample_rate = check_fraction("sample_rate", sample_rate)
     noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
     max_update_norm = check_positive("max_update_norm", max_update_norm)
     local_epochs = check_positive_int("local_epochs", local_epochs)
@@ -734,14 +727,7 @@ def dp_fedavg(
             for name, value in update.items():
                 total[name].add_(value, alpha=factor)
         if noise_multiplier > 0:
-            size = sum(p.numel() for _, p in params)
-            first = params[0][1]
-            noise = torch.randn(size, generator=noise_generator, dtype=first.dtype).to(first.device)
-            std = noise_multiplier * max_update_norm
-            start = 0
-            for name, p in params:
-                total[name].add_(noise[start : start + p.numel()].view_as(p), alpha=std)
-                start += p.numel()
+            _add_gaussian_noise(total, params, std=noise_multiplier * max_update_norm, generator=noise_generator)
         _add_to_model(model, total, server_lr / expected_clients)
         accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
         record: dict[str, Any] = {

@@ -32,28 +32,18 @@ one example. :func:`companion.dpsgd.check_dp_compatible` rejects them here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from numbers import Integral
 
 import torch
 from torch import nn
 
-from companion._validation import check_positive_int
+from companion._validation import check_positive_int, check_seed
 
 __all__ = ["binary_mlp", "logistic_regression", "mlp", "small_cnn"]
 
 
-def _check_seed(seed: object) -> int:
-    """An integer seed >= 0 (not a bool)."""
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}.")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}.")
-    return int(seed)
-
-
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     """Run ``build`` with the CPU generator seeded by ``seed``, then restore the global state."""
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()

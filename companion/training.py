@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from companion._validation import check_positive, check_positive_int
+from companion._validation import check_positive, check_positive_int, check_seed
 
 __all__ = ["LossName", "evaluate", "to_tensors", "train"]
 
@@ -332,11 +332,7 @@ def train(
 
 def _generator(seed: object) -> torch.Generator:
     """A CPU :class:`torch.Generator` seeded with ``seed`` (an integer >= 0)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}.")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}.")
-    return torch.Generator().manual_seed(int(seed))
+    return torch.Generator().manual_seed(check_seed(seed))
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
