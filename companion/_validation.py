@@ -8,12 +8,10 @@ Nothing is clipped or coerced silently.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from numbers import Integral, Real
 
 import numpy as np
-
-RNGLike = np.random.Generator | int | None
-
 
 def check_real(name: str, value: object) -> float:
     """Return ``value`` as a float if it is a finite real number (not a bool), else raise."""
@@ -58,6 +56,69 @@ def check_seed(value: object, name: str = "seed") -> int:
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}.")
     return int(value)
+
+
+def check_probability(name: str, value: object, *, allow_zero: bool) -> float:
+    """A real number in [0, 1] (``allow_zero``) or in (0, 1]."""
+    value = check_real(name, value)
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value <= 1):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must lie in {interval}, got {value}.")
+    return value
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """An integer (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
+    return int(value)
+
+
+def _real_sequence(name: str, value: object) -> tuple[list[float], bool]:
+    """A real number or a non-empty 1-D sequence of them, with no NaN; ``(values, is_scalar)``."""
+    if isinstance(value, Real) and not isinstance(value, bool):
+        values, scalar = [value], True
+    elif isinstance(value, (str, bytes)) or not isinstance(value, (Iterable, np.ndarray)):
+        raise TypeError(
+            f"{name} must be a real number or a sequence of real numbers, "
+            f"got {type(value).__name__}."
+        )
+    else:
+        if isinstance(value, np.ndarray) and value.ndim != 1:
+            raise ValueError(f"{name} must be one-dimensional, got shape {value.shape}.")
+        values, scalar = list(value), False
+        if not values:
+            raise ValueError(f"{name} must not be empty.")
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, Real):
+            raise TypeError(f"{name} must hold real numbers, got {type(item).__name__}.")
+        if math.isnan(item):
+            raise ValueError(f"{name} must not contain NaN.")
+    return [float(item) for item in values], scalar
+
+
+def check_orders(orders: object, name: str = "orders") -> tuple[np.ndarray, bool]:
+    """RDP orders: a real number or a non-empty 1-D sequence of them, each > 1 or +inf.
+
+    Returns the orders as a float array and whether a scalar was given.
+    """
+    values, scalar = _real_sequence(name, orders)
+    for value in values:
+        if not value > 1:
+            raise ValueError(f"every order in {name} must be > 1 (or inf), got {value}.")
+    return np.array(values, dtype=float), scalar
+
+
+def check_rdp(rdp: object) -> np.ndarray:
+    """RDP values: a real number or a non-empty 1-D sequence of them, each >= 0 or +inf."""
+    values, _ = _real_sequence("rdp", rdp)
+    for value in values:
+        if value < 0:
+            raise ValueError(f"rdp values are Renyi divergences and must be >= 0, got {value}.")
+    return np.array(values, dtype=float)
 
 
 def check_epsilon(value: object, name: str = "epsilon") -> float:
@@ -117,16 +178,3 @@ def check_vector(name: str, value: object) -> np.ndarray:
     array = check_values(name, value)
     assert isinstance(array, np.ndarray)
     return array
-
-
-def as_generator(rng: RNGLike) -> np.random.Generator:
-    """Turn ``rng`` (a Generator, an int seed or None for fresh entropy) into a Generator."""
-    if rng is None or isinstance(rng, np.random.Generator):
-        return np.random.default_rng(rng)
-    if isinstance(rng, bool) or not isinstance(rng, Integral):
-        raise TypeError(
-            f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}."
-        )
-    if rng < 0:
-        raise ValueError(f"rng seed must be >= 0, got {rng}.")
-    return np.random.default_rng(int(rng))

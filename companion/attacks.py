@@ -93,7 +93,15 @@ from sklearn.metrics import auc as _trapezoid_auc
 from sklearn.metrics import roc_curve
 
 from companion._validation import check_nonnegative, check_positive, check_positive_int, check_real
-from companion.training import ArrayLike, LossName, _check_data, _check_loss, _check_model, _generator, _loss_fn
+from companion._random import torch_generator
+from companion._torch import (
+    ArrayLike,
+    LossName,
+    check_data,
+    check_loss,
+    check_model,
+    loss_fn,
+)
 
 __all__ = [
     "InversionResult",
@@ -147,11 +155,11 @@ def model_gradient(
         >>> sorted(g)
         ['0.bias', '0.weight', '2.bias', '2.weight']
     """
-    model = _check_model(model)
-    loss = _check_loss(loss)
-    x, y = _check_data(x, y, loss=loss)
+    model = check_model(model)
+    loss = check_loss(loss)
+    x, y = check_data(x, y, loss=loss)
     params = _trainable_named(model)
-    value = _loss_fn(loss)(model(x), y)
+    value = loss_fn(loss)(model(x), y)
     grads = torch.autograd.grad(value, [p for _, p in params])
     return {name: g.detach() for (name, _), g in zip(params, grads, strict=True)}
 
@@ -389,7 +397,7 @@ def invert_gradient(
         >>> reconstruction_similarity(digits.x_train[0], result.x[0]) > 0.9  # doctest: +SKIP
         True
     """
-    model = _check_model(model)
+    model = check_model(model)
     params = _trainable_named(model)
     target = _check_gradient(gradient, params)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -409,7 +417,7 @@ def invert_gradient(
         )
     bounds = _check_bounds(bounds)
     labels = _check_label(label, batch_size)
-    generator = _generator(seed)
+    generator = torch_generator(seed)
     if labels is None:
         if batch_size > 1:
             raise ValueError(
@@ -431,10 +439,10 @@ def invert_gradient(
     weights = [p for _, p in params]
     flat_target = torch.cat([target[name].reshape(-1) for name, _ in params])
     target_norm = torch.linalg.vector_norm(flat_target)
-    loss_fn = _loss_fn("cross_entropy")
+    mean_loss = loss_fn("cross_entropy")
 
     def matching_loss(inputs: torch.Tensor) -> torch.Tensor:
-        value = loss_fn(model(inputs), labels)
+        value = mean_loss(model(inputs), labels)
         grads = torch.autograd.grad(value, weights, create_graph=True)
         flat = torch.cat([g.reshape(-1) for g in grads])
         if distance == "l2":
@@ -657,7 +665,7 @@ def _check_pair(name: str, pair: object, loss: str) -> tuple[torch.Tensor, torch
     for part, value in zip(("x", "y"), pair, strict=True):
         if not isinstance(value, (np.ndarray, torch.Tensor)):
             raise TypeError(f"{name} {part} must be a torch.Tensor or a numpy array, got {type(value).__name__}.")
-    return _check_data(pair[0], pair[1], loss=loss, names=(f"{name} x", f"{name} y"))
+    return check_data(pair[0], pair[1], loss=loss, names=(f"{name} x", f"{name} y"))
 
 
 def _per_example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str, name: str) -> np.ndarray:
@@ -677,7 +685,7 @@ def _per_example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, l
         raise ValueError(f"for loss='bce' the model must return one logit per example, got {tuple(outputs.shape)}.")
     # float64: a confident prediction's loss, log(1 + sum_k exp(-margin_k)), underflows to 0 in
     # float32 once the margins exceed about 17, which would tie the members the attack is surest of.
-    values = _loss_fn(loss, reduction="none")(outputs.double(), y).reshape(-1).cpu().numpy()
+    values = loss_fn(loss, reduction="none")(outputs.double(), y).reshape(-1).cpu().numpy()
     if not np.isfinite(values).all():
         raise ValueError(f"the model's loss on {name} is NaN or infinite for some examples.")
     return values
@@ -743,8 +751,8 @@ def loss_threshold_attack(
         >>> result.auc  # doctest: +SKIP
         0.6...
     """
-    model = _check_model(model)
-    loss = _check_loss(loss)
+    model = check_model(model)
+    loss = check_loss(loss)
     member_data = _check_pair("members", members, loss)
     nonmember_data = _check_pair("nonmembers", nonmembers, loss)
     was_training = model.training

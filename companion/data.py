@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import datasets
 
-from companion._validation import RNGLike, as_generator, check_positive_int, check_real
+from companion._random import RNGLike, as_generator
+from companion._validation import check_positive_int, check_real
 
 __all__ = [
     "Patients",

@@ -89,7 +89,6 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
-from tqdm import tqdm
 
 from companion._validation import (
     check_delta,
@@ -99,18 +98,19 @@ from companion._validation import (
     check_positive_int,
 )
 from companion.accounting import RDPAccountant
-from companion.training import (
+from companion._random import torch_generator
+from companion import _torch
+from companion._torch import (
+    progress_loop,
     ArrayLike,
     LossName,
-    _check_data,
-    _check_loss,
-    _check_model,
-    _check_optional_test,
-    _epoch_record,
-    _generator,
-    _loss_fn,
-    _postfix,
-    _trainable,
+    check_data,
+    check_loss,
+    check_model,
+    check_optional_test,
+    epoch_record,
+    loss_fn,
+    trainable,
 )
 
 __all__ = [
@@ -150,7 +150,7 @@ def check_dp_compatible(model: nn.Module) -> None:
         ValueError: if it contains a batch-normalisation layer, an instance-normalisation layer
             tracking running statistics, or no trainable parameter.
     """
-    model = _check_model(model)
+    model = check_model(model)
     for name, module in model.named_modules():
         where = f"layer {name!r}" if name else "the model"
         if isinstance(module, _BatchNorm):
@@ -164,7 +164,7 @@ def check_dp_compatible(model: nn.Module) -> None:
                 f"{where} is a {type(module).__name__} with track_running_stats=True: its running "
                 "statistics average over the batch. Use track_running_stats=False or GroupNorm."
             )
-    _trainable(model)
+    trainable(model)
 
 
 def _check_noise_multiplier(noise_multiplier: object) -> float:
@@ -191,8 +191,8 @@ def _resolve_loss(
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]:
     """``(mean loss, summed loss or None)``; the summed form is known only for named losses."""
     if isinstance(loss_fn, str):
-        name = _check_loss(loss_fn)
-        return _loss_fn(name, "mean"), _loss_fn(name, "sum")
+        name = check_loss(loss_fn)
+        return _torch.loss_fn(name, "mean"), _torch.loss_fn(name, "sum")
     if callable(loss_fn):
         return loss_fn, None
     raise TypeError(
@@ -227,7 +227,7 @@ def per_example_gradients(
         A dict from parameter name (as in ``model.named_parameters()``, trainable parameters
         only) to a tensor of shape ``(B, *param.shape)``.
     """
-    model = _check_model(model)
+    model = check_model(model)
     mean_loss, _ = _resolve_loss(loss_fn)
     _check_batch(x, y)
     return _vmap_gradients(model, mean_loss, x, y)
@@ -488,7 +488,7 @@ def clipped_gradient_sum(
         Like :func:`clip_and_sum`: dict name -> summed clipped gradient (trainable parameters),
         and with ``return_norms`` the per-example norms as well.
     """
-    model = _check_model(model)
+    model = check_model(model)
     mean_loss, sum_loss = _resolve_loss(loss_fn)
     _check_batch(x, y)
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
@@ -731,16 +731,16 @@ def train_dpsgd(
         7.88...
     """
     check_dp_compatible(model)
-    loss = _check_loss(loss)
-    x, y = _check_data(x, y, loss=loss)
-    test_data = _check_optional_test(x_test, y_test, loss=loss)
+    loss = check_loss(loss)
+    x, y = check_data(x, y, loss=loss)
+    test_data = check_optional_test(x_test, y_test, loss=loss)
     noise_multiplier = _check_noise_multiplier(noise_multiplier)
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
     sample_rate = check_fraction("sample_rate", sample_rate)
     epochs = check_positive_int("epochs", epochs)
     lr = check_positive("lr", lr)
     delta = check_delta(delta)
-    generator = _generator(seed)
+    generator = torch_generator(seed)
     method = _check_method(method)
     n = x.shape[0]
     if delta >= 1 / n:
@@ -758,8 +758,9 @@ def train_dpsgd(
 
     history: list[dict[str, Any]] = []
     model.train()
-    bar = tqdm(range(1, epochs + 1), desc="DP-SGD", unit="epoch", disable=not progress)
-    for epoch in bar:
+    for epoch in progress_loop(
+        epochs, history=history, desc="DP-SGD", unit="epoch", progress=progress
+    ):
         clipped = torch.zeros((), dtype=torch.long)
         seen = 0
         for _ in range(steps_per_epoch):
@@ -775,8 +776,6 @@ def train_dpsgd(
         record["epsilon"] = accountant.get_epsilon(delta)
         record["delta"] = delta
         record["clipped_fraction"] = float(clipped) / seen if seen else 0.0
-        record.update(_epoch_record(model, epoch, (x, y), test_data, loss))
+        record.update(epoch_record(model, epoch, (x, y), test_data, loss))
         history.append(record)
-        bar.set_postfix(_postfix(record))
-    bar.close()
     return history

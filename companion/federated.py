@@ -101,11 +101,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from companion._random import RNGLike, as_generator
 from companion._validation import (
-    RNGLike,
-    as_generator,
     check_delta,
     check_fraction,
     check_nonnegative,
@@ -114,19 +112,19 @@ from companion._validation import (
 )
 from companion.accounting import RDPAccountant
 from companion.dpsgd import _add_gaussian_noise, _clip_factors
-from companion.training import (
+from companion._random import torch_generator
+from companion._torch import (
+    progress_loop,
     ArrayLike,
     LossName,
-    _check_data,
-    _check_loss,
-    _check_model,
-    _check_optional_test,
-    _evaluate,
-    _generator,
-    _loss_fn,
-    _postfix,
-    _trainable,
+    check_data,
+    check_loss,
+    check_model,
+    check_optional_test,
+    evaluate_model,
+    loss_fn,
     to_tensors,
+    trainable,
 )
 
 __all__ = [
@@ -329,7 +327,7 @@ def _check_clients(clients: object, *, loss: str) -> list[Client]:
         if not isinstance(client, Sequence) or len(client) != 2:
             raise TypeError(f"clients[{k}] must be an (x, y) pair, got {type(client).__name__}.")
         names = (f"clients[{k}] x", f"clients[{k}] y")
-        checked.append(_check_data(client[0], client[1], loss=loss, names=names))
+        checked.append(check_data(client[0], client[1], loss=loss, names=names))
     return checked
 
 
@@ -402,15 +400,15 @@ def local_update(
         >>> sorted(update)
         ['0.bias', '0.weight']
     """
-    model = _check_model(model)
-    _trainable(model)
-    loss = _check_loss(loss)
-    x, y = _check_data(x, y, loss=loss)
+    model = check_model(model)
+    trainable(model)
+    loss = check_loss(loss)
+    x, y = check_data(x, y, loss=loss)
     epochs = check_positive_int("epochs", epochs)
     batch_size = _check_batch_size(batch_size)
     lr = check_positive("lr", lr)
     mu = check_nonnegative("mu", mu)
-    generator = _generator(seed)
+    generator = torch_generator(seed)
     return _local_update(model, x, y, epochs, batch_size, lr, mu, loss, generator)
 
 
@@ -430,7 +428,7 @@ def _local_update(
     local.train()
     params = [(name, p) for name, p in local.named_parameters() if p.requires_grad]
     start = {name: p.detach().clone() for name, p in params}
-    loss_fn = _loss_fn(loss)
+    mean_loss = loss_fn(loss)
     n = x.shape[0]
     step = n if batch_size is None else batch_size
     for _ in range(epochs):
@@ -439,7 +437,7 @@ def _local_update(
             index = order[first : first + step]
             for _, p in params:
                 p.grad = None
-            loss_fn(local(x[index]), y[index]).backward()
+            mean_loss(local(x[index]), y[index]).backward()
             with torch.no_grad():
                 for name, p in params:
                     if p.grad is None:  # not reached by the forward pass: the prox term is 0 too
@@ -525,9 +523,9 @@ def fedavg(
         >>> history[0]["clients"]  # doctest: +SKIP
         [0, 1, 4, 6, 9]
     """
-    model = _check_model(model)
-    _trainable(model)
-    loss = _check_loss(loss)
+    model = check_model(model)
+    trainable(model)
+    loss = check_loss(loss)
     data = _check_clients(clients, loss=loss)
     rounds = check_positive_int("rounds", rounds)
     client_fraction = check_fraction("client_fraction", client_fraction)
@@ -535,22 +533,23 @@ def fedavg(
     batch_size = _check_batch_size(batch_size)
     lr = check_positive("lr", lr)
     mu = check_nonnegative("mu", mu)
-    test_data = _check_optional_test(x_test, y_test, loss=loss)
-    _generator(seed)  # validates the seed
+    test_data = check_optional_test(x_test, y_test, loss=loss)
+    torch_generator(seed)  # validates the seed
     rng = np.random.default_rng(seed)
     num_clients = len(data)
     per_round = max(1, round(client_fraction * num_clients))
 
     history: list[dict[str, Any]] = []
     name = "FedProx" if mu > 0 else "FedAvg"
-    bar = tqdm(range(1, rounds + 1), desc=name, unit="round", disable=not progress)
-    for round_ in bar:
+    for round_ in progress_loop(
+        rounds, history=history, desc=name, unit="round", progress=progress
+    ):
         picked = sorted(int(k) for k in rng.choice(num_clients, size=per_round, replace=False))
         total = sum(data[k][0].shape[0] for k in picked)
         average: dict[str, torch.Tensor] = {}
         for k in picked:
             x_k, y_k = data[k]
-            generator = _generator(_client_seed(seed, round_, k))
+            generator = torch_generator(_client_seed(seed, round_, k))
             update = _local_update(model, x_k, y_k, local_epochs, batch_size, lr, mu, loss, generator)
             weight = x_k.shape[0] / total
             for key, value in update.items():
@@ -562,8 +561,6 @@ def fedavg(
         record: dict[str, Any] = {"round": round_, "clients": picked}
         record.update(_test_record(model, test_data, loss))
         history.append(record)
-        bar.set_postfix(_postfix(record))
-    bar.close()
     return history
 
 
@@ -572,7 +569,7 @@ def _test_record(
 ) -> dict[str, float]:
     if test_data is None:
         return {}
-    scores = _evaluate(model, *test_data, loss=loss)
+    scores = evaluate_model(model, *test_data, loss=loss)
     return {"test_loss": scores["loss"], "test_accuracy": scores["accuracy"]}
 
 
@@ -683,9 +680,9 @@ def dp_fedavg(
         >>> round(history[-1]["epsilon"], 2)  # doctest: +SKIP
         2.1...
     """
-    model = _check_model(model)
-    _trainable(model)
-    loss = _check_loss(loss)
+    model = check_model(model)
+    trainable(model)
+    loss = check_loss(loss)
     data = _check_clients(clients, loss=loss)
     rounds = check_positive_int("rounds", rounds)
     sample_rate = check_fraction("sample_rate", sample_rate)
@@ -696,8 +693,8 @@ def dp_fedavg(
     lr = check_positive("lr", lr)
     delta = check_delta(delta)
     server_lr = check_positive("server_lr", server_lr)
-    test_data = _check_optional_test(x_test, y_test, loss=loss)
-    noise_generator = _generator(seed)
+    test_data = check_optional_test(x_test, y_test, loss=loss)
+    noise_generator = torch_generator(seed)
     rng = np.random.default_rng(seed)
     num_clients = len(data)
     if delta >= 1 / num_clients:
@@ -713,13 +710,14 @@ def dp_fedavg(
     accountant = RDPAccountant()
 
     history: list[dict[str, Any]] = []
-    bar = tqdm(range(1, rounds + 1), desc="DP-FedAvg", unit="round", disable=not progress)
-    for round_ in bar:
+    for round_ in progress_loop(
+        rounds, history=history, desc="DP-FedAvg", unit="round", progress=progress
+    ):
         picked = [int(k) for k in np.flatnonzero(rng.random(num_clients) < sample_rate)]
         total = {name: torch.zeros_like(p) for name, p in params}
         for k in picked:
             x_k, y_k = data[k]
-            generator = _generator(_client_seed(seed, round_, k))
+            generator = torch_generator(_client_seed(seed, round_, k))
             update = _local_update(model, x_k, y_k, local_epochs, batch_size, lr, 0.0, loss, generator)
             norms = torch.stack([torch.linalg.vector_norm(u) for u in update.values()])
             norm = torch.linalg.vector_norm(norms)
@@ -738,6 +736,4 @@ def dp_fedavg(
         }
         record.update(_test_record(model, test_data, loss))
         history.append(record)
-        bar.set_postfix(_postfix(record))
-    bar.close()
     return history

@@ -31,9 +31,8 @@ from typing import Literal
 import numpy as np
 from scipy import optimize, special
 
+from companion._random import RNGLike, as_generator
 from companion._validation import (
-    RNGLike,
-    as_generator,
     check_delta,
     check_epsilon,
     check_positive,

@@ -22,182 +22,28 @@ updates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
 
+from companion._random import torch_generator
+from companion._torch import (
+    ArrayLike,
+    LossName,
+    check_data,
+    check_loss,
+    check_model,
+    check_optional_test,
+    epoch_record,
+    evaluate_model,
+    loss_fn,
+    progress_loop,
+    to_tensors,
+    trainable,
+)
 from companion._validation import check_positive, check_positive_int, check_seed
 
 __all__ = ["LossName", "evaluate", "to_tensors", "train"]
-
-LossName = Literal["cross_entropy", "bce"]
-_LOSSES = ("cross_entropy", "bce")
-
-ArrayLike = np.ndarray | torch.Tensor
-
-
-# --- losses -------------------------------------------------------------------------------------
-
-
-def _check_loss(loss: object) -> str:
-    if loss not in _LOSSES:
-        raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}.")
-    return str(loss)
-
-
-def _bce_logits(outputs: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Binary cross-entropy on logits; outputs of shape (N, 1) are matched to targets (N,)."""
-    if outputs.ndim == targets.ndim + 1 and outputs.shape[-1] == 1:
-        outputs = outputs.squeeze(-1)
-    return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction=reduction)
-
-
-def _loss_fn(loss: str, reduction: str = "mean") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss ``(outputs, targets) -> tensor`` named ``loss`` with the given reduction."""
-    if loss == "cross_entropy":
-        return lambda outputs, targets: F.cross_entropy(outputs, targets, reduction=reduction)
-    return lambda outputs, targets: _bce_logits(outputs, targets, reduction)
-
-
-def _correct(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
-    """Boolean tensor: which predictions are right (argmax, or logit > 0 for ``bce``)."""
-    if loss == "cross_entropy":
-        return outputs.argmax(dim=-1) == targets
-    return (outputs.reshape(targets.shape) > 0) == (targets > 0.5)
-
-
-# --- data ---------------------------------------------------------------------------------------
-
-
-def to_tensors(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn numpy inputs and labels into the tensors the models take.
-
-    Inputs become float32; integer labels become int64 and float labels float32. Tensors are
-    passed through unchanged.
-
-    Args:
-        x: inputs, shape ``(N, n_features)``.
-        y: labels, shape ``(N,)``.
-
-    Returns:
-        ``(x, y)`` as tensors.
-    """
-    if isinstance(x, np.ndarray):
-        if not np.issubdtype(x.dtype, np.number) or x.dtype == bool:
-            raise TypeError(f"x must be a numeric array, got dtype {x.dtype}.")
-        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    if isinstance(y, np.ndarray):
-        if np.issubdtype(y.dtype, np.integer) or y.dtype == bool:
-            y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-        elif np.issubdtype(y.dtype, np.floating):
-            y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
-        else:
-            raise TypeError(f"y must be an integer or float array, got dtype {y.dtype}.")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor or a numpy array, got {type(x).__name__}.")
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a torch.Tensor or a numpy array, got {type(y).__name__}.")
-    return x, y
-
-
-def _check_data(
-    x: ArrayLike, y: ArrayLike, *, loss: str, names: tuple[str, str] = ("x", "y")
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convert and validate a data set: matching lengths, finite float inputs, valid labels."""
-    name_x, name_y = names
-    try:
-        x, y = to_tensors(x, y)
-    except TypeError as error:  # to_tensors names its arguments x and y: use the caller's names
-        message = str(error)
-        for old, new in (("x ", name_x), ("y ", name_y)):
-            if message.startswith(old):
-                message = f"{new} {message[len(old):]}"
-        raise TypeError(message) from None
-    if not x.is_floating_point():
-        raise TypeError(f"{name_x} must hold floating-point inputs, got dtype {x.dtype}.")
-    if x.ndim < 2:
-        raise ValueError(f"{name_x} must have shape (N, n_features), got shape {tuple(x.shape)}.")
-    if y.ndim != 1:
-        raise ValueError(f"{name_y} must have shape (N,), got shape {tuple(y.shape)}.")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"{name_x} and {name_y} must have the same number of examples, got {x.shape[0]} and "
-            f"{y.shape[0]}."
-        )
-    if x.shape[0] == 0:
-        raise ValueError(f"{name_x} must hold at least one example.")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name_x} must not contain NaN or infinite values.")
-    if loss == "cross_entropy":
-        if y.is_floating_point() or y.dtype == torch.bool:
-            raise TypeError(f"{name_y} must hold integer class labels for loss='cross_entropy', got dtype {y.dtype}.")
-        if (y < 0).any():
-            raise ValueError(f"{name_y} must hold class labels >= 0.")
-    elif not ((y == 0) | (y == 1)).all():
-        raise ValueError(f"{name_y} must hold labels 0 or 1 for loss='bce'.")
-    return x, y
-
-
-def _check_model(model: object) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    return model
-
-
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (none has requires_grad=True).")
-    return params
-
-
-def _check_optional_test(
-    x_test: ArrayLike | None, y_test: ArrayLike | None, *, loss: str
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if (x_test is None) != (y_test is None):
-        raise ValueError("x_test and y_test must be given together (or both left out).")
-    if x_test is None:
-        return None
-    assert y_test is not None
-    return _check_data(x_test, y_test, loss=loss, names=("x_test", "y_test"))
-
-
-def _epoch_record(
-    model: nn.Module,
-    epoch: int,
-    train_data: tuple[torch.Tensor, torch.Tensor],
-    test_data: tuple[torch.Tensor, torch.Tensor] | None,
-    loss: str,
-) -> dict[str, Any]:
-    """Loss and accuracy on the training set (and the test set, if given) after an epoch."""
-    record: dict[str, Any] = {"epoch": epoch}
-    scores = _evaluate(model, *train_data, loss=loss)
-    record["train_loss"], record["train_accuracy"] = scores["loss"], scores["accuracy"]
-    if test_data is not None:
-        scores = _evaluate(model, *test_data, loss=loss)
-        record["test_loss"], record["test_accuracy"] = scores["loss"], scores["accuracy"]
-    return record
-
-
-# --- evaluation ---------------------------------------------------------------------------------
-
-
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outputs = model(x)
-            mean_loss = _loss_fn(loss)(outputs, y)
-            accuracy = _correct(outputs, y, loss).double().mean()
-    finally:
-        model.train(was_training)
-    return {"accuracy": float(accuracy), "loss": float(mean_loss)}
 
 
 def evaluate(model: nn.Module, x: ArrayLike, y: ArrayLike, *, loss: LossName = "cross_entropy") -> dict[str, float]:
@@ -215,10 +61,10 @@ def evaluate(model: nn.Module, x: ArrayLike, y: ArrayLike, *, loss: LossName = "
     Returns:
         ``{"accuracy": float, "loss": float}``.
     """
-    model = _check_model(model)
-    loss = _check_loss(loss)
-    x, y = _check_data(x, y, loss=loss)
-    return _evaluate(model, x, y, loss=loss)
+    model = check_model(model)
+    loss = check_loss(loss)
+    x, y = check_data(x, y, loss=loss)
+    return evaluate_model(model, x, y, loss=loss)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -282,31 +128,30 @@ def train(
         >>> history[-1]["train_accuracy"]  # doctest: +SKIP
         0.7...
     """
-    model = _check_model(model)
-    loss = _check_loss(loss)
-    x, y = _check_data(x, y, loss=loss)
-    test_data = _check_optional_test(x_test, y_test, loss=loss)
+    model = check_model(model)
+    loss = check_loss(loss)
+    x, y = check_data(x, y, loss=loss)
+    test_data = check_optional_test(x_test, y_test, loss=loss)
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
     lr = check_positive("lr", lr)
     if max_grad_norm is not None:
         max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-    generator = _generator(seed)
-    params = _trainable(model)
-    loss_fn = _loss_fn(loss)
+    generator = torch_generator(check_seed(seed))
+    params = trainable(model)
+    mean_loss = loss_fn(loss)
     n = x.shape[0]
 
     history: list[dict[str, Any]] = []
     model.train()
-    bar = tqdm(range(1, epochs + 1), desc="SGD", unit="epoch", disable=not progress)
-    for epoch in bar:
+    for epoch in progress_loop(epochs, history=history, desc="SGD", unit="epoch", progress=progress):
         norms: list[float] = []
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
             index = order[start : start + batch_size]
             for p in params:
                 p.grad = None
-            loss_fn(model(x[index]), y[index]).backward()
+            mean_loss(model(x[index]), y[index]).backward()
             if max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             elif record_grad_norms:
@@ -321,21 +166,8 @@ def train(
                         p.add_(p.grad, alpha=-lr)
         for p in params:
             p.grad = None
-        record = _epoch_record(model, epoch, (x, y), test_data, loss)
+        record = epoch_record(model, epoch, (x, y), test_data, loss)
         if record_grad_norms:
             record["grad_norms"] = norms
         history.append(record)
-        bar.set_postfix(_postfix(record))
-    bar.close()
     return history
-
-
-def _generator(seed: object) -> torch.Generator:
-    """A CPU :class:`torch.Generator` seeded with ``seed`` (an integer >= 0)."""
-    return torch.Generator().manual_seed(check_seed(seed))
-
-
-def _postfix(record: dict[str, Any]) -> dict[str, str]:
-    """The numbers of an epoch record shown in a progress bar."""
-    keys = ("train_loss", "train_accuracy", "test_accuracy", "epsilon")
-    return {key: f"{record[key]:.3g}" for key in keys if key in record}

@@ -104,18 +104,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from numbers import Integral, Real
 
 import numpy as np
 from scipy import special
 
-from companion._validation import check_delta, check_epsilon, check_nonnegative, check_real
+from companion._validation import (
+    check_delta,
+    check_int,
+    check_nonnegative,
+    check_orders,
+    check_probability,
+    check_rdp,
+)
 
 __all__ = [
     "DEFAULT_ORDERS",
     "RDPAccountant",
     "compute_rdp",
-    "get_noise_multiplier",
     "get_privacy_spent",
 ]
 
@@ -128,58 +133,6 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] 
 _LOG_TAIL = -37.0
 # ... or, where the tails fall slowly, after about this many terms, with the remainder bounded.
 _MAX_TERMS = 2**17
-# get_noise_multiplier gives up above this noise multiplier, as Opacus does.
-_MAX_SIGMA = 1e6
-
-
-# --- validation helpers private to this module --------------------------------------------------
-
-
-def _check_probability(name: str, value: object, *, allow_zero: bool) -> float:
-    """A real number in [0, 1] (``allow_zero``) or in (0, 1]."""
-    value = check_real(name, value)
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not (low_ok and value <= 1):
-        interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{name} must lie in {interval}, got {value}.")
-    return value
-
-
-def _check_count(name: str, value: object, *, minimum: int) -> int:
-    """An integer (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
-    return int(value)
-
-
-def _check_orders(orders: object, name: str = "orders") -> tuple[np.ndarray, bool]:
-    """RDP orders: a real number or a non-empty 1-D sequence of them, each > 1 or +inf.
-
-    Returns the orders as a float array and whether a scalar was given.
-    """
-    if isinstance(orders, Real) and not isinstance(orders, bool):
-        values, scalar = [orders], True
-    elif isinstance(orders, (str, bytes)) or not isinstance(orders, (Iterable, np.ndarray)):
-        raise TypeError(
-            f"{name} must be a real number or a sequence of real numbers, "
-            f"got {type(orders).__name__}."
-        )
-    else:
-        if isinstance(orders, np.ndarray) and orders.ndim != 1:
-            raise ValueError(f"{name} must be one-dimensional, got shape {orders.shape}.")
-        values, scalar = list(orders), False
-        if not values:
-            raise ValueError(f"{name} must not be empty.")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"{name} must hold real numbers, got {type(value).__name__}.")
-        if math.isnan(value):
-            raise ValueError(f"{name} must not contain NaN.")
-        if not value > 1:
-            raise ValueError(f"every order in {name} must be > 1 (or inf), got {value}.")
-    return np.array(values, dtype=float), scalar
 
 
 # --- log A_alpha --------------------------------------------------------------------------------
@@ -366,10 +319,10 @@ def compute_rdp(
         >>> compute_rdp(q=1.0, noise_multiplier=2.0, steps=10, orders=[2, 4.5])
         array([2.5  , 5.625])
     """
-    q = _check_probability("q", q, allow_zero=True)
+    q = check_probability("q", q, allow_zero=True)
     sigma = check_nonnegative("noise_multiplier", noise_multiplier)
-    steps = _check_count("steps", steps, minimum=0)
-    order_array, scalar = _check_orders(orders)
+    steps = check_int("steps", steps, minimum=0)
+    order_array, scalar = check_orders(orders)
     if steps == 0:
         rdp = np.zeros_like(order_array)
     else:
@@ -418,8 +371,8 @@ def get_privacy_spent(
         >>> round(epsilon, 3), best_order
         (2.101, 7.8)
     """
-    orders_vec, _ = _check_orders(orders)
-    rdp_vec = _check_rdp(rdp)
+    orders_vec, _ = check_orders(orders)
+    rdp_vec = check_rdp(rdp)
     delta = check_delta(delta)
     if len(orders_vec) != len(rdp_vec):
         raise ValueError(
@@ -435,30 +388,6 @@ def get_privacy_spent(
         return math.inf, math.nan
     best = int(np.nanargmin(eps))
     return max(float(eps[best]), 0.0), float(orders_vec[best])
-
-
-def _check_rdp(rdp: object) -> np.ndarray:
-    """RDP values: a real number or a non-empty 1-D sequence of them, each >= 0 or +inf."""
-    if isinstance(rdp, Real) and not isinstance(rdp, bool):
-        values = [rdp]
-    elif isinstance(rdp, (str, bytes)) or not isinstance(rdp, (Iterable, np.ndarray)):
-        raise TypeError(
-            f"rdp must be a real number or a sequence of real numbers, got {type(rdp).__name__}."
-        )
-    else:
-        if isinstance(rdp, np.ndarray) and rdp.ndim != 1:
-            raise ValueError(f"rdp must be one-dimensional, got shape {rdp.shape}.")
-        values = list(rdp)
-        if not values:
-            raise ValueError("rdp must not be empty.")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"rdp must hold real numbers, got {type(value).__name__}.")
-        if math.isnan(value):
-            raise ValueError("rdp must not contain NaN.")
-        if value < 0:
-            raise ValueError(f"rdp values are Renyi divergences and must be >= 0, got {value}.")
-    return np.array(values, dtype=float)
 
 
 class RDPAccountant:
@@ -490,7 +419,7 @@ class RDPAccountant:
     """
 
     def __init__(self, orders: Iterable[float] | np.ndarray = DEFAULT_ORDERS) -> None:
-        order_array, scalar = _check_orders(orders)
+        order_array, scalar = check_orders(orders)
         if scalar:
             raise TypeError("orders must be a sequence of orders, not a single number.")
         self._orders = order_array
@@ -511,7 +440,7 @@ class RDPAccountant:
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
         """Record one step with the given noise multiplier (>= 0) and sample rate (in (0, 1])."""
         sigma = check_nonnegative("noise_multiplier", noise_multiplier)
-        q = _check_probability("sample_rate", sample_rate, allow_zero=False)
+        q = check_probability("sample_rate", sample_rate, allow_zero=False)
         if self._history and self._history[-1][:2] == (sigma, q):
             self._history[-1] = (sigma, q, self._history[-1][2] + 1)
         else:
@@ -548,98 +477,3 @@ class RDPAccountant:
 
     def __repr__(self) -> str:
         return f"RDPAccountant(steps={self._steps}, history={self.history!r})"
-
-
-def get_noise_multiplier(
-    *,
-    target_epsilon: float,
-    target_delta: float,
-    sample_rate: float,
-    steps: int,
-    orders: Iterable[float] | np.ndarray = DEFAULT_ORDERS,
-    epsilon_tolerance: float = 0.01,
-) -> float:
-    r"""The noise multiplier that spends at most ``(target_epsilon, target_delta)`` in ``steps``.
-
-    Epsilon falls as the noise multiplier :math:`\sigma` grows, so the smallest admissible
-    :math:`\sigma` is found by search, the same search as Opacus's
-    ``opacus.accountants.utils.get_noise_multiplier`` with the RDP accountant: a bracket
-    :math:`[0, \sigma_{\text{high}}]` whose upper end starts at 20 and doubles until its epsilon is
-    at most the target, then bisection, moving the upper end down only to points whose epsilon is
-    below the target, until the upper end's epsilon is within ``epsilon_tolerance`` of the target.
-    The upper end is returned, so
-
-    .. math:: \text{target\_epsilon} - \text{epsilon\_tolerance} \le \varepsilon(\sigma)
-        \le \text{target\_epsilon}:
-
-    the budget is never exceeded, and :math:`\sigma` is at most slightly larger than the
-    smallest admissible one.
-
-    Even infinite noise cannot bring the RDP bound below
-    :math:`\min_\alpha \left[\log\frac{\alpha-1}{\alpha} - \frac{\log\delta + \log\alpha}{\alpha-1}\right]`
-    (the conversion of zero RDP; about 0.10 for ``delta = 1e-5`` and :data:`DEFAULT_ORDERS`), so a
-    target at or below that floor is refused at once.
-
-    Args:
-        target_epsilon: > 0.
-        target_delta: in (0, 1).
-        sample_rate: the Poisson sampling rate, in (0, 1].
-        steps: the number of steps, an integer >= 1.
-        orders: the RDP orders, each > 1; by default :data:`DEFAULT_ORDERS`.
-        epsilon_tolerance: > 0, how far below the target the returned sigma's epsilon may be.
-
-    Returns:
-        The noise multiplier :math:`\sigma`.
-
-    Raises:
-        ValueError: if an argument is out of range, or the target cannot be reached (below the
-            floor above, or needing a noise multiplier above :math:`10^6`).
-
-    Example:
-        >>> sigma = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5,
-        ...                              sample_rate=0.01, steps=1000)
-        >>> round(sigma, 2)
-        1.02
-    """
-    target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
-    target_delta = check_delta(target_delta, "target_delta")
-    sample_rate = _check_probability("sample_rate", sample_rate, allow_zero=False)
-    steps = _check_count("steps", steps, minimum=1)
-    order_array, scalar = _check_orders(orders)
-    if scalar:
-        raise TypeError("orders must be a sequence of orders, not a single number.")
-    epsilon_tolerance = check_epsilon(epsilon_tolerance, "epsilon_tolerance")
-
-    floor, _ = get_privacy_spent(orders=order_array, rdp=np.zeros_like(order_array), delta=target_delta)
-    if target_epsilon <= floor:
-        raise ValueError(
-            f"target_epsilon={target_epsilon} cannot be reached: with target_delta={target_delta} "
-            f"and these orders the RDP bound is at least {floor:.4g} even with infinite noise. "
-            "Raise target_epsilon or target_delta, or add larger orders."
-        )
-
-    def epsilon(sigma: float) -> float:
-        rdp = compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=order_array)
-        return get_privacy_spent(orders=order_array, rdp=rdp, delta=target_delta)[0]
-
-    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
-    while eps_high > target_epsilon:
-        sigma_high *= 2
-        if sigma_high > _MAX_SIGMA:
-            raise ValueError(
-                f"target_epsilon={target_epsilon} at target_delta={target_delta} needs a "
-                f"noise_multiplier above {_MAX_SIGMA:g} for sample_rate={sample_rate} and "
-                f"steps={steps}; raise target_epsilon or target_delta, or lower steps or sample_rate."
-            )
-        eps_high = epsilon(sigma_high)
-
-    while target_epsilon - eps_high > epsilon_tolerance:
-        sigma = (sigma_low + sigma_high) / 2
-        if not sigma_low < sigma < sigma_high:  # the bracket cannot shrink further in float64
-            break
-        eps = epsilon(sigma)
-        if eps < target_epsilon:
-            sigma_high, eps_high = sigma, eps
-        else:
-            sigma_low = sigma
-    return sigma_high

@@ -1,0 +1,77 @@
+"""The package's one randomness convention, and the helpers that apply it.
+
+Three keywords, by the kind of code:
+
+- ``rng``: numpy code (mechanisms, data partitions, secure aggregation). A
+  :class:`numpy.random.Generator`, an integer seed, or ``None`` for fresh entropy from the OS.
+- ``seed``: the torch loops (training, DP-SGD, federated learning, attacks). An integer, or
+  ``None`` for fresh entropy.
+- ``generator``: only the lowest-level torch steps (:func:`companion.dpsgd.dp_sgd_step`,
+  :func:`companion.dpsgd.poisson_sample`), which take a :class:`torch.Generator` so that a caller's
+  loop can draw from one stream.
+
+Defaults follow what the randomness protects. Where it is **noise or private sampling**
+(mechanisms, DP-SGD, DP-FedAvg) the default is ``None``, fresh entropy: two runs with default
+arguments on neighbouring data sets must not reuse the same noise, or their difference would be
+noise-free. Where it is **public** (a data set's split, a model's initial weights, the shuffling of
+non-private training) the default is ``0``, so every reader sees the same numbers.
+
+A seed used for noise is a secret: whoever knows it can regenerate the noise and subtract it.
+Pass one to reproduce a run in a notebook or a test, never when releasing a result.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import numpy as np
+import torch
+
+from companion._validation import check_seed
+
+__all__ = ["RNGLike", "as_generator", "check_optional_seed", "derive_seed", "torch_generator"]
+
+#: What an ``rng`` argument may be: a numpy Generator, an integer seed, or None (fresh entropy).
+RNGLike = np.random.Generator | int | None
+
+
+def as_generator(rng: RNGLike) -> np.random.Generator:
+    """Turn ``rng`` (a Generator, an int seed or None for fresh entropy) into a Generator."""
+    if rng is None or isinstance(rng, np.random.Generator):
+        return np.random.default_rng(rng)
+    if isinstance(rng, bool) or not isinstance(rng, Integral):
+        raise TypeError(
+            f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}."
+        )
+    if rng < 0:
+        raise ValueError(f"rng seed must be >= 0, got {rng}.")
+    return np.random.default_rng(int(rng))
+
+
+def check_optional_seed(seed: object, name: str = "seed") -> int | None:
+    """``None`` (fresh entropy) or an integer seed >= 0."""
+    return None if seed is None else check_seed(seed, name)
+
+
+def torch_generator(seed: object, *, device: torch.device | str = "cpu") -> torch.Generator:
+    """A :class:`torch.Generator` on ``device`` seeded with ``seed``, or from fresh entropy if None."""
+    generator = torch.Generator(device=device)
+    seed = check_optional_seed(seed)
+    if seed is None:
+        generator.seed()  # a non-deterministic seed from the OS
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def derive_seed(seed: int | None, *keys: int) -> int | None:
+    """An independent seed for the stream named by ``keys`` (a round, a client, ...).
+
+    Built with :class:`numpy.random.SeedSequence`, so streams for different keys do not overlap.
+    ``None`` stays ``None`` (fresh entropy for every stream).
+    """
+    if seed is None:
+        return None
+    if any(isinstance(k, bool) or not isinstance(k, Integral) or k < 0 for k in keys):
+        raise ValueError(f"stream keys must be integers >= 0, got {keys}.")
+    return int(np.random.SeedSequence((seed, *keys)).generate_state(1)[0])

@@ -1,0 +1,271 @@
+"""The torch layer shared by the training loops of :mod:`companion` (private).
+
+Loss names, data and model checks, trainable parameters, evaluation, the per-epoch (or per-round)
+records and the progress loop that every training function uses: :mod:`companion.training`,
+:mod:`companion.dpsgd`, :mod:`companion.federated` and :mod:`companion.attacks`. Like
+:mod:`companion._validation` and :mod:`companion._random`, this is one of the three private
+modules other modules may import from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+__all__ = [
+    "ArrayLike",
+    "LossFn",
+    "LossName",
+    "check_data",
+    "check_loss",
+    "check_model",
+    "check_optional_test",
+    "epoch_record",
+    "evaluate_model",
+    "loss_fn",
+    "progress_loop",
+    "to_tensors",
+    "trainable",
+    "trainable_named",
+    "warn_if_delta_large",
+]
+
+#: The losses known by name: softmax cross-entropy on one logit per class, and binary
+#: cross-entropy on one logit.
+LossName = Literal["cross_entropy", "bce"]
+LOSSES = ("cross_entropy", "bce")
+#: A loss as a callable: ``(outputs, targets)`` to the mean loss of the batch.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+# --- losses -------------------------------------------------------------------------------------
+
+
+def check_loss(loss: object) -> str:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+    return str(loss)
+
+
+def _bce_logits(outputs: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Binary cross-entropy on logits; outputs of shape (N, 1) are matched to targets (N,)."""
+    if outputs.ndim == targets.ndim + 1 and outputs.shape[-1] == 1:
+        outputs = outputs.squeeze(-1)
+    return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction=reduction)
+
+
+def loss_fn(loss: str, reduction: str = "mean") -> LossFn:
+    """The loss ``(outputs, targets) -> tensor`` named ``loss`` with the given reduction."""
+    if loss == "cross_entropy":
+        return lambda outputs, targets: F.cross_entropy(outputs, targets, reduction=reduction)
+    return lambda outputs, targets: _bce_logits(outputs, targets, reduction)
+
+
+def _correct(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+    """Boolean tensor: which predictions are right (argmax, or logit > 0 for ``bce``)."""
+    if loss == "cross_entropy":
+        return outputs.argmax(dim=-1) == targets
+    return (outputs.reshape(targets.shape) > 0) == (targets > 0.5)
+
+
+# --- data and models ----------------------------------------------------------------------------
+
+
+def to_tensors(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn numpy inputs and labels into the tensors the models take.
+
+    Inputs become float32; integer labels become int64 and float labels float32. Tensors are
+    passed through unchanged.
+
+    Args:
+        x: inputs, shape ``(N, n_features)``.
+        y: labels, shape ``(N,)``.
+
+    Returns:
+        ``(x, y)`` as tensors.
+
+    Raises:
+        TypeError: if ``x`` or ``y`` is neither a tensor nor a numeric numpy array.
+
+    Example:
+        >>> import numpy as np
+        >>> x, y = to_tensors(np.zeros((2, 3)), np.array([0, 1]))
+        >>> x.dtype, y.dtype
+        (torch.float32, torch.int64)
+    """
+    return _to_tensors(x, y, ("x", "y"))
+
+
+def _to_tensors(x: object, y: object, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    name_x, name_y = names
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.number) or x.dtype == bool:
+            raise TypeError(f"{name_x} must be a numeric array, got dtype {x.dtype}.")
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if isinstance(y, np.ndarray):
+        if np.issubdtype(y.dtype, np.integer) or y.dtype == bool:
+            y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+        elif np.issubdtype(y.dtype, np.floating):
+            y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+        else:
+            raise TypeError(f"{name_y} must be an integer or float array, got dtype {y.dtype}.")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name_x} must be a torch.Tensor or a numpy array, got {type(x).__name__}.")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name_y} must be a torch.Tensor or a numpy array, got {type(y).__name__}.")
+    return x, y
+
+
+def check_data(
+    x: ArrayLike, y: ArrayLike, *, loss: str, names: tuple[str, str] = ("x", "y")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert and validate a data set: matching lengths, finite float inputs, valid labels."""
+    name_x, name_y = names
+    x, y = _to_tensors(x, y, names)
+    if not x.is_floating_point():
+        raise TypeError(f"{name_x} must hold floating-point inputs, got dtype {x.dtype}.")
+    if x.ndim < 2:
+        raise ValueError(f"{name_x} must have shape (N, n_features), got shape {tuple(x.shape)}.")
+    if y.ndim != 1:
+        raise ValueError(f"{name_y} must have shape (N,), got shape {tuple(y.shape)}.")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{name_x} and {name_y} must have the same number of examples, got {x.shape[0]} and "
+            f"{y.shape[0]}."
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name_x} must hold at least one example.")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name_x} must not contain NaN or infinite values.")
+    if loss == "cross_entropy":
+        if y.is_floating_point() or y.dtype == torch.bool:
+            raise TypeError(
+                f"{name_y} must hold integer class labels for loss='cross_entropy', got dtype "
+                f"{y.dtype}."
+            )
+        if (y < 0).any():
+            raise ValueError(f"{name_y} must hold class labels >= 0.")
+    elif not ((y == 0) | (y == 1)).all():
+        raise ValueError(f"{name_y} must hold labels 0 or 1 for loss='bce'.")
+    return x, y
+
+
+def check_optional_test(
+    x_test: ArrayLike | None, y_test: ArrayLike | None, *, loss: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Held-out data given as a pair, or neither."""
+    if (x_test is None) != (y_test is None):
+        raise ValueError("x_test and y_test must be given together (or both left out).")
+    if x_test is None:
+        return None
+    assert y_test is not None
+    return check_data(x_test, y_test, loss=loss, names=("x_test", "y_test"))
+
+
+def check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    return model
+
+
+def trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` for every parameter with ``requires_grad``; raise if there is none."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (none has requires_grad=True).")
+    return params
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters with ``requires_grad``; raise if there is none."""
+    return [p for _, p in trainable_named(model)]
+
+
+def add_to_model(model: nn.Module, delta: Mapping[str, torch.Tensor], scale: float = 1.0) -> None:
+    """``theta <- theta + scale * delta`` for every parameter named in ``delta``, in place."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in delta:
+                p.add_(delta[name], alpha=scale)
+
+
+# --- evaluation and records ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in evaluation mode for a block and give it back its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str) -> dict[str, float]:
+    """Accuracy and mean loss on checked tensors, in evaluation mode and without gradients."""
+    with eval_mode(model), torch.no_grad():
+        outputs = model(x)
+        mean_loss = loss_fn(loss)(outputs, y)
+        accuracy = _correct(outputs, y, loss).double().mean()
+    return {"accuracy": float(accuracy), "loss": float(mean_loss)}
+
+
+def epoch_record(
+    model: nn.Module,
+    epoch: int,
+    train_data: tuple[torch.Tensor, torch.Tensor],
+    test_data: tuple[torch.Tensor, torch.Tensor] | None,
+    loss: str,
+) -> dict[str, Any]:
+    """Loss and accuracy on the training set (and the test set, if given) after an epoch."""
+    record: dict[str, Any] = {"epoch": epoch}
+    scores = evaluate_model(model, *train_data, loss=loss)
+    record["train_loss"], record["train_accuracy"] = scores["loss"], scores["accuracy"]
+    if test_data is not None:
+        scores = evaluate_model(model, *test_data, loss=loss)
+        record["test_loss"], record["test_accuracy"] = scores["loss"], scores["accuracy"]
+    return record
+
+
+_SHOWN = ("train_loss", "train_accuracy", "test_accuracy", "epsilon")
+
+
+def progress_loop(
+    count: int, *, history: list[dict[str, Any]], desc: str, unit: str, progress: bool
+) -> Iterator[int]:
+    """Yield 1, ..., ``count`` under a tqdm bar that shows the newest record of ``history``.
+
+    The loop body appends one record per iteration; the bar is closed however the loop ends.
+    """
+    bar = tqdm(range(1, count + 1), desc=desc, unit=unit, disable=not progress)
+    try:
+        for i in bar:
+            yield i
+            if history:
+                bar.set_postfix({k: f"{history[-1][k]:.3g}" for k in _SHOWN if k in history[-1]})
+    finally:
+        bar.close()
+
+
+def warn_if_delta_large(delta: float, n: int, *, unit: str = "example", symbol: str = "n") -> None:
+    """Warn if ``delta >= 1/n``: such a delta allows releasing one ``unit``'s data in the clear."""
+    if delta >= 1 / n:
+        warnings.warn(
+            f"delta={delta} is not below 1/{symbol} = {1 / n:.3g} ({symbol} = {n} {unit}s); a "
+            f"delta this large allows releasing one {unit}'s data in the clear. Choose delta well "
+            f"below 1/{symbol}.",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,20 @@
+"""Privacy accounting for the Poisson-subsampled Gaussian mechanism (DP-SGD, DP-FedAvg).
+
+- :mod:`companion.accounting.rdp`: Renyi-DP analysis (:func:`compute_rdp`,
+  :func:`get_privacy_spent`) and the :class:`RDPAccountant`;
+- :mod:`companion.accounting.calibration`: :func:`get_noise_multiplier`, the smallest noise
+  multiplier that meets a target epsilon.
+
+Everything is importable from ``companion.accounting`` directly.
+"""
+
+from companion.accounting.calibration import get_noise_multiplier
+from companion.accounting.rdp import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
+
+__all__ = [
+    "DEFAULT_ORDERS",
+    "RDPAccountant",
+    "compute_rdp",
+    "get_noise_multiplier",
+    "get_privacy_spent",
+]

@@ -1,0 +1,115 @@
+r"""Calibration: the smallest noise multiplier that meets a privacy target.
+
+The search is monotone and conservative, as in Opacus and dp_accounting: it returns the upper end
+of a bracket whose epsilon is at or below the target, so the budget is never exceeded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+from companion._validation import check_delta, check_epsilon, check_int, check_orders, check_probability
+from companion.accounting.rdp import DEFAULT_ORDERS, compute_rdp, get_privacy_spent
+
+__all__ = ["get_noise_multiplier"]
+
+# get_noise_multiplier gives up above this noise multiplier, as Opacus does.
+_MAX_SIGMA = 1e6
+
+
+def get_noise_multiplier(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    orders: Iterable[float] | np.ndarray = DEFAULT_ORDERS,
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    r"""The noise multiplier that spends at most ``(target_epsilon, target_delta)`` in ``steps``.
+
+    Epsilon falls as the noise multiplier :math:`\sigma` grows, so the smallest admissible
+    :math:`\sigma` is found by search, the same search as Opacus's
+    ``opacus.accountants.utils.get_noise_multiplier`` with the RDP accountant: a bracket
+    :math:`[0, \sigma_{\text{high}}]` whose upper end starts at 20 and doubles until its epsilon is
+    at most the target, then bisection, moving the upper end down only to points whose epsilon is
+    below the target, until the upper end's epsilon is within ``epsilon_tolerance`` of the target.
+    The upper end is returned, so
+
+    .. math:: \text{target\_epsilon} - \text{epsilon\_tolerance} \le \varepsilon(\sigma)
+        \le \text{target\_epsilon}:
+
+    the budget is never exceeded, and :math:`\sigma` is at most slightly larger than the
+    smallest admissible one.
+
+    Even infinite noise cannot bring the RDP bound below
+    :math:`\min_\alpha \left[\log\frac{\alpha-1}{\alpha} - \frac{\log\delta + \log\alpha}{\alpha-1}\right]`
+    (the conversion of zero RDP; about 0.10 for ``delta = 1e-5`` and :data:`DEFAULT_ORDERS`), so a
+    target at or below that floor is refused at once.
+
+    Args:
+        target_epsilon: > 0.
+        target_delta: in (0, 1).
+        sample_rate: the Poisson sampling rate, in (0, 1].
+        steps: the number of steps, an integer >= 1.
+        orders: the RDP orders, each > 1; by default :data:`DEFAULT_ORDERS`.
+        epsilon_tolerance: > 0, how far below the target the returned sigma's epsilon may be.
+
+    Returns:
+        The noise multiplier :math:`\sigma`.
+
+    Raises:
+        ValueError: if an argument is out of range, or the target cannot be reached (below the
+            floor above, or needing a noise multiplier above :math:`10^6`).
+
+    Example:
+        >>> sigma = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5,
+        ...                              sample_rate=0.01, steps=1000)
+        >>> round(sigma, 2)
+        1.02
+    """
+    target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
+    target_delta = check_delta(target_delta, "target_delta")
+    sample_rate = check_probability("sample_rate", sample_rate, allow_zero=False)
+    steps = check_int("steps", steps, minimum=1)
+    order_array, scalar = check_orders(orders)
+    if scalar:
+        raise TypeError("orders must be a sequence of orders, not a single number.")
+    epsilon_tolerance = check_epsilon(epsilon_tolerance, "epsilon_tolerance")
+
+    floor, _ = get_privacy_spent(orders=order_array, rdp=np.zeros_like(order_array), delta=target_delta)
+    if target_epsilon <= floor:
+        raise ValueError(
+            f"target_epsilon={target_epsilon} cannot be reached: with target_delta={target_delta} "
+            f"and these orders the RDP bound is at least {floor:.4g} even with infinite noise. "
+            "Raise target_epsilon or target_delta, or add larger orders."
+        )
+
+    def epsilon(sigma: float) -> float:
+        rdp = compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=order_array)
+        return get_privacy_spent(orders=order_array, rdp=rdp, delta=target_delta)[0]
+
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        sigma_high *= 2
+        if sigma_high > _MAX_SIGMA:
+            raise ValueError(
+                f"target_epsilon={target_epsilon} at target_delta={target_delta} needs a "
+                f"noise_multiplier above {_MAX_SIGMA:g} for sample_rate={sample_rate} and "
+                f"steps={steps}; raise target_epsilon or target_delta, or lower steps or sample_rate."
+            )
+        eps_high = epsilon(sigma_high)
+
+    while target_epsilon - eps_high > epsilon_tolerance:
+        sigma = (sigma_low + sigma_high) / 2
+        if not sigma_low < sigma < sigma_high:  # the bracket cannot shrink further in float64
+            break
+        eps = epsilon(sigma)
+        if eps < target_epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return sigma_high
