@@ -98,6 +98,7 @@ from companion._validation import (
     check_positive_int,
 )
 from companion.accounting import RDPAccountant
+from companion.per_example import clip_factors
 from companion._random import torch_generator
 from companion import _torch
 from companion._torch import (
@@ -119,6 +120,7 @@ __all__ = [
     "clipped_gradient_sum",
     "dp_sgd_step",
     "per_example_gradients",
+    "add_gaussian_noise",
     "poisson_sample",
     "train_dpsgd",
 ]
@@ -126,7 +128,7 @@ __all__ = [
 LossLike = LossName | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Literal["auto", "vmap", "layerwise"]
 _METHODS = ("auto", "vmap", "layerwise")
-_CLIP_EPS = 1e-6  # as in Opacus: factor = min(1, C / (norm + 1e-6))
+
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -265,8 +267,6 @@ def _check_batch(x: object, y: object) -> None:
 # --- clipping -----------------------------------------------------------------------------------
 
 
-def _clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    return (max_grad_norm / (norms + _CLIP_EPS)).clamp_(max=1.0)
 
 
 def clip_and_sum(
@@ -302,7 +302,7 @@ def clip_and_sum(
     norms = torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(g.reshape(batch, math.prod(g.shape[1:])), dim=1) for g in grads]), dim=0
     )
-    factors = _clip_factors(norms, max_grad_norm)
+    factors = clip_factors(norms, max_grad_norm=max_grad_norm)
     sums = {name: torch.tensordot(factors, g, dims=1) for name, g in per_example_grads.items()}
     return (sums, norms) if return_norms else sums
 
@@ -449,7 +449,7 @@ def _layerwise_clipped_sum(
                 squares.append(per_example_bias.square().sum(dim=1))
                 summers.append((prefix + "bias", lambda f, g=per_example_bias: torch.mv(g.t(), f)))
         norms = torch.stack(squares).sum(dim=0).sqrt_() if squares else x.new_zeros(batch)
-        factors = _clip_factors(norms, max_grad_norm)
+        factors = clip_factors(norms, max_grad_norm=max_grad_norm)
         sums = {key: summer(factors) for key, summer in summers}
     for name, p in model.named_parameters():  # layers the forward pass did not reach
         if p.requires_grad and name not in sums:
@@ -631,34 +631,58 @@ def _dp_sgd_step(
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     with torch.no_grad():
         if noise_multiplier > 0:
-            _add_gaussian_noise(sums, params, std=noise_multiplier * max_grad_norm, generator=generator)
+            _add_noise(sums, noise_multiplier * max_grad_norm, generator)
         step = -lr / expected_batch_size
         for name, p in params:
             p.add_(sums[name], alpha=step)
     return norms
 
 
-def _add_gaussian_noise(
-    sums: dict[str, torch.Tensor],
-    params: list[tuple[str, nn.Parameter]],
-    *,
-    std: float,
-    generator: torch.Generator,
+def add_gaussian_noise(
+    sums: dict[str, torch.Tensor], *, std: float, generator: torch.Generator
 ) -> None:
-    """Add N(0, std^2) to every coordinate of ``sums``, in place.
+    r"""Add :math:`\mathcal N(0, \text{std}^2)` to every coordinate of ``sums``, in place.
 
-    The noise for all parameters is one draw of a standard normal vector from ``generator``, in
-    the order of ``params``, so a run is reproducible from the generator's seed. DP-FedAvg
-    (:func:`companion.federated.dp_fedavg`) noises the sum of client updates the same way.
+    The noise for all entries is one draw of a standard normal vector from ``generator``, in the
+    order of the dict, so a run is reproducible from the generator's seed (which must then stay
+    secret: whoever knows it can subtract the noise). DP-SGD noises the clipped gradient sum this
+    way and DP-FedAvg (:func:`companion.federated.dp_fedavg`) the sum of clipped client updates.
+
+    Args:
+        sums: dict name -> tensor, changed in place; all on one device, one floating dtype.
+        std: the noise standard deviation, >= 0 (for DP-SGD :math:`\sigma C`).
+        generator: the :class:`torch.Generator` the noise is drawn from.
+
+    Raises:
+        TypeError: if ``generator`` is not a :class:`torch.Generator` or ``sums`` not a dict of
+            tensors.
+        ValueError: if ``std`` is negative or not finite.
+
+    Example:
+        >>> import torch
+        >>> sums = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+        >>> add_gaussian_noise(sums, std=1.0, generator=torch.Generator().manual_seed(0))
+        >>> sums["w"].shape, bool(sums["b"].abs().sum() > 0)
+        (torch.Size([2, 2]), True)
     """
-    total = sum(p.numel() for _, p in params)
-    first = params[0][1]
+    std = check_nonnegative("std", std)
+    generator = _check_generator(generator)
+    if not isinstance(sums, dict) or not all(isinstance(v, torch.Tensor) for v in sums.values()):
+        raise TypeError("sums must be a dict of name -> torch.Tensor.")
+    _add_noise(sums, std, generator)
+
+
+def _add_noise(sums: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> None:
+    if std == 0 or not sums:
+        return
+    first = next(iter(sums.values()))
+    total = sum(t.numel() for t in sums.values())
     noise = torch.randn(total, generator=generator, device=generator.device, dtype=first.dtype)
     noise = noise.to(first.device)
     start = 0
-    for name, p in params:
-        size = p.numel()
-        sums[name].add_(noise[start : start + size].view_as(p), alpha=std)
+    for value in sums.values():
+        size = value.numel()
+        value.add_(noise[start : start + size].view_as(value), alpha=std)
         start += size
 
 

@@ -111,7 +111,8 @@ from companion._validation import (
     check_positive_int,
 )
 from companion.accounting import RDPAccountant
-from companion.dpsgd import _add_gaussian_noise, _clip_factors
+from companion.dpsgd import add_gaussian_noise
+from companion.per_example import clip_factors
 from companion._random import torch_generator
 from companion._torch import (
     progress_loop,
@@ -721,11 +722,11 @@ def dp_fedavg(
             update = _local_update(model, x_k, y_k, local_epochs, batch_size, lr, 0.0, loss, generator)
             norms = torch.stack([torch.linalg.vector_norm(u) for u in update.values()])
             norm = torch.linalg.vector_norm(norms)
-            factor = float(_clip_factors(norm, max_update_norm))
+            factor = float(clip_factors(norm, max_grad_norm=max_update_norm))
             for name, value in update.items():
                 total[name].add_(value, alpha=factor)
         if noise_multiplier > 0:
-            _add_gaussian_noise(total, params, std=noise_multiplier * max_update_norm, generator=noise_generator)
+            add_gaussian_noise(total, std=noise_multiplier * max_update_norm, generator=noise_generator)
         _add_to_model(model, total, server_lr / expected_clients)
         accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
         record: dict[str, Any] = {
