@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -26,11 +26,14 @@ __all__ = [
     "LossName",
     "check_data",
     "check_loss",
+    "check_loss_or_callable",
     "check_model",
+    "check_outputs",
     "check_optional_test",
     "epoch_record",
     "evaluate_model",
     "loss_fn",
+    "model_device",
     "progress_loop",
     "to_tensors",
     "trainable",
@@ -57,6 +60,18 @@ def check_loss(loss: object) -> str:
     return str(loss)
 
 
+def check_loss_or_callable(loss: object) -> str | LossFn:
+    """A loss name, or a callable ``(outputs, targets) -> mean loss`` (regression, say)."""
+    if isinstance(loss, str):
+        return check_loss(loss)
+    if callable(loss):
+        return loss
+    raise TypeError(
+        f"loss must be one of {LOSSES} or a callable (outputs, targets) -> mean loss, got "
+        f"{type(loss).__name__}."
+    )
+
+
 def _bce_logits(outputs: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
     """Binary cross-entropy on logits; outputs of shape (N, 1) are matched to targets (N,)."""
     if outputs.ndim == targets.ndim + 1 and outputs.shape[-1] == 1:
@@ -64,8 +79,15 @@ def _bce_logits(outputs: torch.Tensor, targets: torch.Tensor, reduction: str) ->
     return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction=reduction)
 
 
-def loss_fn(loss: str, reduction: str = "mean") -> LossFn:
-    """The loss ``(outputs, targets) -> tensor`` named ``loss`` with the given reduction."""
+def loss_fn(loss: str | LossFn, reduction: str = "mean") -> LossFn:
+    """The loss ``(outputs, targets) -> tensor`` named ``loss`` with the given reduction.
+
+    A callable is returned as it is (it gives the mean; other reductions need a name).
+    """
+    if callable(loss):
+        if reduction != "mean":
+            raise ValueError(f"a callable loss gives the mean only, not reduction={reduction!r}.")
+        return loss
     if loss == "cross_entropy":
         return lambda outputs, targets: F.cross_entropy(outputs, targets, reduction=reduction)
     return lambda outputs, targets: _bce_logits(outputs, targets, reduction)
@@ -127,16 +149,20 @@ def _to_tensors(x: object, y: object, names: tuple[str, str]) -> tuple[torch.Ten
 
 
 def check_data(
-    x: ArrayLike, y: ArrayLike, *, loss: str, names: tuple[str, str] = ("x", "y")
+    x: ArrayLike, y: ArrayLike, *, loss: str | LossFn, names: tuple[str, str] = ("x", "y")
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convert and validate a data set: matching lengths, finite float inputs, valid labels."""
+    """Convert and validate a data set: matching lengths, finite float inputs, valid labels.
+
+    Labels are checked for a named loss only; with a callable loss the targets may have any
+    shape ``(N, ...)`` and dtype.
+    """
     name_x, name_y = names
     x, y = _to_tensors(x, y, names)
     if not x.is_floating_point():
         raise TypeError(f"{name_x} must hold floating-point inputs, got dtype {x.dtype}.")
     if x.ndim < 2:
         raise ValueError(f"{name_x} must have shape (N, n_features), got shape {tuple(x.shape)}.")
-    if y.ndim != 1:
+    if y.ndim != 1 and not (callable(loss) and y.ndim > 1):
         raise ValueError(f"{name_y} must have shape (N,), got shape {tuple(y.shape)}.")
     if x.shape[0] != y.shape[0]:
         raise ValueError(
@@ -147,6 +173,8 @@ def check_data(
         raise ValueError(f"{name_x} must hold at least one example.")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name_x} must not contain NaN or infinite values.")
+    if callable(loss):
+        return x, y
     if loss == "cross_entropy":
         if y.is_floating_point() or y.dtype == torch.bool:
             raise TypeError(
@@ -155,13 +183,14 @@ def check_data(
             )
         if (y < 0).any():
             raise ValueError(f"{name_y} must hold class labels >= 0.")
+        y = y.long()  # torch's cross-entropy takes int64 class labels only
     elif not ((y == 0) | (y == 1)).all():
         raise ValueError(f"{name_y} must hold labels 0 or 1 for loss='bce'.")
     return x, y
 
 
 def check_optional_test(
-    x_test: ArrayLike | None, y_test: ArrayLike | None, *, loss: str
+    x_test: ArrayLike | None, y_test: ArrayLike | None, *, loss: str | LossFn
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Held-out data given as a pair, or neither."""
     if (x_test is None) != (y_test is None):
@@ -176,6 +205,48 @@ def check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     return model
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (the CPU for a model without parameters)."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise ValueError(f"model's parameters must all be on one device, got {sorted(map(str, devices))}.")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def check_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str | LossFn) -> None:
+    """Run the model on one example: it must accept ``x`` and its output must fit the loss and
+    the labels (every label of ``y`` below the number of outputs for cross-entropy)."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            outputs = model(x[:1])
+    except (RuntimeError, TypeError, IndexError) as error:
+        raise ValueError(
+            f"model cannot be applied to the inputs (one example has shape {tuple(x.shape[1:])} "
+            f"and dtype {x.dtype}): {error}. Check that the inputs' shape and dtype match the "
+            "model's first layer and that they are on the model's device."
+        ) from None
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(f"model must return a tensor of outputs, got {type(outputs).__name__}.")
+    if callable(loss):
+        return
+    if loss == "cross_entropy":
+        if outputs.ndim != 2:
+            raise ValueError(
+                f"loss='cross_entropy' needs model outputs of shape (N, n_classes), got "
+                f"{tuple(outputs.shape)} for one example."
+            )
+        if int(y.max()) >= outputs.shape[1]:
+            raise ValueError(
+                f"labels must be below the model's {outputs.shape[1]} outputs for "
+                f"loss='cross_entropy', got a label {int(y.max())}."
+            )
+    elif outputs.numel() != 1:
+        raise ValueError(
+            f"loss='bce' needs one output logit per example, got shape {tuple(outputs.shape)} for "
+            "one example."
+        )
 
 
 def trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -213,29 +284,47 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str) -> dict[str, float]:
-    """Accuracy and mean loss on checked tensors, in evaluation mode and without gradients."""
+def evaluate_model(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str | LossFn
+) -> dict[str, float]:
+    """Mean loss (and accuracy, for a named loss) on checked tensors, in evaluation mode."""
+    return _scores(model, [(x, y)], loss)
+
+
+def _scores(model: nn.Module, batches: Iterable[Any], loss: str | LossFn) -> dict[str, float]:
+    """Mean loss and accuracy over batches ``(x, y)`` moved to the model's device."""
+    device = model_device(model)
+    total, loss_sum, correct = 0, 0.0, 0.0
     with eval_mode(model), torch.no_grad():
-        outputs = model(x)
-        mean_loss = loss_fn(loss)(outputs, y)
-        accuracy = _correct(outputs, y, loss).double().mean()
-    return {"accuracy": float(accuracy), "loss": float(mean_loss)}
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            outputs = model(x)
+            loss_sum += float(loss_fn(loss)(outputs, y)) * x.shape[0]
+            if not callable(loss):
+                correct += float(_correct(outputs, y, loss).double().sum())
+            total += x.shape[0]
+    scores = {"loss": loss_sum / total}
+    if not callable(loss):
+        scores = {"accuracy": correct / total, **scores}
+    return scores
 
 
 def epoch_record(
     model: nn.Module,
     epoch: int,
-    train_data: tuple[torch.Tensor, torch.Tensor],
+    train_data: tuple[torch.Tensor, torch.Tensor] | Iterable[Any],
     test_data: tuple[torch.Tensor, torch.Tensor] | None,
-    loss: str,
+    loss: str | LossFn,
 ) -> dict[str, Any]:
-    """Loss and accuracy on the training set (and the test set, if given) after an epoch."""
+    """Loss and accuracy on the training set (tensors or batches) and test set after an epoch."""
     record: dict[str, Any] = {"epoch": epoch}
-    scores = evaluate_model(model, *train_data, loss=loss)
-    record["train_loss"], record["train_accuracy"] = scores["loss"], scores["accuracy"]
-    if test_data is not None:
-        scores = evaluate_model(model, *test_data, loss=loss)
-        record["test_loss"], record["test_accuracy"] = scores["loss"], scores["accuracy"]
+    batches = [train_data] if isinstance(train_data, tuple) else train_data
+    for prefix, data in (("train", batches), ("test", None if test_data is None else [test_data])):
+        if data is not None:
+            scores = _scores(model, data, loss)
+            record[f"{prefix}_loss"] = scores["loss"]
+            if "accuracy" in scores:
+                record[f"{prefix}_accuracy"] = scores["accuracy"]
     return record
 
 

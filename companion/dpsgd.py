@@ -50,21 +50,15 @@ What is protected is the sequence of noisy gradients, hence the model weights (b
 post-processing). Quantities computed from the raw data outside the mechanism, such as the
 training accuracy that :func:`train_dpsgd` records for the reader, are not covered.
 
-Two ways of computing the clipped sum, with identical results (the tests check it):
+The clipped sum is computed by :mod:`companion.per_example` (per-layer rules with hooks on any
+module tree, ``vmap`` for layers without a rule). The step's phases are public, so the code the
+book prints is the code that runs: :func:`poisson_sample`, :func:`add_gaussian_noise`,
+:func:`noisy_clipped_gradient` (the heart of a step), :func:`set_private_gradients` (its result
+written into ``.grad``:
+write your own loop with any :class:`torch.optim.Optimizer`), :func:`dp_sgd_step` and the loop
+:func:`train_dpsgd`.
 
-- ``method="vmap"``: per-example gradients with :mod:`torch.func` (``functional_call``,
-  ``grad``, ``vmap``), then :func:`clip_and_sum`. Works for any model whose forward pass treats
-  examples independently.
-- ``method="layerwise"``: one forward and one backward pass capture each layer's input
-  :math:`a_i` and the gradient :math:`b_i` of the summed loss with respect to its output; the
-  per-example gradient of a linear layer is the outer product :math:`b_i a_i^\top`, so its
-  squared norm is :math:`\lVert b_i \rVert^2 \lVert a_i \rVert^2` and the clipped sum is the
-  single matrix product :math:`\sum_i f_i b_i a_i^\top = (f \odot b)^\top a` ("ghost" norms,
-  Goodfellow 2015, "Efficient Per-Example Gradient Computations"; Li, Tramèr, Liang and
-  Hashimoto 2022). Convolutions are unfolded into the same form (the "hooks" method of Opacus,
-  Yousefpour et al. 2021). Supported for :class:`torch.nn.Sequential` models of ``Linear``,
-  ``Conv2d`` and parameter-free layers (every model in :mod:`companion.models`); ``"auto"``
-  takes it when it applies and falls back to ``"vmap"`` otherwise.
+See the DP-SGD chapter, :ref:`sec-dpsgd-algorithm`, for the derivation and runs.
 
 .. warning::
 
@@ -78,99 +72,65 @@ Two ways of computing the clipped sum, with identical results (the tests check i
 
 from __future__ import annotations
 
+import copy
 import math
-import warnings
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from companion._random import torch_generator
+from companion._torch import (
+    ArrayLike,
+    LossFn,
+    LossName,
+    check_data,
+    check_loss_or_callable,
+    check_optional_test,
+    check_outputs,
+    epoch_record,
+    model_device,
+    progress_loop,
+    trainable_named,
+    warn_if_delta_large,
+)
 from companion._validation import (
     check_delta,
+    check_epsilon,
     check_fraction,
     check_nonnegative,
     check_positive,
     check_positive_int,
 )
-from companion.accounting import RDPAccountant
-from companion.per_example import clip_factors
-from companion._random import torch_generator
-from companion import _torch
-from companion._torch import (
-    progress_loop,
-    ArrayLike,
-    LossName,
-    check_data,
-    check_loss,
-    check_model,
-    check_optional_test,
-    epoch_record,
-    loss_fn,
-    trainable,
+from companion.accounting import RDPAccountant, steps_for_epochs
+from companion.per_example import (
+    ClippedSum,
+    Method,
+    PerExampleClipper,
+    check_dp_compatible,
+    clip_and_sum,
+    clip_factors,
+    clipped_gradient_sum,
+    per_example_gradients,
 )
 
 __all__ = [
+    "ClippedSum",
+    "add_gaussian_noise",
     "check_dp_compatible",
     "clip_and_sum",
+    "clip_factors",
     "clipped_gradient_sum",
     "dp_sgd_step",
+    "noisy_clipped_gradient",
     "per_example_gradients",
-    "add_gaussian_noise",
     "poisson_sample",
+    "set_private_gradients",
     "train_dpsgd",
 ]
 
-LossLike = LossName | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Method = Literal["auto", "vmap", "layerwise"]
-_METHODS = ("auto", "vmap", "layerwise")
-
-
-
-# --- validation ---------------------------------------------------------------------------------
-
-
-def check_dp_compatible(model: nn.Module) -> None:
-    """Raise if ``model`` cannot be trained with DP-SGD as implemented here.
-
-    DP-SGD needs each example's gradient to depend on that example alone. Batch normalisation
-    breaks this (it normalises by statistics of the whole batch, and its running statistics are
-    un-noised averages of the training data), as does instance normalisation with
-    ``track_running_stats=True`` (its running statistics average over the batch). Replace them
-    with :class:`torch.nn.GroupNorm` or :class:`torch.nn.LayerNorm`.
-
-    Layers written by hand that mix examples (for instance subtracting a batch mean) cannot be
-    detected by inspecting the modules; the ``"vmap"`` method still computes true per-example
-    gradients for them, but their forward pass no longer matches the analysis.
-
-    Raises:
-        TypeError: if ``model`` is not a :class:`torch.nn.Module`.
-        ValueError: if it contains a batch-normalisation layer, an instance-normalisation layer
-            tracking running statistics, or no trainable parameter.
-    """
-    model = check_model(model)
-    for name, module in model.named_modules():
-        where = f"layer {name!r}" if name else "the model"
-        if isinstance(module, _BatchNorm):
-            raise ValueError(
-                f"{where} is a {type(module).__name__}: batch normalisation mixes the examples "
-                "of a batch, so per-example gradients and the DP-SGD guarantee do not hold. "
-                "Replace it with torch.nn.GroupNorm or torch.nn.LayerNorm."
-            )
-        if isinstance(module, _InstanceNorm) and module.track_running_stats:
-            raise ValueError(
-                f"{where} is a {type(module).__name__} with track_running_stats=True: its running "
-                "statistics average over the batch. Use track_running_stats=False or GroupNorm."
-            )
-    trainable(model)
-
-
-def _check_noise_multiplier(noise_multiplier: object) -> float:
-    return check_nonnegative("noise_multiplier", noise_multiplier)
+LossLike = LossName | LossFn
 
 
 def _check_generator(generator: object) -> torch.Generator:
@@ -180,78 +140,6 @@ def _check_generator(generator: object) -> torch.Generator:
             f"{type(generator).__name__}."
         )
     return generator
-
-
-def _check_method(method: object) -> str:
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
-    return str(method)
-
-
-def _resolve_loss(
-    loss_fn: object,
-) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]:
-    """``(mean loss, summed loss or None)``; the summed form is known only for named losses."""
-    if isinstance(loss_fn, str):
-        name = check_loss(loss_fn)
-        return _torch.loss_fn(name, "mean"), _torch.loss_fn(name, "sum")
-    if callable(loss_fn):
-        return loss_fn, None
-    raise TypeError(
-        "loss_fn must be 'cross_entropy', 'bce' or a callable (outputs, targets) -> mean loss, "
-        f"got {type(loss_fn).__name__}."
-    )
-
-
-# --- per-example gradients with torch.func ------------------------------------------------------
-
-
-def per_example_gradients(
-    model: nn.Module, loss_fn: LossLike, x: torch.Tensor, y: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    r"""The gradient of each example's loss, for every trainable parameter, with :mod:`torch.func`.
-
-    For a batch of :math:`B` examples this returns :math:`g_i = \nabla_\theta
-    \ell(\theta; x_i, y_i)` for :math:`i = 1, \dots, B`, computed by vectorising (``vmap``) the
-    gradient (``grad``) of the loss of a *single* example, evaluated through
-    ``functional_call(model, params, x_i[None])``. Because each example goes through the model
-    as a batch of one, the result is a true per-example gradient whatever the model does.
-
-    Args:
-        model: the model; its parameters are read, not changed.
-        loss_fn: ``"cross_entropy"``, ``"bce"``, or a callable ``(outputs, targets)`` returning
-            the *mean* loss of a batch (such as ``torch.nn.CrossEntropyLoss()``); it is applied
-            to batches of one example.
-        x: inputs, shape ``(B, ...)``; ``B`` may be 0.
-        y: targets, shape ``(B, ...)``.
-
-    Returns:
-        A dict from parameter name (as in ``model.named_parameters()``, trainable parameters
-        only) to a tensor of shape ``(B, *param.shape)``.
-    """
-    model = check_model(model)
-    mean_loss, _ = _resolve_loss(loss_fn)
-    _check_batch(x, y)
-    return _vmap_gradients(model, mean_loss, x, y)
-
-
-def _vmap_gradients(
-    model: nn.Module,
-    mean_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    if x.shape[0] == 0:
-        return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
-    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
-    frozen.update(model.named_buffers())
-
-    def example_loss(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        outputs = functional_call(model, (params, frozen), (xi.unsqueeze(0),))
-        return mean_loss(outputs, yi.unsqueeze(0))
-
-    return vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
 
 
 def _check_batch(x: object, y: object) -> None:
@@ -264,275 +152,7 @@ def _check_batch(x: object, y: object) -> None:
         )
 
 
-# --- clipping -----------------------------------------------------------------------------------
-
-
-
-
-def clip_and_sum(
-    per_example_grads: dict[str, torch.Tensor],
-    *,
-    max_grad_norm: float,
-    return_norms: bool = False,
-) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
-    r"""Clip every example's gradient to norm at most ``max_grad_norm`` and sum over the batch.
-
-    The norm of example :math:`i` is taken over all parameters together,
-    :math:`\lVert g_i \rVert_2 = \bigl(\sum_{p} \lVert g_i^{(p)} \rVert_2^2\bigr)^{1/2}`, and
-    the result is :math:`\sum_i g_i \min(1, C / (\lVert g_i \rVert_2 + 10^{-6}))`, whose L2
-    sensitivity under adding or removing one example is at most :math:`C`.
-
-    Args:
-        per_example_grads: dict name -> tensor of shape ``(B, *param.shape)``, as returned by
-            :func:`per_example_gradients`.
-        max_grad_norm: the clipping norm :math:`C`, > 0.
-        return_norms: also return the per-example norms *before* clipping.
-
-    Returns:
-        A dict name -> summed clipped gradient of shape ``param.shape``; with ``return_norms``,
-        the pair ``(sums, norms)`` where ``norms`` has shape ``(B,)``.
-    """
-    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-    if not isinstance(per_example_grads, dict) or not per_example_grads:
-        raise TypeError("per_example_grads must be a non-empty dict of name -> tensor (B, ...).")
-    grads = list(per_example_grads.values())
-    batch = grads[0].shape[0] if grads[0].ndim else -1
-    if any(not isinstance(g, torch.Tensor) or g.ndim == 0 or g.shape[0] != batch for g in grads):
-        raise ValueError("every per-example gradient must be a tensor with the same batch size first.")
-    norms = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.reshape(batch, math.prod(g.shape[1:])), dim=1) for g in grads]), dim=0
-    )
-    factors = clip_factors(norms, max_grad_norm=max_grad_norm)
-    sums = {name: torch.tensordot(factors, g, dims=1) for name, g in per_example_grads.items()}
-    return (sums, norms) if return_norms else sums
-
-
-# --- the layerwise (ghost-norm) path ------------------------------------------------------------
-
-# Parameter-free layers that act on each example separately and deterministically.
-_PER_EXAMPLE_LAYERS = (
-    nn.Identity, nn.Flatten, nn.Unflatten,
-    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-)  # fmt: skip
-
-
-def _layerwise_plan(model: nn.Module) -> list[tuple[str, nn.Module]] | str:
-    """The ``Linear``/``Conv2d`` layers of ``model`` if the layerwise path applies, else why not."""
-    layers: list[tuple[str, nn.Module]] = []
-    seen: set[int] = set()
-    for name, module in model.named_modules(remove_duplicate=False):
-        kind = type(module)
-        if id(module) in seen and kind is not nn.Sequential:
-            return f"layer {name!r} is used more than once"
-        seen.add(id(module))
-        if kind is nn.Sequential:
-            continue
-        if kind is nn.Linear:
-            layers.append((name, module))
-        elif kind is nn.Conv2d:
-            if module.groups != 1 or module.padding_mode != "zeros" or module.padding == "same":
-                return f"Conv2d {name!r} has groups, a non-zero padding mode or padding='same'"
-            layers.append((name, module))
-        elif kind in _PER_EXAMPLE_LAYERS:
-            if getattr(module, "inplace", False):
-                return f"layer {name!r} works in place"
-        else:
-            return f"layer {name!r} ({kind.__name__}) is not supported by the layerwise method"
-    planned = [id(p) for _, m in layers for p in m.parameters()]
-    if len(planned) != len(set(planned)):
-        return "some parameters are shared between layers"
-    if any(id(p) not in set(planned) for p in model.parameters()):
-        return "some parameters do not belong to a Linear or Conv2d layer"
-    return layers
-
-
-def _unfold(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """The patches a ``Conv2d`` sees: shape ``(B, L, C_in * kh * kw)``, L output positions."""
-    padding = (0, 0) if conv.padding == "valid" else conv.padding
-    if conv.dilation != (1, 1):
-        return F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride).transpose(1, 2)
-    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, padding
-    if ph or pw:
-        a = F.pad(a, (pw, pw, ph, ph))
-    patches = a.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C, H', W', kh, kw), a view
-    batch, channels, rows, cols = patches.shape[:4]
-    # One strided copy; torch's im2col loops over the examples and is several times slower.
-    return patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, rows * cols, channels * kh * kw)
-
-
-def _layerwise_clipped_sum(
-    model: nn.Module,
-    layers: list[tuple[str, nn.Module]],
-    sum_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    max_grad_norm: float,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    r"""Clipped per-example gradient sum and per-example norms from one forward/backward pass.
-
-    For a layer with input :math:`a_i` and output gradient :math:`b_i` of example :math:`i`, the
-    weight gradient is :math:`b_i^\top a_i` where, for a ``Linear`` layer on (B, in) inputs,
-    :math:`a_i` and :math:`b_i` are rows, and for a convolution (or a ``Linear`` layer on
-    sequences) they are matrices with one row per output position :math:`t = 1..L` (unfolded
-    patches). Its squared norm is computed either from the materialised per-example gradient,
-    or without it from Gram matrices (the "ghost norm"):
-    :math:`\lVert b_i^\top a_i \rVert_F^2 = \langle a_i a_i^\top, b_i b_i^\top \rangle`,
-    whichever takes fewer multiplications. The clipped sum :math:`\sum_i f_i b_i^\top a_i` is
-    one matrix product over all rows of the batch.
-    """
-    captured: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        captured[module] = (inputs[0], output)
-
-    handles = [module.register_forward_hook(keep) for _, module in layers]
-    try:
-        outputs = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    active = [(name, m) for name, m in layers if m in captured and captured[m][1].requires_grad]
-    output_grads = torch.autograd.grad(
-        sum_loss(outputs, y), [captured[m][1] for _, m in active], allow_unused=True
-    )
-    batch = x.shape[0]
-    with torch.no_grad():
-        squares: list[torch.Tensor] = []
-        # (parameter name, how to form its clipped sum from the clipping factors f)
-        summers: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
-        for (name, module), b in zip(active, output_grads, strict=True):
-            prefix = f"{name}." if name else ""
-            a = captured[module][0].detach()
-            if b is None:
-                b = torch.zeros_like(captured[module][1])
-            wants_weight = module.weight.requires_grad
-            wants_bias = module.bias is not None and module.bias.requires_grad
-            if isinstance(module, nn.Linear) and a.ndim == 2:
-                b_squares = b.square().sum(dim=1)
-                if wants_weight:
-                    squares.append(b_squares * a.square().sum(dim=1))
-                    summers.append((prefix + "weight", lambda f, a=a, b=b: torch.mm((b * f[:, None]).t(), a)))
-                if wants_bias:
-                    squares.append(b_squares)
-                    summers.append((prefix + "bias", lambda f, b=b: torch.mv(b.t(), f)))
-                continue
-            if isinstance(module, nn.Linear):  # (B, ..., in): one row per position
-                a = a.reshape(batch, -1, a.shape[-1])
-                b = b.reshape(batch, -1, b.shape[-1])
-            else:
-                a = _unfold(a, module)
-                b = b.flatten(2).transpose(1, 2)
-            positions, fan_in, fan_out = a.shape[1], a.shape[2], b.shape[2]
-            if wants_weight:
-                shape = module.weight.shape
-                if positions * (fan_in + fan_out) < fan_in * fan_out:  # ghost norm is cheaper
-                    gram_a = torch.bmm(a, a.transpose(1, 2))
-                    gram_b = torch.bmm(b, b.transpose(1, 2))
-                    squares.append((gram_a * gram_b).flatten(1).sum(dim=1))
-                    summers.append((
-                        prefix + "weight",
-                        lambda f, a=a, b=b, shape=shape: torch.mm(
-                            (b * f[:, None, None]).reshape(-1, b.shape[2]).t(), a.reshape(-1, a.shape[2])
-                        ).reshape(shape),
-                    ))  # fmt: skip
-                else:
-                    per_example = torch.bmm(b.transpose(1, 2), a).reshape(batch, -1)
-                    squares.append(torch.linalg.vector_norm(per_example, dim=1).square())
-                    summers.append((
-                        prefix + "weight",
-                        lambda f, g=per_example, shape=shape: torch.mv(g.t(), f).reshape(shape),
-                    ))  # fmt: skip
-            if wants_bias:
-                per_example_bias = b.sum(dim=1)
-                squares.append(per_example_bias.square().sum(dim=1))
-                summers.append((prefix + "bias", lambda f, g=per_example_bias: torch.mv(g.t(), f)))
-        norms = torch.stack(squares).sum(dim=0).sqrt_() if squares else x.new_zeros(batch)
-        factors = clip_factors(norms, max_grad_norm=max_grad_norm)
-        sums = {key: summer(factors) for key, summer in summers}
-    for name, p in model.named_parameters():  # layers the forward pass did not reach
-        if p.requires_grad and name not in sums:
-            sums[name] = torch.zeros_like(p)
-    return sums, norms
-
-
-def clipped_gradient_sum(
-    model: nn.Module,
-    loss_fn: LossLike,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    max_grad_norm: float,
-    method: Method = "auto",
-    return_norms: bool = False,
-) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
-    r"""The sum of the clipped per-example gradients of a batch, by either method.
-
-    ``method="vmap"`` is :func:`per_example_gradients` followed by :func:`clip_and_sum`.
-    ``method="layerwise"`` gets the same numbers from one forward and one backward pass (see the
-    module docstring); it needs a named loss (``"cross_entropy"`` or ``"bce"``, whose summed form
-    is known) and a :class:`torch.nn.Sequential` of ``Linear``, ``Conv2d`` and parameter-free
-    layers, and raises ``ValueError`` otherwise. ``method="auto"`` uses ``"layerwise"`` where it
-    applies and ``"vmap"`` elsewhere.
-
-    Args:
-        model: the model; its parameters are read, not changed.
-        loss_fn: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss of a batch.
-        x, y: a batch of inputs and targets (the batch may be empty).
-        max_grad_norm: the clipping norm :math:`C`, > 0.
-        method: ``"auto"``, ``"vmap"`` or ``"layerwise"``.
-        return_norms: also return the per-example gradient norms before clipping.
-
-    Returns:
-        Like :func:`clip_and_sum`: dict name -> summed clipped gradient (trainable parameters),
-        and with ``return_norms`` the per-example norms as well.
-    """
-    model = check_model(model)
-    mean_loss, sum_loss = _resolve_loss(loss_fn)
-    _check_batch(x, y)
-    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-    method = _check_method(method)
-    sums, norms = _clipped_sum(model, mean_loss, sum_loss, x, y, max_grad_norm, _plan(model, sum_loss, method))
-    return (sums, norms) if return_norms else sums
-
-
-def _plan(
-    model: nn.Module, sum_loss: Callable[..., torch.Tensor] | None, method: str
-) -> list[tuple[str, nn.Module]] | None:
-    """The layerwise plan if that method is to be used, None for vmap; raise if impossible."""
-    if method == "vmap":
-        return None
-    reason = "loss_fn is a callable (use 'cross_entropy' or 'bce')" if sum_loss is None else None
-    plan = _layerwise_plan(model) if reason is None else reason
-    if isinstance(plan, str):
-        if method == "layerwise":
-            raise ValueError(f"method='layerwise' does not apply: {plan}; use method='vmap'.")
-        return None
-    return plan
-
-
-def _clipped_sum(
-    model: nn.Module,
-    mean_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    sum_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    max_grad_norm: float,
-    plan: list[tuple[str, nn.Module]] | None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    if x.shape[0] == 0:
-        sums = {name: torch.zeros_like(p) for name, p in model.named_parameters() if p.requires_grad}
-        return sums, x.new_zeros(0)
-    if plan is not None:
-        assert sum_loss is not None
-        return _layerwise_clipped_sum(model, plan, sum_loss, x, y, max_grad_norm)
-    grads = _vmap_gradients(model, mean_loss, x, y)
-    sums, norms = clip_and_sum(grads, max_grad_norm=max_grad_norm, return_norms=True)
-    return sums, norms
-
-
-# --- sampling and the DP-SGD step ---------------------------------------------------------------
+# --- sampling and noise -------------------------------------------------------------------------
 
 
 def poisson_sample(n: int, *, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -547,6 +167,18 @@ def poisson_sample(n: int, *, sample_rate: float, generator: torch.Generator) ->
         n: number of examples, >= 1.
         sample_rate: inclusion probability :math:`q`, in (0, 1]; ``q = 1`` takes everyone.
         generator: a :class:`torch.Generator`; the draw is reproducible from its seed.
+
+    Returns:
+        A boolean tensor of shape ``(n,)`` on the generator's device.
+
+    Raises:
+        TypeError: if ``generator`` is not a :class:`torch.Generator` or ``n`` not an integer.
+        ValueError: if ``n < 1`` or ``sample_rate`` is outside (0, 1].
+
+    Example:
+        >>> mask = poisson_sample(10, sample_rate=1.0, generator=torch.Generator().manual_seed(0))
+        >>> int(mask.sum())
+        10
     """
     n = check_positive_int("n", n)
     sample_rate = check_fraction("sample_rate", sample_rate)
@@ -559,88 +191,7 @@ def _poisson_mask(n: int, sample_rate: float, generator: torch.Generator) -> tor
     return torch.rand(n, generator=generator, device=generator.device) < sample_rate
 
 
-def dp_sgd_step(
-    model: nn.Module,
-    x_batch: torch.Tensor,
-    y_batch: torch.Tensor,
-    *,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    expected_batch_size: float,
-    lr: float,
-    generator: torch.Generator,
-    loss_fn: LossLike = "cross_entropy",
-    method: Method = "auto",
-) -> torch.Tensor:
-    r"""One DP-SGD step on a (Poisson-sampled) batch; updates ``model`` in place.
-
-    Computes the clipped per-example gradient sum (:func:`clipped_gradient_sum`), adds
-    :math:`\mathcal N(0, \sigma^2 C^2)` noise to each coordinate, divides by
-    ``expected_batch_size`` (:math:`qN`, not the realised batch size) and takes an SGD step
-    :math:`\theta \leftarrow \theta - \eta \tilde g`, eq. :eq:`dpsgd-noise`. An empty batch is
-    allowed: the step then moves the parameters by noise alone. The noise for all trainable
-    parameters is one draw of a standard normal vector from ``generator`` (in the order of
-    ``model.named_parameters()``), scaled by :math:`\sigma C`; with :math:`\sigma = 0` nothing
-    is drawn.
-
-    Args:
-        model: the model to update; must pass :func:`check_dp_compatible`.
-        x_batch, y_batch: the batch (tensors; the batch may be empty).
-        noise_multiplier: :math:`\sigma`, >= 0 (0 gives no privacy; for tests).
-        max_grad_norm: the clipping norm :math:`C`, > 0.
-        expected_batch_size: :math:`qN`, > 0.
-        lr: learning rate :math:`\eta`, > 0.
-        generator: the :class:`torch.Generator` the noise is drawn from.
-        loss_fn: ``"cross_entropy"``, ``"bce"`` or a callable returning a batch's mean loss.
-        method: how per-example gradients are handled: ``"auto"``, ``"vmap"`` or
-            ``"layerwise"`` (see :func:`clipped_gradient_sum`).
-
-    Returns:
-        The per-example gradient norms before clipping, shape ``(B,)``.
-    """
-    check_dp_compatible(model)
-    mean_loss, sum_loss = _resolve_loss(loss_fn)
-    _check_batch(x_batch, y_batch)
-    noise_multiplier = _check_noise_multiplier(noise_multiplier)
-    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
-    lr = check_positive("lr", lr)
-    generator = _check_generator(generator)
-    plan = _plan(model, sum_loss, _check_method(method))
-    return _dp_sgd_step(
-        model, x_batch, y_batch, mean_loss, sum_loss, plan,
-        noise_multiplier, max_grad_norm, expected_batch_size, lr, generator,
-    )  # fmt: skip
-
-
-def _dp_sgd_step(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    mean_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    sum_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-    plan: list[tuple[str, nn.Module]] | None,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    expected_batch_size: float,
-    lr: float,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """The step without argument checks (the loop checks once)."""
-    sums, norms = _clipped_sum(model, mean_loss, sum_loss, x, y, max_grad_norm, plan)
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    with torch.no_grad():
-        if noise_multiplier > 0:
-            _add_noise(sums, noise_multiplier * max_grad_norm, generator)
-        step = -lr / expected_batch_size
-        for name, p in params:
-            p.add_(sums[name], alpha=step)
-    return norms
-
-
-def add_gaussian_noise(
-    sums: dict[str, torch.Tensor], *, std: float, generator: torch.Generator
-) -> None:
+def add_gaussian_noise(sums: dict[str, torch.Tensor], *, std: float, generator: torch.Generator) -> None:
     r"""Add :math:`\mathcal N(0, \text{std}^2)` to every coordinate of ``sums``, in place.
 
     The noise for all entries is one draw of a standard normal vector from ``generator``, in the
@@ -659,7 +210,6 @@ def add_gaussian_noise(
         ValueError: if ``std`` is negative or not finite.
 
     Example:
-        >>> import torch
         >>> sums = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
         >>> add_gaussian_noise(sums, std=1.0, generator=torch.Generator().manual_seed(0))
         >>> sums["w"].shape, bool(sums["b"].abs().sum() > 0)
@@ -669,13 +219,14 @@ def add_gaussian_noise(
     generator = _check_generator(generator)
     if not isinstance(sums, dict) or not all(isinstance(v, torch.Tensor) for v in sums.values()):
         raise TypeError("sums must be a dict of name -> torch.Tensor.")
-    _add_noise(sums, std, generator)
-
-
-def _add_noise(sums: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> None:
     if std == 0 or not sums:
         return
     first = next(iter(sums.values()))
+    if std >= torch.finfo(first.dtype).max / 100:
+        raise ValueError(
+            f"std={std:g} is too large for {first.dtype} noise; lower the noise multiplier or "
+            "the clipping norm."
+        )
     total = sum(t.numel() for t in sums.values())
     noise = torch.randn(total, generator=generator, device=generator.device, dtype=first.dtype)
     noise = noise.to(first.device)
@@ -686,120 +237,469 @@ def _add_noise(sums: dict[str, torch.Tensor], std: float, generator: torch.Gener
         start += size
 
 
+# --- the step -----------------------------------------------------------------------------------
+
+
+def set_private_gradients(
+    model: nn.Module,
+    x_batch: torch.Tensor,
+    y_batch: torch.Tensor,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+    loss: LossLike = "cross_entropy",
+    method: Method = "auto",
+) -> torch.Tensor:
+    r"""Write DP-SGD's noisy gradient :math:`\tilde g` into ``.grad`` of every trainable parameter.
+
+    :math:`\tilde g = \bigl(\sum_{i \in B} \bar g_i + \mathcal N(0, \sigma^2 C^2 I)\bigr) / (qN)`,
+    eq. :eq:`dpsgd-noise`: the clipped per-example gradient sum
+    (:func:`companion.per_example.clipped_gradient_sum`), Gaussian noise
+    (:func:`add_gaussian_noise`), divided by ``expected_batch_size`` (:math:`qN`, fixed before
+    seeing the data, never the realised batch size). Then call any optimizer's ``step()``: your
+    own loop, with the batch drawn by :func:`poisson_sample`, is DP-SGD. Account for each call
+    with ``accountant.step(noise_multiplier=..., sample_rate=...)``.
+
+    Args:
+        model: the model; must pass :func:`check_dp_compatible`. Its parameters are not changed.
+        x_batch, y_batch: the batch (tensors on the model's device; the batch may be empty).
+        noise_multiplier: :math:`\sigma`, >= 0 (0 gives no privacy; for tests).
+        max_grad_norm: the clipping norm :math:`C`, > 0.
+        expected_batch_size: :math:`qN`, > 0.
+        generator: the :class:`torch.Generator` the noise is drawn from (its seed is a secret).
+        loss: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss over examples.
+        method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see
+            :func:`companion.per_example.clipped_gradient_sum`).
+
+    Returns:
+        The per-example gradient norms before clipping, shape ``(B,)``.
+
+    Raises:
+        TypeError: if an argument is of the wrong kind.
+        ValueError: if an argument is out of range or the model mixes examples.
+
+    Example:
+        >>> from companion import models
+        >>> model = models.logistic_regression()
+        >>> optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        >>> norms = set_private_gradients(model, torch.zeros(4, 64), torch.tensor([0, 1, 2, 3]),
+        ...     noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4.0,
+        ...     generator=torch.Generator().manual_seed(0))
+        >>> optimizer.step()
+        >>> model[0].weight.grad.shape, norms.shape
+        (torch.Size([10, 64]), torch.Size([4]))
+    """
+    check_dp_compatible(model)
+    clipper = PerExampleClipper(model, loss=loss, method=method)
+    _check_batch(x_batch, y_batch)
+    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
+    generator = _check_generator(generator)
+    sums, norms = noisy_clipped_gradient(
+        clipper, x_batch, y_batch, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, generator=generator,
+    )  # fmt: skip
+    for name, p in trainable_named(model):
+        p.grad = sums[name]
+    return norms
+
+
+def noisy_clipped_gradient(
+    clipper: PerExampleClipper,
+    x_batch: torch.Tensor,
+    y_batch: torch.Tensor,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+) -> ClippedSum:
+    r"""The heart of a DP-SGD step: :math:`\tilde g` of eq. :eq:`dpsgd-noise` and the norms.
+
+    Clip and sum (``clipper``, a :class:`companion.per_example.PerExampleClipper` planned once
+    for the model and loss), add :math:`\mathcal N(0, \sigma^2 C^2)` to every coordinate
+    (:func:`add_gaussian_noise`), divide by the expected batch size :math:`qN`. The training
+    loop calls this once per step; :func:`set_private_gradients` and :func:`dp_sgd_step` wrap it
+    with argument checks.
+
+    Args:
+        clipper: the planned clipper of the model and loss.
+        x_batch, y_batch: the batch (tensors; the batch may be empty).
+        noise_multiplier: :math:`\sigma`, >= 0.
+        max_grad_norm: the clipping norm :math:`C`, > 0.
+        expected_batch_size: :math:`qN`, > 0.
+        generator: the :class:`torch.Generator` the noise is drawn from (its seed is a secret).
+
+    Returns:
+        ``ClippedSum(sums, norms)``: the noisy mean gradient per parameter name, and the
+        per-example norms before clipping.
+
+    Raises:
+        TypeError: if ``generator`` is not a :class:`torch.Generator`.
+        ValueError: if a number is out of range.
+
+    Example:
+        >>> from companion import models
+        >>> clipper = PerExampleClipper(models.logistic_regression(), loss="cross_entropy")
+        >>> noisy, norms = noisy_clipped_gradient(clipper, torch.zeros(2, 64),
+        ...     torch.tensor([0, 1]), noise_multiplier=0.0, max_grad_norm=0.5,
+        ...     expected_batch_size=2.0, generator=torch.Generator().manual_seed(0))
+        >>> round(float(torch.linalg.vector_norm(noisy["0.bias"])), 4)  # a mean of two, norm <= 0.5
+        0.3345
+    """
+    sums, norms = clipper(x_batch, y_batch, max_grad_norm=max_grad_norm)
+    with torch.no_grad():
+        add_gaussian_noise(sums, std=noise_multiplier * max_grad_norm, generator=generator)
+        for value in sums.values():
+            value.div_(expected_batch_size)
+    return ClippedSum(sums, norms)
+
+
+def dp_sgd_step(
+    model: nn.Module,
+    x_batch: torch.Tensor,
+    y_batch: torch.Tensor,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    lr: float,
+    generator: torch.Generator,
+    loss: LossLike = "cross_entropy",
+    method: Method = "auto",
+) -> torch.Tensor:
+    r"""One DP-SGD step with plain SGD on a (Poisson-sampled) batch; updates ``model`` in place.
+
+    :math:`\theta \leftarrow \theta - \eta \tilde g` with :math:`\tilde g` as in
+    :func:`set_private_gradients`, eq. :eq:`dpsgd-noise`. An empty batch is allowed: the step
+    then moves the parameters by noise alone. The noise for all trainable parameters is one draw
+    of a standard normal vector from ``generator`` (in the order of
+    ``model.named_parameters()``), scaled by :math:`\sigma C`; with :math:`\sigma = 0` nothing
+    is drawn.
+
+    Args:
+        model: the model to update; must pass :func:`check_dp_compatible`.
+        x_batch, y_batch: the batch (tensors; the batch may be empty).
+        noise_multiplier: :math:`\sigma`, >= 0 (0 gives no privacy; for tests).
+        max_grad_norm: the clipping norm :math:`C`, > 0.
+        expected_batch_size: :math:`qN`, > 0.
+        lr: learning rate :math:`\eta`, > 0.
+        generator: the :class:`torch.Generator` the noise is drawn from (its seed is a secret).
+        loss: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss over examples.
+        method: ``"auto"``, ``"vmap"`` or ``"layerwise"``.
+
+    Returns:
+        The per-example gradient norms before clipping, shape ``(B,)``.
+
+    Raises:
+        TypeError: if an argument is of the wrong kind.
+        ValueError: if an argument is out of range or the model mixes examples.
+
+    Example:
+        >>> from companion import models
+        >>> model = models.logistic_regression()
+        >>> norms = dp_sgd_step(model, torch.ones(3, 64), torch.tensor([0, 1, 2]),
+        ...     noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=3.0, lr=0.1,
+        ...     generator=torch.Generator().manual_seed(0))
+        >>> [round(float(n), 2) for n in norms]  # each clipped to 1 before the update
+        [8.26, 8.05, 8.13]
+    """
+    check_dp_compatible(model)
+    clipper = PerExampleClipper(model, loss=loss, method=method)
+    _check_batch(x_batch, y_batch)
+    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
+    lr = check_positive("lr", lr)
+    generator = _check_generator(generator)
+    sums, norms = noisy_clipped_gradient(
+        clipper, x_batch, y_batch, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, generator=generator,
+    )  # fmt: skip
+    with torch.no_grad():
+        for name, p in trainable_named(model):
+            p.add_(sums[name], alpha=-lr)
+    return norms
+
+
 # --- the training loop --------------------------------------------------------------------------
+
+
+class _Data:
+    """Training data as in-memory tensors or a :class:`torch.utils.data.Dataset`, batch by mask."""
+
+    def __init__(self, x: object, y: object, loss: str | LossFn, device: torch.device) -> None:
+        self.device = device
+        if isinstance(x, Dataset):
+            if y is not None:
+                raise ValueError("give y only with tensor or array inputs, not with a Dataset.")
+            self.dataset: Dataset | None = x
+            self.n = len(x)  # type: ignore[arg-type]
+            if self.n == 0:
+                raise ValueError("the Dataset must hold at least one example.")
+            self.x, self.y = None, None
+        else:
+            if y is None:
+                raise ValueError("y is required unless x is a torch.utils.data.Dataset.")
+            self.dataset = None
+            x, y = check_data(x, y, loss=loss)
+            self.x, self.y = x.to(device), y.to(device)
+            self.n = x.shape[0]
+
+    def check(self, model: nn.Module, loss: str | LossFn) -> None:
+        """The model's output fits the loss and the labels (tensor data; a Dataset is not read)."""
+        if self.dataset is None:
+            check_outputs(model, self.x, self.y, loss=loss)
+
+    def batch(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dataset is None:
+            mask = mask.to(self.device)
+            return self.x[mask], self.y[mask]
+        index = torch.nonzero(mask).squeeze(1).tolist()
+        if not index:
+            xb, yb = default_collate([self.dataset[0]])
+            return xb[:0].to(self.device), yb[:0].to(self.device)
+        xb, yb = default_collate([self.dataset[i] for i in index])
+        return xb.to(self.device), yb.to(self.device)
+
+    def record(self, model: nn.Module, epoch: int, test_data: Any, loss: str | LossFn) -> dict[str, Any]:
+        if self.dataset is None:
+            return epoch_record(model, epoch, (self.x, self.y), test_data, loss)
+        loader = DataLoader(self.dataset, batch_size=1024)
+        return epoch_record(model, epoch, loader, test_data, loss)
+
+
+def _check_optimizer(optimizer: object, model: nn.Module, lr: object) -> torch.optim.Optimizer | None:
+    if optimizer is None:
+        if lr is None:
+            raise ValueError("give lr (plain SGD) or an optimizer built on the model's parameters.")
+        return None
+    if lr is not None:
+        raise ValueError("give lr to the optimizer, not to train_dpsgd, when you pass an optimizer.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in trainable_named(model) if id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"optimizer does not hold the model's trainable parameters {missing}; build it with "
+            "torch.optim.SGD(model.parameters(), lr=...) (or another optimizer) on this model."
+        )
+    return optimizer
+
+
+def _check_accountant(accountant: object) -> Any:
+    if accountant is None:
+        return RDPAccountant()
+    if not all(callable(getattr(accountant, m, None)) for m in ("step", "get_epsilon")):
+        raise TypeError(
+            "accountant must have step(noise_multiplier=, sample_rate=) and get_epsilon(delta), "
+            f"such as companion.accounting.RDPAccountant(); got {type(accountant).__name__}."
+        )
+    return accountant
+
+
+def _calibrate(
+    accountant: Any, *, target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
+    """The noise multiplier that brings ``accountant``, continued by ``steps`` steps, to at most
+    ``target_epsilon`` and within 1% of it: bisection keeping the upper end, which never exceeds
+    the target (the search of :func:`companion.accounting.get_noise_multiplier`)."""
+
+    def epsilon(sigma: float) -> float:
+        trial = copy.deepcopy(accountant)
+        for _ in range(steps):
+            trial.step(noise_multiplier=sigma, sample_rate=sample_rate)
+        return trial.get_epsilon(delta)
+
+    spent = accountant.get_epsilon(delta)
+    if spent >= target_epsilon:
+        raise ValueError(
+            f"the accountant has already spent epsilon={spent:.4g} at delta={delta}, which is not "
+            f"below target_epsilon={target_epsilon}; raise the target or start a new accountant."
+        )
+    low, high, eps_high = 0.0, 0.5, math.inf
+    while eps_high > target_epsilon:
+        high *= 2
+        if high > 1e6:
+            raise ValueError(
+                f"target_epsilon={target_epsilon} cannot be reached with {steps} steps at "
+                f"sample_rate={sample_rate}: it needs a noise_multiplier above 1e6."
+            )
+        eps_high = epsilon(high)
+    while target_epsilon - eps_high > 0.01 * target_epsilon and high - low > 1e-9 * high:
+        middle = (low + high) / 2
+        eps = epsilon(middle)
+        if eps <= target_epsilon:
+            high, eps_high = middle, eps
+        else:
+            low = middle
+    return high
 
 
 def train_dpsgd(
     model: nn.Module,
-    x: ArrayLike,
-    y: ArrayLike,
+    x: ArrayLike | Dataset,
+    y: ArrayLike | None = None,
     *,
-    noise_multiplier: float,
     max_grad_norm: float,
     sample_rate: float,
     epochs: int,
-    lr: float,
     delta: float,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    lr: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    accountant: Any = None,
+    expected_batch_size: float | None = None,
     x_test: ArrayLike | None = None,
     y_test: ArrayLike | None = None,
-    seed: int = 0,
-    loss: LossName = "cross_entropy",
+    seed: int | None = None,
+    loss: LossLike = "cross_entropy",
     method: Method = "auto",
-    progress: bool = True,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     r"""Train ``model`` in place with DP-SGD and account for the privacy spent.
 
-    Every epoch takes :math:`\mathrm{round}(1/q)` steps; each step draws a Poisson batch
-    (:func:`poisson_sample`) from one :class:`torch.Generator` seeded with ``seed``, calls
-    :func:`dp_sgd_step` with expected batch size :math:`qN`, and records one step of the
-    sampled Gaussian mechanism in a :class:`companion.accounting.RDPAccountant`. After each
-    epoch the accountant converts the Rényi-DP spent so far into epsilon at ``delta``.
+    The run takes :math:`T` = :func:`companion.accounting.steps_for_epochs` steps (``epochs``
+    times :math:`\mathrm{round}(1/q)`, the rule :func:`companion.accounting.get_noise_multiplier`
+    uses for ``epochs=``). Each step draws a Poisson batch (:func:`poisson_sample`), writes the
+    noisy clipped gradient into ``.grad`` (:func:`set_private_gradients`) and lets the optimizer
+    step (plain SGD with ``lr`` when no optimizer is given); the accountant records one step of
+    the Poisson-subsampled Gaussian mechanism. After each epoch it converts the privacy spent so
+    far into epsilon at ``delta``.
 
-    Choose ``delta`` well below :math:`1/N`: a mechanism that publishes one random example in
-    full is :math:`(0, 1/N)`-DP, so :math:`\delta \ge 1/N` permits that (a ``UserWarning``
-    says so).
+    *Noise.* Give ``noise_multiplier`` :math:`\sigma`, or ``target_epsilon``: then :math:`\sigma`
+    is the smallest (to 1%) that keeps the accountant's total epsilon after exactly these
+    :math:`T` steps at or below the target, so the target is never exceeded.
+
+    *Accounting across calls.* Pass the ``accountant`` of an earlier run (or one you built) to
+    continue it: this run's steps are added to it in place and the reported epsilon is the total.
+    Default: a new :class:`companion.accounting.RDPAccountant`.
+
+    *What is public.* The normaliser :math:`qN` (``expected_batch_size``) must not depend on
+    the private data. By default it is ``sample_rate * len(x)``, which treats the data-set size
+    as public (as Opacus does); pass a value fixed in advance to avoid that assumption. Choose
+    ``delta`` well below :math:`1/N` (a ``UserWarning`` says otherwise). Only the model is
+    protected: the training-set statistics in the records are computed from the raw data, for
+    the reader's monitoring only.
+
+    *Randomness.* One :class:`torch.Generator` draws the batches and the noise; ``seed=None``
+    (the default) seeds it from fresh OS entropy, so two runs never share noise. A seed makes a
+    run reproducible and must then stay secret.
 
     Args:
-        model: the model to train; must pass :func:`check_dp_compatible`.
-        x: training inputs, shape ``(N, n_features)`` (tensor or numpy array).
-        y: training labels, shape ``(N,)``.
-        noise_multiplier: :math:`\sigma`, >= 0 (0 means no privacy: epsilon is infinite).
+        model: the model to train; must pass :func:`check_dp_compatible`. Everything runs on the
+            device of its parameters.
+        x: training inputs, shape ``(N, ...)`` (tensor or numpy array), or a
+            :class:`torch.utils.data.Dataset` of ``(input, target)`` pairs (then no ``y``).
+        y: training targets, shape ``(N, ...)``.
         max_grad_norm: the clipping norm :math:`C`, > 0.
         sample_rate: :math:`q`, in (0, 1].
         epochs: number of epochs, >= 1.
-        lr: learning rate, > 0.
-        delta: the delta at which epsilon is reported, in (0, 1).
+        delta: the delta at which epsilon is reported and targeted, in (0, 1).
+        noise_multiplier: :math:`\sigma`, >= 0 (0 means no privacy: epsilon is infinite).
+        target_epsilon: > 0, instead of ``noise_multiplier``.
+        lr: learning rate of plain SGD, > 0 (without ``optimizer``).
+        optimizer: any :class:`torch.optim.Optimizer` built on the model's parameters.
+        accountant: an accountant to continue (``step`` and ``get_epsilon``), such as
+            :class:`companion.accounting.RDPAccountant`.
+        expected_batch_size: :math:`qN`, > 0; default ``sample_rate * N`` (see above).
         x_test, y_test: optional held-out data, evaluated after every epoch.
-        seed: seed of the sampling and noise generator (the initial weights come from the
-            model's own seed).
-        loss: ``"cross_entropy"`` or ``"bce"``.
-        method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see :func:`clipped_gradient_sum`).
+        seed: seed of the sampling and noise generator, or None for fresh entropy.
+        loss: ``"cross_entropy"``, ``"bce"``, or a callable ``(outputs, targets)`` returning the
+            mean loss over examples (``torch.nn.MSELoss()`` for regression).
+        method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see
+            :func:`companion.per_example.clipped_gradient_sum`).
         progress: show a tqdm progress bar over the epochs.
 
     Returns:
-        One dict per epoch, with keys ``"epoch"``, ``"steps"`` (DP steps so far),
-        ``"epsilon"`` (spent so far, at ``delta``), ``"delta"``, ``"clipped_fraction"`` (the
-        share of per-example gradients of the epoch whose norm exceeded :math:`C`),
-        ``"train_loss"`` and ``"train_accuracy"`` on the whole training set, and
-        ``"test_loss"`` and ``"test_accuracy"`` if test data were given. Only the model is
-        protected by the guarantee: the recorded training-set statistics are computed from
-        the raw data and are for the reader's monitoring only.
+        One dict per epoch, with keys ``"epoch"``, ``"steps"`` (this run's DP steps so far),
+        ``"epsilon"`` (the accountant's total, at ``delta``), ``"delta"``,
+        ``"noise_multiplier"``, ``"clipped_fraction"`` (the share of the epoch's per-example
+        gradients whose norm exceeded :math:`C`), ``"train_loss"`` (and ``"train_accuracy"``
+        for a named loss) on the whole training set, and the same for test data if given.
+
+    Raises:
+        TypeError: if an argument is of the wrong kind.
+        ValueError: if an argument is out of range, the model mixes examples, or the target
+            cannot be reached.
 
     Example:
         >>> from companion import data, models
         >>> digits = data.load_digits()
-        >>> history = train_dpsgd(models.mlp(), digits.x_train, digits.y_train,
-        ...     noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=256 / 1347, epochs=5,
-        ...     lr=1.0, delta=1e-5, progress=False)  # doctest: +SKIP
-        >>> history[-1]["epsilon"]  # doctest: +SKIP
-        7.88...
+        >>> history = train_dpsgd(models.logistic_regression(), digits.x_train, digits.y_train,
+        ...     target_epsilon=1.0, max_grad_norm=1.0, sample_rate=0.1, epochs=2, lr=1.0,
+        ...     delta=1e-5, seed=0)
+        >>> history[-1]["steps"], 0.99 <= history[-1]["epsilon"] <= 1.0
+        (20, True)
     """
     check_dp_compatible(model)
-    loss = check_loss(loss)
-    x, y = check_data(x, y, loss=loss)
+    loss = check_loss_or_callable(loss)
+    device = model_device(model)
+    data = _Data(x, y, loss, device)
+    data.check(model, loss)
     test_data = check_optional_test(x_test, y_test, loss=loss)
-    noise_multiplier = _check_noise_multiplier(noise_multiplier)
+    if test_data is not None:
+        test_data = (test_data[0].to(device), test_data[1].to(device))
+        check_outputs(model, *test_data, loss=loss)
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
     sample_rate = check_fraction("sample_rate", sample_rate)
     epochs = check_positive_int("epochs", epochs)
-    lr = check_positive("lr", lr)
     delta = check_delta(delta)
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier and target_epsilon.")
+    if lr is not None:
+        lr = check_positive("lr", lr)
+    optimizer = _check_optimizer(optimizer, model, lr)
+    accountant = _check_accountant(accountant)
+    if expected_batch_size is None:
+        expected_batch_size = sample_rate * data.n
+    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
     generator = torch_generator(seed)
-    method = _check_method(method)
-    n = x.shape[0]
-    if delta >= 1 / n:
-        warnings.warn(
-            f"delta={delta} is not below 1/n = {1 / n:.3g}; a delta this large allows releasing "
-            "an example in the clear. Choose delta well below 1/n.",
-            UserWarning,
-            stacklevel=2,
-        )
-    mean_loss, sum_loss = _resolve_loss(loss)
-    plan = _plan(model, sum_loss, method)
-    steps_per_epoch = max(1, round(1 / sample_rate))
-    expected_batch_size = sample_rate * n
-    accountant = RDPAccountant()
+    clipper = PerExampleClipper(model, loss=loss, method=method)
+    warn_if_delta_large(delta, data.n)
+    steps_per_epoch = steps_for_epochs(epochs=1, sample_rate=sample_rate)
+    if target_epsilon is not None:
+        target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
+        noise_multiplier = _calibrate(
+            accountant, target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+            steps=epochs * steps_per_epoch,
+        )  # fmt: skip
+    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    params = trainable_named(model)
 
     history: list[dict[str, Any]] = []
     model.train()
-    for epoch in progress_loop(
-        epochs, history=history, desc="DP-SGD", unit="epoch", progress=progress
-    ):
-        clipped = torch.zeros((), dtype=torch.long)
-        seen = 0
+    for epoch in progress_loop(epochs, history=history, desc="DP-SGD", unit="epoch", progress=progress):
+        clipped, seen = 0, 0
         for _ in range(steps_per_epoch):
-            mask = _poisson_mask(n, sample_rate, generator)
-            norms = _dp_sgd_step(
-                model, x[mask], y[mask], mean_loss, sum_loss, plan,
-                noise_multiplier, max_grad_norm, expected_batch_size, lr, generator,
+            xb, yb = data.batch(_poisson_mask(data.n, sample_rate, generator))
+            sums, norms = noisy_clipped_gradient(
+                clipper, xb, yb, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                expected_batch_size=expected_batch_size, generator=generator,
             )  # fmt: skip
+            if optimizer is None:
+                with torch.no_grad():
+                    for name, p in params:
+                        p.add_(sums[name], alpha=-lr)
+            else:
+                for name, p in params:
+                    p.grad = sums[name]
+                optimizer.step()
             accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-            clipped += (norms > max_grad_norm).sum()
+            clipped += int((norms > max_grad_norm).sum())
             seen += norms.shape[0]
-        record = {"epoch": epoch, "steps": epoch * steps_per_epoch}
+        record: dict[str, Any] = {"epoch": epoch, "steps": epoch * steps_per_epoch}
         record["epsilon"] = accountant.get_epsilon(delta)
         record["delta"] = delta
-        record["clipped_fraction"] = float(clipped) / seen if seen else 0.0
-        record.update(epoch_record(model, epoch, (x, y), test_data, loss))
+        record["noise_multiplier"] = noise_multiplier
+        record["clipped_fraction"] = clipped / seen if seen else 0.0
+        record.update(data.record(model, epoch, test_data, loss))
         history.append(record)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     return history

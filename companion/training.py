@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from companion._random import torch_generator
 from companion._torch import (
@@ -34,6 +35,7 @@ from companion._torch import (
     check_loss,
     check_model,
     check_optional_test,
+    check_outputs,
     epoch_record,
     evaluate_model,
     loss_fn,
@@ -131,6 +133,7 @@ def train(
     model = check_model(model)
     loss = check_loss(loss)
     x, y = check_data(x, y, loss=loss)
+    check_outputs(model, x, y, loss=loss)
     test_data = check_optional_test(x_test, y_test, loss=loss)
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)

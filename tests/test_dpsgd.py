@@ -27,6 +27,14 @@ from torch import nn
 
 from companion import data, models
 from companion.accounting import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
+from _oracles import (
+    _assert_same,
+    _loop_clipped_sum,
+    _loop_gradients,
+    _most_clipped_norm,
+    _reference_loss,
+    _trainable,
+)
 from companion.dpsgd import (
     check_dp_compatible,
     clip_and_sum,
@@ -86,66 +94,6 @@ def _setup(name, n=N_SMALL):
     factory, loss, split = MODELS[name]
     x, y = _batch(split, n)
     return factory().double(), loss, x, y
-
-
-# --- the reference loop -------------------------------------------------------------------------
-
-
-def _reference_loss(loss, outputs, targets):
-    """The mean loss of a batch, written out independently of companion.training."""
-    if callable(loss):
-        return loss(outputs, targets)
-    if loss == "bce":
-        return F.binary_cross_entropy_with_logits(outputs[:, 0], targets.to(outputs.dtype))
-    return F.cross_entropy(outputs, targets)
-
-
-def _trainable(model):
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def _loop_gradients(model, loss, x, y):
-    """Per-example gradients, one forward/backward per example: (dict name -> (B, ...))."""
-    params = _trainable(model)
-    rows = []
-    for i in range(x.shape[0]):
-        value = _reference_loss(loss, model(x[i : i + 1]), y[i : i + 1])
-        rows.append(torch.autograd.grad(value, [p for _, p in params]))
-    return {
-        name: torch.stack([row[k] for row in rows]) if rows else p.new_zeros((0, *p.shape))
-        for k, (name, p) in enumerate(params)
-    }
-
-
-def _loop_clipped_sum(model, loss, x, y, max_grad_norm, *, clip=True):
-    """Clip every example's gradient (norm over all parameters) and sum: (sums, norms).
-
-    With ``clip=False`` this is the faulty loop of the negative control, which forgets to clip.
-    """
-    grads = _loop_gradients(model, loss, x, y)
-    sums = {name: torch.zeros_like(p) for name, p in _trainable(model)}
-    norms = []
-    for i in range(x.shape[0]):
-        norm = math.sqrt(sum(float(g[i].square().sum()) for g in grads.values()))
-        factor = min(1.0, max_grad_norm / (norm + 1e-6)) if clip else 1.0
-        for name, g in grads.items():
-            sums[name] += factor * g[i]
-        norms.append(norm)
-    return sums, torch.tensor(norms, dtype=torch.float64)
-
-
-def _assert_same(actual, expected):
-    """Dicts of tensors equal to 1e-5 relative. The absolute floor is 1e-5 times the largest
-    entry of each tensor, so entries far below its scale (weights of nearly dead ReLU units)
-    are compared at that scale rather than relative to themselves."""
-    assert actual.keys() == expected.keys()
-    for name, e in expected.items():
-        torch.testing.assert_close(actual[name], e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
-
-
-def _most_clipped_norm(norms):
-    """A clipping norm below 80% of the examples' gradient norms (their 20% quantile)."""
-    return float(torch.quantile(norms, 0.2))
 
 
 # --- clipped sums against the loop --------------------------------------------------------------
@@ -247,7 +195,7 @@ def test_empty_batch_gives_empty_gradients_and_zero_sums(name):
 
 
 class _NotSequential(nn.Module):
-    """A custom module: the layerwise method cannot see its forward pass, so it refuses it."""
+    """A custom module: the layerwise hooks see its layers wherever they sit."""
 
     def __init__(self):
         super().__init__()
@@ -268,24 +216,24 @@ class _NotSequential(nn.Module):
         (lambda: nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 10)), "cross_entropy"),
         (lambda: nn.Sequential(nn.Linear(64, 16), nn.ReLU(inplace=True), nn.Linear(16, 10)), "cross_entropy"),
     ],
-    ids=["callable_loss", "custom_module", "unsupported_layer", "inplace_relu"],
+    ids=["callable_loss", "custom_module", "layer_norm", "inplace_relu"],
 )
-def test_layerwise_refuses_and_auto_falls_back_to_vmap(model, loss):
+def test_layerwise_handles_what_the_first_edition_refused(model, loss):
+    """A callable loss, a custom module, LayerNorm and an in-place ReLU after a hooked layer were
+    sent to vmap by the first edition; the per-layer rules now cover them and match the loop."""
     model = model().double()
     x, y = _batch(DIGITS)
-    with pytest.raises(ValueError, match="layerwise"):
-        clipped_gradient_sum(model, loss, x, y, max_grad_norm=1.0, method="layerwise")
-    with pytest.raises(ValueError, match="layerwise"):
-        dp_sgd_step(
-            model, x, y, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=N_SMALL, lr=0.1,
-            generator=torch.Generator().manual_seed(0), loss_fn=loss, method="layerwise",
-        )  # fmt: skip
     _, loop_norms = _loop_clipped_sum(model, loss, x, y, 1.0)
     max_grad_norm = _most_clipped_norm(loop_norms)
     expected, _ = _loop_clipped_sum(model, loss, x, y, max_grad_norm)
-    sums, norms = clipped_gradient_sum(model, loss, x, y, max_grad_norm=max_grad_norm, method="auto", return_norms=True)
-    _assert_same(sums, expected)
-    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+    for method in ("layerwise", "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing falls back to vmap
+            sums, norms = clipped_gradient_sum(
+                model, loss, x, y, max_grad_norm=max_grad_norm, method=method, return_norms=True
+            )
+        _assert_same(sums, expected)
+        torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
 
 
 # --- the DP-SGD step ----------------------------------------------------------------------------
@@ -308,7 +256,7 @@ def test_step_without_noise_or_clipping_is_plain_sgd(name, method, scale):
     state = generator.get_state()
     norms = dp_sgd_step(
         model, x, y, noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=scale * N_SMALL, lr=lr,
-        generator=generator, loss_fn=loss, method=method,
+        generator=generator, loss=loss, method=method,
     )  # fmt: skip
     assert torch.equal(generator.get_state(), state)  # with sigma = 0 nothing is drawn
     params = [p for _, p in _trainable(reference)]
@@ -337,7 +285,7 @@ def test_noise_has_std_sigma_c_lr_over_expected_batch_size(method):
     model, loss, x, y = _setup("mlp")
     noiseless = copy.deepcopy(model)
     sigma, max_grad_norm, expected_batch_size, lr = 1.3, 0.5, 40.0, 0.2
-    kwargs = dict(max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size, lr=lr, loss_fn=loss, method=method)
+    kwargs = dict(max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size, lr=lr, loss=loss, method=method)
     dp_sgd_step(model, x, y, noise_multiplier=sigma, generator=torch.Generator().manual_seed(11), **kwargs)
     dp_sgd_step(noiseless, x, y, noise_multiplier=0.0, generator=torch.Generator().manual_seed(11), **kwargs)
     z = (_flat(model) - _flat(noiseless)) / (sigma * max_grad_norm * lr / expected_batch_size)
@@ -359,7 +307,7 @@ def test_empty_batch_step_is_pure_noise(name):
     sigma, max_grad_norm, expected_batch_size, lr = 0.8, 2.0, 16.0, 0.5
     norms = dp_sgd_step(
         model, x[:0], y[:0], noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size, lr=lr, generator=torch.Generator().manual_seed(5), loss_fn=loss,
+        expected_batch_size=expected_batch_size, lr=lr, generator=torch.Generator().manual_seed(5), loss=loss,
     )  # fmt: skip
     assert norms.shape == (0,)
     z = torch.randn(before.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -488,7 +436,7 @@ def _train_small(**overrides):
 def test_train_dpsgd_history_and_epsilon_match_the_accountant():
     x_test, y_test = torch.tensor(DIGITS.x_test[:50], dtype=torch.float64), torch.tensor(DIGITS.y_test[:50])
     _, history = _train_small(x_test=x_test, y_test=y_test)
-    keys = {"epoch", "steps", "epsilon", "delta", "clipped_fraction", "train_loss", "train_accuracy", "test_loss", "test_accuracy"}
+    keys = {"epoch", "steps", "epsilon", "delta", "noise_multiplier", "clipped_fraction", "train_loss", "train_accuracy", "test_loss", "test_accuracy"}
     assert [set(record) for record in history] == [keys] * 3
     accountant = RDPAccountant()
     for epoch, record in enumerate(history, start=1):
@@ -648,8 +596,8 @@ BAD_STEP_ARGUMENTS = [
     ({"generator": 0}, TypeError, "generator must be a torch.Generator"),
     ({"generator": np.random.default_rng(0)}, TypeError, "generator must be a torch.Generator"),
     ({"method": "loop"}, ValueError, "method must be one of"),
-    ({"loss_fn": 3}, TypeError, "loss_fn must be"),
-    ({"loss_fn": "mse"}, ValueError, "loss must be one of"),
+    ({"loss": 3}, TypeError, "loss must be"),
+    ({"loss": "mse"}, ValueError, "loss must be one of"),
     ({"x_batch": X.numpy()}, TypeError, "x and y must be torch tensors"),
     ({"y_batch": Y.tolist()}, TypeError, "x and y must be torch tensors"),
     ({"x_batch": X[:-1]}, ValueError, "x and y must hold the same number of examples"),
@@ -677,7 +625,7 @@ def test_dp_sgd_step_bad_arguments(kwargs, error, message):
     [
         (lambda m: clipped_gradient_sum(m, "cross_entropy", X, Y, max_grad_norm=0.0), ValueError, "max_grad_norm must be > 0"),
         (lambda m: clipped_gradient_sum(m, "cross_entropy", X, Y, max_grad_norm=1.0, method="fast"), ValueError, "method must be one of"),
-        (lambda m: clipped_gradient_sum(m, None, X, Y, max_grad_norm=1.0), TypeError, "loss_fn must be"),
+        (lambda m: clipped_gradient_sum(m, None, X, Y, max_grad_norm=1.0), TypeError, "loss must be"),
         (lambda m: clipped_gradient_sum(m, "cross_entropy", X, Y[:3], max_grad_norm=1.0), ValueError, "same number of examples"),
         (lambda m: clipped_gradient_sum([m], "cross_entropy", X, Y, max_grad_norm=1.0), TypeError, "model must be a torch.nn.Module"),
         (lambda m: per_example_gradients(m, "cross_entropy", X.numpy(), Y), TypeError, "x and y must be torch tensors"),

@@ -3,13 +3,15 @@
 - :mod:`companion.accounting.rdp`: Renyi-DP analysis (:func:`compute_rdp`,
   :func:`get_privacy_spent`) and the :class:`RDPAccountant`;
 - :mod:`companion.accounting.calibration`: :func:`get_noise_multiplier`, the smallest noise
-  multiplier that meets a target epsilon.
+  multiplier that meets a target epsilon;
+- :mod:`companion.accounting.steps`: :func:`steps_for_epochs`, the steps rule of the training loop.
 
 Everything is importable from ``companion.accounting`` directly.
 """
 
 from companion.accounting.calibration import get_noise_multiplier
 from companion.accounting.rdp import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
+from companion.accounting.steps import steps_for_epochs
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -17,4 +19,5 @@ __all__ = [
     "compute_rdp",
     "get_noise_multiplier",
     "get_privacy_spent",
+    "steps_for_epochs",
 ]

@@ -1,0 +1,35 @@
+"""How many DP-SGD steps a number of epochs is: one rule for training and for calibration."""
+
+from __future__ import annotations
+
+from companion._validation import check_fraction, check_positive_int
+
+__all__ = ["steps_for_epochs"]
+
+
+def steps_for_epochs(*, epochs: int, sample_rate: float) -> int:
+    r"""The number of steps :func:`companion.dpsgd.train_dpsgd` takes in ``epochs`` epochs.
+
+    An epoch is :math:`\mathrm{round}(1/q)` steps (at least one), so that on average each example
+    is used once per epoch; a run of ``epochs`` epochs is ``epochs`` times that. Calibrate the
+    noise for this number of steps (``get_noise_multiplier(..., steps=...)``), or the run will
+    spend a little more or less than the target.
+
+    Args:
+        epochs: the number of epochs, >= 1.
+        sample_rate: the Poisson sampling rate :math:`q`, in (0, 1].
+
+    Returns:
+        The number of steps, >= 1.
+
+    Raises:
+        TypeError: if ``epochs`` is not an integer.
+        ValueError: if ``epochs < 1`` or ``sample_rate`` is outside (0, 1].
+
+    Example:
+        >>> steps_for_epochs(epochs=3, sample_rate=256 / 60000)
+        702
+    """
+    epochs = check_positive_int("epochs", epochs)
+    sample_rate = check_fraction("sample_rate", sample_rate)
+    return epochs * max(1, round(1 / sample_rate))

@@ -1,0 +1,264 @@
+"""Tests of companion.per_example: every rule of the layer table against a plain per-example loop.
+
+The oracle (tests/_oracles.py) runs one forward and one backward pass per example. Models and data
+are float64, so the two agree to rounding (about 1e-15 relative over a few dozen examples); the
+tolerance of 1e-5 relative leaves a wide margin while a missing clip changes the sum by order 1
+(the negative control). The clipping norm is the 20% quantile of the examples' norms, so most
+examples are clipped and the test sees the clipping factors.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _oracles import _assert_same, _loop_clipped_sum, _most_clipped_norm
+from torch import nn
+
+from companion.per_example import (
+    LAYER_RULES,
+    PerExampleClipper,
+    check_dp_compatible,
+    clipped_gradient_sum,
+)
+
+B = 12  # examples per batch
+
+
+def _seeded(build, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().double()
+
+
+class _TextClassifier(nn.Module):
+    """Bag of embeddings: Embedding (with a padding index) -> mean over tokens -> LayerNorm ->
+    Linear. Tokens repeat within an example, so the Embedding rule must add their rows."""
+
+    def __init__(self, vocab=20, dim=8, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        return self.head(self.norm(self.embed(tokens).mean(dim=1)))
+
+
+class _SequenceModel(nn.Module):
+    """Linear on sequences (B, T, d), a Conv1d over time, and a LayerNorm on the last axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(5, 6)
+        self.conv = nn.Conv1d(6, 4, kernel_size=3, padding="same", padding_mode="reflect")
+        self.norm = nn.LayerNorm([4, 7])
+        self.head = nn.Linear(28, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.proj(x)).transpose(1, 2)  # (B, 6, T)
+        return self.head(self.norm(self.conv(h)).flatten(1))
+
+
+class _CifarLike(nn.Module):
+    """Conv2d variants (groups, dilation, strides, padding modes, no bias) with GroupNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, padding_mode="replicate"),
+            nn.GroupNorm(4, 8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=2, bias=False),
+            nn.GroupNorm(2, 8, affine=True),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 4, 2, stride=2, padding_mode="circular", padding=1),
+        )
+        self.head = nn.Linear(4 * 5 * 5, 5)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+class _Conv1dGroups(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(4, 6, 3, stride=2, dilation=2, groups=2, padding=2)
+        self.b = nn.Conv1d(6, 2, 1, padding_mode="circular")
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).mean(dim=2)
+
+
+class _Scaled(nn.Module):
+    """A hand-written layer holding its own parameter: no rule, so vmap for it only."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class _Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(10, 6)
+        self.scaled = _Scaled(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.scaled(self.first(x))))
+
+
+class _CalledTwice(nn.Module):
+    """One Linear used twice in the forward pass (weight sharing across depth)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.inp = nn.Linear(10, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+        return self.out(torch.tanh(self.shared(h)))
+
+
+def _frozen(model, name):
+    for p in getattr(model, name).parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _gen(seed=1):
+    return torch.Generator().manual_seed(seed)
+
+
+def _classes(n, k, seed=2):
+    return torch.randint(0, k, (n,), generator=_gen(seed))
+
+
+FAST = {
+    "text_embedding_layernorm": (
+        lambda: _seeded(_TextClassifier),
+        lambda: (torch.randint(0, 20, (B, 9), generator=_gen()), _classes(B, 3)),
+        "cross_entropy",
+    ),
+    "linear_on_sequences_conv1d_same_reflect": (
+        lambda: _seeded(_SequenceModel),
+        lambda: (torch.randn(B, 7, 5, generator=_gen(), dtype=torch.float64), _classes(B, 2)),
+        "cross_entropy",
+    ),
+    "cifar_like_conv2d_variants_groupnorm": (
+        lambda: _seeded(_CifarLike),
+        lambda: (torch.randn(B, 3, 8, 8, generator=_gen(), dtype=torch.float64), _classes(B, 5)),
+        "cross_entropy",
+    ),
+    "conv1d_groups_dilation_stride": (
+        lambda: _seeded(_Conv1dGroups),
+        lambda: (torch.randn(B, 4, 11, generator=_gen(), dtype=torch.float64), _classes(B, 2)),
+        "cross_entropy",
+    ),
+    "frozen_embedding": (
+        lambda: _frozen(_seeded(_TextClassifier), "embed"),
+        lambda: (torch.randint(0, 20, (B, 9), generator=_gen()), _classes(B, 3)),
+        "cross_entropy",
+    ),
+    "regression_mse_callable": (
+        lambda: _seeded(lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))),
+        lambda: (
+            torch.randn(B, 4, generator=_gen(), dtype=torch.float64),
+            torch.randn(B, 2, generator=_gen(3), dtype=torch.float64),
+        ),
+        nn.MSELoss(),
+    ),
+}
+
+FALLBACK = {
+    "custom_parameter": (
+        lambda: _seeded(_Mixed),
+        lambda: (torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)),
+        "'scaled'",
+    ),
+    "layer_called_twice": (
+        lambda: _seeded(_CalledTwice),
+        lambda: (torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)),
+        None,  # found only during the forward pass, so no message at planning time
+    ),
+}
+
+
+def _expected(model, loss, x, y):
+    _, norms = _loop_clipped_sum(model, loss, x, y, 1.0)
+    c = _most_clipped_norm(norms)
+    sums, _ = _loop_clipped_sum(model, loss, x, y, c)
+    return c, sums, norms
+
+
+@pytest.mark.parametrize("method", ["layerwise", "auto", "vmap"])
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_every_rule_matches_the_loop(name, method):
+    build, batch, loss = FAST[name]
+    model, (x, y) = build(), batch()
+    c, expected, loop_norms = _expected(model, loss, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer of these models falls back to vmap
+        sums, norms = clipped_gradient_sum(model, loss, x, y, max_grad_norm=c, method=method, return_norms=True)
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_negative_control_a_loop_that_forgets_to_clip_differs(name):
+    build, batch, loss = FAST[name]
+    model, (x, y) = build(), batch()
+    c, _, _ = _expected(model, loss, x, y)
+    unclipped, _ = _loop_clipped_sum(model, loss, x, y, c, clip=False)
+    sums = clipped_gradient_sum(model, loss, x, y, max_grad_norm=c)
+    with pytest.raises(AssertionError):
+        _assert_same(sums, unclipped)
+
+
+@pytest.mark.parametrize("name", sorted(FALLBACK))
+def test_mixed_models_fall_back_to_vmap_for_those_layers_only(name):
+    build, batch, message = FALLBACK[name]
+    model, (x, y) = build(), batch()
+    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    if message is not None:
+        with pytest.warns(UserWarning, match=message):
+            sums, norms = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c, return_norms=True)
+        with pytest.raises(ValueError, match=f"method='layerwise' does not apply: layer {message}"):
+            clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c, method="layerwise")
+    else:
+        sums, norms = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c, return_norms=True)
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+def test_the_fallback_computes_only_the_unsupported_parameters_with_vmap():
+    """The plan of the mixed model hooks both Linear layers and sends only 'scaled.scale' to vmap."""
+    with pytest.warns(UserWarning):
+        clipper = PerExampleClipper(_seeded(_Mixed), loss="cross_entropy")
+    assert [name for name, _ in clipper.plan.hooked] == ["first", "out"]
+    assert clipper.plan.fallback == ["scaled.scale"]
+
+
+def test_the_table_covers_the_layers_the_book_promises():
+    for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm):
+        assert kind in LAYER_RULES
+
+
+def test_check_dp_compatible_lists_every_offending_layer():
+    model = nn.Sequential(
+        nn.Linear(4, 4),
+        nn.BatchNorm1d(4),
+        nn.InstanceNorm1d(4, track_running_stats=True),
+        nn.Embedding(5, 4, scale_grad_by_freq=True),
+    )
+    with pytest.raises(ValueError) as error:
+        check_dp_compatible(model)
+    for part in ("'1' is a BatchNorm1d", "'2' is a InstanceNorm1d", "'3' is an Embedding"):
+        assert part in str(error.value)
