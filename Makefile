@@ -19,8 +19,14 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . --all -W -n --keep-going
 	@echo "The book is built: open $(CURDIR)/_build/html/index.html"
 
+# Every test: unit tests, docstring examples, notebooks (nbval), the book build, the browser.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The fast loop: unit tests and docstring examples only (no notebook, no book build).
+.PHONY: unit
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit tests companion
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab book/

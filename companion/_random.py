@@ -54,7 +54,7 @@ def check_optional_seed(seed: object, name: str = "seed") -> int | None:
 
 
 def torch_generator(seed: object, *, device: torch.device | str = "cpu") -> torch.Generator:
-    """A :class:`torch.Generator` on ``device`` seeded with ``seed``, or from fresh entropy if None."""
+    """A :class:`torch.Generator` on ``device``, seeded with ``seed`` (None: fresh entropy)."""
     generator = torch.Generator(device=device)
     seed = check_optional_seed(seed)
     if seed is None:

@@ -76,7 +76,9 @@ def _bce_logits(outputs: torch.Tensor, targets: torch.Tensor, reduction: str) ->
     """Binary cross-entropy on logits; outputs of shape (N, 1) are matched to targets (N,)."""
     if outputs.ndim == targets.ndim + 1 and outputs.shape[-1] == 1:
         outputs = outputs.squeeze(-1)
-    return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction=reduction)
+    return F.binary_cross_entropy_with_logits(
+        outputs, targets.to(outputs.dtype), reduction=reduction
+    )
 
 
 def loss_fn(loss: str | LossFn, reduction: str = "mean") -> LossFn:
@@ -142,9 +144,13 @@ def _to_tensors(x: object, y: object, names: tuple[str, str]) -> tuple[torch.Ten
         else:
             raise TypeError(f"{name_y} must be an integer or float array, got dtype {y.dtype}.")
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name_x} must be a torch.Tensor or a numpy array, got {type(x).__name__}.")
+        raise TypeError(
+            f"{name_x} must be a torch.Tensor or a numpy array, got {type(x).__name__}."
+        )
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name_y} must be a torch.Tensor or a numpy array, got {type(y).__name__}.")
+        raise TypeError(
+            f"{name_y} must be a torch.Tensor or a numpy array, got {type(y).__name__}."
+        )
     return x, y
 
 
@@ -211,11 +217,15 @@ def model_device(model: nn.Module) -> torch.device:
     """The device of the model's parameters (the CPU for a model without parameters)."""
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:
-        raise ValueError(f"model's parameters must all be on one device, got {sorted(map(str, devices))}.")
+        raise ValueError(
+            f"model's parameters must all be on one device, got {sorted(map(str, devices))}."
+        )
     return devices.pop() if devices else torch.device("cpu")
 
 
-def check_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str | LossFn) -> None:
+def check_outputs(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str | LossFn
+) -> None:
     """Run the model on one example: it must accept ``x`` and its output must fit the loss and
     the labels (every label of ``y`` below the number of outputs for cross-entropy)."""
     try:

@@ -1,100 +1,43 @@
-r"""Federated learning: clients, FedSGD, FedAvg, FedProx, DP-FedAvg and a secure-aggregation toy.
+r"""Federated learning: client data, local training, the FedAvg and DP-FedAvg aggregation rules
+and the training loops (FedSGD, FedAvg, FedProx, DP-FedAvg).
 
-In federated learning the training data stay with :math:`K` *clients* (phones, hospitals); a
-*server* holds the model and, round after round, sends it to some clients, lets each train on its
-own data, and combines the *updates* they send back. This module simulates that on one machine:
-the clients are a list of ``(x, y)`` tensor pairs (:func:`client_datasets` builds it from a
-partition in :mod:`companion.data`), and everything runs in one process from seeds.
+In federated learning the training data stay with :math:`K` *clients*; a *server* holds the
+model and, round after round, sends it to some clients, lets each train on its own data, and
+combines the *updates* they send back. This module simulates that in one process: the clients
+are a list of ``(x, y)`` tensor pairs (:func:`client_datasets` builds it from a partition in
+:mod:`companion.data`). Each round of each loop has the same four steps, and the server's step
+is a public pure function that a real federated engine can call as well
+(:mod:`companion.flower` does):
 
-**FederatedAveraging** (McMahan, Moore, Ramage, Hampson and Agüera y Arcas 2017,
-"Communication-Efficient Learning of Deep Networks from Decentralized Data", AISTATS,
-Algorithm 1; :func:`fedavg`). In round :math:`t` the server picks a set :math:`S_t` of
-:math:`m = \max(1, \mathrm{round}(CK))` clients uniformly at random without replacement
-(``client_fraction`` is :math:`C`). Each picked client :math:`k`, holding :math:`n_k` examples,
-starts from the global weights :math:`w_t`, runs ``local_epochs`` (:math:`E`) epochs of
-minibatch SGD with batches of ``batch_size`` (:math:`B`) on its own data, and returns its update
-:math:`\Delta_k = w_k - w_t` (:func:`local_update`). The server averages the updates weighted by
-data size:
+1. the server samples clients;
+2. each sampled client runs :func:`local_update` and returns :math:`\Delta_k = w_k - w_t`;
+3. the server aggregates the updates: :func:`fedavg_aggregate` or :func:`dp_fedavg_aggregate`;
+4. the server applies the aggregate to the global weights.
 
-.. math::
+The loops: :func:`fedavg` is FederatedAveraging (McMahan, Moore, Ramage, Hampson and Agüera y
+Arcas 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+AISTATS), with FedSGD (one full-batch step per client) as a special case and FedProx (Li, Sahu,
+Zaheer, Sanjabi, Talwalkar and Smith 2020, "Federated Optimization in Heterogeneous Networks",
+MLSys) for ``mu > 0``; :func:`dp_fedavg` is DP-FedAvg (McMahan, Ramage, Talwar and Zhang 2018,
+"Learning Differentially Private Recurrent Language Models", ICLR), differentially private with
+respect to whole clients: DP-SGD (:mod:`companion.dpsgd`) with clients in place of examples and
+updates in place of gradients, with the same accountant. Each docstring gives the math; the
+federated-learning chapter derives it.
 
-    w_{t+1} = w_t + \sum_{k \in S_t} \frac{n_k}{n_{S_t}} \Delta_k, \qquad
-    n_{S_t} = \sum_{k \in S_t} n_k .
-
-**FedSGD** is the special case :math:`E = 1`, :math:`B = \infty` (``batch_size=None``): each
-client takes one full-batch gradient step, :math:`\Delta_k = -\eta \nabla L_k(w_t)`, and since
-:math:`\sum_k (n_k / n) \nabla L_k` is the gradient of the mean loss over the union of the
-clients' data, one round with every client is exactly one step of full-batch gradient descent on
-the pooled data. More local work per round (larger :math:`E`, smaller :math:`B`) trades
-computation on the clients for fewer rounds of communication, the point of the paper.
-
-**FedProx** (Li, Sahu, Zaheer, Sanjabi, Talwalkar and Smith 2020, "Federated Optimization in
-Heterogeneous Networks", MLSys; ``mu`` :math:`> 0`) adds a proximal term to each client's loss,
-
-.. math::
-
-    \min_w \; L_k(w) + \frac{\mu}{2} \lVert w - w_t \rVert_2^2 ,
-
-which keeps the local weights near the global ones when the clients' data differ (non-IID
-partitions) and local training would otherwise drift towards each client's own optimum.
-
-**DP-FedAvg** (McMahan, Ramage, Talwar and Zhang 2018, "Learning Differentially Private Recurrent
-Language Models", ICLR; :func:`dp_fedavg`) makes the sequence of global models
-differentially private with respect to whole clients (*user-level* privacy): every client joins
-a round independently with probability :math:`q`, each update is clipped to L2 norm :math:`S`,
-and the server adds Gaussian noise to the sum before dividing by the expected number of clients
-:math:`qK`:
-
-.. math::
-
-    w_{t+1} = w_t + \eta_s \, \frac{1}{qK} \Bigl( \sum_{k \in S_t} \Delta_k
-    \min\Bigl(1, \frac{S}{\lVert \Delta_k \rVert_2 + 10^{-6}}\Bigr)
-    + \mathcal N(0, \sigma^2 S^2 I) \Bigr).
-
-This is DP-SGD (:mod:`companion.dpsgd`) with clients in place of examples and updates in place of
-gradients, and the same accountant (:class:`companion.accounting.RDPAccountant`) applies.
-
-**Secure aggregation** (Bonawitz et al. 2017, "Practical Secure Aggregation for
-Privacy-Preserving Machine Learning", ACM CCS; :func:`secure_sum`), here in miniature: clients
-hide their model updates under random masks that cancel in the sum, so the server learns the sum
-of the updates and nothing else about any single one.
-
-Every pair of clients :math:`i < j` shares a random seed :math:`s_{ij}` (in the real protocol
-they agree on it by a Diffie-Hellman key exchange, so the server never sees it). Client
-:math:`i` encodes its update :math:`x_i` as integers modulo :math:`R` and sends
-
-.. math::
-
-    y_i = x_i + \sum_{j > i} \mathrm{PRG}(s_{ij}) - \sum_{j < i} \mathrm{PRG}(s_{ji}) \pmod R .
-
-Each pairwise mask is added by one client and subtracted by the other, so
-:math:`\sum_i y_i = \sum_i x_i \pmod R` exactly, while each :math:`y_i` alone is uniformly
-distributed: it says nothing about :math:`x_i`. Integer arithmetic modulo :math:`R = 2^{32}`
-makes the cancellation exact; with floating-point masks it would only be approximate. Updates
-are encoded in fixed point with ``scale`` steps per unit.
-
-If a client drops out after the masks were set up, its masks no longer cancel. The real protocol
-secret-shares every seed so that the surviving clients can help the server remove the dropped
-client's masks; here the survivors simply reveal the seeds they shared with it
-(:func:`secure_sum` with ``dropped``).
-
-What secure aggregation does not do: the server still learns the exact sum, which can reveal a
-lot when few clients take part, and nothing stops the server from learning each update when
-only one client survives. It is not differential privacy; the two are combined in practice.
+The secure-aggregation toy lives in :mod:`companion.secure_aggregation`; its names
+(:data:`MODULUS`, :func:`pairwise_seeds`, :func:`mask_update`, :func:`secure_sum`) are
+re-exported here.
 
 .. warning::
 
-    Teaching code. The secure-aggregation toy uses numpy's generator, which is not a
-    cryptographic PRG, creates the seeds in one place instead of by key agreement, and has no
-    authentication or secret sharing. The training loops simulate all clients in one process,
-    and :func:`dp_fedavg` draws floating-point noise from torch's pseudo-random generator (see
-    its docstring); use a maintained framework for real deployments.
+    Teaching code: every client runs in one process, and :func:`dp_fedavg` draws
+    floating-point noise from torch's pseudo-random generator (see its docstring); use a
+    maintained framework for real deployments.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,7 +45,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from companion._random import RNGLike, as_generator
+from companion._random import check_optional_seed, derive_seed, torch_generator
+from companion._torch import (
+    ArrayLike,
+    LossName,
+    add_to_model,
+    check_data,
+    check_loss,
+    check_model,
+    check_optional_test,
+    evaluate_model,
+    loss_fn,
+    progress_loop,
+    to_tensors,
+    trainable_named,
+    warn_if_delta_large,
+)
 from companion._validation import (
     check_delta,
     check_fraction,
@@ -113,151 +71,29 @@ from companion._validation import (
 from companion.accounting import RDPAccountant
 from companion.dpsgd import add_gaussian_noise
 from companion.per_example import clip_factors
-from companion._random import torch_generator
-from companion._torch import (
-    progress_loop,
-    ArrayLike,
-    LossName,
-    check_data,
-    check_loss,
-    check_model,
-    check_optional_test,
-    evaluate_model,
-    loss_fn,
-    to_tensors,
-    trainable,
-)
+from companion.secure_aggregation import MODULUS, mask_update, pairwise_seeds, secure_sum
 
 __all__ = [
     "MODULUS",
     "client_datasets",
     "dp_fedavg",
+    "dp_fedavg_aggregate",
     "fedavg",
+    "fedavg_aggregate",
     "local_update",
     "mask_update",
     "pairwise_seeds",
     "secure_sum",
 ]
 
-MODULUS = 2**32
-"""Size :math:`R` of the ring of integers in which updates are masked and summed."""
+Client = tuple[torch.Tensor, torch.Tensor]
+"""One client's data set: inputs of shape ``(n_k, n_features)`` and labels of shape ``(n_k,)``."""
 
-Seeds = Mapping[tuple[int, int], int]
-
-
-def pairwise_seeds(num_clients: int, *, rng: RNGLike = None) -> dict[tuple[int, int], int]:
-    """One random seed for every pair of clients ``(i, j)`` with ``i < j``."""
-    num_clients = check_positive_int("num_clients", num_clients)
-    generator = as_generator(rng)
-    return {
-        (i, j): int(generator.integers(0, 2**63))
-        for i in range(num_clients)
-        for j in range(i + 1, num_clients)
-    }
-
-
-def _prg(seed: int, dim: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, MODULUS, size=dim, dtype=np.int64)
-
-
-def _pair_mask(client: int, pair: tuple[int, int], dim: int, seeds: Seeds) -> np.ndarray:
-    """The part of ``client``'s mask that comes from ``pair``: +PRG for the lower index, -PRG for the higher."""
-    sign = 1 if client == pair[0] else -1
-    return sign * _prg(seeds[pair], dim)
-
-
-def _encode(update: np.ndarray, scale: float, num_clients: int) -> np.ndarray:
-    if not isinstance(update, np.ndarray) or update.ndim != 1:
-        raise TypeError("update must be a one-dimensional numpy array.")
-    if not np.isfinite(update).all():
-        raise ValueError("update must be finite (no NaN or inf).")
-    fixed = np.round(update * scale)
-    if np.abs(fixed).max(initial=0) * num_clients >= MODULUS // 2:
-        raise ValueError(
-            f"update too large for exact aggregation: |update| * scale * num_clients must stay "
-            f"below 2^31; lower scale (now {scale})."
-        )
-    return fixed.astype(np.int64) % MODULUS
-
-
-def mask_update(
-    update: np.ndarray, *, client: int, seeds: Seeds, num_clients: int, scale: float = 2.0**16
-) -> np.ndarray:
-    """What ``client`` sends: its update in fixed point plus its pairwise masks, modulo 2^32.
-
-    Args:
-        update: the client's model update, a one-dimensional float array.
-        client: this client's index, 0 <= client < num_clients.
-        seeds: the pairwise seeds from :func:`pairwise_seeds`.
-        num_clients: the number of clients that set up masks together.
-        scale: fixed-point steps per unit; the sum is exact up to rounding to 1/scale.
-    """
-    num_clients = check_positive_int("num_clients", num_clients)
-    if not 0 <= client < num_clients:
-        raise ValueError(f"client must lie in [0, {num_clients}), got {client}.")
-    scale = check_positive("scale", scale)
-    masked = _encode(update, scale, num_clients)
-    for pair in seeds:
-        if client in pair:
-            masked = (masked + _pair_mask(client, pair, update.size, seeds)) % MODULUS
-    return masked
-
-
-def secure_sum(
-    updates: Sequence[np.ndarray],
-    *,
-    dropped: Sequence[int] = (),
-    scale: float = 2.0**16,
-    rng: RNGLike = None,
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Simulate one round of secure aggregation and return what the server computes and sees.
-
-    Every client masks its update (:func:`mask_update`); the clients in ``dropped`` fail before
-    sending. The survivors reveal the seeds they shared with dropped clients, and the server
-    removes those masks, so the result is the sum of the surviving clients' updates.
-
-    Args:
-        updates: one one-dimensional float array per client, all of the same length.
-        dropped: indices of clients whose masked update never arrives.
-        scale: fixed-point steps per unit.
-        rng: seeds the pairwise masks.
-
-    Returns:
-        ``(total, received)``: the decoded sum of the surviving updates, and the masked updates
-        the server received (one per survivor), which is all the server sees of any client.
-    """
-    num_clients = len(updates)
-    check_positive_int("number of updates", num_clients)
-    dims = {u.size if isinstance(u, np.ndarray) else -1 for u in updates}
-    if len(dims) != 1 or -1 in dims:
-        raise ValueError("updates must be numpy arrays of one common length.")
-    dim = dims.pop()
-    dropped_set = set(dropped)
-    if not dropped_set <= set(range(num_clients)):
-        raise ValueError(f"dropped must hold client indices in [0, {num_clients}).")
-    survivors = [c for c in range(num_clients) if c not in dropped_set]
-    if not survivors:
-        raise ValueError("at least one client must survive.")
-
-    seeds = pairwise_seeds(num_clients, rng=rng)
-    received = [
-        mask_update(updates[c], client=c, seeds=seeds, num_clients=num_clients, scale=scale)
-        for c in survivors
-    ]
-    total = np.sum(received, axis=0) % MODULUS
-    # Masks a survivor shares with a dropped client have no partner in the sum: remove them.
-    for client in survivors:
-        for pair in seeds:
-            if client in pair and (set(pair) & dropped_set):
-                total = (total - _pair_mask(client, pair, dim, seeds)) % MODULUS
-    signed = np.where(total >= MODULUS // 2, total - MODULUS, total)
-    return signed / scale, received
+Update = Mapping[str, torch.Tensor]
+"""A client's update: parameter name -> new weights minus the global weights."""
 
 
 # --- clients ------------------------------------------------------------------------------------
-
-Client = tuple[torch.Tensor, torch.Tensor]
-"""One client's data set: inputs of shape ``(n_k, n_features)`` and labels of shape ``(n_k,)``."""
 
 
 def client_datasets(x: ArrayLike, y: ArrayLike, parts: Sequence[Any]) -> list[Client]:
@@ -276,6 +112,12 @@ def client_datasets(x: ArrayLike, y: ArrayLike, parts: Sequence[Any]) -> list[Cl
         One ``(x_k, y_k)`` pair of tensors per part, in the order of ``parts`` (copies, not
         views of ``x`` and ``y``).
 
+    Raises:
+        TypeError: if ``x`` or ``y`` is not a tensor or numeric array, ``parts`` is not a list,
+            or a part holds non-integer indices.
+        ValueError: if the shapes do not fit, ``parts`` is empty, or a part is empty, not
+            one-dimensional or holds an index outside ``[0, N)``.
+
     Example:
         >>> from companion import data
         >>> digits = data.load_digits()
@@ -287,11 +129,14 @@ def client_datasets(x: ArrayLike, y: ArrayLike, parts: Sequence[Any]) -> list[Cl
     x, y = to_tensors(x, y)
     if x.ndim < 2 or y.ndim != 1:
         raise ValueError(
-            f"x must have shape (N, n_features) and y shape (N,), got {tuple(x.shape)} and {tuple(y.shape)}."
+            f"x must have shape (N, n_features) and y shape (N,), got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}."
         )
     n = x.shape[0]
     if y.shape[0] != n:
-        raise ValueError(f"x and y must have the same number of examples, got {n} and {y.shape[0]}.")
+        raise ValueError(
+            f"x and y must have the same number of examples, got {n} and {y.shape[0]}."
+        )
     if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence):
         raise TypeError(f"parts must be a list of index arrays, got {type(parts).__name__}.")
     if len(parts) == 0:
@@ -300,7 +145,9 @@ def client_datasets(x: ArrayLike, y: ArrayLike, parts: Sequence[Any]) -> list[Cl
     for k, part in enumerate(parts):
         index = np.asarray(part.cpu() if isinstance(part, torch.Tensor) else part)
         if index.ndim != 1:
-            raise ValueError(f"parts[{k}] must be a one-dimensional index array, got shape {index.shape}.")
+            raise ValueError(
+                f"parts[{k}] must be a one-dimensional index array, got shape {index.shape}."
+            )
         if index.size == 0:
             raise ValueError(f"parts[{k}] is empty; every client must hold at least one example.")
         if index.dtype == bool or not np.issubdtype(index.dtype, np.integer):
@@ -319,7 +166,8 @@ def _check_clients(clients: object, *, loss: str) -> list[Client]:
     """Validate every client's data set once; return them as tensors."""
     if isinstance(clients, (str, bytes)) or not isinstance(clients, Sequence):
         raise TypeError(
-            f"clients must be a list of (x, y) pairs (see client_datasets), got {type(clients).__name__}."
+            "clients must be a list of (x, y) pairs (see client_datasets), got "
+            f"{type(clients).__name__}."
         )
     if len(clients) == 0:
         raise ValueError("clients must hold at least one client, got an empty list.")
@@ -336,11 +184,6 @@ def _check_batch_size(batch_size: object) -> int | None:
     return None if batch_size is None else check_positive_int("batch_size", batch_size)
 
 
-def _client_seed(seed: int, round_: int, client: int) -> int:
-    """The seed of ``client``'s local shuffling in round ``round_``: independent streams per pair."""
-    return int(np.random.SeedSequence((seed, round_, client)).generate_state(1)[0])
-
-
 # --- local training -----------------------------------------------------------------------------
 
 
@@ -354,7 +197,7 @@ def local_update(
     lr: float,
     mu: float = 0.0,
     loss: LossName = "cross_entropy",
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> dict[str, torch.Tensor]:
     r"""Train a copy of ``model`` on one client's data and return the change of its weights.
 
@@ -364,15 +207,11 @@ def local_update(
     :math:`w \leftarrow w - \eta \nabla F(w)` on the mean loss of each batch of ``batch_size``
     (the last batch may be smaller). With ``mu`` :math:`> 0` the objective is FedProx's (Li et
     al. 2020, "Federated Optimization in Heterogeneous Networks", MLSys, eq. 2),
-
-    .. math:: F(w) = L_k(w) + \frac{\mu}{2} \lVert w - w_t \rVert_2^2 ,
-
-    whose extra gradient :math:`\mu (w - w_t)` is added to each batch gradient. With
-    :math:`\eta\mu \le 1` each step shrinks the distance to :math:`w_t` before the loss gradient
-    is applied; with :math:`\eta\mu > 2` the proximal term alone makes the iteration diverge,
-    so choose ``lr * mu`` at most 1.
-
-    ``mu=0`` with ``batch_size=n_k`` or ``None`` and the same ``seed`` gives the same weights as
+    :math:`F(w) = L_k(w) + \frac{\mu}{2} \lVert w - w_t \rVert_2^2`, whose extra gradient
+    :math:`\mu (w - w_t)` is added to each batch gradient. With :math:`\eta\mu \le 1` each step
+    shrinks the distance to :math:`w_t` before the loss gradient is applied; with
+    :math:`\eta\mu > 2` the proximal term alone makes the iteration diverge, so choose
+    ``lr * mu`` at most 1. ``mu=0`` with the same ``seed`` gives the same weights as
     :func:`companion.training.train` on the copy.
 
     Args:
@@ -386,23 +225,30 @@ def local_update(
         lr: local learning rate :math:`\eta`, > 0.
         mu: FedProx coefficient :math:`\mu`, >= 0 (0 is plain local SGD).
         loss: ``"cross_entropy"`` or ``"bce"``.
-        seed: seed of the shuffling generator.
+        seed: seed of the shuffling generator (public randomness), or None for fresh entropy.
 
     Returns:
         A dict mapping each trainable parameter's name (as in ``model.named_parameters()``) to
         the new weights minus the given weights, a tensor of the parameter's shape.
 
+    Raises:
+        TypeError: if ``model`` is not a module, the data are not tensors or arrays, or an
+            integer argument is not an integer.
+        ValueError: if the data do not fit the loss, ``epochs``, ``batch_size`` or ``lr`` is
+            not positive, ``mu`` is negative, ``seed`` is negative or the model has no
+            trainable parameter.
+
     Example:
         >>> from companion import data, models
         >>> digits = data.load_digits()
         >>> model = models.logistic_regression()
-        >>> update = local_update(model, digits.x_train[:100], digits.y_train[:100],
+        >>> update = local_update(model, digits.x_train[:40], digits.y_train[:40],
         ...                       epochs=1, batch_size=10, lr=0.1)
-        >>> sorted(update)
-        ['0.bias', '0.weight']
+        >>> {name: tuple(value.shape) for name, value in update.items()}
+        {'0.weight': (10, 64), '0.bias': (10,)}
     """
     model = check_model(model)
-    trainable(model)
+    trainable_named(model)
     loss = check_loss(loss)
     x, y = check_data(x, y, loss=loss)
     epochs = check_positive_int("epochs", epochs)
@@ -427,7 +273,7 @@ def _local_update(
     """:func:`local_update` without argument checks (the loops check once)."""
     local = copy.deepcopy(model)
     local.train()
-    params = [(name, p) for name, p in local.named_parameters() if p.requires_grad]
+    params = trainable_named(local)
     start = {name: p.detach().clone() for name, p in params}
     mean_loss = loss_fn(loss)
     n = x.shape[0]
@@ -449,14 +295,234 @@ def _local_update(
     return {name: (p.detach() - start[name]) for name, p in params}
 
 
-def _add_to_model(model: nn.Module, delta: Mapping[str, torch.Tensor], scale: float = 1.0) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in delta:
-                p.add_(delta[name], alpha=scale)
+def _client_updates(
+    model: nn.Module,
+    data: Sequence[Client],
+    picked: Sequence[int],
+    seed: int | None,
+    round_: int,
+    *args: Any,
+) -> list[dict[str, torch.Tensor]]:
+    """The picked clients' local updates; client ``k`` shuffles with the stream (seed, round, k).
+
+    ``args`` are :func:`_local_update`'s ``epochs, batch_size, lr, mu, loss``. The streams come
+    from :class:`numpy.random.SeedSequence`, so a client's training does not depend on which
+    other clients were picked (and with ``seed=None`` every stream is fresh entropy).
+    """
+    updates = []
+    for k in picked:
+        generator = torch_generator(derive_seed(seed, round_, k))
+        updates.append(_local_update(model, *data[k], *args, generator))
+    return updates
 
 
-# --- FedAvg and FedProx -------------------------------------------------------------------------
+# --- aggregation rules (the server's step) ------------------------------------------------------
+
+
+def _check_updates(updates: object, *, allow_empty: bool) -> list[Update]:
+    """A list of updates with one set of names and shapes, floating point and finite."""
+    if isinstance(updates, (str, bytes, Mapping)) or not isinstance(updates, Sequence):
+        raise TypeError(
+            "updates must be a list of dicts name -> tensor (one per client, as returned by "
+            f"local_update), got {type(updates).__name__}."
+        )
+    if not updates and not allow_empty:
+        raise ValueError("updates must hold at least one client's update, got an empty list.")
+    first: Update | None = None
+    for k, update in enumerate(updates):
+        if not isinstance(update, Mapping) or not update:
+            raise TypeError(
+                f"updates[{k}] must be a non-empty dict name -> tensor, got "
+                f"{type(update).__name__}."
+            )
+        for name, value in update.items():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise TypeError(f"updates[{k}][{name!r}] must be a floating-point tensor.")
+            if not torch.isfinite(value).all():
+                raise ValueError(
+                    f"updates[{k}][{name!r}] holds NaN or inf: local training diverged; lower lr."
+                )
+        if first is None:
+            first = update
+        elif list(update) != list(first) or any(
+            update[name].shape != first[name].shape for name in first
+        ):
+            raise ValueError(
+                f"updates[{k}] must have the parameter names and shapes of updates[0]."
+            )
+    return list(updates)
+
+
+def fedavg_aggregate(
+    updates: Sequence[Update], num_examples: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    r"""FedAvg's aggregation rule: the mean of the updates weighted by the clients' data sizes.
+
+    .. math:: \bar\Delta = \sum_{k \in S} \frac{n_k}{\sum_{j \in S} n_j} \Delta_k
+
+    (McMahan et al. 2017, Algorithm 1). Weighting by :math:`n_k` makes the average of the
+    clients' mean gradients the mean gradient over all their examples; an unweighted mean would
+    overweight small clients. A pure function: the inputs are not changed.
+
+    Args:
+        updates: one dict name -> tensor per client (see :func:`local_update`), all with the
+            same names and shapes.
+        num_examples: :math:`n_k`, the number of examples of each client, integers >= 1.
+
+    Returns:
+        A new dict name -> tensor, the weighted mean, in the order of ``updates[0]``.
+
+    Raises:
+        TypeError: if ``updates`` is not a list of dicts of floating-point tensors or a count
+            is not an integer.
+        ValueError: if ``updates`` is empty, its length differs from ``num_examples``, the names
+            or shapes differ between clients, an update is not finite, or a count is < 1.
+
+    Example:
+        >>> import torch
+        >>> updates = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}]
+        >>> fedavg_aggregate(updates, [3, 1])
+        {'w': tensor([0.7500, 1.0000])}
+    """
+    updates = _check_updates(updates, allow_empty=False)
+    if isinstance(num_examples, (str, bytes)) or not isinstance(num_examples, Sequence):
+        raise TypeError(
+            f"num_examples must be a list of integers, got {type(num_examples).__name__}."
+        )
+    if len(num_examples) != len(updates):
+        raise ValueError(
+            f"num_examples must hold one count per update: got {len(num_examples)} counts for "
+            f"{len(updates)} updates."
+        )
+    counts = [check_positive_int(f"num_examples[{k}]", n) for k, n in enumerate(num_examples)]
+    total = sum(counts)
+    average: dict[str, torch.Tensor] = {}
+    for update, count in zip(updates, counts, strict=True):
+        weight = count / total
+        for name, value in update.items():
+            if name in average:
+                average[name].add_(value, alpha=weight)
+            else:
+                average[name] = value * weight
+    return average
+
+
+def dp_fedavg_aggregate(
+    updates: Sequence[Update],
+    *,
+    max_update_norm: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    generator: torch.Generator,
+    parameter_shapes: Mapping[str, torch.Size] | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    r"""DP-FedAvg's aggregation rule: clip each update, sum, add Gaussian noise, divide by qK.
+
+    McMahan, Ramage, Talwar and Zhang (2018), "Learning Differentially Private Recurrent
+    Language Models", ICLR, with equal client weights and the fixed-denominator estimator:
+
+    .. math::
+
+        \tilde\Delta = \frac{1}{qK} \Bigl( \sum_{k \in S} \Delta_k
+        \min\Bigl(1, \frac{S}{\lVert \Delta_k \rVert_2 + 10^{-6}}\Bigr)
+        + \mathcal N(0, \sigma^2 S^2 I) \Bigr).
+
+    The norm :math:`\lVert \Delta_k \rVert_2` is taken over all parameters of the update
+    together, with the factor of :func:`companion.per_example.clip_factors`; the noise is
+    :func:`companion.dpsgd.add_gaussian_noise` with std :math:`\sigma S`, one draw over all
+    parameters in the order of ``parameter_shapes`` (or of ``updates[0]``). The denominator
+    ``expected_clients`` :math:`= qK` must be fixed before seeing the data, never the realised
+    number of clients, which depends on the sample and would leak it. Then the noisy sum has L2
+    sensitivity :math:`S` with respect to adding or removing one client, and one call is one
+    step of the (Poisson-subsampled, if the clients were so sampled) Gaussian mechanism with
+    noise multiplier :math:`\sigma`. With no client the result is pure noise
+    :math:`\mathcal N(0, \sigma^2 S^2 I) / qK`: a round in which nobody was sampled must look
+    like any other, so the names and shapes come from ``parameter_shapes``.
+
+    Args:
+        updates: one dict name -> tensor per sampled client (see :func:`local_update`), all
+            with the same names and shapes; may be empty if ``parameter_shapes`` is given.
+        max_update_norm: the clipping norm :math:`S`, > 0.
+        noise_multiplier: :math:`\sigma`, >= 0 (0 adds no noise: no privacy).
+        expected_clients: :math:`qK`, the expected number of sampled clients, > 0; public.
+        generator: the :class:`torch.Generator` the noise is drawn from; seed it from fresh
+            entropy (``g = torch.Generator(); g.seed()``). A seed used for noise is a secret:
+            whoever knows it can regenerate the noise and subtract it.
+        parameter_shapes: name -> shape of every parameter, in the order the noise is drawn;
+            required when ``updates`` is empty, else checked against the updates.
+        dtype: floating dtype of the result when ``updates`` is empty (default: torch's
+            default dtype); with updates, theirs.
+
+    Returns:
+        A new dict name -> tensor, the noisy average update :math:`\tilde\Delta`.
+
+    Raises:
+        TypeError: if the updates are not dicts of floating-point tensors or ``generator`` is
+            not a :class:`torch.Generator`.
+        ValueError: if ``max_update_norm`` or ``expected_clients`` is not > 0,
+            ``noise_multiplier`` is negative, an update is not finite, the names or shapes
+            disagree, or ``updates`` is empty and ``parameter_shapes`` not given.
+
+    Example:
+        >>> import torch
+        >>> updates = [{"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.1, 0.0])}]
+        >>> aggregate = dp_fedavg_aggregate(updates, max_update_norm=1.0,
+        ...     noise_multiplier=0.0, expected_clients=2.0, generator=torch.Generator())
+        >>> aggregate["w"]  # (0.6, 0.8) clipped from (3, 4), plus (0.1, 0), over qK = 2
+        tensor([0.3500, 0.4000])
+        >>> noise_only = dp_fedavg_aggregate([], max_update_norm=1.0, noise_multiplier=1.0,
+        ...     expected_clients=2.0, generator=torch.Generator().manual_seed(0),
+        ...     parameter_shapes={"w": torch.Size([2])})
+        >>> noise_only["w"].shape
+        torch.Size([2])
+    """
+    max_update_norm = check_positive("max_update_norm", max_update_norm)
+    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    expected_clients = check_positive("expected_clients", expected_clients)
+    updates = _check_updates(updates, allow_empty=True)
+    if parameter_shapes is not None:
+        if not isinstance(parameter_shapes, Mapping) or not parameter_shapes:
+            raise TypeError("parameter_shapes must be a non-empty dict name -> torch.Size.")
+        shapes = {name: torch.Size(shape) for name, shape in parameter_shapes.items()}
+        first_shapes = {n: v.shape for n, v in updates[0].items()} if updates else shapes
+        if first_shapes != shapes:
+            raise ValueError(
+                "parameter_shapes must match the names and shapes of the updates, got "
+                f"{dict(shapes)} and {dict(first_shapes)}."
+            )
+    elif updates:
+        shapes = {name: value.shape for name, value in updates[0].items()}
+    else:
+        raise ValueError(
+            "with no update (no client sampled) the result is pure noise: pass parameter_shapes "
+            "so that its names and shapes are known."
+        )
+    if updates:
+        total = {name: torch.zeros_like(updates[0][name]) for name in shapes}
+    else:
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}.")
+        total = {name: torch.zeros(shape, dtype=dtype) for name, shape in shapes.items()}
+    for update in updates:
+        norms = torch.stack([torch.linalg.vector_norm(value) for value in update.values()])
+        factor = float(clip_factors(torch.linalg.vector_norm(norms), max_grad_norm=max_update_norm))
+        for name, value in update.items():
+            total[name].add_(value, alpha=factor)
+    add_gaussian_noise(total, std=noise_multiplier * max_update_norm, generator=generator)
+    return {name: value.div_(expected_clients) for name, value in total.items()}
+
+
+# --- the training loops -------------------------------------------------------------------------
+
+
+def _test_record(
+    model: nn.Module, test_data: tuple[torch.Tensor, torch.Tensor] | None, loss: str
+) -> dict[str, float]:
+    if test_data is None:
+        return {}
+    scores = evaluate_model(model, *test_data, loss=loss)
+    return {"test_loss": scores["loss"], "test_accuracy": scores["accuracy"]}
 
 
 def fedavg(
@@ -472,7 +538,7 @@ def fedavg(
     loss: LossName = "cross_entropy",
     x_test: ArrayLike | None = None,
     y_test: ArrayLike | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     r"""Train ``model`` in place with FederatedAveraging (FedSGD, FedAvg or FedProx).
@@ -481,17 +547,15 @@ def fedavg(
     from Decentralized Data", AISTATS. In each round the server draws
     :math:`m = \max(1, \mathrm{round}(CK))` of the :math:`K` clients uniformly without
     replacement (Python's ``round``, halves to even), each runs :func:`local_update` from the
-    current global weights :math:`w`, and the server sets
-
-    .. math:: w \leftarrow w + \sum_{k \in S} \frac{n_k}{\sum_{j \in S} n_j} \Delta_k ,
-
-    weighting each update by the client's number of examples. ``local_epochs=1,
-    batch_size=None`` is FedSGD (one full-batch gradient step per client; with
+    current global weights :math:`w`, and the server adds :func:`fedavg_aggregate` of the
+    updates, :math:`w \leftarrow w + \sum_{k \in S} (n_k / \sum_{j \in S} n_j) \Delta_k`.
+    ``local_epochs=1, batch_size=None`` is FedSGD (one full-batch gradient step per client; with
     ``client_fraction=1`` a round is one step of gradient descent on the pooled data);
     ``mu > 0`` is FedProx (Li et al. 2020). The selection uses a
     :func:`numpy.random.default_rng` seeded with ``seed``; client ``k``'s shuffling in round
     ``t`` is seeded from ``numpy.random.SeedSequence((seed, t, k))``, so a run is reproducible
-    and a client's local training does not depend on which other clients were picked.
+    and a client's local training does not depend on which other clients were picked. Nothing
+    here is private, so the randomness is public and defaults to seed 0.
 
     Args:
         model: the global model; its trainable parameters are updated in place.
@@ -505,7 +569,7 @@ def fedavg(
         mu: FedProx coefficient, >= 0 (0 is FedAvg).
         loss: ``"cross_entropy"`` or ``"bce"``.
         x_test, y_test: optional held-out data, evaluated after every round.
-        seed: seed of the client selection and the local shuffling.
+        seed: seed of the client selection and the local shuffling, or None for fresh entropy.
         progress: show a tqdm progress bar over the rounds.
 
     Returns:
@@ -513,19 +577,27 @@ def fedavg(
         indices of the clients picked), and ``"test_loss"`` and ``"test_accuracy"`` of the
         global model after the round if test data were given.
 
+    Raises:
+        TypeError: if ``model`` is not a module, ``clients`` not a list of ``(x, y)`` pairs, or
+            an integer argument not an integer.
+        ValueError: if a client's data are empty or do not fit the loss, or a number is out of
+            the range given above.
+
     Example:
         >>> from companion import data, models
         >>> digits = data.load_digits()
-        >>> parts = data.partition_iid(len(digits.y_train), num_clients=10)
-        >>> clients = client_datasets(digits.x_train, digits.y_train, parts)
-        >>> history = fedavg(models.logistic_regression(), clients, rounds=5,
-        ...     client_fraction=0.5, local_epochs=2, batch_size=10, lr=0.1,
-        ...     x_test=digits.x_test, y_test=digits.y_test, progress=False)
-        >>> history[0]["clients"]  # doctest: +SKIP
-        [0, 1, 4, 6, 9]
+        >>> parts = data.partition_iid(60, num_clients=6)
+        >>> clients = client_datasets(digits.x_train[:60], digits.y_train[:60], parts)
+        >>> history = fedavg(models.logistic_regression(), clients, rounds=3,
+        ...     client_fraction=0.5, local_epochs=2, batch_size=5, lr=0.1,
+        ...     x_test=digits.x_test[:100], y_test=digits.y_test[:100], progress=False)
+        >>> [record["clients"] for record in history]
+        [[3, 4, 5], [0, 4, 5], [2, 3, 4]]
+        >>> [record["test_accuracy"] for record in history]
+        [0.22, 0.31, 0.45]
     """
     model = check_model(model)
-    trainable(model)
+    trainable_named(model)
     loss = check_loss(loss)
     data = _check_clients(clients, loss=loss)
     rounds = check_positive_int("rounds", rounds)
@@ -535,7 +607,7 @@ def fedavg(
     lr = check_positive("lr", lr)
     mu = check_nonnegative("mu", mu)
     test_data = check_optional_test(x_test, y_test, loss=loss)
-    torch_generator(seed)  # validates the seed
+    seed = check_optional_seed(seed)
     rng = np.random.default_rng(seed)
     num_clients = len(data)
     per_round = max(1, round(client_fraction * num_clients))
@@ -546,35 +618,14 @@ def fedavg(
         rounds, history=history, desc=name, unit="round", progress=progress
     ):
         picked = sorted(int(k) for k in rng.choice(num_clients, size=per_round, replace=False))
-        total = sum(data[k][0].shape[0] for k in picked)
-        average: dict[str, torch.Tensor] = {}
-        for k in picked:
-            x_k, y_k = data[k]
-            generator = torch_generator(_client_seed(seed, round_, k))
-            update = _local_update(model, x_k, y_k, local_epochs, batch_size, lr, mu, loss, generator)
-            weight = x_k.shape[0] / total
-            for key, value in update.items():
-                if key in average:
-                    average[key].add_(value, alpha=weight)
-                else:
-                    average[key] = value * weight
-        _add_to_model(model, average)
+        updates = _client_updates(
+            model, data, picked, seed, round_, local_epochs, batch_size, lr, mu, loss
+        )
+        add_to_model(model, fedavg_aggregate(updates, [data[k][0].shape[0] for k in picked]))
         record: dict[str, Any] = {"round": round_, "clients": picked}
         record.update(_test_record(model, test_data, loss))
         history.append(record)
     return history
-
-
-def _test_record(
-    model: nn.Module, test_data: tuple[torch.Tensor, torch.Tensor] | None, loss: str
-) -> dict[str, float]:
-    if test_data is None:
-        return {}
-    scores = evaluate_model(model, *test_data, loss=loss)
-    return {"test_loss": scores["loss"], "test_accuracy": scores["accuracy"]}
-
-
-# --- DP-FedAvg ----------------------------------------------------------------------------------
 
 
 def dp_fedavg(
@@ -593,57 +644,60 @@ def dp_fedavg(
     loss: LossName = "cross_entropy",
     x_test: ArrayLike | None = None,
     y_test: ArrayLike | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     r"""Train ``model`` in place with DP-FedAvg, differentially private for each client's data set.
 
-    The algorithm of McMahan, Ramage, Talwar and Zhang (2018), "Learning Differentially Private
-    Recurrent Language Models", ICLR, with equal client weights and the fixed-denominator
-    estimator. In each round:
+    McMahan, Ramage, Talwar and Zhang (2018), "Learning Differentially Private Recurrent
+    Language Models", ICLR. In each round:
 
     1. every one of the :math:`K` clients joins independently with probability :math:`q`
        (``sample_rate``; Poisson sampling, so the number of clients is
        :math:`\mathrm{Binomial}(K, q)` and may be 0);
-    2. each client that joins runs :func:`local_update` (plain SGD, no proximal term) and its
-       update :math:`\Delta_k` is clipped to L2 norm at most :math:`S` (``max_update_norm``),
-       the norm taken over all parameters together:
-       :math:`\bar\Delta_k = \Delta_k \min(1, S / (\lVert \Delta_k \rVert_2 + 10^{-6}))`, the
-       factor :mod:`companion.dpsgd` uses;
-    3. the server adds Gaussian noise and divides by the *expected* number of clients:
+    2. each client that joins runs :func:`local_update` (plain SGD, no proximal term);
+    3. the server computes :func:`dp_fedavg_aggregate` of the updates with clipping norm
+       :math:`S` (``max_update_norm``), noise multiplier :math:`\sigma` and the fixed
+       denominator :math:`qK`, and adds it times :math:`\eta_s` (``server_lr``):
 
        .. math::
 
            w \leftarrow w + \eta_s \, \frac{1}{qK} \Bigl( \sum_{k \in S_t} \bar\Delta_k
-           + \mathcal N(0, \sigma^2 S^2 I) \Bigr),
-
-       with :math:`\eta_s` = ``server_lr`` and :math:`\sigma` = ``noise_multiplier``.
+           + \mathcal N(0, \sigma^2 S^2 I) \Bigr).
 
     Every client weighs the same (unlike :func:`fedavg`, whose weights :math:`n_k` would depend
-    on private data), and the denominator :math:`qK` is public, so the noisy sum has L2
-    sensitivity :math:`S` and each round is one step of the Poisson-subsampled Gaussian
-    mechanism. An :class:`companion.accounting.RDPAccountant` records one step
-    ``(noise_multiplier, sample_rate)`` per round and reports epsilon at ``delta``.
+    on private data), so the noisy sum has L2 sensitivity :math:`S` and each round is one step of
+    the Poisson-subsampled Gaussian mechanism. An :class:`companion.accounting.RDPAccountant`
+    records one step ``(noise_multiplier, sample_rate)`` per round and reports epsilon at
+    ``delta``.
 
     **What is protected.** The neighbouring relation is adding or removing one client's whole
-    data set (user-level differential privacy), not one example. The guarantee covers what the
-    server releases: the sequence of global models (and anything computed from them). The
-    clients' raw data are sent nowhere, so there is nothing about them to protect in transit;
-    the individual updates, however, are seen by the server in the clear here: the server is
-    trusted to clip and add the noise (central DP). Secure aggregation (:func:`secure_sum`)
-    with noise added by the clients removes that trust in deployed systems. The test scores
-    in the records use held-out data and are not part of the guarantee. Choose ``delta`` well
-    below :math:`1/K`: a mechanism that publishes one random client's data in full is
-    :math:`(0, 1/K)`-DP (a ``UserWarning`` says so).
+    data set (user-level differential privacy), not one example. The guarantee covers the
+    sequence of global models (and anything computed from them). The number of clients
+    :math:`K`, and with it the denominator :math:`qK`, is treated as public (fixed before
+    training); to keep it out of the data, call :func:`dp_fedavg_aggregate` with a
+    denominator chosen in advance. The records' ``"clients"`` (who was sampled) and test scores
+    are outside the guarantee: releasing who was sampled would cancel the amplification by
+    sampling the accountant credits. The server sees the individual updates in the clear: it is
+    trusted to clip and add the noise (central DP); secure aggregation
+    (:mod:`companion.secure_aggregation`) with noise added by the clients removes that trust in
+    deployed systems. Choose ``delta`` well below :math:`1/K` (a ``UserWarning`` says so).
+
+    **Randomness.** With ``seed=None`` (the default) the client sampling, the noise and the
+    local shuffling come from fresh entropy, so two runs never share noise. A ``seed`` makes a
+    run reproducible (the sampling from :func:`numpy.random.default_rng`, the noise from a
+    :class:`torch.Generator`, client ``k``'s shuffling in round ``t`` from
+    ``numpy.random.SeedSequence((seed, t, k))``), and it is then a secret: whoever knows it can
+    regenerate the noise and subtract it. Pass one for notebooks and tests, never when
+    releasing a model.
 
     .. warning::
 
         A teaching implementation: the noise is floating-point Gaussian noise from torch's
         pseudo-random generator, not a cryptographically secure source, and its low-order bits
         can leak (Mironov 2012). For real deployments use a maintained library: Opacus
-        (https://opacus.ai) for the DP machinery, TensorFlow Federated
-        (https://www.tensorflow.org/federated) or Flower (https://flower.ai) with their
-        differential-privacy wrappers for federated training.
+        (https://opacus.ai), TensorFlow Federated (https://www.tensorflow.org/federated) or
+        Flower (https://flower.ai).
 
     Args:
         model: the global model; its trainable parameters are updated in place.
@@ -660,9 +714,7 @@ def dp_fedavg(
         server_lr: :math:`\eta_s`, > 0; the noisy average update is multiplied by it.
         loss: ``"cross_entropy"`` or ``"bce"``.
         x_test, y_test: optional held-out data, evaluated after every round.
-        seed: seed of the client sampling (a :func:`numpy.random.default_rng`), of the noise
-            (a :class:`torch.Generator`) and, with the round and the client index, of each
-            client's local shuffling.
+        seed: None for fresh entropy (default), or a secret int seed for a reproducible run.
         progress: show a tqdm progress bar over the rounds.
 
     Returns:
@@ -670,19 +722,27 @@ def dp_fedavg(
         indices of the clients that joined), ``"epsilon"`` (spent so far, at ``delta``),
         ``"delta"``, and ``"test_loss"`` and ``"test_accuracy"`` if test data were given.
 
+    Raises:
+        TypeError: if ``model`` is not a module, ``clients`` not a list of ``(x, y)`` pairs, or
+            an integer argument not an integer.
+        ValueError: if a client's data are empty or do not fit the loss, or a number is out of
+            the range given above.
+
     Example:
         >>> from companion import data, models
         >>> digits = data.load_digits()
-        >>> parts = data.partition_iid(len(digits.y_train), num_clients=100)
-        >>> clients = client_datasets(digits.x_train, digits.y_train, parts)
-        >>> history = dp_fedavg(models.logistic_regression(), clients, rounds=10,
-        ...     sample_rate=0.2, noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1,
-        ...     batch_size=None, lr=0.5, delta=1e-3, progress=False)
-        >>> round(history[-1]["epsilon"], 2)  # doctest: +SKIP
-        2.1...
+        >>> parts = data.partition_iid(60, num_clients=20)
+        >>> clients = client_datasets(digits.x_train[:60], digits.y_train[:60], parts)
+        >>> history = dp_fedavg(models.logistic_regression(), clients, rounds=3,
+        ...     sample_rate=0.25, noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1,
+        ...     batch_size=None, lr=0.5, delta=1e-3, seed=0, progress=False)
+        >>> [len(record["clients"]) for record in history]  # Binomial(20, 0.25) each
+        [5, 3, 7]
+        >>> [round(record["epsilon"], 2) for record in history]
+        [1.92, 2.45, 2.84]
     """
     model = check_model(model)
-    trainable(model)
+    params = trainable_named(model)
     loss = check_loss(loss)
     data = _check_clients(clients, loss=loss)
     rounds = check_positive_int("rounds", rounds)
@@ -695,19 +755,13 @@ def dp_fedavg(
     delta = check_delta(delta)
     server_lr = check_positive("server_lr", server_lr)
     test_data = check_optional_test(x_test, y_test, loss=loss)
+    seed = check_optional_seed(seed)
     noise_generator = torch_generator(seed)
     rng = np.random.default_rng(seed)
     num_clients = len(data)
-    if delta >= 1 / num_clients:
-        warnings.warn(
-            f"delta={delta} is not below 1/K = {1 / num_clients:.3g} (K = {num_clients} clients); "
-            "a delta this large allows releasing a client's data in the clear. Choose delta "
-            "well below 1/K.",
-            UserWarning,
-            stacklevel=2,
-        )
+    warn_if_delta_large(delta, num_clients, unit="client", symbol="K")
     expected_clients = sample_rate * num_clients
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    shapes = {name: p.shape for name, p in params}
     accountant = RDPAccountant()
 
     history: list[dict[str, Any]] = []
@@ -715,19 +769,19 @@ def dp_fedavg(
         rounds, history=history, desc="DP-FedAvg", unit="round", progress=progress
     ):
         picked = [int(k) for k in np.flatnonzero(rng.random(num_clients) < sample_rate)]
-        total = {name: torch.zeros_like(p) for name, p in params}
-        for k in picked:
-            x_k, y_k = data[k]
-            generator = torch_generator(_client_seed(seed, round_, k))
-            update = _local_update(model, x_k, y_k, local_epochs, batch_size, lr, 0.0, loss, generator)
-            norms = torch.stack([torch.linalg.vector_norm(u) for u in update.values()])
-            norm = torch.linalg.vector_norm(norms)
-            factor = float(clip_factors(norm, max_grad_norm=max_update_norm))
-            for name, value in update.items():
-                total[name].add_(value, alpha=factor)
-        if noise_multiplier > 0:
-            add_gaussian_noise(total, std=noise_multiplier * max_update_norm, generator=noise_generator)
-        _add_to_model(model, total, server_lr / expected_clients)
+        updates = _client_updates(
+            model, data, picked, seed, round_, local_epochs, batch_size, lr, 0.0, loss
+        )
+        aggregate = dp_fedavg_aggregate(
+            updates,
+            max_update_norm=max_update_norm,
+            noise_multiplier=noise_multiplier,
+            expected_clients=expected_clients,
+            generator=noise_generator,
+            parameter_shapes=shapes,
+            dtype=params[0][1].dtype,
+        )
+        add_to_model(model, aggregate, server_lr)
         accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
         record: dict[str, Any] = {
             "round": round_,

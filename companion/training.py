@@ -4,7 +4,10 @@ r"""Plain, reusable training and evaluation loops (no privacy).
 a seeded :class:`torch.Generator`, cuts it into batches of ``batch_size`` (the last one may be
 smaller) and, for each batch :math:`B`, updates the parameters by
 
-.. math:: \theta \leftarrow \theta - \eta \, \nabla_\theta \frac{1}{|B|} \sum_{i \in B} \ell(\theta; x_i, y_i).
+.. math::
+
+    \theta \leftarrow \theta - \eta \, \nabla_\theta \frac{1}{|B|}
+    \sum_{i \in B} \ell(\theta; x_i, y_i).
 
 With ``max_grad_norm`` set, the *batch* gradient is rescaled to norm at most :math:`C` before
 the update (:func:`torch.nn.utils.clip_grad_norm_`). That is ordinary gradient clipping, a tool
@@ -48,7 +51,9 @@ from companion._validation import check_positive, check_positive_int, check_seed
 __all__ = ["LossName", "evaluate", "to_tensors", "train"]
 
 
-def evaluate(model: nn.Module, x: ArrayLike, y: ArrayLike, *, loss: LossName = "cross_entropy") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, x: ArrayLike, y: ArrayLike, *, loss: LossName = "cross_entropy"
+) -> dict[str, float]:
     """Accuracy and mean loss of ``model`` on ``(x, y)``, without gradients.
 
     The model is put in evaluation mode for the pass and returned to its previous mode.
@@ -147,7 +152,9 @@ def train(
 
     history: list[dict[str, Any]] = []
     model.train()
-    for epoch in progress_loop(epochs, history=history, desc="SGD", unit="epoch", progress=progress):
+    for epoch in progress_loop(
+        epochs, history=history, desc="SGD", unit="epoch", progress=progress
+    ):
         norms: list[float] = []
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
@@ -159,7 +166,9 @@ def train(
                 norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             elif record_grad_norms:
                 norm = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])
+                    torch.stack(
+                        [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+                    )
                 )
             if record_grad_norms:
                 norms.append(float(norm))

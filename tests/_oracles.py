@@ -68,5 +68,3 @@ def _assert_same(actual, expected):
 def _most_clipped_norm(norms):
     """A clipping norm below 80% of the examples' gradient norms (their 20% quantile)."""
     return float(torch.quantile(norms, 0.2))
-
-

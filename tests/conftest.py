@@ -1,95 +1,145 @@
-"""Shared fixtures: build the book once per test session and list the pages it produced.
+"""Shared test set-up: the test markers, and the fixtures and helpers several test files use.
 
-The build runs the same command as CI and ``make book``. It happens the first time something
-needs it: either the ``book_build`` fixture, or collection of a test that takes a ``page``
-argument (those tests are parametrized by the HTML files the build wrote, so the build has to
-exist before they can be listed). Either way it runs at most once per session.
+Markers (registered in pyproject.toml, which also passes ``--strict-markers``):
+
+- ``unit``: fast tests of the package and the docstring examples (doctests) of ``companion/``.
+  Every test without one of the other markers gets it here, so ``pytest -m unit`` (``make
+  unit``) is the fast loop and a new test file needs no marker to join it.
+- ``notebooks``: the notebook cells nbval re-executes (added here to every ``*.ipynb`` item).
+- ``book``, ``browser``: tests that need the built book (tests/test_book.py marks them).
+- ``flower``: tests that run the Flower framework.
+
+Helpers are plain functions (``from conftest import flat``); fixtures are listed below. They are
+test oracles, so they never call the private helpers of ``companion`` they would be checking.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+import functools
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-HTML_DIR = REPO_ROOT / "_build" / "html"
-BUILD_COMMAND = ["build", ".", "--all", "-W", "-n", "--keep-going"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from companion.data import Split
+
+# Markers that take a test out of the fast loop; a test with none of them is a unit test.
+NOT_UNIT_MARKERS = ("notebooks", "book", "browser", "flower")
 
 
-@dataclass(frozen=True)
-class BookBuild:
-    """The outcome of one ``jupyter-book build``: exit code, combined stdout/stderr, HTML folder."""
-
-    returncode: int
-    output: str = field(repr=False)
-    html_dir: Path
-
-    def warning_lines(self) -> list[str]:
-        """Lines of the build log that report a Sphinx warning."""
-        return [line for line in self.output.splitlines() if "WARNING" in line]
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark nbval's notebook cells ``notebooks`` and every other unmarked test ``unit``."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.notebooks)
+        if not any(item.get_closest_marker(name) for name in NOT_UNIT_MARKERS):
+            item.add_marker(pytest.mark.unit)
 
 
-_BUILD_KEY = pytest.StashKey[BookBuild]()
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
 
 
-def _jupyter_book() -> Path:
-    """The jupyter-book executable of the environment running the tests."""
-    return Path(sys.executable).parent / "jupyter-book"
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run a test module on one torch thread, and restore the setting afterwards.
 
-
-def build_book(config: pytest.Config) -> BookBuild:
-    """Build the book with the CI command, once per session (the result is kept in the stash).
-
-    ``_build/html`` is emptied first: ``--all`` rewrites every page but leaves pages of removed
-    chapters behind, and the browser tests must see exactly what this build produced.
+    The models in the tests are so small that threads do not help, and when other processes
+    keep the two cores busy, two OpenMP threads waiting on each other made 100 Adam steps 50
+    times slower (7 s instead of 0.12 s, measured on the 2-core machine); one thread is
+    unaffected. Use it for a whole file with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
     """
-    if _BUILD_KEY not in config.stash:
-        shutil.rmtree(HTML_DIR, ignore_errors=True)
-        completed = subprocess.run(
-            [str(_jupyter_book()), *BUILD_COMMAND],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            check=False,
-        )
-        config.stash[_BUILD_KEY] = BookBuild(completed.returncode, completed.stdout, HTML_DIR)
-    return config.stash[_BUILD_KEY]
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def built_pages(html_dir: Path) -> list[str]:
-    """Every HTML page of the build, as paths relative to ``html_dir`` (``book/intro.html``).
+@functools.cache
+def load_shared_digits() -> Split:
+    """``data.load_digits(seed=0)``, loaded once per process.
 
-    Folders whose name starts with ``_`` hold assets, not pages (``_static`` has template
-    fragments such as ``webpack-macros.html``), so they are left out.
+    For module-level constants (parametrize lists, ``X, Y = ...``) where a fixture cannot be
+    used; tests take the ``digits`` fixture. The arrays are shared: never modify them in place.
     """
-    pages = (
-        path.relative_to(html_dir).as_posix()
-        for path in html_dir.rglob("*.html")
-        if not any(part.startswith("_") for part in path.relative_to(html_dir).parts)
-    )
-    return sorted(pages)
+    from companion import data
+
+    return data.load_digits(seed=0)
 
 
 @pytest.fixture(scope="session")
-def book_build(request: pytest.FixtureRequest) -> BookBuild:
-    """The book, built once; fails every test that uses it unless the build was clean."""
-    build = build_book(request.config)
-    tail = "\n".join(build.output.splitlines()[-40:])
-    assert build.returncode == 0, f"jupyter-book build exited with {build.returncode}:\n{tail}"
-    assert not build.warning_lines(), "the build logged warnings:\n" + "\n".join(
-        build.warning_lines()
-    )
-    return build
+def digits() -> Split:
+    """The digits split every test file uses: ``data.load_digits(seed=0)``, loaded once.
+
+    Shared by all tests: never modify its arrays in place (copy them, or go through ``tensors``,
+    which copies).
+    """
+    return load_shared_digits()
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize every test that takes ``page`` by the pages the build produced."""
-    if "page" in metafunc.fixturenames:
-        pages = built_pages(build_book(metafunc.config).html_dir)
-        metafunc.parametrize("page", pages, ids=pages)
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def tensors(
+    split: Split, start: int = 0, stop: int | None = None, *, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training examples ``start:stop`` of a split as new tensors (features, labels).
+
+    The features are float64 unless ``dtype`` says otherwise (the exact identities of the tests
+    are checked in float64); the labels keep the split's int64.
+    """
+    import torch
+
+    x = torch.tensor(split.x_train[start:stop], dtype=dtype or torch.float64)
+    y = torch.tensor(split.y_train[start:stop])
+    return x, y
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that train (``requires_grad``), with their names, in registration order."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    """The trainable parameters of ``model``, detached and concatenated into one vector.
+
+    Equals ``torch.cat([p.reshape(-1) for p in model.parameters()])`` when every parameter
+    trains; a frozen parameter is left out.
+    """
+    import torch
+
+    return torch.cat([p.detach().reshape(-1) for _, p in trainable(model)])
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter of ``model`` (trainable or not), by name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """A copy of every tensor of ``model.state_dict()`` (parameters and buffers), in order."""
+    return [t.detach().clone() for t in model.state_dict().values()]
+
+
+def norm(tensors_by_name: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> float:
+    """The Euclidean norm of several tensors taken as one vector (a dict's values, or a list)."""
+    values = tensors_by_name.values() if isinstance(tensors_by_name, Mapping) else tensors_by_name
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in values))
+
+
+def max_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two dicts of tensors with the same keys."""
+    assert a.keys() == b.keys(), f"different keys: {sorted(a)} and {sorted(b)}"
+    return max(float((a[k] - b[k]).abs().max()) for k in a)

@@ -1,9 +1,16 @@
 """The built book: a warning-free build, and every page checked in a real browser.
 
+The book is built once per session, by the ``book_build`` fixture, the first time a test needs
+it; collecting these tests builds nothing (``pytest -k accountant`` or ``-m unit`` never builds
+the book). Every test that needs the build is marked ``book``; the browser tests also
+``browser``.
+
 The browser tests serve ``_build/html`` on 127.0.0.1 and open each page in Debian's Chromium,
 driven by the ``playwright`` Python package (``playwright install`` is never needed or run).
 A page passes when it logs no console error, every request it makes is answered from the local
-server, and all of its math has been typeset by the local MathJax.
+server, and all of its math has been typeset by the local MathJax. The pages are known before
+the build: one per ``_toc.yml`` entry plus the pages Sphinx adds; a test checks that the build
+wrote exactly those.
 
 Chromium missing: the browser tests are skipped with a hint, except in CI (``CI=true``), where a
 skipped browser test would hide a broken book, so they fail instead.
@@ -16,6 +23,8 @@ import html
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +34,16 @@ from typing import Any, NoReturn
 from urllib.parse import urljoin, urlsplit
 
 import pytest
+import yaml
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HTML_DIR = REPO_ROOT / "_build" / "html"
+TOC_FILE = REPO_ROOT / "_toc.yml"
+# The CI command (and `make book`'s).
+BUILD_COMMAND = ["build", ".", "--all", "-W", "-n", "--keep-going"]
+# Pages Sphinx writes besides the chapters: jupyter-book's redirect to the root page, the general
+# index, the search page, and the Python module index (book/api.md documents modules).
+SPHINX_PAGES = ["index.html", "genindex.html", "search.html", "py-modindex.html"]
 LOCAL_HOST = "127.0.0.1"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -47,16 +65,123 @@ IN_BROWSER_SCHEMES = {"data", "blob", "about"}
 
 
 # --------------------------------------------------------------------------------------------
-# The build
+# The pages, known without a build
+# --------------------------------------------------------------------------------------------
+
+_SOURCE_SUFFIXES = (".md", ".ipynb", ".rst")
+
+
+def _toc_files(node: Any) -> Iterator[str]:
+    """Every ``root:`` and ``file:`` entry of a parsed ``_toc.yml``, in order."""
+    if isinstance(node, dict):
+        if "glob" in node:
+            raise ValueError(f"_toc.yml: glob entries ({node['glob']!r}) cannot be listed here")
+        for key in ("root", "file"):
+            if key in node:
+                yield str(node[key])
+        for value in node.values():
+            if isinstance(value, dict | list):
+                yield from _toc_files(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _toc_files(value)
+
+
+def toc_pages(toc_file: Path = TOC_FILE) -> list[str]:
+    """The HTML page of every document in the table of contents (``book/intro.html``)."""
+    toc = yaml.safe_load(toc_file.read_text(encoding="utf-8"))
+    pages = []
+    for name in _toc_files(toc):
+        for suffix in _SOURCE_SUFFIXES:
+            name = name.removesuffix(suffix)
+        pages.append(f"{name}.html")
+    return pages
+
+
+PAGES = sorted({*toc_pages(), *SPHINX_PAGES})
+
+
+# --------------------------------------------------------------------------------------------
+# Building the book (once per session, on first use)
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BookBuild:
+    """The outcome of one ``jupyter-book build``: exit code, combined stdout/stderr, HTML folder."""
+
+    returncode: int
+    output: str = field(repr=False)
+    html_dir: Path
+
+    def warning_lines(self) -> list[str]:
+        """Lines of the build log that report a Sphinx warning."""
+        return [line for line in self.output.splitlines() if "WARNING" in line]
+
+
+def _jupyter_book() -> Path:
+    """The jupyter-book executable of the environment running the tests."""
+    return Path(sys.executable).parent / "jupyter-book"
+
+
+def build_book() -> BookBuild:
+    """Build the book with the CI command.
+
+    ``_build/html`` is emptied first: ``--all`` rewrites every page but leaves pages of removed
+    chapters behind, and the tests must see exactly what this build produced.
+    """
+    shutil.rmtree(HTML_DIR, ignore_errors=True)
+    completed = subprocess.run(
+        [str(_jupyter_book()), *BUILD_COMMAND],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
+    return BookBuild(completed.returncode, completed.stdout, HTML_DIR)
+
+
+def built_pages(html_dir: Path) -> list[str]:
+    """Every HTML page of the build, as paths relative to ``html_dir`` (``book/intro.html``).
+
+    Folders whose name starts with ``_`` hold assets, not pages (``_static`` has template
+    fragments such as ``webpack-macros.html``), so they are left out.
+    """
+    pages = (
+        path.relative_to(html_dir).as_posix()
+        for path in html_dir.rglob("*.html")
+        if not any(part.startswith("_") for part in path.relative_to(html_dir).parts)
+    )
+    return sorted(pages)
+
+
+@pytest.fixture(scope="session")
+def book_build() -> BookBuild:
+    """The book, built once per session on first use; fails every test that uses it unless the
+    build was clean."""
+    build = build_book()
+    tail = "\n".join(build.output.splitlines()[-40:])
+    assert build.returncode == 0, f"jupyter-book build exited with {build.returncode}:\n{tail}"
+    assert not build.warning_lines(), "the build logged warnings:\n" + "\n".join(
+        build.warning_lines()
+    )
+    return build
+
+
+# --------------------------------------------------------------------------------------------
+# The build and its pages
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.book
 def test_build_is_warning_free(book_build) -> None:
     """``jupyter-book build . --all -W -n --keep-going`` exits 0 and logs no warning."""
     assert book_build.returncode == 0
     assert book_build.warning_lines() == []
 
 
+@pytest.mark.book
 def test_notebook_pages_keep_launch_and_repository_buttons(book_build) -> None:
     """Pages built from notebooks still offer Binder, Colab and the repository link.
 
@@ -72,6 +197,26 @@ def test_notebook_pages_keep_launch_and_repository_buttons(book_build) -> None:
         text = page.read_text(encoding="utf-8")
         for link in ("https://mybinder.org/", "https://colab.research.google.com/", "github.com/"):
             assert link in text, f"{page.name}: no link to {link} (launch/repository button lost)"
+
+
+@pytest.mark.book
+def test_the_build_wrote_exactly_the_pages_the_browser_tests_check(book_build) -> None:
+    """The browser tests are parametrized before the build, from ``_toc.yml`` and the pages
+    Sphinx adds; the build must have written each of them and no other page."""
+    built = set(built_pages(book_build.html_dir))
+    assert built, "the build wrote no page"
+    assert sorted(built - set(PAGES)) == [], "pages built but never opened in the browser"
+    assert sorted(set(PAGES) - built) == [], "pages expected but not built"
+
+
+def test_toc_pages_lists_every_toc_entry() -> None:
+    """``toc_pages`` (no build needed) lists the root and nested files and refuses globs."""
+    assert toc_pages()[0] == "book/intro.html"
+    assert "book/dp-sgd.html" in PAGES and "search.html" in PAGES
+    nested = {"root": "a", "parts": [{"chapters": [{"file": "b.md", "sections": [{"file": "c"}]}]}]}
+    assert list(_toc_files(nested)) == ["a", "b.md", "c"]
+    with pytest.raises(ValueError, match="glob"):
+        list(_toc_files({"root": "a", "chapters": [{"glob": "x/*"}]}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,8 +396,12 @@ def math_problems(page: Any) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.book
+@pytest.mark.browser
+@pytest.mark.parametrize("page", PAGES, ids=PAGES)
 def test_page_is_clean_in_browser(page: str, book_build, book_url: str, browser_context) -> None:
     """The page loads with no console error, no failed or foreign request, and typeset math."""
+    assert (book_build.html_dir / page).is_file(), f"{page} was not built"
     log = PageLog()
     redirect = redirect_target(book_build.html_dir / page)
     tab = open_page(browser_context, book_url + page, log, redirects_to=redirect)
@@ -260,6 +409,8 @@ def test_page_is_clean_in_browser(page: str, book_build, book_url: str, browser_
     assert not problems, f"{page}:\n  " + "\n  ".join(problems)
 
 
+@pytest.mark.book
+@pytest.mark.browser
 def test_search_finds_pages(book_build, book_url: str, browser_context) -> None:
     """Searching for a word the book contains lists at least one page, with no errors."""
     log = PageLog()

@@ -58,6 +58,22 @@ def _rdp_epsilon(sigma, steps, q=Q, delta=DELTA):
     return get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=delta)[0]
 
 
+class _TupleModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10).double()
+
+    def forward(self, x):
+        return self.fc(x), x
+
+
+def _train(model, x, y, **overrides):
+    arguments = dict(
+        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=Q, epochs=1, lr=0.1, delta=DELTA
+    )
+    return train_dpsgd(model, x, y, **(arguments | overrides))
+
+
 # --- accounting ---------------------------------------------------------------------------------
 
 
@@ -222,11 +238,23 @@ def _other_model_optimizer():
     ("overrides", "error", "message"),
     [
         ({"target_epsilon": 1.0}, ValueError, "exactly one of noise_multiplier and target_epsilon"),
-        ({"noise_multiplier": None}, ValueError, "exactly one of noise_multiplier and target_epsilon"),
-        ({"noise_multiplier": None, "target_epsilon": -1.0}, ValueError, "target_epsilon must be > 0"),
+        (
+            {"noise_multiplier": None},
+            ValueError,
+            "exactly one of noise_multiplier and target_epsilon",
+        ),
+        (
+            {"noise_multiplier": None, "target_epsilon": -1.0},
+            ValueError,
+            "target_epsilon must be > 0",
+        ),
         ({"lr": None}, ValueError, "give lr"),
         ({"optimizer": "sgd", "lr": None}, TypeError, "optimizer must be a torch.optim.Optimizer"),
-        ({"optimizer": _other_model_optimizer(), "lr": None}, ValueError, "does not hold the model"),
+        (
+            {"optimizer": _other_model_optimizer(), "lr": None},
+            ValueError,
+            "does not hold the model",
+        ),
         ({"accountant": "rdp"}, TypeError, "accountant must have step"),
         ({"expected_batch_size": 0.0}, ValueError, "expected_batch_size must be > 0"),
         ({"loss": 3}, TypeError, "loss must be one of"),
@@ -239,44 +267,41 @@ def test_bad_arguments(overrides, error, message):
 
 def test_labels_out_of_range_and_mismatched_outputs_are_explained():
     with pytest.raises(ValueError, match="labels must be below the model's 10 outputs"):
-        train_dpsgd(_model(), X, Y + 10, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=Q,
-                    epochs=1, lr=0.1, delta=DELTA)  # fmt: skip
+        _train(_model(), X, Y + 10)
     with pytest.raises(ValueError, match="loss='bce' needs one output logit"):
-        train_dpsgd(_model(), X, (Y > 4).long(), loss="bce", noise_multiplier=1.0, max_grad_norm=1.0,
-                    sample_rate=Q, epochs=1, lr=0.1, delta=DELTA)  # fmt: skip
+        _train(_model(), X, (Y > 4).long(), loss="bce")
 
 
 def test_a_dataset_with_separate_labels_is_refused():
     with pytest.raises(ValueError, match="give y only with tensor or array inputs"):
-        train_dpsgd(_model(), TensorDataset(X, Y), Y, noise_multiplier=1.0, max_grad_norm=1.0,
-                    sample_rate=Q, epochs=1, lr=0.1, delta=DELTA)  # fmt: skip
+        _train(_model(), TensorDataset(X, Y), Y)
 
 
 def test_numpy_inputs_are_accepted():
     model = models.logistic_regression(seed=0)
-    history = train_dpsgd(model, DIGITS.x_train[:N], np.asarray(DIGITS.y_train[:N]), noise_multiplier=1.0,
-                          max_grad_norm=1.0, sample_rate=Q, epochs=1, lr=0.1, delta=DELTA, seed=0)
+    history = train_dpsgd(
+        model,
+        DIGITS.x_train[:N],
+        np.asarray(DIGITS.y_train[:N]),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=Q,
+        epochs=1,
+        lr=0.1,
+        delta=DELTA,
+        seed=0,
+    )
     assert history[-1]["steps"] == 8
-
-
-class _TupleModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(64, 10).double()
-
-    def forward(self, x):
-        return self.fc(x), x
-
-
-def _train(model, x, y, **overrides):
-    arguments = dict(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=Q, epochs=1, lr=0.1, delta=DELTA)
-    return train_dpsgd(model, x, y, **(arguments | overrides))
 
 
 @pytest.mark.parametrize(
     ("case", "error", "message"),
     [
-        ("wrong_feature_count", ValueError, r"model cannot be applied to the inputs \(one example has shape \(32,\)"),
+        (
+            "wrong_feature_count",
+            ValueError,
+            r"model cannot be applied to the inputs \(one example has shape \(32,\)",
+        ),
         ("float32_model_float64_x", ValueError, "dtype torch.float64"),
         ("tuple_output", TypeError, "model must return a tensor of outputs, got tuple"),
         ("test_label_out_of_range", ValueError, "labels must be below the model's 10 outputs"),

@@ -1,13 +1,14 @@
-"""Tests of the federated-learning loops in companion.federated.
+"""Tests of companion.federated: client data, local update, the two aggregation rules, the loops.
 
 References are computed by hand, independently of the module: full-batch gradient descent with
 :func:`torch.autograd.grad` on the mean loss, weighted means of :func:`local_update` results, the
-clipping factor ``min(1, S / (norm + 1e-6))`` written out, and the accountant of
-:mod:`companion.accounting`. Exact identities are checked in float64, where both sides differ
-only by the order of floating-point summation (a few ulps, about 1e-15 relative per step), so
-a tolerance of 1e-10 has a wide margin, while every error of the kind the identities rule out
-(a wrong weight, a missing clip, a wrong denominator) changes the result by 1e-3 or more; the
-negative controls show that the comparisons see such differences.
+clipping factor ``min(1, S / (norm + 1e-6))`` written out, the noise drawn by hand from a seeded
+:class:`torch.Generator`, and the accountant of :mod:`companion.accounting`. Exact identities
+are checked in float64, where both sides differ only by the order of floating-point summation
+(a few ulps, about 1e-15 relative per step), so a tolerance of 1e-10 has a wide margin, while
+every error of the kind the identities rule out (a wrong weight, a missing clip, a wrong
+denominator) changes the result by 1e-3 or more; the negative controls show that the
+comparisons see such differences.
 
 Statistical tests use fixed seeds and acceptance regions derived from the sampling distribution
 of the statistic (chi-square, binomial), stated at each test.
@@ -31,7 +32,14 @@ from scipy import stats
 
 from companion import data, models, training
 from companion.accounting import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
-from companion.federated import client_datasets, dp_fedavg, fedavg, local_update
+from companion.federated import (
+    client_datasets,
+    dp_fedavg,
+    dp_fedavg_aggregate,
+    fedavg,
+    fedavg_aggregate,
+    local_update,
+)
 
 DIGITS = data.load_digits(seed=0)
 TOL = 1e-10  # float64 identities; see the module docstring
@@ -63,12 +71,18 @@ def _max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def _weighted_mean(updates, sizes):
+    """sum_k n_k u_k / sum_k n_k, written out."""
+    pairs = list(zip(sizes, updates, strict=True))
+    return {k: sum(n * u[k] for n, u in pairs) / sum(sizes) for k in updates[0]}
+
+
 def _gd_step(model, x, y, lr):
     """One step of full-batch gradient descent on the mean cross-entropy, in place."""
     params = list(model.parameters())
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
     with torch.no_grad():
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.sub_(lr * g)
 
 
@@ -86,7 +100,7 @@ def test_client_datasets_selects_the_indexed_rows():
     parts = data.partition_shards(DIGITS.y_train, num_clients=5, rng=1)
     clients = client_datasets(DIGITS.x_train, DIGITS.y_train, parts)
     assert len(clients) == 5
-    for part, (x_k, y_k) in zip(parts, clients):
+    for part, (x_k, y_k) in zip(parts, clients, strict=True):
         assert x_k.dtype == torch.float32 and y_k.dtype == torch.int64
         np.testing.assert_array_equal(x_k.numpy(), DIGITS.x_train[part].astype(np.float32))
         np.testing.assert_array_equal(y_k.numpy(), DIGITS.y_train[part])
@@ -154,7 +168,7 @@ def test_fedavg_round_is_gradient_step_on_the_union_for_unequal_clients():
     updates = [local_update(start, x, y, epochs=1, batch_size=None, lr=0.3) for x, y in clients]
     sizes = [b - a for a, b in bounds]
     w0 = _weights(start)
-    weighted = {k: w0[k] + sum(n * u[k] for n, u in zip(sizes, updates)) / sum(sizes) for k in w0}
+    weighted = {k: w0[k] + v for k, v in _weighted_mean(updates, sizes).items()}
     unweighted = {k: w0[k] + sum(u[k] for u in updates) / len(updates) for k in w0}
     assert _max_diff(_weights(model), weighted) < TOL
     assert _max_diff(_weights(model), unweighted) > 1e-3
@@ -172,7 +186,7 @@ def test_fedavg_weights_multi_step_local_updates_by_data_size():
     updates = [local_update(start, x, y, epochs=3, batch_size=None, lr=0.4) for x, y in clients]
     sizes = [b - a for a, b in bounds]
     w0 = _weights(start)
-    expected = {k: w0[k] + sum(n * u[k] for n, u in zip(sizes, updates)) / sum(sizes) for k in w0}
+    expected = {k: w0[k] + v for k, v in _weighted_mean(updates, sizes).items()}
     assert _max_diff(_weights(model), expected) < TOL
     pooled = copy.deepcopy(start)
     for _ in range(3):
@@ -195,9 +209,10 @@ def test_more_local_work_reaches_target_accuracy_in_fewer_rounds():
     clients = _iid_clients(10)
     rounds = {}
     for epochs, batch in [(1, None), (5, None), (5, 20)]:
-        history = fedavg(models.logistic_regression(seed=0), clients, rounds=40, client_fraction=0.5,
-                         local_epochs=epochs, batch_size=batch, lr=0.1, x_test=DIGITS.x_test,
-                         y_test=DIGITS.y_test, seed=0, progress=False)  # fmt: skip
+        history = fedavg(models.logistic_regression(seed=0), clients, rounds=40,
+                         client_fraction=0.5, local_epochs=epochs, batch_size=batch, lr=0.1,
+                         x_test=DIGITS.x_test, y_test=DIGITS.y_test, seed=0,
+                         progress=False)  # fmt: skip
         rounds[(epochs, batch)] = _rounds_to_reach(history, 0.8)
     assert rounds[(5, 20)] < rounds[(5, None)] < rounds[(1, None)]
     assert 4 * rounds[(5, 20)] <= rounds[(1, None)]
@@ -299,7 +314,8 @@ def test_fedavg_picks_clients_uniformly():
     clients = _iid_clients(10, n=20)
     history = fedavg(models.logistic_regression(), clients, rounds=200, client_fraction=0.3,
                      local_epochs=1, batch_size=None, lr=0.1, seed=0, progress=False)  # fmt: skip
-    counts = np.bincount(np.concatenate([np.asarray(r["clients"], dtype=int) for r in history]), minlength=10)
+    picks = np.concatenate([np.asarray(r["clients"], dtype=int) for r in history])
+    counts = np.bincount(picks, minlength=10)
     statistic = ((counts - 60) ** 2 / 60).sum() / (1 - 0.3)
     assert stats.chi2.sf(statistic, df=9) > 1e-3
 
@@ -308,7 +324,8 @@ def test_fedavg_records_test_scores():
     clients = _iid_clients(4, n=80)
     model = models.logistic_regression()
     history = fedavg(model, clients, rounds=2, client_fraction=0.5, local_epochs=1, batch_size=8,
-                     lr=0.1, x_test=DIGITS.x_test, y_test=DIGITS.y_test, progress=False)  # fmt: skip
+                     lr=0.1, x_test=DIGITS.x_test, y_test=DIGITS.y_test,
+                     progress=False)  # fmt: skip
     final = training.evaluate(model, DIGITS.x_test, DIGITS.y_test)
     assert history[-1]["test_accuracy"] == final["accuracy"]
     assert history[-1]["test_loss"] == pytest.approx(final["loss"], rel=1e-6)
@@ -322,7 +339,7 @@ def test_dp_fedavg_epsilon_matches_the_accountant():
     clients = _iid_clients(20, n=40)
     history = dp_fedavg(models.logistic_regression(), clients, rounds=6, sample_rate=0.25,
                         noise_multiplier=1.3, max_update_norm=1.0, local_epochs=1, batch_size=None,
-                        lr=0.1, delta=1e-3, progress=False)  # fmt: skip
+                        lr=0.1, delta=1e-3, seed=0, progress=False)  # fmt: skip
     accountant = RDPAccountant()
     for t, record in enumerate(history, start=1):
         accountant.step(noise_multiplier=1.3, sample_rate=0.25)
@@ -346,15 +363,16 @@ def test_dp_fedavg_without_noise_or_clipping_is_fedavg_with_equal_weights():
     fedavg(avg, clients, rounds=1, client_fraction=1.0, **common)
     dp = copy.deepcopy(start)
     history = dp_fedavg(dp, clients, rounds=1, sample_rate=1.0, noise_multiplier=0.0,
-                        max_update_norm=1e6, delta=1e-5, **common)  # fmt: skip
+                        max_update_norm=1e6, delta=1e-5, seed=0, **common)  # fmt: skip
     half = copy.deepcopy(start)
     dp_fedavg(half, clients, rounds=1, sample_rate=1.0, noise_multiplier=0.0,
-              max_update_norm=1e6, delta=1e-5, server_lr=0.5, **common)  # fmt: skip
+              max_update_norm=1e6, delta=1e-5, server_lr=0.5, seed=0, **common)  # fmt: skip
     assert history[0]["clients"] == [0, 1, 2, 3]
     assert history[0]["epsilon"] == math.inf  # no noise, no privacy
     assert _max_diff(_weights(dp), _weights(avg)) < TOL
     w0, w_avg, w_half = _weights(start), _weights(avg), _weights(half)
-    assert _max_diff({k: w_half[k] - w0[k] for k in w0}, {k: (w_avg[k] - w0[k]) / 2 for k in w0}) < TOL
+    half_change = {k: w_half[k] - w0[k] for k in w0}
+    assert _max_diff(half_change, {k: (w_avg[k] - w0[k]) / 2 for k in w0}) < TOL
 
 
 def _huge_client():
@@ -373,7 +391,8 @@ def test_dp_fedavg_clips_each_update_to_s():
     assert _norm(raw) > 1000 * S
     model = copy.deepcopy(start)
     dp_fedavg(model, [(x, y)], rounds=1, sample_rate=1.0, noise_multiplier=0.0, max_update_norm=S,
-              local_epochs=1, batch_size=None, lr=1.0, delta=1e-5, progress=False)  # fmt: skip
+              local_epochs=1, batch_size=None, lr=1.0, delta=1e-5, seed=0,
+              progress=False)  # fmt: skip
     w0, w1 = _weights(start), _weights(model)
     change = {k: w1[k] - w0[k] for k in w0}
     assert _norm(change) <= S
@@ -396,10 +415,12 @@ def test_dp_fedavg_sums_clipped_updates_of_mixed_clients():
     assert norms[0] > S and min(norms[1:]) < S
     model = copy.deepcopy(start)
     dp_fedavg(model, clients, rounds=1, sample_rate=1.0, noise_multiplier=0.0, max_update_norm=S,
-              local_epochs=1, batch_size=None, lr=lrs, delta=1e-3, progress=False)  # fmt: skip
+              local_epochs=1, batch_size=None, lr=lrs, delta=1e-3, seed=0,
+              progress=False)  # fmt: skip
     w0 = _weights(start)
+    factors = [min(1.0, S / (n + 1e-6)) for n in norms]
     expected = {
-        k: w0[k] + sum(u[k] * min(1.0, S / (n + 1e-6)) for u, n in zip(raws, norms)) / 3 for k in w0
+        k: w0[k] + sum(u[k] * f for u, f in zip(raws, factors, strict=True)) / 3 for k in w0
     }
     assert _max_diff(_weights(model), expected) < TOL
     unclipped = {k: w0[k] + sum(u[k] for u in raws) / 3 for k in w0}
@@ -448,14 +469,16 @@ def test_dp_fedavg_poisson_sampling_has_binomial_size():
         assert len(set(record["clients"])) == len(record["clients"])
         assert record["clients"] == sorted(record["clients"])
     edges = [2, 3, 4, 5, 6, 7, 8, 9]  # bins: <=2, 3, ..., 8, >=9
-    observed = [np.sum(sizes <= 2)] + [np.sum(sizes == s) for s in edges[1:-1]] + [np.sum(sizes >= 9)]
+    observed = [np.sum(sizes <= 2)] + [np.sum(sizes == s) for s in edges[1:-1]]
+    observed.append(np.sum(sizes >= 9))
     probs = [stats.binom.cdf(2, K, q)] + [stats.binom.pmf(s, K, q) for s in edges[1:-1]]
     probs.append(stats.binom.sf(8, K, q))
     expected = rounds * np.array(probs)
     assert expected.min() >= 5
     _, p_value = stats.chisquare(observed, expected)
     assert p_value > 1e-3
-    counts = np.bincount(np.concatenate([np.asarray(r["clients"], dtype=int) for r in history]), minlength=K)
+    picks = np.concatenate([np.asarray(r["clients"], dtype=int) for r in history])
+    counts = np.bincount(picks, minlength=K)
     assert np.all(np.abs(counts - rounds * q) < 5 * math.sqrt(rounds * q * (1 - q)))
     again = dp_fedavg(models.logistic_regression(), clients, rounds=3, sample_rate=q,
                       noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1, batch_size=None,
@@ -466,7 +489,7 @@ def test_dp_fedavg_poisson_sampling_has_binomial_size():
 def test_dp_fedavg_warns_when_delta_is_not_below_one_over_k():
     clients = _iid_clients(10, n=20)
     kwargs = dict(rounds=1, sample_rate=0.5, noise_multiplier=1.0, max_update_norm=1.0,
-                  local_epochs=1, batch_size=None, lr=0.1, progress=False)  # fmt: skip
+                  local_epochs=1, batch_size=None, lr=0.1, seed=0, progress=False)  # fmt: skip
     with pytest.warns(UserWarning, match=r"delta=0.1 is not below 1/K"):
         dp_fedavg(models.logistic_regression(), clients, delta=0.1, **kwargs)
     with warnings.catch_warnings():
@@ -475,13 +498,198 @@ def test_dp_fedavg_warns_when_delta_is_not_below_one_over_k():
 
 
 def test_dp_fedavg_records_test_scores():
+    """Each round's scores are those of an independent evaluation (training.evaluate) of the
+    global model after that round: the returned model for the last round, and a one-round run
+    with the same seed for the first (round t's sampling, shuffling and noise do not depend on
+    how many rounds follow)."""
     clients = _iid_clients(10, n=50)
-    history = dp_fedavg(models.logistic_regression(), clients, rounds=2, sample_rate=0.5,
-                        noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1, batch_size=5,
-                        lr=0.1, delta=1e-3, x_test=DIGITS.x_test, y_test=DIGITS.y_test,
-                        progress=False)  # fmt: skip
+    kwargs = dict(sample_rate=0.5, noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1,
+                  batch_size=5, lr=0.1, delta=1e-3, x_test=DIGITS.x_test, y_test=DIGITS.y_test,
+                  seed=0, progress=False)  # fmt: skip
+    model = models.logistic_regression()
+    history = dp_fedavg(model, clients, rounds=2, **kwargs)
     assert set(history[0]) == {"round", "clients", "epsilon", "delta", "test_loss", "test_accuracy"}
-    assert 0 <= history[-1]["test_accuracy"] <= 1
+    first = models.logistic_regression()
+    dp_fedavg(first, clients, rounds=1, **kwargs)
+    for record, trained in [(history[0], first), (history[1], model)]:
+        scores = training.evaluate(trained, DIGITS.x_test, DIGITS.y_test)
+        assert record["test_accuracy"] == scores["accuracy"]
+        assert record["test_loss"] == pytest.approx(scores["loss"], rel=1e-6)
+    # negative control: the two rounds' models score differently
+    assert history[0]["test_loss"] != pytest.approx(history[1]["test_loss"], rel=1e-3)
+
+
+def test_dp_fedavg_noise_defaults_to_fresh_entropy():
+    """Audit finding F3: two runs with default arguments must not share their noise. With q = 1
+    and full-batch local training every client takes part and trains the same way in both runs
+    (the shuffle only permutes the summation, about 1e-15 in float64), so the runs differ by
+    two independent noise draws, of std sqrt(2) sigma S / qK = 0.35 per weight: over the 650
+    weights the largest difference is below 0.1 with probability below 1e-100. The controls:
+    without noise the default runs agree to 1e-9, and with seed=0 twice they agree exactly."""
+    clients = [_tensors(30 * k, 30 * (k + 1)) for k in range(4)]
+    start = models.logistic_regression(seed=0).double()
+    kwargs = dict(rounds=1, sample_rate=1.0, max_update_norm=1.0, local_epochs=1, batch_size=None,
+                  lr=0.1, delta=1e-3, progress=False)  # fmt: skip
+
+    def run(**more):
+        model = copy.deepcopy(start)
+        dp_fedavg(model, clients, **kwargs, **more)
+        return _weights(model)
+
+    assert _max_diff(run(noise_multiplier=1.0), run(noise_multiplier=1.0)) > 0.1
+    assert _max_diff(run(noise_multiplier=0.0), run(noise_multiplier=0.0)) < 1e-9
+    seeded = run(noise_multiplier=1.0, seed=0)
+    assert all(torch.equal(seeded[k], v) for k, v in run(noise_multiplier=1.0, seed=0).items())
+
+
+def test_dp_fedavg_round_is_sample_update_aggregate_apply():
+    """One round of dp_fedavg with a seed is, step by step, Poisson sampling with
+    numpy.random.default_rng(seed), local_update seeded from SeedSequence((seed, 1, k)),
+    dp_fedavg_aggregate with a torch.Generator seeded with seed and the denominator qK, and
+    w <- w + server_lr * aggregate (the contract companion.flower relies on); float64, equal
+    up to the rounding of the last addition (1e-12)."""
+    K, q, seed, S, sigma, server_lr = 12, 0.4, 5, 0.3, 1.2, 0.7
+    clients = _iid_clients(K, n=120, dtype=torch.float64)
+    start = models.logistic_regression(seed=1).double()
+    model = copy.deepcopy(start)
+    history = dp_fedavg(model, clients, rounds=1, sample_rate=q, noise_multiplier=sigma,
+                        max_update_norm=S, local_epochs=2, batch_size=4, lr=0.1, delta=1e-3,
+                        server_lr=server_lr, seed=seed, progress=False)  # fmt: skip
+    picked = [int(k) for k in np.flatnonzero(np.random.default_rng(seed).random(K) < q)]
+    assert history[0]["clients"] == picked and 0 < len(picked) != q * K
+    updates = [
+        local_update(start, *clients[k], epochs=2, batch_size=4, lr=0.1,
+                     seed=int(np.random.SeedSequence((seed, 1, k)).generate_state(1)[0]))
+        for k in picked
+    ]  # fmt: skip
+    aggregate = dp_fedavg_aggregate(updates, max_update_norm=S, noise_multiplier=sigma,
+                                    expected_clients=q * K,
+                                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    w0 = _weights(start)
+    assert _max_diff(_weights(model), {k: w0[k] + server_lr * aggregate[k] for k in w0}) < 1e-12
+
+
+# --- the aggregation rules ----------------------------------------------------------------------
+
+
+def _random_updates(sizes, scales, seed=0):
+    """Updates with a (3, 4) weight and a (3,) bias, of norms set by ``scales``."""
+    rng = torch.Generator().manual_seed(seed)
+    return [
+        {"w": s * torch.randn(3, 4, generator=rng, dtype=torch.float64),
+         "b": s * torch.randn(3, generator=rng, dtype=torch.float64)}
+        for s in scales[: len(sizes)]
+    ]  # fmt: skip
+
+
+def test_fedavg_aggregate_is_the_example_weighted_mean():
+    """Against sum_k n_k u_k / sum_k n_k written out (float64, a few ulps apart); the unweighted
+    mean (negative control) differs by far more than the tolerance."""
+    sizes = [5, 20, 75]
+    updates = _random_updates(sizes, [1.0, 2.0, 0.5])
+    before = copy.deepcopy(updates)
+    result = fedavg_aggregate(updates, sizes)
+    expected = _weighted_mean(updates, sizes)
+    unweighted = {k: sum(u[k] for u in updates) / len(updates) for k in ("w", "b")}
+    assert list(result) == ["w", "b"]
+    assert _max_diff(result, expected) < 1e-12
+    assert _max_diff(result, unweighted) > 1e-2
+    # a pure function: inputs unchanged, the result shares no memory with them
+    assert all(torch.equal(u[k], b[k]) for u, b in zip(updates, before, strict=True) for k in u)
+    result["w"].add_(1.0)
+    assert all(torch.equal(u[k], b[k]) for u, b in zip(updates, before, strict=True) for k in u)
+    # one client: its own update
+    assert _max_diff(fedavg_aggregate(updates[:1], [7]), updates[0]) == 0
+
+
+def _clip_by_hand(update, S):
+    norm = math.sqrt(sum(float((t**2).sum()) for t in update.values()))
+    return {k: v * min(1.0, S / (norm + 1e-6)) for k, v in update.items()}
+
+
+def test_dp_fedavg_aggregate_clips_sums_noises_and_divides_by_qk():
+    """Against a hand-written reference: clip each whole update (two of four are above S), sum,
+    add sigma * S times one standard-normal draw over all parameters (in the order w, b) from a
+    generator with the same seed, divide by qK = 2.5, the fixed expected number of clients.
+    float64 throughout: 1e-12 absolute is far above rounding. Negative controls: the realised
+    denominator (4 clients) and the unclipped sum both miss by more than 1e-2."""
+    S, sigma, qk = 0.8, 1.3, 2.5
+    updates = _random_updates([1, 1, 1, 1], [0.1, 3.0, 0.05, 5.0])
+    norms = [_norm(u) for u in updates]
+    assert sum(n > S for n in norms) == 2
+    before = copy.deepcopy(updates)
+    result = dp_fedavg_aggregate(updates, max_update_norm=S, noise_multiplier=sigma,
+                                 expected_clients=qk, generator=torch.Generator().manual_seed(9))
+    noise = torch.randn(15, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    noise = {"w": noise[:12].view(3, 4), "b": noise[12:]}
+    clipped = [_clip_by_hand(u, S) for u in updates]
+    noisy_sum = {k: sum(c[k] for c in clipped) + sigma * S * noise[k] for k in noise}
+    assert list(result) == ["w", "b"]
+    assert _max_diff(result, {k: v / qk for k, v in noisy_sum.items()}) < 1e-12
+    assert _max_diff(result, {k: v / len(updates) for k, v in noisy_sum.items()}) > 1e-2
+    unclipped = {k: (sum(u[k] for u in updates) + sigma * S * noise[k]) / qk for k in noise}
+    assert _max_diff(result, unclipped) > 1e-2
+    assert all(torch.equal(u[k], b[k]) for u, b in zip(updates, before, strict=True) for k in u)
+
+
+def test_dp_fedavg_aggregate_without_clients_is_pure_noise():
+    """No client sampled: the result is N(0, sigma^2 S^2 I) / qK with the given names, shapes
+    and dtype. sum(x^2) / std^2 over 10,012 values is chi-square(10,012); accept within its
+    1e-6 and 1 - 1e-6 quantiles (about +-6% on the variance)."""
+    S, sigma, qk = 2.0, 0.9, 3.0
+    shapes = {"w": torch.Size([100, 100]), "b": torch.Size([12])}
+    result = dp_fedavg_aggregate([], max_update_norm=S, noise_multiplier=sigma,
+                                 expected_clients=qk, generator=torch.Generator().manual_seed(1),
+                                 parameter_shapes=shapes, dtype=torch.float64)  # fmt: skip
+    assert {k: v.shape for k, v in result.items()} == shapes and list(result) == ["w", "b"]
+    assert all(v.dtype == torch.float64 for v in result.values())
+    x = torch.cat([v.flatten() for v in result.values()]).numpy()
+    std = sigma * S / qk
+    low, high = stats.chi2.ppf([1e-6, 1 - 1e-6], df=x.size)
+    assert low < float((x**2).sum()) / std**2 < high
+    assert not low < float((x**2).sum()) / (std * qk) ** 2 < high  # undivided noise would fail
+    silent = dp_fedavg_aggregate([], max_update_norm=S, noise_multiplier=0.0, expected_clients=qk,
+                                 generator=torch.Generator(), parameter_shapes=shapes)
+    assert all(v.dtype == torch.get_default_dtype() and not v.any() for v in silent.values())
+
+
+_U = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+_GEN = torch.Generator()
+_AGG = dict(max_update_norm=1.0, noise_multiplier=1.0, expected_clients=2.0, generator=_GEN)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: fedavg_aggregate([], []), ValueError, "at least one client's update"),
+        (lambda: fedavg_aggregate([_U], [1, 2]), ValueError, "one count per update"),
+        (lambda: fedavg_aggregate([_U], [0]), ValueError, r"num_examples\[0\] must be >= 1"),
+        (lambda: fedavg_aggregate([_U], [1.5]), TypeError, r"num_examples\[0\] must be an integer"),
+        (lambda: fedavg_aggregate(_U, [1]), TypeError, "updates must be a list of dicts"),
+        (lambda: fedavg_aggregate([_U, {"w": _U["w"]}], [1, 1]), ValueError, "names and shapes"),
+        (lambda: fedavg_aggregate([_U, {"w": torch.ones(2), "b": _U["b"]}], [1, 1]), ValueError,
+         "names and shapes"),
+        (lambda: fedavg_aggregate([{"w": torch.tensor([float("nan")])}], [1]), ValueError,
+         "NaN or inf"),
+        (lambda: fedavg_aggregate([{"w": torch.ones(2, dtype=torch.long)}], [1]), TypeError,
+         "floating-point tensor"),
+        (lambda: dp_fedavg_aggregate([], **_AGG), ValueError, "pass parameter_shapes"),
+        (lambda: dp_fedavg_aggregate([_U], **_AGG, parameter_shapes={"w": (2, 2)}), ValueError,
+         "parameter_shapes must match"),
+        (lambda: dp_fedavg_aggregate([_U], **{**_AGG, "expected_clients": 0.0}), ValueError,
+         "expected_clients must be > 0"),
+        (lambda: dp_fedavg_aggregate([_U], **{**_AGG, "max_update_norm": 0.0}), ValueError,
+         "max_update_norm must be > 0"),
+        (lambda: dp_fedavg_aggregate([_U], **{**_AGG, "noise_multiplier": -1.0}), ValueError,
+         "noise_multiplier must be >= 0"),
+        (lambda: dp_fedavg_aggregate([_U], **{**_AGG, "generator": 0}), TypeError, "generator"),
+        (lambda: dp_fedavg_aggregate([], **_AGG, parameter_shapes={"w": (2,)}, dtype=torch.long),
+         TypeError, "dtype must be a floating"),
+    ],
+)  # fmt: skip
+def test_aggregators_reject_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -489,15 +697,18 @@ def test_dp_fedavg_records_test_scores():
 _CLIENTS = [_tensors(0, 10, dtype=torch.float32), _tensors(10, 25, dtype=torch.float32)]
 _EMPTY = (torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
 _MISMATCHED = (torch.zeros(5, 64), torch.zeros(4, dtype=torch.long))
-_FEDAVG = dict(rounds=1, client_fraction=1.0, local_epochs=1, batch_size=None, lr=0.1, progress=False)
+_FEDAVG = dict(rounds=1, client_fraction=1.0, local_epochs=1, batch_size=None, lr=0.1,
+               progress=False)  # fmt: skip
 _DP = dict(rounds=1, sample_rate=1.0, noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1,
-           batch_size=None, lr=0.1, delta=1e-3, progress=False)  # fmt: skip
+           batch_size=None, lr=0.1, delta=1e-3, seed=0, progress=False)  # fmt: skip
 
 _BAD = [
     # (which function, changed arguments, error type, message)
     ("both", {"clients": []}, ValueError, "clients must hold at least one client"),
-    ("both", {"clients": [_CLIENTS[0], _EMPTY]}, ValueError, r"clients\[1\] x must hold at least one"),
-    ("both", {"clients": [_MISMATCHED]}, ValueError, r"clients\[0\] x and clients\[0\] y must have the same"),
+    ("both", {"clients": [_CLIENTS[0], _EMPTY]}, ValueError,
+     r"clients\[1\] x must hold at least one"),
+    ("both", {"clients": [_MISMATCHED]}, ValueError,
+     r"clients\[0\] x and clients\[0\] y must have the same"),
     ("both", {"clients": _CLIENTS[0][0]}, TypeError, "clients must be a list of"),
     ("both", {"rounds": 0}, ValueError, "rounds must be >= 1"),
     ("both", {"rounds": 2.0}, TypeError, "rounds must be an integer"),

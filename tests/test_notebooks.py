@@ -33,18 +33,26 @@ def expects_output(source: str) -> bool:
     tree = ast.parse(source)
     if _called_names(tree) & DISPLAY_CALLS:
         return True
-    return bool(tree.body) and isinstance(tree.body[-1], ast.Expr) and not source.rstrip().endswith(";")
+    return (
+        bool(tree.body)
+        and isinstance(tree.body[-1], ast.Expr)
+        and not source.rstrip().endswith(";")
+    )
 
 
 def hygiene_problems(notebook: dict) -> list[str]:
     """Everything wrong with a notebook's committed state, one sentence each."""
     problems = []
-    code_cells = [c for c in notebook["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    code_cells = [
+        c for c in notebook["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()
+    ]
     counts = [c.get("execution_count") for c in code_cells]
     if None in counts:
         problems.append(f"{counts.count(None)} code cell(s) were never executed")
     elif counts != list(range(1, len(counts) + 1)):
-        problems.append(f"execution counts {counts} are not 1, 2, 3, ...: run the notebook top to bottom")
+        problems.append(
+            f"execution counts {counts} are not 1, 2, 3, ...: run the notebook top to bottom"
+        )
     for index, cell in enumerate(code_cells, start=1):
         source = "".join(cell["source"])
         tags = cell.get("metadata", {}).get("tags", [])
@@ -52,7 +60,9 @@ def hygiene_problems(notebook: dict) -> list[str]:
         if errors and "raises-exception" not in tags:
             problems.append(f"code cell {index} raised {errors[0]['ename']}")
         if expects_output(source) and not cell.get("outputs"):
-            problems.append(f"code cell {index} should show output but has none: {source.splitlines()[0]!r}")
+            problems.append(
+                f"code cell {index} should show output but has none: {source.splitlines()[0]!r}"
+            )
     if notebook.get("metadata", {}).get("kernelspec", {}).get("name") != "python3":
         problems.append("the kernel is not python3")
     return problems
@@ -94,7 +104,9 @@ def test_a_clean_notebook_passes():
 
 def test_out_of_order_and_unexecuted_cells_are_caught():
     assert "not 1, 2, 3" in hygiene_problems(_notebook(_code("x = 1", 2), _code("y = 2", 1)))[0]
-    assert "never executed" in hygiene_problems(_notebook(_code("x = 1", 1), _code("y = 2", None)))[0]
+    assert (
+        "never executed" in hygiene_problems(_notebook(_code("x = 1", 1), _code("y = 2", None)))[0]
+    )
 
 
 def test_missing_output_and_errors_are_caught():

@@ -206,7 +206,9 @@ def test_every_rule_matches_the_loop(name, method):
     c, expected, loop_norms = _expected(model, loss, x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no layer of these models falls back to vmap
-        sums, norms = clipped_gradient_sum(model, loss, x, y, max_grad_norm=c, method=method, return_norms=True)
+        sums, norms = clipped_gradient_sum(
+            model, loss, x, y, max_grad_norm=c, method=method, return_norms=True
+        )
     _assert_same(sums, expected)
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
 
@@ -229,17 +231,21 @@ def test_mixed_models_fall_back_to_vmap_for_those_layers_only(name):
     c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
     if message is not None:
         with pytest.warns(UserWarning, match=message):
-            sums, norms = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c, return_norms=True)
+            sums, norms = clipped_gradient_sum(
+                model, "cross_entropy", x, y, max_grad_norm=c, return_norms=True
+            )
         with pytest.raises(ValueError, match=f"method='layerwise' does not apply: layer {message}"):
             clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c, method="layerwise")
     else:
-        sums, norms = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c, return_norms=True)
+        sums, norms = clipped_gradient_sum(
+            model, "cross_entropy", x, y, max_grad_norm=c, return_norms=True
+        )
     _assert_same(sums, expected)
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
 
 
 def test_the_fallback_computes_only_the_unsupported_parameters_with_vmap():
-    """The plan of the mixed model hooks both Linear layers and sends only 'scaled.scale' to vmap."""
+    """The mixed model's plan hooks both Linear layers and sends only 'scaled.scale' to vmap."""
     with pytest.warns(UserWarning):
         clipper = PerExampleClipper(_seeded(_Mixed), loss="cross_entropy")
     assert [name for name, _ in clipper.plan.hooked] == ["first", "out"]

@@ -1,4 +1,4 @@
-"""Tests of the secure-aggregation toy in companion.federated."""
+"""Tests of the secure-aggregation toy, companion.secure_aggregation (re-exported by federated)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from companion.federated import MODULUS, mask_update, pairwise_seeds, secure_sum
+from companion import federated, secure_aggregation
+from companion.secure_aggregation import MODULUS, mask_update, pairwise_seeds, secure_sum
 
 SCALE = 2.0**16
+
+
+def test_the_old_import_path_still_works():
+    """companion.federated re-exports the toy (the book and older code import it from there)."""
+    for name in ("MODULUS", "mask_update", "pairwise_seeds", "secure_sum"):
+        assert getattr(federated, name) is getattr(secure_aggregation, name)
+        assert name in federated.__all__ and name in secure_aggregation.__all__
 
 
 def _updates(num_clients, dim=50, seed=0):

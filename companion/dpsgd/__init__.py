@@ -1,0 +1,99 @@
+r"""Differentially private stochastic gradient descent (DP-SGD).
+
+DP-SGD (Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar and Zhang 2016, "Deep Learning with
+Differential Privacy", ACM CCS 2016, Algorithm 1; building on Song, Chaudhuri and Sarwate 2013
+and Bassily, Smith and Thakurta 2014) changes one step of SGD in three ways.
+
+1. **Poisson sampling.** Each of the :math:`N` training examples joins the batch :math:`B`
+   independently with probability :math:`q` (``sample_rate``), so the batch size is random,
+   :math:`|B| \sim \mathrm{Binomial}(N, q)`, and may even be zero (:func:`poisson_sample`).
+2. **Per-example clipping.** Every example's gradient :math:`g_i = \nabla_\theta
+   \ell(\theta; x_i, y_i)` is computed separately (:func:`per_example_gradients`) and scaled to
+   L2 norm at most :math:`C` (``max_grad_norm``), the norm taken over *all* parameters at once:
+
+   .. math::
+       :label: dpsgd-clip
+
+       \bar g_i = g_i \cdot \min\Bigl(1, \frac{C}{\lVert g_i \rVert_2 + 10^{-6}}\Bigr)
+
+   (the factor Opacus uses; the :math:`10^{-6}` guards against division by zero and keeps
+   :math:`\lVert \bar g_i \rVert_2 < C`).
+3. **Gaussian noise.** The clipped gradients are summed and Gaussian noise with standard deviation
+   :math:`\sigma C` is added to every coordinate (``noise_multiplier`` is :math:`\sigma`):
+
+   .. math::
+       :label: dpsgd-noise
+
+       \tilde g = \frac{1}{qN}\Bigl(\sum_{i \in B} \bar g_i + \mathcal N(0, \sigma^2 C^2 I)\Bigr),
+       \qquad \theta \leftarrow \theta - \eta\, \tilde g .
+
+Why these choices:
+
+- *Sensitivity.* Under add/remove neighbouring (one data set has one more example), the clipped
+  sum :math:`\sum_{i \in B} \bar g_i` changes by exactly one term, whose norm is at most
+  :math:`C`: its L2 sensitivity is :math:`C`, whatever the model and the data. Noise of standard
+  deviation :math:`\sigma C` therefore makes each step a Gaussian mechanism with noise
+  multiplier :math:`\sigma` (noise std divided by sensitivity).
+- *Normalisation by the expected batch size.* The sum is divided by :math:`qN`, a public
+  constant, not by the realised :math:`|B|`: the realised size depends on whether a given
+  person's example was drawn, so dividing by it would change the sensitivity analysis. (An
+  empty batch is no special case: the step still adds the noise and divides by :math:`qN`.)
+- *Poisson sampling is what the accountant assumes.* The privacy amplification by subsampling
+  that :class:`companion.accounting.RDPAccountant` computes (Mironov, Talwar and Zhang 2019,
+  "Rényi Differential Privacy of the Sampled Gaussian Mechanism") is for the Poisson-subsampled
+  Gaussian mechanism. Shuffling the data into fixed-size batches, as a
+  :class:`torch.utils.data.DataLoader` does, is a different mechanism, and using the Poisson
+  accountant for it can understate epsilon considerably (Chua et al. 2024, "How Private are
+  DP-SGD Implementations?"). :func:`train_dpsgd` samples as the accountant assumes.
+
+What is protected is the sequence of noisy gradients, hence the model weights (by
+post-processing). Quantities computed from the raw data outside the mechanism, such as the
+training accuracy that :func:`train_dpsgd` records for the reader, are not covered.
+
+The clipped sum is computed by :mod:`companion.per_example` (per-layer rules with hooks on any
+module tree, ``vmap`` for layers without a rule). The step's phases are public, so the code the
+book prints is the code that runs: :func:`poisson_sample`, :func:`add_gaussian_noise`,
+:func:`noisy_clipped_gradient` (the heart of a step), :func:`set_private_gradients` (its result
+written into ``.grad``:
+write your own loop with any :class:`torch.optim.Optimizer`), :func:`dp_sgd_step` and the loop
+:func:`train_dpsgd`.
+
+See the DP-SGD chapter, :ref:`sec-dpsgd-algorithm`, for the derivation and runs.
+
+.. warning::
+
+    This is a teaching implementation. Its noise comes from torch's pseudo-random generator,
+    which is not a cryptographically secure source, and it is floating-point Gaussian noise,
+    whose low-order bits can leak information (Mironov 2012, "On Significance of the Least
+    Significant Bits for Differential Privacy"). For real deployments use Opacus
+    (https://opacus.ai), which has a secure random mode, validates models more thoroughly and is
+    maintained for production; the keyword names here follow Opacus.
+"""
+
+from companion.dpsgd.loop import train_dpsgd
+from companion.dpsgd.step import (
+    add_gaussian_noise,
+    dp_sgd_step,
+    noisy_clipped_gradient,
+    poisson_sample,
+    set_private_gradients,
+)
+
+# The clipping functions moved to companion.per_example; importing them from here still works.
+from companion.per_example import (  # noqa: F401
+    ClippedSum,
+    check_dp_compatible,
+    clip_and_sum,
+    clip_factors,
+    clipped_gradient_sum,
+    per_example_gradients,
+)
+
+__all__ = [
+    "add_gaussian_noise",
+    "dp_sgd_step",
+    "noisy_clipped_gradient",
+    "poisson_sample",
+    "set_private_gradients",
+    "train_dpsgd",
+]

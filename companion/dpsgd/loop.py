@@ -1,0 +1,332 @@
+"""The DP-SGD training loop, :func:`train_dpsgd`, with its accounting and calibration.
+
+Part of :mod:`companion.dpsgd`; import from there.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from companion._random import torch_generator
+from companion._torch import (
+    ArrayLike,
+    LossFn,
+    check_data,
+    check_loss_or_callable,
+    check_optional_test,
+    check_outputs,
+    epoch_record,
+    model_device,
+    progress_loop,
+    trainable_named,
+    warn_if_delta_large,
+)
+from companion._validation import (
+    check_delta,
+    check_epsilon,
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+)
+from companion.accounting import RDPAccountant, steps_for_epochs
+from companion.dpsgd.step import LossLike, noisy_clipped_gradient, poisson_sample
+from companion.per_example import PerExampleClipper, check_dp_compatible
+from companion.per_example.gradients import Method
+
+# --- the training loop --------------------------------------------------------------------------
+
+
+class _Data:
+    """Training data as in-memory tensors or a :class:`torch.utils.data.Dataset`, batch by mask."""
+
+    def __init__(self, x: object, y: object, loss: str | LossFn, device: torch.device) -> None:
+        self.device = device
+        if isinstance(x, Dataset):
+            if y is not None:
+                raise ValueError("give y only with tensor or array inputs, not with a Dataset.")
+            self.dataset: Dataset | None = x
+            self.n = len(x)  # type: ignore[arg-type]
+            if self.n == 0:
+                raise ValueError("the Dataset must hold at least one example.")
+            self.x, self.y = None, None
+        else:
+            if y is None:
+                raise ValueError("y is required unless x is a torch.utils.data.Dataset.")
+            self.dataset = None
+            x, y = check_data(x, y, loss=loss)
+            self.x, self.y = x.to(device), y.to(device)
+            self.n = x.shape[0]
+
+    def check(self, model: nn.Module, loss: str | LossFn) -> None:
+        """The model's output fits the loss and the labels (tensor data; a Dataset is not read)."""
+        if self.dataset is None:
+            check_outputs(model, self.x, self.y, loss=loss)
+
+    def batch(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dataset is None:
+            mask = mask.to(self.device)
+            return self.x[mask], self.y[mask]
+        index = torch.nonzero(mask).squeeze(1).tolist()
+        if not index:
+            xb, yb = default_collate([self.dataset[0]])
+            return xb[:0].to(self.device), yb[:0].to(self.device)
+        xb, yb = default_collate([self.dataset[i] for i in index])
+        return xb.to(self.device), yb.to(self.device)
+
+    def record(
+        self, model: nn.Module, epoch: int, test_data: Any, loss: str | LossFn
+    ) -> dict[str, Any]:
+        if self.dataset is None:
+            return epoch_record(model, epoch, (self.x, self.y), test_data, loss)
+        loader = DataLoader(self.dataset, batch_size=1024)
+        return epoch_record(model, epoch, loader, test_data, loss)
+
+
+def _check_optimizer(
+    optimizer: object, model: nn.Module, lr: object
+) -> torch.optim.Optimizer | None:
+    if optimizer is None:
+        if lr is None:
+            raise ValueError("give lr (plain SGD) or an optimizer built on the model's parameters.")
+        return None
+    if lr is not None:
+        raise ValueError(
+            "give lr to the optimizer, not to train_dpsgd, when you pass an optimizer."
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+        )
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in trainable_named(model) if id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"optimizer does not hold the model's trainable parameters {missing}; build it with "
+            "torch.optim.SGD(model.parameters(), lr=...) (or another optimizer) on this model."
+        )
+    return optimizer
+
+
+def _check_accountant(accountant: object) -> Any:
+    if accountant is None:
+        return RDPAccountant()
+    if not all(callable(getattr(accountant, m, None)) for m in ("step", "get_epsilon")):
+        raise TypeError(
+            "accountant must have step(noise_multiplier=, sample_rate=) and get_epsilon(delta), "
+            f"such as companion.accounting.RDPAccountant(); got {type(accountant).__name__}."
+        )
+    return accountant
+
+
+def _calibrate(
+    accountant: Any, *, target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
+    """The noise multiplier that brings ``accountant``, continued by ``steps`` steps, to at most
+    ``target_epsilon`` and within 1% of it: bisection keeping the upper end, which never exceeds
+    the target (the search of :func:`companion.accounting.get_noise_multiplier`)."""
+
+    def epsilon(sigma: float) -> float:
+        trial = copy.deepcopy(accountant)
+        for _ in range(steps):
+            trial.step(noise_multiplier=sigma, sample_rate=sample_rate)
+        return trial.get_epsilon(delta)
+
+    spent = accountant.get_epsilon(delta)
+    if spent >= target_epsilon:
+        raise ValueError(
+            f"the accountant has already spent epsilon={spent:.4g} at delta={delta}, which is not "
+            f"below target_epsilon={target_epsilon}; raise the target or start a new accountant."
+        )
+    low, high, eps_high = 0.0, 0.5, math.inf
+    while eps_high > target_epsilon:
+        high *= 2
+        if high > 1e6:
+            raise ValueError(
+                f"target_epsilon={target_epsilon} cannot be reached with {steps} steps at "
+                f"sample_rate={sample_rate}: it needs a noise_multiplier above 1e6."
+            )
+        eps_high = epsilon(high)
+    while target_epsilon - eps_high > 0.01 * target_epsilon and high - low > 1e-9 * high:
+        middle = (low + high) / 2
+        eps = epsilon(middle)
+        if eps <= target_epsilon:
+            high, eps_high = middle, eps
+        else:
+            low = middle
+    return high
+
+
+def train_dpsgd(
+    model: nn.Module,
+    x: ArrayLike | Dataset,
+    y: ArrayLike | None = None,
+    *,
+    max_grad_norm: float,
+    sample_rate: float,
+    epochs: int,
+    delta: float,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    lr: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    accountant: Any = None,
+    expected_batch_size: float | None = None,
+    x_test: ArrayLike | None = None,
+    y_test: ArrayLike | None = None,
+    seed: int | None = None,
+    loss: LossLike = "cross_entropy",
+    method: Method = "auto",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    r"""Train ``model`` in place with DP-SGD and account for the privacy spent.
+
+    The run takes :math:`T` = :func:`companion.accounting.steps_for_epochs` steps (``epochs``
+    times :math:`\mathrm{round}(1/q)`, the rule :func:`companion.accounting.get_noise_multiplier`
+    uses for ``epochs=``). Each step draws a Poisson batch (:func:`poisson_sample`), writes the
+    noisy clipped gradient into ``.grad`` (:func:`set_private_gradients`) and lets the optimizer
+    step (plain SGD with ``lr`` when no optimizer is given); the accountant records one step of
+    the Poisson-subsampled Gaussian mechanism. After each epoch it converts the privacy spent so
+    far into epsilon at ``delta``.
+
+    *Noise.* Give ``noise_multiplier`` :math:`\sigma`, or ``target_epsilon``: then :math:`\sigma`
+    is the smallest (to 1%) that keeps the accountant's total epsilon after exactly these
+    :math:`T` steps at or below the target, so the target is never exceeded.
+
+    *Accounting across calls.* Pass the ``accountant`` of an earlier run (or one you built) to
+    continue it: this run's steps are added to it in place and the reported epsilon is the total.
+    Default: a new :class:`companion.accounting.RDPAccountant`.
+
+    *What is public.* The normaliser :math:`qN` (``expected_batch_size``) must not depend on
+    the private data. By default it is ``sample_rate * len(x)``, which treats the data-set size
+    as public (as Opacus does); pass a value fixed in advance to avoid that assumption. Choose
+    ``delta`` well below :math:`1/N` (a ``UserWarning`` says otherwise). Only the model is
+    protected: the training-set statistics in the records are computed from the raw data, for
+    the reader's monitoring only.
+
+    *Randomness.* One :class:`torch.Generator` draws the batches and the noise; ``seed=None``
+    (the default) seeds it from fresh OS entropy, so two runs never share noise. A seed makes a
+    run reproducible and must then stay secret.
+
+    Args:
+        model: the model to train; must pass :func:`check_dp_compatible`. Everything runs on the
+            device of its parameters.
+        x: training inputs, shape ``(N, ...)`` (tensor or numpy array), or a
+            :class:`torch.utils.data.Dataset` of ``(input, target)`` pairs (then no ``y``).
+        y: training targets, shape ``(N, ...)``.
+        max_grad_norm: the clipping norm :math:`C`, > 0.
+        sample_rate: :math:`q`, in (0, 1].
+        epochs: number of epochs, >= 1.
+        delta: the delta at which epsilon is reported and targeted, in (0, 1).
+        noise_multiplier: :math:`\sigma`, >= 0 (0 means no privacy: epsilon is infinite).
+        target_epsilon: > 0, instead of ``noise_multiplier``.
+        lr: learning rate of plain SGD, > 0 (without ``optimizer``).
+        optimizer: any :class:`torch.optim.Optimizer` built on the model's parameters.
+        accountant: an accountant to continue (``step`` and ``get_epsilon``), such as
+            :class:`companion.accounting.RDPAccountant`.
+        expected_batch_size: :math:`qN`, > 0; default ``sample_rate * N`` (see above).
+        x_test, y_test: optional held-out data, evaluated after every epoch.
+        seed: seed of the sampling and noise generator, or None for fresh entropy.
+        loss: ``"cross_entropy"``, ``"bce"``, or a callable ``(outputs, targets)`` returning the
+            mean loss over examples (``torch.nn.MSELoss()`` for regression).
+        method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see
+            :func:`companion.per_example.clipped_gradient_sum`).
+        progress: show a tqdm progress bar over the epochs.
+
+    Returns:
+        One dict per epoch, with keys ``"epoch"``, ``"steps"`` (this run's DP steps so far),
+        ``"epsilon"`` (the accountant's total, at ``delta``), ``"delta"``,
+        ``"noise_multiplier"``, ``"clipped_fraction"`` (the share of the epoch's per-example
+        gradients whose norm exceeded :math:`C`), ``"train_loss"`` (and ``"train_accuracy"``
+        for a named loss) on the whole training set, and the same for test data if given.
+
+    Raises:
+        TypeError: if an argument is of the wrong kind.
+        ValueError: if an argument is out of range, the model mixes examples, or the target
+            cannot be reached.
+
+    Example:
+        >>> from companion import data, models
+        >>> digits = data.load_digits()
+        >>> history = train_dpsgd(models.logistic_regression(), digits.x_train, digits.y_train,
+        ...     target_epsilon=1.0, max_grad_norm=1.0, sample_rate=0.1, epochs=2, lr=1.0,
+        ...     delta=1e-5, seed=0)
+        >>> history[-1]["steps"], 0.99 <= history[-1]["epsilon"] <= 1.0
+        (20, True)
+    """
+    check_dp_compatible(model)
+    loss = check_loss_or_callable(loss)
+    device = model_device(model)
+    data = _Data(x, y, loss, device)
+    data.check(model, loss)
+    test_data = check_optional_test(x_test, y_test, loss=loss)
+    if test_data is not None:
+        test_data = (test_data[0].to(device), test_data[1].to(device))
+        check_outputs(model, *test_data, loss=loss)
+    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+    sample_rate = check_fraction("sample_rate", sample_rate)
+    epochs = check_positive_int("epochs", epochs)
+    delta = check_delta(delta)
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier and target_epsilon.")
+    if lr is not None:
+        lr = check_positive("lr", lr)
+    optimizer = _check_optimizer(optimizer, model, lr)
+    accountant = _check_accountant(accountant)
+    if expected_batch_size is None:
+        expected_batch_size = sample_rate * data.n
+    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
+    generator = torch_generator(seed)
+    clipper = PerExampleClipper(model, loss=loss, method=method)
+    warn_if_delta_large(delta, data.n)
+    steps_per_epoch = steps_for_epochs(epochs=1, sample_rate=sample_rate)
+    if target_epsilon is not None:
+        target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
+        noise_multiplier = _calibrate(
+            accountant, target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+            steps=epochs * steps_per_epoch,
+        )  # fmt: skip
+    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    params = trainable_named(model)
+
+    history: list[dict[str, Any]] = []
+    model.train()
+    for epoch in progress_loop(
+        epochs, history=history, desc="DP-SGD", unit="epoch", progress=progress
+    ):
+        clipped, seen = 0, 0
+        for _ in range(steps_per_epoch):
+            xb, yb = data.batch(
+                poisson_sample(data.n, sample_rate=sample_rate, generator=generator)
+            )
+            sums, norms = noisy_clipped_gradient(
+                clipper, xb, yb, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                expected_batch_size=expected_batch_size, generator=generator,
+            )  # fmt: skip
+            if optimizer is None:
+                with torch.no_grad():
+                    for name, p in params:
+                        p.add_(sums[name], alpha=-lr)
+            else:
+                for name, p in params:
+                    p.grad = sums[name]
+                optimizer.step()
+            accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+            clipped += int((norms > max_grad_norm).sum())
+            seen += norms.shape[0]
+        record: dict[str, Any] = {"epoch": epoch, "steps": epoch * steps_per_epoch}
+        record["epsilon"] = accountant.get_epsilon(delta)
+        record["delta"] = delta
+        record["noise_multiplier"] = noise_multiplier
+        record["clipped_fraction"] = clipped / seen if seen else 0.0
+        record.update(data.record(model, epoch, test_data, loss))
+        history.append(record)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    return history

@@ -1,0 +1,301 @@
+"""The DP-SGD step: Poisson sampling, Gaussian noise, the noisy clipped gradient, the update.
+
+Part of :mod:`companion.dpsgd`; import from there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from companion._torch import LossFn, LossName, trainable_named
+from companion._validation import (
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+)
+from companion.per_example import ClippedSum, PerExampleClipper, check_dp_compatible
+from companion.per_example.gradients import Method, check_batch
+
+LossLike = LossName | LossFn
+
+
+def _check_generator(generator: object) -> torch.Generator:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got "
+            f"{type(generator).__name__}."
+        )
+    return generator
+
+
+# --- sampling and noise -------------------------------------------------------------------------
+
+
+def poisson_sample(n: int, *, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    r"""A Poisson-sampled batch: each of ``n`` examples is included independently with prob. q.
+
+    Returns a boolean mask of shape ``(n,)``; select the batch from in-memory tensors with
+    ``x[mask]``, ``y[mask]``. The batch size is :math:`\mathrm{Binomial}(n, q)`: random, with
+    mean :math:`qn`, and possibly 0 (an empty batch is a valid DP-SGD step: it releases only
+    noise). Masking tensors in memory is much cheaper than a ``DataLoader`` for small models.
+
+    Args:
+        n: number of examples, >= 1.
+        sample_rate: inclusion probability :math:`q`, in (0, 1]; ``q = 1`` takes everyone.
+        generator: a :class:`torch.Generator`; the draw is reproducible from its seed.
+
+    Returns:
+        A boolean tensor of shape ``(n,)`` on the generator's device.
+
+    Raises:
+        TypeError: if ``generator`` is not a :class:`torch.Generator` or ``n`` not an integer.
+        ValueError: if ``n < 1`` or ``sample_rate`` is outside (0, 1].
+
+    Example:
+        >>> mask = poisson_sample(10, sample_rate=1.0, generator=torch.Generator().manual_seed(0))
+        >>> int(mask.sum())
+        10
+    """
+    n = check_positive_int("n", n)
+    sample_rate = check_fraction("sample_rate", sample_rate)
+    generator = _check_generator(generator)
+    # torch.rand is uniform on [0, 1), so q = 1 includes every example.
+    return torch.rand(n, generator=generator, device=generator.device) < sample_rate
+
+
+def add_gaussian_noise(
+    sums: dict[str, torch.Tensor], *, std: float, generator: torch.Generator
+) -> None:
+    r"""Add :math:`\mathcal N(0, \text{std}^2)` to every coordinate of ``sums``, in place.
+
+    The noise for all entries is one draw of a standard normal vector from ``generator``, in the
+    order of the dict, so a run is reproducible from the generator's seed (which must then stay
+    secret: whoever knows it can subtract the noise). DP-SGD noises the clipped gradient sum this
+    way and DP-FedAvg (:func:`companion.federated.dp_fedavg`) the sum of clipped client updates.
+
+    Args:
+        sums: dict name -> tensor, changed in place; all on one device, one floating dtype.
+        std: the noise standard deviation, >= 0 (for DP-SGD :math:`\sigma C`).
+        generator: the :class:`torch.Generator` the noise is drawn from.
+
+    Raises:
+        TypeError: if ``generator`` is not a :class:`torch.Generator` or ``sums`` not a dict of
+            tensors.
+        ValueError: if ``std`` is negative or not finite.
+
+    Example:
+        >>> sums = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+        >>> add_gaussian_noise(sums, std=1.0, generator=torch.Generator().manual_seed(0))
+        >>> sums["w"].shape, bool(sums["b"].abs().sum() > 0)
+        (torch.Size([2, 2]), True)
+    """
+    std = check_nonnegative("std", std)
+    generator = _check_generator(generator)
+    if not isinstance(sums, dict) or not all(isinstance(v, torch.Tensor) for v in sums.values()):
+        raise TypeError("sums must be a dict of name -> torch.Tensor.")
+    if std == 0 or not sums:
+        return
+    first = next(iter(sums.values()))
+    if std >= torch.finfo(first.dtype).max / 100:
+        raise ValueError(
+            f"std={std:g} is too large for {first.dtype} noise; lower the noise multiplier or "
+            "the clipping norm."
+        )
+    total = sum(t.numel() for t in sums.values())
+    noise = torch.randn(total, generator=generator, device=generator.device, dtype=first.dtype)
+    noise = noise.to(first.device)
+    start = 0
+    for value in sums.values():
+        size = value.numel()
+        value.add_(noise[start : start + size].view_as(value), alpha=std)
+        start += size
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+
+def set_private_gradients(
+    model: nn.Module,
+    x_batch: torch.Tensor,
+    y_batch: torch.Tensor,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+    loss: LossLike = "cross_entropy",
+    method: Method = "auto",
+) -> torch.Tensor:
+    r"""Write DP-SGD's noisy gradient :math:`\tilde g` into ``.grad`` of every trainable parameter.
+
+    :math:`\tilde g = \bigl(\sum_{i \in B} \bar g_i + \mathcal N(0, \sigma^2 C^2 I)\bigr) / (qN)`,
+    eq. :eq:`dpsgd-noise`: the clipped per-example gradient sum
+    (:func:`companion.per_example.clipped_gradient_sum`), Gaussian noise
+    (:func:`add_gaussian_noise`), divided by ``expected_batch_size`` (:math:`qN`, fixed before
+    seeing the data, never the realised batch size). Then call any optimizer's ``step()``: your
+    own loop, with the batch drawn by :func:`poisson_sample`, is DP-SGD. Account for each call
+    with ``accountant.step(noise_multiplier=..., sample_rate=...)``.
+
+    Args:
+        model: the model; must pass :func:`check_dp_compatible`. Its parameters are not changed.
+        x_batch, y_batch: the batch (tensors on the model's device; the batch may be empty).
+        noise_multiplier: :math:`\sigma`, >= 0 (0 gives no privacy; for tests).
+        max_grad_norm: the clipping norm :math:`C`, > 0.
+        expected_batch_size: :math:`qN`, > 0.
+        generator: the :class:`torch.Generator` the noise is drawn from (its seed is a secret).
+        loss: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss over examples.
+        method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see
+            :func:`companion.per_example.clipped_gradient_sum`).
+
+    Returns:
+        The per-example gradient norms before clipping, shape ``(B,)``.
+
+    Raises:
+        TypeError: if an argument is of the wrong kind.
+        ValueError: if an argument is out of range or the model mixes examples.
+
+    Example:
+        >>> from companion import models
+        >>> model = models.logistic_regression()
+        >>> optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        >>> norms = set_private_gradients(model, torch.zeros(4, 64), torch.tensor([0, 1, 2, 3]),
+        ...     noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4.0,
+        ...     generator=torch.Generator().manual_seed(0))
+        >>> optimizer.step()
+        >>> model[0].weight.grad.shape, norms.shape
+        (torch.Size([10, 64]), torch.Size([4]))
+    """
+    check_dp_compatible(model)
+    clipper = PerExampleClipper(model, loss=loss, method=method)
+    check_batch(x_batch, y_batch)
+    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
+    generator = _check_generator(generator)
+    sums, norms = noisy_clipped_gradient(
+        clipper, x_batch, y_batch, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, generator=generator,
+    )  # fmt: skip
+    for name, p in trainable_named(model):
+        p.grad = sums[name]
+    return norms
+
+
+def noisy_clipped_gradient(
+    clipper: PerExampleClipper,
+    x_batch: torch.Tensor,
+    y_batch: torch.Tensor,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+) -> ClippedSum:
+    r"""The heart of a DP-SGD step: :math:`\tilde g` of eq. :eq:`dpsgd-noise` and the norms.
+
+    Clip and sum (``clipper``, a :class:`companion.per_example.PerExampleClipper` planned once
+    for the model and loss), add :math:`\mathcal N(0, \sigma^2 C^2)` to every coordinate
+    (:func:`add_gaussian_noise`), divide by the expected batch size :math:`qN`. The training
+    loop calls this once per step; :func:`set_private_gradients` and :func:`dp_sgd_step` wrap it
+    with argument checks.
+
+    Args:
+        clipper: the planned clipper of the model and loss.
+        x_batch, y_batch: the batch (tensors; the batch may be empty).
+        noise_multiplier: :math:`\sigma`, >= 0.
+        max_grad_norm: the clipping norm :math:`C`, > 0.
+        expected_batch_size: :math:`qN`, > 0.
+        generator: the :class:`torch.Generator` the noise is drawn from (its seed is a secret).
+
+    Returns:
+        ``ClippedSum(sums, norms)``: the noisy mean gradient per parameter name, and the
+        per-example norms before clipping.
+
+    Raises:
+        TypeError: if ``generator`` is not a :class:`torch.Generator`.
+        ValueError: if a number is out of range.
+
+    Example:
+        >>> from companion import models
+        >>> clipper = PerExampleClipper(models.logistic_regression(), loss="cross_entropy")
+        >>> noisy, norms = noisy_clipped_gradient(clipper, torch.zeros(2, 64),
+        ...     torch.tensor([0, 1]), noise_multiplier=0.0, max_grad_norm=0.5,
+        ...     expected_batch_size=2.0, generator=torch.Generator().manual_seed(0))
+        >>> round(float(torch.linalg.vector_norm(noisy["0.bias"])), 4)  # a mean of two, norm <= 0.5
+        0.3345
+    """
+    sums, norms = clipper(x_batch, y_batch, max_grad_norm=max_grad_norm)
+    with torch.no_grad():
+        add_gaussian_noise(sums, std=noise_multiplier * max_grad_norm, generator=generator)
+        for value in sums.values():
+            value.div_(expected_batch_size)
+    return ClippedSum(sums, norms)
+
+
+def dp_sgd_step(
+    model: nn.Module,
+    x_batch: torch.Tensor,
+    y_batch: torch.Tensor,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    lr: float,
+    generator: torch.Generator,
+    loss: LossLike = "cross_entropy",
+    method: Method = "auto",
+) -> torch.Tensor:
+    r"""One DP-SGD step with plain SGD on a (Poisson-sampled) batch; updates ``model`` in place.
+
+    :math:`\theta \leftarrow \theta - \eta \tilde g` with :math:`\tilde g` as in
+    :func:`set_private_gradients`, eq. :eq:`dpsgd-noise`. An empty batch is allowed: the step
+    then moves the parameters by noise alone. The noise for all trainable parameters is one draw
+    of a standard normal vector from ``generator`` (in the order of
+    ``model.named_parameters()``), scaled by :math:`\sigma C`; with :math:`\sigma = 0` nothing
+    is drawn.
+
+    Args:
+        model: the model to update; must pass :func:`check_dp_compatible`.
+        x_batch, y_batch: the batch (tensors; the batch may be empty).
+        noise_multiplier: :math:`\sigma`, >= 0 (0 gives no privacy; for tests).
+        max_grad_norm: the clipping norm :math:`C`, > 0.
+        expected_batch_size: :math:`qN`, > 0.
+        lr: learning rate :math:`\eta`, > 0.
+        generator: the :class:`torch.Generator` the noise is drawn from (its seed is a secret).
+        loss: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss over examples.
+        method: ``"auto"``, ``"vmap"`` or ``"layerwise"``.
+
+    Returns:
+        The per-example gradient norms before clipping, shape ``(B,)``.
+
+    Raises:
+        TypeError: if an argument is of the wrong kind.
+        ValueError: if an argument is out of range or the model mixes examples.
+
+    Example:
+        >>> from companion import models
+        >>> model = models.logistic_regression()
+        >>> norms = dp_sgd_step(model, torch.ones(3, 64), torch.tensor([0, 1, 2]),
+        ...     noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=3.0, lr=0.1,
+        ...     generator=torch.Generator().manual_seed(0))
+        >>> [round(float(n), 2) for n in norms]  # each clipped to 1 before the update
+        [8.26, 8.05, 8.13]
+    """
+    check_dp_compatible(model)
+    clipper = PerExampleClipper(model, loss=loss, method=method)
+    check_batch(x_batch, y_batch)
+    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
+    lr = check_positive("lr", lr)
+    generator = _check_generator(generator)
+    sums, norms = noisy_clipped_gradient(
+        clipper, x_batch, y_batch, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, generator=generator,
+    )  # fmt: skip
+    with torch.no_grad():
+        for name, p in trainable_named(model):
+            p.add_(sums[name], alpha=-lr)
+    return norms

@@ -1,0 +1,69 @@
+r"""Per-example gradients, clipping and the clipped gradient sum of DP-SGD.
+
+DP-SGD clips every example's gradient :math:`g_i` to L2 norm at most :math:`C`, the norm taken over
+all trainable parameters at once, and sums:
+
+.. math::
+    :label: per-example-clipped-sum
+
+    \sum_{i \in B} g_i \min\Bigl(1, \frac{C}{\lVert g_i \rVert_2 + 10^{-6}}\Bigr)
+
+(the factor Opacus uses, :func:`clip_factors`). This module computes that sum in two ways, with the
+same result (the tests check both against a plain loop over examples):
+
+- ``method="vmap"``: every example's gradient with :mod:`torch.func` (``functional_call``,
+  ``grad``, ``vmap``), then :func:`clip_and_sum`. Works for any model whose forward pass treats
+  examples independently, at the price of materialising :math:`B` copies of the gradient.
+- ``method="layerwise"``: hooks on the layers capture, in one forward and one backward pass, each
+  layer's input :math:`a_i` and the gradient :math:`b_i` of the summed loss with respect to its
+  output. A table of per-layer rules (:data:`LAYER_RULES`, one small function per layer type, the
+  pattern of Opacus's ``register_grad_sampler``) turns them into each example's squared gradient
+  norm and, once the clipping factors :math:`f_i` are known, into the clipped sum, without a
+  second backward pass ("book-keeping", Bu, Wang, Zha and Karypis 2023, "Differentially Private
+  Optimization on Large Model at Small Cost", ICML). For a linear layer the per-example weight
+  gradient is :math:`b_i^\top a_i` (rows of :math:`a_i, b_i` are positions of a sequence or
+  an image), whose squared norm is either computed from the materialised product or, without
+  it, from Gram matrices, :math:`\langle a_i a_i^\top, b_i b_i^\top \rangle` (the "ghost norm",
+  Goodfellow 2015; Li, Tramèr, Liang and Hashimoto 2022), whichever costs fewer multiplications;
+  the clipped sum is then one matrix product :math:`(f \odot b)^\top a`.
+
+The rules cover ``Linear`` (also on sequences), ``Conv1d`` and ``Conv2d`` (groups, dilation,
+strides and every padding mode), ``Embedding``, ``LayerNorm`` and ``GroupNorm``, anywhere in a
+module tree: custom :class:`torch.nn.Module` subclasses are fine. ``method="auto"`` (the default)
+uses the rules where they apply and computes the gradients of the remaining trainable parameters
+(those held directly by layers without a rule, or by a layer called twice in one forward pass)
+with ``vmap``, for those parameters only, and says which once.
+
+.. note::
+
+    Both methods assume that the forward pass treats examples independently: example :math:`i`'s
+    output depends on example :math:`i`'s input alone. Batch normalisation breaks this, and
+    :func:`check_dp_compatible` refuses it, but a hand-written forward that mixes examples (a
+    batch mean, attention across the batch) cannot be detected, and then neither the gradients
+    nor the DP guarantee hold. A callable loss must be the *mean over examples* of a per-example
+    loss (as :class:`torch.nn.CrossEntropyLoss` and :class:`torch.nn.MSELoss` with their default
+    ``reduction="mean"`` are); a weighted mean is not.
+
+See the DP-SGD chapter, :ref:`sec-dpsgd-per-example`, for the derivation with pictures.
+"""
+
+from companion.per_example.engine import PerExampleClipper, clipped_gradient_sum
+from companion.per_example.gradients import (
+    ClippedSum,
+    check_dp_compatible,
+    clip_and_sum,
+    clip_factors,
+    per_example_gradients,
+)
+from companion.per_example.rules import LAYER_RULES
+
+__all__ = [
+    "LAYER_RULES",
+    "ClippedSum",
+    "PerExampleClipper",
+    "check_dp_compatible",
+    "clip_and_sum",
+    "clip_factors",
+    "clipped_gradient_sum",
+    "per_example_gradients",
+]

@@ -1,0 +1,275 @@
+"""The layerwise engine: hooks on the layers of any module tree, the rules, a vmap fallback.
+
+Part of :mod:`companion.per_example`; import from there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from companion._torch import LossFn, check_model, trainable_named
+from companion._validation import check_positive
+from companion.per_example.gradients import (
+    ClippedSum,
+    LossLike,
+    Method,
+    check_batch,
+    check_method,
+    resolve_loss,
+    scale_factors,
+    sum_clipped,
+    vmap_gradients,
+)
+from companion.per_example.rules import LAYER_RULES
+
+# --- the layerwise engine -----------------------------------------------------------------------
+
+
+class LayerPlan(NamedTuple):
+    """Which layers the rules handle and which parameters fall back to vmap."""
+
+    hooked: list[tuple[str, nn.Module]]  # layers with a rule and trainable parameters
+    fallback: list[str]  # trainable parameters computed with vmap
+    reasons: list[str]  # why, per layer, for messages
+
+
+def plan_layers(model: nn.Module) -> LayerPlan:
+    owner: dict[int, tuple[str, nn.Module]] = {}
+    uses: dict[int, int] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] = uses.get(id(module), 0) + 1
+        owner.setdefault(id(module), (name, module))
+    hooked, fallback, reasons = [], [], []
+    seen_params: set[int] = set()
+    for name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        prefix = f"{name}." if name else ""
+        shared = any(id(p) in seen_params for _, p in own)
+        seen_params.update(id(p) for _, p in own)
+        kind = type(module)
+        supported = kind in LAYER_RULES and _rule_applies(module)
+        if supported and uses[id(module)] == 1 and not shared:
+            hooked.append((name, module))
+            continue
+        fallback.extend(prefix + n for n, _ in own)
+        why = "is used more than once" if supported else f"({kind.__name__}) has no rule"
+        reasons.append(f"{name or 'the model'!r} {why}")
+    return LayerPlan(hooked, fallback, reasons)
+
+
+def _rule_applies(module: nn.Module) -> bool:
+    """Options that a rule does not handle: they send the layer to the vmap fallback."""
+    if isinstance(module, nn.Embedding):
+        return module.max_norm is None and not module.scale_grad_by_freq
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        return isinstance(module.padding, str) or all(isinstance(p, int) for p in module.padding)
+    return True
+
+
+class _Capture:
+    """Forward hooks that keep each hooked layer's input and output."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]], copy: bool) -> None:
+        self.seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        self.twice: set[nn.Module] = set()
+        self.copy = copy
+        self.handles = [m.register_forward_hook(self._keep) for _, m in layers]
+
+    def _keep(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor | None:
+        if module in self.seen:
+            self.twice.add(module)
+        a = inputs[0].clone() if self.copy else inputs[0]
+        self.seen[module] = (a, output, a._version, output._version)
+        # A copy shields the kept output from in-place changes made further on (ReLU(inplace)).
+        return output.clone() if self.copy else None
+
+    def changed(self) -> bool:
+        return any(a._version != va or o._version != vo for a, o, va, vo in self.seen.values())
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def layerwise_clipped_sum(
+    model: nn.Module,
+    plan: LayerPlan,
+    mean_loss: LossFn,
+    sum_loss: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    max_grad_norm: float,
+) -> ClippedSum:
+    for copy in (False, True):
+        capture = _Capture(plan.hooked, copy)
+        try:
+            outputs = model(x)
+        finally:
+            capture.remove()
+        if copy or not capture.changed():
+            break  # else a layer's input or output was changed in place: again, with copies
+    twice = {id(m) for m in capture.twice}
+    active = [(n, m) for n, m in plan.hooked if m in capture.seen and id(m) not in twice]
+    fallback = list(plan.fallback)
+    for name, module in plan.hooked:
+        if id(module) in twice:  # a layer called twice: its gradient is a sum over the calls
+            prefix = f"{name}." if name else ""
+            fallback.extend(
+                prefix + n for n, p in module.named_parameters(recurse=False) if p.requires_grad
+            )
+    targets = [capture.seen[m][1] for _, m in active]
+    output_grads = (
+        torch.autograd.grad(sum_loss(outputs, y), targets, allow_unused=True) if targets else []
+    )
+    entries: list[tuple[str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]] = []
+    with torch.no_grad():
+        for (name, module), b in zip(active, output_grads, strict=True):
+            a = capture.seen[module][0].detach()
+            b = torch.zeros_like(capture.seen[module][1]) if b is None else b
+            prefix = f"{name}." if name else ""
+            entries.extend(
+                (prefix + p, sq, s) for p, sq, s in LAYER_RULES[type(module)](module, a, b)
+            )
+    grads = vmap_gradients(model, mean_loss, x, y, fallback) if fallback else {}
+    with torch.no_grad():
+        squares = x.new_zeros(x.shape[0], dtype=model_dtype(model))
+        for _, sq, _ in entries:
+            squares = squares + sq
+        for g in grads.values():
+            squares = squares + g.flatten(start_dim=1).square().sum(1)
+        norms = squares.sqrt()
+        factors = scale_factors(norms, max_grad_norm)
+        sums = {name: summer(factors) for name, _, summer in entries}
+        sums.update({name: torch.tensordot(factors, g, dims=1) for name, g in grads.items()})
+    return ClippedSum(
+        {n: sums.get(n, torch.zeros_like(p)) for n, p in trainable_named(model)}, norms
+    )
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(p for p in model.parameters() if p.requires_grad).dtype
+
+
+class PerExampleClipper:
+    """The clipped gradient sum of :func:`clipped_gradient_sum`, planned once for many batches.
+
+    Checks the model, the loss and the method and plans which layers use which rule once; each
+    call then computes one batch's :class:`ClippedSum`. The DP-SGD loop builds one per run.
+
+    Args:
+        model: the model; its parameters are read, not changed. Build a new clipper if you add
+            or freeze layers.
+        loss: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss over examples.
+        method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see :func:`clipped_gradient_sum`).
+
+    Raises:
+        TypeError: if an argument is of the wrong kind.
+        ValueError: if the model has no trainable parameter or ``method="layerwise"`` does not
+            apply.
+
+    Example:
+        >>> import torch
+        >>> from companion import models
+        >>> clipper = PerExampleClipper(models.logistic_regression(), loss="cross_entropy")
+        >>> result = clipper(torch.ones(3, 64), torch.tensor([0, 1, 2]), max_grad_norm=1.0)
+        >>> [round(float(n), 2) for n in result.norms]  # before clipping
+        [8.26, 8.05, 8.13]
+        >>> total = torch.cat([s.flatten() for s in result.sums.values()])
+        >>> round(float(torch.linalg.vector_norm(total)), 2)  # three terms of norm 1 each
+        1.77
+    """
+
+    def __init__(self, model: nn.Module, *, loss: LossLike, method: Method = "auto") -> None:
+        self.model = check_model(model)
+        self.mean_loss, self.sum_loss = resolve_loss(loss)
+        self.method = check_method(method)
+        trainable_named(self.model)
+        self.plan = None if self.method == "vmap" else plan_layers(self.model)
+        if self.plan is not None and self.plan.fallback:
+            reasons = "; ".join(self.plan.reasons)
+            if self.method == "layerwise":
+                raise ValueError(
+                    f"method='layerwise' does not apply: layer {reasons}. Use method='auto' "
+                    "(vmap for those layers only) or method='vmap'."
+                )
+            warnings.warn(
+                f"per-example gradients of layer {reasons} are computed with vmap, which is slower "
+                "than the per-layer rules; the result is the same.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, max_grad_norm: float) -> ClippedSum:
+        """The clipped sum and norms of the batch ``(x, y)`` (checked by the caller)."""
+        if x.shape[0] == 0:
+            sums = {name: torch.zeros_like(p) for name, p in trainable_named(self.model)}
+            return ClippedSum(sums, x.new_zeros(0, dtype=model_dtype(self.model)))
+        if self.plan is None:
+            names = [name for name, _ in trainable_named(self.model)]
+            return sum_clipped(
+                vmap_gradients(self.model, self.mean_loss, x, y, names), max_grad_norm
+            )
+        return layerwise_clipped_sum(
+            self.model, self.plan, self.mean_loss, self.sum_loss, x, y, max_grad_norm
+        )
+
+
+def clipped_gradient_sum(
+    model: nn.Module,
+    loss: LossLike,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    max_grad_norm: float,
+    method: Method = "auto",
+    return_norms: bool = False,
+) -> dict[str, torch.Tensor] | ClippedSum:
+    r"""The sum of the clipped per-example gradients of a batch, eq. :eq:`per-example-clipped-sum`.
+
+    ``method="vmap"`` is :func:`per_example_gradients` followed by :func:`clip_and_sum`.
+    ``method="layerwise"`` gets the same numbers from one forward and one backward pass with the
+    rules of :data:`LAYER_RULES`, and raises ``ValueError`` naming every trainable layer without
+    a rule. ``method="auto"`` uses the rules where they apply and ``vmap`` for the other layers'
+    parameters only, with a warning naming them.
+
+    Args:
+        model: the model; its parameters are read, not changed.
+        loss: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss over the
+            examples of a batch.
+        x, y: a batch of inputs and targets (the batch may be empty).
+        max_grad_norm: the clipping norm :math:`C`, > 0.
+        method: ``"auto"``, ``"vmap"`` or ``"layerwise"``.
+        return_norms: return a :class:`ClippedSum` with the norms before clipping as well.
+
+    Returns:
+        Like :func:`clip_and_sum`: dict name -> summed clipped gradient (trainable parameters),
+        or with ``return_norms`` a :class:`ClippedSum`.
+
+    Raises:
+        TypeError: if an argument is of the wrong kind.
+        ValueError: if an argument is out of range, or ``method="layerwise"`` does not apply.
+
+    Example:
+        >>> import torch
+        >>> from companion import models
+        >>> x, y = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)), torch.arange(8)
+        >>> sums, norms = clipped_gradient_sum(models.mlp(), "cross_entropy", x, y,
+        ...                                    max_grad_norm=0.1, return_norms=True)
+        >>> norms.shape, bool(torch.linalg.vector_norm(torch.cat([s.flatten() for s in
+        ...     sums.values()])) <= 8 * 0.1)
+        (torch.Size([8]), True)
+    """
+    clipper = PerExampleClipper(model, loss=loss, method=method)
+    check_batch(x, y)
+    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+    result = clipper(x, y, max_grad_norm=max_grad_norm)
+    return result if return_norms else result.sums

@@ -1,0 +1,258 @@
+"""Per-example gradients with :mod:`torch.func`, clipping, and the checks DP-SGD needs.
+
+Part of :mod:`companion.per_example`; import from there.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from companion import _torch
+from companion._torch import LossFn, LossName, check_model, trainable_named
+from companion._validation import check_positive
+
+LossLike = LossName | LossFn
+Method = Literal["auto", "vmap", "layerwise"]
+_METHODS = ("auto", "vmap", "layerwise")
+_CLIP_EPS = 1e-6  # as in Opacus: factor = min(1, C / (norm + 1e-6))
+
+
+class ClippedSum(NamedTuple):
+    """The clipped per-example gradient sum of a batch and the norms before clipping."""
+
+    sums: dict[str, torch.Tensor]
+    """Parameter name -> summed clipped gradient, of the parameter's shape."""
+    norms: torch.Tensor
+    """Each example's gradient norm before clipping, shape ``(B,)``."""
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def check_dp_compatible(model: nn.Module) -> None:
+    """Raise if ``model`` cannot be trained with DP-SGD, naming every offending layer at once.
+
+    DP-SGD needs each example's gradient to depend on that example alone. Batch normalisation
+    breaks this (it normalises by statistics of the whole batch, and its running statistics are
+    un-noised averages of the training data), as do instance normalisation with
+    ``track_running_stats=True`` (its running statistics average over the batch) and an
+    ``Embedding`` with ``scale_grad_by_freq=True`` (it scales gradients by word counts over the
+    batch). Replace normalisation with :class:`torch.nn.GroupNorm` or
+    :class:`torch.nn.LayerNorm`. Layers written by hand that mix examples cannot be detected.
+
+    Args:
+        model: the model to check.
+
+    Raises:
+        TypeError: if ``model`` is not a :class:`torch.nn.Module`.
+        ValueError: listing every layer above, or if the model has no trainable parameter.
+
+    Example:
+        >>> from torch import nn
+        >>> check_dp_compatible(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(),
+        ...                                   nn.Linear(3, 2), nn.BatchNorm1d(2)))
+        Traceback (most recent call last):
+        ...
+        ValueError: model cannot be trained with DP-SGD: layer '1' is a BatchNorm1d; layer '4' ...
+    """
+    model = check_model(model)
+    problems = []
+    for name, module in model.named_modules():
+        where = f"layer {name!r}" if name else "the model"
+        kind = type(module).__name__
+        if isinstance(module, _BatchNorm):
+            problems.append(f"{where} is a {kind}")
+        elif isinstance(module, _InstanceNorm) and module.track_running_stats:
+            problems.append(f"{where} is a {kind} with track_running_stats=True")
+        elif isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+            problems.append(f"{where} is an Embedding with scale_grad_by_freq=True")
+    if problems:
+        raise ValueError(
+            f"model cannot be trained with DP-SGD: {'; '.join(problems)}. These layers mix the "
+            "examples of a batch (batch normalisation normalises by batch statistics and its "
+            "running statistics average the training data), so per-example gradients and the "
+            "DP-SGD guarantee do not hold. Replace batch or instance normalisation with "
+            "torch.nn.GroupNorm or torch.nn.LayerNorm (or track_running_stats=False), and use "
+            "scale_grad_by_freq=False."
+        )
+    trainable_named(model)
+
+
+def check_method(method: object) -> str:
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+    return str(method)
+
+
+def resolve_loss(loss: object) -> tuple[LossFn, LossFn]:
+    """``(mean loss, summed loss)``; a callable's summed form is its mean times the batch size."""
+    if isinstance(loss, str):
+        name = _torch.check_loss(loss)
+        return _torch.loss_fn(name, "mean"), _torch.loss_fn(name, "sum")
+    if callable(loss):
+        return loss, lambda outputs, targets: loss(outputs, targets) * outputs.shape[0]
+    raise TypeError(
+        "loss must be 'cross_entropy', 'bce' or a callable (outputs, targets) -> mean loss over "
+        f"the examples, got {type(loss).__name__}."
+    )
+
+
+def check_batch(x: object, y: object) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError("x and y must be torch tensors (see companion.training.to_tensors).")
+    if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x and y must hold the same number of examples along their first dimension, got "
+            f"shapes {tuple(x.shape)} and {tuple(y.shape)}."
+        )
+
+
+# --- per-example gradients with torch.func ------------------------------------------------------
+
+
+def per_example_gradients(
+    model: nn.Module, loss: LossLike, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    r"""The gradient of each example's loss, for every trainable parameter, with :mod:`torch.func`.
+
+    For a batch of :math:`B` examples this returns :math:`g_i = \nabla_\theta \ell(\theta; x_i,
+    y_i)`, computed by vectorising (``vmap``) the gradient (``grad``) of the loss of a *single*
+    example, evaluated through ``functional_call(model, params, x_i[None])``.
+
+    Args:
+        model: the model; its parameters are read, not changed.
+        loss: ``"cross_entropy"``, ``"bce"``, or a callable ``(outputs, targets)`` returning the
+            *mean* loss of a batch (such as ``torch.nn.CrossEntropyLoss()``); it is applied to
+            batches of one example.
+        x: inputs, shape ``(B, ...)``; ``B`` may be 0.
+        y: targets, shape ``(B, ...)``.
+
+    Returns:
+        A dict from parameter name (as in ``model.named_parameters()``, trainable parameters
+        only) to a tensor of shape ``(B, *param.shape)``.
+
+    Raises:
+        TypeError: if ``model`` is not a module, ``x`` or ``y`` not a tensor, ``loss`` neither a
+            known name nor a callable.
+        ValueError: if ``x`` and ``y`` hold different numbers of examples or the loss is unknown.
+
+    Example:
+        >>> import torch
+        >>> from companion import models
+        >>> grads = per_example_gradients(models.logistic_regression(), "cross_entropy",
+        ...                               torch.zeros(3, 64), torch.tensor([0, 1, 2]))
+        >>> {name: tuple(g.shape) for name, g in grads.items()}
+        {'0.weight': (3, 10, 64), '0.bias': (3, 10)}
+    """
+    model = check_model(model)
+    mean_loss, _ = resolve_loss(loss)
+    check_batch(x, y)
+    names = [name for name, _ in trainable_named(model)]
+    return vmap_gradients(model, mean_loss, x, y, names)
+
+
+def vmap_gradients(
+    model: nn.Module, mean_loss: LossFn, x: torch.Tensor, y: torch.Tensor, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Per-example gradients of the parameters ``names``; all others are held fixed."""
+    wanted = set(names)
+    params = {name: p.detach() for name, p in model.named_parameters() if name in wanted}
+    if x.shape[0] == 0:
+        return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
+    frozen = {name: p.detach() for name, p in model.named_parameters() if name not in wanted}
+    frozen.update(model.named_buffers())
+
+    def example_loss(
+        params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
+    ) -> torch.Tensor:
+        outputs = functional_call(model, (params, frozen), (xi.unsqueeze(0),))
+        return mean_loss(outputs, yi.unsqueeze(0))
+
+    return vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+
+
+# --- clipping -----------------------------------------------------------------------------------
+
+
+def clip_factors(norms: torch.Tensor, *, max_grad_norm: float) -> torch.Tensor:
+    r"""The factors :math:`\min(1, C / (\lVert g_i \rVert + 10^{-6}))` that clip each norm to C.
+
+    Args:
+        norms: per-example (or per-client) L2 norms, any shape.
+        max_grad_norm: the clipping norm :math:`C`, > 0.
+
+    Returns:
+        A tensor of the shape of ``norms``; ``factor * norm <= C`` everywhere.
+
+    Raises:
+        ValueError: if ``max_grad_norm`` is not a finite number > 0.
+
+    Example:
+        >>> import torch
+        >>> clip_factors(torch.tensor([0.5, 4.0]), max_grad_norm=1.0)
+        tensor([1.0000, 0.2500])
+    """
+    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+    return scale_factors(norms, max_grad_norm)
+
+
+def scale_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    return (max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
+
+
+def clip_and_sum(
+    per_example_grads: dict[str, torch.Tensor], *, max_grad_norm: float, return_norms: bool = False
+) -> dict[str, torch.Tensor] | ClippedSum:
+    r"""Clip every example's gradient to norm at most ``max_grad_norm`` and sum over the batch.
+
+    The norm of example :math:`i` is taken over all parameters together,
+    :math:`\lVert g_i \rVert_2 = \bigl(\sum_{p} \lVert g_i^{(p)} \rVert_2^2\bigr)^{1/2}`, and the
+    result is eq. :eq:`per-example-clipped-sum`, whose L2 sensitivity under adding or removing one
+    example is at most :math:`C`.
+
+    Args:
+        per_example_grads: dict name -> tensor of shape ``(B, *param.shape)``, as returned by
+            :func:`per_example_gradients`.
+        max_grad_norm: the clipping norm :math:`C`, > 0.
+        return_norms: return a :class:`ClippedSum` with the per-example norms before clipping.
+
+    Returns:
+        A dict name -> summed clipped gradient of shape ``param.shape``; with ``return_norms``,
+        the pair ``ClippedSum(sums, norms)`` where ``norms`` has shape ``(B,)``.
+
+    Raises:
+        TypeError: if ``per_example_grads`` is not a non-empty dict of tensors.
+        ValueError: if the tensors disagree on the batch size or ``max_grad_norm`` is not > 0.
+
+    Example:
+        >>> import torch
+        >>> sums = clip_and_sum({"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}, max_grad_norm=1.0)
+        >>> sums["w"]
+        tensor([0.9000, 1.2000])
+    """
+    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+    if not isinstance(per_example_grads, dict) or not per_example_grads:
+        raise TypeError("per_example_grads must be a non-empty dict of name -> tensor (B, ...).")
+    grads = list(per_example_grads.values())
+    batch = grads[0].shape[0] if isinstance(grads[0], torch.Tensor) and grads[0].ndim else -1
+    if any(not isinstance(g, torch.Tensor) or g.ndim == 0 or g.shape[0] != batch for g in grads):
+        raise ValueError(
+            "every per-example gradient must be a tensor with the same batch size first."
+        )
+    result = sum_clipped(per_example_grads, max_grad_norm)
+    return result if return_norms else result.sums
+
+
+def sum_clipped(grads: dict[str, torch.Tensor], max_grad_norm: float) -> ClippedSum:
+    squares = sum(g.flatten(start_dim=1).square().sum(dim=1) for g in grads.values())
+    norms = squares.sqrt()
+    factors = scale_factors(norms, max_grad_norm)
+    return ClippedSum(
+        {name: torch.tensordot(factors, g, dims=1) for name, g in grads.items()}, norms
+    )
