@@ -127,6 +127,19 @@ class _CalledTwice(nn.Module):
         return self.out(torch.tanh(self.shared(h)))
 
 
+class _Tied(nn.Module):
+    """An Embedding and an output Linear sharing one weight matrix (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.out = nn.Linear(6, 12, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.embed(tokens).mean(dim=1)))
+
+
 def _frozen(model, name):
     for p in getattr(model, name).parameters():
         p.requires_grad_(False)
@@ -182,6 +195,11 @@ FALLBACK = {
         lambda: _seeded(_Mixed),
         lambda: (torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)),
         "'scaled'",
+    ),
+    "tied_weights": (
+        lambda: _seeded(_Tied),
+        lambda: (torch.randint(0, 12, (B, 5), generator=_gen()), _classes(B, 12)),
+        "'embed' shares its parameters",
     ),
     "layer_called_twice": (
         lambda: _seeded(_CalledTwice),

@@ -2,6 +2,8 @@
 
 - :mod:`companion.accounting.rdp`: Renyi-DP analysis (:func:`compute_rdp`,
   :func:`get_privacy_spent`) and the :class:`RDPAccountant`;
+- :mod:`companion.accounting.pld`: the :class:`PLDAccountant` (privacy loss distributions,
+  connect-the-dots discretisation, FFT composition): nearly tight, where RDP is loose;
 - :mod:`companion.accounting.calibration`: :func:`get_noise_multiplier`, the smallest noise
   multiplier that meets a target epsilon;
 - :mod:`companion.accounting.steps`: :func:`steps_for_epochs`, the steps rule of the training loop.
@@ -10,11 +12,13 @@ Everything is importable from ``companion.accounting`` directly.
 """
 
 from companion.accounting.calibration import get_noise_multiplier
+from companion.accounting.pld import PLDAccountant
 from companion.accounting.rdp import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
 from companion.accounting.steps import steps_for_epochs
 
 __all__ = [
     "DEFAULT_ORDERS",
+    "PLDAccountant",
     "RDPAccountant",
     "compute_rdp",
     "get_noise_multiplier",

@@ -39,27 +39,32 @@ class LayerPlan(NamedTuple):
 
 
 def plan_layers(model: nn.Module) -> LayerPlan:
-    owner: dict[int, tuple[str, nn.Module]] = {}
-    uses: dict[int, int] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        uses[id(module)] = uses.get(id(module), 0) + 1
-        owner.setdefault(id(module), (name, module))
+    """Hook every layer with a rule whose trainable parameters are its own; vmap the rest.
+
+    A layer falls back to vmap if its type has no rule, if it appears twice in the module tree,
+    or if one of its parameters is shared with another layer (tied weights): a rule sees one
+    call of one layer, while the gradient of a shared parameter sums over all of them.
+    """
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    module_uses: dict[int, int] = {}
+    param_owners: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        module_uses[id(module)] = module_uses.get(id(module), 0) + 1
+        if module_uses[id(module)] == 1:
+            for p in module.parameters(recurse=False):
+                param_owners[id(p)] = param_owners.get(id(p), 0) + 1
     hooked, fallback, reasons = [], [], []
-    seen_params: set[int] = set()
     for name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
-        prefix = f"{name}." if name else ""
-        shared = any(id(p) in seen_params for _, p in own)
-        seen_params.update(id(p) for _, p in own)
-        kind = type(module)
-        supported = kind in LAYER_RULES and _rule_applies(module)
-        if supported and uses[id(module)] == 1 and not shared:
+        has_rule = type(module) in LAYER_RULES and _rule_applies(module)
+        alone = module_uses[id(module)] == 1 and all(param_owners[id(p)] == 1 for p in own)
+        if has_rule and alone:
             hooked.append((name, module))
             continue
-        fallback.extend(prefix + n for n, _ in own)
-        why = "is used more than once" if supported else f"({kind.__name__}) has no rule"
+        fallback.extend(canonical[id(p)] for p in own if canonical[id(p)] not in fallback)
+        why = "shares its parameters" if has_rule else f"({type(module).__name__}) has no rule"
         reasons.append(f"{name or 'the model'!r} {why}")
     return LayerPlan(hooked, fallback, reasons)
 
@@ -125,7 +130,7 @@ def layerwise_clipped_sum(
             prefix = f"{name}." if name else ""
             fallback.extend(
                 prefix + n for n, p in module.named_parameters(recurse=False) if p.requires_grad
-            )
+            )  # a hooked layer's parameters are its own, so these are their canonical names
     targets = [capture.seen[m][1] for _, m in active]
     output_grads = (
         torch.autograd.grad(sum_loss(outputs, y), targets, allow_unused=True) if targets else []

@@ -1,0 +1,448 @@
+r"""Privacy-loss-distribution (PLD) accounting for the Poisson-subsampled Gaussian mechanism.
+
+**Privacy loss.** For two distributions :math:`P, Q` (the outputs of a mechanism on neighbouring
+data sets) the privacy loss at an outcome :math:`z` is :math:`L(z) = \log(P(z)/Q(z))`, and the
+privacy loss distribution :math:`\omega` is the law of :math:`L(z)` for :math:`z \sim P`, with
+an atom :math:`\omega(\infty)` where :math:`Q(z) = 0 < P(z)` (Sommer, Meiser and Mohammadi 2019;
+Koskela, Jalko and Honkela 2020, "Computing Tight Differential Privacy Guarantees Using FFT",
+AISTATS). The pair is :math:`(\varepsilon, \delta)`-DP exactly when :math:`\delta` is at least
+the hockey-stick divergence
+
+.. math::
+
+    \delta(\varepsilon) = \sup_S\, P(S) - e^{\varepsilon} Q(S)
+    = \omega(\infty) + \mathbb{E}_{L \sim \omega}\left[(1 - e^{\varepsilon - L})_+\right].
+
+Under composition the losses of independent steps add, so the PLD of a run is the convolution of
+the steps' PLDs. This is exact: no conversion loses anything, unlike RDP
+(:mod:`companion.accounting.rdp`).
+
+**Poisson sampling, both directions.** One step of DP-SGD reduces to one dimension:
+:math:`\mu_0 = \mathcal{N}(0, \sigma^2)` without the example and
+:math:`\mu = (1-q)\mu_0 + q\,\mathcal{N}(1, \sigma^2)` with it (Mironov, Talwar and Zhang 2019).
+Under add/remove neighbouring the two directions give different PLDs (Zhu, Dong and Wang 2022,
+"Optimal Accounting of Differential Privacy via Characteristic Function", AISTATS): *remove*,
+:math:`(P, Q) = (\mu, \mu_0)`, with :math:`L = \log(1 - q + q e^{(2z-1)/(2\sigma^2)})
+\in (\log(1-q), \infty)`; and *add*, :math:`(\mu_0, \mu)`, with minus that loss, bounded above by
+:math:`-\log(1-q)`. The removed (or added) example is the same at every step, so a run composes
+the steps in one direction; the accountant composes each direction and reports the larger delta
+(equivalently, the larger epsilon), as dp_accounting does. Writing
+:math:`\delta_G(\varepsilon) = \Phi(\frac{1}{2\sigma} - \varepsilon\sigma) - e^{\varepsilon}
+\Phi(-\frac{1}{2\sigma} - \varepsilon\sigma)` for the Gaussian mechanism (Balle and Wang 2018,
+Theorem 8), the set :math:`\{L > \varepsilon\}` is a half-line in :math:`z`, and a short
+computation gives, for :math:`\varepsilon \ge 0`,
+
+.. math::
+
+    \delta_{\text{remove}}(\varepsilon)
+    = q\, \delta_G\left(\log\left(1 + \tfrac{e^\varepsilon - 1}{q}\right)\right), \qquad
+    \delta_{\text{add}}(\varepsilon) = \left(1 - (1-q)e^{\varepsilon}\right)
+    \delta_G\left(-\log\left(1 + \tfrac{e^{-\varepsilon} - 1}{q}\right)\right)
+
+(the second for :math:`\varepsilon < -\log(1-q)`, 0 above). Below 0,
+:math:`\delta_{PQ}(\varepsilon) = 1 - e^{\varepsilon} + e^{\varepsilon}\delta_{QP}(-\varepsilon)`
+links each direction to the other. Everything is evaluated in log space.
+
+**Pessimistic discretisation: connect the dots.** On the grid :math:`\varepsilon_i = i h`
+(``value_discretization_interval`` :math:`h`), the discrete PLD :math:`\tilde\omega` of
+Doroshenko, Ghazi, Kamath, Kumar and Manurangsi (2022, "Connect the Dots: Tighter Discrete
+Approximations of Privacy Loss Distributions", PoPETs, Algorithm 1) has mass on grid points and
+at infinity only, with :math:`\tilde\delta(\varepsilon_i) = \delta(\varepsilon_i)` at every grid
+point. Between grid points :math:`\tilde\delta` is affine in :math:`e^\varepsilon`, with slope
+:math:`-B_i = -(\delta_i - \delta_{i+1})/(e^{\varepsilon_{i+1}} - e^{\varepsilon_i})`; so the
+mass at :math:`\varepsilon_i` is :math:`e^{\varepsilon_i}(B_{i-1} - B_i)`, the top point's
+:math:`\delta` goes to infinity and the rest to the lowest point. As
+:math:`\delta(\varepsilon) = \mathbb{E}_Q[(P/Q - e^{\varepsilon})_+]` is convex in
+:math:`e^\varepsilon`, the chords lie above it: :math:`\tilde\delta \ge \delta` everywhere, and
+:math:`\tilde\omega` (with :math:`\sum_i \tilde\omega_i e^{-\varepsilon_i} \le 1`) is the PLD of
+a pair that dominates the true one. Domination survives composition (Blackwell's theorem; Dong,
+Roth and Su 2022, "Gaussian Differential Privacy", JRSS B), so the composed :math:`\tilde\delta`
+and its epsilon are upper bounds, never optimistic. For one step epsilon is off by less than
+:math:`h`; over many steps the error grows slowly and falls as :math:`h^2`: at the default
+:math:`h = 10^{-4}` it is below :math:`5 \times 10^{-4}` on the grid of the tests (q 0.004 to
+0.1, sigma 0.8 to 4, up to 15,000 steps), as halving :math:`h` shows. The noise is considered
+within :math:`9.3\sigma` of its centres; the mass beyond (:math:`10^{-20}` a side) goes to
+infinity or up to the lowest grid point, both pessimistic.
+
+**FFT composition.** The Fourier transform turns convolution into multiplication: the composed
+masses are the inverse FFT of :math:`\prod_k \hat p_k^{\,n_k}` over the distinct
+``(noise_multiplier, sample_rate)``, :math:`n_k` steps each (Koskela et al. 2020). A transform
+of length :math:`N` wraps around modulo :math:`N`, so the window of :math:`N` grid points is
+placed by Chernoff's bound on the sum of the losses, leaving out a mass of at most
+``tail_mass_truncation`` :math:`\tau` (:math:`10^{-15}`). That mass may land at wrong points, so
+:math:`\tau` is added to the infinity mass: any mass adds at most itself to :math:`\delta`, and
+the result stays an upper bound, with slack :math:`\tau`, up to float64 rounding (about
+:math:`10^{-16}` per mass at most; negative masses are set to 0).
+
+**From the PLD to epsilon.** With masses :math:`p_j` at losses :math:`\ell_j`, on
+:math:`[\ell_{j-1}, \ell_j)` the divergence is :math:`\omega(\infty) + U_j - e^{\varepsilon} W_j`
+with :math:`U_j = \sum_{i \ge j} p_i` and :math:`W_j = \sum_{i \ge j} p_i e^{-\ell_i}`, so the
+smallest epsilon with :math:`\delta(\varepsilon) \le \delta` is
+:math:`\log((\omega(\infty) + U_j - \delta)/W_j)` on the right interval.
+
+**Compared with RDP and PRV.** RDP loses in its conversion to :math:`(\varepsilon, \delta)`.
+The PRV accountant (Gopi, Lee and Wutschitz 2021, "Numerical Composition of Differential
+Privacy", NeurIPS; in Opacus) discretises the same distribution: at q = 0.01, sigma = 4, 10,000
+steps, delta = 1e-5, PLD and PRV agree to three decimals (0.947), RDP gives 1.035.
+dp_accounting's ``PLDAccountant`` discretises as this one does; they agree to about 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import fft, special
+
+from companion._validation import check_delta, check_nonnegative, check_positive, check_probability
+
+__all__ = ["PLDAccountant"]
+
+
+# One step's privacy loss is computed where the noise lies within _Z_TAIL standard deviations of
+# its centre; the mass beyond, Phi(-_Z_TAIL) ~ 1e-20 per step, goes to the infinite loss.
+_Z_TAIL = float(-special.ndtri(1e-20))
+# Refuse grids longer than this (an FFT of 2**24 points takes several hundred MB of memory).
+_MAX_GRID = 2**24
+_DIRECTIONS = ("remove", "add")
+
+
+# --- one step ---------------------------------------------------------------------------------
+
+
+def _gaussian_delta(eps: np.ndarray, sigma: float) -> np.ndarray:
+    """``delta_G(eps)`` of the module docstring (Balle and Wang 2018, Theorem 8), in log space."""
+    log_a = special.log_ndtr(0.5 / sigma - eps * sigma)
+    log_b = special.log_ndtr(-0.5 / sigma - eps * sigma)
+    with np.errstate(divide="ignore"):  # log(1 - e^x) for x <= 0, -inf at 0
+        return np.exp(log_a + np.log(-np.expm1(np.minimum(eps + log_b - log_a, 0.0))))
+
+
+def _log1p_expm1_over_q(eps: np.ndarray, q: float) -> np.ndarray:
+    """``log(1 + (exp(eps) - 1) / q)`` where the argument of the log is positive, no overflow."""
+    out = np.log1p(np.expm1(np.minimum(eps, 30.0)) / q)
+    big = eps > 30.0  # there exp(eps) - 1 = exp(eps) to float64 precision
+    out[big] = np.logaddexp(0.0, eps[big] - math.log(q))
+    return out
+
+
+def _step_delta(eps: np.ndarray, sigma: float, q: float, direction: str) -> np.ndarray:
+    """One step's delta(eps) at ``eps >= 0`` in one direction (the formulas of the module doc)."""
+    if direction == "remove":
+        return np.clip(q * _gaussian_delta(_log1p_expm1_over_q(eps, q), sigma), 0.0, 1.0)
+    delta = np.zeros_like(eps)
+    log_1mq = math.log1p(-q) if q < 1 else -math.inf
+    inside = eps < -log_1mq
+    factor = -np.expm1(eps[inside] + log_1mq)
+    delta[inside] = factor * _gaussian_delta(-_log1p_expm1_over_q(-eps[inside], q), sigma)
+    return np.clip(delta, 0.0, 1.0)
+
+
+def _step_pmf(sigma: float, q: float, direction: str, h: float) -> tuple[int, np.ndarray, float]:
+    r"""One step's pessimistic connect-the-dots PLD: ``(lowest index, masses, infinity mass)``.
+
+    ``masses[j]`` sits at the loss ``(lowest index + j) * h``. The slopes come from delta at
+    losses >= 0 and from ``r = delta - (1 - e^eps)`` below 0: no mass is a difference near 1.
+    """
+    if sigma == 0:  # no noise: the losses are log(1 - q) (remove) or -log(1 - q) (add), or inf
+        if q == 1:
+            return 0, np.zeros(1), 1.0
+        loss = math.log1p(-q) if direction == "remove" else -math.log1p(-q)
+        mass, infinity = (1 - q, q) if direction == "remove" else (1.0, 0.0)
+        return math.ceil(loss / h), np.array([mass]), infinity
+
+    def loss_remove(z: float) -> float:  # log(mu(z) / mu_0(z)), increasing in z
+        log_1mq = math.log1p(-q) if q < 1 else -math.inf
+        return float(np.logaddexp(log_1mq, math.log(q) + (2 * z - 1) / (2 * sigma**2)))
+
+    if direction == "remove":  # z ~ mu, mostly within [-c sigma, 1 + c sigma]
+        eps_low, eps_high = loss_remove(-_Z_TAIL * sigma), loss_remove(1 + _Z_TAIL * sigma)
+    else:  # z ~ mu_0, mostly within [-c sigma, c sigma]; the loss decreases in z
+        eps_low, eps_high = -loss_remove(_Z_TAIL * sigma), -loss_remove(-_Z_TAIL * sigma)
+    low, high = min(math.floor(eps_low / h), -1), max(math.ceil(eps_high / h), 1)
+    if high - low + 1 > _MAX_GRID:
+        raise ValueError(
+            f"noise_multiplier={sigma} is too small for value_discretization_interval={h}: one "
+            f"step's privacy loss spans {high - low + 1} grid points (at most {_MAX_GRID}). Use a "
+            "larger value_discretization_interval."
+        )
+    eps = np.arange(low, high + 1) * h
+    zero = -low  # eps[zero] == 0
+    other = "add" if direction == "remove" else "remove"
+    delta = _step_delta(eps[zero:], sigma, q, direction)  # at losses >= 0
+    # Below 0, delta(eps) = 1 - e^eps + r with r = e^eps delta_other(-eps) (module docstring).
+    r = np.exp(eps[: zero + 1]) * _step_delta(-eps[: zero + 1], sigma, q, other)
+    widths = np.exp(eps[:-1]) * math.expm1(h)  # e^{eps_{i+1}} - e^{eps_i}
+    slope_below = (r[:-1] - r[1:]) / widths[:zero]  # slopes minus 1 on the intervals below 0
+    slope_above = (delta[:-1] - delta[1:]) / widths[zero:]  # slopes on the intervals above 0
+    middle = [1 + slope_below[-1] - slope_above[0]]  # at loss 0
+    drops = np.concatenate((-np.diff(slope_below), middle, -np.diff(slope_above)))
+    masses = np.empty_like(eps)
+    masses[0] = -r[0] - np.exp(eps[0]) * slope_below[0]
+    masses[1:-1] = np.exp(eps[1:-1]) * drops
+    masses[-1] = np.exp(eps[-1]) * slope_above[-1]
+    return low, np.maximum(masses, 0.0), float(delta[-1])
+
+
+# --- composition --------------------------------------------------------------------------------
+
+
+def _window(entries: list[tuple[int, np.ndarray, float, int]], tail: float) -> tuple[int, int]:
+    r"""Index bounds ``[lo, hi]`` of the composed sum outside which its mass is below ``tail``.
+
+    Chernoff: :math:`P(S \ge u) \le \exp(\Lambda(\lambda) - \lambda u)` for :math:`\lambda > 0`
+    (:math:`P(S \le u)` for :math:`\lambda < 0`), :math:`\Lambda` the sum of the steps' log moment
+    generating functions; ``tail / 2`` a side, minimised over :math:`|\lambda| = s\,2^k` (``k`` in
+    steps of 2 from -8 to 8, then of 1/2 around the best; :math:`s` optimal for a normal sum).
+    """
+    variance, top = 0.0, 0
+    for _, p, _, count in entries:
+        j = np.arange(p.size)
+        mass = p.sum()
+        mean = (j @ p) / mass
+        variance += count * (((j - mean) ** 2) @ p) / mass
+        top += count * (p.size - 1)
+    if variance <= 0:
+        return 0, top
+    log_two_over_tail = math.log(2 / tail)
+    scale = math.sqrt(2 * log_two_over_tail / variance)
+    logs = [
+        (np.log(p[p > 0]), np.flatnonzero(p).astype(float), count) for _, p, _, count in entries
+    ]
+
+    def bound(lam: float) -> float:  # the u with exp(Lambda(lam) - lam u) = tail / 2
+        total = 0.0
+        for log_p, j, count in logs:
+            exponents = log_p + lam * j
+            top_exponent = exponents.max()
+            total += count * (top_exponent + math.log(np.exp(exponents - top_exponent).sum()))
+        value = (total + log_two_over_tail) / lam
+        return value if math.isfinite(value) else (top if lam > 0 else 0.0)
+
+    ends = []
+    for sign in (1.0, -1.0):
+        best = min(range(-8, 9, 2), key=lambda k: sign * bound(sign * scale * 2.0**k))
+        fine = np.arange(best - 1.5, best + 1.75, 0.5)
+        ends.append(min(sign * bound(sign * scale * 2.0**k) for k in fine) * sign)
+    return max(0, math.floor(ends[1])), min(top, math.ceil(ends[0]))
+
+
+def _power(spectrum: np.ndarray, count: int) -> np.ndarray:
+    """``spectrum ** count``; entries below ``e**-800`` (most, for many steps) are set to 0."""
+    if count == 1:
+        return spectrum
+    out = np.zeros_like(spectrum)
+    with np.errstate(divide="ignore"):
+        keep = count * 0.5 * np.log(spectrum.real**2 + spectrum.imag**2) > -800.0
+    out[keep] = np.exp(count * np.log(spectrum[keep]))
+    return out
+
+
+def _compose(
+    entries: list[tuple[int, np.ndarray, float, int]], tail: float
+) -> tuple[int, np.ndarray, float]:
+    """``count`` copies of each ``(low, masses, infinity, count)`` composed by FFT, as ``(low,
+    masses, infinity)``; the mass outside the window (at most ``tail``) goes to infinity."""
+    log_finite = sum(  # log of the probability that no loss is infinite
+        count * math.log1p(-infinity) if infinity < 1 else -math.inf
+        for _, _, infinity, count in entries
+    )
+    offset = sum(count * low for low, _, _, count in entries)
+    if log_finite == -math.inf:  # some step releases the data outright (no noise, q = 1)
+        return 0, np.zeros(1), 1.0
+    if len(entries) == 1 and entries[0][3] == 1:  # one step: nothing to compose
+        return entries[0][0], entries[0][1], entries[0][2]
+    lo, hi = _window(entries, tail)
+    size = fft.next_fast_len(max(hi - lo + 1, max(p.size for _, p, _, _ in entries)), real=True)
+    if size > _MAX_GRID:
+        raise ValueError(
+            f"the composed privacy loss distribution needs {size} grid points (at most "
+            f"{_MAX_GRID}); use a larger value_discretization_interval."
+        )
+    spectrum = np.ones(size // 2 + 1, dtype=complex)
+    for _, p, _, count in entries:
+        spectrum *= _power(fft.rfft(p, size), count)
+    # Start the circular result at index lo: masses[t] = result[(lo + t) mod size], a phase shift.
+    nonzero = np.flatnonzero(spectrum)
+    spectrum[nonzero] *= np.exp(2j * math.pi * ((nonzero * (lo % size)) % size) / size)
+    masses = fft.irfft(spectrum, size)
+    np.maximum(masses, 0.0, out=masses)  # rounding leaves tiny negative masses
+    infinity = min(1.0, -math.expm1(log_finite) + tail)
+    return offset + lo, masses, infinity
+
+
+def _delta(low: int, masses: np.ndarray, infinity: float, h: float, epsilon: float) -> float:
+    r"""The hockey-stick divergence :math:`\delta(\varepsilon)` of a discrete PLD."""
+    start = min(masses.size, max(0, math.floor(epsilon / h) - low))  # losses below are <= epsilon
+    p = masses[start:]
+    losses = (low + start + np.arange(p.size)) * h
+    above = losses > epsilon
+    return float(min(1.0, infinity + p[above] @ -np.expm1(epsilon - losses[above])))
+
+
+def _epsilon(low: int, masses: np.ndarray, infinity: float, h: float, delta: float) -> float:
+    r"""The smallest :math:`\varepsilon \ge 0` with :math:`\delta(\varepsilon) \le` ``delta``."""
+    if infinity > delta:
+        return math.inf
+    start = min(masses.size, max(0, 1 - low))  # the first index with a positive loss
+    p = masses[start:]
+    losses = (low + start + np.arange(p.size)) * h
+    if p.size == 0:
+        return 0.0
+    # On [losses[j-1], losses[j]) (j = 0: [0, losses[0])) delta(eps) = upper[j] - e^eps lower[j]
+    # (module docstring). delta(losses[k]) <= upper[k + 1] <= delta: the answer is <= losses[k].
+    upper = infinity + np.cumsum(p[::-1])[::-1]
+    k = int(np.argmax(np.append(upper[1:], infinity) <= delta))
+    # delta(eps) >= infinity + (1 - e^(eps - losses[m])) (upper[m] - infinity), so the answer is
+    # above losses[m] - log 4 where upper[m] - infinity >= 2 (delta - infinity), and above
+    # losses[k] - 700 (up to e**-700): only indices from ``first`` matter, and the factors of
+    # lower[j] = e^-losses[k] scaled[j] stay below e**700.
+    m = int(np.searchsorted(-upper, -(infinity + 2 * (delta - infinity)), side="right")) - 1
+    first = max(0, k - math.floor(700 / h), m - math.ceil(math.log(4) / h) - 1)
+    beyond = float(p[k + 1 :] @ np.exp(losses[k] - losses[k + 1 :]))  # factors below 1
+    scaled = (
+        beyond
+        + np.cumsum((p[first : k + 1] * np.exp(losses[k] - losses[first : k + 1]))[::-1])[::-1]
+    )
+    left = np.concatenate(([0.0], losses[:-1]))[first : k + 1]
+    at_left = upper[first : k + 1] - np.exp(left - losses[k]) * scaled
+    above = np.flatnonzero(at_left > delta)
+    if above.size == 0:  # delta(0) <= delta, or (only by rounding) the answer is below left[0]
+        return 0.0 if first == 0 else float(losses[k])  # losses[k] is an upper bound
+    j = int(above[-1])
+    eps = math.log(upper[first + j] - delta) + losses[k] - math.log(scaled[j])
+    return float(min(max(eps, left[j]), losses[first + j]))
+
+
+class PLDAccountant:
+    r"""Track the privacy spent by a run of DP-SGD, one step at a time, with the PLD.
+
+    The interface of :class:`~companion.accounting.RDPAccountant`, plus :meth:`get_delta`.
+    :meth:`step` only records the step in a compressed history (consecutive equal steps share one
+    ``(noise_multiplier, sample_rate, count)`` entry). Asked for epsilon or delta, the accountant
+    discretises each distinct step's PLD in both directions (connect the dots, Doroshenko et al.
+    2022), composes all steps by one FFT (Koskela, Jalko and Honkela 2020) and reports the worse
+    direction (module docstring): an upper bound on the true epsilon, within :math:`5 \times
+    10^{-4}` of it at the default grid on the tested settings (RDP: 4-56% higher). The
+    composition is cached until the next step; one over 15,000 steps takes under a second.
+    ``len(accountant)`` is the number of steps taken.
+
+    Args:
+        value_discretization_interval: the grid spacing :math:`h` of the privacy loss, in (0, 1]
+            (default :math:`10^{-4}`, as in dp_accounting). Halving it doubles the grid and the
+            time and cuts the discretisation error of epsilon about fourfold.
+        tail_mass_truncation: :math:`\tau`, in (0, 0.01): the probability mass that the
+            composition may leave out of its window, added to delta (default :math:`10^{-15}`).
+
+    Raises:
+        TypeError, ValueError: on bad arguments (every method), naming the argument; and
+            ValueError from :meth:`get_epsilon` and :meth:`get_delta` when the grid would exceed
+            :math:`2^{24}` points (noise multipliers far below 0.1 at the default :math:`h`).
+
+    Example:
+        >>> accountant = PLDAccountant()
+        >>> for _ in range(1000):
+        ...     accountant.step(noise_multiplier=1.0, sample_rate=0.01)
+        >>> len(accountant), accountant.history
+        (1000, ((1.0, 0.01, 1000),))
+        >>> epsilon = accountant.get_epsilon(1e-5)
+        >>> round(epsilon, 3), f"{accountant.get_delta(epsilon):.2e}"
+        (1.828, '1.00e-05')
+
+        The RDP accountant gives 2.101 for the same run.
+    """
+
+    def __init__(
+        self,
+        *,
+        value_discretization_interval: float = 1e-4,
+        tail_mass_truncation: float = 1e-15,
+    ) -> None:
+        h = check_positive("value_discretization_interval", value_discretization_interval)
+        if h > 1:
+            raise ValueError(f"value_discretization_interval must lie in (0, 1], got {h}.")
+        tail = check_positive("tail_mass_truncation", tail_mass_truncation)
+        if tail >= 0.01:
+            raise ValueError(f"tail_mass_truncation must lie in (0, 0.01), got {tail}.")
+        self._h = h
+        self._tail = tail
+        self._history: list[tuple[float, float, int]] = []
+        self._steps = 0
+        self._step_cache: dict[tuple[float, float, str], tuple[int, np.ndarray, float]] = {}
+        self._composed: dict[str, tuple[int, np.ndarray, float]] | None = None
+
+    @property
+    def value_discretization_interval(self) -> float:
+        """The grid spacing ``h`` of the privacy loss."""
+        return self._h
+
+    @property
+    def tail_mass_truncation(self) -> float:
+        """The bound on the mass left out of the composed distribution (added to delta)."""
+        return self._tail
+
+    @property
+    def history(self) -> tuple[tuple[float, float, int], ...]:
+        """The compressed history: ``(noise_multiplier, sample_rate, count)`` entries in order."""
+        return tuple(self._history)
+
+    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
+        """Record one step with the given noise multiplier (>= 0) and sample rate (in (0, 1])."""
+        sigma = check_nonnegative("noise_multiplier", noise_multiplier)
+        q = check_probability("sample_rate", sample_rate, allow_zero=False)
+        if self._history and self._history[-1][:2] == (sigma, q):
+            self._history[-1] = (sigma, q, self._history[-1][2] + 1)
+        else:
+            self._history.append((sigma, q, 1))
+        self._steps += 1
+        self._composed = None
+
+    def _distributions(self) -> dict[str, tuple[int, np.ndarray, float]]:
+        """The composed PLD of all steps so far, in each direction (cached until the next step)."""
+        if self._composed is None:
+            counts: dict[tuple[float, float], int] = {}
+            for sigma, q, count in self._history:  # composition commutes: group equal steps
+                counts[(sigma, q)] = counts.get((sigma, q), 0) + count
+            self._composed = {}
+            for direction in _DIRECTIONS:
+                entries = []
+                for (sigma, q), count in counts.items():
+                    pmf = self._step_cache.get((sigma, q, direction))
+                    if pmf is None:
+                        pmf = _step_pmf(sigma, q, direction, self._h)
+                        if len(self._step_cache) < 64:  # bounded: each holds ~1e5 floats
+                            self._step_cache[(sigma, q, direction)] = pmf
+                    entries.append((*pmf, count))
+                self._composed[direction] = _compose(entries, self._tail)
+        return self._composed
+
+    def get_delta(self, epsilon: float) -> float:
+        """The delta spent so far at the given epsilon >= 0; 0.0 before any step."""
+        epsilon = check_nonnegative("epsilon", epsilon)
+        if not self._history:
+            return 0.0
+        return max(_delta(*pld, self._h, epsilon) for pld in self._distributions().values())
+
+    def get_epsilon(self, delta: float) -> float:
+        """The epsilon spent so far at the given delta in (0, 1); 0.0 before any step.
+
+        ``inf`` where delta is below the infinity mass, which after composing more than one step
+        is at least ``tail_mass_truncation``.
+        """
+        delta = check_delta(delta)
+        if not self._history:
+            return 0.0
+        return max(_epsilon(*pld, self._h, delta) for pld in self._distributions().values())
+
+    def get_privacy_spent(self, *, delta: float) -> tuple[float, float]:
+        """``(epsilon, nan)``: the epsilon at ``delta``, and NaN where RDP gives its best order."""
+        return self.get_epsilon(delta), math.nan
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def __repr__(self) -> str:
+        return (
+            f"PLDAccountant(steps={self._steps}, history={self.history!r}, "
+            f"value_discretization_interval={self._h!r})"
+        )
