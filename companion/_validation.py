@@ -13,6 +13,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
+
 def check_real(name: str, value: object) -> float:
     """Return ``value`` as a float if it is a finite real number (not a bool), else raise."""
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -172,7 +173,9 @@ def check_values(name: str, value: object) -> float | np.ndarray:
 def check_vector(name: str, value: object) -> np.ndarray:
     """A non-empty one-dimensional numeric numpy array with no NaN."""
     if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a one-dimensional numpy array, got {type(value).__name__}.")
+        raise TypeError(
+            f"{name} must be a one-dimensional numpy array, got {type(value).__name__}."
+        )
     if value.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {value.shape}.")
     array = check_values(name, value)

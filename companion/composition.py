@@ -60,9 +60,9 @@ def advanced_composition(
     delta = check_delta(delta, allow_zero=True)
     k = check_positive_int("k", k)
     delta_prime = check_delta(delta_prime, "delta_prime")
-    total_epsilon = math.sqrt(2 * k * math.log(1 / delta_prime)) * epsilon + k * epsilon * math.expm1(
-        epsilon
-    )
+    total_epsilon = math.sqrt(
+        2 * k * math.log(1 / delta_prime)
+    ) * epsilon + k * epsilon * math.expm1(epsilon)
     return total_epsilon, k * delta + delta_prime
 
 

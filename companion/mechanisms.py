@@ -247,7 +247,7 @@ def gaussian_mechanism(
 
 
 def randomized_response_keep_probability(*, epsilon: float) -> float:
-    r"""The probability :math:`p = e^{\varepsilon} / (1 + e^{\varepsilon})` of answering truthfully."""
+    r"""The probability :math:`e^{\varepsilon} / (1 + e^{\varepsilon})` of answering truthfully."""
     epsilon = check_epsilon(epsilon)
     return 1.0 / (1.0 + math.exp(-epsilon))
 
@@ -256,7 +256,9 @@ def _check_bits(name: str, bits: object) -> np.ndarray:
     if not isinstance(bits, np.ndarray):
         raise TypeError(f"{name} must be a numpy array of 0/1 or bool, got {type(bits).__name__}.")
     if bits.ndim != 1 or bits.size == 0:
-        raise ValueError(f"{name} must be a non-empty one-dimensional array, got shape {bits.shape}.")
+        raise ValueError(
+            f"{name} must be a non-empty one-dimensional array, got shape {bits.shape}."
+        )
     if bits.dtype != bool:
         if not np.issubdtype(bits.dtype, np.integer):
             raise TypeError(f"{name} must hold bool or integer 0/1 values, got dtype {bits.dtype}.")
@@ -363,7 +365,9 @@ def private_count(mask: np.ndarray, *, epsilon: float, rng: RNGLike = None) -> f
     return float(laplace_mechanism(float(np.sum(mask)), sensitivity=1.0, epsilon=epsilon, rng=rng))
 
 
-def sum_sensitivity(*, lower: float, upper: float, neighbouring: Neighbouring = "add_remove") -> float:
+def sum_sensitivity(
+    *, lower: float, upper: float, neighbouring: Neighbouring = "add_remove"
+) -> float:
     r"""L1 sensitivity of the sum of values clipped to ``[lower, upper]``.
 
     - ``"add_remove"``: neighbours differ by one person's presence; the sum moves by that

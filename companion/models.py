@@ -68,7 +68,9 @@ def logistic_regression(*, n_features: int = 64, n_classes: int = 10, seed: int 
     return _seeded(seed, lambda: nn.Sequential(nn.Linear(n_features, n_classes)))
 
 
-def mlp(*, n_features: int = 64, hidden: int = 128, n_classes: int = 10, seed: int = 0) -> nn.Module:
+def mlp(
+    *, n_features: int = 64, hidden: int = 128, n_classes: int = 10, seed: int = 0
+) -> nn.Module:
     r"""A multilayer perceptron with one hidden ReLU layer (64-128-10 by default).
 
     Args:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -22,14 +22,13 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from opacus.accountants.utils import get_noise_multiplier as opacus_get_noise_multiplier
 from scipy import integrate, special
 
-from companion import accounting as acc
-from companion.accounting import rdp
 from companion.accounting import (
     DEFAULT_ORDERS,
     RDPAccountant,
     compute_rdp,
     get_noise_multiplier,
     get_privacy_spent,
+    rdp,
 )
 
 HYPOTHESIS = settings(derandomize=True, max_examples=60, deadline=None)
@@ -56,11 +55,12 @@ OPACUS_LOG_A_ERROR = np.where(INTEGER_ORDERS, ORDERS * 2.0**-53, 2 * math.exp(-3
 REL = 1e-6  # the agreement required by the issue wherever Opacus is accurate enough to show it
 
 
-@lru_cache(maxsize=None)
+@cache
 def _opacus_rdp(q: float, sigma: float, steps: int) -> np.ndarray:
     """Opacus's compute_rdp on ORDERS (cached: its fractional orders run in pure Python)."""
     return np.asarray(
-        opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(ORDERS)), dtype=float
+        opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(ORDERS)),
+        dtype=float,
     )
 
 
@@ -248,7 +248,11 @@ def _rdp_by_integration(q: float, sigma: float, alpha: float) -> tuple[float, fl
         t = (2 * z - 1) / (2 * sigma**2)
         if t > 700:  # x = q (e^t - 1) = q e^t to within a factor 1 + e^-700
             log_x = log_q + t
-            return math.exp(log_pdf + alpha * log_x) - math.exp(log_pdf) - alpha * math.exp(log_pdf + log_x)
+            return (
+                math.exp(log_pdf + alpha * log_x)
+                - math.exp(log_pdf)
+                - alpha * math.exp(log_pdf + log_x)
+            )
         x = q * math.expm1(t)
         if abs(x) < 1e-3:
             return math.exp(log_pdf) * float(np.sum(coefficients * x**ks))
@@ -257,8 +261,13 @@ def _rdp_by_integration(q: float, sigma: float, alpha: float) -> tuple[float, fl
         return math.exp(log_pdf + alpha * math.log1p(x)) - math.exp(log_pdf) * (1 + alpha * x)
 
     value, error = integrate.quad(
-        integrand, -40 * sigma, alpha + 40 * sigma, points=[0.0, 0.5, 1.0, alpha],
-        epsabs=0.0, epsrel=1e-12, limit=1000,
+        integrand,
+        -40 * sigma,
+        alpha + 40 * sigma,
+        points=[0.0, 0.5, 1.0, alpha],
+        epsabs=0.0,
+        epsrel=1e-12,
+        limit=1000,
     )
     return math.log1p(value) / (alpha - 1), error / value
 
@@ -292,7 +301,9 @@ def test_rdp_equals_numerical_integration_of_the_definition(q, sigma, alpha):
     still far below). Hence 1e-8 relative."""
     expected, relative_error = _rdp_by_integration(q, sigma, alpha)
     assert relative_error < 1e-9
-    assert compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=alpha) == pytest.approx(expected, rel=1e-8)
+    assert compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=alpha) == pytest.approx(
+        expected, rel=1e-8
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")
@@ -306,7 +317,9 @@ def test_opacus_stops_too_early_at_large_fractional_orders():
     expected, _ = _rdp_by_integration(q, sigma, alpha)
     theirs = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[alpha])[0]
     assert theirs < 0 < expected
-    assert compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=alpha) == pytest.approx(expected, rel=1e-8)
+    assert compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=alpha) == pytest.approx(
+        expected, rel=1e-8
+    )
 
 
 @pytest.mark.parametrize("alpha", [500.5, 1030.5, 2000.5, 10000.5])
@@ -320,7 +333,9 @@ def test_large_fractional_orders_lie_between_their_integer_neighbours(q, sigma, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=alpha)
-        below, above = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[alpha - 0.5, alpha + 0.5])
+        below, above = compute_rdp(
+            q=q, noise_multiplier=sigma, steps=1, orders=[alpha - 0.5, alpha + 0.5]
+        )
     assert below <= rdp <= above
 
 
@@ -349,7 +364,10 @@ def test_fractional_series_at_integer_orders_equals_the_integer_sum(q, sigma):
     absolute."""
     alphas = np.arange(2.0, 64.0)
     np.testing.assert_allclose(
-        rdp._log_a_fractional(q, sigma, alphas), rdp._log_a_integer(q, sigma, alphas), rtol=1e-12, atol=1e-13
+        rdp._log_a_fractional(q, sigma, alphas),
+        rdp._log_a_integer(q, sigma, alphas),
+        rtol=1e-12,
+        atol=1e-13,
     )
 
 
@@ -362,9 +380,13 @@ def test_without_subsampling_rdp_is_that_of_the_gaussian_mechanism(sigma):
     two-series computation loses at most a few digits there, so 1e-6."""
     orders = np.array([1.01, 1.5, 2.0, 3.5, 10.0, 63.0, 256.5])
     expected = orders / (2 * sigma**2)
-    np.testing.assert_allclose(compute_rdp(q=1.0, noise_multiplier=sigma, steps=1, orders=orders), expected, rtol=5e-16)
     np.testing.assert_allclose(
-        compute_rdp(q=1.0, noise_multiplier=sigma, steps=1000, orders=orders), 1000 * expected, rtol=1e-15
+        compute_rdp(q=1.0, noise_multiplier=sigma, steps=1, orders=orders), expected, rtol=5e-16
+    )
+    np.testing.assert_allclose(
+        compute_rdp(q=1.0, noise_multiplier=sigma, steps=1000, orders=orders),
+        1000 * expected,
+        rtol=1e-15,
     )
     near_one = compute_rdp(q=1 - 1e-9, noise_multiplier=sigma, steps=1, orders=orders)
     np.testing.assert_allclose(near_one, expected, rtol=1e-6)
@@ -392,7 +414,12 @@ def _slack(value: float, alpha: float) -> float:
 
 
 @HYPOTHESIS
-@given(log10_q=LOG10_Q, factor=st.floats(min_value=1.0, max_value=1e4), sigma=SIGMAS, alpha=PROPERTY_ORDERS)
+@given(
+    log10_q=LOG10_Q,
+    factor=st.floats(min_value=1.0, max_value=1e4),
+    sigma=SIGMAS,
+    alpha=PROPERTY_ORDERS,
+)
 def test_rdp_increases_with_the_sample_rate(log10_q, factor, sigma, alpha):
     q_small = 10.0**log10_q
     q_large = min(1.0, q_small * factor)
@@ -402,7 +429,12 @@ def test_rdp_increases_with_the_sample_rate(log10_q, factor, sigma, alpha):
 
 
 @HYPOTHESIS
-@given(log10_q=LOG10_Q, sigma=SIGMAS, factor=st.floats(min_value=1.0, max_value=10.0), alpha=PROPERTY_ORDERS)
+@given(
+    log10_q=LOG10_Q,
+    sigma=SIGMAS,
+    factor=st.floats(min_value=1.0, max_value=10.0),
+    alpha=PROPERTY_ORDERS,
+)
 def test_rdp_decreases_with_the_noise_multiplier(log10_q, sigma, factor, alpha):
     q = 10.0**log10_q
     low_noise = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=alpha)
@@ -410,7 +442,9 @@ def test_rdp_decreases_with_the_noise_multiplier(log10_q, sigma, factor, alpha):
     assert high_noise <= low_noise + _slack(low_noise, alpha)
 
 
-@pytest.mark.parametrize(("q", "sigma"), [(0.01, 1.0), (256 / 60_000, 1.1), (0.1, 5.0), (1.0, 20.0)])
+@pytest.mark.parametrize(
+    ("q", "sigma"), [(0.01, 1.0), (256 / 60_000, 1.1), (0.1, 5.0), (1.0, 20.0)]
+)
 def test_epsilon_increases_with_steps(q, sigma):
     """More steps spend more privacy: epsilon strictly increases along 1, 10, ..., 1e6 steps (the
     RDP at the best order grows by at least a factor of 10 per point, well above rounding)."""
@@ -419,7 +453,7 @@ def test_epsilon_increases_with_steps(q, sigma):
     for n in [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000]:
         rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=orders)
         epsilons.append(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)[0])
-    assert all(a < b for a, b in zip(epsilons, epsilons[1:])), epsilons
+    assert all(a < b for a, b in zip(epsilons, epsilons[1:], strict=False)), epsilons
 
 
 @IGNORE_OPTIMAL_ORDER
@@ -536,7 +570,10 @@ def test_all_infinite_rdp_gives_infinite_epsilon_at_the_first_order():
     assert get_privacy_spent(orders=orders, rdp=[math.inf] * 3, delta=1e-5) == (math.inf, 3.0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Optimal order is the", UserWarning)
-        assert opacus_rdp.get_privacy_spent(orders=orders, rdp=[math.inf] * 3, delta=1e-5) == (math.inf, 3.0)
+        assert opacus_rdp.get_privacy_spent(orders=orders, rdp=[math.inf] * 3, delta=1e-5) == (
+            math.inf,
+            3.0,
+        )
 
 
 def test_scalar_orders_give_a_float_and_sequences_an_array():
@@ -573,7 +610,9 @@ TARGET_EPSILONS = [0.5, 1.0, 2.0, 4.0, 8.0]
 
 
 @IGNORE_OPTIMAL_ORDER
-@pytest.mark.parametrize(("sample_rate", "steps"), [(0.01, 1_000), (0.004, 10_000), (1e-3, 100_000), (1.0, 10)])
+@pytest.mark.parametrize(
+    ("sample_rate", "steps"), [(0.01, 1_000), (0.004, 10_000), (1e-3, 100_000), (1.0, 10)]
+)
 @pytest.mark.parametrize("target_epsilon", TARGET_EPSILONS)
 def test_noise_multiplier_is_conservative_and_matches_opacus(target_epsilon, sample_rate, steps):
     """The returned sigma spends at most the target and at least target - epsilon_tolerance
@@ -591,11 +630,17 @@ def test_noise_multiplier_is_conservative_and_matches_opacus(target_epsilon, sam
     eps = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
     assert target_epsilon - tolerance <= eps <= target_epsilon
     # Opacus's own accounting of that sigma agrees that the budget is met
-    theirs_rdp = opacus_rdp.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=list(orders))
+    theirs_rdp = opacus_rdp.compute_rdp(
+        q=sample_rate, noise_multiplier=sigma, steps=steps, orders=list(orders)
+    )
     theirs_eps, _ = opacus_rdp.get_privacy_spent(orders=list(orders), rdp=theirs_rdp, delta=delta)
     assert theirs_eps <= target_epsilon * (1 + REL)
     theirs = opacus_get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
+        target_epsilon=target_epsilon,
+        target_delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant="rdp",
     )
     assert sigma == pytest.approx(theirs, rel=0.01)
 
@@ -603,7 +648,12 @@ def test_noise_multiplier_is_conservative_and_matches_opacus(target_epsilon, sam
 def test_noise_multiplier_honours_a_finer_tolerance_and_custom_orders():
     orders = [1.5, 2.0, 3.0, 5.0, 8.0, 16.0, 32.0, 64.0]
     sigma = get_noise_multiplier(
-        target_epsilon=3.0, target_delta=1e-6, sample_rate=0.02, steps=2_000, orders=orders, epsilon_tolerance=1e-4
+        target_epsilon=3.0,
+        target_delta=1e-6,
+        sample_rate=0.02,
+        steps=2_000,
+        orders=orders,
+        epsilon_tolerance=1e-4,
     )
     rdp = compute_rdp(q=0.02, noise_multiplier=sigma, steps=2_000, orders=orders)
     assert 3.0 - 1e-4 <= get_privacy_spent(orders=orders, rdp=rdp, delta=1e-6)[0] <= 3.0
@@ -621,13 +671,19 @@ def test_unreachable_targets_are_refused():
     assert 0.05 < floor < 0.2  # about 0.10, as the docstring says
     for target in [0.5 * floor, floor]:
         with pytest.raises(ValueError, match="cannot be reached"):
-            get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=0.01, steps=1_000)
+            get_noise_multiplier(
+                target_epsilon=target, target_delta=1e-5, sample_rate=0.01, steps=1_000
+            )
     # just above the floor it is reachable, with a large sigma
-    sigma = get_noise_multiplier(target_epsilon=1.05 * floor, target_delta=1e-5, sample_rate=0.01, steps=10)
+    sigma = get_noise_multiplier(
+        target_epsilon=1.05 * floor, target_delta=1e-5, sample_rate=0.01, steps=10
+    )
     assert sigma > 1.0
     # reachable in principle but needing sigma > 1e6
     with pytest.raises(ValueError, match="noise_multiplier above"):
-        get_noise_multiplier(target_epsilon=floor + 1e-7, target_delta=1e-5, sample_rate=1.0, steps=1_000_000)
+        get_noise_multiplier(
+            target_epsilon=floor + 1e-7, target_delta=1e-5, sample_rate=1.0, steps=1_000_000
+        )
 
 
 # --- input validation ---------------------------------------------------------------------------
@@ -699,10 +755,22 @@ BAD_CALLS = {
     "rdp q string": (_rdp(q="0.1"), TypeError, "q must be a real number"),
     "rdp q bool": (_rdp(q=True), TypeError, "q must be a real number"),
     "rdp q None": (_rdp(q=None), TypeError, "q must be a real number"),
-    "rdp sigma negative": (_rdp(noise_multiplier=-1.0), ValueError, "noise_multiplier must be >= 0"),
-    "rdp sigma nan": (_rdp(noise_multiplier=NAN), ValueError, "noise_multiplier must be a number, got NaN"),
+    "rdp sigma negative": (
+        _rdp(noise_multiplier=-1.0),
+        ValueError,
+        "noise_multiplier must be >= 0",
+    ),
+    "rdp sigma nan": (
+        _rdp(noise_multiplier=NAN),
+        ValueError,
+        "noise_multiplier must be a number, got NaN",
+    ),
     "rdp sigma inf": (_rdp(noise_multiplier=INF), ValueError, "noise_multiplier must be finite"),
-    "rdp sigma string": (_rdp(noise_multiplier="1"), TypeError, "noise_multiplier must be a real number"),
+    "rdp sigma string": (
+        _rdp(noise_multiplier="1"),
+        TypeError,
+        "noise_multiplier must be a real number",
+    ),
     "rdp steps float": (_rdp(steps=10.0), TypeError, "steps must be an integer"),
     "rdp steps fractional": (_rdp(steps=1.5), TypeError, "steps must be an integer"),
     "rdp steps bool": (_rdp(steps=True), TypeError, "steps must be an integer"),
@@ -714,42 +782,114 @@ BAD_CALLS = {
     "spent rdp nan": (_spent(rdp=[0.1, NAN]), ValueError, "rdp must not contain NaN"),
     "spent rdp scalar nan": (_spent(orders=2.0, rdp=NAN), ValueError, "rdp must not contain NaN"),
     "spent rdp empty": (_spent(rdp=[]), ValueError, "rdp must not be empty"),
-    "spent rdp 2-D": (_spent(rdp=np.array([[0.1, 0.2]])), ValueError, "rdp must be one-dimensional"),
+    "spent rdp 2-D": (
+        _spent(rdp=np.array([[0.1, 0.2]])),
+        ValueError,
+        "rdp must be one-dimensional",
+    ),
     "spent rdp string": (_spent(rdp="0.1"), TypeError, "rdp must be a real number or a sequence"),
     "spent rdp strings": (_spent(rdp=["0.1", "0.2"]), TypeError, "rdp must hold real numbers"),
-    "spent rdp bool": (_spent(orders=2.0, rdp=True), TypeError, "rdp must be a real number or a sequence"),
+    "spent rdp bool": (
+        _spent(orders=2.0, rdp=True),
+        TypeError,
+        "rdp must be a real number or a sequence",
+    ),
     "spent lengths": (_spent(rdp=[0.1]), ValueError, "orders and rdp must have the same length"),
-    "spent lengths scalar": (_spent(rdp=0.1), ValueError, "orders and rdp must have the same length"),
+    "spent lengths scalar": (
+        _spent(rdp=0.1),
+        ValueError,
+        "orders and rdp must have the same length",
+    ),
     # RDPAccountant
-    "accountant scalar orders": (lambda: RDPAccountant(orders=2.0), TypeError, "orders must be a sequence"),
-    "step sigma negative": (_step(noise_multiplier=-0.5), ValueError, "noise_multiplier must be >= 0"),
-    "step sigma nan": (_step(noise_multiplier=NAN), ValueError, "noise_multiplier must be a number, got NaN"),
+    "accountant scalar orders": (
+        lambda: RDPAccountant(orders=2.0),
+        TypeError,
+        "orders must be a sequence",
+    ),
+    "step sigma negative": (
+        _step(noise_multiplier=-0.5),
+        ValueError,
+        "noise_multiplier must be >= 0",
+    ),
+    "step sigma nan": (
+        _step(noise_multiplier=NAN),
+        ValueError,
+        "noise_multiplier must be a number, got NaN",
+    ),
     "step sigma inf": (_step(noise_multiplier=INF), ValueError, "noise_multiplier must be finite"),
-    "step sigma string": (_step(noise_multiplier="1"), TypeError, "noise_multiplier must be a real number"),
+    "step sigma string": (
+        _step(noise_multiplier="1"),
+        TypeError,
+        "noise_multiplier must be a real number",
+    ),
     "step rate zero": (_step(sample_rate=0.0), ValueError, r"sample_rate must lie in \(0, 1\]"),
-    "step rate negative": (_step(sample_rate=-0.1), ValueError, r"sample_rate must lie in \(0, 1\]"),
+    "step rate negative": (
+        _step(sample_rate=-0.1),
+        ValueError,
+        r"sample_rate must lie in \(0, 1\]",
+    ),
     "step rate above 1": (_step(sample_rate=1.1), ValueError, r"sample_rate must lie in \(0, 1\]"),
     "step rate nan": (_step(sample_rate=NAN), ValueError, "sample_rate must be a number, got NaN"),
     "step rate bool": (_step(sample_rate=True), TypeError, "sample_rate must be a real number"),
     # get_noise_multiplier
     "sigma eps zero": (_sigma(target_epsilon=0.0), ValueError, "target_epsilon must be > 0"),
     "sigma eps negative": (_sigma(target_epsilon=-1.0), ValueError, "target_epsilon must be > 0"),
-    "sigma eps nan": (_sigma(target_epsilon=NAN), ValueError, "target_epsilon must be a number, got NaN"),
+    "sigma eps nan": (
+        _sigma(target_epsilon=NAN),
+        ValueError,
+        "target_epsilon must be a number, got NaN",
+    ),
     "sigma eps inf": (_sigma(target_epsilon=INF), ValueError, "target_epsilon must be finite"),
-    "sigma eps string": (_sigma(target_epsilon="1"), TypeError, "target_epsilon must be a real number"),
-    "sigma delta zero": (_sigma(target_delta=0.0), ValueError, r"target_delta must lie in the open interval"),
-    "sigma delta one": (_sigma(target_delta=1.0), ValueError, r"target_delta must lie in the open interval"),
-    "sigma delta nan": (_sigma(target_delta=NAN), ValueError, "target_delta must be a number, got NaN"),
+    "sigma eps string": (
+        _sigma(target_epsilon="1"),
+        TypeError,
+        "target_epsilon must be a real number",
+    ),
+    "sigma delta zero": (
+        _sigma(target_delta=0.0),
+        ValueError,
+        r"target_delta must lie in the open interval",
+    ),
+    "sigma delta one": (
+        _sigma(target_delta=1.0),
+        ValueError,
+        r"target_delta must lie in the open interval",
+    ),
+    "sigma delta nan": (
+        _sigma(target_delta=NAN),
+        ValueError,
+        "target_delta must be a number, got NaN",
+    ),
     "sigma rate zero": (_sigma(sample_rate=0.0), ValueError, r"sample_rate must lie in \(0, 1\]"),
-    "sigma rate above 1": (_sigma(sample_rate=2.0), ValueError, r"sample_rate must lie in \(0, 1\]"),
-    "sigma rate nan": (_sigma(sample_rate=NAN), ValueError, "sample_rate must be a number, got NaN"),
+    "sigma rate above 1": (
+        _sigma(sample_rate=2.0),
+        ValueError,
+        r"sample_rate must lie in \(0, 1\]",
+    ),
+    "sigma rate nan": (
+        _sigma(sample_rate=NAN),
+        ValueError,
+        "sample_rate must be a number, got NaN",
+    ),
     "sigma steps zero": (_sigma(steps=0), ValueError, "steps must be an integer >= 1"),
     "sigma steps float": (_sigma(steps=100.0), TypeError, "steps must be an integer"),
     "sigma steps bool": (_sigma(steps=True), TypeError, "steps must be an integer"),
     "sigma scalar orders": (_sigma(orders=8.0), TypeError, "orders must be a sequence"),
-    "sigma tolerance zero": (_sigma(epsilon_tolerance=0.0), ValueError, "epsilon_tolerance must be > 0"),
-    "sigma tolerance negative": (_sigma(epsilon_tolerance=-0.01), ValueError, "epsilon_tolerance must be > 0"),
-    "sigma tolerance nan": (_sigma(epsilon_tolerance=NAN), ValueError, "epsilon_tolerance must be a number"),
+    "sigma tolerance zero": (
+        _sigma(epsilon_tolerance=0.0),
+        ValueError,
+        "epsilon_tolerance must be > 0",
+    ),
+    "sigma tolerance negative": (
+        _sigma(epsilon_tolerance=-0.01),
+        ValueError,
+        "epsilon_tolerance must be > 0",
+    ),
+    "sigma tolerance nan": (
+        _sigma(epsilon_tolerance=NAN),
+        ValueError,
+        "epsilon_tolerance must be a number",
+    ),
 }
 
 
@@ -766,11 +906,15 @@ def test_bad_input_is_rejected_with_a_message_naming_the_parameter(name):
         lambda o: compute_rdp(q=0.01, noise_multiplier=1.0, steps=1, orders=o),
         lambda o: get_privacy_spent(orders=o, rdp=[0.1, 0.2], delta=1e-5),
         lambda o: RDPAccountant(orders=o),
-        lambda o: get_noise_multiplier(target_epsilon=1.0, target_delta=1e-5, sample_rate=0.01, steps=10, orders=o),
+        lambda o: get_noise_multiplier(
+            target_epsilon=1.0, target_delta=1e-5, sample_rate=0.01, steps=10, orders=o
+        ),
     ],
     ids=["compute_rdp", "get_privacy_spent", "RDPAccountant", "get_noise_multiplier"],
 )
-@pytest.mark.parametrize(("orders", "error", "message"), BAD_ORDERS, ids=[repr(o) for o, _, _ in BAD_ORDERS])
+@pytest.mark.parametrize(
+    ("orders", "error", "message"), BAD_ORDERS, ids=[repr(o) for o, _, _ in BAD_ORDERS]
+)
 def test_bad_orders_are_rejected_everywhere(call, orders, error, message):
     """The same check, with the same message, in every function that takes orders (for
     RDPAccountant and get_noise_multiplier it runs before their refusal of a scalar)."""
@@ -795,7 +939,9 @@ def test_bad_orders_are_rejected_everywhere(call, orders, error, message):
         "stepped.get_privacy_spent",
     ],
 )
-@pytest.mark.parametrize(("delta", "error", "message"), BAD_DELTAS, ids=[repr(d) for d, _, _ in BAD_DELTAS])
+@pytest.mark.parametrize(
+    ("delta", "error", "message"), BAD_DELTAS, ids=[repr(d) for d, _, _ in BAD_DELTAS]
+)
 def test_bad_delta_is_rejected_everywhere(call, delta, error, message):
     with pytest.raises(error, match=message):
         call(delta)

@@ -15,7 +15,7 @@ def test_basic_composition_adds_epsilons_and_deltas():
 
 
 def test_advanced_composition_formula():
-    """Dwork and Roth (2014), Theorem 3.20, evaluated by hand for eps = 0.1, k = 100, delta' = 1e-5."""
+    """Dwork and Roth (2014), Theorem 3.20, by hand for eps = 0.1, k = 100, delta' = 1e-5."""
     total, delta = advanced_composition(epsilon=0.1, delta=1e-7, k=100, delta_prime=1e-5)
     by_hand = math.sqrt(200 * math.log(1e5)) * 0.1 + 100 * 0.1 * (math.exp(0.1) - 1)
     assert total == pytest.approx(by_hand)
@@ -49,11 +49,23 @@ def test_group_privacy():
     ("call", "error", "message"),
     [
         (lambda: basic_composition(epsilon=0.0, k=2), ValueError, "epsilon must be > 0"),
-        (lambda: basic_composition(epsilon=1.0, delta=1.0, k=2), ValueError, r"delta must lie in \[0, 1\)"),
+        (
+            lambda: basic_composition(epsilon=1.0, delta=1.0, k=2),
+            ValueError,
+            r"delta must lie in \[0, 1\)",
+        ),
         (lambda: basic_composition(epsilon=1.0, k=0), ValueError, "k must be >= 1"),
         (lambda: basic_composition(epsilon=1.0, k=2.0), TypeError, "k must be an integer"),
-        (lambda: advanced_composition(epsilon=1.0, k=2, delta_prime=0.0), ValueError, "delta_prime"),
-        (lambda: advanced_composition(epsilon=float("nan"), k=2, delta_prime=1e-5), ValueError, "NaN"),
+        (
+            lambda: advanced_composition(epsilon=1.0, k=2, delta_prime=0.0),
+            ValueError,
+            "delta_prime",
+        ),
+        (
+            lambda: advanced_composition(epsilon=float("nan"), k=2, delta_prime=1e-5),
+            ValueError,
+            "NaN",
+        ),
         (lambda: group_privacy(epsilon=1.0, group_size=0), ValueError, "group_size"),
         (lambda: group_privacy(epsilon=1.0, delta=-0.1, group_size=2), ValueError, "delta"),
     ],

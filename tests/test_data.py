@@ -53,7 +53,10 @@ def test_patients_are_reproducible_and_plausible():
     assert set(np.unique(people.zip_code)) <= set(range(10))
     assert people.has_condition.dtype == bool
     # prevalence rises with age, as documented: 5% at 18 to 30% at 90, 17.5% on average
-    old, young = people.has_condition[people.age >= 70].mean(), people.has_condition[people.age < 30].mean()
+    old, young = (
+        people.has_condition[people.age >= 70].mean(),
+        people.has_condition[people.age < 30].mean(),
+    )
     assert old > young
     assert abs(people.has_condition.mean() - 0.175) < 5 * np.sqrt(0.175 * 0.825 / 5000)
 
@@ -87,9 +90,9 @@ def _assert_exact_cover(parts, n):
 def test_partitions_cover_every_example_once_and_reproduce_from_the_seed(split):
     parts = split(5)
     _assert_exact_cover(parts, LABELS.size)
-    for a, b in zip(parts, split(5)):
+    for a, b in zip(parts, split(5), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert any(not np.array_equal(a, b) for a, b in zip(parts, split(6)))
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, split(6), strict=True))
 
 
 def test_iid_parts_have_equal_sizes():
@@ -119,11 +122,18 @@ def test_dirichlet_skew_grows_as_alpha_shrinks():
     five seeds: strictly decreasing in alpha, near IID levels at alpha = 100."""
     alphas = [0.05, 0.3, 1.0, 100.0]
     skew = [
-        np.mean([_mean_total_variation(partition_dirichlet(LABELS, num_clients=10, alpha=a, rng=s)) for s in range(5)])
+        np.mean(
+            [
+                _mean_total_variation(partition_dirichlet(LABELS, num_clients=10, alpha=a, rng=s))
+                for s in range(5)
+            ]
+        )
         for a in alphas
     ]
-    assert all(x > y for x, y in zip(skew, skew[1:]))
-    iid = np.mean([_mean_total_variation(partition_iid(LABELS.size, num_clients=10, rng=s)) for s in range(5)])
+    assert all(x > y for x, y in zip(skew, skew[1:], strict=False))
+    iid = np.mean(
+        [_mean_total_variation(partition_iid(LABELS.size, num_clients=10, rng=s)) for s in range(5)]
+    )
     assert skew[-1] < 2 * iid + 0.02
     assert skew[0] > 0.6
 
@@ -142,10 +152,22 @@ def test_dirichlet_respects_min_size_or_says_why():
         (lambda: partition_iid(10, num_clients=11), ValueError, "at most the number of examples"),
         (lambda: partition_shards(LABELS.astype(float), num_clients=2), TypeError, "integers"),
         (lambda: partition_shards([0, 1], num_clients=2), TypeError, "numpy array"),
-        (lambda: partition_shards(LABELS[:10], num_clients=6, shards_per_client=2), ValueError, "must not exceed"),
-        (lambda: partition_dirichlet(LABELS, num_clients=5, alpha=0.0), ValueError, "alpha must be > 0"),
+        (
+            lambda: partition_shards(LABELS[:10], num_clients=6, shards_per_client=2),
+            ValueError,
+            "must not exceed",
+        ),
+        (
+            lambda: partition_dirichlet(LABELS, num_clients=5, alpha=0.0),
+            ValueError,
+            "alpha must be > 0",
+        ),
         (lambda: partition_dirichlet(LABELS, num_clients=5, alpha=float("nan")), ValueError, "NaN"),
-        (lambda: partition_dirichlet(np.array([], dtype=int), num_clients=1, alpha=1.0), ValueError, "empty"),
+        (
+            lambda: partition_dirichlet(np.array([], dtype=int), num_clients=1, alpha=1.0),
+            ValueError,
+            "empty",
+        ),
     ],
 )
 def test_partition_bad_input(call, error, message):
@@ -163,7 +185,11 @@ def test_moons_are_a_reproducible_balanced_binary_task():
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
-    [({"n": 0}, ValueError, "n must be >= 1"), ({"noise": -0.1}, ValueError, "noise"), ({"test_fraction": 1.5}, ValueError, "test_fraction")],
+    [
+        ({"n": 0}, ValueError, "n must be >= 1"),
+        ({"noise": -0.1}, ValueError, "noise"),
+        ({"test_fraction": 1.5}, ValueError, "test_fraction"),
+    ],
 )
 def test_moons_bad_input(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -21,12 +21,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from scipy import stats
-from torch import nn
-
-from companion import data, models
-from companion.accounting import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
 from _oracles import (
     _assert_same,
     _loop_clipped_sum,
@@ -35,6 +29,11 @@ from _oracles import (
     _reference_loss,
     _trainable,
 )
+from scipy import stats
+from torch import nn
+
+from companion import data, models
+from companion.accounting import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
 from companion.dpsgd import (
     check_dp_compatible,
     clip_and_sum,
@@ -85,7 +84,11 @@ MODELS = {
     "binary_mlp": (lambda: models.binary_mlp(seed=1), "bce", MOONS),
     "conv_variants": (_conv_variants, "cross_entropy", DIGITS),
     # a frozen first layer: its output needs no gradient, so the layerwise pass must skip it
-    "mlp_frozen_first_layer": (lambda: _frozen_first_layer(models.mlp(seed=1, hidden=32)), "cross_entropy", DIGITS),
+    "mlp_frozen_first_layer": (
+        lambda: _frozen_first_layer(models.mlp(seed=1, hidden=32)),
+        "cross_entropy",
+        DIGITS,
+    ),
 }
 METHODS = ["vmap", "layerwise", "auto"]
 
@@ -115,7 +118,10 @@ def test_clipped_sum_and_norms_match_the_per_example_loop(name, method, clipping
     _assert_same(sums, expected)
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
     # without return_norms the same sums come alone
-    _assert_same(clipped_gradient_sum(model, loss, x, y, max_grad_norm=max_grad_norm, method=method), expected)
+    _assert_same(
+        clipped_gradient_sum(model, loss, x, y, max_grad_norm=max_grad_norm, method=method),
+        expected,
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -140,7 +146,9 @@ def test_each_clipped_gradient_has_norm_at_most_c(name, method):
     _, loop_norms = _loop_clipped_sum(model, loss, x, y, 1.0)
     max_grad_norm = _most_clipped_norm(loop_norms)
     for i in range(x.shape[0]):
-        sums = clipped_gradient_sum(model, loss, x[i : i + 1], y[i : i + 1], max_grad_norm=max_grad_norm, method=method)
+        sums = clipped_gradient_sum(
+            model, loss, x[i : i + 1], y[i : i + 1], max_grad_norm=max_grad_norm, method=method
+        )
         norm = math.sqrt(sum(float(s.square().sum()) for s in sums.values()))
         assert norm <= max_grad_norm
         if loop_norms[i] > max_grad_norm:
@@ -153,7 +161,9 @@ def test_clip_and_sum_of_per_example_gradients_matches_the_loop(name):
     _, loop_norms = _loop_clipped_sum(model, loss, x, y, 1.0)
     max_grad_norm = _most_clipped_norm(loop_norms)
     expected, _ = _loop_clipped_sum(model, loss, x, y, max_grad_norm)
-    sums, norms = clip_and_sum(per_example_gradients(model, loss, x, y), max_grad_norm=max_grad_norm, return_norms=True)
+    sums, norms = clip_and_sum(
+        per_example_gradients(model, loss, x, y), max_grad_norm=max_grad_norm, return_norms=True
+    )
     _assert_same(sums, expected)
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
 
@@ -168,7 +178,9 @@ def test_per_example_gradients_match_the_loop(name):
     expected = _loop_gradients(model, loss, x, y)
     _assert_same(grads, expected)
     # one entry per trainable parameter, shaped (B, *param.shape); frozen ones are left out
-    assert {n: g.shape for n, g in grads.items()} == {n: (N_SMALL, *p.shape) for n, p in _trainable(model)}
+    assert {n: g.shape for n, g in grads.items()} == {
+        n: (N_SMALL, *p.shape) for n, p in _trainable(model)
+    }
 
 
 @pytest.mark.parametrize("name", ["logistic_regression", "mlp", "small_cnn"])
@@ -183,15 +195,25 @@ def test_empty_batch_gives_empty_gradients_and_zero_sums(name):
     model, loss, x, y = _setup(name)
     x, y = x[:0], y[:0]
     grads = per_example_gradients(model, loss, x, y)
-    assert {n: g.shape for n, g in grads.items()} == {n: (0, *p.shape) for n, p in _trainable(model)}
+    assert {n: g.shape for n, g in grads.items()} == {
+        n: (0, *p.shape) for n, p in _trainable(model)
+    }
     sums, norms = clip_and_sum(grads, max_grad_norm=1.0, return_norms=True)
     assert norms.shape == (0,)
-    assert all(torch.equal(s, torch.zeros_like(p)) for (_, p), s in zip(_trainable(model), sums.values()))
+    assert all(
+        torch.equal(s, torch.zeros_like(p))
+        for (_, p), s in zip(_trainable(model), sums.values(), strict=True)
+    )
     for method in METHODS:
-        sums, norms = clipped_gradient_sum(model, loss, x, y, max_grad_norm=1.0, method=method, return_norms=True)
+        sums, norms = clipped_gradient_sum(
+            model, loss, x, y, max_grad_norm=1.0, method=method, return_norms=True
+        )
         assert norms.shape == (0,)
         assert sums.keys() == dict(_trainable(model)).keys()
-        assert all(torch.equal(s, torch.zeros_like(p)) for (_, p), s in zip(_trainable(model), sums.values()))
+        assert all(
+            torch.equal(s, torch.zeros_like(p))
+            for (_, p), s in zip(_trainable(model), sums.values(), strict=True)
+        )
 
 
 class _NotSequential(nn.Module):
@@ -213,8 +235,14 @@ class _NotSequential(nn.Module):
     [
         (lambda: models.mlp(seed=1), nn.CrossEntropyLoss()),
         (lambda: _NotSequential(), "cross_entropy"),
-        (lambda: nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 10)), "cross_entropy"),
-        (lambda: nn.Sequential(nn.Linear(64, 16), nn.ReLU(inplace=True), nn.Linear(16, 10)), "cross_entropy"),
+        (
+            lambda: nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 10)),
+            "cross_entropy",
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(64, 16), nn.ReLU(inplace=True), nn.Linear(16, 10)),
+            "cross_entropy",
+        ),
     ],
     ids=["callable_loss", "custom_module", "layer_norm", "inplace_relu"],
 )
@@ -255,14 +283,22 @@ def test_step_without_noise_or_clipping_is_plain_sgd(name, method, scale):
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
     norms = dp_sgd_step(
-        model, x, y, noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=scale * N_SMALL, lr=lr,
-        generator=generator, loss=loss, method=method,
-    )  # fmt: skip
+        model,
+        x,
+        y,
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        expected_batch_size=scale * N_SMALL,
+        lr=lr,
+        generator=generator,
+        loss=loss,
+        method=method,
+    )
     assert torch.equal(generator.get_state(), state)  # with sigma = 0 nothing is drawn
     params = [p for _, p in _trainable(reference)]
     grads = torch.autograd.grad(_reference_loss(loss, reference(x), y), params)
     with torch.no_grad():
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p -= lr / scale * g
     torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-5, atol=1e-12)
     assert not torch.equal(_flat(model), _flat(copy.deepcopy(_setup(name)[0])))  # it did move
@@ -285,9 +321,19 @@ def test_noise_has_std_sigma_c_lr_over_expected_batch_size(method):
     model, loss, x, y = _setup("mlp")
     noiseless = copy.deepcopy(model)
     sigma, max_grad_norm, expected_batch_size, lr = 1.3, 0.5, 40.0, 0.2
-    kwargs = dict(max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size, lr=lr, loss=loss, method=method)
-    dp_sgd_step(model, x, y, noise_multiplier=sigma, generator=torch.Generator().manual_seed(11), **kwargs)
-    dp_sgd_step(noiseless, x, y, noise_multiplier=0.0, generator=torch.Generator().manual_seed(11), **kwargs)
+    kwargs = dict(
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        lr=lr,
+        loss=loss,
+        method=method,
+    )
+    dp_sgd_step(
+        model, x, y, noise_multiplier=sigma, generator=torch.Generator().manual_seed(11), **kwargs
+    )
+    dp_sgd_step(
+        noiseless, x, y, noise_multiplier=0.0, generator=torch.Generator().manual_seed(11), **kwargs
+    )
     z = (_flat(model) - _flat(noiseless)) / (sigma * max_grad_norm * lr / expected_batch_size)
     d = z.numel()
     assert d == 64 * 128 + 128 + 128 * 10 + 10
@@ -306,17 +352,28 @@ def test_empty_batch_step_is_pure_noise(name):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     sigma, max_grad_norm, expected_batch_size, lr = 0.8, 2.0, 16.0, 0.5
     norms = dp_sgd_step(
-        model, x[:0], y[:0], noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size, lr=lr, generator=torch.Generator().manual_seed(5), loss=loss,
-    )  # fmt: skip
+        model,
+        x[:0],
+        y[:0],
+        noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        lr=lr,
+        generator=torch.Generator().manual_seed(5),
+        loss=loss,
+    )
     assert norms.shape == (0,)
     z = torch.randn(before.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     step = _flat(model) - before
-    torch.testing.assert_close(step, -lr / expected_batch_size * sigma * max_grad_norm * z, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        step, -lr / expected_batch_size * sigma * max_grad_norm * z, rtol=1e-12, atol=1e-15
+    )
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     if step.numel() >= 500:  # binary_mlp has 41 coordinates, too few for a useful bound
         low, high = _chi2_bounds(step.numel())
-        std = math.sqrt(float(step.square().mean())) / (sigma * max_grad_norm * lr / expected_batch_size)
+        std = math.sqrt(float(step.square().mean())) / (
+            sigma * max_grad_norm * lr / expected_batch_size
+        )
         assert low <= std <= high
 
 
@@ -336,7 +393,10 @@ def test_poisson_sample_size_is_binomial(q):
     assert all(m.dtype == torch.bool and m.shape == (n,) for m in masks)
     sizes = np.array([int(m.sum()) for m in masks])
     assert abs(sizes.sum() - draws * n * q) < 5 * math.sqrt(draws * n * q * (1 - q))
-    low, high = stats.chi2.ppf(1e-6, draws - 1) / (draws - 1), stats.chi2.isf(1e-6, draws - 1) / (draws - 1)
+    low, high = (
+        stats.chi2.ppf(1e-6, draws - 1) / (draws - 1),
+        stats.chi2.isf(1e-6, draws - 1) / (draws - 1),
+    )
     assert low <= sizes.var(ddof=1) / (n * q * (1 - q)) <= high
     assert len({m.numpy().tobytes() for m in masks}) == draws  # the generator advances
 
@@ -346,7 +406,9 @@ def test_poisson_sample_with_rate_one_takes_everyone():
 
 
 def test_poisson_sample_is_reproducible_from_the_seed():
-    draw = lambda seed: poisson_sample(500, sample_rate=0.2, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    def draw(seed):
+        return poisson_sample(500, sample_rate=0.2, generator=torch.Generator().manual_seed(seed))
+
     assert torch.equal(draw(7), draw(7))
     assert not torch.equal(draw(7), draw(8))
     # the documented draw: uniforms below q
@@ -367,7 +429,11 @@ def test_poisson_sample_is_reproducible_from_the_seed():
     ],
 )
 def test_poisson_sample_bad_input(kwargs, error, message):
-    arguments = {"n": 10, "sample_rate": 0.5, "generator": torch.Generator().manual_seed(0)} | kwargs
+    arguments = {
+        "n": 10,
+        "sample_rate": 0.5,
+        "generator": torch.Generator().manual_seed(0),
+    } | kwargs
     n = arguments.pop("n")
     with pytest.raises(error, match=message):
         poisson_sample(n, **arguments)
@@ -391,8 +457,12 @@ def _hand_written_dpsgd(model, loss, x, y, *, sigma, max_grad_norm, lr, epochs, 
             sums, _ = _loop_clipped_sum(model, loss, x[mask], y[mask], max_grad_norm)
             params = _trainable(model)
             if sigma > 0:
-                z = torch.randn(sum(p.numel() for _, p in params), generator=generator, dtype=torch.float64)
-                for name, chunk in zip(sums, torch.split(z, [p.numel() for _, p in params])):
+                z = torch.randn(
+                    sum(p.numel() for _, p in params), generator=generator, dtype=torch.float64
+                )
+                for name, chunk in zip(
+                    sums, torch.split(z, [p.numel() for _, p in params]), strict=True
+                ):
                     sums[name] += sigma * max_grad_norm * chunk.view_as(sums[name])
             with torch.no_grad():
                 for name, p in params:
@@ -416,27 +486,63 @@ def test_train_dpsgd_matches_a_hand_written_loop(name, sigma, max_grad_norm, met
     model, loss, x, y = _setup(name, n=N_TRAIN)
     reference = copy.deepcopy(model)
     train_dpsgd(
-        model, x, y, noise_multiplier=sigma, max_grad_norm=max_grad_norm, sample_rate=Q, epochs=2, lr=0.5,
-        delta=1e-3, seed=9, loss=loss, method=method, progress=False,
-    )  # fmt: skip
-    _hand_written_dpsgd(reference, loss, x, y, sigma=sigma, max_grad_norm=max_grad_norm, lr=0.5, epochs=2, seed=9)
+        model,
+        x,
+        y,
+        noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm,
+        sample_rate=Q,
+        epochs=2,
+        lr=0.5,
+        delta=1e-3,
+        seed=9,
+        loss=loss,
+        method=method,
+        progress=False,
+    )
+    _hand_written_dpsgd(
+        reference, loss, x, y, sigma=sigma, max_grad_norm=max_grad_norm, lr=0.5, epochs=2, seed=9
+    )
     torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-5, atol=1e-10)
     assert not torch.equal(_flat(model), _flat(_setup(name)[0]))
 
 
 def _train_small(**overrides):
     model, loss, x, y = _setup("logistic_regression", n=N_TRAIN)
-    kwargs = dict(
-        noise_multiplier=1.1, max_grad_norm=1.0, sample_rate=Q, epochs=3, lr=0.5, delta=1e-4, seed=0,
-        progress=False,
-    ) | overrides  # fmt: skip
+    kwargs = (
+        dict(
+            noise_multiplier=1.1,
+            max_grad_norm=1.0,
+            sample_rate=Q,
+            epochs=3,
+            lr=0.5,
+            delta=1e-4,
+            seed=0,
+            progress=False,
+        )
+        | overrides
+    )
     return model, train_dpsgd(model, x, y, **kwargs)
 
 
 def test_train_dpsgd_history_and_epsilon_match_the_accountant():
-    x_test, y_test = torch.tensor(DIGITS.x_test[:50], dtype=torch.float64), torch.tensor(DIGITS.y_test[:50])
+    x_test, y_test = (
+        torch.tensor(DIGITS.x_test[:50], dtype=torch.float64),
+        torch.tensor(DIGITS.y_test[:50]),
+    )
     _, history = _train_small(x_test=x_test, y_test=y_test)
-    keys = {"epoch", "steps", "epsilon", "delta", "noise_multiplier", "clipped_fraction", "train_loss", "train_accuracy", "test_loss", "test_accuracy"}
+    keys = {
+        "epoch",
+        "steps",
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "clipped_fraction",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+    }
     assert [set(record) for record in history] == [keys] * 3
     accountant = RDPAccountant()
     for epoch, record in enumerate(history, start=1):
@@ -445,7 +551,9 @@ def test_train_dpsgd_history_and_epsilon_match_the_accountant():
             accountant.step(noise_multiplier=1.1, sample_rate=Q)
         assert record["epsilon"] == pytest.approx(accountant.get_epsilon(1e-4), rel=1e-12)
         rdp = compute_rdp(q=Q, noise_multiplier=1.1, steps=8 * epoch, orders=DEFAULT_ORDERS)
-        assert record["epsilon"] == pytest.approx(get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=1e-4)[0], rel=1e-12)
+        assert record["epsilon"] == pytest.approx(
+            get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=1e-4)[0], rel=1e-12
+        )
         assert 0 <= record["clipped_fraction"] <= 1
         assert 0 <= record["train_accuracy"] <= 1 and 0 <= record["test_accuracy"] <= 1
     epsilons = [record["epsilon"] for record in history]
@@ -463,7 +571,10 @@ def test_clipped_fraction_counts_examples_above_c():
     """Every gradient norm of softmax regression on digits is well above 1e-4 and far below 1e6
     (initial norms are 2-5), so the fraction is exactly 1 and 0."""
     assert all(r["clipped_fraction"] == 1.0 for r in _train_small(max_grad_norm=1e-4)[1])
-    assert all(r["clipped_fraction"] == 0.0 for r in _train_small(max_grad_norm=1e6, noise_multiplier=0.0)[1])
+    assert all(
+        r["clipped_fraction"] == 0.0
+        for r in _train_small(max_grad_norm=1e6, noise_multiplier=0.0)[1]
+    )
 
 
 def test_progress_bar_can_be_switched_off(capfd):
@@ -494,10 +605,19 @@ def test_train_dpsgd_learns_the_digits():
     (25 steps): epsilon about 8 at delta = 1e-5 by the accountant, and the held-out accuracy far
     above the 0.1 of guessing (it is about 0.85; 0.6 leaves room for other seeds)."""
     history = train_dpsgd(
-        models.logistic_regression(seed=0), DIGITS.x_train, DIGITS.y_train, noise_multiplier=1.0, max_grad_norm=1.0,
-        sample_rate=256 / 1347, epochs=5, lr=2.0, delta=1e-5, x_test=DIGITS.x_test, y_test=DIGITS.y_test,
+        models.logistic_regression(seed=0),
+        DIGITS.x_train,
+        DIGITS.y_train,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=256 / 1347,
+        epochs=5,
+        lr=2.0,
+        delta=1e-5,
+        x_test=DIGITS.x_test,
+        y_test=DIGITS.y_test,
         progress=False,
-    )  # fmt: skip
+    )
     assert history[-1]["epsilon"] < 10
     assert history[-1]["test_accuracy"] > 0.6
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -510,7 +630,10 @@ def test_train_dpsgd_learns_the_digits():
     ("layer", "message"),
     [
         (nn.BatchNorm1d(16), r"layer '1' is a BatchNorm1d"),
-        (nn.InstanceNorm1d(16, track_running_stats=True), r"layer '1' is a InstanceNorm1d with track_running_stats"),
+        (
+            nn.InstanceNorm1d(16, track_running_stats=True),
+            r"layer '1' is a InstanceNorm1d with track_running_stats",
+        ),
     ],
     ids=["batchnorm", "instancenorm"],
 )
@@ -520,14 +643,38 @@ def test_normalisation_over_the_batch_is_refused(layer, message):
     with pytest.raises(ValueError, match=message):
         check_dp_compatible(model)
     with pytest.raises(ValueError, match=message):
-        train_dpsgd(model, x, y, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, epochs=1, lr=0.1, delta=1e-3, progress=False)
+        train_dpsgd(
+            model,
+            x,
+            y,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            sample_rate=0.5,
+            epochs=1,
+            lr=0.1,
+            delta=1e-3,
+            progress=False,
+        )
     with pytest.raises(ValueError, match=message):
-        dp_sgd_step(model, x, y, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8, lr=0.1, generator=torch.Generator())
+        dp_sgd_step(
+            model,
+            x,
+            y,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=8,
+            lr=0.1,
+            generator=torch.Generator(),
+        )
 
 
 def test_per_example_normalisation_is_accepted():
-    check_dp_compatible(nn.Sequential(nn.Linear(64, 16), nn.GroupNorm(4, 16), nn.LayerNorm(16), nn.Linear(16, 10)))
-    check_dp_compatible(nn.Sequential(nn.Linear(64, 16), nn.InstanceNorm1d(16, track_running_stats=False)))
+    check_dp_compatible(
+        nn.Sequential(nn.Linear(64, 16), nn.GroupNorm(4, 16), nn.LayerNorm(16), nn.Linear(16, 10))
+    )
+    check_dp_compatible(
+        nn.Sequential(nn.Linear(64, 16), nn.InstanceNorm1d(16, track_running_stats=False))
+    )
     for name in MODELS:
         check_dp_compatible(MODELS[name][0]())
 
@@ -578,10 +725,21 @@ BAD_TRAIN_ARGUMENTS = [
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), BAD_TRAIN_ARGUMENTS)
 def test_train_dpsgd_bad_arguments(kwargs, error, message):
-    arguments = dict(
-        model=models.logistic_regression(), x=X, y=Y, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
-        epochs=1, lr=0.1, delta=1e-3, progress=False,
-    ) | kwargs  # fmt: skip
+    arguments = (
+        dict(
+            model=models.logistic_regression(),
+            x=X,
+            y=Y,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            sample_rate=0.5,
+            epochs=1,
+            lr=0.1,
+            delta=1e-3,
+            progress=False,
+        )
+        | kwargs
+    )
     with pytest.raises(error, match=message):
         train_dpsgd(arguments.pop("model"), arguments.pop("x"), arguments.pop("y"), **arguments)
 
@@ -608,10 +766,19 @@ BAD_STEP_ARGUMENTS = [
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), BAD_STEP_ARGUMENTS)
 def test_dp_sgd_step_bad_arguments(kwargs, error, message):
-    arguments = dict(
-        model=models.logistic_regression(), x_batch=X, y_batch=Y, noise_multiplier=1.0, max_grad_norm=1.0,
-        expected_batch_size=8.0, lr=0.1, generator=torch.Generator().manual_seed(0),
-    ) | kwargs  # fmt: skip
+    arguments = (
+        dict(
+            model=models.logistic_regression(),
+            x_batch=X,
+            y_batch=Y,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=8.0,
+            lr=0.1,
+            generator=torch.Generator().manual_seed(0),
+        )
+        | kwargs
+    )
     model = arguments.pop("model")
     before = _flat(model) if isinstance(model, nn.Module) else None
     with pytest.raises(error, match=message):
@@ -623,17 +790,59 @@ def test_dp_sgd_step_bad_arguments(kwargs, error, message):
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda m: clipped_gradient_sum(m, "cross_entropy", X, Y, max_grad_norm=0.0), ValueError, "max_grad_norm must be > 0"),
-        (lambda m: clipped_gradient_sum(m, "cross_entropy", X, Y, max_grad_norm=1.0, method="fast"), ValueError, "method must be one of"),
-        (lambda m: clipped_gradient_sum(m, None, X, Y, max_grad_norm=1.0), TypeError, "loss must be"),
-        (lambda m: clipped_gradient_sum(m, "cross_entropy", X, Y[:3], max_grad_norm=1.0), ValueError, "same number of examples"),
-        (lambda m: clipped_gradient_sum([m], "cross_entropy", X, Y, max_grad_norm=1.0), TypeError, "model must be a torch.nn.Module"),
-        (lambda m: per_example_gradients(m, "cross_entropy", X.numpy(), Y), TypeError, "x and y must be torch tensors"),
+        (
+            lambda m: clipped_gradient_sum(m, "cross_entropy", X, Y, max_grad_norm=0.0),
+            ValueError,
+            "max_grad_norm must be > 0",
+        ),
+        (
+            lambda m: clipped_gradient_sum(
+                m, "cross_entropy", X, Y, max_grad_norm=1.0, method="fast"
+            ),
+            ValueError,
+            "method must be one of",
+        ),
+        (
+            lambda m: clipped_gradient_sum(m, None, X, Y, max_grad_norm=1.0),
+            TypeError,
+            "loss must be",
+        ),
+        (
+            lambda m: clipped_gradient_sum(m, "cross_entropy", X, Y[:3], max_grad_norm=1.0),
+            ValueError,
+            "same number of examples",
+        ),
+        (
+            lambda m: clipped_gradient_sum([m], "cross_entropy", X, Y, max_grad_norm=1.0),
+            TypeError,
+            "model must be a torch.nn.Module",
+        ),
+        (
+            lambda m: per_example_gradients(m, "cross_entropy", X.numpy(), Y),
+            TypeError,
+            "x and y must be torch tensors",
+        ),
         (lambda m: per_example_gradients(m, "hinge", X, Y), ValueError, "loss must be one of"),
-        (lambda m: per_example_gradients("model", "cross_entropy", X, Y), TypeError, "model must be a torch.nn.Module"),
-        (lambda m: clip_and_sum({}, max_grad_norm=1.0), TypeError, "per_example_grads must be a non-empty dict"),
-        (lambda m: clip_and_sum({"w": torch.ones(3, 2)}, max_grad_norm=-1.0), ValueError, "max_grad_norm must be > 0"),
-        (lambda m: clip_and_sum({"w": torch.ones(3, 2), "b": torch.ones(4)}, max_grad_norm=1.0), ValueError, "same batch size"),
+        (
+            lambda m: per_example_gradients("model", "cross_entropy", X, Y),
+            TypeError,
+            "model must be a torch.nn.Module",
+        ),
+        (
+            lambda m: clip_and_sum({}, max_grad_norm=1.0),
+            TypeError,
+            "per_example_grads must be a non-empty dict",
+        ),
+        (
+            lambda m: clip_and_sum({"w": torch.ones(3, 2)}, max_grad_norm=-1.0),
+            ValueError,
+            "max_grad_norm must be > 0",
+        ),
+        (
+            lambda m: clip_and_sum({"w": torch.ones(3, 2), "b": torch.ones(4)}, max_grad_norm=1.0),
+            ValueError,
+            "same batch size",
+        ),
     ],
 )
 def test_gradient_functions_bad_arguments(call, error, message):

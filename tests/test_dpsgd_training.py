@@ -47,10 +47,18 @@ def _flat(model):
 
 def _run(model=None, **overrides):
     model = _model() if model is None else model
-    arguments = dict(
-        max_grad_norm=1.0, sample_rate=Q, epochs=2, delta=DELTA, noise_multiplier=1.0, lr=0.5,
-        seed=0,
-    ) | overrides  # fmt: skip
+    arguments = (
+        dict(
+            max_grad_norm=1.0,
+            sample_rate=Q,
+            epochs=2,
+            delta=DELTA,
+            noise_multiplier=1.0,
+            lr=0.5,
+            seed=0,
+        )
+        | overrides
+    )
     history = train_dpsgd(model, X, Y, **arguments)
     return model, history
 
@@ -135,9 +143,13 @@ def test_the_same_hyperparameters_given_to_opacus_give_the_same_epsilon():
     loader = torch.utils.data.DataLoader(TensorDataset(X, Y), batch_size=int(N * Q))
     engine = opacus.PrivacyEngine(accountant="rdp")
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-        max_grad_norm=1.0, poisson_sampling=True,
-    )  # fmt: skip
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=True,
+    )
     criterion = nn.CrossEntropyLoss()
     for _ in range(epochs):
         for xb, yb in loader:
@@ -165,9 +177,14 @@ def test_any_optimizer_receives_the_noisy_gradient():
     model = _model()
     before = _flat(model)
     norms = set_private_gradients(
-        model, X[:20], Y[:20], noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=20.0,
+        model,
+        X[:20],
+        Y[:20],
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=20.0,
         generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    )
     grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.optim.Adam(model.parameters(), lr=0.01).step()
     step = _flat(model) - before
@@ -179,9 +196,16 @@ def test_a_dataset_gives_the_same_run_as_tensors():
     tensors, _ = _run()
     model = _model()
     history = train_dpsgd(
-        model, TensorDataset(X, Y), max_grad_norm=1.0, sample_rate=Q, epochs=2, delta=DELTA,
-        noise_multiplier=1.0, lr=0.5, seed=0,
-    )  # fmt: skip
+        model,
+        TensorDataset(X, Y),
+        max_grad_norm=1.0,
+        sample_rate=Q,
+        epochs=2,
+        delta=DELTA,
+        noise_multiplier=1.0,
+        lr=0.5,
+        seed=0,
+    )
     torch.testing.assert_close(_flat(model), _flat(tensors), rtol=1e-12, atol=1e-14)
     assert {"train_loss", "train_accuracy"} <= set(history[-1])
 
@@ -194,9 +218,18 @@ def test_a_callable_regression_loss_trains_and_records_the_loss():
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
     model = nn.Linear(3, 1).double()
     history = train_dpsgd(
-        model, x, y, loss=nn.MSELoss(), noise_multiplier=0.0, max_grad_norm=1e6, sample_rate=0.25,
-        epochs=30, lr=0.1, delta=1e-3, seed=0,
-    )  # fmt: skip
+        model,
+        x,
+        y,
+        loss=nn.MSELoss(),
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        sample_rate=0.25,
+        epochs=30,
+        lr=0.1,
+        delta=1e-3,
+        seed=0,
+    )
     assert "train_accuracy" not in history[-1]
     assert history[-1]["train_loss"] < 1e-3 * history[0]["train_loss"]
     assert history[-1]["epsilon"] == math.inf
@@ -222,9 +255,17 @@ def test_runs_on_the_models_device_cpu():
 def test_runs_on_the_models_device_gpu():
     model = models.mlp(seed=0).to("cuda")
     history = train_dpsgd(
-        model, DIGITS.x_train, DIGITS.y_train, noise_multiplier=1.0, max_grad_norm=1.0,
-        sample_rate=0.1, epochs=2, lr=0.5, delta=1e-5, seed=0,
-    )  # fmt: skip
+        model,
+        DIGITS.x_train,
+        DIGITS.y_train,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=0.1,
+        epochs=2,
+        lr=0.5,
+        delta=1e-5,
+        seed=0,
+    )
     assert all(p.device.type == "cuda" for p in model.parameters())
     assert history[-1]["train_accuracy"] > 0.3
 

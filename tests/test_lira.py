@@ -77,10 +77,16 @@ def overfitted(one_thread):
         x, y, train_fn=overfit, num_shadow=NUM_SHADOW, seed=0
     )
     return {
-        "x": x, "y": y, "rest": rest, "half": half, "target": target,
-        "target_phi": target_phi, "shadow_phi": shadow_phi, "shadow_in": shadow_in,
+        "x": x,
+        "y": y,
+        "rest": rest,
+        "half": half,
+        "target": target,
+        "target_phi": target_phi,
+        "shadow_phi": shadow_phi,
+        "shadow_in": shadow_in,
         "loss": loss_threshold_attack(target, members, nonmembers),
-    }  # fmt: skip
+    }
 
 
 def _result(scores, half):
@@ -106,11 +112,13 @@ def _scipy_scores(target, phi, mask, *, online, global_variance):
     (mu_in, sd_in), (mu_out, sd_out) = fits["in"], fits["out"]
     if not online:
         return scipy.stats.norm.logcdf(target, mu_out, sd_out)  # elementwise, example by example
-    return np.array([
-        scipy.stats.norm.logpdf(target[i], mu_in[i], sd_in[i])
-        - scipy.stats.norm.logpdf(target[i], mu_out[i], sd_out[i])
-        for i in range(n)
-    ])  # fmt: skip
+    return np.array(
+        [
+            scipy.stats.norm.logpdf(target[i], mu_in[i], sd_in[i])
+            - scipy.stats.norm.logpdf(target[i], mu_out[i], sd_out[i])
+            for i in range(n)
+        ]
+    )
 
 
 @pytest.mark.parametrize("online", [True, False])
@@ -211,10 +219,12 @@ def test_online_without_in_models_is_offline(overfitted):
     s = overfitted
     rng = np.random.default_rng(1)
     rest = s["rest"]
-    phi = np.array([
-        logit_confidence(overfit(X_ALL[h], Y_ALL[h], seed=1000 + k), s["x"], s["y"])
-        for k, h in enumerate(rng.choice(rest, len(rest) // 2, replace=False) for _ in range(8))
-    ])  # fmt: skip
+    phi = np.array(
+        [
+            logit_confidence(overfit(X_ALL[h], Y_ALL[h], seed=1000 + k), s["x"], s["y"])
+            for k, h in enumerate(rng.choice(rest, len(rest) // 2, replace=False) for _ in range(8))
+        ]
+    )
     never = np.zeros(phi.shape, dtype=bool)
     online = lira_scores(s["target_phi"], phi, never, online=True)
     offline = lira_scores(s["target_phi"], phi, never, online=False)
@@ -237,10 +247,19 @@ def test_lira_attack_composes_the_pieces():
     x, y = np.concatenate([members[0], nonmembers[0]]), np.concatenate([members[1], nonmembers[1]])
     phi, shadow_in = shadow_confidences(x, y, train_fn=quick, num_shadow=4, seed=3)
     for online in (True, False):
-        result = lira_attack(target, members, nonmembers, train_fn=quick, num_shadow=4, seed=3,
-                             online=online, global_variance=False)  # fmt: skip
-        scores = lira_scores(logit_confidence(target, x, y), phi, shadow_in, online=online,
-                             global_variance=False)  # fmt: skip
+        result = lira_attack(
+            target,
+            members,
+            nonmembers,
+            train_fn=quick,
+            num_shadow=4,
+            seed=3,
+            online=online,
+            global_variance=False,
+        )
+        scores = lira_scores(
+            logit_confidence(target, x, y), phi, shadow_in, online=online, global_variance=False
+        )
         np.testing.assert_array_equal(result.member_scores, scores[:60])
         np.testing.assert_array_equal(result.nonmember_scores, scores[60:])
 
@@ -281,9 +300,17 @@ def test_lira_with_dp_sgd_models_stays_within_the_dp_bound():
     def private(x, y, *, seed):
         model = models.mlp(seed=seed)
         history = dpsgd.train_dpsgd(
-            model, x, y, noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=0.1, epochs=20,
-            lr=1.0, delta=delta, seed=seed,
-        )  # fmt: skip
+            model,
+            x,
+            y,
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            sample_rate=0.1,
+            epochs=20,
+            lr=1.0,
+            delta=delta,
+            seed=seed,
+        )
         assert history[-1]["epsilon"] <= epsilon
         return model
 
@@ -319,7 +346,7 @@ def _phi(num_shadow=4, n=3):
         (lambda t, p, m: (t, p, m & (np.arange(3) > 0)), ValueError, "IN shadow models for some"),
         (lambda t, p, m: (t, np.ones_like(p), m), ValueError, "do not vary"),
     ],
-)  # fmt: skip
+)
 def test_scores_reject_bad_input(change, error, match):
     with pytest.raises(error, match=match):
         lira_scores(*change(*_phi()))

@@ -55,7 +55,9 @@ def _calls_taking_epsilon():
         "rr": lambda e: m.randomized_response(bits, epsilon=e, rng=0),
         "rr_estimate": lambda e: m.randomized_response_estimate(bits, epsilon=e),
         "rr_keep": lambda e: m.randomized_response_keep_probability(epsilon=e),
-        "exponential": lambda e: m.exponential_mechanism(np.array([1.0, 2.0]), sensitivity=1.0, epsilon=e),
+        "exponential": lambda e: m.exponential_mechanism(
+            np.array([1.0, 2.0]), sensitivity=1.0, epsilon=e
+        ),
         "count": lambda e: m.private_count(bits.astype(bool), epsilon=e),
         "sum": lambda e: m.private_sum(np.array([1.0, 2.0]), lower=0, upper=5, epsilon=e),
     }
@@ -116,7 +118,13 @@ def test_value_validation(value, error, message):
 
 @pytest.mark.parametrize(
     ("rng", "error"),
-    [("seed", TypeError), (1.5, TypeError), (True, TypeError), (-1, ValueError), (np.random.RandomState(0), TypeError)],
+    [
+        ("seed", TypeError),
+        (1.5, TypeError),
+        (True, TypeError),
+        (-1, ValueError),
+        (np.random.RandomState(0), TypeError),
+    ],
 )
 def test_rng_validation(rng, error):
     with pytest.raises(error, match="rng"):
@@ -253,7 +261,12 @@ def test_gaussian_variance_matches_sigma(calibration):
     is 1.6%."""
     n, epsilon, delta, sensitivity = 200_000, 0.5, 1e-5, 2.0
     noise = m.gaussian_mechanism(
-        np.zeros(n), sensitivity=sensitivity, epsilon=epsilon, delta=delta, calibration=calibration, rng=3
+        np.zeros(n),
+        sensitivity=sensitivity,
+        epsilon=epsilon,
+        delta=delta,
+        calibration=calibration,
+        rng=3,
     )
     if calibration == "analytic":
         sigma = m.analytic_gaussian_sigma(epsilon=epsilon, delta=delta, sensitivity=sensitivity)
@@ -262,7 +275,9 @@ def test_gaussian_variance_matches_sigma(calibration):
     assert abs(noise.var() / sigma**2 - 1) < 5 * math.sqrt(2 / (n - 1))
 
 
-@pytest.mark.parametrize(("sigma", "epsilon", "sensitivity"), [(1.0, 1.0, 1.0), (3.0, 0.5, 2.0), (0.5, 3.0, 1.0)])
+@pytest.mark.parametrize(
+    ("sigma", "epsilon", "sensitivity"), [(1.0, 1.0, 1.0), (3.0, 0.5, 2.0), (0.5, 3.0, 1.0)]
+)
 def test_gaussian_profile_equals_the_definition_by_integration(sigma, epsilon, sensitivity):
     """delta(epsilon) = sup_S P(S) - e^eps Q(S) = integral of max(0, p - e^eps q), computed here
     by quadrature for p = N(0, sigma^2), q = N(sensitivity, sigma^2): independent of the closed
@@ -271,7 +286,9 @@ def test_gaussian_profile_equals_the_definition_by_integration(sigma, epsilon, s
     q = stats.norm(sensitivity, sigma).pdf
     # p - e^eps q > 0 exactly for x below this point (solve log p - log q = eps).
     x_star = sensitivity / 2 - epsilon * sigma**2 / sensitivity
-    integral, _ = integrate.quad(lambda x: p(x) - math.exp(epsilon) * q(x), -np.inf, x_star, epsabs=1e-14)
+    integral, _ = integrate.quad(
+        lambda x: p(x) - math.exp(epsilon) * q(x), -np.inf, x_star, epsabs=1e-14
+    )
     profile = m.gaussian_privacy_profile(sigma=sigma, epsilon=epsilon, sensitivity=sensitivity)
     assert profile == pytest.approx(integral, rel=1e-8)
 
@@ -297,7 +314,9 @@ def test_classic_sigma_is_never_smaller_than_analytic(epsilon, delta):
 
 def test_analytic_sigma_scales_linearly_with_sensitivity():
     one = m.analytic_gaussian_sigma(epsilon=1.0, delta=1e-5)
-    assert m.analytic_gaussian_sigma(epsilon=1.0, delta=1e-5, sensitivity=3.0) == pytest.approx(3 * one, rel=1e-10)
+    assert m.analytic_gaussian_sigma(epsilon=1.0, delta=1e-5, sensitivity=3.0) == pytest.approx(
+        3 * one, rel=1e-10
+    )
 
 
 # --- randomized response ------------------------------------------------------------------------
@@ -324,7 +343,9 @@ def test_randomized_response_estimator_is_unbiased(fraction, epsilon):
     rng = np.random.default_rng(42)
     bits = (np.arange(n) < fraction * n).astype(int)
     estimates = [
-        m.randomized_response_estimate(m.randomized_response(bits, epsilon=epsilon, rng=rng), epsilon=epsilon)
+        m.randomized_response_estimate(
+            m.randomized_response(bits, epsilon=epsilon, rng=rng), epsilon=epsilon
+        )
         for _ in range(repeats)
     ]
     p = math.exp(epsilon) / (1 + math.exp(epsilon))
@@ -349,7 +370,9 @@ def test_exponential_mechanism_probability_ratio_is_bounded(scores, shifts, epsi
     u = np.array(scores)
     u_neighbour = u + np.array(shifts[: u.size])
     p = m.exponential_mechanism_probabilities(u, sensitivity=1.0, epsilon=epsilon)
-    p_neighbour = m.exponential_mechanism_probabilities(u_neighbour, sensitivity=1.0, epsilon=epsilon)
+    p_neighbour = m.exponential_mechanism_probabilities(
+        u_neighbour, sensitivity=1.0, epsilon=epsilon
+    )
     assert p.sum() == pytest.approx(1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_ratio = np.abs(np.log(p) - np.log(p_neighbour))
@@ -363,7 +386,9 @@ def test_exponential_mechanism_samples_follow_the_probabilities():
     p = m.exponential_mechanism_probabilities(scores, sensitivity=1.0, epsilon=1.0)
     rng = np.random.default_rng(9)
     n = 20_000
-    picks = np.array([m.exponential_mechanism(scores, sensitivity=1.0, epsilon=1.0, rng=rng) for _ in range(n)])
+    picks = np.array(
+        [m.exponential_mechanism(scores, sensitivity=1.0, epsilon=1.0, rng=rng) for _ in range(n)]
+    )
     freq = np.bincount(picks, minlength=4) / n
     assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n))
 
@@ -383,7 +408,9 @@ def test_private_sum_clips_then_adds_noise_of_the_clipped_sensitivity():
     values = np.array([1.0, 2.0, 1000.0])  # 1000 is clipped to 10: clipped sum 13
     rng = np.random.default_rng(8)
     n = 20_000
-    answers = np.array([m.private_sum(values, lower=0, upper=10, epsilon=2.0, rng=rng) for _ in range(n)])
+    answers = np.array(
+        [m.private_sum(values, lower=0, upper=10, epsilon=2.0, rng=rng) for _ in range(n)]
+    )
     b = 10 / 2.0
     assert abs(answers.mean() - 13) < 5 * math.sqrt(2 * b**2 / n)
     assert abs(answers.var() / (2 * b**2) - 1) < 5 * math.sqrt(5 / n)

@@ -117,9 +117,17 @@ def private(one_thread):
     )
     model = models.mlp(seed=0)
     history = dpsgd.train_dpsgd(
-        model, *members, noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=sample_rate,
-        epochs=epochs, lr=1.0, delta=DELTA, seed=0, progress=False,
-    )  # fmt: skip
+        model,
+        *members,
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+        sample_rate=sample_rate,
+        epochs=epochs,
+        lr=1.0,
+        delta=DELTA,
+        seed=0,
+        progress=False,
+    )
     assert history[-1]["epsilon"] <= EPSILON
     return model, members, nonmembers, history[-1]["epsilon"]
 
@@ -389,20 +397,45 @@ TRAIN5, TEST5 = (DIGITS.x_train[:5], DIGITS.y_train[:5]), (DIGITS.x_test[:5], DI
 @pytest.mark.parametrize(
     ("members", "nonmembers", "loss", "error", "match"),
     [
-        ((TRAIN5[0], TRAIN5[1][:4]), TEST5, "cross_entropy",
-         ValueError, "members x and members y must have the same number"),
-        (TRAIN5, (TEST5[0][:0], TEST5[1][:0]), "cross_entropy",
-         ValueError, "nonmembers x must hold at least one example"),
+        (
+            (TRAIN5[0], TRAIN5[1][:4]),
+            TEST5,
+            "cross_entropy",
+            ValueError,
+            "members x and members y must have the same number",
+        ),
+        (
+            TRAIN5,
+            (TEST5[0][:0], TEST5[1][:0]),
+            "cross_entropy",
+            ValueError,
+            "nonmembers x must hold at least one example",
+        ),
         (TRAIN5[0], TEST5, "cross_entropy", TypeError, "members must be a pair"),
-        (([[0.0] * 64], TRAIN5[1][:1]), TEST5, "cross_entropy",
-         TypeError, "members x must be a torch.Tensor or a numpy array"),
-        ((TRAIN5[0], TRAIN5[1].astype(float)), TEST5, "cross_entropy",
-         TypeError, "members y must hold integer class labels"),
-        (TRAIN5, (TEST5[0], TEST5[1] + 10), "cross_entropy",
-         ValueError, "nonmembers y holds a label >= the model's 10 classes"),
+        (
+            ([[0.0] * 64], TRAIN5[1][:1]),
+            TEST5,
+            "cross_entropy",
+            TypeError,
+            "members x must be a torch.Tensor or a numpy array",
+        ),
+        (
+            (TRAIN5[0], TRAIN5[1].astype(float)),
+            TEST5,
+            "cross_entropy",
+            TypeError,
+            "members y must hold integer class labels",
+        ),
+        (
+            TRAIN5,
+            (TEST5[0], TEST5[1] + 10),
+            "cross_entropy",
+            ValueError,
+            "nonmembers y holds a label >= the model's 10 classes",
+        ),
         (TRAIN5, TEST5, "hinge", ValueError, "loss must be one of"),
     ],
-)  # fmt: skip
+)
 def test_attack_rejects_bad_input(members, nonmembers, loss, error, match):
     with pytest.raises(error, match=match):
         loss_threshold_attack(models.mlp(seed=0), members, nonmembers, loss=loss)

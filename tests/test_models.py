@@ -13,20 +13,40 @@ from companion.dpsgd import check_dp_compatible
 
 # name -> (factory, the same architecture written out by hand, input features, outputs)
 ARCHITECTURES = {
-    "logistic_regression": (models.logistic_regression, lambda: nn.Sequential(nn.Linear(64, 10)), 64, 10),
-    "mlp": (models.mlp, lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)), 64, 10),
+    "logistic_regression": (
+        models.logistic_regression,
+        lambda: nn.Sequential(nn.Linear(64, 10)),
+        64,
+        10,
+    ),
+    "mlp": (
+        models.mlp,
+        lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)),
+        64,
+        10,
+    ),
     "small_cnn": (
         models.small_cnn,
         lambda: nn.Sequential(
             nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(128, 10),
-        ),  # fmt: skip
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128, 10),
+        ),
         64,
         10,
     ),
-    "binary_mlp": (models.binary_mlp, lambda: nn.Sequential(nn.Linear(2, 10), nn.ReLU(), nn.Linear(10, 1)), 2, 1),
+    "binary_mlp": (
+        models.binary_mlp,
+        lambda: nn.Sequential(nn.Linear(2, 10), nn.ReLU(), nn.Linear(10, 1)),
+        2,
+        1,
+    ),
 }
 NAMES = sorted(ARCHITECTURES)
 
@@ -36,7 +56,7 @@ def _weights(model):
 
 
 def _same(a, b):
-    return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("name", NAMES)

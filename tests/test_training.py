@@ -47,7 +47,7 @@ def _hand_written_sgd(model, x, y, *, epochs, batch_size, lr, seed, max_grad_nor
             norm = math.sqrt(sum(float(g.square().sum()) for g in grads))
             factor = 1.0 if max_grad_norm is None else min(1.0, max_grad_norm / (norm + 1e-6))
             with torch.no_grad():
-                for p, g in zip(params, grads):
+                for p, g in zip(params, grads, strict=True):
                     p -= lr * factor * g
             norms.append(norm)
     return norms
@@ -64,8 +64,20 @@ def test_train_is_the_hand_written_sgd_loop(max_grad_norm):
     model = models.mlp(seed=2).double()
     reference = copy.deepcopy(model)
     x, y = _digits(100)
-    history = train(model, x, y, epochs=3, batch_size=32, lr=0.2, seed=4, max_grad_norm=max_grad_norm, record_grad_norms=True)
-    norms = _hand_written_sgd(reference, x, y, epochs=3, batch_size=32, lr=0.2, seed=4, max_grad_norm=max_grad_norm)
+    history = train(
+        model,
+        x,
+        y,
+        epochs=3,
+        batch_size=32,
+        lr=0.2,
+        seed=4,
+        max_grad_norm=max_grad_norm,
+        record_grad_norms=True,
+    )
+    norms = _hand_written_sgd(
+        reference, x, y, epochs=3, batch_size=32, lr=0.2, seed=4, max_grad_norm=max_grad_norm
+    )
     torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-10, atol=1e-12)
     recorded = [norm for record in history for norm in record["grad_norms"]]
     np.testing.assert_allclose(recorded, norms, rtol=1e-10)
@@ -84,9 +96,20 @@ def test_one_clipped_step_moves_the_weights_by_at_most_lr_c():
     gradient = torch.cat([g.reshape(-1) for g in grads])
     norm = float(gradient.norm())
     lr, max_grad_norm = 0.5, norm / 4
-    history = train(model, x, y, epochs=1, batch_size=64, lr=lr, max_grad_norm=max_grad_norm, record_grad_norms=True)
+    history = train(
+        model,
+        x,
+        y,
+        epochs=1,
+        batch_size=64,
+        lr=lr,
+        max_grad_norm=max_grad_norm,
+        record_grad_norms=True,
+    )
     step = _flat(model) - before
-    torch.testing.assert_close(step, -lr * max_grad_norm / (norm + 1e-6) * gradient, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        step, -lr * max_grad_norm / (norm + 1e-6) * gradient, rtol=1e-10, atol=1e-14
+    )
     assert float(step.norm()) <= lr * max_grad_norm
     assert float(step.norm()) == pytest.approx(lr * max_grad_norm, rel=1e-5)
     assert history[0]["grad_norms"] == [pytest.approx(norm, rel=1e-10)]
@@ -98,16 +121,24 @@ def test_clipped_training_moves_the_weights_by_at_most_steps_lr_c():
     model = models.small_cnn(seed=0)
     before = _flat(model)
     x, y = DIGITS.x_train[:300], DIGITS.y_train[:300]
-    history = train(model, x, y, epochs=2, batch_size=50, lr=0.3, max_grad_norm=0.05, record_grad_norms=True)
+    history = train(
+        model, x, y, epochs=2, batch_size=50, lr=0.3, max_grad_norm=0.05, record_grad_norms=True
+    )
     assert sum(len(record["grad_norms"]) for record in history) == 12
     assert float((_flat(model) - before).norm()) <= 12 * 0.3 * 0.05 * (1 + 1e-5)  # float32 rounding
 
 
 def test_record_grad_norms_records_one_norm_per_step():
     x, y = DIGITS.x_train[:100], DIGITS.y_train[:100]
-    history = train(models.logistic_regression(), x, y, epochs=2, batch_size=32, lr=0.1, record_grad_norms=True)
+    history = train(
+        models.logistic_regression(), x, y, epochs=2, batch_size=32, lr=0.1, record_grad_norms=True
+    )
     assert [len(record["grad_norms"]) for record in history] == [4, 4]  # ceil(100 / 32)
-    assert all(isinstance(n, float) and 0 < n < math.inf for record in history for n in record["grad_norms"])
+    assert all(
+        isinstance(n, float) and 0 < n < math.inf
+        for record in history
+        for n in record["grad_norms"]
+    )
     history = train(models.logistic_regression(), x, y, epochs=1, batch_size=32, lr=0.1)
     assert "grad_norms" not in history[0]
 
@@ -119,10 +150,23 @@ def test_train_reduces_the_loss_on_the_digits():
     start = evaluate(model, DIGITS.x_train, DIGITS.y_train)
     assert start["loss"] == pytest.approx(math.log(10), abs=0.2)
     history = train(
-        model, DIGITS.x_train, DIGITS.y_train, epochs=3, batch_size=32, lr=0.5, x_test=DIGITS.x_test, y_test=DIGITS.y_test
+        model,
+        DIGITS.x_train,
+        DIGITS.y_train,
+        epochs=3,
+        batch_size=32,
+        lr=0.5,
+        x_test=DIGITS.x_test,
+        y_test=DIGITS.y_test,
     )
     assert [record["epoch"] for record in history] == [1, 2, 3]
-    assert set(history[0]) == {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy"}
+    assert set(history[0]) == {
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+    }
     assert history[-1]["train_loss"] < 1.0
     assert history[-1]["test_accuracy"] > 0.7
     # the record is the model evaluated after the epoch
@@ -136,7 +180,9 @@ def test_train_learns_a_binary_task_with_bce():
     bring the loss well below that (to about 0.22) and the accuracy above 0.8 (about 0.9)."""
     model = models.binary_mlp(seed=0)
     assert evaluate(model, MOONS.x_train, MOONS.y_train, loss="bce")["loss"] > 0.6
-    history = train(model, MOONS.x_train, MOONS.y_train, epochs=20, batch_size=16, lr=0.5, loss="bce")
+    history = train(
+        model, MOONS.x_train, MOONS.y_train, epochs=20, batch_size=16, lr=0.5, loss="bce"
+    )
     assert history[-1]["train_loss"] < 0.4
     assert history[-1]["train_accuracy"] > 0.8
 
@@ -144,7 +190,15 @@ def test_train_learns_a_binary_task_with_bce():
 def test_train_is_reproducible_from_the_seed():
     def run(seed):
         model = models.mlp(seed=0)
-        train(model, DIGITS.x_train[:200], DIGITS.y_train[:200], epochs=1, batch_size=16, lr=0.1, seed=seed)
+        train(
+            model,
+            DIGITS.x_train[:200],
+            DIGITS.y_train[:200],
+            epochs=1,
+            batch_size=16,
+            lr=0.1,
+            seed=seed,
+        )
         return _flat(model)
 
     assert torch.equal(run(1), run(1))
@@ -152,9 +206,24 @@ def test_train_is_reproducible_from_the_seed():
 
 
 def test_train_writes_nothing_unless_asked(capfd):
-    train(models.logistic_regression(), DIGITS.x_train[:50], DIGITS.y_train[:50], epochs=1, batch_size=10, lr=0.1)
+    train(
+        models.logistic_regression(),
+        DIGITS.x_train[:50],
+        DIGITS.y_train[:50],
+        epochs=1,
+        batch_size=10,
+        lr=0.1,
+    )
     assert capfd.readouterr().err == ""
-    train(models.logistic_regression(), DIGITS.x_train[:50], DIGITS.y_train[:50], epochs=1, batch_size=10, lr=0.1, progress=True)
+    train(
+        models.logistic_regression(),
+        DIGITS.x_train[:50],
+        DIGITS.y_train[:50],
+        epochs=1,
+        batch_size=10,
+        lr=0.1,
+        progress=True,
+    )
     assert "SGD" in capfd.readouterr().err
 
 
@@ -165,7 +234,14 @@ def test_frozen_parameters_stay_put():
     train(model, DIGITS.x_train[:64], DIGITS.y_train[:64], epochs=1, batch_size=16, lr=0.5)
     assert torch.equal(model[0].weight, frozen)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        train(models.mlp().requires_grad_(False), DIGITS.x_train[:8], DIGITS.y_train[:8], epochs=1, batch_size=4, lr=0.1)
+        train(
+            models.mlp().requires_grad_(False),
+            DIGITS.x_train[:8],
+            DIGITS.y_train[:8],
+            epochs=1,
+            batch_size=4,
+            lr=0.1,
+        )
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -181,7 +257,9 @@ def test_evaluate_matches_a_manual_computation(name):
     scores = evaluate(model, DIGITS.x_test, DIGITS.y_test)
     assert set(scores) == {"accuracy", "loss"}
     assert 0 <= scores["accuracy"] <= 1
-    assert scores["accuracy"] == pytest.approx(float((outputs.argmax(dim=1) == y).double().mean()), abs=1e-12)
+    assert scores["accuracy"] == pytest.approx(
+        float((outputs.argmax(dim=1) == y).double().mean()), abs=1e-12
+    )
     assert scores["loss"] == pytest.approx(float(F.cross_entropy(outputs, y)), rel=1e-6)
 
 
@@ -191,8 +269,12 @@ def test_evaluate_bce_predicts_positive_logits():
     with torch.no_grad():
         logits = model(x)[:, 0]
     scores = evaluate(model, MOONS.x_test, MOONS.y_test, loss="bce")
-    assert scores["accuracy"] == pytest.approx(float(((logits > 0) == (y == 1)).double().mean()), abs=1e-12)
-    assert scores["loss"] == pytest.approx(float(F.binary_cross_entropy_with_logits(logits, y.float())), rel=1e-6)
+    assert scores["accuracy"] == pytest.approx(
+        float(((logits > 0) == (y == 1)).double().mean()), abs=1e-12
+    )
+    assert scores["loss"] == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(logits, y.float())), rel=1e-6
+    )
     # float 0/1 labels are accepted too
     assert evaluate(model, MOONS.x_test, MOONS.y_test.astype(np.float32), loss="bce") == scores
 
@@ -207,7 +289,9 @@ def test_evaluate_uses_eval_mode_and_restores_the_mode(training):
     model.train(training)
     model.eval()
     with torch.no_grad():
-        expected = float(F.cross_entropy(model(torch.tensor(DIGITS.x_test)), torch.tensor(DIGITS.y_test)))
+        expected = float(
+            F.cross_entropy(model(torch.tensor(DIGITS.x_test)), torch.tensor(DIGITS.y_test))
+        )
     model.train(training)
     scores = evaluate(model, DIGITS.x_test, DIGITS.y_test)
     assert model.training is training
@@ -261,7 +345,11 @@ BAD_DATA = [
     ({"y": Y[:, None]}, ValueError, r"y must have shape \(N,\)"),
     ({"x": X[:-1]}, ValueError, "x and y must have the same number of examples"),
     ({"x": X[:0], "y": Y[:0]}, ValueError, "x must hold at least one example"),
-    ({"y": Y.astype(np.float32)}, TypeError, "y must hold integer class labels for loss='cross_entropy'"),
+    (
+        {"y": Y.astype(np.float32)},
+        TypeError,
+        "y must hold integer class labels for loss='cross_entropy'",
+    ),
     ({"y": torch.tensor(Y) > 4}, TypeError, "y must hold integer class labels"),
     ({"y": -Y - 1}, ValueError, "y must hold class labels >= 0"),
     ({"x": torch.tensor(X).long()}, TypeError, "x must hold floating-point inputs"),
@@ -288,7 +376,11 @@ def test_evaluate_bad_input(kwargs, error, message):
         ({"y_test": Y}, ValueError, "x_test and y_test must be given together"),
         ({"x_test": NAN_X, "y_test": Y}, ValueError, "x_test must not contain NaN"),
         ({"x_test": X, "y_test": Y[:3]}, ValueError, "x_test and y_test must have the same number"),
-        ({"x_test": X, "y_test": Y.astype(float)}, TypeError, "y_test must hold integer class labels"),
+        (
+            {"x_test": X, "y_test": Y.astype(float)},
+            TypeError,
+            "y_test must hold integer class labels",
+        ),
         ({"x_test": X.tolist(), "y_test": Y}, TypeError, "x_test must be a torch.Tensor"),
         ({"epochs": 0}, ValueError, "epochs must be >= 1"),
         ({"epochs": 2.0}, TypeError, "epochs must be an integer"),
@@ -302,7 +394,14 @@ def test_evaluate_bad_input(kwargs, error, message):
     ],
 )
 def test_train_bad_input(kwargs, error, message):
-    arguments = {"model": models.logistic_regression(), "x": X, "y": Y, "epochs": 1, "batch_size": 8, "lr": 0.1} | kwargs
+    arguments = {
+        "model": models.logistic_regression(),
+        "x": X,
+        "y": Y,
+        "epochs": 1,
+        "batch_size": 8,
+        "lr": 0.1,
+    } | kwargs
     model = arguments.pop("model")
     before = _flat(model) if isinstance(model, nn.Module) else None
     with pytest.raises(error, match=message):

@@ -7,7 +7,8 @@ gradients clipped to L2 norm :math:`C`, and adds :math:`\mathcal{N}(0, \sigma^2 
 removing one example, the worst case reduces to one dimension (Mironov, Talwar and Zhang 2019,
 "Renyi Differential Privacy of the Sampled Gaussian Mechanism", arXiv:1908.10530, Section 3):
 the output is distributed as :math:`\mu_0 = \mathcal{N}(0, \sigma^2)` without the example and as
-the mixture :math:`\mu = (1-q)\,\mu_0 + q\,\mu_1`, :math:`\mu_1 = \mathcal{N}(1, \sigma^2)`, with it.
+the mixture :math:`\mu = (1-q)\,\mu_0 + q\,\mu_1`, :math:`\mu_1 = \mathcal{N}(1, \sigma^2)`, with
+it.
 
 **Renyi differential privacy.** The Renyi divergence of order :math:`\alpha > 1` is
 
@@ -16,11 +17,11 @@ the mixture :math:`\mu = (1-q)\,\mu_0 + q\,\mu_1`, :math:`\mu_1 = \mathcal{N}(1,
     D_\alpha(P \,\|\, Q) = \frac{1}{\alpha - 1}
     \log \mathbb{E}_{z \sim Q}\left[\left(\frac{P(z)}{Q(z)}\right)^{\alpha}\right],
 
-and a mechanism is :math:`(\alpha, \rho)`-RDP if :math:`D_\alpha(M(D) \,\|\, M(D')) \le \rho` for all
-neighbours (Mironov 2017, "Renyi Differential Privacy", CSF). RDP composes by addition: ``steps``
-runs of an :math:`(\alpha, \rho)`-RDP mechanism are :math:`(\alpha, \text{steps}\cdot\rho)`-RDP
-(Mironov 2017, Proposition 1), which is why an accountant only needs to add up vectors
-:math:`\rho(\alpha)` over a grid of orders.
+and a mechanism is :math:`(\alpha, \rho)`-RDP if :math:`D_\alpha(M(D) \,\|\, M(D')) \le \rho` for
+all neighbours (Mironov 2017, "Renyi Differential Privacy", CSF). RDP composes by addition:
+``steps`` runs of an :math:`(\alpha, \rho)`-RDP mechanism are
+:math:`(\alpha, \text{steps}\cdot\rho)`-RDP (Mironov 2017, Proposition 1), which is why an
+accountant only needs to add up vectors :math:`\rho(\alpha)` over a grid of orders.
 
 **The RDP of one step.** Without subsampling (:math:`q = 1`) it is the Gaussian mechanism's
 :math:`\rho(\alpha) = \alpha / (2\sigma^2)` (Mironov 2017, Proposition 7). With subsampling,
@@ -42,8 +43,8 @@ The terms :math:`k = 0, 1` have exponent 0 and the binomial weights sum to 1, so
 :math:`S = \sum_{k=2}^{\alpha} \binom{\alpha}{k} (1-q)^{\alpha-k} q^k\,
 \mathrm{expm1}\left(\frac{k^2-k}{2\sigma^2}\right) \ge 0`. This module sums :math:`S` (positive
 terms only, in log space) and returns :math:`\mathrm{log1p}(S)/(\alpha-1)`, which keeps full
-relative precision even when the RDP is :math:`10^{-15}` (tiny :math:`q`, large :math:`\sigma`), where
-summing :math:`A_\alpha \approx 1` directly, as Opacus does, keeps only its absolute precision
+relative precision even when the RDP is :math:`10^{-15}` (tiny :math:`q`, large :math:`\sigma`),
+where summing :math:`A_\alpha \approx 1` directly, as Opacus does, keeps only its absolute precision
 (about :math:`10^{-16}`).
 
 *Fractional* :math:`\alpha`: the binomial series of a non-integer power converges only where its
@@ -74,7 +75,8 @@ in log space, so nothing overflows for small :math:`\sigma` or large :math:`\alp
 
 .. math::
 
-    \varepsilon = \rho + \log\frac{\alpha - 1}{\alpha} - \frac{\log \delta + \log \alpha}{\alpha - 1}
+    \varepsilon = \rho + \log\frac{\alpha - 1}{\alpha}
+    - \frac{\log \delta + \log \alpha}{\alpha - 1}
 
 (Balle, Barthe, Gaboardi, Hsu and Sato 2020, "Hypothesis Testing Interpretations and Renyi
 Differential Privacy", AISTATS, Theorem 21 of arXiv:1905.09982), and the best bound is the
@@ -126,7 +128,9 @@ __all__ = [
 
 #: The default RDP orders, the same as Opacus 1.6's ``RDPAccountant.DEFAULT_ALPHAS``:
 #: 1.1, 1.2, ..., 10.9, then the integers 12, ..., 63.
-DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+DEFAULT_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+)
 
 # The fractional-order series stop at the first term, past the alternating point, whose log is
 # below this: e**-37 < 2**-53, the float64 resolution of A_alpha >= 1.
@@ -166,7 +170,9 @@ def _log_a_integer(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     in_sum = k <= alpha
     kk = np.where(in_sum, k, 0.0)  # keeps gammaln's arguments positive in the masked entries
     log_terms = (
-        special.gammaln(alpha + 1) - special.gammaln(kk + 1) - special.gammaln(alpha - kk + 1)
+        special.gammaln(alpha + 1)
+        - special.gammaln(kk + 1)
+        - special.gammaln(alpha - kk + 1)
         + kk * math.log(q)
         + (alpha - kk) * math.log1p(-q)
         + _log_expm1(kk * (kk - 1) / (2 * sigma**2) + (~in_sum))  # + 1 avoids log(0) when masked
@@ -207,14 +213,22 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
         if overflow.any():
             alpha_b, k_b = np.broadcast_arrays(alpha, k)
             a, kk = alpha_b[overflow], k_b[overflow]
-            log_coef[overflow] = special.gammaln(a + 1) - special.gammaln(kk + 1) - special.gammaln(a - kk + 1)
+            log_coef[overflow] = (
+                special.gammaln(a + 1) - special.gammaln(kk + 1) - special.gammaln(a - kk + 1)
+            )
         j = alpha - k
         log_s0 = (  # the last factor is log(erfc((k - z0) / (sqrt(2) sigma)) / 2)
-            log_coef + k * log_q + j * log_1mq + (k * k - k) / (2 * variance)
+            log_coef
+            + k * log_q
+            + j * log_1mq
+            + (k * k - k) / (2 * variance)
             + special.log_ndtr((z0 - k) / sigma)
         )
         log_s1 = (  # the last factor is log(erfc((z0 - j) / (sqrt(2) sigma)) / 2)
-            log_coef + j * log_q + k * log_1mq + (j * j - j) / (2 * variance)
+            log_coef
+            + j * log_q
+            + k * log_1mq
+            + (j * j - j) / (2 * variance)
             + special.log_ndtr((j - z0) / sigma)
         )
         below = (k >= alternating_from[active][:, None]) & (np.maximum(log_s0, log_s1) < _LOG_TAIL)
@@ -224,7 +238,9 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
         kept = np.arange(size)[None, :] <= last[:, None]
         for sign_ok, accumulator in ((coef > 0, log_pos), (coef < 0, log_neg)):
             use = kept & sign_ok
-            both = np.concatenate([np.where(use, log_s0, -np.inf), np.where(use, log_s1, -np.inf)], axis=1)
+            both = np.concatenate(
+                [np.where(use, log_s0, -np.inf), np.where(use, log_s1, -np.inf)], axis=1
+            )
             accumulator[active] = np.logaddexp(accumulator[active], _logsumexp(both))
         active = active[~finished]
         start, size = start + size, 2 * size
@@ -434,7 +450,7 @@ class RDPAccountant:
 
     @property
     def history(self) -> tuple[tuple[float, float, int], ...]:
-        """The compressed history, as ``(noise_multiplier, sample_rate, count)`` entries in order."""
+        """The compressed history: ``(noise_multiplier, sample_rate, count)`` entries, in order."""
         return tuple(self._history)
 
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:

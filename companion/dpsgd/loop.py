@@ -289,9 +289,12 @@ def train_dpsgd(
     if target_epsilon is not None:
         target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
         noise_multiplier = _calibrate(
-            accountant, target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+            accountant,
+            target_epsilon=target_epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
             steps=epochs * steps_per_epoch,
-        )  # fmt: skip
+        )
     noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
     params = trainable_named(model)
 
@@ -306,9 +309,14 @@ def train_dpsgd(
                 poisson_sample(data.n, sample_rate=sample_rate, generator=generator)
             )
             sums, norms = noisy_clipped_gradient(
-                clipper, xb, yb, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                expected_batch_size=expected_batch_size, generator=generator,
-            )  # fmt: skip
+                clipper,
+                xb,
+                yb,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                expected_batch_size=expected_batch_size,
+                generator=generator,
+            )
             if optimizer is None:
                 with torch.no_grad():
                     for name, p in params:

@@ -175,9 +175,14 @@ def set_private_gradients(
     expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
     generator = _check_generator(generator)
     sums, norms = noisy_clipped_gradient(
-        clipper, x_batch, y_batch, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size, generator=generator,
-    )  # fmt: skip
+        clipper,
+        x_batch,
+        y_batch,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        generator=generator,
+    )
     for name, p in trainable_named(model):
         p.grad = sums[name]
     return norms
@@ -292,9 +297,14 @@ def dp_sgd_step(
     lr = check_positive("lr", lr)
     generator = _check_generator(generator)
     sums, norms = noisy_clipped_gradient(
-        clipper, x_batch, y_batch, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size, generator=generator,
-    )  # fmt: skip
+        clipper,
+        x_batch,
+        y_batch,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        generator=generator,
+    )
     with torch.no_grad():
         for name, p in trainable_named(model):
             p.add_(sums[name], alpha=-lr)
