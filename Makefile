@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 
 # torch is installed first and pinned: on a machine with the CPU wheel at hand pip takes it,
 # while an unpinned torch would pull a CUDA build of several GB.
+# The first line stops at once, with a clear message, on a Python older than 3.11.
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: the book needs Python 3.11 or newer, but $(PYTHON) is Python %d.%d. Install 3.11+ and name it, e.g. make PYTHON=python3.11 book" % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[book,test,lab]"
@@ -30,6 +32,24 @@ unit: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab book/
+
+# The chapters for students, solution cells removed and outputs cleared, in _build/student/
+# (the rule for solution cells: scripts/student_notebooks.py). Needs only Python, not .venv.
+.PHONY: student-notebooks
+student-notebooks:
+	$(PYTHON) scripts/student_notebooks.py --book book --out _build/student
+
+# Flower (optional extra, not in constraints.txt: flwr 1.42 needs an older `packaging`): a
+# SuperLink and three SuperNodes on 127.0.0.1 run 3 rounds of DP-FedAvg on the digits, checked
+# against the in-process run; prints accuracy and epsilon per round, exits non-zero on failure.
+FLOWER_STAMP := $(VENV)/.flower-installed
+$(FLOWER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[flower]"
+	touch $(FLOWER_STAMP)
+
+.PHONY: flower
+flower: $(FLOWER_STAMP)
+	$(BIN)/python -m companion.flower
 
 clean:
 	rm -rf _build $(VENV)

@@ -1,19 +1,35 @@
 """Time one training step: non-private SGD, companion's DP-SGD and Opacus 1.6, side by side.
 
-For each model of :mod:`companion.models` (logistic regression 64-10, MLP 64-128-10, the small
-CNN), one step on a batch of 256 digits (64 features) is timed with 2 CPU threads for:
+For each model of ``benchmarks/models.py`` (logistic regression 784-10, MLP 784-512-512-10,
+Opacus's MNIST CNN as an ``nn.Sequential`` and as a custom ``nn.Module``, a CIFAR-sized CNN with
+GroupNorm, an Embedding + LayerNorm text classifier), one step on a batch of 256 is timed for:
 
 - ``non-private``: ``zero_grad``, mean cross-entropy, ``backward``, ``torch.optim.SGD.step``;
-- ``companion auto``: :func:`companion.dpsgd.dp_sgd_step` as :func:`train_dpsgd` calls it
-  (``method="auto"``, which takes the layerwise ghost-norm path for these models);
-- ``companion vmap``: the same step with ``method="vmap"`` (torch.func per-example gradients);
-- ``opacus hooks``: Opacus's ``GradSampleModule`` in its default ``"hooks"`` mode with a
-  ``DPOptimizer`` (per-example clipping and noise), as ``PrivacyEngine.make_private`` builds them.
+- ``companion auto``: what :func:`companion.dpsgd.train_dpsgd` does per step with an optimizer:
+  :func:`companion.dpsgd.noisy_clipped_gradient` with a
+  :class:`companion.per_example.PerExampleClipper` built once (``method="auto"``), the result
+  written into ``.grad``, ``SGD.step``;
+- ``companion vmap``: the same with ``method="vmap"`` (torch.func per-example gradients);
+- ``opacus hooks``: ``PrivacyEngine().make_private(...)`` in its default ``"hooks"`` mode
+  (``GradSampleModule`` + ``DPOptimizer``): ``zero_grad``, loss, ``backward``, ``step``;
+- ``opacus ghost``: ``make_private(..., grad_sample_mode="ghost")``, using the *criterion it
+  returns* (a ``DPLossFastGradientClipping``: its ``backward`` runs the two backward passes of
+  ghost clipping; with the plain criterion clipping would be silently skipped).
 
-Every DP step uses noise multiplier 1 and clipping norm 1 and normalises by the expected batch
-size 256. The methods are interleaved: each repetition times one step of each, in a rotating
-order, so drifts of the machine affect all alike. The table reports medians and the ratio to the
-non-private step. Run with ``.venv/bin/python benchmarks/dpsgd_step.py [--repeats N]``.
+Every DP step uses noise multiplier 1, clipping norm 1 and the expected batch size 256, with the
+noise drawn from a seeded ``torch.Generator`` (no secure RNG for either library). Before timing,
+a check runs each DP method once from the same weights with noise 0 and clipping norm 0.1 and
+compares the gradients they hand to the optimizer (they must agree; a negative control shows the
+unclipped gradient does not), so no method is timed while skipping its clipping.
+
+The methods are interleaved: each repetition times one step of each, in a rotating order, so
+drifts of the machine affect all alike. The table reports the minimum and the median over the
+repetitions and their ratios to the non-private step (min / min and median / median), the peak
+memory of each method measured in separate processes (``benchmarks/dpsgd_memory.py``), and
+whether the targets of issue 9 are met.
+
+Run with ``.venv/bin/python benchmarks/dpsgd_step.py`` (``--quick`` for a smoke run,
+``--device cuda`` on a GPU, ``--no-memory`` to skip the memory processes, ``--help`` for more).
 """
 
 from __future__ import annotations
@@ -23,115 +39,359 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from companion import data, dpsgd, models
+from companion import dpsgd, per_example
+
+try:  # run as a script from the repository root: benchmarks/ is sys.path[0]
+    from models import LINEAR, MODELS, build_model, make_batch
+except ImportError:  # imported as benchmarks.dpsgd_step
+    from benchmarks.models import LINEAR, MODELS, build_model, make_batch
 
 BATCH = 256
-THREADS = 2
+LR = 0.05
+NOISE = 1.0
+CLIP = 1.0
+METHODS = ("non-private", "companion auto", "companion vmap", "opacus hooks", "opacus ghost")
+OPACUS = ("opacus hooks", "opacus ghost")
+#: Repeated CPU runs of one process vary by about 1.5 MiB on the small models and 5% on the
+#: CIFAR model (allocator and library buffers), so a smaller excess is reported as noise.
+MEMORY_NOISE_MIB = 2.0
 
 
-def non_private(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    loss_fn = nn.CrossEntropyLoss()
+class Step(NamedTuple):
+    """One method's training step on a fixed batch, and the parameters it trains."""
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-
-    return step
+    run: Callable[[], None]
+    params: dict[str, nn.Parameter]  # name in the plain model -> parameter (holds .grad after)
 
 
-def companion_step(method: str) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], Callable[[], None]]:
-    def build(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-        generator = torch.Generator().manual_seed(0)
+def quiet() -> None:
+    """Silence the warnings every run would print (Opacus's hooks and RNG, companion's vmap)."""
+    warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
+    warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+    warnings.filterwarnings("ignore", message=".*computed with vmap.*")
+    warnings.filterwarnings("ignore", module="opacus")
 
-        def step() -> None:
-            dpsgd.dp_sgd_step(
-                model, x, y, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=BATCH,
-                lr=0.05, generator=generator, loss_fn="cross_entropy", method=method,
+
+def synchronizer(device: str) -> Callable[[], None]:
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def build_step(
+    method: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    noise_multiplier: float = NOISE,
+    max_grad_norm: float = CLIP,
+    seed: int = 0,
+) -> Step:
+    """The training step of ``method`` on ``model`` (which it may wrap or hook) and ``(x, y)``."""
+    params = dict(model.named_parameters())
+    device = x.device
+    if method == "non-private":
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        criterion = nn.CrossEntropyLoss()
+
+        def run() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            criterion(model(x), y).backward()
+            optimizer.step()
+
+        return Step(run, params)
+    if method.startswith("companion"):
+        clipper = per_example.PerExampleClipper(
+            model, loss="cross_entropy", method=method.split()[1]
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        trainable = [(n, p) for n, p in params.items() if p.requires_grad]
+
+        def run() -> None:  # the body of train_dpsgd's loop, with an optimizer
+            sums, _ = dpsgd.noisy_clipped_gradient(
+                clipper, x, y, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                expected_batch_size=float(BATCH), generator=generator,
             )  # fmt: skip
+            for name, p in trainable:
+                p.grad = sums[name]
+            optimizer.step()
 
-        return step
+        return Step(run, params)
+    if method in OPACUS:
+        from opacus import PrivacyEngine
 
-    return build
+        mode = method.split()[1]
+        loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=x.shape[0])
+        engine = PrivacyEngine()  # secure_mode=False: seeded torch noise, as companion's
+        made = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+            criterion=nn.CrossEntropyLoss(),
+            data_loader=loader,  # one batch of BATCH: sample rate 1, expected batch size BATCH
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            noise_generator=torch.Generator(device=device).manual_seed(seed),
+            grad_sample_mode=mode,
+        )
+        if mode == "ghost":
+            private, optimizer, criterion, _ = made  # criterion: DPLossFastGradientClipping
+        else:
+            private, optimizer, _ = made
+            criterion = nn.CrossEntropyLoss()
+        if optimizer.expected_batch_size != BATCH:
+            raise RuntimeError(f"Opacus normalises by {optimizer.expected_batch_size}, not {BATCH}")
+
+        def run() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            criterion(private(x), y).backward()
+            optimizer.step()
+
+        return Step(run, params)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def opacus_hooks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+# --- the check that every DP method clips -------------------------------------------------------
 
-    private = GradSampleModule(model)  # grad_sample_mode "hooks", Opacus's default
-    optimizer = DPOptimizer(
-        torch.optim.SGD(private.parameters(), lr=0.05),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        expected_batch_size=BATCH,
+
+def check_agreement(model_name: str, methods: list[str], device: str) -> str:
+    """Run each DP method once with noise 0 and C = 0.1 from the same weights; compare ``.grad``.
+
+    Returns a line for the report, which starts with ``CHECK FAILED`` if a method's gradient
+    differs from companion's auto (relative L2 difference above 1e-4; float32 round-off on sums
+    of 256 terms is about 1e-6) or if the unclipped mean gradient (the negative control) does not
+    differ from it. A failure is reported, not raised, so that a long (GPU) run still ends with
+    its table. TF32 is switched off during the check (on CUDA, cuDNN convolutions default to it
+    and would differ by about 1e-3 between methods).
+    """
+    x, y = make_batch(model_name, BATCH, device=device)
+    clip = 0.1
+    grads: dict[str, torch.Tensor] = {}
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for method in ["non-private", *[m for m in methods if m != "non-private"]]:
+            step = build_step(
+                method, build_model(model_name, device=device), x, y, noise_multiplier=0.0,
+                max_grad_norm=clip,
+            )  # fmt: skip
+            step.run()
+            flat = [p.grad.flatten() for p in step.params.values() if p.requires_grad]
+            grads[method] = torch.cat(flat).detach().double()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    reference = grads["companion auto"] if "companion auto" in grads else grads[methods[-1]]
+    scale = float(reference.norm())
+
+    def rel(method: str) -> float:
+        return float((grads[method] - reference).norm()) / scale
+
+    control = rel("non-private")
+    others = {m: rel(m) for m in grads if m != "non-private"}
+    worst = max(others.values())
+    if worst > 1e-4 or control < 1e-2:
+        differences = ", ".join(f"{m} {d:.1e}" for m, d in others.items())
+        return (
+            f"CHECK FAILED {model_name}: relative differences from companion auto: "
+            f"{differences}; unclipped control {control:.2g}. A method does not clip as claimed."
+        )
+    return (
+        f"{model_name}: DP methods agree to {worst:.1e} (relative); the unclipped control "
+        f"differs by {control:.2f}"
     )
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(private(x), y).backward()
-        optimizer.step()
-
-    return step
 
 
-METHODS = {
-    "non-private": non_private,
-    "companion auto": companion_step("auto"),
-    "companion vmap": companion_step("vmap"),
-    "opacus hooks": opacus_hooks,
-}
-MODELS = {
-    "logreg 64-10": models.logistic_regression,
-    "MLP 64-128-10": models.mlp,
-    "small CNN": models.small_cnn,
-}
+# --- timing -------------------------------------------------------------------------------------
 
 
-def measure(repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    digits = data.load_digits()
-    x = torch.from_numpy(digits.x_train[:BATCH])
-    y = torch.from_numpy(digits.y_train[:BATCH])
-    medians: dict[str, dict[str, float]] = {}
-    for model_name, build_model in MODELS.items():
-        steps = {name: build(build_model(seed=0), x, y) for name, build in METHODS.items()}
-        for step in steps.values():
-            for _ in range(warmup):
-                step()
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        names = list(steps)
-        for repeat in range(repeats):
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - start)
-        medians[model_name] = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    return medians
+def time_model(
+    model_name: str, methods: list[str], device: str, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Step times in seconds of each method on ``model_name``, interleaved in rotating order."""
+    x, y = make_batch(model_name, BATCH, device=device)
+    steps = {m: build_step(m, build_model(model_name, device=device), x, y).run for m in methods}
+    sync = synchronizer(device)
+    for run in steps.values():
+        for _ in range(warmup):
+            run()
+    sync()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for repeat in range(repeats):
+        shift = repeat % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            start = time.perf_counter()
+            steps[method]()
+            sync()
+            times[method].append(time.perf_counter() - start)
+    return times
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
+
+
+def report(
+    times: dict[str, dict[str, list[float]]],
+    memory: dict[str, dict[str, float]] | None,
+    memory_what: str,
+) -> str:
+    """The markdown tables: times, ratios and memory per model and method; the targets."""
+    lines = [
+        "| model | method | min ms | median ms | x non-private (min) | x non-private (median) "
+        f"| {memory_what} |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    verdicts = [
+        "| model | companion vs non-private (target) | fastest Opacus | companion faster? "
+        "| memory vs Opacus ghost | memory <= ghost? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model_name, row in times.items():
+        base_min = min(row["non-private"])
+        base_med = statistics.median(row["non-private"])
+        for method, t in row.items():
+            mem = memory.get(model_name, {}).get(method) if memory else None
+            mem_text = "" if mem is None else f"{mem:.1f}"
+            lines.append(
+                f"| {MODELS[model_name].label} | {method} | {fmt_ms(min(t))} "
+                f"| {fmt_ms(statistics.median(t))} | {min(t) / base_min:.2f} "
+                f"| {statistics.median(t) / base_med:.2f} | {mem_text} |"
+            )
+        if "companion auto" not in row:
+            continue
+        ours = row["companion auto"]
+        ratio_min = min(ours) / base_min
+        ratio_med = statistics.median(ours) / base_med
+        target = 1.3 if model_name in LINEAR else 1.5
+        met = yes_no(ratio_min <= target, ratio_med <= target)
+        speed = f"{ratio_min:.2f}x / {ratio_med:.2f}x (<= {target}x): {met}"
+        opacus = [m for m in OPACUS if m in row]
+        if opacus:
+            fastest = min(opacus, key=lambda m: min(row[m]))
+            fastest_med = min(statistics.median(row[m]) for m in opacus)
+            faster = yes_no(min(ours) < min(row[fastest]), statistics.median(ours) < fastest_med)
+            fastest_text = f"{fastest} {min(row[fastest]) / base_min:.2f}x"
+        else:
+            faster, fastest_text = "n/a", "not run"
+        mem_ours = memory.get(model_name, {}).get("companion auto") if memory else None
+        mem_ghost = memory.get(model_name, {}).get("opacus ghost") if memory else None
+        if mem_ours is None or mem_ghost is None:
+            mem_text, mem_met = "not measured", "n/a"
+        else:
+            mem_text = f"{mem_ours:.1f} vs {mem_ghost:.1f}"
+            mem_met = "yes" if mem_ours <= mem_ghost else "no"
+            if mem_ghost < mem_ours <= mem_ghost + max(MEMORY_NOISE_MIB, 0.05 * mem_ghost):
+                mem_met = f"within noise (+{mem_ours - mem_ghost:.1f})"
+        verdicts.append(
+            f"| {MODELS[model_name].label} | {speed} | {fastest_text} | {faster} | {mem_text} "
+            f"| {mem_met} |"
+        )
+    note = (
+        "Targets (issue 9): companion auto at most 1.3x a non-private step on the two linear "
+        "models and 1.5x on the others, faster than the fastest Opacus mode, peak memory no "
+        "higher than Opacus ghost's. 'yes' = met by the minimum and the median, 'min only' / "
+        "'median only' = met by one of them; memory 'within noise' = above ghost's by less "
+        f"than max({MEMORY_NOISE_MIB} MiB, 5%), the spread of repeated runs."
+    )
+    return "\n".join([*lines, "", note, "", *verdicts])
+
+
+def yes_no(by_min: bool, by_median: bool) -> str:
+    if by_min and by_median:
+        return "yes"
+    if by_min or by_median:
+        return "min only" if by_min else "median only"
+    return "no"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (40)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method (5)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
+    parser.add_argument("--no-check", action="store_true", help="skip the clipping check")
+    args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 40
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 5
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1 and --warmup >= 0")
+    args.models = args.models.split(",")
+    args.methods = args.methods.split(",")
+    for name in args.models:
+        if name not in MODELS:
+            parser.error(f"unknown model {name!r}; choose from {list(MODELS)}")
+    for name in args.methods:
+        if name not in METHODS:
+            parser.error(f"unknown method {name!r}; choose from {list(METHODS)}")
+    if "non-private" not in args.methods:
+        args.methods.insert(0, "non-private")
+    return args
+
+
+def header(args: argparse.Namespace) -> str:
+    import opacus
+
+    where = args.device
+    if args.device.startswith("cuda"):
+        where = f"{args.device} ({torch.cuda.get_device_name()})"
+    return (
+        f"One training step, batch {BATCH}, {args.threads} threads, {where}, torch "
+        f"{torch.__version__}, Opacus {opacus.__version__}; {args.repeats} interleaved "
+        f"repetitions after {args.warmup} warm-up steps per method."
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=30)
-    args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    warnings.filterwarnings("ignore", message="Full backward hook")  # Opacus on a first layer
-    warnings.filterwarnings("ignore", message="Secure RNG")
-    medians = measure(args.repeats, args.warmup)
-    print(f"One training step, batch {BATCH}, {THREADS} threads, torch {torch.__version__}; "
-          f"median of {args.repeats} interleaved repetitions")  # fmt: skip
-    print(f"{'model':<15}{'method':<17}{'median ms':>10}{'x non-private':>15}")
-    for model_name, row in medians.items():
-        base = row["non-private"]
-        for name, value in row.items():
-            print(f"{model_name:<15}{name:<17}{value:>10.3f}{value / base:>15.2f}")
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    quiet()
+    checks = []
+    dp = [m for m in args.methods if m != "non-private"]
+    if not args.no_check and dp:
+        for model_name in args.models:
+            checks.append(check_agreement(model_name, dp, args.device))
+            print(checks[-1], flush=True)
+    times = {}
+    for model_name in args.models:
+        times[model_name] = time_model(
+            model_name, args.methods, args.device, args.repeats, args.warmup
+        )
+        print(f"timed {model_name}", flush=True)
+    memory, memory_what = None, "peak MiB"
+    if not args.no_memory:
+        try:
+            from dpsgd_memory import measure_all
+        except ImportError:
+            from benchmarks.dpsgd_memory import measure_all
+        memory, memory_what = measure_all(
+            args.models, args.methods, device=args.device, threads=args.threads,
+            steps=2 if args.quick else 3,
+        )  # fmt: skip
+    print()
+    print(header(args))
+    print()
+    print(report(times, memory, memory_what))
+    if checks:
+        print("\nClipping check (noise 0, C = 0.1, same weights; the gradients stepped with):")
+        print("\n".join(f"- {line}" for line in checks))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""Peak memory of one training step per model and method, each in its own process.
+
+For every model of ``benchmarks/models.py`` and every method of ``benchmarks/dpsgd_step.py``
+(non-private SGD, companion auto and vmap, Opacus hooks and ghost), a fresh Python process
+imports everything, builds the model, the batch of 256 and the method's step, and then runs a
+few steps. What it reports:
+
+- on CPU, the *peak resident set size added by the steps*, in MiB: the process's peak RSS
+  counter (``VmHWM``) is reset just before the steps (``echo 5 > /proc/self/clear_refs``, Linux),
+  and the result is ``VmHWM`` after the steps minus ``VmRSS`` before them. It counts what torch
+  allocates (activations, per-example gradients, Gram matrices, optimizer state, ``.grad``) and
+  excludes the interpreter, the libraries, the model and the data. No tracemalloc (torch's
+  allocations are not Python objects). Where the reset is not available the absolute peak
+  (``ru_maxrss``) is reported instead, and the header says so;
+- on CUDA, ``torch.cuda.max_memory_allocated()`` during the steps minus
+  ``torch.cuda.memory_allocated()`` before them (after ``reset_peak_memory_stats``).
+
+Run ``.venv/bin/python benchmarks/dpsgd_memory.py [--quick] [--device cuda]``; the timing
+script ``dpsgd_step.py`` runs the same measurement and prints it next to the time ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MIB = 1024 * 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child(model_name: str, method: str, device: str, threads: int, steps: int) -> dict:
+    """Measure in this process (a fresh one): build, reset the peak counter, run ``steps``."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from dpsgd_step import BATCH, build_step, quiet
+    from models import build_model, make_batch
+
+    torch.set_num_threads(threads)
+    quiet()
+    x, y = make_batch(model_name, BATCH, device=device)
+    step = build_step(method, build_model(model_name, device=device), x, y)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step.run()
+        torch.cuda.synchronize()
+        return {"mib": (torch.cuda.max_memory_allocated() - before) / MIB, "what": "cuda"}
+    if _reset_peak_rss():
+        before = _status_kib("VmRSS")
+        for _ in range(steps):
+            step.run()
+        return {"mib": (_status_kib("VmHWM") - before) / 1024, "what": "rss-delta"}
+    for _ in range(steps):
+        step.run()
+    return {"mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "what": "ru_maxrss"}
+
+
+WHAT = {
+    "rss-delta": "peak RSS added by the steps, MiB",
+    "ru_maxrss": "peak RSS of the process (ru_maxrss), MiB",
+    "cuda": "peak CUDA memory added by the steps, MiB",
+}
+
+
+def measure_all(
+    models: list[str], methods: list[str], *, device: str, threads: int, steps: int
+) -> tuple[dict[str, dict[str, float]], str]:
+    """One process per model and method; returns ``{model: {method: MiB}}`` and what it is."""
+    results: dict[str, dict[str, float]] = {}
+    kinds = set()
+    for model_name in models:
+        for method in methods:
+            command = [
+                sys.executable, str(Path(__file__).resolve()), "--child", model_name, method,
+                "--device", device, "--threads", str(threads), "--steps", str(steps),
+            ]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(f"memory {model_name} / {method} failed:\n{done.stderr[-2000:]}")
+                continue
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            results.setdefault(model_name, {})[method] = result["mib"]
+            kinds.add(result["what"])
+        print(f"memory {model_name} done", flush=True)
+    what = " / ".join(WHAT[k] for k in sorted(kinds)) or "peak MiB"
+    return results, what
+
+
+def main() -> None:
+    sys.path.insert(0, str(HERE))
+    from dpsgd_step import METHODS
+    from models import MODELS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="2 steps per process (default 3)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args()
+    steps = args.steps or (2 if args.quick else 3)
+    if args.child:
+        print(json.dumps(child(*args.child, args.device, args.threads, steps)))
+        return
+    models, methods = args.models.split(","), args.methods.split(",")
+    results, what = measure_all(
+        models, methods, device=args.device, threads=args.threads, steps=steps
+    )
+    print(f"\n{what}; {steps} steps of batch 256 per process, {args.threads} threads, ", end="")
+    print(f"{args.device}\n")
+    print("| model | " + " | ".join(methods) + " |")
+    print("|---|" + "--:|" * len(methods))
+    for model_name, row in results.items():
+        cells = " | ".join(f"{row[m]:.1f}" if m in row else "failed" for m in methods)
+        print(f"| {MODELS[model_name].label} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The coursework-sized models and batches of the DP-SGD benchmarks (issue 9), shared by scripts.
+
+Six models a student might bring, each with a batch of random inputs and labels of the right
+shapes (the timings do not depend on the values; the clipping factors do a little, and random
+inputs give gradient norms above the clipping norm 1 for most examples, as in early training):
+
+- ``logreg``: logistic regression 784-10 (an ``nn.Sequential`` of one ``Linear``);
+- ``mlp``: MLP 784-512-512-10 with ReLU;
+- ``cnn-seq``: Opacus's MNIST CNN (its tutorial's ``SampleConvNet``) as an ``nn.Sequential``,
+  28x28 inputs;
+- ``cnn-module``: the same CNN as a custom ``nn.Module`` subclass (``F.relu``,
+  ``F.max_pool2d`` in ``forward``);
+- ``cifar-gn``: a CIFAR-sized CNN with GroupNorm, 3x32x32 inputs;
+- ``text-emb``: a bag-of-embeddings text classifier, ``Embedding(10000, 64)`` on 64 token ids,
+  mean over tokens, ``LayerNorm(64)``, ``Linear(64, 2)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB = 10_000
+TOKENS = 64
+
+
+class MnistCNN(nn.Module):
+    """Opacus's MNIST CNN written as a student would: layers as attributes, a ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 8, stride=2, padding=3)
+        self.conv2 = nn.Conv2d(16, 32, 4, stride=2)
+        self.fc1 = nn.Linear(32 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 1)  # (B, 16, 13, 13)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 1)  # (B, 32, 4, 4)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class BagOfEmbeddings(nn.Module):
+    """Token ids (B, T) -> embeddings -> mean over the tokens -> LayerNorm -> Linear."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 64, classes: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embedding(tokens).mean(dim=1)))
+
+
+def _logreg() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 10))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+def _cnn_seq() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 8, stride=2, padding=3),
+        nn.ReLU(),
+        nn.MaxPool2d(2, 1),
+        nn.Conv2d(16, 32, 4, stride=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2, 1),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+def _cifar_gn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.GroupNorm(8, 32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 16x16
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.GroupNorm(8, 64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 8x8
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.GroupNorm(8, 64),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+class Spec(NamedTuple):
+    """A benchmark model: its label in tables, a builder, the input shape and the classes."""
+
+    label: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    classes: int
+    tokens: bool = False  # inputs are token ids in [0, VOCAB) rather than floats
+
+
+MODELS: dict[str, Spec] = {
+    "logreg": Spec("logistic regression 784-10", _logreg, (784,), 10),
+    "mlp": Spec("MLP 784-512-512-10", _mlp, (784,), 10),
+    "cnn-seq": Spec("MNIST CNN, Sequential", _cnn_seq, (1, 28, 28), 10),
+    "cnn-module": Spec("MNIST CNN, custom Module", MnistCNN, (1, 28, 28), 10),
+    "cifar-gn": Spec("CIFAR CNN + GroupNorm", _cifar_gn, (3, 32, 32), 10),
+    "text-emb": Spec("Embedding + LayerNorm text", BagOfEmbeddings, (TOKENS,), 2, tokens=True),
+}
+#: The two linear models, whose target is 1.3x a non-private step (1.5x for the others).
+LINEAR = ("logreg", "mlp")
+
+
+def build_model(name: str, *, device: str = "cpu", seed: int = 0) -> nn.Module:
+    """A fresh model ``name`` with the initial weights of ``seed``, on ``device``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MODELS[name].build()
+    return model.to(device)
+
+
+def make_batch(
+    name: str, batch_size: int, *, device: str = "cpu", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch ``(x, y)`` of random inputs and labels for model ``name``, on ``device``."""
+    spec = MODELS[name]
+    generator = torch.Generator().manual_seed(seed)
+    if spec.tokens:
+        x = torch.randint(VOCAB, (batch_size, *spec.input_shape), generator=generator)
+    else:
+        x = torch.randn(batch_size, *spec.input_shape, generator=generator)
+    y = torch.randint(spec.classes, (batch_size,), generator=generator)
+    return x.to(device), y.to(device)
