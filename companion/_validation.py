@@ -2,7 +2,21 @@
 
 Every check raises :class:`ValueError` (a value out of range) or :class:`TypeError` (a value of the
 wrong kind) with a sentence that names the parameter, says what was wrong and what is allowed.
-Nothing is clipped or coerced silently.
+Nothing is clipped or coerced silently. A public function lists the errors of the checks it
+calls in its own ``Raises:`` section; the messages are a contract (the notebooks show them), so
+change none without updating the book.
+
+Example:
+    >>> check_positive("epsilon", 0.5)
+    0.5
+    >>> check_positive("epsilon", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: epsilon must be > 0, got 0.0.
+    >>> check_positive("epsilon", "1")
+    Traceback (most recent call last):
+    ...
+    TypeError: epsilon must be a real number, got str.
 """
 
 from __future__ import annotations
@@ -15,7 +29,12 @@ import numpy as np
 
 
 def check_real(name: str, value: object) -> float:
-    """Return ``value`` as a float if it is a finite real number (not a bool), else raise."""
+    """Return ``value`` as a float if it is a finite real number (not a bool), else raise.
+
+    Raises:
+        TypeError: if ``value`` is not a real number, or is a bool.
+        ValueError: if ``value`` is NaN or infinite.
+    """
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
     value = float(value)
@@ -27,7 +46,12 @@ def check_real(name: str, value: object) -> float:
 
 
 def check_positive(name: str, value: object) -> float:
-    """A finite real number > 0."""
+    """A finite real number > 0.
+
+    Raises:
+        TypeError: as :func:`check_real`.
+        ValueError: if ``value`` is NaN, infinite or <= 0.
+    """
     value = check_real(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}.")
@@ -35,7 +59,12 @@ def check_positive(name: str, value: object) -> float:
 
 
 def check_nonnegative(name: str, value: object) -> float:
-    """A finite real number >= 0."""
+    """A finite real number >= 0.
+
+    Raises:
+        TypeError: as :func:`check_real`.
+        ValueError: if ``value`` is NaN, infinite or < 0.
+    """
     value = check_real(name, value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}.")
@@ -43,7 +72,12 @@ def check_nonnegative(name: str, value: object) -> float:
 
 
 def check_fraction(name: str, value: object) -> float:
-    """A finite real number in (0, 1], such as a sampling rate or a share of clients."""
+    """A finite real number in (0, 1], such as a sampling rate or a share of clients.
+
+    Raises:
+        TypeError: as :func:`check_real`.
+        ValueError: if ``value`` is NaN or not in (0, 1].
+    """
     value = check_positive(name, value)
     if value > 1:
         raise ValueError(f"{name} must lie in (0, 1], got {value}.")
@@ -51,7 +85,12 @@ def check_fraction(name: str, value: object) -> float:
 
 
 def check_seed(value: object, name: str = "seed") -> int:
-    """An integer seed >= 0 (not a bool)."""
+    """An integer seed >= 0 (not a bool).
+
+    Raises:
+        TypeError: if ``value`` is not an integer, or is a bool.
+        ValueError: if ``value`` < 0.
+    """
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
     if value < 0:
@@ -60,7 +99,12 @@ def check_seed(value: object, name: str = "seed") -> int:
 
 
 def check_probability(name: str, value: object, *, allow_zero: bool) -> float:
-    """A real number in [0, 1] (``allow_zero``) or in (0, 1]."""
+    """A real number in [0, 1] (``allow_zero``) or in (0, 1].
+
+    Raises:
+        TypeError: as :func:`check_real`.
+        ValueError: if ``value`` is NaN or outside the interval.
+    """
     value = check_real(name, value)
     low_ok = value >= 0 if allow_zero else value > 0
     if not (low_ok and value <= 1):
@@ -70,7 +114,12 @@ def check_probability(name: str, value: object, *, allow_zero: bool) -> float:
 
 
 def check_int(name: str, value: object, *, minimum: int) -> int:
-    """An integer (not a bool) >= ``minimum``."""
+    """An integer (not a bool) >= ``minimum``.
+
+    Raises:
+        TypeError: if ``value`` is not an integer, or is a bool.
+        ValueError: if ``value < minimum``.
+    """
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
     if value < minimum:
@@ -105,6 +154,10 @@ def check_orders(orders: object, name: str = "orders") -> tuple[np.ndarray, bool
     """RDP orders: a real number or a non-empty 1-D sequence of them, each > 1 or +inf.
 
     Returns the orders as a float array and whether a scalar was given.
+
+    Raises:
+        TypeError: if ``orders`` is not a real number or a sequence of them.
+        ValueError: if ``orders`` is empty, not one-dimensional, or holds NaN or an order <= 1.
     """
     values, scalar = _real_sequence(name, orders)
     for value in values:
@@ -114,7 +167,12 @@ def check_orders(orders: object, name: str = "orders") -> tuple[np.ndarray, bool
 
 
 def check_rdp(rdp: object) -> np.ndarray:
-    """RDP values: a real number or a non-empty 1-D sequence of them, each >= 0 or +inf."""
+    """RDP values: a real number or a non-empty 1-D sequence of them, each >= 0 or +inf.
+
+    Raises:
+        TypeError: if ``rdp`` is not a real number or a sequence of them.
+        ValueError: if ``rdp`` is empty, not one-dimensional, or holds NaN or a negative value.
+    """
     values, _ = _real_sequence("rdp", rdp)
     for value in values:
         if value < 0:
@@ -123,12 +181,22 @@ def check_rdp(rdp: object) -> np.ndarray:
 
 
 def check_epsilon(value: object, name: str = "epsilon") -> float:
-    """A privacy parameter epsilon: a finite real number > 0."""
+    """A privacy parameter epsilon: a finite real number > 0.
+
+    Raises:
+        TypeError: as :func:`check_real`.
+        ValueError: if ``value`` is NaN, infinite or <= 0.
+    """
     return check_positive(name, value)
 
 
 def check_delta(value: object, name: str = "delta", *, allow_zero: bool = False) -> float:
-    """A privacy parameter delta: a real number in (0, 1), or in [0, 1) with ``allow_zero``."""
+    """A privacy parameter delta: a real number in (0, 1), or in [0, 1) with ``allow_zero``.
+
+    Raises:
+        TypeError: as :func:`check_real`.
+        ValueError: if ``value`` is NaN or outside the interval.
+    """
     value = check_real(name, value)
     if allow_zero and value == 0:
         return value
@@ -139,7 +207,12 @@ def check_delta(value: object, name: str = "delta", *, allow_zero: bool = False)
 
 
 def check_positive_int(name: str, value: object) -> int:
-    """An integer >= 1 (not a bool)."""
+    """An integer >= 1 (not a bool).
+
+    Raises:
+        TypeError: if ``value`` is not an integer, or is a bool.
+        ValueError: if ``value < 1``.
+    """
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
     if value < 1:
@@ -148,7 +221,13 @@ def check_positive_int(name: str, value: object) -> int:
 
 
 def check_values(name: str, value: object) -> float | np.ndarray:
-    """A real number or a numeric numpy array with no NaN; returned as float or float array."""
+    """A real number or a numeric numpy array with no NaN; returned as float or float array.
+
+    Raises:
+        TypeError: if ``value`` is neither a real number nor a real numeric array (bool and
+            complex arrays are refused).
+        ValueError: if the array is empty, or ``value`` holds NaN.
+    """
     if isinstance(value, np.ndarray):
         if value.dtype == bool or not np.issubdtype(value.dtype, np.number):
             raise TypeError(f"{name} must be a numeric array, got dtype {value.dtype}.")
@@ -171,7 +250,12 @@ def check_values(name: str, value: object) -> float | np.ndarray:
 
 
 def check_vector(name: str, value: object) -> np.ndarray:
-    """A non-empty one-dimensional numeric numpy array with no NaN."""
+    """A non-empty one-dimensional numeric numpy array with no NaN.
+
+    Raises:
+        TypeError: if ``value`` is not a numpy array, or not a real numeric array.
+        ValueError: if ``value`` is not one-dimensional, is empty or holds NaN.
+    """
     if not isinstance(value, np.ndarray):
         raise TypeError(
             f"{name} must be a one-dimensional numpy array, got {type(value).__name__}."

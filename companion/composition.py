@@ -28,7 +28,26 @@ __all__ = ["advanced_composition", "basic_composition", "group_privacy"]
 def basic_composition(*, epsilon: float, delta: float = 0.0, k: int) -> tuple[float, float]:
     """Total (epsilon, delta) of ``k`` mechanisms, each (epsilon, delta)-DP: ``(k eps, k delta)``.
 
-    Dwork and Roth (2014), Theorem 3.16. ``delta`` may be 0 (pure DP).
+    Dwork and Roth (2014), Theorem 3.16; it holds for adaptively chosen mechanisms too. See the
+    chapter's section :ref:`sec-dp-properties`.
+
+    Args:
+        epsilon: the epsilon of each mechanism, > 0.
+        delta: the delta of each mechanism, in [0, 1); 0 (the default) for pure DP.
+        k: the number of mechanisms, >= 1.
+
+    Returns:
+        ``(total_epsilon, total_delta)``, two floats.
+
+    Raises:
+        TypeError: if ``epsilon`` or ``delta`` is not a real number, or ``k`` is not an integer.
+        ValueError: if ``epsilon`` is not finite and > 0, ``delta`` is not in [0, 1), or
+            ``k < 1``.
+
+    Example:
+        >>> total_epsilon, total_delta = basic_composition(epsilon=0.5, delta=1e-6, k=10)
+        >>> total_epsilon, f"{total_delta:.1e}"
+        (5.0, '1.0e-05')
     """
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta, allow_zero=True)
@@ -48,13 +67,30 @@ def advanced_composition(
 
     (Dwork, Rothblum and Vadhan 2010; Dwork and Roth 2014, Theorem 3.20). It grows like
     :math:`\sqrt{k}` rather than :math:`k`, but for few mechanisms or large epsilon it is worse
-    than :func:`basic_composition`; both are valid, so use the smaller.
+    than :func:`basic_composition`; both are valid, so use the smaller. See the chapter's section
+    :ref:`sec-dp-properties`.
 
     Args:
         epsilon: the epsilon of each mechanism, > 0.
         delta: the delta of each mechanism, in [0, 1).
         k: the number of mechanisms, >= 1.
         delta_prime: the extra failure probability the theorem spends, in (0, 1).
+
+    Returns:
+        ``(total_epsilon, total_delta)``, two floats.
+
+    Raises:
+        TypeError: if ``epsilon``, ``delta`` or ``delta_prime`` is not a real number, or ``k``
+            is not an integer.
+        ValueError: if ``epsilon`` is not finite and > 0, ``delta`` is not in [0, 1),
+            ``delta_prime`` is not in (0, 1), or ``k < 1``.
+
+    Example:
+        >>> total_epsilon, total_delta = advanced_composition(
+        ...     epsilon=0.1, k=100, delta_prime=1e-6
+        ... )
+        >>> round(total_epsilon, 3), total_delta, basic_composition(epsilon=0.1, k=100)[0]
+        (6.308, 1e-06, 10.0)
     """
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta, allow_zero=True)
@@ -72,7 +108,27 @@ def group_privacy(*, epsilon: float, delta: float = 0.0, group_size: int) -> tup
     Data sets that differ in :math:`g` people are joined by a chain of :math:`g` neighbours;
     applying the definition along the chain gives
     :math:`(g\varepsilon,\; g\, e^{(g-1)\varepsilon} \delta)`-DP (Dwork and Roth 2014,
-    Theorem 2.2 for delta = 0; the delta term follows by the same chain argument).
+    Theorem 2.2 for delta = 0; the delta term follows by the same chain argument). See the
+    chapter's section :ref:`sec-dp-properties`.
+
+    Args:
+        epsilon: the epsilon of the mechanism, > 0.
+        delta: the delta of the mechanism, in [0, 1); 0 (the default) for pure DP.
+        group_size: the number of people in the group, >= 1.
+
+    Returns:
+        ``(group_epsilon, group_delta)``, two floats.
+
+    Raises:
+        TypeError: if ``epsilon`` or ``delta`` is not a real number, or ``group_size`` is not
+            an integer.
+        ValueError: if ``epsilon`` is not finite and > 0, ``delta`` is not in [0, 1), or
+            ``group_size < 1``.
+
+    Example:
+        >>> group_epsilon, group_delta = group_privacy(epsilon=0.5, delta=1e-6, group_size=3)
+        >>> group_epsilon, f"{group_delta:.3e}"
+        (1.5, '8.155e-06')
     """
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta, allow_zero=True)

@@ -53,15 +53,25 @@ def logistic_regression(*, n_features: int = 64, n_classes: int = 10, seed: int 
     r"""Multinomial logistic regression: one linear layer producing ``n_classes`` logits.
 
     The model is :math:`x \mapsto W x + b`; with the softmax inside the cross-entropy loss this is
-    softmax regression. Its loss is convex in :math:`(W, b)`.
+    softmax regression. Its loss is convex in :math:`(W, b)`. See the chapter's section
+    :ref:`sec-dpsgd-opacus`.
 
     Args:
-        n_features: number of inputs (64 for the digits).
+        n_features: number of inputs (64 for the digits), >= 1.
         n_classes: number of classes, >= 2.
-        seed: seed of the initial weights.
+        seed: seed of the initial weights, an int >= 0 (public randomness, default 0).
 
     Returns:
         ``nn.Sequential(nn.Linear(n_features, n_classes))``.
+
+    Raises:
+        TypeError: if an argument is not an integer.
+        ValueError: if ``n_features < 1``, ``n_classes < 2`` or ``seed`` is negative.
+
+    Example:
+        >>> model = logistic_regression()
+        >>> model(torch.zeros(4, 64)).shape, sum(p.numel() for p in model.parameters())
+        (torch.Size([4, 10]), 650)
     """
     n_features = check_positive_int("n_features", n_features)
     n_classes = _check_classes(n_classes)
@@ -73,14 +83,28 @@ def mlp(
 ) -> nn.Module:
     r"""A multilayer perceptron with one hidden ReLU layer (64-128-10 by default).
 
+    See the chapter's section :ref:`sec-dpsgd-digits`.
+
     Args:
-        n_features: number of inputs (64 for the digits).
-        hidden: width of the hidden layer.
+        n_features: number of inputs (64 for the digits), >= 1.
+        hidden: width of the hidden layer, >= 1.
         n_classes: number of classes (output logits), >= 2.
-        seed: seed of the initial weights.
+        seed: seed of the initial weights, an int >= 0 (public randomness, default 0).
 
     Returns:
         ``Linear(n_features, hidden) -> ReLU -> Linear(hidden, n_classes)``.
+
+    Raises:
+        TypeError: if an argument is not an integer.
+        ValueError: if ``n_features`` or ``hidden`` is < 1, ``n_classes < 2`` or ``seed`` is
+            negative.
+
+    Example:
+        >>> model = mlp(seed=1)
+        >>> model(torch.zeros(4, 64)).shape, sum(p.numel() for p in model.parameters())
+        (torch.Size([4, 10]), 9610)
+        >>> torch.equal(model[0].weight, mlp(seed=1)[0].weight)  # same seed, same weights
+        True
     """
     n_features = check_positive_int("n_features", n_features)
     hidden = check_positive_int("hidden", hidden)
@@ -99,11 +123,24 @@ def small_cnn(*, n_classes: int = 10, seed: int = 0) -> nn.Module:
     Layers: reshape to ``(N, 1, 8, 8)``; 3x3 convolution 1 -> 16 channels (padding 1), ReLU,
     2x2 max-pooling (8x8 -> 4x4); 3x3 convolution 16 -> 32 (padding 1), ReLU, 2x2 max-pooling
     (4x4 -> 2x2); flatten to 128 features; linear layer to ``n_classes`` logits. 6,090
-    parameters with 10 classes, no normalisation layers.
+    parameters with 10 classes, no normalisation layers. See the chapter's section
+    :ref:`sec-dpsgd-opacus`.
 
     Args:
         n_classes: number of classes (output logits), >= 2.
-        seed: seed of the initial weights.
+        seed: seed of the initial weights, an int >= 0 (public randomness, default 0).
+
+    Returns:
+        The network, an ``nn.Sequential``; outputs have shape ``(N, n_classes)``.
+
+    Raises:
+        TypeError: if an argument is not an integer.
+        ValueError: if ``n_classes < 2`` or ``seed`` is negative.
+
+    Example:
+        >>> model = small_cnn()
+        >>> model(torch.zeros(4, 64)).shape, sum(p.numel() for p in model.parameters())
+        (torch.Size([4, 10]), 6090)
     """
     n_classes = _check_classes(n_classes)
     return _seeded(
@@ -135,13 +172,24 @@ def binary_mlp(*, n_features: int = 2, hidden: int = 10, seed: int = 0) -> nn.Mo
     ``Dense(10, activation="relu") -> Dense(1, activation="sigmoid")``: the same network, with
     the sigmoid moved into the loss.
 
+    See the chapter's section :ref:`sec-dpsgd-listing`.
+
     Args:
-        n_features: number of inputs (2 for the two-moons data).
-        hidden: width of the hidden layer.
-        seed: seed of the initial weights.
+        n_features: number of inputs (2 for the two-moons data), >= 1.
+        hidden: width of the hidden layer, >= 1.
+        seed: seed of the initial weights, an int >= 0 (public randomness, default 0).
 
     Returns:
         ``Linear(n_features, hidden) -> ReLU -> Linear(hidden, 1)``; outputs have shape (N, 1).
+
+    Raises:
+        TypeError: if an argument is not an integer.
+        ValueError: if ``n_features`` or ``hidden`` is < 1, or ``seed`` is negative.
+
+    Example:
+        >>> model = binary_mlp()
+        >>> model(torch.zeros(4, 2)).shape, sum(p.numel() for p in model.parameters())
+        (torch.Size([4, 1]), 41)
     """
     n_features = check_positive_int("n_features", n_features)
     hidden = check_positive_int("hidden", hidden)

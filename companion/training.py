@@ -56,17 +56,35 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy and mean loss of ``model`` on ``(x, y)``, without gradients.
 
-    The model is put in evaluation mode for the pass and returned to its previous mode.
+    The model is put in evaluation mode for the pass and returned to its previous mode. The loss
+    is the mean over the examples of the cross-entropy (or binary cross-entropy on the logit);
+    the accuracy is the share of examples whose prediction is the label. See the chapter's
+    section :ref:`sec-dpsgd-digits`.
 
     Args:
         model: a classifier returning logits.
-        x: inputs, shape ``(N, n_features)``.
+        x: inputs, shape ``(N, n_features)`` (tensor or numpy array).
         y: labels, shape ``(N,)``: integer classes, or 0/1 for ``loss="bce"``.
         loss: ``"cross_entropy"`` (one logit per class) or ``"bce"`` (one logit; prediction
             is ``logit > 0``).
 
     Returns:
         ``{"accuracy": float, "loss": float}``.
+
+    Raises:
+        TypeError: if ``model`` is not a ``torch.nn.Module``, ``x`` or ``y`` is not a tensor or
+            numeric numpy array, ``x`` is not floating point, or the labels of
+            ``loss="cross_entropy"`` are not integers.
+        ValueError: if ``loss`` is unknown, the shapes or lengths of ``x`` and ``y`` do not
+            fit, there are no examples, ``x`` holds NaN or infinite values, or a label is
+            negative (or not 0/1 for ``loss="bce"``).
+
+    Example:
+        >>> from companion import data, models
+        >>> digits = data.load_digits()
+        >>> scores = evaluate(models.mlp(seed=0), digits.x_test[:64], digits.y_test[:64])
+        >>> sorted(scores), round(scores["loss"], 2)  # untrained: near log(10) = 2.30
+        (['accuracy', 'loss'], 2.32)
     """
     model = check_model(model)
     loss = check_loss(loss)
@@ -103,7 +121,8 @@ def train(
     :func:`torch.nn.utils.clip_grad_norm_`: if the norm :math:`g` of the whole batch gradient
     exceeds :math:`C`, the gradient is multiplied by :math:`C / (g + 10^{-6})`. This stabilises
     training against rare huge gradients; it is **not** differential privacy (see
-    :mod:`companion.dpsgd` for per-example clipping).
+    :mod:`companion.dpsgd` for per-example clipping). See the chapter's section
+    :ref:`sec-dpsgd-clipping`.
 
     Args:
         model: the model to train; its parameters are updated in place.
@@ -126,14 +145,27 @@ def train(
         ``"test_loss"`` and ``"test_accuracy"`` if test data were given, and ``"grad_norms"``
         (a list of floats, one per step) if ``record_grad_norms``.
 
+    Raises:
+        TypeError: if ``model`` is not a ``torch.nn.Module``, the data are not tensors or
+            numeric numpy arrays of the right dtypes, ``epochs``, ``batch_size`` or ``seed`` is
+            not an integer, or ``lr`` or ``max_grad_norm`` is not a real number.
+        ValueError: if ``loss`` is unknown, the data's shapes, lengths or values are invalid,
+            the model cannot be applied to the inputs or its outputs do not fit the loss and
+            labels, only one of ``x_test`` and ``y_test`` is given, ``epochs`` or
+            ``batch_size`` is < 1, ``lr`` or ``max_grad_norm`` is not finite and > 0, ``seed``
+            is negative, or the model has no trainable parameters.
+
     Example:
         >>> from companion import data, models
         >>> digits = data.load_digits()
-        >>> model = models.mlp(seed=0)
-        >>> history = train(model, digits.x_train, digits.y_train, epochs=2, batch_size=64,
-        ...                 lr=0.1)  # doctest: +SKIP
-        >>> history[-1]["train_accuracy"]  # doctest: +SKIP
-        0.7...
+        >>> model = models.logistic_regression(seed=0)
+        >>> history = train(model, digits.x_train[:64], digits.y_train[:64], epochs=3,
+        ...                 batch_size=16, lr=0.5, x_test=digits.x_test[:64],
+        ...                 y_test=digits.y_test[:64], record_grad_norms=True)
+        >>> [(r["epoch"], r["train_accuracy"], r["test_accuracy"]) for r in history]
+        [(1, 0.4375, 0.40625), (2, 0.71875, 0.5), (3, 0.890625, 0.75)]
+        >>> sorted(history[0]), len(history[0]["grad_norms"])  # 64 / 16 = 4 steps an epoch
+        (['epoch', 'grad_norms', 'test_accuracy', 'test_loss', 'train_accuracy', 'train_loss'], 4)
     """
     model = check_model(model)
     loss = check_loss(loss)

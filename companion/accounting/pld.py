@@ -387,7 +387,15 @@ class PLDAccountant:
         return tuple(self._history)
 
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
-        """Record one step with the given noise multiplier (>= 0) and sample rate (in (0, 1])."""
+        """Record one step of the Poisson-subsampled Gaussian mechanism (no numerical work).
+
+        Args:
+            noise_multiplier: :math:`\\sigma`, >= 0.
+            sample_rate: :math:`q`, in (0, 1].
+
+        Raises:
+            TypeError, ValueError: if an argument is not a number in its range.
+        """
         sigma = check_nonnegative("noise_multiplier", noise_multiplier)
         q = check_probability("sample_rate", sample_rate, allow_zero=False)
         if self._history and self._history[-1][:2] == (sigma, q):
@@ -417,17 +425,34 @@ class PLDAccountant:
         return self._composed
 
     def get_delta(self, epsilon: float) -> float:
-        """The delta spent so far at the given epsilon >= 0; 0.0 before any step."""
+        """The delta spent so far at ``epsilon``.
+
+        Args:
+            epsilon: >= 0.
+
+        Returns:
+            The largest delta of the two directions; 0.0 before any step.
+
+        Raises:
+            TypeError, ValueError: if ``epsilon`` is not a number >= 0.
+        """
         epsilon = check_nonnegative("epsilon", epsilon)
         if not self._history:
             return 0.0
         return max(_delta(*pld, self._h, epsilon) for pld in self._distributions().values())
 
     def get_epsilon(self, delta: float) -> float:
-        """The epsilon spent so far at the given delta in (0, 1); 0.0 before any step.
+        """The epsilon spent so far at ``delta``.
 
-        ``inf`` where delta is below the infinity mass, which after composing more than one step
-        is at least ``tail_mass_truncation``.
+        Args:
+            delta: in (0, 1).
+
+        Returns:
+            The epsilon (0.0 before any step; ``inf`` where delta is below the infinity mass,
+            which after composing more than one step is at least ``tail_mass_truncation``).
+
+        Raises:
+            TypeError, ValueError: if ``delta`` is not a number in (0, 1).
         """
         delta = check_delta(delta)
         if not self._history:
@@ -435,7 +460,17 @@ class PLDAccountant:
         return max(_epsilon(*pld, self._h, delta) for pld in self._distributions().values())
 
     def get_privacy_spent(self, *, delta: float) -> tuple[float, float]:
-        """``(epsilon, nan)``: the epsilon at ``delta``, and NaN where RDP gives its best order."""
+        """The interface of :meth:`companion.accounting.RDPAccountant.get_privacy_spent`.
+
+        Args:
+            delta: in (0, 1).
+
+        Returns:
+            ``(epsilon, nan)``: NaN where the RDP accountant gives its best order.
+
+        Raises:
+            TypeError, ValueError: if ``delta`` is not a number in (0, 1).
+        """
         return self.get_epsilon(delta), math.nan
 
     def __len__(self) -> int:

@@ -38,7 +38,6 @@ from companion._validation import check_delta, check_int, check_real, check_vect
 __all__ = [
     "EpsilonLowerBound",
     "ThresholdAudit",
-    "check_confidence",
     "clopper_pearson_upper",
     "epsilon_lower_bound",
     "threshold_audit",

@@ -40,6 +40,8 @@ from companion.dpsgd.step import LossLike, noisy_clipped_gradient, poisson_sampl
 from companion.per_example import PerExampleClipper, check_dp_compatible
 from companion.per_example.gradients import Method
 
+__all__ = ["train_dpsgd"]
+
 # --- the training loop --------------------------------------------------------------------------
 
 

@@ -18,6 +18,14 @@ from companion._validation import (
 from companion.per_example import ClippedSum, PerExampleClipper, check_dp_compatible
 from companion.per_example.gradients import Method, check_batch
 
+__all__ = [
+    "add_gaussian_noise",
+    "dp_sgd_step",
+    "noisy_clipped_gradient",
+    "poisson_sample",
+    "set_private_gradients",
+]
+
 LossLike = LossName | LossFn
 
 

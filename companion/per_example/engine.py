@@ -27,6 +27,8 @@ from companion.per_example.gradients import (
 )
 from companion.per_example.rules import LAYER_RULES
 
+__all__ = ["PerExampleClipper", "clipped_gradient_sum"]
+
 # --- the layerwise engine -----------------------------------------------------------------------
 
 
@@ -156,7 +158,8 @@ def layerwise_clipped_sum(
         sums = {name: summer(factors) for name, _, summer in entries}
         sums.update({name: torch.tensordot(factors, g, dims=1) for name, g in grads.items()})
     return ClippedSum(
-        {n: sums.get(n, torch.zeros_like(p)) for n, p in trainable_named(model)}, norms
+        {n: sums[n] if n in sums else torch.zeros_like(p) for n, p in trainable_named(model)},
+        norms,
     )
 
 

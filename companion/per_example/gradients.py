@@ -17,6 +17,16 @@ from companion import _torch
 from companion._torch import LossFn, LossName, check_model, trainable_named
 from companion._validation import check_positive
 
+__all__ = [
+    "ClippedSum",
+    "LossLike",
+    "Method",
+    "check_dp_compatible",
+    "clip_and_sum",
+    "clip_factors",
+    "per_example_gradients",
+]
+
 LossLike = LossName | LossFn
 Method = Literal["auto", "vmap", "layerwise"]
 _METHODS = ("auto", "vmap", "layerwise")
@@ -24,12 +34,15 @@ _CLIP_EPS = 1e-6  # as in Opacus: factor = min(1, C / (norm + 1e-6))
 
 
 class ClippedSum(NamedTuple):
-    """The clipped per-example gradient sum of a batch and the norms before clipping."""
+    """The clipped per-example gradient sum of a batch and the norms before clipping.
+
+    Args:
+        sums: parameter name -> summed clipped gradient, of the parameter's shape.
+        norms: each example's gradient norm before clipping, shape ``(B,)``.
+    """
 
     sums: dict[str, torch.Tensor]
-    """Parameter name -> summed clipped gradient, of the parameter's shape."""
     norms: torch.Tensor
-    """Each example's gradient norm before clipping, shape ``(B,)``."""
 
 
 # --- checks -------------------------------------------------------------------------------------

@@ -15,12 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["LAYER_RULES"]
+
 # --- the per-layer rules ------------------------------------------------------------------------
 
 #: What a rule returns for one parameter: its name within the layer ("weight", "bias"), each
 #: example's squared gradient norm (shape (B,)), and a function from the clipping factors (B,) to
 #: the clipped sum of its per-example gradients.
-RuleOutput = list[tuple[str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
+RuleEntry = tuple[str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+RuleOutput = list[RuleEntry]
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], RuleOutput]
 
 #: Layer type -> rule ``(layer, input a, output gradient b) -> [(parameter, squares, summer)]``.
@@ -41,6 +44,23 @@ def _wants(layer: nn.Module, name: str) -> bool:
     return isinstance(p, nn.Parameter) and p.requires_grad
 
 
+def _squared_norms(per_example: torch.Tensor) -> torch.Tensor:
+    """Each example's squared L2 norm; ``vector_norm`` is much faster than ``square().sum()``."""
+    return torch.linalg.vector_norm(per_example.flatten(1), dim=1).square()
+
+
+def _materialised(name: str, grads: torch.Tensor, shape: torch.Size) -> RuleEntry:
+    """A parameter whose per-example gradients ``grads`` (B, ...) are at hand."""
+    return (name, _squared_norms(grads), lambda f: torch.tensordot(f, grads, dims=1).view(shape))
+
+
+def _bias(layer: nn.Module, b: torch.Tensor) -> RuleOutput:
+    """The bias of a layer whose output gradient ``b`` is (B, L, O): summed over positions."""
+    if not _wants(layer, "bias"):
+        return []
+    return [_materialised("bias", b.sum(dim=1), layer.bias.shape)]
+
+
 def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int = 1) -> RuleOutput:
     """Weight and bias of a layer whose example-``i`` weight gradient is :math:`b_i^\\top a_i`.
 
@@ -53,7 +73,7 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
     if _wants(layer, "weight"):
         if groups == 1 and length == 1:
             a2, b2 = a[:, 0], b[:, 0]
-            squares = a2.square().sum(1) * b2.square().sum(1)
+            squares = _squared_norms(a2) * _squared_norms(b2)
             out.append(
                 ("weight", squares, lambda f: torch.mm((b2 * f[:, None]).t(), a2).view(shape))
             )
@@ -64,7 +84,7 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
             if length * (i_size + o_size) < i_size * o_size:  # ghost norm is cheaper
                 gram_a = ag @ ag.transpose(-1, -2)
                 gram_b = bg @ bg.transpose(-1, -2)
-                squares = (gram_a * gram_b).sum(dim=(1, 2, 3))
+                squares = torch.einsum("bgls,bgls->b", gram_a, gram_b)
 
                 def summer(
                     f: torch.Tensor, ag: torch.Tensor = ag, bg: torch.Tensor = bg
@@ -75,16 +95,10 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
 
             else:
                 grads = bg.transpose(-1, -2) @ ag  # (B, g, O/g, I/g)
-                squares = grads.square().sum(dim=(1, 2, 3))
-
-                def summer(f: torch.Tensor, grads: torch.Tensor = grads) -> torch.Tensor:
-                    return torch.tensordot(f, grads, dims=1).reshape(shape)
-
+                out.append(_materialised("weight", grads, shape))
+                return out + _bias(layer, b)
             out.append(("weight", squares, summer))
-    if _wants(layer, "bias"):
-        bias_grads = b.sum(dim=1)  # (B, O)
-        out.append(("bias", bias_grads.square().sum(1), lambda f: torch.mv(bias_grads.t(), f)))
-    return out
+    return out + _bias(layer, b)
 
 
 @_rule(nn.Linear)
@@ -108,12 +122,16 @@ def _explicit_padding(conv: nn.Module, dims: int) -> list[int]:
     return [side for pair in reversed(pads) for side in pair]
 
 
-def _patches(a: torch.Tensor, conv: nn.Module, dims: int) -> torch.Tensor:
-    """The patches a convolution sees: shape ``(B, L, C_in * prod(kernel))``, L positions."""
+def _pad(a: torch.Tensor, conv: nn.Module, dims: int) -> torch.Tensor:
+    """The input as the convolution sees it after its padding (any padding mode)."""
     pad = _explicit_padding(conv, dims)
-    if any(pad):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        a = F.pad(a, pad, mode=mode)
+    if not any(pad):
+        return a
+    return F.pad(a, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+
+
+def _patches(a: torch.Tensor, conv: nn.Module, dims: int) -> torch.Tensor:
+    """The patches of a padded input: shape ``(B, L, C_in * prod(kernel))``, L positions."""
     for axis, (k, s, d) in enumerate(
         zip(conv.kernel_size, conv.stride, conv.dilation, strict=True)
     ):
@@ -121,18 +139,39 @@ def _patches(a: torch.Tensor, conv: nn.Module, dims: int) -> torch.Tensor:
         if d > 1:
             a = a[..., ::d]
     # a: (B, C, *positions, *kernel), a view; one strided copy into rows of patches.
-    batch, channels = a.shape[:2]
+    batch = a.shape[0]
     positions = a.shape[2 : 2 + dims]
     order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
     return a.permute(order).reshape(batch, math.prod(positions), -1)
 
 
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
+
+
 @_rule(nn.Conv1d, nn.Conv2d)
 def _conv(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
     dims = a.ndim - 2
-    patches = _patches(a, layer, dims)
-    outputs = b.reshape(b.shape[0], b.shape[1], -1).transpose(1, 2)  # (B, L, C_out)
-    return _matmul_rule(layer, patches, outputs, groups=layer.groups)
+    a = _pad(a, layer, dims)
+    batch, positions = a.shape[0], b[0, 0].numel()
+    outputs = b.reshape(batch, b.shape[1], -1).transpose(1, 2)  # (B, L, C_out)
+    i_size = layer.weight[0].numel()  # inputs of one output channel: C_in / groups * kernel
+    o_size = layer.out_channels // layer.groups
+    if not _wants(layer, "weight"):
+        return _bias(layer, outputs)
+    if positions * (i_size + o_size) < i_size * o_size:  # ghost norm is cheaper
+        return _matmul_rule(layer, _patches(a, layer, dims), outputs, groups=layer.groups)
+    # Materialised: every example's weight gradient from one convolution backward, with the
+    # examples folded into the groups, so no patch matrix is built.
+    grads = _CONV_WEIGHT_GRAD[dims](
+        a.reshape(1, -1, *a.shape[2:]),
+        (batch * layer.out_channels, *layer.weight.shape[1:]),
+        b.reshape(1, -1, *b.shape[2:]),
+        stride=layer.stride,
+        padding=0,
+        dilation=layer.dilation,
+        groups=batch * layer.groups,
+    ).view(batch, *layer.weight.shape)
+    return [_materialised("weight", grads, layer.weight.shape), *_bias(layer, outputs)]
 
 
 @_rule(nn.Embedding)
@@ -140,18 +179,23 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
     if not _wants(layer, "weight"):
         return []
     batch = a.shape[0]
+    vocabulary, width = layer.weight.shape
     index = a.reshape(batch, -1)
-    rows = b.reshape(batch, index.shape[1], -1)
+    rows = b.reshape(-1, width)
     if layer.padding_idx is not None:  # torch gives the padding row no gradient
-        rows = rows * (index != layer.padding_idx).unsqueeze(-1)
-    # Example i's gradient has row v = sum of rows[i, t] over positions t with index v, so its
-    # squared norm is sum over pairs (t, s) with equal indices of <rows[i, t], rows[i, s]>.
-    same = (index.unsqueeze(2) == index.unsqueeze(1)).to(rows.dtype)
-    squares = (same * (rows @ rows.transpose(1, 2))).sum(dim=(1, 2))
+        rows = rows * (index != layer.padding_idx).reshape(-1, 1)
+    # Example i's gradient has row v = the sum of its output gradients at positions holding token
+    # v: one segment sum per distinct (example, token) pair gives every nonzero row.
+    keys = index + vocabulary * torch.arange(batch, device=a.device).unsqueeze(1)
+    pairs, segment = torch.unique(keys.reshape(-1), return_inverse=True)
+    summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows)
+    example, token = pairs // vocabulary, pairs % vocabulary
+    squares = rows.new_zeros(batch).index_add_(
+        0, example, torch.linalg.vector_norm(summed, dim=1).square()
+    )
 
     def summer(f: torch.Tensor) -> torch.Tensor:
-        weighted = (rows * f[:, None, None]).reshape(-1, rows.shape[-1])
-        return torch.zeros_like(layer.weight).index_add_(0, index.reshape(-1), weighted)
+        return torch.zeros_like(layer.weight).index_add_(0, token, summed * f[example, None])
 
     return [("weight", squares, summer)]
 
@@ -160,19 +204,12 @@ def _affine_rule(
     layer: nn.Module, normalised: torch.Tensor, b: torch.Tensor, reduce: tuple[int, ...]
 ) -> RuleOutput:
     """Per-channel scale and shift: materialised per-example gradients (they are small)."""
-    out: RuleOutput = []
     grads = {}
     if _wants(layer, "weight"):
         grads["weight"] = (normalised * b).sum(dim=reduce) if reduce else normalised * b
     if _wants(layer, "bias"):
         grads["bias"] = b.sum(dim=reduce) if reduce else b
-    for name, g in grads.items():
-        flat = g.reshape(g.shape[0], -1)
-        shape = getattr(layer, name).shape
-        out.append(
-            (name, flat.square().sum(1), lambda f, flat=flat, shape=shape: (f @ flat).view(shape))
-        )
-    return out
+    return [_materialised(name, g, getattr(layer, name).shape) for name, g in grads.items()]
 
 
 @_rule(nn.LayerNorm)
@@ -186,5 +223,13 @@ def _layer_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
 
 @_rule(nn.GroupNorm)
 def _group_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
-    normalised = F.group_norm(a, layer.num_groups, eps=layer.eps)
-    return _affine_rule(layer, normalised, b, tuple(range(2, a.ndim)))
+    batch, channels = a.shape[:2]
+    b3 = b.reshape(batch, channels, -1)
+    out = []
+    if _wants(layer, "weight"):
+        normalised = F.group_norm(a, layer.num_groups, eps=layer.eps).reshape(b3.shape)
+        grads = torch.einsum("bcl,bcl->bc", normalised, b3)  # no temporary of the input's size
+        out.append(_materialised("weight", grads, layer.weight.shape))
+    if _wants(layer, "bias"):
+        out.append(_materialised("bias", b3.sum(dim=2), layer.bias.shape))
+    return out
