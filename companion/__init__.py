@@ -13,6 +13,7 @@ One module per idea, named after what it holds (each is imported on first use, s
 - :mod:`companion.dpsgd`: Poisson sampling, noise, the DP-SGD step and training loop;
 - :mod:`companion.federated`, :mod:`companion.secure_aggregation`: FedAvg, FedProx, DP-FedAvg and
   a pairwise-masking secure-aggregation toy;
+- :mod:`companion.flower`: the same federated training as Flower apps (optional extra);
 - :mod:`companion.attacks`: membership inference and gradient inversion;
 - :mod:`companion.audit`: empirical lower bounds on epsilon.
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the modules load on
         data,
         dpsgd,
         federated,
+        flower,
         mechanisms,
         models,
         per_example,
@@ -56,6 +58,7 @@ __all__ = [
     "data",
     "dpsgd",
     "federated",
+    "flower",
     "mechanisms",
     "models",
     "per_example",

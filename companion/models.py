@@ -26,7 +26,7 @@ how much one person can change the summed gradient: the sensitivity argument of 
 al. 2016) breaks. And the running statistics that batch normalisation keeps for evaluation are
 averages over the raw training data, released with the model without any noise. Opacus refuses
 such models for the same reason and suggests :class:`torch.nn.GroupNorm`, which normalises within
-one example. :func:`companion.dpsgd.check_dp_compatible` rejects them here.
+one example. :func:`companion.per_example.check_dp_compatible` rejects them here.
 """
 
 from __future__ import annotations

@@ -703,3 +703,9 @@ def test_fedavg_audit_rejects_bad_input(client_updates):
         audit_dp_fedavg(client_updates, aggregate=None, **kwargs)
     with pytest.raises(ValueError, match="rounds"):
         audit_dp_fedavg(client_updates, **(kwargs | {"rounds": 0}))
+
+
+def test_two_gaussians_epsilon_of_nearly_disjoint_distributions_is_infinite():
+    """A fitted std near zero (canaries inserted without noise) separates the two Gaussians
+    completely: no finite epsilon, and no overflow on the way (a regression)."""
+    assert two_gaussians_epsilon(mean0=0.0, std0=1.0, mean1=1.0, std1=1e-9, delta=1e-5) == math.inf

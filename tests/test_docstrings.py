@@ -148,9 +148,9 @@ def _check(name: str, obj: object, *, method: bool = False) -> None:
 
 def test_the_walk_finds_the_public_api() -> None:
     """The walk reaches every kind of module, skips private ones and the flower extra."""
-    assert "companion.mechanisms.laplace_mechanism" in OBJECTS
-    assert "companion.accounting.rdp.RDPAccountant" in OBJECTS
-    assert "companion.accounting.rdp.RDPAccountant.get_epsilon" in METHODS
+    assert "companion.mechanisms.laplace.laplace_mechanism" in OBJECTS
+    assert "companion.accounting.rdp_accountant.RDPAccountant" in OBJECTS
+    assert "companion.accounting.rdp_accountant.RDPAccountant.get_epsilon" in METHODS
     assert "companion.flower" not in _public_modules()
     assert not any(name.startswith("companion.flower") for name in OBJECTS)
     assert not any(module.split(".")[-1].startswith("_") for module in _public_modules())

@@ -618,8 +618,13 @@ def test_dp_fedavg_aggregate_clips_sums_noises_and_divides_by_qk():
     norms = [_norm(u) for u in updates]
     assert sum(n > S for n in norms) == 2
     before = copy.deepcopy(updates)
-    result = dp_fedavg_aggregate(updates, max_update_norm=S, noise_multiplier=sigma,
-                                 expected_clients=qk, generator=torch.Generator().manual_seed(9))
+    result = dp_fedavg_aggregate(
+        updates,
+        max_update_norm=S,
+        noise_multiplier=sigma,
+        expected_clients=qk,
+        generator=torch.Generator().manual_seed(9),
+    )
     noise = torch.randn(15, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     noise = {"w": noise[:12].view(3, 4), "b": noise[12:]}
     clipped = [_clip_by_hand(u, S) for u in updates]
@@ -648,8 +653,14 @@ def test_dp_fedavg_aggregate_without_clients_is_pure_noise():
     low, high = stats.chi2.ppf([1e-6, 1 - 1e-6], df=x.size)
     assert low < float((x**2).sum()) / std**2 < high
     assert not low < float((x**2).sum()) / (std * qk) ** 2 < high  # undivided noise would fail
-    silent = dp_fedavg_aggregate([], max_update_norm=S, noise_multiplier=0.0, expected_clients=qk,
-                                 generator=torch.Generator(), parameter_shapes=shapes)
+    silent = dp_fedavg_aggregate(
+        [],
+        max_update_norm=S,
+        noise_multiplier=0.0,
+        expected_clients=qk,
+        generator=torch.Generator(),
+        parameter_shapes=shapes,
+    )
     assert all(v.dtype == torch.get_default_dtype() and not v.any() for v in silent.values())
 
 
@@ -705,10 +716,18 @@ _DP = dict(rounds=1, sample_rate=1.0, noise_multiplier=1.0, max_update_norm=1.0,
 _BAD = [
     # (which function, changed arguments, error type, message)
     ("both", {"clients": []}, ValueError, "clients must hold at least one client"),
-    ("both", {"clients": [_CLIENTS[0], _EMPTY]}, ValueError,
-     r"clients\[1\] x must hold at least one"),
-    ("both", {"clients": [_MISMATCHED]}, ValueError,
-     r"clients\[0\] x and clients\[0\] y must have the same"),
+    (
+        "both",
+        {"clients": [_CLIENTS[0], _EMPTY]},
+        ValueError,
+        r"clients\[1\] x must hold at least one",
+    ),
+    (
+        "both",
+        {"clients": [_MISMATCHED]},
+        ValueError,
+        r"clients\[0\] x and clients\[0\] y must have the same",
+    ),
     ("both", {"clients": _CLIENTS[0][0]}, TypeError, "clients must be a list of"),
     ("both", {"rounds": 0}, ValueError, "rounds must be >= 1"),
     ("both", {"rounds": 2.0}, TypeError, "rounds must be an integer"),
@@ -734,7 +753,7 @@ _BAD = [
 
 def _cases():
     for which, changes, error, match in _BAD:
-        for name in (["fedavg", "dp"] if which == "both" else [which]):
+        for name in ["fedavg", "dp"] if which == "both" else [which]:
             yield pytest.param(name, changes, error, match, id=f"{name}-{changes}"[:60])
 
 

@@ -225,10 +225,6 @@ def test_the_private_import_check_catches_what_it_should() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 8 is splitting dpsgd.py, federated.py and attacks.py; remove this mark when done",
-)
 def test_no_module_is_over_450_lines() -> None:
     """One idea per module: none over 450 lines (docstrings included)."""
     sizes = {

@@ -1,7 +1,8 @@
 """Privacy accounting for the Poisson-subsampled Gaussian mechanism (DP-SGD, DP-FedAvg).
 
 - :mod:`companion.accounting.rdp`: Renyi-DP analysis (:func:`compute_rdp`,
-  :func:`get_privacy_spent`) and the :class:`RDPAccountant`;
+  :func:`get_privacy_spent`), and :mod:`companion.accounting.rdp_accountant`: the
+  :class:`RDPAccountant` built on it;
 - :mod:`companion.accounting.pld`: the :class:`PLDAccountant` (privacy loss distributions,
   connect-the-dots discretisation, FFT composition): nearly tight, where RDP is loose;
 - :mod:`companion.accounting.calibration`: :func:`get_noise_multiplier`, the smallest noise
@@ -13,7 +14,8 @@ Everything is importable from ``companion.accounting`` directly.
 
 from companion.accounting.calibration import get_noise_multiplier
 from companion.accounting.pld import PLDAccountant
-from companion.accounting.rdp import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
+from companion.accounting.rdp import DEFAULT_ORDERS, compute_rdp, get_privacy_spent
+from companion.accounting.rdp_accountant import RDPAccountant
 from companion.accounting.steps import steps_for_epochs
 
 __all__ = [

@@ -68,7 +68,7 @@ def get_noise_multiplier(
     With the RDP accountant, even infinite noise cannot bring the bound below
     :math:`\min_\alpha \left[\log\frac{\alpha-1}{\alpha}
     - \frac{\log\delta + \log\alpha}{\alpha-1}\right]`
-    (the conversion of zero RDP; about 0.10 for ``delta = 1e-5`` and :data:`DEFAULT_ORDERS`), so a
+    (the conversion of zero RDP; about 0.10 for ``delta = 1e-5`` and ``DEFAULT_ORDERS``), so a
     target at or below that floor is refused at once.
 
     Args:
@@ -79,7 +79,7 @@ def get_noise_multiplier(
         epochs: instead of ``steps``: the number of epochs of
             :func:`companion.dpsgd.train_dpsgd`, turned into steps by
             :func:`~companion.accounting.steps_for_epochs` (the rule the training loop follows).
-        orders: the RDP orders, each > 1; by default :data:`DEFAULT_ORDERS` (used only with
+        orders: the RDP orders, each > 1; by default ``DEFAULT_ORDERS`` (used only with
             ``accountant="rdp"``).
         epsilon_tolerance: > 0, how far below the target the returned sigma's epsilon may be.
         accountant: ``"rdp"`` (the default, as before) or ``"pld"``: which accountant's epsilon

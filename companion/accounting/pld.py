@@ -92,9 +92,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import fft, special
+from scipy import special
 
 from companion._validation import check_delta, check_nonnegative, check_positive, check_probability
+from companion.accounting.pld_composition import MAX_GRID, compose, delta_at, epsilon_at
 
 __all__ = ["PLDAccountant"]
 
@@ -102,8 +103,6 @@ __all__ = ["PLDAccountant"]
 # One step's privacy loss is computed where the noise lies within _Z_TAIL standard deviations of
 # its centre; the mass beyond, Phi(-_Z_TAIL) ~ 1e-20 per step, goes to the infinite loss.
 _Z_TAIL = float(-special.ndtri(1e-20))
-# Refuse grids longer than this (an FFT of 2**24 points takes several hundred MB of memory).
-_MAX_GRID = 2**24
 _DIRECTIONS = ("remove", "add")
 
 
@@ -160,10 +159,10 @@ def _step_pmf(sigma: float, q: float, direction: str, h: float) -> tuple[int, np
     else:  # z ~ mu_0, mostly within [-c sigma, c sigma]; the loss decreases in z
         eps_low, eps_high = -loss_remove(_Z_TAIL * sigma), -loss_remove(-_Z_TAIL * sigma)
     low, high = min(math.floor(eps_low / h), -1), max(math.ceil(eps_high / h), 1)
-    if high - low + 1 > _MAX_GRID:
+    if high - low + 1 > MAX_GRID:
         raise ValueError(
             f"noise_multiplier={sigma} is too small for value_discretization_interval={h}: one "
-            f"step's privacy loss spans {high - low + 1} grid points (at most {_MAX_GRID}). Use a "
+            f"step's privacy loss spans {high - low + 1} grid points (at most {MAX_GRID}). Use a "
             "larger value_discretization_interval."
         )
     eps = np.arange(low, high + 1) * h
@@ -182,136 +181,6 @@ def _step_pmf(sigma: float, q: float, direction: str, h: float) -> tuple[int, np
     masses[1:-1] = np.exp(eps[1:-1]) * drops
     masses[-1] = np.exp(eps[-1]) * slope_above[-1]
     return low, np.maximum(masses, 0.0), float(delta[-1])
-
-
-# --- composition --------------------------------------------------------------------------------
-
-
-def _window(entries: list[tuple[int, np.ndarray, float, int]], tail: float) -> tuple[int, int]:
-    r"""Index bounds ``[lo, hi]`` of the composed sum outside which its mass is below ``tail``.
-
-    Chernoff: :math:`P(S \ge u) \le \exp(\Lambda(\lambda) - \lambda u)` for :math:`\lambda > 0`
-    (:math:`P(S \le u)` for :math:`\lambda < 0`), :math:`\Lambda` the sum of the steps' log moment
-    generating functions; ``tail / 2`` a side, minimised over :math:`|\lambda| = s\,2^k` (``k`` in
-    steps of 2 from -8 to 8, then of 1/2 around the best; :math:`s` optimal for a normal sum).
-    """
-    variance, top = 0.0, 0
-    for _, p, _, count in entries:
-        j = np.arange(p.size)
-        mass = p.sum()
-        mean = (j @ p) / mass
-        variance += count * (((j - mean) ** 2) @ p) / mass
-        top += count * (p.size - 1)
-    if variance <= 0:
-        return 0, top
-    log_two_over_tail = math.log(2 / tail)
-    scale = math.sqrt(2 * log_two_over_tail / variance)
-    logs = [
-        (np.log(p[p > 0]), np.flatnonzero(p).astype(float), count) for _, p, _, count in entries
-    ]
-
-    def bound(lam: float) -> float:  # the u with exp(Lambda(lam) - lam u) = tail / 2
-        total = 0.0
-        for log_p, j, count in logs:
-            exponents = log_p + lam * j
-            top_exponent = exponents.max()
-            total += count * (top_exponent + math.log(np.exp(exponents - top_exponent).sum()))
-        value = (total + log_two_over_tail) / lam
-        return value if math.isfinite(value) else (top if lam > 0 else 0.0)
-
-    ends = []
-    for sign in (1.0, -1.0):
-        best = min(range(-8, 9, 2), key=lambda k: sign * bound(sign * scale * 2.0**k))
-        fine = np.arange(best - 1.5, best + 1.75, 0.5)
-        ends.append(min(sign * bound(sign * scale * 2.0**k) for k in fine) * sign)
-    return max(0, math.floor(ends[1])), min(top, math.ceil(ends[0]))
-
-
-def _power(spectrum: np.ndarray, count: int) -> np.ndarray:
-    """``spectrum ** count``; entries below ``e**-800`` (most, for many steps) are set to 0."""
-    if count == 1:
-        return spectrum
-    out = np.zeros_like(spectrum)
-    with np.errstate(divide="ignore"):
-        keep = count * 0.5 * np.log(spectrum.real**2 + spectrum.imag**2) > -800.0
-    out[keep] = np.exp(count * np.log(spectrum[keep]))
-    return out
-
-
-def _compose(
-    entries: list[tuple[int, np.ndarray, float, int]], tail: float
-) -> tuple[int, np.ndarray, float]:
-    """``count`` copies of each ``(low, masses, infinity, count)`` composed by FFT, as ``(low,
-    masses, infinity)``; the mass outside the window (at most ``tail``) goes to infinity."""
-    log_finite = sum(  # log of the probability that no loss is infinite
-        count * math.log1p(-infinity) if infinity < 1 else -math.inf
-        for _, _, infinity, count in entries
-    )
-    offset = sum(count * low for low, _, _, count in entries)
-    if log_finite == -math.inf:  # some step releases the data outright (no noise, q = 1)
-        return 0, np.zeros(1), 1.0
-    if len(entries) == 1 and entries[0][3] == 1:  # one step: nothing to compose
-        return entries[0][0], entries[0][1], entries[0][2]
-    lo, hi = _window(entries, tail)
-    size = fft.next_fast_len(max(hi - lo + 1, max(p.size for _, p, _, _ in entries)), real=True)
-    if size > _MAX_GRID:
-        raise ValueError(
-            f"the composed privacy loss distribution needs {size} grid points (at most "
-            f"{_MAX_GRID}); use a larger value_discretization_interval."
-        )
-    spectrum = np.ones(size // 2 + 1, dtype=complex)
-    for _, p, _, count in entries:
-        spectrum *= _power(fft.rfft(p, size), count)
-    # Start the circular result at index lo: masses[t] = result[(lo + t) mod size], a phase shift.
-    nonzero = np.flatnonzero(spectrum)
-    spectrum[nonzero] *= np.exp(2j * math.pi * ((nonzero * (lo % size)) % size) / size)
-    masses = fft.irfft(spectrum, size)
-    np.maximum(masses, 0.0, out=masses)  # rounding leaves tiny negative masses
-    infinity = min(1.0, -math.expm1(log_finite) + tail)
-    return offset + lo, masses, infinity
-
-
-def _delta(low: int, masses: np.ndarray, infinity: float, h: float, epsilon: float) -> float:
-    r"""The hockey-stick divergence :math:`\delta(\varepsilon)` of a discrete PLD."""
-    start = min(masses.size, max(0, math.floor(epsilon / h) - low))  # losses below are <= epsilon
-    p = masses[start:]
-    losses = (low + start + np.arange(p.size)) * h
-    above = losses > epsilon
-    return float(min(1.0, infinity + p[above] @ -np.expm1(epsilon - losses[above])))
-
-
-def _epsilon(low: int, masses: np.ndarray, infinity: float, h: float, delta: float) -> float:
-    r"""The smallest :math:`\varepsilon \ge 0` with :math:`\delta(\varepsilon) \le` ``delta``."""
-    if infinity > delta:
-        return math.inf
-    start = min(masses.size, max(0, 1 - low))  # the first index with a positive loss
-    p = masses[start:]
-    losses = (low + start + np.arange(p.size)) * h
-    if p.size == 0:
-        return 0.0
-    # On [losses[j-1], losses[j]) (j = 0: [0, losses[0])) delta(eps) = upper[j] - e^eps lower[j]
-    # (module docstring). delta(losses[k]) <= upper[k + 1] <= delta: the answer is <= losses[k].
-    upper = infinity + np.cumsum(p[::-1])[::-1]
-    k = int(np.argmax(np.append(upper[1:], infinity) <= delta))
-    # delta(eps) >= infinity + (1 - e^(eps - losses[m])) (upper[m] - infinity), so the answer is
-    # above losses[m] - log 4 where upper[m] - infinity >= 2 (delta - infinity), and above
-    # losses[k] - 700 (up to e**-700): only indices from ``first`` matter, and the factors of
-    # lower[j] = e^-losses[k] scaled[j] stay below e**700.
-    m = int(np.searchsorted(-upper, -(infinity + 2 * (delta - infinity)), side="right")) - 1
-    first = max(0, k - math.floor(700 / h), m - math.ceil(math.log(4) / h) - 1)
-    beyond = float(p[k + 1 :] @ np.exp(losses[k] - losses[k + 1 :]))  # factors below 1
-    scaled = (
-        beyond
-        + np.cumsum((p[first : k + 1] * np.exp(losses[k] - losses[first : k + 1]))[::-1])[::-1]
-    )
-    left = np.concatenate(([0.0], losses[:-1]))[first : k + 1]
-    at_left = upper[first : k + 1] - np.exp(left - losses[k]) * scaled
-    above = np.flatnonzero(at_left > delta)
-    if above.size == 0:  # delta(0) <= delta, or (only by rounding) the answer is below left[0]
-        return 0.0 if first == 0 else float(losses[k])  # losses[k] is an upper bound
-    j = int(above[-1])
-    eps = math.log(upper[first + j] - delta) + losses[k] - math.log(scaled[j])
-    return float(min(max(eps, left[j]), losses[first + j]))
 
 
 class PLDAccountant:
@@ -383,7 +252,7 @@ class PLDAccountant:
 
     @property
     def history(self) -> tuple[tuple[float, float, int], ...]:
-        """The compressed history: ``(noise_multiplier, sample_rate, count)`` entries in order."""
+        """Compressed history, as ``(noise_multiplier, sample_rate, count)`` entries in order."""
         return tuple(self._history)
 
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
@@ -421,7 +290,7 @@ class PLDAccountant:
                         if len(self._step_cache) < 64:  # bounded: each holds ~1e5 floats
                             self._step_cache[(sigma, q, direction)] = pmf
                     entries.append((*pmf, count))
-                self._composed[direction] = _compose(entries, self._tail)
+                self._composed[direction] = compose(entries, self._tail)
         return self._composed
 
     def get_delta(self, epsilon: float) -> float:
@@ -439,7 +308,7 @@ class PLDAccountant:
         epsilon = check_nonnegative("epsilon", epsilon)
         if not self._history:
             return 0.0
-        return max(_delta(*pld, self._h, epsilon) for pld in self._distributions().values())
+        return max(delta_at(*pld, self._h, epsilon) for pld in self._distributions().values())
 
     def get_epsilon(self, delta: float) -> float:
         """The epsilon spent so far at ``delta``.
@@ -457,7 +326,7 @@ class PLDAccountant:
         delta = check_delta(delta)
         if not self._history:
             return 0.0
-        return max(_epsilon(*pld, self._h, delta) for pld in self._distributions().values())
+        return max(epsilon_at(*pld, self._h, delta) for pld in self._distributions().values())
 
     def get_privacy_spent(self, *, delta: float) -> tuple[float, float]:
         """The interface of :meth:`companion.accounting.RDPAccountant.get_privacy_spent`.

@@ -95,6 +95,7 @@ minimum over the orders. It improves Mironov's original :math:`\rho + \log(1/\de
     ``"rdp"`` and ``"prv"``), whose RDP numbers this module reproduces (see the tests).
 
 Example:
+    >>> from companion.accounting import RDPAccountant
     >>> accountant = RDPAccountant()
     >>> for _ in range(1000):
     ...     accountant.step(noise_multiplier=1.1, sample_rate=256 / 60000)
@@ -121,7 +122,6 @@ from companion._validation import (
 
 __all__ = [
     "DEFAULT_ORDERS",
-    "RDPAccountant",
     "compute_rdp",
     "get_privacy_spent",
 ]
@@ -315,6 +315,8 @@ def compute_rdp(
       any Gaussian noise, so ``inf`` (0 when ``q == 0``);
     - ``steps == 0``: nothing was released, so 0 at every order (even with no noise).
 
+    See the chapter's section :ref:`sec-dpsgd-accounting`.
+
     Args:
         q: the sampling rate, in [0, 1].
         noise_multiplier: :math:`\sigma`, the noise standard deviation divided by the L2
@@ -380,6 +382,12 @@ def get_privacy_spent(
     Returns:
         ``(epsilon, best_order)``, two floats.
 
+    Raises:
+        TypeError: if ``orders``, ``rdp`` or ``delta`` is not a real number (or a sequence of
+            them).
+        ValueError: if an order is not > 1, an RDP value is negative or NaN, the sequences are
+            empty or of different lengths, or ``delta`` is not in (0, 1).
+
     Example:
         >>> orders = DEFAULT_ORDERS
         >>> rdp = compute_rdp(q=0.01, noise_multiplier=1.0, steps=1000, orders=orders)
@@ -406,90 +414,14 @@ def get_privacy_spent(
     return max(float(eps[best]), 0.0), float(orders_vec[best])
 
 
-class RDPAccountant:
-    r"""Track the privacy spent by a run of DP-SGD, one step at a time, with RDP.
+def __getattr__(name: str) -> object:
+    """``from companion.accounting.rdp import RDPAccountant`` still works (PEP 562).
 
-    Each call to :meth:`step` records one step of the Poisson-subsampled Gaussian mechanism. The
-    history is kept compressed, as in Opacus: consecutive steps with the same
-    ``(noise_multiplier, sample_rate)`` share one entry ``(noise_multiplier, sample_rate, count)``,
-    so a training run of any length costs a few entries, and :meth:`step` does no numerical work.
-    The RDP is computed only when epsilon is asked for: by composition (Mironov 2017,
-    Proposition 1) it is the sum over entries of ``count`` times the RDP of one step, then
-    converted with :func:`get_privacy_spent`. The one-step RDP of each distinct
-    ``(noise_multiplier, sample_rate)`` is cached in the instance, so asking again after more steps
-    is cheap. There is no shared state between accountants.
-
-    Unlike Opacus, whose ``len(accountant)`` is the number of history entries, ``len`` here is the
-    number of steps taken.
-
-    Args:
-        orders: the RDP orders to track, each > 1 (``inf`` allowed); by default
-            :data:`DEFAULT_ORDERS`, those of Opacus.
-
-    Example:
-        >>> accountant = RDPAccountant()
-        >>> for _ in range(100):
-        ...     accountant.step(noise_multiplier=1.0, sample_rate=0.01)
-        >>> len(accountant), accountant.history
-        (100, ((1.0, 0.01, 100),))
+    The accountant lives in :mod:`companion.accounting.rdp_accountant`, which imports this
+    module; it is loaded here on first use, so there is no import cycle.
     """
+    if name == "RDPAccountant":
+        from companion.accounting.rdp_accountant import RDPAccountant
 
-    def __init__(self, orders: Iterable[float] | np.ndarray = DEFAULT_ORDERS) -> None:
-        order_array, scalar = check_orders(orders)
-        if scalar:
-            raise TypeError("orders must be a sequence of orders, not a single number.")
-        self._orders = order_array
-        self._history: list[tuple[float, float, int]] = []
-        self._steps = 0
-        self._rdp_cache: dict[tuple[float, float], np.ndarray] = {}
-
-    @property
-    def orders(self) -> tuple[float, ...]:
-        """The RDP orders this accountant tracks."""
-        return tuple(float(a) for a in self._orders)
-
-    @property
-    def history(self) -> tuple[tuple[float, float, int], ...]:
-        """The compressed history: ``(noise_multiplier, sample_rate, count)`` entries, in order."""
-        return tuple(self._history)
-
-    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
-        """Record one step with the given noise multiplier (>= 0) and sample rate (in (0, 1])."""
-        sigma = check_nonnegative("noise_multiplier", noise_multiplier)
-        q = check_probability("sample_rate", sample_rate, allow_zero=False)
-        if self._history and self._history[-1][:2] == (sigma, q):
-            self._history[-1] = (sigma, q, self._history[-1][2] + 1)
-        else:
-            self._history.append((sigma, q, 1))
-        self._steps += 1
-
-    def _rdp(self) -> np.ndarray:
-        """The RDP of all steps so far, at each order."""
-        total = np.zeros_like(self._orders)
-        for sigma, q, count in self._history:
-            per_step = self._rdp_cache.get((sigma, q))
-            if per_step is None:
-                per_step = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=self._orders)
-                self._rdp_cache[(sigma, q)] = per_step
-            total += count * per_step
-        return total
-
-    def get_privacy_spent(self, *, delta: float) -> tuple[float, float]:
-        """``(epsilon, best_order)`` for the steps so far at the given delta in (0, 1).
-
-        With no steps taken nothing has been released: the result is ``(0.0, nan)``.
-        """
-        delta = check_delta(delta)
-        if not self._history:
-            return 0.0, math.nan
-        return get_privacy_spent(orders=self._orders, rdp=self._rdp(), delta=delta)
-
-    def get_epsilon(self, delta: float) -> float:
-        """The epsilon spent so far at the given delta in (0, 1); 0.0 before any step."""
-        return self.get_privacy_spent(delta=delta)[0]
-
-    def __len__(self) -> int:
-        return self._steps
-
-    def __repr__(self) -> str:
-        return f"RDPAccountant(steps={self._steps}, history={self.history!r})"
+        return RDPAccountant
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

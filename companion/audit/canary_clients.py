@@ -189,9 +189,9 @@ def two_gaussians_epsilon(
         return 0.0
     high = 1.0
     while excess(high) > 0:
-        if high > 700:
-            return math.inf
         high *= 2.0
+        if high > 700:  # e^eps would overflow: the distributions are (nearly) disjoint
+            return math.inf
     return float(optimize.brentq(excess, high / 2 if high > 1 else 0.0, high, xtol=1e-10))
 
 
@@ -302,7 +302,7 @@ def audit_dp_fedavg(
             non-empty).
         canary_norm: :math:`c`, > 0; by default :math:`10 S`, so that skipped clipping shows.
         confidence: of the bound, in (0, 1).
-        aggregate: the round under audit, an :data:`Aggregate`; by default
+        aggregate: the round under audit, an ``Aggregate``; by default
             :func:`dp_fedavg_noisy_mean` with ``expected_clients`` = :math:`qK`.
         seed: seed of the canaries, sampling and noise; ``None`` for fresh entropy.
 

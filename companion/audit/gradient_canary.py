@@ -292,7 +292,7 @@ def audit_dpsgd(
             squared gradients (the first such one). DP protects every example against an
             adversary who knows all the others, so choosing :math:`j` from the data is allowed.
         confidence: of the bound, in (0, 1).
-        step: the mechanism under audit, a :data:`NoisyStep`; by default :func:`dpsgd_noisy_sum`.
+        step: the mechanism under audit, a ``NoisyStep``; by default :func:`dpsgd_noisy_sum`.
         seed: seed of the audit's sampling and noise (the step's ``generator``); ``None`` for
             fresh entropy. Fix it to reproduce an audit.
 

@@ -8,8 +8,9 @@ and Bassily, Smith and Thakurta 2014) changes one step of SGD in three ways.
    independently with probability :math:`q` (``sample_rate``), so the batch size is random,
    :math:`|B| \sim \mathrm{Binomial}(N, q)`, and may even be zero (:func:`poisson_sample`).
 2. **Per-example clipping.** Every example's gradient :math:`g_i = \nabla_\theta
-   \ell(\theta; x_i, y_i)` is computed separately (:func:`per_example_gradients`) and scaled to
-   L2 norm at most :math:`C` (``max_grad_norm``), the norm taken over *all* parameters at once:
+   \ell(\theta; x_i, y_i)` is computed separately
+   (:func:`~companion.per_example.per_example_gradients`) and scaled to L2 norm at most
+   :math:`C` (``max_grad_norm``), the norm taken over *all* parameters at once:
 
    .. math::
        :label: dpsgd-clip

@@ -16,7 +16,7 @@ same result (the tests check both against a plain loop over examples):
   examples independently, at the price of materialising :math:`B` copies of the gradient.
 - ``method="layerwise"``: hooks on the layers capture, in one forward and one backward pass, each
   layer's input :math:`a_i` and the gradient :math:`b_i` of the summed loss with respect to its
-  output. A table of per-layer rules (:data:`LAYER_RULES`, one small function per layer type, the
+  output. A table of per-layer rules (``LAYER_RULES``, one small function per layer type, the
   pattern of Opacus's ``register_grad_sampler``) turns them into each example's squared gradient
   norm and, once the clipping factors :math:`f_i` are known, into the clipped sum, without a
   second backward pass ("book-keeping", Bu, Wang, Zha and Karypis 2023, "Differentially Private

@@ -245,7 +245,7 @@ def clipped_gradient_sum(
 
     ``method="vmap"`` is :func:`per_example_gradients` followed by :func:`clip_and_sum`.
     ``method="layerwise"`` gets the same numbers from one forward and one backward pass with the
-    rules of :data:`LAYER_RULES`, and raises ``ValueError`` naming every trainable layer without
+    rules of ``LAYER_RULES``, and raises ``ValueError`` naming every trainable layer without
     a rule. ``method="auto"`` uses the rules where they apply and ``vmap`` for the other layers'
     parameters only, with a warning naming them.
 

@@ -1,0 +1,387 @@
+r"""DP-FedAvg with SecAgg+: the server learns only the sum of the clipped updates, then adds noise.
+
+In :mod:`companion.flower.server_app` the server receives every update in the clear, clips it
+and adds the noise (central DP with a trusted server). Here the clients clip their own update
+to L2 norm :math:`S` and hand it to Flower's SecAgg+ protocol (Bell, Bonawitz, Gascón,
+Lepoint and Raykova 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead",
+ACM CCS; in Flower 1.42 only the legacy workflow has it: ``SecAggPlusWorkflow`` on the server,
+``secaggplus_mod`` on the clients). Each client quantizes its update, adds pairwise masks that
+cancel in the sum (:mod:`companion.secure_aggregation` shows the idea in miniature) and a
+private mask whose seed it secret-shares, so the server can unmask the sum, and only the sum,
+even if some clients drop out. The server then adds :math:`\mathcal N(0, \sigma^2 S^2 I)` and
+divides by the fixed :math:`qK`, as :func:`companion.federated.dp_fedavg_aggregate` does; the
+sensitivity is still :math:`S`, so the accountant is unchanged.
+
+**Ranges, chosen for our models.** After clipping, every coordinate of an update lies in
+:math:`[-S, S]` (a coordinate is at most the L2 norm), so the quantizer's clipping range is
+:math:`S` (``clipping_range = max_update_norm``; Flower's default of 8 would waste a factor
+:math:`8/S` of resolution, and a range below :math:`S` would clip coordinates a second time).
+Each coordinate is rounded stochastically to one of :math:`2^{22}` levels (Flower's default
+``quantization_range``), a step of :math:`2S / 2^{22}` (4.8e-7 for :math:`S = 1`), and the
+masked sum lives in the integers modulo :math:`2^{32}`, which holds the sum of up to
+:math:`2^{32}/2^{22} = 1024` clients without wrapping. Every client sends weight 1
+(``max_weight = 1``: the server must not weight by private data sizes, and a weight below
+``max_weight`` would scale the update down before quantization and lose precision), so the
+unmasked sum differs from the plain sum of the clipped updates by less than :math:`m` steps per
+coordinate for :math:`m` clients, far below the noise :math:`\sigma S`.
+
+**Limits.** SecAgg+ needs at least two sampled clients (with one, the sum is the update).
+Poisson sampling can draw fewer; skipping such a round would double the sensitivity of the next
+(a lone client's update would be dropped in one neighbour and not the other), so the run stops
+with an error instead: choose :math:`q` and :math:`K` so that this is unlikely. The ServerApp
+records everything it receives, so that a test can check that no reply holds an update in the
+clear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    Status,
+    bytes_to_ndarray,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid, ServerApp
+
+from companion._random import torch_generator
+from companion._torch import add_to_model, evaluate_model, trainable_named
+from companion.accounting import RDPAccountant
+from companion.dpsgd import add_gaussian_noise
+from companion.federated import local_update
+from companion.flower import client_app as plain_client
+from companion.flower.partitions import node_data, node_partition
+from companion.flower.records import save_round, write_json
+from companion.flower.server_app import connect_clients
+from companion.flower.task import (
+    FederatedSetup,
+    build_model,
+    held_out_data,
+    sample_clients,
+    shuffle_seed,
+)
+from companion.per_example import clip_factors
+
+__all__ = [
+    "QUANTIZATION_RANGE",
+    "client_app",
+    "clip_update",
+    "main",
+    "run_secagg_server",
+    "secagg_workflow",
+    "server_app",
+    "train",
+]
+
+QUANTIZATION_RANGE = 2**22
+"""Quantization levels per coordinate (Flower's default); the sum lives modulo 2**32."""
+
+# --- the client --------------------------------------------------------------------------------
+
+client_app = ClientApp()
+client_app.query()(plain_client.query)
+
+
+@client_app.train(mods=[secaggplus_mod])
+def train(message: Message, context: Context) -> Message:
+    """Local training, then clip the update to S; ``secaggplus_mod`` masks what this returns."""
+    torch.set_num_threads(1)
+    setup = FederatedSetup.from_run_config(context.run_config)
+    node_partition(context.node_config, setup)  # checks the node's part against the run
+    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    config = fitins.config
+    model = build_model(setup)
+    names = [name for name, _ in trainable_named(model)]
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    model.load_state_dict({n: torch.from_numpy(a) for n, a in zip(names, arrays, strict=True)})
+    x, y = node_data(context.node_config, setup)
+    seed = int(config["shuffle-seed"])
+    update = local_update(
+        model, x, y, epochs=int(config["epochs"]), batch_size=int(config["batch-size"]) or None,
+        lr=float(config["lr"]), seed=None if seed == -1 else seed,
+    )  # fmt: skip
+    clipped = clip_update(update, max_update_norm=setup.max_update_norm)
+    fitres = FitRes(
+        Status(Code.OK, ""), ndarrays_to_parameters([v.numpy() for v in clipped.values()]), 1, {}
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
+
+
+def clip_update(
+    update: dict[str, torch.Tensor], *, max_update_norm: float
+) -> dict[str, torch.Tensor]:
+    """The update times :math:`\\min(1, S / (\\lVert u \\rVert_2 + 10^{-6}))`, the norm over all
+    parameters: the factor and the arithmetic of :func:`companion.federated.dp_fedavg_aggregate`.
+
+    Args:
+        update: name -> tensor, as :func:`companion.federated.local_update` returns it.
+        max_update_norm: :math:`S`, > 0.
+
+    Returns:
+        A new dict; its L2 norm over all tensors is at most :math:`S`.
+
+    Raises:
+        ValueError: if ``max_update_norm`` is not > 0.
+
+    Example:
+        >>> clip_update({"w": torch.tensor([3.0, 4.0])}, max_update_norm=1.0)["w"]
+        tensor([0.6000, 0.8000])
+    """
+    norms = torch.stack([torch.linalg.vector_norm(value) for value in update.values()])
+    factor = float(clip_factors(torch.linalg.vector_norm(norms), max_grad_norm=max_update_norm))
+    return {name: value * factor for name, value in update.items()}
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+class _PoissonStrategy(Strategy):
+    """The legacy strategy the SecAgg+ workflow calls: our sampling in, the secure sum out."""
+
+    def __init__(self, grid: Grid, setup: FederatedSetup, nodes: dict[int, int]) -> None:
+        self.grid, self.setup, self.nodes = grid, setup, nodes
+        self.rng = np.random.default_rng(setup.seed_or_none)
+        self.sampled: list[int] = []
+        self.secure_sum: list[np.ndarray] | None = None
+        self.contributors = 0
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        setup = self.setup
+        self.sampled = sample_clients(setup, self.rng)
+        self.secure_sum = None
+        run_id = self.grid.run.run_id
+        return [
+            (
+                GridClientProxy(self.nodes[k], self.grid, run_id),
+                FitIns(
+                    parameters,
+                    {
+                        "shuffle-seed": shuffle_seed(setup, server_round, k),
+                        "epochs": setup.local_epochs,
+                        "batch-size": setup.batch_size,
+                        "lr": setup.lr,
+                    },
+                ),
+            )  # fmt: skip
+            for k in self.sampled
+        ]
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: Any
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        # SecAgg+ hands every result the same parameters: the unmasked average (weights 1).
+        self.contributors = len(results)
+        average = parameters_to_ndarrays(results[0][1].parameters)
+        self.secure_sum = [a * self.contributors for a in average]
+        return None, {}
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: Any
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+
+class _RecordingGrid(Grid):
+    """A Grid that keeps every reply the server receives (to show what the server sees)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.received: list[Message] = []
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        self.received.extend(replies)
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.received.extend(replies)
+        return replies
+
+
+def secagg_workflow(setup: FederatedSetup) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow with the ranges stated in the module docstring.
+
+    Every sampled client shares its secrets with all others (``num_shares=1.0``), two thirds
+    of them (at least 2) can reconstruct a dropped client's masks, weights are 1, the
+    quantizer covers :math:`[-S, S]` with :math:`2^{22}` levels, the ring is
+    :math:`\\mathbb Z_{2^{32}}`, and each stage waits at most ``round_timeout`` seconds.
+
+    Example:
+        >>> workflow = secagg_workflow(FederatedSetup(max_update_norm=2.0))
+        >>> workflow.clipping_range, workflow.quantization_range, workflow.max_weight
+        (2.0, 4194304, 1.0)
+    """
+    return SecAggPlusWorkflow(
+        num_shares=1.0, reconstruction_threshold=2 / 3, max_weight=1.0,
+        clipping_range=setup.max_update_norm, quantization_range=QUANTIZATION_RANGE,
+        modulus_range=2**32, timeout=setup.round_timeout,
+    )  # fmt: skip
+
+
+def _what_the_server_saw(replies: list[Message]) -> dict[str, Any]:
+    """All replies of a round: how many arrays their ArrayRecords held, and the masked
+    vectors (one per client that sent one, flattened: the weight factor, then the update)."""
+    arrays, masked = 0, []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        arrays += sum(len(record) for record in reply.content.array_records.values())
+        for record in reply.content.config_records.values():
+            if SecAggKey.MASKED_PARAMETERS in record:
+                parts = [bytes_to_ndarray(b) for b in record[SecAggKey.MASKED_PARAMETERS]]
+                masked.append(np.concatenate([part.ravel() for part in parts]))
+    return {"replies": len(replies), "array_count": arrays, "masked": np.stack(masked)}
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The SecAgg+ ServerApp's main function: DP-FedAvg for ``rounds`` rounds (the run
+    config's ``algorithm`` is ignored); records as the plain ServerApp writes them, plus per
+    round ``secure-sum-<t>.pt`` (the unmasked sum) and ``received-<t>.npz`` (what the
+    replies held)."""
+    torch.set_num_threads(1)
+    setup = FederatedSetup.from_run_config(context.run_config).replace(algorithm="dp-fedavg")
+    try:
+        history = run_secagg_server(grid, context, setup)
+    except Exception as error:
+        write_json(setup, "error.json", {"error": f"{type(error).__name__}: {error}"})
+        raise
+    write_json(setup, "done.json", {"algorithms": ["dp-fedavg"], "rounds": len(history)})
+
+
+def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> list[dict[str, Any]]:
+    """The rounds of DP-FedAvg with SecAgg+ (see the module docstring).
+
+    Args:
+        grid: the ServerApp's Grid.
+        context: the ServerApp's Context (the legacy workflow keeps its state there).
+        setup: the run; ``seed=-1`` for fresh entropy (a seed given is a secret).
+
+    Returns:
+        One record per round: ``"round"``, ``"sampled"``, ``"contributors"`` (clients whose
+        masked update entered the sum), ``"epsilon"``, ``"delta"``, ``"test_accuracy"``,
+        ``"test_loss"``, ``"quantization_step"``.
+
+    Raises:
+        RuntimeError: if SecAgg+ could not aggregate a round (fewer than 2 clients sampled,
+            or too few survivors to unmask).
+        TimeoutError, ValueError: from :func:`companion.flower.server_app.connect_clients`.
+
+    Example:
+        >>> run_secagg_server(grid, context, FederatedSetup(seed=0))  # doctest: +SKIP
+    """
+    nodes = connect_clients(grid, setup)
+    recording = _RecordingGrid(grid)
+    strategy = _PoissonStrategy(recording, setup, nodes)
+    legacy = LegacyContext(context, ServerConfig(num_rounds=setup.rounds), strategy)
+    workflow = secagg_workflow(setup)
+    model = build_model(setup)
+    params = trainable_named(model)
+    noise = torch_generator(setup.seed_or_none)
+    accountant = RDPAccountant()
+    x_test, y_test = held_out_data()
+    history: list[dict[str, Any]] = []
+    for round_ in range(1, setup.rounds + 1):
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: round_})
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
+            [p.detach().numpy() for _, p in params]
+        )
+        recording.received.clear()
+        workflow(recording, legacy)
+        if strategy.secure_sum is None:
+            raise RuntimeError(
+                f"SecAgg+ did not aggregate round {round_} ({len(strategy.sampled)} clients "
+                "sampled; it needs at least 2 and enough survivors to unmask): stopping rather "
+                "than releasing a round the accountant does not cover."
+            )
+        total = {
+            name: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(p.shape)
+            for (name, p), a in zip(params, strategy.secure_sum, strict=True)
+        }
+        secure_sum = {name: value.clone() for name, value in total.items()}
+        add_gaussian_noise(total, std=setup.noise_multiplier * setup.max_update_norm,
+                           generator=noise)  # fmt: skip
+        expected = setup.sample_rate * setup.num_clients
+        add_to_model(model, {k: v / expected for k, v in total.items()}, setup.server_lr)
+        accountant.step(noise_multiplier=setup.noise_multiplier, sample_rate=setup.sample_rate)
+        scores = evaluate_model(model, x_test, y_test, loss="cross_entropy")
+        record = {
+            "round": round_, "sampled": strategy.sampled, "contributors": strategy.contributors,
+            "epsilon": accountant.get_epsilon(setup.delta), "delta": setup.delta,
+            "test_accuracy": scores["accuracy"], "test_loss": scores["loss"],
+            "quantization_step": 2 * setup.max_update_norm / QUANTIZATION_RANGE,
+        }  # fmt: skip
+        history.append(record)
+        save_round(setup, history, model)
+        if setup.output_dir:
+            seen = _what_the_server_saw(recording.received)
+            folder = Path(setup.output_dir) / setup.algorithm
+            torch.save(secure_sum, folder / f"secure-sum-{round_}.pt")
+            np.savez(folder / f"received-{round_}.npz", **seen)
+        print(
+            f"secagg round {round_}: {strategy.contributors} clients, test accuracy "
+            f"{record['test_accuracy']:.4f}, epsilon {record['epsilon']:.3f}",
+            flush=True,
+        )
+    return history

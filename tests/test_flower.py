@@ -1,0 +1,322 @@
+"""Tests of companion.flower: FedAvg and DP-FedAvg on Flower give the in-process training.
+
+Three ways to run the same training must give the same global model round by round:
+:mod:`companion.federated` in one process, Flower's simulation engine, and a deployment of a
+SuperLink and three SuperNodes on 127.0.0.1. The references are computed here, independently
+of the Flower apps: the in-process loops, or a round written out by hand from the documented
+streams (Poisson sampling with ``numpy.random.default_rng(seed)``, client ``k``'s shuffling in
+round ``t`` from ``SeedSequence((seed, t, k))``, one standard-normal draw per round over all
+parameters from ``torch.Generator().manual_seed(seed)``), the clipping factor
+``min(1, S / (norm + 1e-6))`` and the noisy sum divided by the fixed ``qK``. Without secure
+aggregation every step is the same float32 arithmetic in the same order, so the runs agree to
+the last bit; the tolerance 1e-6 is far below any error the tests are there to catch (a missing
+client, a wrong denominator or a skipped clip moves weights by 1e-2 or more, as the negative
+controls show). With SecAgg+ each client's clipped update is rounded stochastically to a grid
+of step 2S / 2^22, so the sum is exact to m such steps for m clients (plus float32 rounding).
+
+The processes are started once per module (the deployment fixture), and the tests that share
+it run in file order: the node that never joins, SecAgg+, then the long run in which a client
+raises and a SuperNode is killed (it must come last: it leaves two nodes). The module took
+3 min 16 s and 4 min on the two-core machine while other work ran on it (load 4 to 7), most of
+it process start-up: each Flower message starts a ClientApp process that imports torch, and the
+simulation starts Ray; marked ``flower``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import tomllib
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+pytest.importorskip("flwr")
+
+from companion import training  # noqa: E402
+from companion.accounting import RDPAccountant  # noqa: E402
+from companion.federated import local_update  # noqa: E402
+from companion.flower.deploy import APP_DIR, FlowerRunError, LocalFederation  # noqa: E402
+from companion.flower.partitions import load_partition, save_partition  # noqa: E402
+from companion.flower.task import (  # noqa: E402
+    FederatedSetup,
+    build_model,
+    client_data,
+    run_in_process,
+)
+
+pytestmark = pytest.mark.flower
+
+SECAGG_APP_DIR = APP_DIR.parent / "secagg_app"
+RECORDED_RUN = APP_DIR.parent / "recorded_run.json"
+TOL = 1e-6  # see the module docstring
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _max_diff(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _stream_seed(seed, round_, client):
+    """The documented stream of client ``client``'s shuffling in round ``round_``."""
+    return int(np.random.SeedSequence((seed, round_, client)).generate_state(1)[0])
+
+
+def _clip(update, S):
+    norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in update.values()))
+    return {k: v * min(1.0, S / (norm + 1e-6)) for k, v in update.items()}
+
+
+def _updates_by_hand(setup, weights, round_, clients):
+    """Each client's local update from ``weights`` in round ``round_``, as the loops train."""
+    model = build_model(setup)
+    model.load_state_dict(weights)
+    return {
+        k: local_update(model, *client_data(setup, k), epochs=setup.local_epochs,
+                        batch_size=setup.batch_size_or_none, lr=setup.lr,
+                        seed=_stream_seed(setup.seed, round_, k))
+        for k in clients
+    }  # fmt: skip
+
+
+def _dp_round_by_hand(setup, weights, round_, present):
+    """Round ``round_`` of DP-FedAvg from ``weights`` with only the clients in ``present``
+    contributing: sampling, noise stream and arithmetic written out."""
+    rng = np.random.default_rng(setup.seed)
+    for _ in range(round_):
+        draws = rng.random(setup.num_clients)
+    sampled = [int(k) for k in np.flatnonzero(draws < setup.sample_rate)]
+    generator = torch.Generator().manual_seed(setup.seed)
+    size = sum(v.numel() for v in weights.values())
+    for _ in range(round_):  # the noise of rounds 1 .. round_ - 1, then this round's
+        noise = torch.randn(size, generator=generator, dtype=torch.float32)
+    contributing = [k for k in sampled if k in present]
+    updates = _updates_by_hand(setup, weights, round_, contributing)
+    S, qk = setup.max_update_norm, setup.sample_rate * setup.num_clients
+    result, start = {}, 0
+    for name, w in weights.items():
+        total = sum((_clip(u, S)[name] for u in updates.values()), torch.zeros_like(w))
+        z = noise[start : start + w.numel()].view_as(w)
+        start += w.numel()
+        result[name] = w + setup.server_lr * (total + setup.noise_multiplier * S * z) / qk
+    return result, sampled
+
+
+# --- without Flower processes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("app_dir", [APP_DIR, SECAGG_APP_DIR], ids=["plain", "secagg"])
+def test_the_app_folders_carry_the_setup_defaults(app_dir):
+    config = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert config["config"] == FederatedSetup().to_run_config()
+    for ref in config["components"].values():
+        module, name = ref.split(":")
+        assert getattr(__import__(module, fromlist=[name]), name) is not None
+
+
+def test_the_setup_round_trips_and_refuses_what_it_does_not_know():
+    setup = FederatedSetup(algorithm="both", seed=3, batch_size=0, mu=0.5)
+    assert FederatedSetup.from_run_config(setup.to_run_config()) == setup
+    assert setup.algorithms == ("fedavg", "dp-fedavg") and setup.batch_size_or_none is None
+    with pytest.raises(ValueError, match="unknown run-config key 'noise'"):
+        FederatedSetup.from_run_config({"noise": 1.0})
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        FederatedSetup(algorithm="fedsgd")
+    with pytest.raises(ValueError, match="needs a seed"):
+        run_in_process(FederatedSetup())
+
+
+def test_a_partition_file_holds_the_part_and_refuses_another_setup(tmp_path):
+    setup = FederatedSetup(num_clients=3)
+    path = str(tmp_path / "part-1.npz")
+    save_partition(setup, 1, path)
+    x, y = load_partition(setup, 1, path)
+    x_ref, y_ref = client_data(setup, 1)
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    with pytest.raises(ValueError, match="holds part 1 of"):
+        load_partition(setup.replace(data_seed=1), 1, path)
+    with pytest.raises(ValueError, match="holds part 1 of"):
+        load_partition(setup, 2, path)
+
+
+def test_the_recorded_run_matches_a_fresh_in_process_run():
+    """The table printed in the book: the in-process column is recomputed here (accuracy is a
+    count over 450 test digits, so exact; epsilon to 1e-12 relative), and the simulation and
+    deployment columns agreed with it when recorded (weights within 1e-6)."""
+    recorded = json.loads(RECORDED_RUN.read_text())
+    setup = FederatedSetup.from_run_config(recorded["setup"])
+    fresh = run_in_process(setup)
+    assert len(recorded["rounds"]) == len(fresh) == setup.rounds >= 3
+    for row, record in zip(recorded["rounds"], fresh, strict=True):
+        assert row["in_process"]["test_accuracy"] == record["test_accuracy"]
+        assert row["in_process"]["epsilon"] == pytest.approx(record["epsilon"], rel=1e-12)
+        for way in ("simulation", "deployment"):
+            assert row[way]["test_accuracy"] == record["test_accuracy"]
+            assert row[way]["epsilon"] == pytest.approx(record["epsilon"], rel=1e-12)
+            assert row[way]["max_weight_difference"] <= TOL
+
+
+# --- a deployment on 127.0.0.1 ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    with LocalFederation(3) as federation:
+        yield federation
+
+
+def test_a_node_that_never_joins_fails_the_run_with_a_clear_timeout(deployment):
+    """The run asks for 4 clients, 3 SuperNodes exist: the ServerApp gives up after
+    join_timeout seconds and the run's status says why (flwr itself would exit 0)."""
+    setup = FederatedSetup(num_clients=4, seed=0, join_timeout=2.0)
+    with pytest.raises(FlowerRunError, match=r"finished:failed: TimeoutError: only 3 of 4 Super"):
+        deployment.run(setup, timeout=300)
+
+
+def test_secagg_gives_the_plain_sum_and_the_server_sees_no_update(deployment):
+    """DP-FedAvg with SecAgg+, one round, all three clients (q = 1). (1) The sum the server
+    unmasks equals the sum of the clients' clipped updates computed here, within m = 3
+    quantisation steps of 2S / 2^22 plus float32 rounding; leaving one client out misses by far
+    more. (2) The replies held no array in the clear, and each masked vector looks uniform on
+    [0, 2^32) (KS, p > 1e-3) and uncorrelated with every client's quantised update
+    (|r| < 5 / sqrt(n)), while the quantised update correlates perfectly with itself (the
+    control). (3) The model equals the in-process dp_fedavg to the error of (1) over qK."""
+    setup = FederatedSetup(seed=3, rounds=1, sample_rate=1.0, round_timeout=240.0)
+    result = deployment.run(setup, app_dir=SECAGG_APP_DIR, timeout=600)
+    folder = result.output_dir / "dp-fedavg"
+    S, m = setup.max_update_norm, 3
+    start = dict(build_model(setup).state_dict())
+    clipped = [_clip(u, S) for u in _updates_by_hand(setup, start, 1, range(m)).values()]
+    plain = {k: sum(c[k] for c in clipped) for k in start}
+    secure = torch.load(folder / "secure-sum-1.pt", weights_only=True)
+    step = 2 * S / 2**22
+    assert _max_diff(secure, plain) <= m * step + 1e-6
+    without_one = {k: plain[k] - clipped[2][k] for k in plain}
+    assert _max_diff(secure, without_one) > 1e-2
+
+    seen = np.load(folder / "received-1.npz")
+    assert int(seen["array_count"]) == 0 and int(seen["replies"]) == 4 * m  # 4 SecAgg+ stages
+    masked = seen["masked"].astype(np.float64)
+    assert masked.shape == (m, 1 + sum(v.numel() for v in start.values()))
+    quantised = [
+        np.concatenate([np.floor((c[k].numpy().ravel() + S) / step) for k in start])
+        for c in clipped
+    ]
+    bound = 5 / math.sqrt(masked.shape[1] - 1)
+    for vector in masked:
+        assert stats.kstest(vector / 2**32, "uniform").pvalue > 1e-3
+        for q in quantised:
+            assert abs(np.corrcoef(vector[1:], q)[0, 1]) < bound
+    assert np.corrcoef(quantised[0], quantised[0])[0, 1] > 0.99  # the control
+
+    reference = run_in_process(setup)[0]["weights"]
+    qk = setup.sample_rate * setup.num_clients
+    assert _max_diff(result.weights["dp-fedavg"][0], reference) <= (m * step + 1e-6) / qk
+    assert result.histories["dp-fedavg"][0]["contributors"] == m
+
+
+@pytest.fixture(scope="module")
+def faulty_run(deployment):
+    """Five rounds of DP-FedAvg (q = 0.67, seed 12: clients [0, 2], [0, 1, 2], [1], [1, 2],
+    [0, 1, 2]); client 1 raises in round 4; SuperNode 2 is killed once round 4 is recorded;
+    the surviving clients evaluate the final model."""
+    setup = FederatedSetup(seed=12, rounds=5, fail_partition=1, fail_round=4, round_timeout=25.0,
+                           evaluate_clients=True)  # fmt: skip
+    run_id, output = deployment.submit(setup)
+    history = output / "dp-fedavg" / "history.json"
+    for _ in range(1200):  # at most 10 minutes, then the run's own timeout reports it
+        if history.exists() and len(json.loads(history.read_text())) >= 4:
+            break
+        time.sleep(0.5)
+    deployment.kill_node(2)
+    return setup, deployment.wait(run_id, output, timeout=600)
+
+
+def test_the_deployment_equals_the_in_process_run_for_three_rounds(faulty_run):
+    setup, result = faulty_run
+    history, weights = result.histories["dp-fedavg"], result.weights["dp-fedavg"]
+    reference = run_in_process(setup.replace(rounds=3))
+    for record, w, expected in zip(history[:3], weights[:3], reference, strict=True):
+        assert record["sampled"] == record["replied"] == expected["clients"]
+        assert record["failed"] == {}
+        assert _max_diff(w, expected["weights"]) <= TOL
+        assert record["test_accuracy"] == expected["test_accuracy"]
+        assert record["epsilon"] == pytest.approx(expected["epsilon"], rel=1e-12)
+    assert [r["sampled"] for r in history] == [[0, 2], [0, 1, 2], [1], [1, 2], [0, 1, 2]]
+
+
+def test_a_client_that_raises_is_left_out_of_its_round(faulty_run):
+    setup, result = faulty_run
+    record, weights = result.histories["dp-fedavg"][3], result.weights["dp-fedavg"]
+    assert record["replied"] == [2] and list(record["failed"]) == ["1"]
+    assert "injected failure: client 1 in round 4" in record["failed"]["1"]
+    expected, sampled = _dp_round_by_hand(setup, weights[2], 4, present={0, 2})
+    assert sampled == [1, 2]
+    assert _max_diff(weights[3], expected) <= TOL
+    with_the_client, _ = _dp_round_by_hand(setup, weights[2], 4, present={0, 1, 2})
+    assert _max_diff(weights[3], with_the_client) > 1e-2  # the control: 1's update is missing
+
+
+def test_a_killed_supernode_is_left_out_and_every_round_is_accounted(faulty_run):
+    """Round 5 goes on with clients 0 and 1 after 25 s without a reply from the dead node, and
+    its global model is round 5 by hand without client 2. The accountant took one step
+    (sigma, q) for each of the 5 released rounds: clients are sampled with probability q
+    whether or not they answer, and a missing update only lowers the sum."""
+    setup, result = faulty_run
+    history, weights = result.histories["dp-fedavg"], result.weights["dp-fedavg"]
+    assert result.status == "finished:completed"
+    assert history[4]["replied"] == [0, 1] and history[4]["failed"]["2"].startswith("no reply")
+    expected, _ = _dp_round_by_hand(setup, weights[3], 5, present={0, 1})
+    assert _max_diff(weights[4], expected) <= TOL
+    accountant = RDPAccountant()
+    for record in history:
+        accountant.step(noise_multiplier=setup.noise_multiplier, sample_rate=setup.sample_rate)
+        assert record["epsilon"] == pytest.approx(accountant.get_epsilon(setup.delta), rel=1e-12)
+
+
+def test_the_surviving_clients_evaluate_the_final_model_on_their_own_data(faulty_run):
+    """The ClientApp's evaluate: each live client's accuracy of the final global model on its
+    part equals an independent evaluation (companion.training.evaluate) of those weights."""
+    setup, result = faulty_run
+    evaluation = result.histories["dp-fedavg"][-1]["client_evaluation"]
+    assert sorted(evaluation) == ["0", "1"]  # client 2's node is gone
+    model = build_model(setup)
+    model.load_state_dict(result.weights["dp-fedavg"][-1])
+    for k, scores in evaluation.items():
+        x, y = client_data(setup, int(k))
+        expected = training.evaluate(model, x, y)
+        assert scores["accuracy"] == expected["accuracy"] and scores["num-examples"] == len(y)
+        assert scores["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+
+
+# --- Flower's simulation engine -----------------------------------------------------------------
+
+
+def test_the_simulation_equals_the_in_process_runs_of_fedprox_and_dp_fedavg():
+    """One simulation run with three virtual SuperNodes: FedAvg with FedProx (mu = 0.1, two of
+    three clients a round, weighted by the counts the clients report) and DP-FedAvg (Poisson
+    sampling, q = 0.67), three rounds each, against companion.federated round by round."""
+    setup = FederatedSetup(algorithm="both", seed=0, mu=0.1, evaluate_clients=False)
+    with LocalFederation(3, simulation=True) as federation:
+        result = federation.run(setup, timeout=600)
+    for algorithm in ("fedavg", "dp-fedavg"):
+        reference = run_in_process(setup.replace(algorithm=algorithm))
+        history, weights = result.histories[algorithm], result.weights[algorithm]
+        for record, w, expected in zip(history, weights, reference, strict=True):
+            assert record["sampled"] == record["replied"] == expected["clients"]
+            assert _max_diff(w, expected["weights"]) <= TOL
+            assert record["test_accuracy"] == expected["test_accuracy"]
+            if algorithm == "dp-fedavg":
+                assert record["epsilon"] == pytest.approx(expected["epsilon"], rel=1e-12)
+    mu_zero = run_in_process(setup.replace(algorithm="fedavg", mu=0.0))  # the control
+    assert _max_diff(result.weights["fedavg"][-1], mu_zero[-1]["weights"]) > 1e-3
