@@ -333,9 +333,12 @@ def partition_dirichlet(
 
     For every class :math:`c` draw :math:`p_c \sim \mathrm{Dir}(\alpha, \dots, \alpha)` over the
     clients and give client :math:`k` a share :math:`p_{c,k}` of the examples of class
-    :math:`c` (Hsu, Qi and Brown 2019, "Measuring the Effects of Non-Identical Data Distribution
-    for Federated Visual Classification"). Large ``alpha`` approaches the IID split; small
-    ``alpha`` (0.1 and below) gives most clients one or two dominant classes.
+    :math:`c`: the per-class draw of the NIID-Bench benchmarks and of Flower's
+    ``DirichletPartitioner``, which also makes the clients' sizes unequal. (Hsu, Qi and Brown
+    2019, "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
+    Classification", draw a class mixture per *client* instead, with equal sizes.) Large
+    ``alpha`` approaches the IID split; small ``alpha`` (0.1 and below) gives most clients one or
+    two dominant classes.
 
     A draw that leaves some client with fewer than ``min_size`` examples is redrawn, at most
     ``max_attempts`` times (as Flower's ``DirichletPartitioner`` does). See the chapter's

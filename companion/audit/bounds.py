@@ -20,9 +20,9 @@ Read backwards, observed error rates force
 The rates are estimated from a finite number of trials, so Jagielski, Ullman and Oprea (2020,
 "Auditing Differentially Private Machine Learning: How Private is Private SGD?", NeurIPS) replace
 them by Clopper-Pearson upper confidence bounds: the result is a lower bound on the true epsilon
-that holds with the stated confidence. :func:`epsilon_lower_bound` does this from counts;
-:func:`threshold_audit` turns two samples of scores into counts by a threshold chosen on a
-separate part of the trials, so that the choice does not spoil the confidence.
+that holds with the stated confidence. :func:`~companion.audit.epsilon_lower_bound` does this from
+counts; :func:`~companion.audit.threshold_audit` turns two samples of scores into counts by a
+threshold chosen on a separate part of the trials, so that the choice does not spoil the confidence.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ __all__ = [
     "threshold_audit",
 ]
 
-#: How :func:`epsilon_lower_bound` spends its confidence, in words (stored in every result).
+#: How :func:`~companion.audit.epsilon_lower_bound` spends its confidence, in words (stored
+#: in every result).
 BONFERRONI = (
     "one-sided Clopper-Pearson upper bounds on FPR and FNR, each at level 1 - (1 - confidence) / 2"
     " (Bonferroni), so that both hold together with probability >= confidence"
@@ -78,7 +79,7 @@ class EpsilonLowerBound:
 
 @dataclass(frozen=True)
 class ThresholdAudit:
-    """The result of :func:`threshold_audit`: a bound and the threshold it used.
+    """The result of :func:`~companion.audit.threshold_audit`: a bound and the threshold it used.
 
     Attributes:
         bound: the :class:`EpsilonLowerBound` computed on the evaluation trials.
@@ -292,11 +293,12 @@ def threshold_audit(
     r"""Turn scores of trials with and without a canary into a lower bound on epsilon.
 
     The test guesses "canary present" when a trial's score is at least a threshold :math:`t`.
-    Choosing :math:`t` on the same trials that are then counted would make the bound
-    optimistic (the best of many thresholds is a multiple comparison). So, unless ``threshold``
-    is given, the first ``selection_fraction`` of each array selects :math:`t` (the candidate,
-    among the selection scores, with the largest :func:`epsilon_lower_bound` on those trials) and
-    only the remaining trials are counted for :func:`epsilon_lower_bound`. The trials must be
+    Choosing :math:`t` on the same trials that are then counted would make the bound optimistic (the
+    best of many thresholds is a multiple comparison). So, unless ``threshold`` is given, the first
+    ``selection_fraction`` of each array selects :math:`t` (the candidate, among the selection
+    scores, with the largest :func:`~companion.audit.epsilon_lower_bound` on those trials) and only
+    the remaining trials are counted for :func:`~companion.audit.epsilon_lower_bound`. The trials
+    must be
     independent and in the order they were run (not sorted), as in Jagielski, Ullman and Oprea
     2020 and Nasr et al. 2021.
 

@@ -15,15 +15,15 @@ Empirical Privacy Estimation for Federated Learning", ICLR).
 - The cosines of the inserted canaries are fitted by a Gaussian :math:`\mathcal N(\hat\mu,
   \hat\sigma^2)`. The **estimate** :math:`\hat\varepsilon` is the epsilon, at the given delta, of
   telling :math:`\mathcal N(0, 1/d)` from :math:`\mathcal N(\hat\mu, \hat\sigma^2)` apart
-  (:func:`two_gaussians_epsilon`). It is an estimate, not a bound: it assumes the Gaussian
-  shape, has no confidence level, and comes from a single run.
+  (:func:`~companion.audit.two_gaussians_epsilon`). It is an estimate, not a bound: it assumes the
+  Gaussian shape, has no confidence level, and comes from a single run.
 - Next to it, the cosines of inserted and not-inserted canaries give a Clopper-Pearson **lower
   bound** through a threshold (:func:`companion.audit.threshold_audit`; Jagielski, Ullman and
   Oprea 2020). It is rigorous when every run holds one canary (``num_canaries=1``, many
   ``runs``: independent trials); with several canaries per run their cosines share the run's
   noise and are only nearly independent in high dimension, so the bound is approximate.
 
-The round audited, :func:`dp_fedavg_noisy_mean`, is written here from
+The round audited, :func:`~companion.audit.dp_fedavg_noisy_mean`, is written here from
 :func:`companion.per_example.clip_factors` and :func:`companion.dpsgd.add_gaussian_noise`
 (McMahan, Ramage, Talwar and Zhang 2018, "Learning Differentially Private Recurrent Language
 Models", ICLR: clip each update to :math:`S`, sum, add :math:`\mathcal N(0, \sigma^2 S^2 I)`,
@@ -197,7 +197,8 @@ def two_gaussians_epsilon(
 
 @dataclass(frozen=True)
 class CanaryClientAudit:
-    """The result of :func:`audit_dp_fedavg`: a bound, an estimate, the claim and the set-up.
+    """The result of :func:`~companion.audit.audit_dp_fedavg`: a bound, an estimate, the claim and
+    the set-up.
 
     Attributes:
         epsilon_lower_bound: the Clopper-Pearson lower bound from a threshold on the cosines
@@ -303,7 +304,7 @@ def audit_dp_fedavg(
         canary_norm: :math:`c`, > 0; by default :math:`10 S`, so that skipped clipping shows.
         confidence: of the bound, in (0, 1).
         aggregate: the round under audit, an ``Aggregate``; by default
-            :func:`dp_fedavg_noisy_mean` with ``expected_clients`` = :math:`qK`.
+            :func:`~companion.audit.dp_fedavg_noisy_mean` with ``expected_clients`` = :math:`qK`.
         seed: seed of the canaries, sampling and noise; ``None`` for fresh entropy.
 
     Returns:

@@ -76,9 +76,9 @@ def dpsgd_noisy_sum(
 
     built from :func:`companion.dpsgd.poisson_sample`, :func:`companion.per_example.clip_factors`
     and :func:`companion.dpsgd.add_gaussian_noise` (Abadi et al. 2016, Algorithm 1, before the
-    division by the expected batch size, which does not change an audit). The default
-    mechanism of :func:`audit_dpsgd`; write another function with the same signature to audit
-    a different implementation.
+    division by the expected batch size, which does not change an audit). The default mechanism of
+    :func:`~companion.audit.audit_dpsgd`; write another function with the same signature to audit a
+    different implementation.
 
     Args:
         gradients: per-example gradients of the whole data set, a float tensor of shape
@@ -111,7 +111,8 @@ def dpsgd_noisy_sum(
 
 @dataclass(frozen=True)
 class GradientCanaryAudit:
-    """The result of :func:`audit_dpsgd`: the bound, the claim and everything assumed.
+    """The result of :func:`~companion.audit.audit_dpsgd`: the bound, the claim and everything
+    assumed.
 
     Attributes:
         epsilon: the empirical lower bound on epsilon (from ``threshold_audit``).
@@ -166,7 +167,7 @@ def _check_gradients(gradients: object) -> torch.Tensor:
 def check_step(step: object, name: str = "step") -> NoisyStep:
     """Check that the mechanism under audit (a step or an aggregation round) is callable.
 
-    Shared by :func:`audit_dpsgd` and :func:`companion.audit.audit_dp_fedavg`.
+    Shared by :func:`~companion.audit.audit_dpsgd` and :func:`companion.audit.audit_dp_fedavg`.
 
     Args:
         step: the object to check.
@@ -292,7 +293,8 @@ def audit_dpsgd(
             squared gradients (the first such one). DP protects every example against an
             adversary who knows all the others, so choosing :math:`j` from the data is allowed.
         confidence: of the bound, in (0, 1).
-        step: the mechanism under audit, a ``NoisyStep``; by default :func:`dpsgd_noisy_sum`.
+        step: the mechanism under audit, a ``NoisyStep``; by default
+            :func:`~companion.audit.dpsgd_noisy_sum`.
         seed: seed of the audit's sampling and noise (the step's ``generator``); ``None`` for
             fresh entropy. Fix it to reproduce an audit.
 

@@ -70,7 +70,7 @@ class OneRunBound:
 
 @dataclass(frozen=True)
 class OneRunAudit:
-    """The result of :func:`one_run_audit`.
+    """The result of :func:`~companion.audit.one_run_audit`.
 
     Attributes:
         bound: the best :class:`OneRunBound` among the candidates, each computed at the
@@ -216,9 +216,9 @@ def one_run_audit(
 ) -> OneRunAudit:
     r"""One-run audit from canary scores: choose :math:`k_+, k_-`, then bound epsilon.
 
-    For each candidate :math:`(k_+, k_-)` the auditor guesses "in" for the :math:`k_+`
-    highest scores and "out" for the :math:`k_-` lowest (ties broken by position), counts the
-    correct guesses against ``members`` and computes :func:`one_run_epsilon_lower_bound` at
+    For each candidate :math:`(k_+, k_-)` the auditor guesses "in" for the :math:`k_+` highest
+    scores and "out" for the :math:`k_-` lowest (ties broken by position), counts the correct
+    guesses against ``members`` and computes :func:`~companion.audit.one_run_epsilon_lower_bound` at
     confidence :math:`1 - (1 - \text{confidence}) / K` for :math:`K` candidates. The largest of
     the :math:`K` bounds is returned: by the union bound (Bonferroni) it holds with probability
     at least ``confidence`` although it was chosen after looking at the results (Steinke, Nasr

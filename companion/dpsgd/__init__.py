@@ -35,10 +35,12 @@ Why these choices:
   :math:`C`: its L2 sensitivity is :math:`C`, whatever the model and the data. Noise of standard
   deviation :math:`\sigma C` therefore makes each step a Gaussian mechanism with noise
   multiplier :math:`\sigma` (noise std divided by sensitivity).
-- *Normalisation by the expected batch size.* The sum is divided by :math:`qN`, a public
-  constant, not by the realised :math:`|B|`: the realised size depends on whether a given
-  person's example was drawn, so dividing by it would change the sensitivity analysis. (An
-  empty batch is no special case: the step still adds the noise and divides by :math:`qN`.)
+- *Normalisation by a constant.* The sum is divided by ``expected_batch_size``, a number fixed
+  before seeing the data, not by the realised :math:`|B|`: the realised size depends on whether
+  a given person's example was drawn, so dividing by it would change the sensitivity analysis.
+  Its default in :func:`train_dpsgd`, :math:`qN`, depends on the data-set size :math:`N`, which
+  differs between neighbours under add/remove: using it treats :math:`N` as public, as Opacus
+  does. (An empty batch is no special case: the step still adds the noise and divides.)
 - *Poisson sampling is what the accountant assumes.* The privacy amplification by subsampling
   that :class:`companion.accounting.RDPAccountant` computes (Mironov, Talwar and Zhang 2019,
   "Rényi Differential Privacy of the Sampled Gaussian Mechanism") is for the Poisson-subsampled

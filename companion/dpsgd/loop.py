@@ -217,8 +217,8 @@ def train_dpsgd(
     run reproducible and must then stay secret.
 
     Args:
-        model: the model to train; must pass :func:`check_dp_compatible`. Everything runs on the
-            device of its parameters.
+        model: the model to train; must pass :func:`~companion.per_example.check_dp_compatible`.
+            Everything runs on the device of its parameters.
         x: training inputs, shape ``(N, ...)`` (tensor or numpy array), or a
             :class:`torch.utils.data.Dataset` of ``(input, target)`` pairs (then no ``y``).
         y: training targets, shape ``(N, ...)``.

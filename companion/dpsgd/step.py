@@ -147,7 +147,8 @@ def set_private_gradients(
     with ``accountant.step(noise_multiplier=..., sample_rate=...)``.
 
     Args:
-        model: the model; must pass :func:`check_dp_compatible`. Its parameters are not changed.
+        model: the model; must pass :func:`~companion.per_example.check_dp_compatible`. Its
+            parameters are not changed.
         x_batch, y_batch: the batch (tensors on the model's device; the batch may be empty).
         noise_multiplier: :math:`\sigma`, >= 0 (0 gives no privacy; for tests).
         max_grad_norm: the clipping norm :math:`C`, > 0.
@@ -270,7 +271,7 @@ def dp_sgd_step(
     is drawn.
 
     Args:
-        model: the model to update; must pass :func:`check_dp_compatible`.
+        model: the model to update; must pass :func:`~companion.per_example.check_dp_compatible`.
         x_batch, y_batch: the batch (tensors; the batch may be empty).
         noise_multiplier: :math:`\sigma`, >= 0 (0 gives no privacy; for tests).
         max_grad_norm: the clipping norm :math:`C`, > 0.

@@ -47,7 +47,7 @@ def load_partition(
     """Read what :func:`save_partition` wrote (see its example).
 
     Returns:
-        ``(x, y)`` as :func:`client_data` returns them.
+        ``(x, y)`` as :func:`~companion.flower.task.client_data` returns them.
 
     Raises:
         ValueError: if the file holds another part, or a part cut for another setup.

@@ -319,8 +319,9 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
         setup: the run; ``seed=-1`` for fresh entropy (a seed given is a secret).
 
     Returns:
-        One record per round: ``"round"``, ``"sampled"``, ``"contributors"`` (clients whose
-        masked update entered the sum), ``"epsilon"``, ``"delta"``, ``"test_accuracy"``,
+        A list with one record per round, holding ``"round"``, ``"sampled"``, ``"contributors"``
+        (clients whose masked update entered the sum), ``"epsilon"``, ``"delta"``,
+        ``"test_accuracy"``,
         ``"test_loss"``, ``"quantization_step"``.
 
     Raises:

@@ -169,7 +169,8 @@ def run_server(
         on_round: called after each round with the record and the global model.
 
     Returns:
-        One dict per round: ``"round"``, ``"sampled"`` (client indices), ``"replied"``,
+        A list with one dict per round, holding ``"round"``, ``"sampled"`` (client indices),
+        ``"replied"``,
         ``"failed"`` (client index -> reason), ``"test_accuracy"`` and ``"test_loss"`` of the
         global model on the digits' test split, for DP-FedAvg ``"epsilon"`` and ``"delta"``;
         the last record has ``"client_evaluation"`` if ``evaluate_clients`` is set. The

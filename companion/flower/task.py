@@ -317,7 +317,7 @@ def run_in_process(setup: FederatedSetup) -> list[dict[str, Any]]:
         setup: the run, with a ``seed`` (a run from fresh entropy cannot be repeated).
 
     Returns:
-        One record per round, as above.
+        A list with one record per round, as above.
 
     Raises:
         ValueError: if ``seed`` is -1 or ``algorithm`` is ``"both"``.
