@@ -176,22 +176,10 @@ def set_private_gradients(
         >>> model[0].weight.grad.shape, norms.shape
         (torch.Size([10, 64]), torch.Size([4]))
     """
-    check_dp_compatible(model)
-    clipper = PerExampleClipper(model, loss=loss, method=method)
-    check_batch(x_batch, y_batch)
-    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
-    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
-    generator = _check_generator(generator)
-    sums, norms = noisy_clipped_gradient(
-        clipper,
-        x_batch,
-        y_batch,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size,
-        generator=generator,
-    )
+    sums, norms = _checked_noisy_gradient(
+        model, x_batch, y_batch, noise_multiplier, max_grad_norm, expected_batch_size, generator,
+        loss, method,
+    )  # fmt: skip
     for name, p in trainable_named(model):
         p.grad = sums[name]
     return norms
@@ -297,24 +285,38 @@ def dp_sgd_step(
         >>> [round(float(n), 2) for n in norms]  # each clipped to 1 before the update
         [8.26, 8.05, 8.13]
     """
-    check_dp_compatible(model)
-    clipper = PerExampleClipper(model, loss=loss, method=method)
-    check_batch(x_batch, y_batch)
-    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
-    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
     lr = check_positive("lr", lr)
-    generator = _check_generator(generator)
-    sums, norms = noisy_clipped_gradient(
-        clipper,
-        x_batch,
-        y_batch,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size,
-        generator=generator,
-    )
+    sums, norms = _checked_noisy_gradient(
+        model, x_batch, y_batch, noise_multiplier, max_grad_norm, expected_batch_size, generator,
+        loss, method,
+    )  # fmt: skip
     with torch.no_grad():
         for name, p in trainable_named(model):
             p.add_(sums[name], alpha=-lr)
     return norms
+
+
+def _checked_noisy_gradient(
+    model: nn.Module,
+    x_batch: torch.Tensor,
+    y_batch: torch.Tensor,
+    noise_multiplier: object,
+    max_grad_norm: object,
+    expected_batch_size: object,
+    generator: object,
+    loss: LossLike,
+    method: Method,
+) -> ClippedSum:
+    """Check a step's arguments (all before any computation), then its noisy gradient."""
+    check_dp_compatible(model)
+    clipper = PerExampleClipper(model, loss=loss, method=method)
+    check_batch(x_batch, y_batch)
+    return noisy_clipped_gradient(
+        clipper,
+        x_batch,
+        y_batch,
+        noise_multiplier=check_nonnegative("noise_multiplier", noise_multiplier),
+        max_grad_norm=check_positive("max_grad_norm", max_grad_norm),
+        expected_batch_size=check_positive("expected_batch_size", expected_batch_size),
+        generator=_check_generator(generator),
+    )
