@@ -45,7 +45,7 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _run(model=None, **overrides):
+def _run(model=None, x=X, y=Y, **overrides):
     model = _model() if model is None else model
     arguments = (
         dict(
@@ -59,7 +59,7 @@ def _run(model=None, **overrides):
         )
         | overrides
     )
-    history = train_dpsgd(model, X, Y, **arguments)
+    history = train_dpsgd(model, x, y, **arguments)
     return model, history
 
 
@@ -75,13 +75,6 @@ class _TupleModel(nn.Module):
 
     def forward(self, x):
         return self.fc(x), x
-
-
-def _train(model, x, y, **overrides):
-    arguments = dict(
-        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=Q, epochs=1, lr=0.1, delta=DELTA
-    )
-    return train_dpsgd(model, x, y, **(arguments | overrides))
 
 
 # --- accounting ---------------------------------------------------------------------------------
@@ -194,18 +187,7 @@ def test_any_optimizer_receives_the_noisy_gradient():
 
 def test_a_dataset_gives_the_same_run_as_tensors():
     tensors, _ = _run()
-    model = _model()
-    history = train_dpsgd(
-        model,
-        TensorDataset(X, Y),
-        max_grad_norm=1.0,
-        sample_rate=Q,
-        epochs=2,
-        delta=DELTA,
-        noise_multiplier=1.0,
-        lr=0.5,
-        seed=0,
-    )
+    model, history = _run(x=TensorDataset(X, Y), y=None)
     torch.testing.assert_close(_flat(model), _flat(tensors), rtol=1e-12, atol=1e-14)
     assert {"train_loss", "train_accuracy"} <= set(history[-1])
 
@@ -310,14 +292,14 @@ def test_bad_arguments(overrides, error, message):
 
 def test_labels_out_of_range_and_mismatched_outputs_are_explained():
     with pytest.raises(ValueError, match="labels must be below the model's 10 outputs"):
-        _train(_model(), X, Y + 10)
+        _run(y=Y + 10)
     with pytest.raises(ValueError, match="loss='bce' needs one output logit"):
-        _train(_model(), X, (Y > 4).long(), loss="bce")
+        _run(y=(Y > 4).long(), loss="bce")
 
 
 def test_a_dataset_with_separate_labels_is_refused():
     with pytest.raises(ValueError, match="give y only with tensor or array inputs"):
-        _train(_model(), TensorDataset(X, Y), Y)
+        _run(x=TensorDataset(X, Y))
 
 
 def test_numpy_inputs_are_accepted():
@@ -365,12 +347,12 @@ def test_the_newcomer_bad_input_table(case, error, message):
     elif case == "overflowing_noise":
         extra = {"noise_multiplier": 1e307}
     with pytest.raises(error, match=message):
-        _train(model, x, y, **extra)
+        _run(model, x=x, y=y, **extra)
 
 
 def test_int32_labels_are_accepted_as_class_labels():
-    a = _train(_model(), X, Y.int(), seed=0)
-    b = _train(_model(), X, Y, seed=0)
+    _, a = _run(y=Y.int())
+    _, b = _run()
     assert a[-1]["train_loss"] == b[-1]["train_loss"]
 
 
