@@ -286,3 +286,26 @@ def test_check_dp_compatible_lists_every_offending_layer():
         check_dp_compatible(model)
     for part in ("'1' is a BatchNorm1d", "'2' is a InstanceNorm1d", "'3' is an Embedding"):
         assert part in str(error.value)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "vmap"])
+@pytest.mark.parametrize(
+    "name", ["text_embedding_layernorm", "cifar_like_conv2d_variants_groupnorm"]
+)
+def test_add_clipped_sum_adds_the_scaled_clipped_sum_into_what_it_is_given(name, method):
+    """``add_clipped_sum(into=t, scale=s)`` leaves ``t + s * (clipped sum)``; the clipped sum is
+    the one checked against the loop above, and s = 1/8 is a power of two, so both sides round
+    alike and agree to float64 rounding."""
+    build, batch, loss = FAST[name]
+    model, (x, y) = build(), batch()
+    clipper = PerExampleClipper(model, loss=loss, method=method)
+    expected, expected_norms = clipper(x, y, max_grad_norm=0.5)
+    start = {n: torch.full_like(p, 3.0) for n, p in model.named_parameters() if p.requires_grad}
+    into = {n: t.clone() for n, t in start.items()}
+    norms = clipper.add_clipped_sum(x, y, max_grad_norm=0.5, into=into, scale=0.125)
+    for name, value in into.items():
+        torch.testing.assert_close(value, start[name] + 0.125 * expected[name])
+    torch.testing.assert_close(norms, expected_norms)
+    last = list(into)[-1]
+    with pytest.raises(ValueError, match=rf"into lacks the trainable parameter\(s\) \['{last}'\]"):
+        clipper.add_clipped_sum(x, y, max_grad_norm=0.5, into={n: into[n] for n in list(into)[:-1]})

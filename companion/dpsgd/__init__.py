@@ -77,6 +77,7 @@ from companion.dpsgd.loop import train_dpsgd
 from companion.dpsgd.step import (
     add_gaussian_noise,
     dp_sgd_step,
+    gaussian_noise,
     noisy_clipped_gradient,
     poisson_sample,
     set_private_gradients,
@@ -95,6 +96,7 @@ from companion.per_example import (  # noqa: F401
 __all__ = [
     "add_gaussian_noise",
     "dp_sgd_step",
+    "gaussian_noise",
     "noisy_clipped_gradient",
     "poisson_sample",
     "set_private_gradients",

@@ -6,7 +6,6 @@ Part of :mod:`companion.per_example`; import from there.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -18,14 +17,15 @@ from companion.per_example.gradients import (
     ClippedSum,
     LossLike,
     Method,
+    add_clipped,
+    add_weighted,
     check_batch,
     check_method,
     resolve_loss,
     scale_factors,
-    sum_clipped,
     vmap_gradients,
 )
-from companion.per_example.rules import LAYER_RULES
+from companion.per_example.rules import LAYER_RULES, AddTo
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
 
@@ -107,7 +107,7 @@ class _Capture:
             handle.remove()
 
 
-def layerwise_clipped_sum(
+def layerwise_add_clipped(
     model: nn.Module,
     plan: LayerPlan,
     mean_loss: LossFn,
@@ -115,7 +115,10 @@ def layerwise_clipped_sum(
     x: torch.Tensor,
     y: torch.Tensor,
     max_grad_norm: float,
-) -> ClippedSum:
+    into: dict[str, torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """Add ``scale`` times the clipped sum of the batch into ``into`` with the rules; the norms."""
     for copy in (False, True):
         capture = _Capture(plan.hooked, copy)
         try:
@@ -137,7 +140,7 @@ def layerwise_clipped_sum(
     output_grads = (
         torch.autograd.grad(sum_loss(outputs, y), targets, allow_unused=True) if targets else []
     )
-    entries: list[tuple[str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]] = []
+    entries: list[tuple[str, torch.Tensor, AddTo]] = []
     with torch.no_grad():
         for (name, module), b in zip(active, output_grads, strict=True):
             a = capture.seen[module][0].detach()
@@ -154,13 +157,12 @@ def layerwise_clipped_sum(
         for g in grads.values():
             squares = squares + g.flatten(start_dim=1).square().sum(1)
         norms = squares.sqrt()
-        factors = scale_factors(norms, max_grad_norm)
-        sums = {name: summer(factors) for name, _, summer in entries}
-        sums.update({name: torch.tensordot(factors, g, dims=1) for name, g in grads.items()})
-    return ClippedSum(
-        {n: sums[n] if n in sums else torch.zeros_like(p) for n, p in trainable_named(model)},
-        norms,
-    )
+        factors = scale_factors(norms, max_grad_norm) * scale
+        for name, _, add_to in entries:
+            add_to(factors, into[name])
+        for name, g in grads.items():
+            add_weighted(into[name], factors, g)
+    return norms
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -218,16 +220,59 @@ class PerExampleClipper:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, max_grad_norm: float) -> ClippedSum:
         """The clipped sum and norms of the batch ``(x, y)`` (checked by the caller)."""
+        sums = {name: torch.zeros_like(p) for name, p in trainable_named(self.model)}
+        return ClippedSum(sums, self.add_clipped_sum(x, y, max_grad_norm=max_grad_norm, into=sums))
+
+    def add_clipped_sum(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        max_grad_norm: float,
+        into: dict[str, torch.Tensor],
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Add ``scale`` times the clipped sum of the batch ``(x, y)`` into ``into``, in place.
+
+        What DP-SGD uses (:func:`companion.dpsgd.noisy_clipped_gradient`): ``into`` holds the
+        noise and ``scale`` is :math:`1/m`, so that clipping, noising and dividing by the expected
+        batch size take no pass over the parameters besides the one that adds the sum.
+
+        Args:
+            x, y: the batch (checked by the caller; it may be empty).
+            max_grad_norm: the clipping norm :math:`C`, > 0.
+            into: parameter name -> tensor of the parameter's shape, for every trainable
+                parameter; changed in place.
+            scale: the factor applied to every clipped gradient.
+
+        Returns:
+            The per-example gradient norms before clipping, shape ``(B,)``.
+
+        Raises:
+            ValueError: if ``into`` lacks a trainable parameter.
+
+        Example:
+            >>> import torch
+            >>> from companion import models
+            >>> model = models.logistic_regression()
+            >>> into = {name: torch.ones_like(p) for name, p in model.named_parameters()}
+            >>> norms = PerExampleClipper(model, loss="cross_entropy").add_clipped_sum(
+            ...     torch.ones(3, 64), torch.tensor([0, 1, 2]), max_grad_norm=1.0, into=into,
+            ...     scale=0.0)
+            >>> bool((into["0.weight"] == 1).all()), norms.shape  # scale 0 adds nothing
+            (True, torch.Size([3]))
+        """
+        names = [name for name, _ in trainable_named(self.model)]
+        if missing := [name for name in names if name not in into]:
+            raise ValueError(f"into lacks the trainable parameter(s) {missing}.")
         if x.shape[0] == 0:
-            sums = {name: torch.zeros_like(p) for name, p in trainable_named(self.model)}
-            return ClippedSum(sums, x.new_zeros(0, dtype=model_dtype(self.model)))
+            return x.new_zeros(0, dtype=model_dtype(self.model))
         if self.plan is None:
-            names = [name for name, _ in trainable_named(self.model)]
-            return sum_clipped(
-                vmap_gradients(self.model, self.mean_loss, x, y, names), max_grad_norm
-            )
-        return layerwise_clipped_sum(
-            self.model, self.plan, self.mean_loss, self.sum_loss, x, y, max_grad_norm
+            grads = vmap_gradients(self.model, self.mean_loss, x, y, names)
+            with torch.no_grad():
+                return add_clipped(grads, max_grad_norm, into, scale)
+        return layerwise_add_clipped(
+            self.model, self.plan, self.mean_loss, self.sum_loss, x, y, max_grad_norm, into, scale
         )
 
 

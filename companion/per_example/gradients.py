@@ -263,9 +263,25 @@ def clip_and_sum(
 
 
 def sum_clipped(grads: dict[str, torch.Tensor], max_grad_norm: float) -> ClippedSum:
+    sums = {name: g.new_zeros(g.shape[1:]) for name, g in grads.items()}
+    return ClippedSum(sums, add_clipped(grads, max_grad_norm, sums, 1.0))
+
+
+def add_clipped(
+    grads: dict[str, torch.Tensor],
+    max_grad_norm: float,
+    into: dict[str, torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """Add ``scale`` times the clipped sum of per-example ``grads`` into ``into``; the norms."""
     squares = sum(g.flatten(start_dim=1).square().sum(dim=1) for g in grads.values())
     norms = squares.sqrt()
-    factors = scale_factors(norms, max_grad_norm)
-    return ClippedSum(
-        {name: torch.tensordot(factors, g, dims=1) for name, g in grads.items()}, norms
-    )
+    factors = scale_factors(norms, max_grad_norm) * scale
+    for name, g in grads.items():
+        add_weighted(into[name], factors, g)
+    return norms
+
+
+def add_weighted(out: torch.Tensor, factors: torch.Tensor, grads: torch.Tensor) -> None:
+    """``out += sum_i factors[i] * grads[i]``, in place; ``grads`` has the batch first."""
+    out.add_(torch.tensordot(factors, grads, dims=1).view(out.shape))
