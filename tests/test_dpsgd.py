@@ -46,7 +46,6 @@ from companion.dpsgd import (
     poisson_sample,
     train_dpsgd,
 )
-from companion.dpsgd.step import NOISE_CHUNK
 from companion.per_example import PerExampleClipper
 
 DIGITS = data.load_digits(seed=0)
@@ -347,71 +346,31 @@ def test_noise_has_std_sigma_c_lr_over_expected_batch_size(method):
     assert low <= math.sqrt(float(z.square().mean())) <= high
 
 
-# --- noise of large models: drawn in chunks, in parallel threads ---------------------------------
-
-LARGE = {"weight": torch.zeros(300, 1000), "bias": torch.zeros(300)}  # > 2 * NOISE_CHUNK values
+# --- the noise ----------------------------------------------------------------------------------
 
 
-def _with_threads(threads, function):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return function()
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_large_noise_is_reproducible_from_the_seed_whatever_the_number_of_threads():
-    def draw(seed):
-        return gaussian_noise(LARGE, std=1.0, generator=torch.Generator().manual_seed(seed))
-
-    one, two = _with_threads(1, lambda: draw(4)), _with_threads(2, lambda: draw(4))
-    assert all(torch.equal(one[name], two[name]) for name in LARGE)
-    assert not torch.equal(draw(5)["weight"], one["weight"])  # another seed, other noise
-    assert one["weight"].shape == (300, 1000) and one["bias"].shape == (300,)
-
-
-def test_large_noise_is_standard_normal_and_its_chunks_are_independent():
-    """300,300 draws with std 2, in 4 full chunks and a partial one. The mean is within 5 standard
-    errors of 0, the std within the chi-square bounds, and the Kolmogorov-Smirnov test against
-    N(0, 4) has a p-value above 1e-6 (each a failure probability below 1e-6 for correct code).
-    Chunks drawn from generators with equal seeds would be equal; the correlation of neighbouring
-    chunks must be within 5 / sqrt(NOISE_CHUNK) = 0.02 of 0 (its standard error is
-    1 / sqrt(NOISE_CHUNK) when they are independent)."""
-    noise = gaussian_noise(LARGE, std=2.0, generator=torch.Generator().manual_seed(0))
-    z = torch.cat([noise["weight"].flatten(), noise["bias"]]).double() / 2
-    d = z.numel()
-    low, high = _chi2_bounds(d)
-    assert abs(float(z.mean())) < 5 / math.sqrt(d)
-    assert low <= math.sqrt(float(z.square().mean())) <= high
-    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-6
-    chunks = z.split(NOISE_CHUNK)
-    assert len(chunks) == 5
-    for first, second in zip(chunks[:3], chunks[1:4], strict=True):
-        assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 5 / NOISE_CHUNK**0.5
-
-
-def test_small_noise_is_one_draw_of_the_generator_and_both_noise_functions_agree():
-    """Below 2 * NOISE_CHUNK values the noise is torch.randn's stream, as in the first edition
-    (the book's seeded runs depend on it); above, add_gaussian_noise adds what gaussian_noise
-    draws from the same seed."""
-    small = gaussian_noise(
-        {"w": torch.zeros(50, 20)}, std=1.0, generator=torch.Generator().manual_seed(3)
-    )
-    assert torch.equal(
-        small["w"].flatten(), torch.randn(1000, generator=torch.Generator().manual_seed(3))
-    )
-    sums = {name: torch.ones_like(t) for name, t in LARGE.items()}
-    add_gaussian_noise(sums, std=0.5, generator=torch.Generator().manual_seed(9))
-    noise = gaussian_noise(LARGE, std=1.0, generator=torch.Generator().manual_seed(9))
-    for name in LARGE:
-        torch.testing.assert_close(sums[name], 1 + 0.5 * noise[name], rtol=1e-6, atol=1e-6)
+def test_noise_is_one_draw_of_the_generator_cut_in_the_order_of_the_dict():
+    """gaussian_noise gives std times torch.randn's stream of the same seed, cut into the shapes
+    in order; add_gaussian_noise adds exactly that draw (the book's seeded runs rely on it)."""
+    like = {"weight": torch.zeros(300, 100), "bias": torch.zeros(300)}
+    noise = gaussian_noise(like, std=0.5, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(30_300, generator=torch.Generator().manual_seed(3))
+    assert noise["weight"].shape == (300, 100) and noise["bias"].shape == (300,)
+    torch.testing.assert_close(noise["weight"].flatten(), 0.5 * z[:30_000], rtol=1e-6, atol=0)
+    torch.testing.assert_close(noise["bias"], 0.5 * z[30_000:], rtol=1e-6, atol=0)
+    sums = {name: torch.ones_like(t) for name, t in like.items()}
+    add_gaussian_noise(sums, std=0.5, generator=torch.Generator().manual_seed(3))
+    for name in like:
+        torch.testing.assert_close(sums[name], 1 + noise[name], rtol=1e-6, atol=1e-6)
+    zero = gaussian_noise(like, std=0.0, generator=torch.Generator().manual_seed(3))
+    assert all(bool((t == 0).all()) for t in zero.values())
 
 
 def test_noisy_clipped_gradient_of_a_large_model_adds_noise_of_std_sigma_c_over_m():
-    """A Linear(1000, 150) model (150,150 parameters: chunked noise): the noisy gradient minus
-    the noiseless one, times m / (sigma C), is standard normal (mean and chi-square bounds as
-    above), and the noiseless one is the clipped sum divided by m."""
+    """noisy_clipped_gradient adds the clipped sum, times 1/m, into noise of std sigma C / m: on
+    a Linear(1000, 150) model (150,150 parameters) the noiseless result is the clipped sum over m,
+    and the noisy one minus it, times m / (sigma C), is standard normal (mean and chi-square
+    bounds as above)."""
     model = nn.Linear(1000, 150)
     x = torch.randn(32, 1000, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 150, (32,), generator=torch.Generator().manual_seed(2))
@@ -942,27 +901,3 @@ def test_dp_sgd_step_bad_arguments(kwargs, error, message):
 def test_gradient_functions_bad_arguments(call, error, message):
     with pytest.raises(error, match=message):
         call(models.logistic_regression())
-
-
-def test_large_noise_is_drawn_in_a_forked_child_process():
-    """The noise threads are started per call: a child forked after the parent drew noise (with
-    threads) draws the same noise from the same seed, instead of waiting for a thread pool it
-    did not inherit, as it did with a pool kept for the process. The child returns a few values
-    only: any parallel torch operation there (a large sum or copy) would hang on OpenMP state
-    inherited from the parent, whatever companion does."""
-    multiprocessing = pytest.importorskip("multiprocessing")
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("no fork on this platform")
-    expected = gaussian_noise(LARGE, std=1.0, generator=torch.Generator().manual_seed(1))
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        drawn = pool.apply_async(_draw_large, (1,)).get(timeout=60)
-    assert drawn == _some_values(expected["weight"])
-
-
-def _some_values(noise):
-    return noise.flatten()[:: NOISE_CHUNK // 2].tolist()  # two values per chunk
-
-
-def _draw_large(seed):
-    noise = gaussian_noise(LARGE, std=1.0, generator=torch.Generator().manual_seed(seed))
-    return _some_values(noise["weight"])

@@ -5,8 +5,6 @@ Part of :mod:`companion.dpsgd`; import from there.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import nn
 
@@ -76,38 +74,18 @@ def poisson_sample(n: int, *, sample_rate: float, generator: torch.Generator) ->
     return torch.rand(n, generator=generator, device=generator.device) < sample_rate
 
 
-#: On CPU, noise vectors of more than twice this many coordinates are drawn in chunks of this
-#: size, in parallel threads, each chunk from a generator seeded by a draw from the caller's
-#: generator. PyTorch draws Gaussians on one thread, which took half of a DP-SGD step on models
-#: of 600,000 parameters; the chunks keep the draw reproducible whatever the number of threads.
-NOISE_CHUNK = 2**16
-
-
-def _standard_normal_draw(
+def _normal_draw(
     total: int, *, std: float, generator: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``total`` independent draws of N(0, std^2), on the generator's device."""
-    out = torch.empty(total, dtype=dtype, device=generator.device)
-    if generator.device.type != "cpu" or total <= 2 * NOISE_CHUNK:
-        return out.normal_(0.0, std, generator=generator)
-    chunks = out.split(NOISE_CHUNK)
-    seeds = torch.randint(2**62, (len(chunks),), generator=generator).tolist()
-    work = list(zip(chunks, seeds, strict=True))
-    threads = min(torch.get_num_threads(), len(work))
+    """``total`` independent draws of N(0, std^2) from ``generator``, on its device.
 
-    def fill(share: list[tuple[torch.Tensor, int]]) -> None:
-        for chunk, seed in share:
-            chunk.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
-
-    # Helper threads started per call (about 0.1 ms): a pool kept for the process would leave a
-    # forked child waiting for threads it did not inherit.
-    helpers = [threading.Thread(target=fill, args=(work[i::threads],)) for i in range(1, threads)]
-    for helper in helpers:
-        helper.start()
-    fill(work[::threads])
-    for helper in helpers:
-        helper.join()
-    return out
+    One thread draws them all. Drawing chunks in parallel threads halved the time of a draw on its
+    own, but made a training step slower on CPU: after each parallel torch operation the OpenMP
+    threads spin, waiting for the next, on the cores the helper threads need.
+    """
+    return torch.empty(total, dtype=dtype, device=generator.device).normal_(
+        0.0, std, generator=generator
+    )
 
 
 def _check_noise(sums: object, std: object, generator: object) -> tuple[float, torch.Generator]:
@@ -131,11 +109,8 @@ def gaussian_noise(
     r"""Fresh :math:`\mathcal N(0, \text{std}^2)` tensors of the shapes of those in ``like``.
 
     One draw of a normal vector from ``generator``, cut in the order of the dict, so a run is
-    reproducible from the generator's seed, which must then stay secret. On CPU a vector of more
-    than 131,072 coordinates is drawn in chunks of 65,536 in parallel threads, each chunk from a
-    generator seeded by a draw from ``generator``: the same noise whatever the number of
-    threads. The noise has the device and dtype of the tensors of ``like``, whose values are not
-    read.
+    reproducible from the generator's seed, which must then stay secret. The noise has the
+    device and dtype of the tensors of ``like``, whose values are not read.
 
     Args:
         like: dict name -> tensor.
@@ -153,7 +128,7 @@ def gaussian_noise(
     Example:
         >>> noise = gaussian_noise({"w": torch.zeros(200, 1000)}, std=2.0,
         ...                        generator=torch.Generator().manual_seed(0))
-        >>> noise["w"].shape, round(float(noise["w"].std()), 2)  # 200,000 draws: in chunks
+        >>> noise["w"].shape, round(float(noise["w"].std()), 2)
         (torch.Size([200, 1000]), 2.0)
     """
     std, generator = _check_noise(like, std, generator)
@@ -161,7 +136,7 @@ def gaussian_noise(
         return {name: torch.zeros_like(t) for name, t in like.items()}
     first = next(iter(like.values()))
     total = sum(t.numel() for t in like.values())
-    flat = _standard_normal_draw(total, std=std, generator=generator, dtype=first.dtype)
+    flat = _normal_draw(total, std=std, generator=generator, dtype=first.dtype)
     flat = flat.to(first.device)
     noise, start = {}, 0
     for name, t in like.items():
@@ -202,7 +177,7 @@ def add_gaussian_noise(
         return
     first = next(iter(sums.values()))
     total = sum(t.numel() for t in sums.values())
-    noise = _standard_normal_draw(total, std=1.0, generator=generator, dtype=first.dtype)
+    noise = _normal_draw(total, std=1.0, generator=generator, dtype=first.dtype)
     noise = noise.to(first.device)
     start = 0
     for value in sums.values():
