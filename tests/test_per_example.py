@@ -309,3 +309,24 @@ def test_add_clipped_sum_adds_the_scaled_clipped_sum_into_what_it_is_given(name,
     last = list(into)[-1]
     with pytest.raises(ValueError, match=rf"into lacks the trainable parameter\(s\) \['{last}'\]"):
         clipper.add_clipped_sum(x, y, max_grad_norm=0.5, into={n: into[n] for n in list(into)[:-1]})
+
+
+def test_a_convolution_over_several_cpu_chunks_matches_the_loop():
+    """On CPU the convolution rule computes the per-example gradients in chunks of 32 examples;
+    70 examples make two full chunks and a partial one, each of which must line up with its
+    clipping factors (a shifted or dropped chunk changes the sum by order 1)."""
+
+    def build():
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(144, 3)
+        )
+
+    model = _seeded(build)
+    x = torch.randn(70, 3, 6, 6, generator=_gen(), dtype=torch.float64)
+    y = _classes(70, 3)
+    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    sums, norms = clipped_gradient_sum(
+        model, "cross_entropy", x, y, max_grad_norm=c, method="layerwise", return_norms=True
+    )
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
