@@ -10,6 +10,7 @@ modules other modules may import from.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
@@ -332,6 +333,13 @@ def epoch_record(
     for prefix, data in (("train", batches), ("test", None if test_data is None else [test_data])):
         if data is not None:
             scores = _scores(model, data, loss)
+            if not math.isfinite(scores["loss"]):
+                warnings.warn(
+                    f"the {prefix} loss is {scores['loss']}: training diverged. Lower the learning "
+                    "rate, or scale the inputs (features of order 1 train best).",
+                    UserWarning,
+                    stacklevel=3,
+                )
             record[f"{prefix}_loss"] = scores["loss"]
             if "accuracy" in scores:
                 record[f"{prefix}_accuracy"] = scores["accuracy"]

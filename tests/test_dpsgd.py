@@ -901,3 +901,22 @@ def test_dp_sgd_step_bad_arguments(kwargs, error, message):
 def test_gradient_functions_bad_arguments(call, error, message):
     with pytest.raises(error, match=message):
         call(models.logistic_regression())
+
+
+def test_a_sample_rate_below_one_example_per_step_warns():
+    with pytest.warns(
+        UserWarning, match=r"sample_rate \* n = 0.5 .*most steps will see no example"
+    ):
+        _train_small(epochs=1, sample_rate=0.5 / N_TRAIN)
+
+
+def test_a_diverged_training_loss_warns():
+    """Inputs of 1e30 overflow the float32 logits of the review's example; the history then
+    holds nan, and a warning says so instead of leaving it to be found in the history."""
+    with pytest.warns(UserWarning, match="the train loss is nan: training diverged"):
+        history = train_dpsgd(
+            models.logistic_regression(seed=0), DIGITS.x_train * 1e30, DIGITS.y_train,
+            noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.2, epochs=1, lr=0.5,
+            delta=1e-5, seed=0, progress=False,
+        )  # fmt: skip
+    assert math.isnan(history[-1]["train_loss"])

@@ -792,3 +792,26 @@ def test_a_model_must_be_a_module():
         fedavg("model", _CLIENTS, **_FEDAVG)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         dp_fedavg(None, _CLIENTS, **_DP)
+
+
+@pytest.mark.parametrize("loop", ["fedavg", "dp_fedavg"])
+def test_a_model_with_batch_norm_is_trained_with_a_warning(loop):
+    """BatchNorm's running statistics are buffers, which federated averaging does not aggregate:
+    the global model keeps its initial ones (checked), and both loops say so, naming the layer;
+    a model without such a layer trains without a warning."""
+    clients = _iid_clients(4, n=20)
+    kwargs = dict(rounds=1, local_epochs=1, batch_size=None, lr=0.1, seed=0, progress=False)
+    if loop == "dp_fedavg":
+        kwargs |= dict(sample_rate=1.0, noise_multiplier=1.0, max_update_norm=1.0, delta=1e-3)
+    else:
+        kwargs |= dict(client_fraction=1.0)
+    run = {"fedavg": fedavg, "dp_fedavg": dp_fedavg}[loop]
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16),
+                                torch.nn.Linear(16, 10))  # fmt: skip
+    with pytest.warns(UserWarning, match=r"layer\(s\) \['1'\] keep running statistics"):
+        run(model, clients, **kwargs)
+    assert torch.equal(model[1].running_mean, torch.zeros(16))
+    assert int(model[1].num_batches_tracked) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(models.logistic_regression(), clients, **kwargs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -287,6 +288,13 @@ def train_dpsgd(
     generator = torch_generator(seed)
     clipper = PerExampleClipper(model, loss=loss, method=method)
     warn_if_delta_large(delta, data.n)
+    if sample_rate * data.n < 1:
+        warnings.warn(
+            f"sample_rate * n = {sample_rate * data.n:.3g} (n = {data.n}): most steps will see no "
+            "example and move the model by noise alone. Raise sample_rate to at least 1/n.",
+            UserWarning,
+            stacklevel=2,
+        )
     steps_per_epoch = steps_for_epochs(epochs=1, sample_rate=sample_rate)
     if target_epsilon is not None:
         target_epsilon = check_epsilon(target_epsilon, "target_epsilon")

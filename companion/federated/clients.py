@@ -6,6 +6,7 @@ Part of :mod:`companion.federated`; import from there.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -120,6 +121,27 @@ def check_clients(clients: object, *, loss: str) -> list[Client]:
         names = (f"clients[{k}] x", f"clients[{k}] y")
         checked.append(check_data(client[0], client[1], loss=loss, names=names))
     return checked
+
+
+def warn_if_running_statistics(model: nn.Module) -> None:
+    """Warn that layers with running statistics (BatchNorm) keep their initial ones.
+
+    Only trainable parameters are averaged: the global model's running means and variances are
+    never updated, and evaluation normalises with them (0 and 1 for a new BatchNorm layer).
+    """
+    layers = [
+        name or "the model"
+        for name, module in model.named_modules()
+        if getattr(module, "track_running_stats", False)
+    ]
+    if layers:
+        warnings.warn(
+            f"layer(s) {layers} keep running statistics (as BatchNorm does), which federated "
+            "averaging does not aggregate: the global model keeps their initial values, and "
+            "evaluating it normalises with them. Use GroupNorm or LayerNorm instead.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def check_batch_size(batch_size: object) -> int | None:

@@ -34,7 +34,12 @@ from companion._validation import (
 )
 from companion.accounting import RDPAccountant
 from companion.federated.aggregation import dp_fedavg_aggregate, fedavg_aggregate
-from companion.federated.clients import check_batch_size, check_clients, client_updates
+from companion.federated.clients import (
+    check_batch_size,
+    check_clients,
+    client_updates,
+    warn_if_running_statistics,
+)
 
 __all__ = ["dp_fedavg", "fedavg"]
 
@@ -125,6 +130,7 @@ def fedavg(
     """
     model = check_model(model)
     trainable_named(model)
+    warn_if_running_statistics(model)
     loss = check_loss(loss)
     data = check_clients(clients, loss=loss)
     rounds = check_positive_int("rounds", rounds)
@@ -271,6 +277,7 @@ def dp_fedavg(
     """
     model = check_model(model)
     params = trainable_named(model)
+    warn_if_running_statistics(model)
     loss = check_loss(loss)
     data = check_clients(clients, loss=loss)
     rounds = check_positive_int("rounds", rounds)
