@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from numbers import Integral, Real
 
 import numpy as np
@@ -265,3 +265,32 @@ def check_vector(name: str, value: object) -> np.ndarray:
     array = check_values(name, value)
     assert isinstance(array, np.ndarray)
     return array
+
+
+def check_index_parts(parts: object, n: int) -> list[np.ndarray]:
+    """Validate one integer index array per client, each non-empty with indices in ``[0, n)``.
+
+    Tensors are accepted too (moved to numpy). Returns the arrays as numpy arrays.
+    """
+    if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence):
+        raise TypeError(f"parts must be a list of index arrays, got {type(parts).__name__}.")
+    if len(parts) == 0:
+        raise ValueError("parts must hold at least one client's indices, got an empty list.")
+    checked = []
+    for k, part in enumerate(parts):
+        index = np.asarray(part.cpu() if hasattr(part, "cpu") else part)
+        if index.ndim != 1:
+            raise ValueError(
+                f"parts[{k}] must be a one-dimensional index array, got shape {index.shape}."
+            )
+        if index.size == 0:
+            raise ValueError(f"parts[{k}] is empty; every client must hold at least one example.")
+        if index.dtype == bool or not np.issubdtype(index.dtype, np.integer):
+            raise TypeError(f"parts[{k}] must hold integer indices, got dtype {index.dtype}.")
+        if index.min() < 0 or index.max() >= n:
+            raise ValueError(
+                f"parts[{k}] holds indices out of range: they must lie in [0, {n}), got "
+                f"{int(index.min())} .. {int(index.max())}."
+            )
+        checked.append(index)
+    return checked

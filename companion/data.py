@@ -19,7 +19,7 @@ import numpy as np
 from sklearn import datasets
 
 from companion._random import RNGLike, as_generator
-from companion._validation import check_positive_int, check_real
+from companion._validation import check_index_parts, check_positive_int, check_real, check_seed
 
 __all__ = [
     "Patients",
@@ -112,11 +112,10 @@ def make_moons(
         A :class:`Split` with float32 features of shape (n, 2) and int64 labels 0/1.
 
     Raises:
-        TypeError: if ``n`` is not an integer, or ``noise`` or ``test_fraction`` is not a real
-            number.
+        TypeError: if ``n`` or ``seed`` is not an integer, or ``noise`` or ``test_fraction``
+            is not a real number.
         ValueError: if ``n < 1``, ``noise`` is negative or not finite, ``test_fraction`` is
-            not in (0, 1), or ``seed`` is not an int in [0, 2**32 - 1] (scikit-learn's
-            ``InvalidParameterError``, a ValueError, which names ``random_state``).
+            not in (0, 1), or ``seed`` is not in [0, 2**32 - 1] (scikit-learn's range).
 
     Example:
         >>> moons = make_moons(100, seed=0)
@@ -127,6 +126,9 @@ def make_moons(
     noise = check_real("noise", noise)
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}.")
+    seed = check_seed(seed)
+    if seed > 2**32 - 1:
+        raise ValueError(f"seed must be at most 2**32 - 1 (scikit-learn's range), got {seed}.")
     x, y = datasets.make_moons(n_samples=n, noise=noise, random_state=seed)
     return _stratified_split(x, y, test_fraction=test_fraction, seed=seed)
 
@@ -410,9 +412,10 @@ def label_distribution(labels: np.ndarray, parts: list[np.ndarray]) -> np.ndarra
         An integer array of shape ``(len(parts), number of classes)``.
 
     Raises:
-        TypeError: if ``labels`` is not a one-dimensional integer numpy array.
-        ValueError: if ``labels`` is empty or has a negative label. (``parts`` is not
-            checked: an index out of range raises numpy's ``IndexError``.)
+        TypeError: if ``labels`` is not a one-dimensional integer numpy array, ``parts`` not a
+            list, or a part holds non-integer indices.
+        ValueError: if ``labels`` is empty or has a negative label, or a part is empty, not
+            one-dimensional or holds an index outside ``[0, len(labels))``.
 
     Example:
         >>> labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
@@ -421,5 +424,6 @@ def label_distribution(labels: np.ndarray, parts: list[np.ndarray]) -> np.ndarra
                [0, 1, 2, 2]])
     """
     labels = _check_labels(labels)
+    parts = check_index_parts(parts, labels.shape[0])
     n_classes = int(labels.max()) + 1
     return np.stack([np.bincount(labels[part], minlength=n_classes) for part in parts])

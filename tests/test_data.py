@@ -189,8 +189,31 @@ def test_moons_are_a_reproducible_balanced_binary_task():
         ({"n": 0}, ValueError, "n must be >= 1"),
         ({"noise": -0.1}, ValueError, "noise"),
         ({"test_fraction": 1.5}, ValueError, "test_fraction"),
+        ({"seed": -1}, ValueError, "seed must be >= 0"),
+        ({"seed": 2**32}, ValueError, r"seed must be at most 2\*\*32 - 1"),
+        ({"seed": 1.5}, TypeError, "seed must be an integer"),
     ],
 )
 def test_moons_bad_input(kwargs, error, message):
     with pytest.raises(error, match=message):
         make_moons(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("parts", "error", "message"),
+    [
+        (
+            [np.array([0, 1]), np.array([2, len(LABELS)])],
+            ValueError,
+            r"parts\[1\] holds indices out",
+        ),
+        ([np.array([0, 1]), np.array([], dtype=int)], ValueError, r"parts\[1\] is empty"),
+        ([np.array([0.0, 1.0])], TypeError, r"parts\[0\] must hold integer indices"),
+        ("0123", TypeError, "parts must be a list of index arrays"),
+    ],
+)
+def test_label_distribution_names_a_bad_part(parts, error, message):
+    """The same checks as client_datasets: a bad index array gets a message naming it, not
+    numpy's IndexError."""
+    with pytest.raises(error, match=message):
+        label_distribution(LABELS, parts)

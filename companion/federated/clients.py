@@ -25,7 +25,12 @@ from companion._torch import (
     to_tensors,
     trainable_named,
 )
-from companion._validation import check_nonnegative, check_positive, check_positive_int
+from companion._validation import (
+    check_index_parts,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+)
 
 __all__ = ["Client", "Update", "client_datasets", "local_update"]
 
@@ -80,26 +85,8 @@ def client_datasets(x: ArrayLike, y: ArrayLike, parts: Sequence[Any]) -> list[Cl
         raise ValueError(
             f"x and y must have the same number of examples, got {n} and {y.shape[0]}."
         )
-    if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence):
-        raise TypeError(f"parts must be a list of index arrays, got {type(parts).__name__}.")
-    if len(parts) == 0:
-        raise ValueError("parts must hold at least one client's indices, got an empty list.")
     clients: list[Client] = []
-    for k, part in enumerate(parts):
-        index = np.asarray(part.cpu() if isinstance(part, torch.Tensor) else part)
-        if index.ndim != 1:
-            raise ValueError(
-                f"parts[{k}] must be a one-dimensional index array, got shape {index.shape}."
-            )
-        if index.size == 0:
-            raise ValueError(f"parts[{k}] is empty; every client must hold at least one example.")
-        if index.dtype == bool or not np.issubdtype(index.dtype, np.integer):
-            raise TypeError(f"parts[{k}] must hold integer indices, got dtype {index.dtype}.")
-        if index.min() < 0 or index.max() >= n:
-            raise ValueError(
-                f"parts[{k}] holds indices out of range: they must lie in [0, {n}), got "
-                f"{int(index.min())} .. {int(index.max())}."
-            )
+    for index in check_index_parts(parts, n):
         rows = torch.from_numpy(index.astype(np.int64))
         clients.append((x[rows], y[rows]))
     return clients
