@@ -81,6 +81,26 @@ class _CifarLike(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+class _DeepConv(nn.Module):
+    """Convolutions with many channels on a 2x2 map, whose per-example gradients would take
+    several times the memory of the patches: the rule takes the ghost norm (a grouped one and a
+    reflect-padded one too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3),
+            nn.Tanh(),
+            nn.Conv2d(32, 64, 3, groups=2, padding=1, padding_mode="reflect"),
+            nn.Tanh(),
+            nn.Conv2d(64, 48, 2, bias=False),
+        )
+        self.head = nn.Linear(48, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
 class _Conv1dGroups(nn.Module):
     def __init__(self):
         super().__init__()
@@ -168,6 +188,11 @@ FAST = {
     "cifar_like_conv2d_variants_groupnorm": (
         lambda: _seeded(_CifarLike),
         lambda: (torch.randn(B, 3, 8, 8, generator=_gen(), dtype=torch.float64), _classes(B, 5)),
+        "cross_entropy",
+    ),
+    "deep_conv_ghost_norm": (
+        lambda: _seeded(_DeepConv),
+        lambda: (torch.randn(B, 3, 4, 4, generator=_gen(), dtype=torch.float64), _classes(B, 3)),
         "cross_entropy",
     ),
     "conv1d_groups_dilation_stride": (
