@@ -293,10 +293,9 @@ def noisy_clipped_gradient(
         >>> round(float(torch.linalg.vector_norm(noisy["0.bias"])), 4)  # a mean of two, norm <= 0.5
         0.3345
     """
-    params = dict(trainable_named(clipper.model))
-    std, generator = _check_noise(params, noise_multiplier * max_grad_norm, generator)
+    std, generator = _check_noise(clipper.trainable, noise_multiplier * max_grad_norm, generator)
     # The noise first, divided by m; then each clipped gradient, divided by m, is added into it.
-    noisy = gaussian_noise(params, std=std / expected_batch_size, generator=generator)
+    noisy = gaussian_noise(clipper.trainable, std=std / expected_batch_size, generator=generator)
     norms = clipper.add_clipped_sum(
         x_batch, y_batch, max_grad_norm=max_grad_norm, into=noisy, scale=1 / expected_batch_size
     )

@@ -181,6 +181,9 @@ class PerExampleClipper:
         loss: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss over examples.
         method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see :func:`clipped_gradient_sum`).
 
+    Attributes:
+        trainable: parameter name -> trainable parameter, as when the clipper was built.
+
     Raises:
         TypeError: if an argument is of the wrong kind.
         ValueError: if the model has no trainable parameter or ``method="layerwise"`` does not
@@ -202,7 +205,7 @@ class PerExampleClipper:
         self.model = check_model(model)
         self.mean_loss, self.sum_loss = resolve_loss(loss)
         self.method = check_method(method)
-        trainable_named(self.model)
+        self.trainable = dict(trainable_named(self.model))
         self.plan = None if self.method == "vmap" else plan_layers(self.model)
         if self.plan is not None and self.plan.fallback:
             reasons = "; ".join(self.plan.reasons)
@@ -220,7 +223,7 @@ class PerExampleClipper:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, max_grad_norm: float) -> ClippedSum:
         """The clipped sum and norms of the batch ``(x, y)`` (checked by the caller)."""
-        sums = {name: torch.zeros_like(p) for name, p in trainable_named(self.model)}
+        sums = {name: torch.zeros_like(p) for name, p in self.trainable.items()}
         return ClippedSum(sums, self.add_clipped_sum(x, y, max_grad_norm=max_grad_norm, into=sums))
 
     def add_clipped_sum(
@@ -262,13 +265,12 @@ class PerExampleClipper:
             >>> bool((into["0.weight"] == 1).all()), norms.shape  # scale 0 adds nothing
             (True, torch.Size([3]))
         """
-        names = [name for name, _ in trainable_named(self.model)]
-        if missing := [name for name in names if name not in into]:
+        if missing := [name for name in self.trainable if name not in into]:
             raise ValueError(f"into lacks the trainable parameter(s) {missing}.")
         if x.shape[0] == 0:
             return x.new_zeros(0, dtype=model_dtype(self.model))
         if self.plan is None:
-            grads = vmap_gradients(self.model, self.mean_loss, x, y, names)
+            grads = vmap_gradients(self.model, self.mean_loss, x, y, list(self.trainable))
             with torch.no_grad():
                 return add_clipped(grads, max_grad_norm, into, scale)
         return layerwise_add_clipped(
