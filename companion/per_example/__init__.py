@@ -24,8 +24,10 @@ same result (the tests check both against a plain loop over examples):
   gradient is :math:`b_i^\top a_i` (rows of :math:`a_i, b_i` are positions of a sequence or
   an image), whose squared norm is either computed from the materialised product or, without
   it, from Gram matrices, :math:`\langle a_i a_i^\top, b_i b_i^\top \rangle` (the "ghost norm",
-  Goodfellow 2015; Li, Tramèr, Liang and Hashimoto 2022), whichever costs fewer multiplications;
-  the clipped sum is then one matrix product :math:`(f \odot b)^\top a`.
+  Goodfellow 2015; Li, Tramèr, Liang and Hashimoto 2022): for a linear layer whichever costs
+  fewer multiplications, for a convolution the materialised gradients (from a convolution
+  backward, without the patch matrix the Gram matrices need) unless they would take over four
+  times the memory; the clipped sum is then one matrix product :math:`(f \odot b)^\top a`.
 
 The rules cover ``Linear`` (also on sequences), ``Conv1d`` and ``Conv2d`` (groups, dilation,
 strides and every padding mode), ``Embedding``, ``LayerNorm`` and ``GroupNorm``, anywhere in a
