@@ -22,6 +22,7 @@ reconstruction than the true one averaged 0.50, exactly what an unrelated image 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -441,3 +442,55 @@ def test_model_gradient_rejects_bad_arguments():
 def test_similarity_rejects_bad_inputs(original, reconstruction, error, match):
     with pytest.raises(error, match=match):
         reconstruction_similarity(original, reconstruction)
+
+
+class _HeadFirst(nn.Module):
+    """An MLP whose head is registered before its body: the first Linear in registration order
+    takes 16 features, while the model takes 64."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 10)
+        self.body = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_a_model_registered_head_first_needs_and_accepts_image_shape():
+    """The review's head-first model: the guess from the first registered layer is refused with
+    a message that says what to pass (not a torch shape error), and image_shape is then used
+    (the review got a false "the model takes 64 input features" for it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _HeadFirst()
+    g = model_gradient(model, *_one(0))
+    with pytest.raises(ValueError, match="the first layer registered takes 16 input features, but"):
+        invert_gradient(model, g, steps=1)
+    result = invert_gradient(model, g, steps=STEPS, lr=LR, image_shape=(8, 8))
+    assert result.x.shape == (1, 64)
+    assert reconstruction_similarity(X[0], result.x[0]) > CHANCE  # the attack ran on 64 inputs
+
+
+def test_a_one_logit_model_is_refused():
+    model = nn.Sequential(nn.Linear(64, 1))
+    g = model_gradient(model, X[:1], np.array([1]), loss="bce")
+    with pytest.raises(ValueError, match="returns 1 output per example; .* not one-logit"):
+        invert_gradient(model, g, steps=1, label=0)
+
+
+def test_a_batch_gradient_attacked_as_one_example_warns_but_a_noised_one_does_not():
+    """A batch's bias gradient sums to zero with one negative entry per class present, which
+    one example's cannot: the attack warns. Noise breaks the zero sum (and makes any number of
+    entries negative), so a noised single-example gradient is not taken for a batch."""
+    model = models.mlp(seed=0)
+    batch = [FIRST_OF_EACH_CLASS[c] for c in (0, 1, 2)]
+    g = model_gradient(model, X[batch], Y[batch])
+    with pytest.warns(UserWarning, match="it is the gradient of a batch of at least 3 examples"):
+        invert_gradient(model, g, steps=1)
+    noised = {name: v + torch.randn(v.shape, generator=torch.Generator().manual_seed(0))
+              for name, v in model_gradient(model, *_one(0)).items()}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        invert_gradient(model, noised, steps=1)
+        invert_gradient(model, model_gradient(model, *_one(0)), steps=1)

@@ -16,6 +16,7 @@ attack, is in :mod:`companion.attacks`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -33,6 +34,7 @@ from companion._torch import (
     check_data,
     check_loss,
     check_model,
+    eval_mode,
     loss_fn,
     trainable_named,
 )
@@ -147,12 +149,16 @@ def _check_gradient(
 
 
 def _input_features(model: nn.Module, image_shape: tuple[int, int] | None) -> int:
-    """The number of input features of ``model``, read from its first layer.
+    """The number of input features of ``model``: the pixels of ``image_shape`` if given, else
+    read from its first registered layer.
 
     A first :class:`torch.nn.Linear` gives ``in_features``; a first :class:`torch.nn.Unflatten`
     of dimension 1 (as in :func:`companion.models.small_cnn`) gives the product of its sizes.
-    Otherwise ``image_shape`` is used, and without it the number cannot be known.
+    Registration order need not be the order of the forward pass; the caller checks the number
+    with a forward pass.
     """
+    if image_shape is not None:
+        return math.prod(image_shape)
     for module in model.modules():
         if isinstance(module, nn.Linear):
             return module.in_features
@@ -160,8 +166,6 @@ def _input_features(model: nn.Module, image_shape: tuple[int, int] | None) -> in
             return math.prod(module.unflattened_size)
         if len(list(module.children())) == 0:  # some other leaf layer comes first
             break
-    if image_shape is not None:
-        return math.prod(image_shape)
     raise ValueError(
         "cannot tell the number of input features of this model (its first layer is neither "
         "Linear nor Unflatten); pass image_shape."
@@ -208,17 +212,23 @@ def _recover_label(model: nn.Module, gradient: dict[str, torch.Tensor]) -> torch
     For cross-entropy, :math:`\partial \ell / \partial b = \mathrm{softmax}(z) - e_y`: every
     entry is positive except the one of the true class, which is :math:`p_y - 1 < 0`.
     """
-    bias_name = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            bias = module.bias
-            bias_name = f"{name}.bias" if bias is not None and bias.requires_grad else None
+    bias_name = _last_bias(model)
     if bias_name is None or bias_name not in gradient:
         raise ValueError(
             "cannot recover the label: the model's last Linear layer has no trainable bias; "
             "pass label."
         )
     return gradient[bias_name].argmin().reshape(1)
+
+
+def _last_bias(model: nn.Module) -> str | None:
+    """The name of the trainable bias of the model's last registered Linear layer, if any."""
+    bias_name = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            bias = module.bias
+            bias_name = f"{name}.bias" if bias is not None and bias.requires_grad else None
+    return bias_name
 
 
 def _total_variation(images: torch.Tensor) -> torch.Tensor:
@@ -277,7 +287,8 @@ def invert_gradient(
     ``label=None`` and ``batch_size=1`` the label is recovered analytically (iDLG; Zhao, Mopuri
     and Bilen 2020): the bias gradient of the last layer is :math:`\mathrm{softmax}(z) - e_y`,
     whose only negative entry is the true class :math:`y`; the attack takes its smallest entry.
-    For larger batches pass the labels.
+    For larger batches pass the labels; a batch's gradient attacked as one example's gives a
+    blend of its inputs, and the attack warns when it can tell (see Warns).
 
     Why it works so well on fully connected models: see :mod:`companion.attacks` (the first
     layer's gradient is a scaled copy of the input). The model is not changed: neither its
@@ -296,7 +307,9 @@ def invert_gradient(
         distance: ``"cosine"`` (Geiping et al.) or ``"l2"`` (DLG).
         tv_weight: weight of the total-variation prior, >= 0; > 0 needs ``image_shape``.
         image_shape: ``(height, width)`` of the images, e.g. ``(8, 8)`` for the digits; its
-            product must equal the model's number of input features.
+            product is the number of input features. Without it the number is read from the
+            first registered layer (a ``Linear`` or ``Unflatten``), which misleads if the layers
+            are registered in another order than they run.
         bounds: ``(low, high)`` the inputs are clamped to after each step (``(0, 1)`` for the
             digits), or ``None`` for no clamping.
         seed: seed of the generator that draws the initial dummy inputs (the attacker's own,
@@ -310,8 +323,13 @@ def invert_gradient(
     Raises:
         TypeError: if ``model`` is not a module or an argument has the wrong type.
         ValueError: if the gradient does not match the model's trainable parameters, an
-            argument is out of range, ``image_shape`` does not match the input size, the label
+            argument is out of range, the model does not take inputs of the size found (or of
+            ``image_shape``), returns one output per example (a ``"bce"`` model), or the label
             has the wrong shape or is missing for ``batch_size > 1``.
+
+    Warns:
+        UserWarning: if ``label=None`` and ``batch_size=1`` but the gradient is a batch's (its
+            last bias gradient sums to zero with several negative entries).
 
     Example:
         >>> from companion import data, models
@@ -340,11 +358,6 @@ def invert_gradient(
             "tv_weight > 0 needs image_shape, the (height, width) of the images, e.g. (8, 8)."
         )
     n_features = _input_features(model, image_shape)
-    if image_shape is not None and math.prod(image_shape) != n_features:
-        raise ValueError(
-            f"image_shape {image_shape} has {math.prod(image_shape)} pixels, but the model takes "
-            f"{n_features} input features."
-        )
     bounds = _check_couple("bounds", bounds, "(low, high)", check_real)
     if bounds is not None and not bounds[0] < bounds[1]:
         raise ValueError(f"bounds must satisfy low < high, got {bounds!r}.")
@@ -357,6 +370,19 @@ def invert_gradient(
                 "a single example only. Pass batch_size labels."
             )
         labels = _recover_label(model, target)
+        bias = target[_last_bias(model)]
+        negative = int((bias < 0).sum())
+        # softmax - e_y sums to 0 with one negative entry; a batch mean sums to 0 with one per
+        # class present; noise breaks the sum (a noised gradient is not taken for a batch).
+        if negative > 1 and abs(float(bias.sum())) <= 1e-3 * float(bias.abs().sum()):
+            warnings.warn(
+                f"the last layer's bias gradient sums to zero and has {negative} negative "
+                f"entries, where one example's has one: it is the gradient of a batch of at "
+                f"least {negative} examples. Pass batch_size and label, or the reconstruction is "
+                "a blend.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     first = params[0][1]
     low, high = bounds if bounds is not None else (0.0, 1.0)
@@ -365,8 +391,23 @@ def invert_gradient(
     )
     dummy = start.to(dtype=first.dtype, device=first.device).requires_grad_(True)
     labels = labels.to(first.device)
-    with torch.no_grad():
-        n_classes = model(dummy).shape[-1]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            n_classes = model(dummy).shape[-1]
+    except RuntimeError as error:  # a shape mismatch inside the model
+        where = f"the first layer registered takes {n_features} input features"
+        if image_shape is not None:
+            where = f"image_shape {image_shape} has {n_features} pixels"
+        raise ValueError(
+            f"{where}, but the model does not accept inputs of that size ({error}). Pass "
+            "image_shape with as many pixels as the model takes (layers registered in another "
+            "order than they run can mislead the guess)."
+        ) from None
+    if n_classes < 2:
+        raise ValueError(
+            f"the model returns {n_classes} output per example; invert_gradient attacks models "
+            "of class logits trained with cross-entropy, not one-logit ('bce') models."
+        )
     if (labels >= n_classes).any():
         raise ValueError(
             f"label must hold classes below the model's {n_classes} outputs, got {labels.tolist()}."
