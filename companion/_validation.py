@@ -249,6 +249,19 @@ def check_values(name: str, value: object) -> float | np.ndarray:
     return value
 
 
+def check_finite_values(name: str, value: object) -> float | np.ndarray:
+    """As :func:`check_values`, and every entry finite: a true answer to release with noise.
+
+    Raises:
+        TypeError: as :func:`check_values`.
+        ValueError: as :func:`check_values`, or if ``value`` holds an infinite entry.
+    """
+    value = check_values(name, value)
+    if not np.isfinite(value).all():
+        raise ValueError(f"{name} must be finite: noise added to an infinite answer hides nothing.")
+    return value
+
+
 def check_vector(name: str, value: object) -> np.ndarray:
     """A non-empty one-dimensional numeric numpy array with no NaN.
 

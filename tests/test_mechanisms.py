@@ -101,6 +101,8 @@ def test_bad_sensitivity(sensitivity):
     [
         (float("nan"), ValueError, "NaN"),
         (np.array([1.0, np.nan]), ValueError, "NaN"),
+        (float("inf"), ValueError, "value must be finite"),
+        (np.array([1.0, -np.inf]), ValueError, "value must be finite"),
         (np.array([]), ValueError, "empty"),
         ("3", TypeError, "real number or a numpy array"),
         ([1.0, 2.0], TypeError, "real number or a numpy array"),

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import optimize, special
 
 from companion._random import RNGLike, as_generator
-from companion._validation import check_delta, check_epsilon, check_positive, check_values
+from companion._validation import check_delta, check_epsilon, check_finite_values, check_positive
 from companion.mechanisms.laplace import add_noise
 
 __all__ = [
@@ -196,14 +196,15 @@ def gaussian_mechanism(
     Raises:
         TypeError: if ``value`` is not a real number or a real numeric numpy array, a privacy
             parameter is not a real number, or ``rng`` is not a Generator, an int or None.
-        ValueError: if ``value`` is empty or holds NaN, a parameter is out of range,
-            ``calibration`` is unknown, or ``calibration="classic"`` with ``epsilon >= 1``.
+        ValueError: if ``value`` is empty or holds NaN or an infinite entry, a parameter is out
+            of range, ``calibration`` is unknown, or ``calibration="classic"`` with
+            ``epsilon >= 1``.
 
     Example:
         >>> round(gaussian_mechanism(100.0, sensitivity=1.0, epsilon=1.0, delta=1e-5, rng=0), 3)
         100.469
     """
-    value = check_values("value", value)
+    value = check_finite_values("value", value)
     if calibration == "analytic":
         sigma = analytic_gaussian_sigma(epsilon=epsilon, delta=delta, sensitivity=sensitivity)
     elif calibration == "classic":

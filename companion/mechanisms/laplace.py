@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from companion._random import RNGLike, as_generator
-from companion._validation import check_epsilon, check_positive, check_values
+from companion._validation import check_epsilon, check_finite_values, check_positive
 
 __all__ = [
     "laplace_mechanism",
@@ -56,8 +56,8 @@ def laplace_mechanism(
         TypeError: if ``value`` is not a real number or a real numeric numpy array,
             ``sensitivity`` or ``epsilon`` is not a real number, or ``rng`` is not a Generator,
             an int or None.
-        ValueError: if ``value`` is empty or holds NaN, ``sensitivity`` or ``epsilon`` is not
-            finite and > 0, or ``rng`` is a negative seed.
+        ValueError: if ``value`` is empty or holds NaN or an infinite entry, ``sensitivity`` or
+            ``epsilon`` is not finite and > 0, or ``rng`` is a negative seed.
 
     Example:
         >>> round(laplace_mechanism(42.0, sensitivity=1.0, epsilon=1.0, rng=0), 3)
@@ -65,7 +65,7 @@ def laplace_mechanism(
         >>> laplace_mechanism(np.zeros(3), sensitivity=1.0, epsilon=2.0, rng=0).round(3)
         array([ 0.16 , -0.308, -1.251])
     """
-    value = check_values("value", value)
+    value = check_finite_values("value", value)
     sensitivity = check_positive("sensitivity", sensitivity)
     epsilon = check_epsilon(epsilon)
     generator = as_generator(rng)
