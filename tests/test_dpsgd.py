@@ -881,6 +881,35 @@ def test_dp_sgd_step_bad_arguments(kwargs, error, message):
             TypeError,
             "model must be a torch.nn.Module",
         ),
+        (  # the review's row 58: a torch index error from inside vmap before
+            lambda m: per_example_gradients(m, "cross_entropy", X, torch.full_like(Y, 11)),
+            ValueError,
+            "labels must be below the model's 10 outputs",
+        ),
+        (
+            lambda m: clipped_gradient_sum(m, "cross_entropy", X, Y + 10, max_grad_norm=1.0),
+            ValueError,
+            "labels must be below the model's 10 outputs",
+        ),
+        (
+            lambda m: dp_sgd_step(
+                m,
+                X,
+                Y + 10,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                expected_batch_size=24.0,
+                lr=0.1,
+                generator=torch.Generator().manual_seed(0),
+            ),  # fmt: skip
+            ValueError,
+            "labels must be below the model's 10 outputs",
+        ),
+        (
+            lambda m: per_example_gradients(m, "cross_entropy", X[:, :32], Y),
+            ValueError,
+            "model cannot be applied to the inputs",
+        ),
         (
             lambda m: clip_and_sum({}, max_grad_norm=1.0),
             TypeError,

@@ -376,7 +376,7 @@ def _checked_noisy_gradient(
     """Check a step's arguments (all before any computation), then its noisy gradient."""
     check_dp_compatible(model)
     clipper = PerExampleClipper(model, loss=loss, method=method)
-    check_batch(x_batch, y_batch)
+    check_batch(model, loss, x_batch, y_batch)
     return noisy_clipped_gradient(
         clipper,
         x_batch,

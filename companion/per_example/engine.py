@@ -324,7 +324,7 @@ def clipped_gradient_sum(
         (torch.Size([8]), True)
     """
     clipper = PerExampleClipper(model, loss=loss, method=method)
-    check_batch(x, y)
+    check_batch(model, loss, x, y)
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
     result = clipper(x, y, max_grad_norm=max_grad_norm)
     return result if return_norms else result.sums

@@ -116,7 +116,9 @@ def resolve_loss(loss: object) -> tuple[LossFn, LossFn]:
     )
 
 
-def check_batch(x: object, y: object) -> None:
+def check_batch(model: nn.Module, loss: LossLike, x: object, y: object) -> None:
+    """Tensors with one example per row, which the model accepts with outputs that fit the loss
+    and the labels (checked on one example, so that a bad label gets a message naming it)."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError("x and y must be torch tensors (see companion.training.to_tensors).")
     if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
@@ -124,6 +126,8 @@ def check_batch(x: object, y: object) -> None:
             f"x and y must hold the same number of examples along their first dimension, got "
             f"shapes {tuple(x.shape)} and {tuple(y.shape)}."
         )
+    if x.shape[0] > 0:
+        _torch.check_outputs(model, x, y, loss=loss)
 
 
 # --- per-example gradients with torch.func ------------------------------------------------------
@@ -165,7 +169,7 @@ def per_example_gradients(
     """
     model = check_model(model)
     mean_loss, _ = resolve_loss(loss)
-    check_batch(x, y)
+    check_batch(model, loss, x, y)
     names = [name for name, _ in trainable_named(model)]
     return vmap_gradients(model, mean_loss, x, y, names)
 
