@@ -158,15 +158,16 @@ def _to_tensors(x: object, y: object, names: tuple[str, str]) -> tuple[torch.Ten
 def check_data(
     x: ArrayLike, y: ArrayLike, *, loss: str | LossFn, names: tuple[str, str] = ("x", "y")
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convert and validate a data set: matching lengths, finite float inputs, valid labels.
+    """Convert and validate a data set: matching lengths, finite inputs, valid labels.
 
-    Labels are checked for a named loss only; with a callable loss the targets may have any
-    shape ``(N, ...)`` and dtype.
+    Inputs are floats, or integer tensors passed on unchanged (token ids for an ``Embedding``;
+    numpy arrays are converted to float32, see :func:`to_tensors`). Labels are checked for a
+    named loss only; with a callable loss the targets may have any shape ``(N, ...)`` and dtype.
     """
     name_x, name_y = names
     x, y = _to_tensors(x, y, names)
-    if not x.is_floating_point():
-        raise TypeError(f"{name_x} must hold floating-point inputs, got dtype {x.dtype}.")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name_x} must hold real or integer inputs, got dtype {x.dtype}.")
     if x.ndim < 2:
         raise ValueError(f"{name_x} must have shape (N, n_features), got shape {tuple(x.shape)}.")
     if y.ndim != 1 and not (callable(loss) and y.ndim > 1):

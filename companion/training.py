@@ -73,11 +73,12 @@ def evaluate(
 
     Raises:
         TypeError: if ``model`` is not a ``torch.nn.Module``, ``x`` or ``y`` is not a tensor or
-            numeric numpy array, ``x`` is not floating point, or the labels of
+            numeric numpy array, ``x`` is boolean or complex, or the labels of
             ``loss="cross_entropy"`` are not integers.
         ValueError: if ``loss`` is unknown, the shapes or lengths of ``x`` and ``y`` do not
-            fit, there are no examples, ``x`` holds NaN or infinite values, or a label is
-            negative (or not 0/1 for ``loss="bce"``).
+            fit, there are no examples, ``x`` holds NaN or infinite values, the model cannot
+            be applied to ``x``, or a label is negative, not below the number of outputs (or
+            not 0/1 for ``loss="bce"``).
 
     Example:
         >>> from companion import data, models
@@ -89,6 +90,7 @@ def evaluate(
     model = check_model(model)
     loss = check_loss(loss)
     x, y = check_data(x, y, loss=loss)
+    check_outputs(model, x, y, loss=loss)
     return evaluate_model(model, x, y, loss=loss)
 
 

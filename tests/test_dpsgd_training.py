@@ -192,6 +192,33 @@ def test_a_dataset_gives_the_same_run_as_tensors():
     assert {"train_loss", "train_accuracy"} <= set(history[-1])
 
 
+class _Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(50, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, tokens):
+        return self.head(self.embedding(tokens).mean(dim=1))
+
+
+def test_integer_token_tensors_train_an_embedding_model_as_a_dataset_of_them_does():
+    """Token ids reach the model as integers (a TensorDataset of them always did); the two runs
+    with one seed give the same weights, and the model did train (it moved)."""
+    tokens = torch.randint(0, 50, (N, 6), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(2))
+
+    def build():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return _Bag()
+
+    from_tensors, _ = _run(build(), x=tokens, y=labels)
+    from_dataset, _ = _run(build(), x=TensorDataset(tokens, labels), y=None)
+    torch.testing.assert_close(_flat(from_tensors), _flat(from_dataset), rtol=0, atol=0)
+    assert not torch.equal(_flat(from_tensors), _flat(build()))
+
+
 def test_a_callable_regression_loss_trains_and_records_the_loss():
     """Noise-free DP-SGD (sigma 0, a huge C) with nn.MSELoss is SGD on Poisson batches; on a
     noiseless linear target the training loss falls by orders of magnitude."""

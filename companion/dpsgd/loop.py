@@ -220,7 +220,8 @@ def train_dpsgd(
     Args:
         model: the model to train; must pass :func:`~companion.per_example.check_dp_compatible`.
             Everything runs on the device of its parameters.
-        x: training inputs, shape ``(N, ...)`` (tensor or numpy array), or a
+        x: training inputs, shape ``(N, ...)`` (tensor or numpy array; an integer tensor, such
+            as token ids, reaches the model unchanged, while numpy arrays become float32), or a
             :class:`torch.utils.data.Dataset` of ``(input, target)`` pairs (then no ``y``).
         y: training targets, shape ``(N, ...)``.
         max_grad_norm: the clipping norm :math:`C`, > 0.
