@@ -173,17 +173,11 @@ def add_gaussian_noise(
         (torch.Size([2, 2]), True)
     """
     std, generator = _check_noise(sums, std, generator)
-    if std == 0 or not sums:
+    if std == 0:
         return
-    first = next(iter(sums.values()))
-    total = sum(t.numel() for t in sums.values())
-    noise = _normal_draw(total, std=1.0, generator=generator, dtype=first.dtype)
-    noise = noise.to(first.device)
-    start = 0
-    for value in sums.values():
-        size = value.numel()
-        value.add_(noise[start : start + size].view_as(value), alpha=std)
-        start += size
+    noise = gaussian_noise(sums, std=1.0, generator=generator)  # std scales it in the addition
+    for name, value in sums.items():
+        value.add_(noise[name], alpha=std)
 
 
 # --- the step -----------------------------------------------------------------------------------
