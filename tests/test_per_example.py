@@ -355,3 +355,25 @@ def test_a_convolution_over_several_cpu_chunks_matches_the_loop():
     )
     _assert_same(sums, expected)
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("repeats", ["no token repeated", "tokens repeated three times"])
+def test_the_embedding_rule_matches_the_loop_with_and_without_repeated_tokens(repeats):
+    """An example's Embedding gradient row for a token it holds several times is the sum of those
+    positions' output gradients; the rule takes such sums only for repeated tokens. Both branches
+    against the loop. Token ids recur across examples, which the rule must not add together."""
+    model = _seeded(_TextClassifier)
+    if repeats == "no token repeated":
+        x = torch.stack([torch.randperm(20, generator=_gen(i))[:9] for i in range(B)])
+        assert all(len(set(row.tolist())) == 9 for row in x)
+    else:
+        first = torch.randint(1, 18, (B, 1), generator=_gen())  # examples share some tokens
+        x = first + torch.arange(3).repeat_interleave(3)  # t t t t+1 t+1 t+1 t+2 t+2 t+2
+        x = x[:, torch.randperm(9, generator=_gen())]
+    y = _classes(B, 3)
+    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    sums, norms = clipped_gradient_sum(
+        model, "cross_entropy", x, y, max_grad_norm=c, method="layerwise", return_norms=True
+    )
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)

@@ -216,21 +216,31 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
     batch = a.shape[0]
     vocabulary, width = layer.weight.shape
     index = a.reshape(batch, -1)
-    rows = b.reshape(-1, width)
+    rows = b.reshape(batch, -1, width)
     if layer.padding_idx is not None:  # torch gives the padding row no gradient
-        rows = rows * (index != layer.padding_idx).reshape(-1, 1)
-    # Example i's gradient has row v = the sum of its output gradients at positions holding token
-    # v: one segment sum per distinct (example, token) pair gives every nonzero row.
-    keys = index + vocabulary * torch.arange(batch, device=a.device).unsqueeze(1)
-    pairs, segment = torch.unique(keys.reshape(-1), return_inverse=True)
-    summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows)
-    example, token = pairs // vocabulary, pairs % vocabulary
-    squares = rows.new_zeros(batch).index_add_(
-        0, example, torch.linalg.vector_norm(summed, dim=1).square()
-    )
+        rows = rows * (index != layer.padding_idx).unsqueeze(-1)
+    # Example i's gradient has row v = the sum of its output gradients at the positions holding
+    # token v. Its squared norm sums ||b_it||^2 over the positions of tokens it holds once, and
+    # ||sum of b_it||^2 over each token it repeats: sorting the (example, token) keys finds those.
+    entry_squares = torch.linalg.vector_norm(rows, dim=2).square().reshape(-1)
+    keys = (index + vocabulary * torch.arange(batch, device=a.device).unsqueeze(1)).reshape(-1)
+    sorted_keys, order = keys.sort()
+    same = sorted_keys[1:] == sorted_keys[:-1]
+    repeated = torch.zeros(keys.shape, dtype=torch.bool, device=a.device)
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    positions = order[repeated]
+    squares = entry_squares.index_fill(0, positions, 0.0).reshape(batch, -1).sum(dim=1)
+    if positions.numel():
+        pairs, segment = torch.unique_consecutive(sorted_keys[repeated], return_inverse=True)
+        summed = rows.new_zeros(pairs.shape[0], width)
+        summed.index_add_(0, segment, rows.reshape(-1, width)[positions])
+        squares.index_add_(0, pairs // vocabulary, _squared_norms(summed))
+    tokens = index.reshape(-1)
 
     def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
-        total.index_add_(0, token, summed * f[example, None])
+        # index_add_ adds the rows of a repeated token one by one: one pass, no segment sums.
+        total.index_add_(0, tokens, (rows * f[:, None, None]).reshape(-1, width))
 
     return [("weight", squares, add_to)]
 
