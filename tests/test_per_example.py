@@ -360,14 +360,21 @@ def test_a_convolution_over_several_cpu_chunks_matches_the_loop():
 @pytest.mark.parametrize("repeats", ["no token repeated", "tokens repeated three times"])
 def test_the_embedding_rule_matches_the_loop_with_and_without_repeated_tokens(repeats):
     """An example's Embedding gradient row for a token it holds several times is the sum of those
-    positions' output gradients; the rule takes such sums only for repeated tokens. Both branches
-    against the loop. Token ids recur across examples, which the rule must not add together."""
-    model = _seeded(_TextClassifier)
+    positions' output gradients. The rule has one branch for few repeats and one for many (every
+    token three times); both against the loop. The model reads the positions in order, so each
+    position has its own output gradient (a mean over positions would give them all the same one
+    and hide rows added to the wrong token); token ids recur across examples, whose rows the rule
+    must not add together."""
+
+    def build():
+        return nn.Sequential(nn.Embedding(20, 4, padding_idx=0), nn.Flatten(), nn.Linear(36, 3))
+
+    model = _seeded(build)
     if repeats == "no token repeated":
         x = torch.stack([torch.randperm(20, generator=_gen(i))[:9] for i in range(B)])
         assert all(len(set(row.tolist())) == 9 for row in x)
     else:
-        first = torch.randint(1, 18, (B, 1), generator=_gen())  # examples share some tokens
+        first = torch.randint(0, 18, (B, 1), generator=_gen())  # examples share some tokens
         x = first + torch.arange(3).repeat_interleave(3)  # t t t t+1 t+1 t+1 t+2 t+2 t+2
         x = x[:, torch.randperm(9, generator=_gen())]
     y = _classes(B, 3)

@@ -215,32 +215,37 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
         return []
     batch = a.shape[0]
     vocabulary, width = layer.weight.shape
-    index = a.reshape(batch, -1)
-    rows = b.reshape(batch, -1, width)
+    tokens = a.reshape(-1)
+    rows = b.reshape(-1, width)  # the output gradient at each position
     if layer.padding_idx is not None:  # torch gives the padding row no gradient
-        rows = rows * (index != layer.padding_idx).unsqueeze(-1)
+        rows = rows * (tokens != layer.padding_idx).unsqueeze(1)
     # Example i's gradient has row v = the sum of its output gradients at the positions holding
-    # token v. Its squared norm sums ||b_it||^2 over the positions of tokens it holds once, and
-    # ||sum of b_it||^2 over each token it repeats: sorting the (example, token) keys finds those.
-    entry_squares = torch.linalg.vector_norm(rows, dim=2).square().reshape(-1)
-    keys = (index + vocabulary * torch.arange(batch, device=a.device).unsqueeze(1)).reshape(-1)
-    sorted_keys, order = keys.sort()
-    same = sorted_keys[1:] == sorted_keys[:-1]
-    repeated = torch.zeros(keys.shape, dtype=torch.bool, device=a.device)
-    repeated[1:] |= same
-    repeated[:-1] |= same
-    positions = order[repeated]
-    squares = entry_squares.index_fill(0, positions, 0.0).reshape(batch, -1).sum(dim=1)
-    if positions.numel():
+    # token v. Sorting the positions' (example, token) keys brings each pair's positions together.
+    example = torch.arange(batch, device=a.device).repeat_interleave(a[0].numel())
+    sorted_keys, order = (tokens + vocabulary * example).sort()
+    repeats = sorted_keys[1:] == sorted_keys[:-1]  # positions holding the pair of the one before
+    if 2 * int(repeats.sum()) > tokens.numel():
+        # Most positions repeat a pair (a small vocabulary): sum the rows of every pair; the norms
+        # and the total then take one summed row per pair in place of one row per position.
+        pairs, segment = torch.unique_consecutive(sorted_keys, return_inverse=True)
+        segment = torch.empty_like(segment).scatter_(0, order, segment)  # in position order
+        summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows)
+        example, tokens, rows = pairs // vocabulary, pairs % vocabulary, summed
+        squares = rows.new_zeros(batch).index_add_(0, example, _squared_norms(summed))
+    else:
+        # Few repeats: the squared norms of single positions, plus those of the row sums of the
+        # pairs held at several positions; the total adds rows one by one (index_add_ sums them).
+        repeated = torch.zeros_like(order, dtype=torch.bool)
+        repeated[1:] |= repeats
+        repeated[:-1] |= repeats
+        positions = order[repeated]
+        squares = _squared_norms(rows).index_fill_(0, positions, 0.0).view(batch, -1).sum(dim=1)
         pairs, segment = torch.unique_consecutive(sorted_keys[repeated], return_inverse=True)
-        summed = rows.new_zeros(pairs.shape[0], width)
-        summed.index_add_(0, segment, rows.reshape(-1, width)[positions])
+        summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows[positions])
         squares.index_add_(0, pairs // vocabulary, _squared_norms(summed))
-    tokens = index.reshape(-1)
 
     def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
-        # index_add_ adds the rows of a repeated token one by one: one pass, no segment sums.
-        total.index_add_(0, tokens, (rows * f[:, None, None]).reshape(-1, width))
+        total.index_add_(0, tokens, rows * f[example, None])
 
     return [("weight", squares, add_to)]
 
