@@ -21,6 +21,7 @@ from companion.per_example import (
     PerExampleClipper,
     check_dp_compatible,
     clipped_gradient_sum,
+    rules,
 )
 
 B = 12  # examples per batch
@@ -381,6 +382,24 @@ def test_the_embedding_rule_matches_the_loop_with_and_without_repeated_tokens(re
     c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
     sums, norms = clipped_gradient_sum(
         model, "cross_entropy", x, y, max_grad_norm=c, method="layerwise", return_norms=True
+    )
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["cifar_like_conv2d_variants_groupnorm", "linear_on_sequences_conv1d_same_reflect"]
+)
+def test_normalisation_rules_in_chunks_of_one_example_match_the_loop(name, monkeypatch):
+    """GroupNorm and LayerNorm recompute their normalised input in chunks of examples (of 2**21
+    elements, so the test models' batches make one chunk). With one example per chunk, a chunk
+    out of line with its examples would change the sum by order 1."""
+    monkeypatch.setattr(rules, "_CHUNK_ELEMENTS", 1)
+    build, batch, loss = FAST[name]
+    model, (x, y) = build(), batch()
+    c, expected, loop_norms = _expected(model, loss, x, y)
+    sums, norms = clipped_gradient_sum(
+        model, loss, x, y, max_grad_norm=c, method="layerwise", return_norms=True
     )
     _assert_same(sums, expected)
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
