@@ -257,10 +257,10 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
 _CHUNK_ELEMENTS = 2**21
 
 
-def _scale_gradients(
+def _in_example_chunks(
     batch: int, per_example: int, chunk_grads: Callable[[slice], torch.Tensor]
 ) -> torch.Tensor:
-    """``chunk_grads(part)`` for consecutive slices of the batch, concatenated."""
+    """``chunk_grads(part)`` over slices of the batch of ``_CHUNK_ELEMENTS`` at most, joined."""
     step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
     return torch.cat([chunk_grads(slice(s, s + step)) for s in range(0, batch, step)])
 
@@ -278,7 +278,7 @@ def _layer_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
             normalised = F.layer_norm(a[part], shape, eps=layer.eps).reshape(b[part].shape)
             return normalised.mul_(b[part]).sum(dim=1)
 
-        grads = _scale_gradients(batch, b[0].numel(), chunk_grads)
+        grads = _in_example_chunks(batch, b[0].numel(), chunk_grads)
         out.append(_materialised("weight", grads, layer.weight.shape))
     if _wants(layer, "bias"):
         out.append(_materialised("bias", b.sum(dim=1), layer.bias.shape))
@@ -297,7 +297,7 @@ def _group_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
             normalised = F.group_norm(a[part], layer.num_groups, eps=layer.eps)
             return normalised.reshape(b[part].shape).mul_(b[part]).sum(dim=2)
 
-        grads = _scale_gradients(batch, b[0].numel(), chunk_grads)
+        grads = _in_example_chunks(batch, b[0].numel(), chunk_grads)
         out.append(_materialised("weight", grads, layer.weight.shape))
     if _wants(layer, "bias"):
         out.append(_materialised("bias", b.sum(dim=2), layer.bias.shape))
