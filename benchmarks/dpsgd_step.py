@@ -20,6 +20,13 @@ GroupNorm, an Embedding + LayerNorm text classifier), one step on a batch of 256
   as every DP-SGD library must each step). A DP step is no faster than a non-private one plus
   this draw, so ``1 + noise draw / non-private`` bounds the ratio any implementation on this
   machine can reach with PyTorch's generator; the targets table shows it.
+- ``hand-written``: on the two linear models only, the least a DP-SGD step for a stack of
+  ``Linear`` and ``ReLU`` layers does, written out for that stack alone: one forward pass, the
+  gradients of the summed loss with respect to the layer outputs, each example's squared norm
+  sum over layers of ``|b|^2 (|a|^2 + 1)`` (output gradient, input), the noise, one matrix
+  product per layer into it, ``SGD.step``. Another floor, with the arithmetic every DP step
+  needs: what a general library's bookkeeping (hooks, checks, the layer table) costs on top
+  shows as the gap between it and ``companion auto``.
 
 Every DP step uses noise multiplier 1, clipping norm 1 and the expected batch size 256, with the
 noise drawn from a seeded ``torch.Generator`` (no secure RNG for either library). Before timing,
@@ -68,9 +75,12 @@ METHODS = (
     "opacus hooks",
     "opacus ghost",
     "noise draw",
+    "hand-written",
 )
 OPACUS = ("opacus hooks", "opacus ghost")
 NOT_DP = ("non-private", "noise draw")  # references, not DP steps: neither clips
+LINEAR_ONLY = ("hand-written",)  # methods for the two linear models only
+REFERENCES = ("noise draw", "hand-written")  # floors for the ratios: timed, memory not measured
 #: Repeated CPU runs of one process vary by about 1.5 MiB on the small models and 5% on the
 #: CIFAR model (allocator and library buffers), so a smaller excess is reported as noise.
 MEMORY_NOISE_MIB = 2.0
@@ -178,7 +188,64 @@ def build_step(
             )
 
         return Step(run, params)
+    if method == "hand-written":
+        return _hand_written_step(model, x, y, noise_multiplier, max_grad_norm, seed)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def _hand_written_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    seed: int,
+) -> Step:
+    """DP-SGD for an ``nn.Sequential`` of ``Linear`` and ``ReLU`` layers, written out by hand."""
+    if not all(isinstance(layer, nn.Linear | nn.ReLU) for layer in model):
+        raise ValueError("the hand-written step is for stacks of Linear and ReLU layers")
+    params = dict(model.named_parameters())
+    linears = [layer for layer in model if isinstance(layer, nn.Linear)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    total = sum(p.numel() for p in params.values())
+
+    def run() -> None:
+        inputs, outputs, h = [], [], x
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                inputs.append(h)
+                outputs.append(h := layer(h))
+            else:
+                h = layer(h)
+        loss = nn.functional.cross_entropy(h, y, reduction="sum")
+        output_grads = torch.autograd.grad(loss, outputs)
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm  # faster than square().sum() on CPU
+            squares = sum(
+                norm(b, dim=1).square() * (norm(a, dim=1).square() + 1)
+                for a, b in zip(inputs, output_grads, strict=True)
+            )
+            factors = (max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0) / BATCH
+            noise = torch.empty(total, device=x.device).normal_(
+                0.0, noise_multiplier * max_grad_norm / BATCH, generator=generator
+            )
+            start = 0
+            for layer, a, b in zip(linears, inputs, output_grads, strict=True):
+                weighted = b * factors[:, None]
+                for p in (layer.weight, layer.bias):
+                    p.grad = noise[start : start + p.numel()].view(p.shape)
+                    start += p.numel()
+                layer.weight.grad.addmm_(weighted.t(), a)
+                layer.bias.grad.addmv_(b.t(), factors)
+        optimizer.step()
+
+    return Step(run, params)
+
+
+def applicable(model_name: str, methods: list[str]) -> list[str]:
+    """``methods`` without those for the linear models only, unless ``model_name`` is one."""
+    return [m for m in methods if model_name in LINEAR or m not in LINEAR_ONLY]
 
 
 # --- the check that every DP method clips -------------------------------------------------------
@@ -200,7 +267,8 @@ def check_agreement(model_name: str, methods: list[str], device: str) -> str:
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        for method in ["non-private", *[m for m in methods if m != "non-private"]]:
+        dp = [m for m in applicable(model_name, methods) if m != "non-private"]
+        for method in ["non-private", *dp]:
             step = build_step(
                 method, build_model(model_name, device=device), x, y, noise_multiplier=0.0,
                 max_grad_norm=clip,
@@ -239,6 +307,7 @@ def time_model(
 ) -> dict[str, list[float]]:
     """Step times in seconds of each method on ``model_name``, interleaved in rotating order."""
     x, y = make_batch(model_name, BATCH, device=device)
+    methods = applicable(model_name, methods)
     steps = {m: build_step(m, build_model(model_name, device=device), x, y).run for m in methods}
     sync = synchronizer(device)
     for run in steps.values():
@@ -276,7 +345,8 @@ def report(
         "|---|---|--:|--:|--:|--:|--:|",
     ]
     verdicts = [
-        "| model | companion vs non-private (target) | floor: 1 + noise draw | fastest Opacus "
+        "| model | companion vs non-private (target) | floors: 1 + noise draw; hand-written "
+        "| fastest Opacus "
         "| companion faster? | memory vs Opacus ghost | memory <= ghost? |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -304,6 +374,10 @@ def report(
             floor_min = 1 + min(row["noise draw"]) / base_min
             floor_med = 1 + statistics.median(row["noise draw"]) / base_med
             floor = f"{floor_min:.2f}x / {floor_med:.2f}x"
+        if "hand-written" in row:
+            written_min = min(row["hand-written"]) / base_min
+            written_med = statistics.median(row["hand-written"]) / base_med
+            floor += f"; {written_min:.2f}x / {written_med:.2f}x"
         opacus = [m for m in OPACUS if m in row]
         if opacus:
             fastest = min(opacus, key=lambda m: min(row[m]))
@@ -330,9 +404,10 @@ def report(
         "models and 1.5x on the others, faster than the fastest Opacus mode, peak memory no "
         "higher than Opacus ghost's. 'yes' = met by the minimum and the median, 'min only' / "
         "'median only' = met by one of them; memory 'within noise' = above ghost's by less "
-        f"than max({MEMORY_NOISE_MIB} MiB, 5%), the spread of repeated runs. The floor is what "
-        "a step would cost if everything but the noise were free; a target below it cannot be "
-        "met on this machine."
+        f"than max({MEMORY_NOISE_MIB} MiB, 5%), the spread of repeated runs. The first floor is "
+        "what a step would cost if everything but the noise were free; a target below it cannot "
+        "be met on this machine. The second (linear models) is a DP step written by hand for "
+        "that model alone: the arithmetic every DP step needs, without a library's generality."
     )
     return "\n".join([*lines, "", note, "", *verdicts])
 
@@ -412,7 +487,7 @@ def main() -> None:
         except ImportError:
             from benchmarks.dpsgd_memory import measure_all
         memory, memory_what = measure_all(
-            args.models, [m for m in args.methods if m != "noise draw"], device=args.device,
+            args.models, [m for m in args.methods if m not in REFERENCES], device=args.device,
             threads=args.threads,
             steps=2 if args.quick else 3,
         )  # fmt: skip
