@@ -71,38 +71,49 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
     ``a`` has shape (B, L, I) and ``b`` (B, L, O): L positions, I inputs and O outputs per group
     times ``groups``. The weight gradient is reshaped to the weight's shape.
     """
+    if groups == 1 and a.shape[1] == 1:
+        return _one_position(layer, a[:, 0], b[:, 0])
     out: RuleOutput = []
-    batch, length = a.shape[0], a.shape[1]
-    shape = layer.weight.shape
     if _wants(layer, "weight"):
-        if groups == 1 and length == 1:
-            a2, b2 = a[:, 0], b[:, 0]
-            squares = _squared_norms(a2) * _squared_norms(b2)
-            flat = (b2.shape[1], a2.shape[1])  # a convolution's weight has more dimensions
+        batch, length, shape = a.shape[0], a.shape[1], layer.weight.shape
+        ag = a.reshape(batch, length, groups, -1).transpose(1, 2)  # (B, g, L, I/g)
+        bg = b.reshape(batch, length, groups, -1).transpose(1, 2)  # (B, g, L, O/g)
+        i_size, o_size = ag.shape[-1], bg.shape[-1]
+        if length * (i_size + o_size) < i_size * o_size:  # ghost norm is cheaper
+            gram_a = ag @ ag.transpose(-1, -2)
+            gram_b = bg @ bg.transpose(-1, -2)
+            squares = torch.einsum("bgls,bgls->b", gram_a, gram_b)
 
             def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
-                total.view(flat).addmm_((b2 * f[:, None]).t(), a2)
+                weighted = bg * f[:, None, None, None]
+                total.add_(torch.einsum("bglo,bgli->goi", weighted, ag).reshape(shape))
 
             out.append(("weight", squares, add_to))
         else:
-            ag = a.reshape(batch, length, groups, -1).transpose(1, 2)  # (B, g, L, I/g)
-            bg = b.reshape(batch, length, groups, -1).transpose(1, 2)  # (B, g, L, O/g)
-            i_size, o_size = ag.shape[-1], bg.shape[-1]
-            if length * (i_size + o_size) < i_size * o_size:  # ghost norm is cheaper
-                gram_a = ag @ ag.transpose(-1, -2)
-                gram_b = bg @ bg.transpose(-1, -2)
-                squares = torch.einsum("bgls,bgls->b", gram_a, gram_b)
-
-                def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
-                    weighted = bg * f[:, None, None, None]
-                    total.add_(torch.einsum("bglo,bgli->goi", weighted, ag).reshape(shape))
-
-            else:
-                grads = bg.transpose(-1, -2) @ ag  # (B, g, O/g, I/g)
-                out.append(_materialised("weight", grads, shape))
-                return out + _bias(layer, b)
-            out.append(("weight", squares, add_to))
+            grads = bg.transpose(-1, -2) @ ag  # (B, g, O/g, I/g)
+            out.append(_materialised("weight", grads, shape))
     return out + _bias(layer, b)
+
+
+def _one_position(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
+    """:func:`_matmul_rule` at one position, ``a`` (B, I) and ``b`` (B, O): a Linear on vectors.
+
+    Example i's weight gradient :math:`b_i a_i^\\top` has squared norm
+    :math:`\\lVert a_i \\rVert^2 \\lVert b_i \\rVert^2` and its bias gradient is :math:`b_i`, so the
+    norms of ``b`` serve both; the clipped sums are one matrix product each.
+    """
+    b_squares = _squared_norms(b)
+    out: RuleOutput = []
+    if _wants(layer, "weight"):
+        flat = (b.shape[1], a.shape[1])  # a convolution's weight has more dimensions
+
+        def add_weight(f: torch.Tensor, total: torch.Tensor) -> None:
+            total.view(flat).addmm_((b * f[:, None]).t(), a)
+
+        out.append(("weight", _squared_norms(a) * b_squares, add_weight))
+    if _wants(layer, "bias"):
+        out.append(("bias", b_squares, lambda f, total: total.addmv_(b.t(), f)))
+    return out
 
 
 @_rule(nn.Linear)
