@@ -151,11 +151,11 @@ def layerwise_add_clipped(
             )
     grads = vmap_gradients(model, mean_loss, x, y, fallback) if fallback else {}
     with torch.no_grad():
-        squares = x.new_zeros(x.shape[0], dtype=model_dtype(model))
-        for _, sq, _ in entries:
-            squares = squares + sq
-        for g in grads.values():
-            squares = squares + g.flatten(start_dim=1).square().sum(1)
+        parts = [sq for _, sq, _ in entries]
+        parts += [g.flatten(start_dim=1).square().sum(1) for g in grads.values()]
+        squares = parts[0] if parts else x.new_zeros(x.shape[0], dtype=model_dtype(model))
+        for sq in parts[1:]:
+            squares = squares + sq  # not in place: parts[0] may be a rule's own tensor
         norms = squares.sqrt()
         factors = scale_factors(norms, max_grad_norm) * scale
         for name, _, add_to in entries:
