@@ -112,7 +112,7 @@ def measure_all(
 
 def main() -> None:
     sys.path.insert(0, str(HERE))
-    from dpsgd_step import METHODS
+    from dpsgd_step import METHODS, REFERENCES
     from models import MODELS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if m not in REFERENCES))
     args = parser.parse_args()
     steps = args.steps or (2 if args.quick else 3)
     if args.child:
