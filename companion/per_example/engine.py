@@ -15,17 +15,17 @@ from companion._torch import LossFn, check_model, trainable_named
 from companion._validation import check_positive
 from companion.per_example.gradients import (
     ClippedSum,
+    Entry,
     LossLike,
     Method,
     add_clipped,
-    add_weighted,
     check_batch,
     check_method,
+    materialised,
     resolve_loss,
-    scale_factors,
     vmap_gradients,
 )
-from companion.per_example.rules import LAYER_RULES, AddTo
+from companion.per_example.rules import LAYER_RULES
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
 
@@ -140,7 +140,7 @@ def layerwise_add_clipped(
     output_grads = (
         torch.autograd.grad(sum_loss(outputs, y), targets, allow_unused=True) if targets else []
     )
-    entries: list[tuple[str, torch.Tensor, AddTo]] = []
+    entries: list[Entry] = []
     with torch.no_grad():
         for (name, module), b in zip(active, output_grads, strict=True):
             a = capture.seen[module][0].detach()
@@ -151,18 +151,10 @@ def layerwise_add_clipped(
             )
     grads = vmap_gradients(model, mean_loss, x, y, fallback) if fallback else {}
     with torch.no_grad():
-        parts = [sq for _, sq, _ in entries]
-        parts += [g.flatten(start_dim=1).square().sum(1) for g in grads.values()]
-        squares = parts[0] if parts else x.new_zeros(x.shape[0], dtype=model_dtype(model))
-        for sq in parts[1:]:
-            squares = squares + sq  # not in place: parts[0] may be a rule's own tensor
-        norms = squares.sqrt()
-        factors = scale_factors(norms, max_grad_norm) * scale
-        for name, _, add_to in entries:
-            add_to(factors, into[name])
-        for name, g in grads.items():
-            add_weighted(into[name], factors, g)
-    return norms
+        entries.extend(materialised(name, g) for name, g in grads.items())
+        if not entries:  # the forward pass reached no trainable layer: every gradient is 0
+            return x.new_zeros(x.shape[0], dtype=model_dtype(model))
+        return add_clipped(entries, max_grad_norm, into, scale)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -272,7 +264,8 @@ class PerExampleClipper:
         if self.plan is None:
             grads = vmap_gradients(self.model, self.mean_loss, x, y, list(self.trainable))
             with torch.no_grad():
-                return add_clipped(grads, max_grad_norm, into, scale)
+                entries = [materialised(name, g) for name, g in grads.items()]
+                return add_clipped(entries, max_grad_norm, into, scale)
         return layerwise_add_clipped(
             self.model, self.plan, self.mean_loss, self.sum_loss, x, y, max_grad_norm, into, scale
         )

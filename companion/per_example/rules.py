@@ -16,18 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from companion.per_example.gradients import add_weighted
+from companion.per_example.gradients import Entry, add_weighted, materialised, squared_norms
 
 __all__ = ["LAYER_RULES"]
 
 # --- the per-layer rules ------------------------------------------------------------------------
 
-#: What a rule returns for one parameter: its name within the layer ("weight", "bias"), each
-#: example's squared gradient norm (shape (B,)), and a function ``add_to(factors, total)`` that
-#: adds :math:`\sum_i f_i g_i` (factors ``f`` of shape (B,)) into ``total``, in place.
-AddTo = Callable[[torch.Tensor, torch.Tensor], object]
-RuleEntry = tuple[str, torch.Tensor, AddTo]
-RuleOutput = list[RuleEntry]
+#: What a rule returns: one :data:`~companion.per_example.gradients.Entry` per trainable
+#: parameter, named within the layer ("weight", "bias").
+RuleOutput = list[Entry]
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], RuleOutput]
 
 #: Layer type -> rule ``(layer, input a, output gradient b) -> [(parameter, squares, add_to)]``.
@@ -48,21 +45,11 @@ def _wants(layer: nn.Module, name: str) -> bool:
     return isinstance(p, nn.Parameter) and p.requires_grad
 
 
-def _squared_norms(per_example: torch.Tensor) -> torch.Tensor:
-    """Each example's squared L2 norm; ``vector_norm`` is much faster than ``square().sum()``."""
-    return torch.linalg.vector_norm(per_example.flatten(1), dim=1).square()
-
-
-def _materialised(name: str, grads: torch.Tensor, shape: torch.Size) -> RuleEntry:
-    """A parameter whose per-example gradients ``grads`` (B, ...) are at hand."""
-    return (name, _squared_norms(grads), lambda f, total: add_weighted(total, f, grads))
-
-
 def _bias(layer: nn.Module, b: torch.Tensor) -> RuleOutput:
     """The bias of a layer whose output gradient ``b`` is (B, L, O): summed over positions."""
     if not _wants(layer, "bias"):
         return []
-    return [_materialised("bias", b.sum(dim=1), layer.bias.shape)]
+    return [materialised("bias", b.sum(dim=1))]
 
 
 def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int = 1) -> RuleOutput:
@@ -91,7 +78,7 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
             out.append(("weight", squares, add_to))
         else:
             grads = bg.transpose(-1, -2) @ ag  # (B, g, O/g, I/g)
-            out.append(_materialised("weight", grads, shape))
+            out.append(materialised("weight", grads))
     return out + _bias(layer, b)
 
 
@@ -102,7 +89,7 @@ def _one_position(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOut
     :math:`\\lVert a_i \\rVert^2 \\lVert b_i \\rVert^2` and its bias gradient is :math:`b_i`, so the
     norms of ``b`` serve both; the clipped sums are one matrix product each.
     """
-    b_squares = _squared_norms(b)
+    b_squares = squared_norms(b)
     out: RuleOutput = []
     if _wants(layer, "weight"):
         flat = (b.shape[1], a.shape[1])  # a convolution's weight has more dimensions
@@ -110,7 +97,7 @@ def _one_position(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOut
         def add_weight(f: torch.Tensor, total: torch.Tensor) -> None:
             total.view(flat).addmm_((b * f[:, None]).t(), a)
 
-        out.append(("weight", _squared_norms(a) * b_squares, add_weight))
+        out.append(("weight", squared_norms(a) * b_squares, add_weight))
     if _wants(layer, "bias"):
         out.append(("bias", b_squares, lambda f, total: total.addmv_(b.t(), f)))
     return out
@@ -211,7 +198,7 @@ def _conv(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
         _per_example_conv_weight(layer, a[start : start + chunk], b[start : start + chunk])
         for start in range(0, batch, chunk)
     ]
-    squares = torch.cat([_squared_norms(g) for g in chunks])
+    squares = torch.cat([squared_norms(g) for g in chunks])
 
     def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
         for g, f_chunk in zip(chunks, f.split(chunk), strict=True):
@@ -242,7 +229,7 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
         segment = torch.empty_like(segment).scatter_(0, order, segment)  # in position order
         summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows)
         example, tokens, rows = pairs // vocabulary, pairs % vocabulary, summed
-        squares = rows.new_zeros(batch).index_add_(0, example, _squared_norms(summed))
+        squares = rows.new_zeros(batch).index_add_(0, example, squared_norms(summed))
     else:
         # Few repeats: the squared norms of single positions, plus those of the row sums of the
         # pairs held at several positions; the total adds rows one by one (index_add_ sums them).
@@ -250,10 +237,10 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
         repeated[1:] |= repeats
         repeated[:-1] |= repeats
         positions = order[repeated]
-        squares = _squared_norms(rows).index_fill_(0, positions, 0.0).view(batch, -1).sum(dim=1)
+        squares = squared_norms(rows).index_fill_(0, positions, 0.0).view(batch, -1).sum(dim=1)
         pairs, segment = torch.unique_consecutive(sorted_keys[repeated], return_inverse=True)
         summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows[positions])
-        squares.index_add_(0, pairs // vocabulary, _squared_norms(summed))
+        squares.index_add_(0, pairs // vocabulary, squared_norms(summed))
 
     def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
         total.index_add_(0, tokens, rows * f[example, None])
@@ -290,9 +277,9 @@ def _layer_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
             return normalised.mul_(b[part]).sum(dim=1)
 
         grads = _in_example_chunks(batch, b[0].numel(), chunk_grads)
-        out.append(_materialised("weight", grads, layer.weight.shape))
+        out.append(materialised("weight", grads))
     if _wants(layer, "bias"):
-        out.append(_materialised("bias", b.sum(dim=1), layer.bias.shape))
+        out.append(materialised("bias", b.sum(dim=1)))
     return out
 
 
@@ -309,7 +296,7 @@ def _group_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
             return normalised.reshape(b[part].shape).mul_(b[part]).sum(dim=2)
 
         grads = _in_example_chunks(batch, b[0].numel(), chunk_grads)
-        out.append(_materialised("weight", grads, layer.weight.shape))
+        out.append(materialised("weight", grads))
     if _wants(layer, "bias"):
-        out.append(_materialised("bias", b.sum(dim=2), layer.bias.shape))
+        out.append(materialised("bias", b.sum(dim=2)))
     return out
