@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -86,6 +87,15 @@ WHAT = {
 }
 
 
+def default_malloc_env() -> dict[str, str]:
+    """This process's environment without glibc's ``MALLOC_*`` tuning variables.
+
+    Memory is measured with the allocator a user has: settings that keep freed memory (see
+    ``benchmarks/README.md``) steady the timings but add the kept memory to the resident set.
+    """
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+
 def measure_all(
     models: list[str], methods: list[str], *, device: str, threads: int, steps: int
 ) -> tuple[dict[str, dict[str, float]], str]:
@@ -98,7 +108,9 @@ def measure_all(
                 sys.executable, str(Path(__file__).resolve()), "--child", model_name, method,
                 "--device", device, "--threads", str(threads), "--steps", str(steps),
             ]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            done = subprocess.run(
+                command, capture_output=True, text=True, check=False, env=default_malloc_env()
+            )
             if done.returncode != 0:
                 print(f"memory {model_name} / {method} failed:\n{done.stderr[-2000:]}")
                 continue

@@ -42,11 +42,15 @@ whether the targets of issue 9 are met.
 
 Run with ``.venv/bin/python benchmarks/dpsgd_step.py`` (``--quick`` for a smoke run,
 ``--device cuda`` on a GPU, ``--no-memory`` to skip the memory processes, ``--help`` for more).
+On a CPU, page faults make the timings of every method vary from run to run; glibc's
+``MALLOC_*`` variables steady them (``benchmarks/README.md``), and the report's header says
+which were set.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -457,10 +461,13 @@ def header(args: argparse.Namespace) -> str:
     where = args.device
     if args.device.startswith("cuda"):
         where = f"{args.device} ({torch.cuda.get_device_name()})"
+    tuning = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
+    malloc = f"glibc malloc tuned for the timings ({', '.join(tuning)}; memory measured without)"
     return (
         f"One training step, batch {BATCH}, {args.threads} threads, {where}, torch "
         f"{torch.__version__}, Opacus {opacus.__version__}; {args.repeats} interleaved "
-        f"repetitions after {args.warmup} warm-up steps per method."
+        f"repetitions after {args.warmup} warm-up steps per method; "
+        f"{malloc if tuning else 'glibc malloc defaults'}."
     )
 
 
