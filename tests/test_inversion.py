@@ -486,8 +486,11 @@ def test_a_batch_gradient_attacked_as_one_example_warns_but_a_noised_one_does_no
     model = models.mlp(seed=0)
     batch = [FIRST_OF_EACH_CLASS[c] for c in (0, 1, 2)]
     g = model_gradient(model, X[batch], Y[batch])
-    with pytest.warns(UserWarning, match="it is the gradient of a batch of at least 3 examples"):
+    with pytest.warns(
+        UserWarning, match="it is the gradient of a batch of at least 3 examples"
+    ) as record:
         invert_gradient(model, g, steps=1)
+    assert record[0].filename == __file__  # points at the caller's line
     noised = {name: v + torch.randn(v.shape, generator=torch.Generator().manual_seed(0))
               for name, v in model_gradient(model, *_one(0)).items()}  # fmt: skip
     with warnings.catch_warnings():

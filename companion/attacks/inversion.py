@@ -206,29 +206,41 @@ def _check_label(label: object, batch_size: int) -> torch.Tensor | None:
     return labels
 
 
-def _recover_label(model: nn.Module, gradient: dict[str, torch.Tensor]) -> torch.Tensor:
-    r"""iDLG: the true class of a single example from the last layer's bias gradient.
-
-    For cross-entropy, :math:`\partial \ell / \partial b = \mathrm{softmax}(z) - e_y`: every
-    entry is positive except the one of the true class, which is :math:`p_y - 1 < 0`.
-    """
-    bias_name = _last_bias(model)
-    if bias_name is None or bias_name not in gradient:
-        raise ValueError(
-            "cannot recover the label: the model's last Linear layer has no trainable bias; "
-            "pass label."
-        )
-    return gradient[bias_name].argmin().reshape(1)
-
-
-def _last_bias(model: nn.Module) -> str | None:
-    """The name of the trainable bias of the model's last registered Linear layer, if any."""
+def _last_bias_gradient(model: nn.Module, gradient: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The gradient of the trainable bias of the model's last registered Linear layer."""
     bias_name = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             bias = module.bias
             bias_name = f"{name}.bias" if bias is not None and bias.requires_grad else None
-    return bias_name
+    if bias_name is None or bias_name not in gradient:
+        raise ValueError(
+            "cannot recover the label: the model's last Linear layer has no trainable bias; "
+            "pass label."
+        )
+    return gradient[bias_name]
+
+
+def _recover_label(bias: torch.Tensor) -> torch.Tensor:
+    r"""iDLG: the true class of a single example from the last layer's bias gradient ``bias``.
+
+    For cross-entropy, :math:`\partial \ell / \partial b = \mathrm{softmax}(z) - e_y`: every
+    entry is positive except the one of the true class, which is :math:`p_y - 1 < 0`. Warns if
+    ``bias`` looks like a batch's gradient instead.
+    """
+    negative = int((bias < 0).sum())
+    # softmax - e_y sums to 0 with one negative entry; a batch mean sums to 0 with one per
+    # class present; noise breaks the sum (a noised gradient is not taken for a batch).
+    if negative > 1 and abs(float(bias.sum())) <= 1e-3 * float(bias.abs().sum()):
+        warnings.warn(
+            f"the last layer's bias gradient sums to zero and has {negative} negative "
+            f"entries, where one example's has one: it is the gradient of a batch of at "
+            f"least {negative} examples. Pass batch_size and label, or the reconstruction is "
+            "a blend.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return bias.argmin().reshape(1)
 
 
 def _total_variation(images: torch.Tensor) -> torch.Tensor:
@@ -369,20 +381,7 @@ def invert_gradient(
                 "label is required for batch_size > 1: analytic label recovery is implemented for "
                 "a single example only. Pass batch_size labels."
             )
-        labels = _recover_label(model, target)
-        bias = target[_last_bias(model)]
-        negative = int((bias < 0).sum())
-        # softmax - e_y sums to 0 with one negative entry; a batch mean sums to 0 with one per
-        # class present; noise breaks the sum (a noised gradient is not taken for a batch).
-        if negative > 1 and abs(float(bias.sum())) <= 1e-3 * float(bias.abs().sum()):
-            warnings.warn(
-                f"the last layer's bias gradient sums to zero and has {negative} negative "
-                f"entries, where one example's has one: it is the gradient of a batch of at "
-                f"least {negative} examples. Pass batch_size and label, or the reconstruction is "
-                "a blend.",
-                UserWarning,
-                stacklevel=2,
-            )
+        labels = _recover_label(_last_bias_gradient(model, target))
 
     first = params[0][1]
     low, high = bounds if bounds is not None else (0.0, 1.0)
