@@ -23,6 +23,7 @@ from companion.per_example import (
     clipped_gradient_sum,
     rules,
 )
+from companion.per_example.engine import parameter_uses
 
 B = 12  # examples per batch
 
@@ -161,6 +162,59 @@ class _Tied(nn.Module):
         return self.out(torch.tanh(self.embed(tokens).mean(dim=1)))
 
 
+class _TiedByHand(nn.Module):
+    """An output head written as ``h @ embedding.weight.t()``: the Embedding's weight is read
+    by its call and once more outside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+
+    def forward(self, tokens):
+        return torch.tanh(self.embed(tokens).mean(dim=1)) @ self.embed.weight.t()
+
+
+class _BiasReadTwice(nn.Module):
+    """A Linear whose bias the forward pass also reads directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.lin(x) + x[:, :3] * self.lin.bias
+
+
+class _WeightReadOnly(nn.Module):
+    """A Linear that is never called: ``F.linear`` reads its parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.lin.weight, self.lin.bias)
+
+
+class _KeywordCall(nn.Module):
+    """A Linear called with its input as a keyword argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.lin(input=torch.tanh(x))
+
+
+def _weight_norm():
+    """``torch.nn.utils.weight_norm`` (deprecated, still used): the Linear's trainable parameters
+    are ``weight_g``, ``weight_v`` and ``bias``, and ``weight`` is computed from the first two."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.Sequential(nn.utils.weight_norm(nn.Linear(10, 3)))
+
+
 def _frozen(model, name):
     for p in getattr(model, name).parameters():
         p.requires_grad_(False)
@@ -206,6 +260,11 @@ FAST = {
         lambda: (torch.randint(0, 20, (B, 9), generator=_gen()), _classes(B, 3)),
         "cross_entropy",
     ),
+    "linear_called_with_a_keyword": (
+        lambda: _seeded(_KeywordCall),
+        lambda: (torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)),
+        "cross_entropy",
+    ),
     "regression_mse_callable": (
         lambda: _seeded(lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))),
         lambda: (
@@ -227,10 +286,28 @@ FALLBACK = {
         lambda: (torch.randint(0, 12, (B, 5), generator=_gen()), _classes(B, 12)),
         "'embed' shares its parameters",
     ),
-    "layer_called_twice": (
-        lambda: _seeded(_CalledTwice),
+    "weight_norm": (
+        lambda: _seeded(_weight_norm),
         lambda: (torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)),
-        None,  # found only during the forward pass, so no message at planning time
+        r"'0' \(Linear\) has parameters \['weight_g', 'weight_v'\]",
+    ),
+}
+
+#: Models whose layers have rules, but whose forward pass reads a parameter of a layer more than
+#: once or outside the layer's call: found in the autograd graph of each batch, so these layers
+#: fall back to vmap with a warning at the first batch.
+READ_OUTSIDE = {
+    "layer_called_twice": (_CalledTwice, "'shared'", lambda: torch.randn(B, 10, generator=_gen())),
+    "tied_by_hand": (
+        _TiedByHand,
+        "'embed'",
+        lambda: torch.randint(0, 12, (B, 5), generator=_gen()),
+    ),
+    "bias_read_twice": (_BiasReadTwice, "'lin'", lambda: torch.randn(B, 10, generator=_gen())),
+    "weight_read_not_called": (
+        _WeightReadOnly,
+        "'lin'",
+        lambda: torch.randn(B, 10, generator=_gen()),
     ),
 }
 
@@ -288,6 +365,35 @@ def test_mixed_models_fall_back_to_vmap_for_those_layers_only(name):
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("method", ["auto", "layerwise"])
+@pytest.mark.parametrize("name", sorted(READ_OUTSIDE))
+def test_a_parameter_read_outside_its_layers_call_falls_back_to_vmap(name, method):
+    """Without the graph check, the rules gave these parameters the gradient of the layer's call
+    alone: 74% off for the tied head, 97% for the bias read twice, and noise only (no gradient)
+    for the weight read by ``F.linear``."""
+    build, layer, inputs = READ_OUTSIDE[name]
+    model, x = _seeded(build), inputs()
+    x = x.double() if x.is_floating_point() else x
+    y = _classes(B, 12 if name == "tied_by_hand" else 3)
+    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    with pytest.warns(UserWarning, match=f"layer {layer} is called more than once or has a "):
+        sums, norms = clipped_gradient_sum(
+            model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
+        )
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+def test_parameter_uses_counts_the_reads_of_each_leaf():
+    w, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    frozen = torch.ones(3)
+    h = w * 2 + b
+    loss = (h * w).sum() + (h * h).sum() + (frozen * 3).sum()  # w read twice, b once
+    uses = parameter_uses(loss)
+    assert (uses[id(w)], uses[id(b)], uses[id(frozen)]) == (2, 1, 0)
+    assert parameter_uses(torch.ones(())) == {}  # no graph
+
+
 def test_the_fallback_computes_only_the_unsupported_parameters_with_vmap():
     """The mixed model's plan hooks both Linear layers and sends only 'scaled.scale' to vmap."""
     with pytest.warns(UserWarning):
@@ -307,10 +413,21 @@ def test_check_dp_compatible_lists_every_offending_layer():
         nn.BatchNorm1d(4),
         nn.InstanceNorm1d(4, track_running_stats=True),
         nn.Embedding(5, 4, scale_grad_by_freq=True),
+        nn.Embedding(5, 4, max_norm=1.0),
+    )
+    parts = (
+        "'1' is a BatchNorm1d",
+        "'2' is a InstanceNorm1d",
+        "'3' is an Embedding with scale_grad_by_freq",
+        "'4' is an Embedding with max_norm",
     )
     with pytest.raises(ValueError) as error:
         check_dp_compatible(model)
-    for part in ("'1' is a BatchNorm1d", "'2' is a InstanceNorm1d", "'3' is an Embedding"):
+    for part in parts:
+        assert part in str(error.value)
+    with pytest.raises(ValueError) as error:  # per-example gradients need the same
+        PerExampleClipper(model, loss="cross_entropy")
+    for part in parts:
         assert part in str(error.value)
 
 

@@ -6,12 +6,13 @@ Part of :mod:`companion.per_example`; import from there.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from companion._torch import LossFn, check_model, trainable_named
+from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive
 from companion.per_example.gradients import (
     ClippedSum,
@@ -20,6 +21,7 @@ from companion.per_example.gradients import (
     Method,
     add_clipped,
     check_batch,
+    check_dp_compatible,
     check_method,
     materialised,
     resolve_loss,
@@ -43,9 +45,11 @@ class LayerPlan(NamedTuple):
 def plan_layers(model: nn.Module) -> LayerPlan:
     """Hook every layer with a rule whose trainable parameters are its own; vmap the rest.
 
-    A layer falls back to vmap if its type has no rule, if it appears twice in the module tree,
+    A layer falls back to vmap if its type has no rule, if it holds a trainable parameter its
+    rule does not compute (``weight_norm``'s ``weight_g``), if it appears twice in the module tree,
     or if one of its parameters is shared with another layer (tied weights): a rule sees one
-    call of one layer, while the gradient of a shared parameter sums over all of them.
+    call of one layer, while the gradient of a shared parameter sums over all of them. (Reads
+    that only the forward pass shows are found for each batch, by :func:`parameter_uses`.)
     """
     canonical = {id(p): name for name, p in model.named_parameters()}
     module_uses: dict[int, int] = {}
@@ -60,24 +64,35 @@ def plan_layers(model: nn.Module) -> LayerPlan:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
-        has_rule = type(module) in LAYER_RULES and _rule_applies(module)
+        why = _why_no_rule(module)
         alone = module_uses[id(module)] == 1 and all(param_owners[id(p)] == 1 for p in own)
-        if has_rule and alone:
+        if why is None and alone:
             hooked.append((name, module))
             continue
         fallback.extend(canonical[id(p)] for p in own if canonical[id(p)] not in fallback)
-        why = "shares its parameters" if has_rule else f"({type(module).__name__}) has no rule"
-        reasons.append(f"{name or 'the model'!r} {why}")
+        reasons.append(f"{name or 'the model'!r} {why or 'shares its parameters'}")
     return LayerPlan(hooked, fallback, reasons)
 
 
-def _rule_applies(module: nn.Module) -> bool:
-    """Options that a rule does not handle: they send the layer to the vmap fallback."""
-    if isinstance(module, nn.Embedding):
-        return module.max_norm is None and not module.scale_grad_by_freq
-    if isinstance(module, nn.Conv1d | nn.Conv2d):
-        return isinstance(module.padding, str) or all(isinstance(p, int) for p in module.padding)
-    return True
+def _why_no_rule(module: nn.Module) -> str | None:
+    """Why no rule computes the layer's gradients (None if one does): its type, or options and
+    parameters that the rules do not handle."""
+    kind = type(module).__name__
+    if type(module) not in LAYER_RULES:
+        return f"({kind}) has no rule"
+    if extra := [
+        n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in _RULED
+    ]:  # e.g. weight_g and weight_v of torch.nn.utils.weight_norm
+        return f"({kind}) has parameters {extra}, which its rule does not compute"
+    if isinstance(module, nn.Conv1d | nn.Conv2d) and not (
+        isinstance(module.padding, str) or all(isinstance(p, int) for p in module.padding)
+    ):
+        return f"({kind}) has a padding its rule does not handle"
+    return None
+
+
+#: The parameters the rules compute, by their names in a layer.
+_RULED = ("weight", "bias")
 
 
 class _Capture:
@@ -85,16 +100,18 @@ class _Capture:
 
     def __init__(self, layers: list[tuple[str, nn.Module]], copy: bool) -> None:
         self.seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
-        self.twice: set[nn.Module] = set()
         self.copy = copy
-        self.handles = [m.register_forward_hook(self._keep) for _, m in layers]
+        self.handles = [m.register_forward_hook(self._keep, with_kwargs=True) for _, m in layers]
 
     def _keep(
-        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+        self,
+        module: nn.Module,
+        args: tuple[torch.Tensor, ...],
+        kwargs: dict[str, torch.Tensor],
+        output: torch.Tensor,
     ) -> torch.Tensor | None:
-        if module in self.seen:
-            self.twice.add(module)
-        a = inputs[0].clone() if self.copy else inputs[0]
+        a = args[0] if args else kwargs["input"]  # every layer with a rule names it `input`
+        a = a.clone() if self.copy else a
         self.seen[module] = (a, output, a._version, output._version)
         # A copy shields the kept output from in-place changes made further on (ReLU(inplace)).
         return output.clone() if self.copy else None
@@ -105,6 +122,29 @@ class _Capture:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def parameter_uses(loss: torch.Tensor) -> Counter[int]:
+    """How many operations of the autograd graph of ``loss`` read each leaf tensor, by ``id``.
+
+    A rule computes a layer's gradients from one call of the layer, so it applies only where each
+    of the layer's parameters is read once in the graph: by that call. A layer called twice, or
+    a parameter also read elsewhere (a tied output head ``h @ embedding.weight.t()``), reads it
+    more often.
+    """
+    uses: Counter[int] = Counter()
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    seen = set(stack)
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is None:
+                continue
+            if hasattr(node, "variable"):  # AccumulateGrad: the node of a leaf tensor
+                uses[id(node.variable)] += 1
+            elif node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return uses
 
 
 def layerwise_add_clipped(
@@ -127,19 +167,27 @@ def layerwise_add_clipped(
             capture.remove()
         if copy or not capture.changed():
             break  # else a layer's input or output was changed in place: again, with copies
-    twice = {id(m) for m in capture.twice}
-    active = [(n, m) for n, m in plan.hooked if m in capture.seen and id(m) not in twice]
-    fallback = list(plan.fallback)
+    loss = sum_loss(outputs, y)
+    uses = parameter_uses(loss)
+    active, fallback, moved = [], list(plan.fallback), []
     for name, module in plan.hooked:
-        if id(module) in twice:  # a layer called twice: its gradient is a sum over the calls
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if module in capture.seen and all(uses[id(p)] <= 1 for _, p in own):
+            active.append((name, module))
+        elif any(uses[id(p)] for _, p in own):  # read by several calls, or outside the call
             prefix = f"{name}." if name else ""
-            fallback.extend(
-                prefix + n for n, p in module.named_parameters(recurse=False) if p.requires_grad
-            )  # a hooked layer's parameters are its own, so these are their canonical names
+            fallback.extend(prefix + n for n, _ in own)  # a hooked layer's own: canonical names
+            moved.append(repr(name))
+    if moved:
+        warnings.warn(
+            f"layer {', '.join(moved)} is called more than once or has a parameter read outside "
+            "its call: its per-example gradients are computed with vmap, which is slower; the "
+            "result is the same.",
+            UserWarning,
+            stacklevel=2,
+        )
     targets = [capture.seen[m][1] for _, m in active]
-    output_grads = (
-        torch.autograd.grad(sum_loss(outputs, y), targets, allow_unused=True) if targets else []
-    )
+    output_grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else []
     entries: list[Entry] = []
     with torch.no_grad():
         for (name, module), b in zip(active, output_grads, strict=True):
@@ -178,8 +226,8 @@ class PerExampleClipper:
 
     Raises:
         TypeError: if an argument is of the wrong kind.
-        ValueError: if the model has no trainable parameter or ``method="layerwise"`` does not
-            apply.
+        ValueError: if the model has no trainable parameter, has a layer that
+            :func:`check_dp_compatible` refuses, or ``method="layerwise"`` does not apply.
 
     Example:
         >>> import torch
@@ -194,7 +242,8 @@ class PerExampleClipper:
     """
 
     def __init__(self, model: nn.Module, *, loss: LossLike, method: Method = "auto") -> None:
-        self.model = check_model(model)
+        check_dp_compatible(model)  # a model that mixes examples has no per-example gradients
+        self.model = model
         self.mean_loss, self.sum_loss = resolve_loss(loss)
         self.method = check_method(method)
         self.trainable = dict(trainable_named(self.model))
@@ -207,8 +256,8 @@ class PerExampleClipper:
                     "(vmap for those layers only) or method='vmap'."
                 )
             warnings.warn(
-                f"per-example gradients of layer {reasons} are computed with vmap, which is slower "
-                "than the per-layer rules; the result is the same.",
+                f"layer {reasons}: their per-example gradients are computed with vmap, which is "
+                "slower than the per-layer rules; the result is the same.",
                 UserWarning,
                 stacklevel=3,
             )

@@ -57,7 +57,9 @@ def check_dp_compatible(model: nn.Module) -> None:
     un-noised averages of the training data), as do instance normalisation with
     ``track_running_stats=True`` (its running statistics average over the batch) and an
     ``Embedding`` with ``scale_grad_by_freq=True`` (it scales gradients by word counts over the
-    batch). Replace normalisation with :class:`torch.nn.GroupNorm` or
+    batch). An ``Embedding`` with ``max_norm`` rescales, in place during the forward pass, the
+    rows of the tokens it reads: a change of the weights by the data, without noise. Replace
+    normalisation with :class:`torch.nn.GroupNorm` or
     :class:`torch.nn.LayerNorm`. Layers written by hand that mix examples cannot be detected.
 
     Args:
@@ -86,6 +88,8 @@ def check_dp_compatible(model: nn.Module) -> None:
             problems.append(f"{where} is a {kind} with track_running_stats=True")
         elif isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
             problems.append(f"{where} is an Embedding with scale_grad_by_freq=True")
+        elif isinstance(module, nn.Embedding) and module.max_norm is not None:
+            problems.append(f"{where} is an Embedding with max_norm")
     if problems:
         raise ValueError(
             f"model cannot be trained with DP-SGD: {'; '.join(problems)}. These layers mix the "
@@ -93,7 +97,8 @@ def check_dp_compatible(model: nn.Module) -> None:
             "running statistics average the training data), so per-example gradients and the "
             "DP-SGD guarantee do not hold. Replace batch or instance normalisation with "
             "torch.nn.GroupNorm or torch.nn.LayerNorm (or track_running_stats=False), and use "
-            "scale_grad_by_freq=False."
+            "scale_grad_by_freq=False. An Embedding with max_norm renormalises the rows of the "
+            "tokens it reads in place, by the data and without noise: use max_norm=None."
         )
     trainable_named(model)
 
