@@ -10,6 +10,7 @@ be the same function of the same random draws agree to rounding (1e-12 relative)
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from companion.accounting import (
     steps_for_epochs,
 )
 from companion.dpsgd import set_private_gradients, train_dpsgd
+from companion.per_example import clipped_gradient_sum
 
 DIGITS = data.load_digits(seed=0)
 N = 160
@@ -242,6 +244,32 @@ def test_a_callable_regression_loss_trains_and_records_the_loss():
     assert "train_accuracy" not in history[-1]
     assert history[-1]["train_loss"] < 1e-3 * history[0]["train_loss"]
     assert history[-1]["epsilon"] == math.inf
+
+
+@pytest.mark.parametrize(
+    ("loss", "targets", "message"),
+    [
+        # (N, 1) outputs against (N,) targets broadcast to (N, N): every output meets every target
+        (nn.MSELoss(), lambda y: y[:, 0], "returned .*, while the mean of its values on each"),
+        (nn.MSELoss(reduction="sum"), lambda y: y, "averages \\(reduction='mean'\\) rather than"),
+        (nn.MSELoss(reduction="none"), lambda y: y, "it returned a tensor of shape \\(4, 1\\)"),
+        (lambda outputs, targets: 1.0, lambda y: y, "it returned a float"),
+    ],
+)
+def test_a_callable_loss_that_is_not_the_mean_of_the_examples_losses_is_refused(
+    loss, targets, message
+):
+    """Before the check, the first case trained on wrong gradients with only torch's broadcast
+    warning, and the second gave the per-example rules 8 times vmap's gradient (batch of 8)."""
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
+    model = nn.Linear(3, 1).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's broadcast warning
+        with pytest.raises(ValueError, match=f"loss must return the mean.*{message}"):
+            _run(model, x=x, y=targets(y), loss=loss)
+        with pytest.raises(ValueError, match=f"loss must return the mean.*{message}"):
+            clipped_gradient_sum(model, loss, x, targets(y), max_grad_norm=1.0)
 
 
 def test_the_normaliser_is_a_public_argument():
