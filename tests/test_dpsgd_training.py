@@ -102,6 +102,23 @@ def test_a_second_call_never_replays_the_first_calls_noise():
     assert torch.equal(_flat(c), _flat(d))
 
 
+def test_continuing_an_accountant_with_the_same_seed_draws_new_batches_and_noise():
+    """Two calls from the same weights with seed 5: with a new accountant each, the same run;
+    with the second continuing the first's accountant, another one (before, the same: the
+    difference of two continued runs' updates would have been noise-free)."""
+    first = RDPAccountant()
+    a, _ = _run(seed=5, accountant=first)
+    b, _ = _run(seed=5, accountant=RDPAccountant())
+    assert torch.equal(_flat(a), _flat(b))
+    continued, _ = _run(seed=5, accountant=first)
+    assert not torch.allclose(_flat(a), _flat(continued))
+    assert len(first) == 2 * 2 * 8
+    again_first = RDPAccountant()
+    _run(seed=5, accountant=again_first)
+    again, _ = _run(seed=5, accountant=again_first)  # the derived seed is reproducible
+    assert torch.equal(_flat(continued), _flat(again))
+
+
 @pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
 def test_target_epsilon_is_reached_within_two_percent_and_never_exceeded(target):
     _, history = _run(target_epsilon=target, noise_multiplier=None, epochs=4)
@@ -335,7 +352,8 @@ def _other_model_optimizer():
             ValueError,
             "does not hold the model",
         ),
-        ({"accountant": "rdp"}, TypeError, "accountant must have step"),
+        ({"accountant": "rdp"}, TypeError, "accountant must be a companion.accounting.RDPAcc"),
+        ({"accountant": RDPAccountant}, TypeError, r"the class RDPAccountant; pass an instance"),
         ({"expected_batch_size": 0.0}, ValueError, "expected_batch_size must be > 0"),
         ({"loss": 3}, TypeError, "loss must be one of"),
     ],

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from companion._random import torch_generator
+from companion._random import check_optional_seed, derive_seed, torch_generator
 from companion._torch import (
     ArrayLike,
     LossFn,
@@ -36,7 +36,7 @@ from companion._validation import (
     check_positive,
     check_positive_int,
 )
-from companion.accounting import RDPAccountant, steps_for_epochs
+from companion.accounting import PLDAccountant, RDPAccountant, steps_for_epochs
 from companion.dpsgd.step import LossLike, noisy_clipped_gradient, poisson_sample
 from companion.per_example import PerExampleClipper, check_dp_compatible
 from companion.per_example.gradients import Method
@@ -117,19 +117,38 @@ def _check_optimizer(
     return optimizer
 
 
-def _check_accountant(accountant: object) -> Any:
+def _check_accountant(accountant: object) -> RDPAccountant | PLDAccountant:
     if accountant is None:
         return RDPAccountant()
-    if not all(callable(getattr(accountant, m, None)) for m in ("step", "get_epsilon")):
+    if not isinstance(accountant, RDPAccountant | PLDAccountant):
+        got = (
+            f"the class {accountant.__name__}; pass an instance, {accountant.__name__}()"
+            if isinstance(accountant, type)
+            else type(accountant).__name__
+        )
         raise TypeError(
-            "accountant must have step(noise_multiplier=, sample_rate=) and get_epsilon(delta), "
-            f"such as companion.accounting.RDPAccountant(); got {type(accountant).__name__}."
+            "accountant must be a companion.accounting.RDPAccountant or PLDAccountant (to "
+            f"continue an earlier run, pass the one it used); got {got}."
         )
     return accountant
 
 
+def _run_seed(seed: object, accountant: RDPAccountant | PLDAccountant) -> int | None:
+    """The seed of this run's generator: ``seed`` itself for a new accountant, and a seed derived
+    from it and the steps the accountant already holds for a continued one, so that continuing a
+    run with the same seed never replays an earlier call's batches and noise (their difference
+    would then be noise-free)."""
+    seed = check_optional_seed(seed)
+    return seed if len(accountant) == 0 else derive_seed(seed, len(accountant))
+
+
 def _calibrate(
-    accountant: Any, *, target_epsilon: float, delta: float, sample_rate: float, steps: int
+    accountant: RDPAccountant | PLDAccountant,
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
 ) -> float:
     """The noise multiplier that brings ``accountant``, continued by ``steps`` steps, to at most
     ``target_epsilon`` and within 1% of it: bisection keeping the upper end, which never exceeds
@@ -179,7 +198,7 @@ def train_dpsgd(
     target_epsilon: float | None = None,
     lr: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    accountant: Any = None,
+    accountant: RDPAccountant | PLDAccountant | None = None,
     expected_batch_size: float | None = None,
     x_test: ArrayLike | None = None,
     y_test: ArrayLike | None = None,
@@ -213,9 +232,12 @@ def train_dpsgd(
     protected: the training-set statistics in the records are computed from the raw data, for
     the reader's monitoring only.
 
-    *Randomness.* One :class:`torch.Generator` draws the batches and the noise; ``seed=None``
-    (the default) seeds it from fresh OS entropy, so two runs never share noise. A seed makes a
-    run reproducible and must then stay secret.
+    *Randomness.* One :class:`torch.Generator`, on the model's device, draws the batches and the
+    noise; ``seed=None`` (the default) seeds it from fresh OS entropy, so two runs never share
+    noise. A seed makes a run reproducible and must then stay secret. With a continued
+    accountant, the generator's seed is derived from ``seed`` and the steps the accountant
+    already holds, so a second call with the same seed does not replay the first one's batches
+    and noise.
 
     Args:
         model: the model to train; must pass :func:`~companion.per_example.check_dp_compatible`.
@@ -232,8 +254,8 @@ def train_dpsgd(
         target_epsilon: > 0, instead of ``noise_multiplier``.
         lr: learning rate of plain SGD, > 0 (without ``optimizer``).
         optimizer: any :class:`torch.optim.Optimizer` built on the model's parameters.
-        accountant: an accountant to continue (``step`` and ``get_epsilon``), such as
-            :class:`companion.accounting.RDPAccountant`.
+        accountant: the :class:`companion.accounting.RDPAccountant` or
+            :class:`companion.accounting.PLDAccountant` to continue.
         expected_batch_size: :math:`qN`, > 0; default ``sample_rate * N`` (see above).
         x_test, y_test: optional held-out data, evaluated after every epoch.
         seed: seed of the sampling and noise generator, or None for fresh entropy.
@@ -286,7 +308,7 @@ def train_dpsgd(
     if expected_batch_size is None:
         expected_batch_size = sample_rate * data.n
     expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
-    generator = torch_generator(seed)
+    generator = torch_generator(_run_seed(seed, accountant), device=device)
     clipper = PerExampleClipper(model, loss=loss, method=method)
     warn_if_delta_large(delta, data.n)
     if sample_rate * data.n < 1:
