@@ -375,6 +375,51 @@ def test_a_dataset_with_separate_labels_is_refused():
         _run(x=TensorDataset(X, Y))
 
 
+class _Triples(torch.utils.data.Dataset):
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return X[i], Y[i], i
+
+
+def _late_bad_label():
+    """Labels in range for the first 256 examples (checked before training), then one of 12."""
+    x = torch.cat([X, X])[:300]
+    y = torch.cat([Y, Y])[:300].clone()
+    y[280] = 12
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "overrides", "error", "message"),
+    [
+        (
+            _Triples(),
+            {},
+            ValueError,
+            r"must return \(input, target\) pairs; one of its items is a ",
+        ),
+        (
+            TensorDataset(X, Y - 1),
+            {},
+            ValueError,
+            "the Dataset's targets must hold class labels >=",
+        ),
+        (TensorDataset(X, Y.double()), {}, TypeError, "the Dataset's targets must hold integer"),
+        (TensorDataset(X, Y + 10), {}, ValueError, "labels must be below the model's 10 outputs"),
+        (_late_bad_label(), {"sample_rate": 1.0}, ValueError, "got a label 12 in the Dataset"),
+        (TensorDataset(X, Y > 4), {"loss": "bce"}, ValueError, "loss='bce' needs one output logit"),
+        (TensorDataset(X.float(), Y), {}, ValueError, "model cannot be applied to the inputs"),
+    ],
+)
+def test_a_datasets_items_are_checked_as_tensors_are(dataset, overrides, error, message):
+    """Before, a Dataset skipped the checks of tensor data, and each of these cases failed with a
+    torch error from inside the step (the last: float32 inputs to the float64 model)."""
+    with pytest.raises(error, match=message):
+        _run(x=dataset, y=None, **overrides)
+
+
 def test_numpy_inputs_are_accepted():
     model = models.logistic_regression(seed=0)
     history = train_dpsgd(

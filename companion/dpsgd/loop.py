@@ -23,6 +23,7 @@ from companion._torch import (
     check_optional_test,
     check_outputs,
     epoch_record,
+    eval_mode,
     model_device,
     progress_loop,
     trainable_named,
@@ -47,10 +48,16 @@ __all__ = ["train_dpsgd"]
 
 
 class _Data:
-    """Training data as in-memory tensors or a :class:`torch.utils.data.Dataset`, batch by mask."""
+    """Training data as in-memory tensors or a :class:`torch.utils.data.Dataset`, batch by mask.
+
+    Tensors are checked whole once. A Dataset is checked as it is read: every batch (also those
+    of the evaluation after each epoch) must hold ``(input, target)`` pairs that pass
+    :func:`~companion._torch.check_data`, with labels below the model's number of outputs.
+    """
 
     def __init__(self, x: object, y: object, loss: str | LossFn, device: torch.device) -> None:
-        self.device = device
+        self.device, self.loss = device, loss
+        self.classes: int | None = None  # the model's outputs, for cross-entropy on a Dataset
         if isinstance(x, Dataset):
             if y is not None:
                 raise ValueError("give y only with tensor or array inputs, not with a Dataset.")
@@ -67,29 +74,58 @@ class _Data:
             self.x, self.y = x.to(device), y.to(device)
             self.n = x.shape[0]
 
-    def check(self, model: nn.Module, loss: str | LossFn) -> None:
-        """The model's output fits the loss and the labels (tensor data; a Dataset is not read)."""
+    def check(self, model: nn.Module) -> None:
+        """The model's output fits the loss and the labels: all of them for tensors, those of the
+        first 256 examples of a Dataset (whose later batches are checked as they are read)."""
         if self.dataset is None:
-            check_outputs(model, self.x, self.y, loss=loss)
+            check_outputs(model, self.x, self.y, loss=self.loss)
+            return
+        x, y = self._collate([self.dataset[i] for i in range(min(self.n, 256))])
+        check_outputs(model, x.to(self.device), y.to(self.device), loss=self.loss)
+        if self.loss == "cross_entropy":
+            with eval_mode(model), torch.no_grad():
+                self.classes = model(x[:1].to(self.device)).shape[1]
+
+    def _collate(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked tensors ``(x, y)`` of a Dataset's ``(input, target)`` items, on the CPU."""
+        for item in items:
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                got = f"a {type(item).__name__}"
+                got += f" of length {len(item)}" if isinstance(item, tuple | list) else ""
+                raise ValueError(
+                    "a Dataset given as x must return (input, target) pairs; one of its items is "
+                    f"{got}."
+                )
+        try:
+            x, y = default_collate(items)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"the Dataset's items cannot be stacked into a batch: {error}"
+            ) from None
+        names = ("the Dataset's inputs", "the Dataset's targets")
+        x, y = check_data(x, y, loss=self.loss, names=names)
+        if self.classes is not None and int(y.max()) >= self.classes:
+            raise ValueError(
+                f"labels must be below the model's {self.classes} outputs for "
+                f"loss='cross_entropy', got a label {int(y.max())} in the Dataset."
+            )
+        return x, y
 
     def batch(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dataset is None:
             mask = mask.to(self.device)
             return self.x[mask], self.y[mask]
         index = torch.nonzero(mask).squeeze(1).tolist()
-        if not index:
-            xb, yb = default_collate([self.dataset[0]])
-            return xb[:0].to(self.device), yb[:0].to(self.device)
-        xb, yb = default_collate([self.dataset[i] for i in index])
-        return xb.to(self.device), yb.to(self.device)
+        x, y = self._collate([self.dataset[i] for i in index or [0]])
+        if not index:  # an empty batch, shaped as the first example's
+            x, y = x[:0], y[:0]
+        return x.to(self.device), y.to(self.device)
 
-    def record(
-        self, model: nn.Module, epoch: int, test_data: Any, loss: str | LossFn
-    ) -> dict[str, Any]:
+    def record(self, model: nn.Module, epoch: int, test_data: Any) -> dict[str, Any]:
         if self.dataset is None:
-            return epoch_record(model, epoch, (self.x, self.y), test_data, loss)
-        loader = DataLoader(self.dataset, batch_size=1024)
-        return epoch_record(model, epoch, loader, test_data, loss)
+            return epoch_record(model, epoch, (self.x, self.y), test_data, self.loss)
+        loader = DataLoader(self.dataset, batch_size=1024, collate_fn=self._collate)
+        return epoch_record(model, epoch, loader, test_data, self.loss)
 
 
 def _check_optimizer(
@@ -244,7 +280,8 @@ def train_dpsgd(
             Everything runs on the device of its parameters.
         x: training inputs, shape ``(N, ...)`` (tensor or numpy array; an integer tensor, such
             as token ids, reaches the model unchanged, while numpy arrays become float32), or a
-            :class:`torch.utils.data.Dataset` of ``(input, target)`` pairs (then no ``y``).
+            :class:`torch.utils.data.Dataset` of ``(input, target)`` pairs (then no ``y``; each
+            batch is checked as it is read, as tensor data are before training).
         y: training targets, shape ``(N, ...)``.
         max_grad_norm: the clipping norm :math:`C`, > 0.
         sample_rate: :math:`q`, in (0, 1].
@@ -290,7 +327,7 @@ def train_dpsgd(
     loss = check_loss_or_callable(loss)
     device = model_device(model)
     data = _Data(x, y, loss, device)
-    data.check(model, loss)
+    data.check(model)
     test_data = check_optional_test(x_test, y_test, loss=loss)
     if test_data is not None:
         test_data = (test_data[0].to(device), test_data[1].to(device))
@@ -366,7 +403,7 @@ def train_dpsgd(
         record["delta"] = delta
         record["noise_multiplier"] = noise_multiplier
         record["clipped_fraction"] = clipped / seen if seen else 0.0
-        record.update(data.record(model, epoch, test_data, loss))
+        record.update(data.record(model, epoch, test_data))
         history.append(record)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
