@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -334,6 +335,33 @@ class _SoftmaxInForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.net(x), dim=1)
+
+
+class _SigmoidInForward(nn.Module):
+    """A binary classifier whose forward ends in a sigmoid, invisible from its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = models.binary_mlp(n_features=64, seed=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x))
+
+
+def test_a_sigmoid_in_forward_is_warned_about_and_logits_are_not():
+    """Outputs all in [0, 1] on at least 8 examples: a warning (logits can lie there too, so it
+    is not an error). Negative control: the same network's logits, of both signs, pass."""
+    x, y = DIGITS.x_test[:20], (DIGITS.y_test[:20] % 2).astype(np.int64)
+    with pytest.warns(UserWarning, match=r"outputs on (non)?members all lie in \[0, 1\]") as caught:
+        loss_threshold_attack(_SigmoidInForward(), (x, y), (x, y), loss="bce")
+    assert caught[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_threshold_attack(_SigmoidInForward().net, (x, y), (x, y), loss="bce")
+        logit_confidence(_SigmoidInForward().net, x, y, loss="bce")
+    with pytest.warns(UserWarning, match=r"outputs on x all lie in \[0, 1\]") as caught:
+        logit_confidence(_SigmoidInForward(), x, y, loss="bce")
+    assert caught[0].filename == __file__
 
 
 def test_probabilities_read_as_logits_give_wrong_losses(overfitted):

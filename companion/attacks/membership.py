@@ -14,6 +14,8 @@ hypothesis-test view of membership inference and the DP bound on the ROC curve a
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -97,6 +99,16 @@ def _logits(
             f"for loss='bce' the model must return one logit per example, got "
             f"{tuple(outputs.shape)} for {name}."
         )
+    elif x.shape[0] >= 8 and ((outputs >= 0) & (outputs <= 1)).all():
+        # A warning, not an error: logits can all lie in [0, 1] (weak positive predictions).
+        warnings.warn(
+            f"the model's outputs on {name} all lie in [0, 1], as probabilities do; if the "
+            "model applies a sigmoid, the attack reads probabilities as logits and its losses "
+            "and confidences are wrong (squashed into an interval of width 1). Remove the "
+            "sigmoid: the loss applies it.",
+            UserWarning,
+            stacklevel=4,  # the caller of the public function
+        )
     # float64: a confident prediction's loss, log(1 + sum_k exp(-margin_k)), underflows to 0 in
     # float32 once the margins exceed about 17, which would tie the examples the attack is
     # surest of.
@@ -160,8 +172,9 @@ def logit_confidence(
     :class:`torch.nn.Sigmoid`, and, for ``loss="cross_entropy"``, outputs whose rows are all
     non-negative and sum to 1. Log-probabilities (a final ``LogSoftmax``) are fine: they are
     logits shifted by a constant per example, and :math:`\phi` does not change. A sigmoid
-    applied inside a hand-written ``forward`` with ``loss="bce"`` cannot be told from logits
-    that happen to lie in (0, 1) and is not detected.
+    applied inside a hand-written ``forward`` with ``loss="bce"`` cannot be told for sure from
+    logits that happen to lie in [0, 1], so outputs of 8 or more examples all in [0, 1] give a
+    ``UserWarning``, not an error.
 
     The model is evaluated without gradients in evaluation mode and given back its mode; its
     parameters are not changed.
