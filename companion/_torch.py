@@ -293,14 +293,17 @@ def _check_mean_loss(loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor)
             f"loss must return the mean loss over the examples as a tensor holding one number; on "
             f"{shapes} it returned {got}. Use reduction='mean' (the default of torch's losses)."
         )
-    mean = torch.stack([v.reshape(()) for v in singles]).mean()
-    if not torch.isclose(value.reshape(()), mean, rtol=1e-4, atol=1e-7):
+    mean = torch.stack([v.reshape(()).double() for v in singles]).mean()
+    # A few roundings of the loss's dtype apart: bfloat16 has 8 significant bits.
+    eps = torch.finfo(value.dtype if value.is_floating_point() else torch.float64).eps
+    if not torch.isclose(value.reshape(()).double(), mean, rtol=max(1e-4, 8 * eps), atol=1e-7):
         raise ValueError(
             f"loss must return the mean over the examples of each one's loss: on {shapes} it "
             f"returned {float(value):.6g}, while the mean of its values on each example alone is "
             f"{float(mean):.6g}. Check that the outputs' shape matches the targets' (a mismatch "
-            "broadcasts every output against every target) and that the loss averages "
-            "(reduction='mean') rather than sums."
+            "broadcasts every output against every target), and that the loss is a plain mean "
+            "over the examples: not a sum (reduction='sum'), nor a weighted mean (class weights, "
+            "ignore_index, or a mean over the tokens of a padded batch)."
         )
 
 

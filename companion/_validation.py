@@ -4,7 +4,8 @@ Every check raises :class:`ValueError` (a value out of range) or :class:`TypeErr
 wrong kind) with a sentence that names the parameter, says what was wrong and what is allowed.
 Nothing is clipped or coerced silently. A public function lists the errors of the checks it
 calls in its own ``Raises:`` section; the messages are a contract (the notebooks show them), so
-change none without updating the book.
+change none without updating the book. :func:`warn` issues a warning that points at the
+user's own line.
 
 Example:
     >>> check_positive("epsilon", 0.5)
@@ -22,6 +23,8 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from numbers import Integral, Real
 
@@ -307,3 +310,17 @@ def check_index_parts(parts: object, n: int) -> list[np.ndarray]:
             )
         checked.append(index)
     return checked
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`UserWarning` attributed to the first caller outside :mod:`companion`.
+
+    A fixed ``stacklevel`` would point into the package whenever one public function reaches the
+    warning through another (LiRA through the membership attack's helpers).
+    """
+    level, frame = 2, sys._getframe(1)
+    while (
+        frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "companion"
+    ):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, UserWarning, stacklevel=level)

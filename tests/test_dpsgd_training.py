@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from companion import data, models
+from companion._torch import check_outputs
 from companion.accounting import (
     DEFAULT_ORDERS,
     PLDAccountant,
@@ -268,7 +269,7 @@ def test_a_callable_regression_loss_trains_and_records_the_loss():
     [
         # (N, 1) outputs against (N,) targets broadcast to (N, N): every output meets every target
         (nn.MSELoss(), lambda y: y[:, 0], "returned .*, while the mean of its values on each"),
-        (nn.MSELoss(reduction="sum"), lambda y: y, "averages \\(reduction='mean'\\) rather than"),
+        (nn.MSELoss(reduction="sum"), lambda y: y, "not a sum \\(reduction='sum'\\)"),
         (nn.MSELoss(reduction="none"), lambda y: y, "it returned a tensor of shape \\(4, 1\\)"),
         (lambda outputs, targets: 1.0, lambda y: y, "it returned a float"),
     ],
@@ -287,6 +288,21 @@ def test_a_callable_loss_that_is_not_the_mean_of_the_examples_losses_is_refused(
             _run(model, x=x, y=targets(y), loss=loss)
         with pytest.raises(ValueError, match=f"loss must return the mean.*{message}"):
             clipped_gradient_sum(model, loss, x, targets(y), max_grad_norm=1.0)
+
+
+def test_the_loss_check_allows_bfloat16_rounding_and_names_weighted_means():
+    """bfloat16 keeps 8 significant bits, so a batch's mean loss and the mean of the examples'
+    losses differ by a few of its roundings: no model of 50 is refused (with a tolerance of 1e-4,
+    11 were). A class-weighted cross-entropy divides by the sum of the batch's weights, a
+    weighted mean: refused, and the message names class weights."""
+    for seed in range(50):
+        torch.manual_seed(seed)
+        model = nn.Linear(4, 3).to(torch.bfloat16)
+        x, y = torch.randn(8, 4, dtype=torch.bfloat16), torch.randint(0, 3, (8,))
+        check_outputs(model, x, y, loss=nn.CrossEntropyLoss())
+    weighted = nn.CrossEntropyLoss(weight=torch.linspace(0.2, 5.0, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="nor a weighted mean \\(class weights, ignore_index"):
+        _run(loss=weighted)
 
 
 def test_the_normaliser_is_a_public_argument():

@@ -259,3 +259,14 @@ def test_every_subpackage_is_in_the_distribution() -> None:
 def test_the_package_is_typed() -> None:
     """PEP 561: the py.typed marker tells type checkers to use the package's annotations."""
     assert (PACKAGE_DIR / "py.typed").is_file()
+
+
+def test_warn_points_at_the_first_caller_outside_the_package() -> None:
+    """A warning raised two calls deep inside companion names the line that called into it."""
+    from companion._validation import warn
+
+    namespace = {"__name__": "companion.probe", "warn": warn}
+    exec("def inner():\n    warn('deep')\n\ndef outer():\n    inner()\n", namespace)
+    with pytest.warns(UserWarning, match="deep") as caught:
+        namespace["outer"]()
+    assert caught[0].filename == __file__

@@ -23,7 +23,7 @@ from companion.per_example import (
     clipped_gradient_sum,
     rules,
 )
-from companion.per_example.engine import parameter_uses
+from companion.per_example.engine import autograd_graph
 
 B = 12  # examples per batch
 
@@ -196,6 +196,38 @@ class _WeightReadOnly(nn.Module):
         return nn.functional.linear(x, self.lin.weight, self.lin.bias)
 
 
+class _SecondCallDetached(nn.Module):
+    """A Linear called twice, its second output cut from the graph: the parameter is read once
+    in the graph of the loss, by the first call, which is not the one a rule would see."""
+
+    def __init__(self, no_grad=False):
+        super().__init__()
+        self.lin = nn.Linear(10, 3)
+        self.no_grad = no_grad
+
+    def forward(self, x):
+        out = self.lin(x)
+        if self.no_grad:
+            with torch.no_grad():
+                aux = self.lin(x + 1)
+        else:
+            aux = self.lin(x + 1).detach()
+        return out + 0 * aux
+
+
+class _TiedAfterDetach(nn.Module):
+    """A tied head whose embedding call is detached: the weight is read only by the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.mid = nn.Linear(6, 6)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.mid(self.embed(tokens).detach().mean(dim=1)))
+        return h @ self.embed.weight.t()
+
+
 class _KeywordCall(nn.Module):
     """A Linear called with its input as a keyword argument."""
 
@@ -309,6 +341,21 @@ READ_OUTSIDE = {
         "'lin'",
         lambda: torch.randn(B, 10, generator=_gen()),
     ),
+    "second_call_detached": (
+        _SecondCallDetached,
+        "'lin'",
+        lambda: torch.randn(B, 10, generator=_gen()),
+    ),
+    "second_call_without_grad": (
+        lambda: _SecondCallDetached(no_grad=True),
+        "'lin'",
+        lambda: torch.randn(B, 10, generator=_gen()),
+    ),
+    "tied_after_detach": (
+        _TiedAfterDetach,
+        "'embed'",
+        lambda: torch.randint(0, 12, (B, 5), generator=_gen()),
+    ),
 }
 
 
@@ -370,11 +417,13 @@ def test_mixed_models_fall_back_to_vmap_for_those_layers_only(name):
 def test_a_parameter_read_outside_its_layers_call_falls_back_to_vmap(name, method):
     """Without the graph check, the rules gave these parameters the gradient of the layer's call
     alone: 74% off for the tied head, 97% for the bias read twice, and noise only (no gradient)
-    for the weight read by ``F.linear``."""
+    for the weight read by ``F.linear``. A layer whose output does not reach the loss has no
+    gradient from its call, so a read of its parameter elsewhere sends it to vmap too (before
+    the output check, a detached second call of a layer zeroed its gradients)."""
     build, layer, inputs = READ_OUTSIDE[name]
     model, x = _seeded(build), inputs()
     x = x.double() if x.is_floating_point() else x
-    y = _classes(B, 12 if name == "tied_by_hand" else 3)
+    y = _classes(B, 12 if name.startswith("tied") else 3)
     c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
     with pytest.warns(UserWarning, match=f"layer {layer} is called more than once or has a "):
         sums, norms = clipped_gradient_sum(
@@ -384,14 +433,16 @@ def test_a_parameter_read_outside_its_layers_call_falls_back_to_vmap(name, metho
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
 
 
-def test_parameter_uses_counts_the_reads_of_each_leaf():
+def test_autograd_graph_counts_the_reads_of_each_leaf_and_lists_the_operations():
     w, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     frozen = torch.ones(3)
     h = w * 2 + b
-    loss = (h * w).sum() + (h * h).sum() + (frozen * 3).sum()  # w read twice, b once
-    uses = parameter_uses(loss)
-    assert (uses[id(w)], uses[id(b)], uses[id(frozen)]) == (2, 1, 0)
-    assert parameter_uses(torch.ones(())) == {}  # no graph
+    cut = (w * 5).detach()
+    loss = (h * w).sum() + (h * h).sum() + (frozen * 3).sum() + cut.sum()  # w read twice, b once
+    reads, nodes = autograd_graph(loss)
+    assert (reads[id(w)], reads[id(b)], reads[id(frozen)]) == (2, 1, 0)
+    assert h.grad_fn in nodes and loss.grad_fn in nodes
+    assert autograd_graph(torch.ones(())) == ({}, set())  # no graph
 
 
 def test_the_fallback_computes_only_the_unsupported_parameters_with_vmap():

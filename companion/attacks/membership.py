@@ -14,8 +14,6 @@ hypothesis-test view of membership inference and the DP bound on the ROC curve a
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from torch import nn
@@ -29,6 +27,7 @@ from companion._torch import (
     eval_mode,
     loss_fn,
 )
+from companion._validation import warn
 from companion.attacks.roc import MembershipAttackResult
 
 __all__ = ["logit_confidence", "loss_threshold_attack"]
@@ -101,13 +100,11 @@ def _logits(
         )
     elif x.shape[0] >= 8 and ((outputs >= 0) & (outputs <= 1)).all():
         # A warning, not an error: logits can all lie in [0, 1] (weak positive predictions).
-        warnings.warn(
+        warn(
             f"the model's outputs on {name} all lie in [0, 1], as probabilities do; if the "
             "model applies a sigmoid, the attack reads probabilities as logits and its losses "
             "and confidences are wrong (squashed into an interval of width 1). Remove the "
-            "sigmoid: the loss applies it.",
-            UserWarning,
-            stacklevel=4,  # the caller of the public function
+            "sigmoid: the loss applies it."
         )
     # float64: a confident prediction's loss, log(1 + sum_k exp(-margin_k)), underflows to 0 in
     # float32 once the margins exceed about 17, which would tie the examples the attack is

@@ -49,7 +49,7 @@ def plan_layers(model: nn.Module) -> LayerPlan:
     rule does not compute (``weight_norm``'s ``weight_g``), if it appears twice in the module tree,
     or if one of its parameters is shared with another layer (tied weights): a rule sees one
     call of one layer, while the gradient of a shared parameter sums over all of them. (Reads
-    that only the forward pass shows are found for each batch, by :func:`parameter_uses`.)
+    that only the forward pass shows are found for each batch, by :func:`autograd_graph`.)
     """
     canonical = {id(p): name for name, p in model.named_parameters()}
     module_uses: dict[int, int] = {}
@@ -124,27 +124,29 @@ class _Capture:
             handle.remove()
 
 
-def parameter_uses(loss: torch.Tensor) -> Counter[int]:
-    """How many operations of the autograd graph of ``loss`` read each leaf tensor, by ``id``.
+def autograd_graph(loss: torch.Tensor) -> tuple[Counter[int], set[object]]:
+    """The operations of the autograd graph of ``loss``, and how many of them read each leaf.
 
-    A rule computes a layer's gradients from one call of the layer, so it applies only where each
-    of the layer's parameters is read once in the graph: by that call. A layer called twice, or
-    a parameter also read elsewhere (a tied output head ``h @ embedding.weight.t()``), reads it
-    more often.
+    Returns ``(reads, nodes)``: ``reads[id(t)]`` counts the operations that read the leaf tensor
+    ``t`` (a trainable parameter), and ``nodes`` holds every operation's node (a tensor's
+    ``grad_fn``). A rule computes a layer's gradients from its one call, so it applies only where
+    that call's output is in the graph and each of the layer's parameters is read once: by that
+    call. A parameter also read elsewhere (a tied output head ``h @ embedding.weight.t()``) is
+    read more often, or, when the call's output does not reach the loss, read only elsewhere.
     """
-    uses: Counter[int] = Counter()
+    reads: Counter[int] = Counter()
     stack = [loss.grad_fn] if loss.grad_fn is not None else []
-    seen = set(stack)
+    nodes = set(stack)
     while stack:
         for node, _ in stack.pop().next_functions:
             if node is None:
                 continue
             if hasattr(node, "variable"):  # AccumulateGrad: the node of a leaf tensor
-                uses[id(node.variable)] += 1
-            elif node not in seen:
-                seen.add(node)
+                reads[id(node.variable)] += 1
+            elif node not in nodes:
+                nodes.add(node)
                 stack.append(node)
-    return uses
+    return reads, nodes
 
 
 def layerwise_add_clipped(
@@ -168,16 +170,22 @@ def layerwise_add_clipped(
         if copy or not capture.changed():
             break  # else a layer's input or output was changed in place: again, with copies
     loss = sum_loss(outputs, y)
-    uses = parameter_uses(loss)
+    reads, nodes = autograd_graph(loss)
     active, fallback, moved = [], list(plan.fallback), []
     for name, module in plan.hooked:
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if module in capture.seen and all(uses[id(p)] <= 1 for _, p in own):
-            active.append((name, module))
-        elif any(uses[id(p)] for _, p in own):  # read by several calls, or outside the call
+        # The hook keeps a layer's last call; the rule applies if it reads every parameter once.
+        if (
+            module in capture.seen
+            and capture.seen[module][1].grad_fn in nodes
+            and all(reads[id(p)] == 1 for _, p in own)
+        ):
+            active.append((name, module))  # each parameter read once in the graph: by this call
+        elif any(reads[id(p)] for _, p in own):  # read by several calls, or outside the call
             prefix = f"{name}." if name else ""
             fallback.extend(prefix + n for n, _ in own)  # a hooked layer's own: canonical names
             moved.append(repr(name))
+        # else no parameter of the layer reaches the loss, and its gradients are 0
     if moved:
         warnings.warn(
             f"layer {', '.join(moved)} is called more than once or has a parameter read outside "

@@ -124,7 +124,8 @@ def resolve_loss(loss: object) -> tuple[LossFn, LossFn]:
 
 def check_batch(model: nn.Module, loss: LossLike, x: object, y: object) -> None:
     """Tensors with one example per row, which the model accepts with outputs that fit the loss
-    and the labels (checked on one example, so that a bad label gets a message naming it)."""
+    and the labels (checked on the first examples by :func:`companion._torch.check_outputs`, so
+    that a bad label or loss gets a message naming it)."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError("x and y must be torch tensors (see companion.training.to_tensors).")
     if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
