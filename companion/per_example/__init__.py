@@ -33,9 +33,10 @@ The rules cover ``Linear`` (also on sequences), ``Conv1d`` and ``Conv2d`` (group
 strides and every padding mode), ``Embedding``, ``LayerNorm`` and ``GroupNorm``, anywhere in a
 module tree: custom :class:`torch.nn.Module` subclasses are fine. ``method="auto"`` (the default)
 uses the rules where they apply and computes the gradients of the remaining trainable parameters
-(those held directly by layers without a rule, and those of a layer that the forward pass calls
-twice or whose parameter it also reads outside the layer's call, as a tied output head
-``h @ embedding.weight.t()`` does) with ``vmap``, for those parameters only, and says which.
+(those held directly by layers without a rule, and those of a layer whose parameters the loss's
+autograd graph reads other than once, by the layer's last call: a layer called twice, a tied
+output head ``h @ embedding.weight.t()``) with ``vmap``, for those parameters only, and says
+which.
 
 .. note::
 
