@@ -81,10 +81,11 @@ class _Data:
             check_outputs(model, self.x, self.y, loss=self.loss)
             return
         x, y = self._collate([self.dataset[i] for i in range(min(self.n, 256))])
-        check_outputs(model, x.to(self.device), y.to(self.device), loss=self.loss)
+        x, y = x.to(self.device), y.to(self.device)
+        check_outputs(model, x, y, loss=self.loss)
         if self.loss == "cross_entropy":
             with eval_mode(model), torch.no_grad():
-                self.classes = model(x[:1].to(self.device)).shape[1]
+                self.classes = model(x[:1]).shape[1]
 
     def _collate(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked tensors ``(x, y)`` of a Dataset's ``(input, target)`` items, on the CPU."""
