@@ -19,6 +19,8 @@ One module per idea, named after what it holds (each is imported on first use, s
 
 Randomness follows one convention (see :mod:`companion._random`): noise and private sampling
 use fresh entropy unless a seed or generator is passed, and a seed used for noise is a secret.
+Functions that take a model and data run on the model's device: data given as numpy arrays or
+CPU tensors is moved there (the model's parameters must all be on one device).
 
 The code is written to teach: it is tested and its guarantees are stated exactly, but its noise
 samplers are not hardened for production use. Use OpenDP, Opacus or Flower for real data.

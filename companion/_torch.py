@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 __all__ = [
+    "EVAL_BATCH",
     "ArrayLike",
     "LossFn",
     "LossName",
@@ -48,6 +49,8 @@ LossName = Literal["cross_entropy", "bce"]
 LOSSES = ("cross_entropy", "bce")
 #: A loss as a callable: ``(outputs, targets)`` to the mean loss of the batch.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: Examples per forward pass when a model is evaluated on a data set, so that it fits in memory.
+EVAL_BATCH = 1024
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -156,14 +159,27 @@ def _to_tensors(x: object, y: object, names: tuple[str, str]) -> tuple[torch.Ten
 
 
 def check_data(
-    x: ArrayLike, y: ArrayLike, *, loss: str | LossFn, names: tuple[str, str] = ("x", "y")
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    loss: str | LossFn,
+    names: tuple[str, str] = ("x", "y"),
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Convert and validate a data set: matching lengths, finite inputs, valid labels.
 
     Inputs are floats, or integer tensors passed on unchanged (token ids for an ``Embedding``;
     numpy arrays are converted to float32, see :func:`to_tensors`). Labels are checked for a
     named loss only; with a callable loss the targets may have any shape ``(N, ...)`` and dtype.
+    The checked tensors are moved to ``device`` when it is given (the model's, as a rule).
     """
+    x, y = _check_data(x, y, loss=loss, names=names)
+    return (x, y) if device is None else (x.to(device), y.to(device))
+
+
+def _check_data(
+    x: ArrayLike, y: ArrayLike, *, loss: str | LossFn, names: tuple[str, str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     name_x, name_y = names
     x, y = _to_tensors(x, y, names)
     if x.is_complex() or x.dtype == torch.bool:
@@ -198,15 +214,19 @@ def check_data(
 
 
 def check_optional_test(
-    x_test: ArrayLike | None, y_test: ArrayLike | None, *, loss: str | LossFn
+    x_test: ArrayLike | None,
+    y_test: ArrayLike | None,
+    *,
+    loss: str | LossFn,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Held-out data given as a pair, or neither."""
+    """Held-out data given as a pair, or neither (moved to ``device`` when it is given)."""
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together (or both left out).")
     if x_test is None:
         return None
     assert y_test is not None
-    return check_data(x_test, y_test, loss=loss, names=("x_test", "y_test"))
+    return check_data(x_test, y_test, loss=loss, names=("x_test", "y_test"), device=device)
 
 
 def check_model(model: object) -> nn.Module:
@@ -346,7 +366,7 @@ def evaluate_model(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str | LossFn
 ) -> dict[str, float]:
     """Mean loss (and accuracy, for a named loss) on checked tensors, in evaluation mode."""
-    return _scores(model, [(x, y)], loss)
+    return _scores(model, zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH), strict=True), loss)
 
 
 def _scores(model: nn.Module, batches: Iterable[Any], loss: str | LossFn) -> dict[str, float]:
@@ -376,10 +396,12 @@ def epoch_record(
 ) -> dict[str, Any]:
     """Loss and accuracy on the training set (tensors or batches) and test set after an epoch."""
     record: dict[str, Any] = {"epoch": epoch}
-    batches = [train_data] if isinstance(train_data, tuple) else train_data
-    for prefix, data in (("train", batches), ("test", None if test_data is None else [test_data])):
+    for prefix, data in (("train", train_data), ("test", test_data)):
         if data is not None:
-            scores = _scores(model, data, loss)
+            if isinstance(data, tuple):
+                scores = evaluate_model(model, *data, loss=loss)
+            else:
+                scores = _scores(model, data, loss)
             if not math.isfinite(scores["loss"]):
                 warnings.warn(
                     f"the {prefix} loss is {scores['loss']}: training diverged. Lower the learning "

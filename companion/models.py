@@ -42,10 +42,14 @@ __all__ = ["binary_mlp", "logistic_regression", "mlp", "small_cnn"]
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """Run ``build`` with the CPU generator seeded by ``seed``, then restore the global state."""
+    """Run ``build`` with the CPU generator seeded by ``seed``, then restore the global state.
+
+    Only the CPU generator: ``torch.manual_seed`` would also reseed every GPU's generator, which
+    ``fork_rng(devices=[])`` does not restore.
+    """
     seed = check_seed(seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return build()
 
 

@@ -42,6 +42,7 @@ from companion._torch import (
     epoch_record,
     evaluate_model,
     loss_fn,
+    model_device,
     progress_loop,
     to_tensors,
     trainable,
@@ -89,7 +90,7 @@ def evaluate(
     """
     model = check_model(model)
     loss = check_loss(loss)
-    x, y = check_data(x, y, loss=loss)
+    x, y = check_data(x, y, loss=loss, device=model_device(model))
     check_outputs(model, x, y, loss=loss)
     return evaluate_model(model, x, y, loss=loss)
 
@@ -171,9 +172,10 @@ def train(
     """
     model = check_model(model)
     loss = check_loss(loss)
-    x, y = check_data(x, y, loss=loss)
+    device = model_device(model)
+    x, y = check_data(x, y, loss=loss, device=device)
     check_outputs(model, x, y, loss=loss)
-    test_data = check_optional_test(x_test, y_test, loss=loss)
+    test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
     lr = check_positive("lr", lr)

@@ -366,6 +366,15 @@ def test_noise_is_one_draw_of_the_generator_cut_in_the_order_of_the_dict():
     assert all(bool((t == 0).all()) for t in zero.values())
 
 
+def test_noise_has_the_device_and_dtype_of_each_tensor():
+    """A model split over devices gets each parameter's noise on its own device (the meta device
+    stands in for a second one: it holds shapes only)."""
+    like = {"a": torch.zeros(3), "b": torch.zeros(2, 2, device="meta", dtype=torch.float64)}
+    noise = gaussian_noise(like, std=1.0, generator=torch.Generator().manual_seed(0))
+    assert noise["a"].device.type == "cpu" and noise["b"].device.type == "meta"
+    assert noise["b"].dtype == torch.float64 and noise["b"].shape == (2, 2)
+
+
 def test_noisy_clipped_gradient_of_a_large_model_adds_noise_of_std_sigma_c_over_m():
     """noisy_clipped_gradient adds the clipped sum, times 1/m, into noise of std sigma C / m: on
     a Linear(1000, 150) model (150,150 parameters) the noiseless result is the clipped sum over m,

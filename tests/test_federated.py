@@ -662,6 +662,12 @@ def test_dp_fedavg_aggregate_without_clients_is_pure_noise():
         parameter_shapes=shapes,
     )
     assert all(v.dtype == torch.get_default_dtype() and not v.any() for v in silent.values())
+    assert all(v.device.type == "cpu" for v in silent.values())
+    # on the model's device (meta stands in for a GPU), so that the server can apply it
+    elsewhere = dp_fedavg_aggregate([], max_update_norm=S, noise_multiplier=sigma,
+                                    expected_clients=qk, generator=torch.Generator(),
+                                    parameter_shapes=shapes, device="meta")  # fmt: skip
+    assert all(v.device.type == "meta" and v.shape == shapes[k] for k, v in elsewhere.items())
 
 
 _U = {"w": torch.ones(2, 2), "b": torch.ones(2)}

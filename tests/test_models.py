@@ -92,6 +92,17 @@ def test_building_a_model_leaves_the_global_random_state_alone(name):
         assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_building_a_model_does_not_reseed_the_gpus(name, monkeypatch):
+    """torch.manual_seed would also reseed every GPU generator (queued until CUDA starts), which
+    fork_rng(devices=[]) does not restore: dropout on a GPU would then replay the model's seed."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    ARCHITECTURES[name][0](seed=5)
+    assert calls == []
+
+
 @pytest.mark.parametrize("n", [1, 7])
 @pytest.mark.parametrize("name", NAMES)
 def test_output_shapes(name, n):

@@ -279,6 +279,24 @@ def test_evaluate_bce_predicts_positive_logits():
     assert evaluate(model, MOONS.x_test, MOONS.y_test.astype(np.float32), loss="bce") == scores
 
 
+def test_evaluate_runs_the_model_on_batches_of_at_most_1024_examples():
+    """A large data set is evaluated in batches (so that it fits in a GPU's memory), with the
+    scores of one pass over all of it."""
+    model = models.mlp(seed=0)
+    x = np.tile(DIGITS.x_train, (2, 1))[:2500]
+    y = np.tile(DIGITS.y_train, 2)[:2500]
+    with torch.no_grad():
+        outputs = model(torch.tensor(x))
+    rows = []
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    scores = evaluate(model, x, y)
+    assert rows[1:] == [1024, 1024, 452]  # the first pass is check_outputs' on 4 examples
+    assert scores["loss"] == pytest.approx(
+        float(F.cross_entropy(outputs, torch.tensor(y))), rel=1e-6
+    )
+    assert scores["accuracy"] == float((outputs.argmax(1) == torch.tensor(y)).double().mean())
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_evaluate_uses_eval_mode_and_restores_the_mode(training):
     """With dropout p = 0.5 a pass in training mode would zero about half the hidden units; the

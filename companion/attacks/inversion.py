@@ -36,6 +36,7 @@ from companion._torch import (
     check_model,
     eval_mode,
     loss_fn,
+    model_device,
     trainable_named,
 )
 from companion._validation import check_nonnegative, check_positive, check_positive_int, check_real
@@ -84,7 +85,7 @@ def model_gradient(
     """
     model = check_model(model)
     loss = check_loss(loss)
-    x, y = check_data(x, y, loss=loss)
+    x, y = check_data(x, y, loss=loss, device=model_device(model))
     params = trainable_named(model)
     value = loss_fn(loss)(model(x), y)
     grads = torch.autograd.grad(value, [p for _, p in params])

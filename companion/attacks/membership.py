@@ -26,6 +26,7 @@ from companion._torch import (
     check_model,
     eval_mode,
     loss_fn,
+    model_device,
 )
 from companion._validation import warn
 from companion.attacks.roc import MembershipAttackResult
@@ -40,13 +41,16 @@ _SUM_TOLERANCE = 1e-4
 # --- per-example signals ------------------------------------------------------------------------
 
 
-def _check_pair(name: str, pair: object, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pair`` must be an ``(x, y)`` tuple or list of a valid data set."""
+def _check_pair(
+    name: str, pair: object, loss: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pair`` must be an ``(x, y)`` tuple or list of a valid data set; moved to ``device``."""
     if not isinstance(pair, tuple | list) or len(pair) != 2:
         raise TypeError(
             f"{name} must be a pair (x, y) of inputs and labels, got {type(pair).__name__}."
         )
-    return check_data(pair[0], pair[1], loss=loss, names=(f"{name} x", f"{name} y"))
+    names = (f"{name} x", f"{name} y")
+    return check_data(pair[0], pair[1], loss=loss, names=names, device=device)
 
 
 def _last_layer(model: nn.Module) -> nn.Module:
@@ -129,7 +133,7 @@ def _confidences(
     """Each example's logit-scaled confidence in float64, without gradients."""
     z = _logits(model, x, y, loss=loss, name=name)
     if loss == "cross_entropy":
-        rows = torch.arange(z.shape[0])
+        rows = torch.arange(z.shape[0], device=z.device)
         true = z[rows, y]
         others = z.clone()
         others[rows, y] = -torch.inf
@@ -206,7 +210,7 @@ def logit_confidence(
     """
     model = check_model(model)
     loss = check_loss(loss)
-    x, y = check_data(x, y, loss=loss)
+    x, y = check_data(x, y, loss=loss, device=model_device(model))
     with eval_mode(model), torch.no_grad():
         return _confidences(model, x, y, loss=loss, name="x")
 
@@ -283,8 +287,9 @@ def loss_threshold_attack(
     """
     model = check_model(model)
     loss = check_loss(loss)
-    member_data = _check_pair("members", members, loss)
-    nonmember_data = _check_pair("nonmembers", nonmembers, loss)
+    device = model_device(model)
+    member_data = _check_pair("members", members, loss, device)
+    nonmember_data = _check_pair("nonmembers", nonmembers, loss, device)
     with eval_mode(model), torch.no_grad():
         member_losses = _per_example_losses(model, *member_data, loss=loss, name="members")
         nonmember_losses = _per_example_losses(model, *nonmember_data, loss=loss, name="nonmembers")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from companion._random import check_optional_seed, derive_seed, torch_generator
 from companion._torch import (
+    EVAL_BATCH,
     ArrayLike,
     LossFn,
     check_data,
@@ -70,9 +71,8 @@ class _Data:
             if y is None:
                 raise ValueError("y is required unless x is a torch.utils.data.Dataset.")
             self.dataset = None
-            x, y = check_data(x, y, loss=loss)
-            self.x, self.y = x.to(device), y.to(device)
-            self.n = x.shape[0]
+            self.x, self.y = check_data(x, y, loss=loss, device=device)
+            self.n = self.x.shape[0]
 
     def check(self, model: nn.Module) -> None:
         """The model's output fits the loss and the labels: all of them for tensors, those of the
@@ -125,7 +125,7 @@ class _Data:
     def record(self, model: nn.Module, epoch: int, test_data: Any) -> dict[str, Any]:
         if self.dataset is None:
             return epoch_record(model, epoch, (self.x, self.y), test_data, self.loss)
-        loader = DataLoader(self.dataset, batch_size=1024, collate_fn=self._collate)
+        loader = DataLoader(self.dataset, batch_size=EVAL_BATCH, collate_fn=self._collate)
         return epoch_record(model, epoch, loader, test_data, self.loss)
 
 
@@ -329,9 +329,8 @@ def train_dpsgd(
     device = model_device(model)
     data = _Data(x, y, loss, device)
     data.check(model)
-    test_data = check_optional_test(x_test, y_test, loss=loss)
+    test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
     if test_data is not None:
-        test_data = (test_data[0].to(device), test_data[1].to(device))
         check_outputs(model, *test_data, loss=loss)
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
     sample_rate = check_fraction("sample_rate", sample_rate)

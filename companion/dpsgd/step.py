@@ -140,7 +140,7 @@ def gaussian_noise(
     flat = flat.to(first.device)
     noise, start = {}, 0
     for name, t in like.items():
-        noise[name] = flat[start : start + t.numel()].view(t.shape).to(t.dtype)
+        noise[name] = flat[start : start + t.numel()].view(t.shape).to(t.device, t.dtype)
         start += t.numel()
     return noise
 

@@ -117,6 +117,7 @@ def dp_fedavg_aggregate(
     generator: torch.Generator,
     parameter_shapes: Mapping[str, torch.Size] | None = None,
     dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     r"""DP-FedAvg's aggregation rule: clip each update, sum, add Gaussian noise, divide by qK.
 
@@ -154,6 +155,8 @@ def dp_fedavg_aggregate(
             required when ``updates`` is empty, else checked against the updates.
         dtype: floating dtype of the result when ``updates`` is empty (default: torch's
             default dtype); with updates, theirs.
+        device: device of the result when ``updates`` is empty (default: the CPU); with
+            updates, theirs. Pass the model's, so that a round without clients can update it.
 
     Returns:
         A new dict name -> tensor, the noisy average update :math:`\tilde\Delta`.
@@ -204,7 +207,9 @@ def dp_fedavg_aggregate(
     else:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}.")
-        total = {name: torch.zeros(shape, dtype=dtype) for name, shape in shapes.items()}
+        total = {
+            name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()
+        }
     for update in updates:
         norms = torch.stack([torch.linalg.vector_norm(value) for value in update.values()])
         factor = float(clip_factors(torch.linalg.vector_norm(norms), max_grad_norm=max_update_norm))

@@ -22,6 +22,7 @@ from companion._torch import (
     check_loss,
     check_model,
     loss_fn,
+    model_device,
     to_tensors,
     trainable_named,
 )
@@ -92,8 +93,8 @@ def client_datasets(x: ArrayLike, y: ArrayLike, parts: Sequence[Any]) -> list[Cl
     return clients
 
 
-def check_clients(clients: object, *, loss: str) -> list[Client]:
-    """Validate every client's data set once; return them as tensors."""
+def check_clients(clients: object, *, loss: str, device: torch.device) -> list[Client]:
+    """Validate every client's data set once; return them as tensors on ``device``."""
     if isinstance(clients, (str, bytes)) or not isinstance(clients, Sequence):
         raise TypeError(
             "clients must be a list of (x, y) pairs (see client_datasets), got "
@@ -106,7 +107,7 @@ def check_clients(clients: object, *, loss: str) -> list[Client]:
         if not isinstance(client, Sequence) or len(client) != 2:
             raise TypeError(f"clients[{k}] must be an (x, y) pair, got {type(client).__name__}.")
         names = (f"clients[{k}] x", f"clients[{k}] y")
-        checked.append(check_data(client[0], client[1], loss=loss, names=names))
+        checked.append(check_data(client[0], client[1], loss=loss, names=names, device=device))
     return checked
 
 
@@ -201,7 +202,7 @@ def local_update(
     model = check_model(model)
     trainable_named(model)
     loss = check_loss(loss)
-    x, y = check_data(x, y, loss=loss)
+    x, y = check_data(x, y, loss=loss, device=model_device(model))
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_batch_size(batch_size)
     lr = check_positive("lr", lr)

@@ -21,6 +21,7 @@ from companion._torch import (
     check_model,
     check_optional_test,
     evaluate_model,
+    model_device,
     progress_loop,
     trainable_named,
     warn_if_delta_large,
@@ -132,14 +133,15 @@ def fedavg(
     trainable_named(model)
     warn_if_running_statistics(model)
     loss = check_loss(loss)
-    data = check_clients(clients, loss=loss)
+    device = model_device(model)
+    data = check_clients(clients, loss=loss, device=device)
     rounds = check_positive_int("rounds", rounds)
     client_fraction = check_fraction("client_fraction", client_fraction)
     local_epochs = check_positive_int("local_epochs", local_epochs)
     batch_size = check_batch_size(batch_size)
     lr = check_positive("lr", lr)
     mu = check_nonnegative("mu", mu)
-    test_data = check_optional_test(x_test, y_test, loss=loss)
+    test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
     seed = check_optional_seed(seed)
     rng = np.random.default_rng(seed)
     num_clients = len(data)
@@ -279,7 +281,8 @@ def dp_fedavg(
     params = trainable_named(model)
     warn_if_running_statistics(model)
     loss = check_loss(loss)
-    data = check_clients(clients, loss=loss)
+    device = model_device(model)
+    data = check_clients(clients, loss=loss, device=device)
     rounds = check_positive_int("rounds", rounds)
     sample_rate = check_fraction("sample_rate", sample_rate)
     noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
@@ -289,9 +292,9 @@ def dp_fedavg(
     lr = check_positive("lr", lr)
     delta = check_delta(delta)
     server_lr = check_positive("server_lr", server_lr)
-    test_data = check_optional_test(x_test, y_test, loss=loss)
+    test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
     seed = check_optional_seed(seed)
-    noise_generator = torch_generator(seed)
+    noise_generator = torch_generator(seed, device=device)
     rng = np.random.default_rng(seed)
     num_clients = len(data)
     warn_if_delta_large(delta, num_clients, unit="client", symbol="K")
@@ -315,6 +318,7 @@ def dp_fedavg(
             generator=noise_generator,
             parameter_shapes=shapes,
             dtype=params[0][1].dtype,
+            device=device,
         )
         add_to_model(model, aggregate, server_lr)
         accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
