@@ -3,8 +3,8 @@
 Loss names, data and model checks, trainable parameters, evaluation, the per-epoch (or per-round)
 records and the progress loop that every training function uses: :mod:`companion.training`,
 :mod:`companion.dpsgd`, :mod:`companion.federated` and :mod:`companion.attacks`. Like
-:mod:`companion._validation` and :mod:`companion._random`, this is one of the three private
-modules other modules may import from.
+:mod:`companion._validation`, :mod:`companion._random` and :mod:`companion._outputs` (the checks
+of a model's outputs), this is one of the private modules other modules may import from.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ __all__ = [
     "check_loss",
     "check_loss_or_callable",
     "check_model",
-    "check_outputs",
     "check_optional_test",
     "epoch_record",
     "evaluate_model",
@@ -243,88 +242,6 @@ def model_device(model: nn.Module) -> torch.device:
             f"model's parameters must all be on one device, got {sorted(map(str, devices))}."
         )
     return devices.pop() if devices else torch.device("cpu")
-
-
-def check_outputs(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str | LossFn
-) -> None:
-    """Run the model on the first examples (up to 4): it must accept ``x`` and its output must
-    fit the loss and the labels (every label of ``y`` below the number of outputs for
-    cross-entropy); a callable loss must give the mean of the examples' losses."""
-    n = min(4, x.shape[0])
-    try:
-        with eval_mode(model), torch.no_grad():
-            outputs = model(x[:n])
-    except (RuntimeError, TypeError, IndexError) as error:
-        raise ValueError(
-            f"model cannot be applied to the inputs (one example has shape {tuple(x.shape[1:])} "
-            f"and dtype {x.dtype}): {error}. Check that the inputs' shape and dtype match the "
-            "model's first layer and that they are on the model's device."
-        ) from None
-    if not isinstance(outputs, torch.Tensor):
-        raise TypeError(f"model must return a tensor of outputs, got {type(outputs).__name__}.")
-    if outputs.ndim == 0 or outputs.shape[0] != n:
-        raise ValueError(
-            f"model must return one row of outputs per example: {n} examples gave outputs of "
-            f"shape {tuple(outputs.shape)}."
-        )
-    if callable(loss):
-        with torch.no_grad():
-            _check_mean_loss(loss, outputs, y[:n])
-        return
-    if loss == "cross_entropy":
-        if outputs.ndim != 2:
-            raise ValueError(
-                f"loss='cross_entropy' needs model outputs of shape (N, n_classes), got "
-                f"{tuple(outputs[:1].shape)} for one example."
-            )
-        if int(y.max()) >= outputs.shape[1]:
-            raise ValueError(
-                f"labels must be below the model's {outputs.shape[1]} outputs for "
-                f"loss='cross_entropy', got a label {int(y.max())}."
-            )
-    elif outputs[:1].numel() != 1:
-        raise ValueError(
-            f"loss='bce' needs one output logit per example, got shape {tuple(outputs[:1].shape)} "
-            "for one example."
-        )
-
-
-def _check_mean_loss(loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-    """A callable loss must return one number, the mean of its values on each example alone.
-
-    The per-example clipping of DP-SGD assumes it: a loss that sums, or that broadcasts outputs
-    of shape (N, 1) against targets of shape (N,) (mixing every output with every target), would
-    give other gradients than the examples' own, without an error.
-    """
-    shapes = f"outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)}"
-    try:
-        value = loss(outputs, targets)
-        singles = [loss(outputs[i : i + 1], targets[i : i + 1]) for i in range(len(outputs))]
-    except (RuntimeError, TypeError, ValueError, IndexError) as error:
-        raise ValueError(f"loss cannot be applied to {shapes}: {error}") from None
-    if not all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in [value, *singles]):
-        got = (
-            f"a tensor of shape {tuple(value.shape)}"
-            if isinstance(value, torch.Tensor)
-            else f"a {type(value).__name__}"
-        )
-        raise ValueError(
-            f"loss must return the mean loss over the examples as a tensor holding one number; on "
-            f"{shapes} it returned {got}. Use reduction='mean' (the default of torch's losses)."
-        )
-    mean = torch.stack([v.reshape(()).double() for v in singles]).mean()
-    # A few roundings of the loss's dtype apart: bfloat16 has 8 significant bits.
-    eps = torch.finfo(value.dtype if value.is_floating_point() else torch.float64).eps
-    if not torch.isclose(value.reshape(()).double(), mean, rtol=max(1e-4, 8 * eps), atol=1e-7):
-        raise ValueError(
-            f"loss must return the mean over the examples of each one's loss: on {shapes} it "
-            f"returned {float(value):.6g}, while the mean of its values on each example alone is "
-            f"{float(mean):.6g}. Check that the outputs' shape matches the targets' (a mismatch "
-            "broadcasts every output against every target), and that the loss is a plain mean "
-            "over the examples: not a sum (reduction='sum'), nor a weighted mean (class weights, "
-            "ignore_index, or a mean over the tokens of a padded batch)."
-        )
 
 
 def trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

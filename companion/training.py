@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from companion._outputs import check_outputs
 from companion._random import torch_generator
 from companion._torch import (
     ArrayLike,
@@ -38,7 +39,6 @@ from companion._torch import (
     check_loss,
     check_model,
     check_optional_test,
-    check_outputs,
     epoch_record,
     evaluate_model,
     loss_fn,

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from companion import data, models
-from companion._torch import check_outputs
+from companion._outputs import check_outputs
 from companion.accounting import (
     DEFAULT_ORDERS,
     PLDAccountant,
@@ -384,6 +384,29 @@ def test_labels_out_of_range_and_mismatched_outputs_are_explained():
         _run(y=Y + 10)
     with pytest.raises(ValueError, match="loss='bce' needs one output logit"):
         _run(y=(Y > 4).long(), loss="bce")
+
+
+class _CentredOverTheBatch(nn.Module):
+    """Subtracts the batch's mean input: one example changes every other example's gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = _model()
+
+    def forward(self, x):
+        return self.lin(x - x.mean(dim=0))
+
+
+def test_a_model_that_returns_probabilities_gets_a_warning():
+    with pytest.warns(UserWarning, match="look like probabilities"):
+        _run(model=nn.Sequential(_model(), nn.Softmax(dim=1)), epochs=1)
+
+
+@pytest.mark.parametrize("data", ["tensors", "dataset"])
+def test_a_forward_pass_that_mixes_examples_is_refused(data):
+    x, y = (X, Y) if data == "tensors" else (TensorDataset(X, Y), None)
+    with pytest.raises(ValueError, match="depends on the other examples of its batch"):
+        _run(model=_CentredOverTheBatch(), x=x, y=y)
 
 
 def test_a_dataset_with_separate_labels_is_refused():

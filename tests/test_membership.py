@@ -462,6 +462,13 @@ TRAIN5, TEST5 = (DIGITS.x_train[:5], DIGITS.y_train[:5]), (DIGITS.x_test[:5], DI
             "nonmembers y holds a label >= the model's 10 classes",
         ),
         (TRAIN5, TEST5, "hinge", ValueError, "loss must be one of"),
+        (
+            (torch.tensor(TRAIN5[0], dtype=torch.float64), torch.tensor(TRAIN5[1])),
+            TEST5,
+            "cross_entropy",
+            ValueError,
+            r"model cannot be applied to the inputs .* dtype torch.float64",
+        ),
     ],
 )
 def test_attack_rejects_bad_input(members, nonmembers, loss, error, match):

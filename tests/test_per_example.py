@@ -20,6 +20,7 @@ from companion.per_example import (
     LAYER_RULES,
     PerExampleClipper,
     check_dp_compatible,
+    check_examples_independent,
     clipped_gradient_sum,
     rules,
 )
@@ -571,3 +572,100 @@ def test_normalisation_rules_in_chunks_of_one_example_match_the_loop(name, monke
     )
     _assert_same(sums, expected)
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+# --- examples treated independently, and layers vmap cannot handle --------------------------------
+
+
+class _BatchStandardised(nn.Module):
+    """Standardises each feature by the batch's mean and standard deviation: mixes the examples
+    (alone, an example's standard deviation is NaN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin((x - x.mean(dim=0)) / x.std(dim=0))
+
+
+class _LogitsCentredOverTheBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.lin(x)
+        return z - z.mean(dim=0)
+
+
+@pytest.mark.filterwarnings("ignore:std\\(\\)")  # one example alone
+@pytest.mark.parametrize("model", [_BatchStandardised, _LogitsCentredOverTheBatch])
+def test_a_forward_pass_that_mixes_examples_is_caught(model):
+    x = torch.randn(B, 10, generator=_gen(), dtype=torch.float64)
+    with pytest.raises(ValueError, match="depends on the other examples of its batch"):
+        check_examples_independent(_seeded(model), x)
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_models_that_treat_examples_independently_pass(name):
+    """Every fast-path model, in float64 and float32 (whose batched and single-example kernels
+    round differently) and with dropout, which evaluation mode turns off."""
+    build, batch, _ = FAST[name]
+    x, _ = batch()
+    check_examples_independent(build(), x)
+    model, x = build().float(), x.float() if x.is_floating_point() else x
+    check_examples_independent(model, x)
+    check_examples_independent(nn.Sequential(model, nn.Dropout(0.5)).train(), x)
+
+
+def test_outputs_that_are_not_finite_are_named():
+    model = _seeded(lambda: nn.Linear(10, 3))
+    with torch.no_grad():
+        model.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        check_examples_independent(model, torch.randn(B, 10, generator=_gen(), dtype=torch.float64))
+
+
+class _ReadsAValue(nn.Module):
+    """Branches on a value of the data: vmap cannot batch ``.item()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) if x.sum().item() > -1e9 else -self.lin(x)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, layer: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = layer(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_a_model_vmap_cannot_batch_gets_a_value_error_naming_the_layer():
+    x, y = torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)
+    with pytest.raises(ValueError, match=r"vmap cannot compute .* layer\(s\) lin: .*\.item\(\)"):
+        clipped_gradient_sum(_seeded(_ReadsAValue), "cross_entropy", x, y,
+                             max_grad_norm=1.0, method="vmap")  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", [nn.RNN, nn.GRU, nn.LSTM])
+def test_recurrent_layers_match_the_loop_or_get_a_value_error(layer):
+    """Whether vmap handles a recurrent layer depends on the layer and on PyTorch's version (in
+    2.13, nn.RNN and nn.GRU fail): either the result is right or the error names the layer."""
+    model = _seeded(lambda: _Recurrent(layer))
+    x, y = torch.randn(B, 5, 4, generator=_gen(), dtype=torch.float64), _classes(B, 3)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            actual = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.1)
+    except ValueError as error:
+        assert "vmap cannot compute the per-example gradients of layer(s) rnn:" in str(error)
+    else:
+        _assert_same(actual, _loop_clipped_sum(model, "cross_entropy", x, y, 0.1)[0])

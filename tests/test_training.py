@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -277,6 +278,24 @@ def test_evaluate_bce_predicts_positive_logits():
     )
     # float 0/1 labels are accepted too
     assert evaluate(model, MOONS.x_test, MOONS.y_test.astype(np.float32), loss="bce") == scores
+
+
+def test_a_model_that_returns_probabilities_gets_a_warning_pointing_at_the_call():
+    """A softmax in forward trains poorly with cross-entropy (which applies its own); logits
+    never sum to 1 on every row by chance, so a model without it gets no warning."""
+    softmax = nn.Sequential(models.mlp(seed=0), nn.Softmax(dim=1))
+    for run in (
+        lambda model: evaluate(model, DIGITS.x_test[:8], DIGITS.y_test[:8]),
+        lambda model: train(
+            model, DIGITS.x_train[:8], DIGITS.y_train[:8], epochs=1, batch_size=8, lr=0.1
+        ),  # fmt: skip
+    ):
+        with pytest.warns(UserWarning, match="look like probabilities") as record:
+            run(softmax)
+        assert record[0].filename == __file__
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run(models.mlp(seed=0))
 
 
 def test_evaluate_runs_the_model_on_batches_of_at_most_1024_examples():

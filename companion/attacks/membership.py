@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from companion._outputs import looks_like_probabilities, run_model
 from companion._torch import (
     ArrayLike,
     LossName,
@@ -32,10 +33,6 @@ from companion._validation import warn
 from companion.attacks.roc import MembershipAttackResult
 
 __all__ = ["logit_confidence", "loss_threshold_attack"]
-
-# A softmax row sums to 1 up to rounding, about n_classes * 2**-24 in float32; logits that are all
-# non-negative and sum to 1 within this tolerance for every example do not occur in practice.
-_SUM_TOLERANCE = 1e-4
 
 
 # --- per-example signals ------------------------------------------------------------------------
@@ -65,7 +62,7 @@ def _logits(
 ) -> torch.Tensor:
     """The model's outputs on ``x`` in float64, checked to be logits that fit the labels.
 
-    Runs without gradients; the caller puts the model in evaluation mode.
+    Runs in evaluation mode without gradients.
     """
     last = _last_layer(model)
     if isinstance(last, nn.Softmax | nn.Sigmoid):
@@ -77,9 +74,7 @@ def _logits(
             "in LogSoftmax, whose outputs give "
             "the same losses as logits."
         )
-    outputs = model(x)
-    if not isinstance(outputs, torch.Tensor):
-        raise TypeError(f"model must return a tensor of logits, got {type(outputs).__name__}.")
+    outputs = run_model(model, x)
     if loss == "cross_entropy":
         if outputs.ndim != 2 or outputs.shape[0] != x.shape[0] or outputs.shape[1] < 2:
             raise ValueError(
@@ -88,8 +83,7 @@ def _logits(
             )
         if int(y.max()) >= outputs.shape[1]:
             raise ValueError(f"{name} y holds a label >= the model's {outputs.shape[1]} classes.")
-        sums = outputs.double().sum(dim=1)
-        if (outputs >= 0).all() and ((sums - 1).abs() <= _SUM_TOLERANCE).all():
+        if looks_like_probabilities(outputs):
             raise ValueError(
                 f"the model's outputs on {name} look like probabilities (every row is "
                 "non-negative and sums to 1), but the attack needs logits (the scores before "

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from companion._outputs import check_outputs
 from companion._random import check_optional_seed, derive_seed, torch_generator
 from companion._torch import (
     EVAL_BATCH,
@@ -22,7 +23,6 @@ from companion._torch import (
     check_data,
     check_loss_or_callable,
     check_optional_test,
-    check_outputs,
     epoch_record,
     eval_mode,
     model_device,
@@ -40,7 +40,11 @@ from companion._validation import (
 )
 from companion.accounting import PLDAccountant, RDPAccountant, steps_for_epochs
 from companion.dpsgd.step import LossLike, noisy_clipped_gradient, poisson_sample
-from companion.per_example import PerExampleClipper, check_dp_compatible
+from companion.per_example import (
+    PerExampleClipper,
+    check_dp_compatible,
+    check_examples_independent,
+)
 from companion.per_example.gradients import Method
 
 __all__ = ["train_dpsgd"]
@@ -76,14 +80,16 @@ class _Data:
 
     def check(self, model: nn.Module) -> None:
         """The model's output fits the loss and the labels: all of them for tensors, those of the
-        first 256 examples of a Dataset (whose later batches are checked as they are read)."""
+        first 256 examples of a Dataset (whose later batches are checked as they are read); and
+        it treats the first examples independently."""
         if self.dataset is None:
-            check_outputs(model, self.x, self.y, loss=self.loss)
-            return
-        x, y = self._collate([self.dataset[i] for i in range(min(self.n, 256))])
-        x, y = x.to(self.device), y.to(self.device)
+            x, y = self.x, self.y
+        else:
+            x, y = self._collate([self.dataset[i] for i in range(min(self.n, 256))])
+            x, y = x.to(self.device), y.to(self.device)
         check_outputs(model, x, y, loss=self.loss)
-        if self.loss == "cross_entropy":
+        check_examples_independent(model, x)
+        if self.dataset is not None and self.loss == "cross_entropy":
             with eval_mode(model), torch.no_grad():
                 self.classes = model(x[:1]).shape[1]
 
@@ -312,8 +318,11 @@ def train_dpsgd(
 
     Raises:
         TypeError: if an argument is of the wrong kind.
-        ValueError: if an argument is out of range, the model mixes examples, or the target
-            cannot be reached.
+        ValueError: if an argument is out of range, the model has a layer that mixes examples
+            (see :func:`~companion.per_example.check_dp_compatible`) or its outputs on the first
+            examples change when they are run together rather than one by one (see
+            :func:`~companion.per_example.check_examples_independent`, which catches mistakes
+            but cannot prove independence), or the target cannot be reached.
 
     Example:
         >>> from companion import data, models

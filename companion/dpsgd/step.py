@@ -222,7 +222,9 @@ def set_private_gradients(
 
     Raises:
         TypeError: if an argument is of the wrong kind.
-        ValueError: if an argument is out of range or the model mixes examples.
+        ValueError: if an argument is out of range or the model has a layer that mixes
+            examples (:func:`~companion.per_example.check_dp_compatible`; a forward pass written
+            by hand that mixes them is not detected here).
 
     Example:
         >>> from companion import models
@@ -334,7 +336,9 @@ def dp_sgd_step(
 
     Raises:
         TypeError: if an argument is of the wrong kind.
-        ValueError: if an argument is out of range or the model mixes examples.
+        ValueError: if an argument is out of range or the model has a layer that mixes
+            examples (:func:`~companion.per_example.check_dp_compatible`; a forward pass written
+            by hand that mixes them is not detected here).
 
     Example:
         >>> from companion import models

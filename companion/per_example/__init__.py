@@ -42,11 +42,14 @@ which.
 
     Both methods assume that the forward pass treats examples independently: example :math:`i`'s
     output depends on example :math:`i`'s input alone. Batch normalisation breaks this, and
-    :func:`check_dp_compatible` refuses it, but a hand-written forward that mixes examples (a
-    batch mean, attention across the batch) cannot be detected, and then neither the gradients
-    nor the DP guarantee hold. A callable loss must be the *mean over examples* of a per-example
-    loss (as :class:`torch.nn.CrossEntropyLoss` and :class:`torch.nn.MSELoss` with their default
-    ``reduction="mean"`` are); a weighted mean is not.
+    :func:`check_dp_compatible` refuses it. A hand-written forward that mixes examples (a batch
+    mean, attention across the batch) breaks it too, and then neither the gradients nor the DP
+    guarantee hold; :func:`check_examples_independent` (which
+    :func:`companion.dpsgd.train_dpsgd` runs) catches such a forward pass on a few examples, in
+    evaluation mode, but cannot prove independence. A callable loss must be the *mean over
+    examples* of a per-example loss (as :class:`torch.nn.CrossEntropyLoss` and
+    :class:`torch.nn.MSELoss` with their default ``reduction="mean"`` are); a weighted mean is
+    not.
 
 See the DP-SGD chapter, :ref:`sec-dpsgd-per-example`, for the derivation with pictures.
 """
@@ -55,6 +58,7 @@ from companion.per_example.engine import PerExampleClipper, clipped_gradient_sum
 from companion.per_example.gradients import (
     ClippedSum,
     check_dp_compatible,
+    check_examples_independent,
     clip_and_sum,
     clip_factors,
     per_example_gradients,
@@ -66,6 +70,7 @@ __all__ = [
     "ClippedSum",
     "PerExampleClipper",
     "check_dp_compatible",
+    "check_examples_independent",
     "clip_and_sum",
     "clip_factors",
     "clipped_gradient_sum",

@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from companion import _torch
+from companion._outputs import check_outputs
 from companion._torch import LossFn, LossName, check_model, trainable_named
 from companion._validation import check_positive
 
@@ -23,6 +24,7 @@ __all__ = [
     "LossLike",
     "Method",
     "check_dp_compatible",
+    "check_examples_independent",
     "clip_and_sum",
     "clip_factors",
     "per_example_gradients",
@@ -60,7 +62,8 @@ def check_dp_compatible(model: nn.Module) -> None:
     batch). An ``Embedding`` with ``max_norm`` rescales, in place during the forward pass, the
     rows of the tokens it reads: a change of the weights by the data, without noise. Replace
     normalisation with :class:`torch.nn.GroupNorm` or
-    :class:`torch.nn.LayerNorm`. Layers written by hand that mix examples cannot be detected.
+    :class:`torch.nn.LayerNorm`. For a forward pass written by hand that mixes examples, see
+    :func:`check_examples_independent`.
 
     Args:
         model: the model to check.
@@ -103,6 +106,52 @@ def check_dp_compatible(model: nn.Module) -> None:
     trainable_named(model)
 
 
+def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise if the model's output for an example changes with the other examples of its batch.
+
+    Clipping bounds each example's influence on the gradient only if the forward pass treats the
+    examples of a batch independently. :func:`check_dp_compatible` refuses the layers known to
+    mix them; a forward pass written by hand can mix them too (normalising by the batch's mean,
+    comparing examples). This runs the model in evaluation mode on the first examples (up to 4),
+    together and one at a time, and compares the outputs. It catches mistakes and proves
+    nothing: a model that mixes examples in training mode only, or by less than the tolerance,
+    passes. :func:`companion.dpsgd.train_dpsgd` runs it before training.
+
+    Args:
+        model: the model.
+        x: a batch of inputs the model accepts, on its device.
+
+    Raises:
+        ValueError: if an output of the batch differs from the same example's output alone by
+            more than 1% of the largest output of the batch (8 roundings, for dtypes with fewer
+            bits), or an output of the batch is NaN or infinite.
+
+    Example:
+        >>> class Centred(nn.Module):  # subtracts the batch's mean: mixes the examples
+        ...     def forward(self, x):
+        ...         return x - x.mean(dim=0)
+        >>> check_examples_independent(Centred(), torch.randn(4, 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: the model's output for an example depends on the other examples of its ...
+    """
+    n = min(4, x.shape[0])
+    with _torch.eval_mode(model), torch.no_grad():
+        together = model(x[:n])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(n)])
+    if not torch.isfinite(together).all():
+        raise ValueError("the model's outputs on the first examples are NaN or infinite.")
+    tolerance = max(1e-2, 8 * torch.finfo(together.dtype).eps) * float(together.abs().max())
+    if not float((together - alone).abs().max()) <= tolerance:  # NaN alone fails too
+        raise ValueError(
+            "the model's output for an example depends on the other examples of its batch: on "
+            f"the first {n} examples, the outputs of one forward pass differ from those of each "
+            "example run alone. DP-SGD bounds each example's influence only if the forward pass "
+            "treats the examples independently: remove statistics taken over the batch (a mean "
+            "or a normalisation over dim 0) and anything that compares examples."
+        )
+
+
 def check_method(method: object) -> str:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
@@ -124,7 +173,7 @@ def resolve_loss(loss: object) -> tuple[LossFn, LossFn]:
 
 def check_batch(model: nn.Module, loss: LossLike, x: object, y: object) -> None:
     """Tensors with one example per row, which the model accepts with outputs that fit the loss
-    and the labels (checked on the first examples by :func:`companion._torch.check_outputs`, so
+    and the labels (checked on the first examples by :func:`companion._outputs.check_outputs`, so
     that a bad label or loss gets a message naming it)."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError("x and y must be torch tensors (see companion.training.to_tensors).")
@@ -134,7 +183,7 @@ def check_batch(model: nn.Module, loss: LossLike, x: object, y: object) -> None:
             f"shapes {tuple(x.shape)} and {tuple(y.shape)}."
         )
     if x.shape[0] > 0:
-        _torch.check_outputs(model, x, y, loss=loss)
+        check_outputs(model, x, y, loss=loss)
 
 
 # --- per-example gradients with torch.func ------------------------------------------------------
@@ -198,7 +247,19 @@ def vmap_gradients(
         outputs = functional_call(model, (params, frozen), (xi.unsqueeze(0),))
         return mean_loss(outputs, yi.unsqueeze(0))
 
-    return vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    try:
+        return vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        layers = sorted({name.rpartition(".")[0] or name for name in params})
+        shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
+        raise ValueError(
+            f"torch.func.vmap cannot compute the per-example gradients of layer(s) {shown}: "
+            f"{error}. Some layers fail under vmap (in PyTorch 2.x, nn.RNN and nn.GRU, and "
+            "nn.LSTM in some settings; Opacus offers DPLSTM, DPGRU and DPRNN), as does a forward "
+            "pass that reads a tensor's value (.item(), if on a tensor) or changes one in place."
+        ) from None
 
 
 # --- clipping -----------------------------------------------------------------------------------
