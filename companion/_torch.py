@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from companion._validation import check_flag
+
 __all__ = [
     "EVAL_BATCH",
     "ArrayLike",
@@ -35,6 +37,7 @@ __all__ = [
     "evaluate_model",
     "loss_fn",
     "model_device",
+    "progress_bar",
     "progress_loop",
     "to_tensors",
     "trainable",
@@ -308,10 +311,11 @@ def epoch_record(
     model: nn.Module,
     epoch: int,
     train_data: tuple[torch.Tensor, torch.Tensor] | Iterable[Any],
-    test_data: tuple[torch.Tensor, torch.Tensor] | None,
+    test_data: tuple[torch.Tensor, torch.Tensor] | Iterable[Any] | None,
     loss: str | LossFn,
 ) -> dict[str, Any]:
-    """Loss and accuracy on the training set (tensors or batches) and test set after an epoch."""
+    """Loss and accuracy on the training set and the test set (tensors or batches of tensors)
+    after an epoch."""
     record: dict[str, Any] = {"epoch": epoch}
     for prefix, data in (("train", train_data), ("test", test_data)):
         if data is not None:
@@ -342,7 +346,7 @@ def progress_loop(
 
     The loop body appends one record per iteration; the bar is closed however the loop ends.
     """
-    bar = tqdm(range(1, count + 1), desc=desc, unit=unit, disable=not progress)
+    bar = progress_bar(range(1, count + 1), progress=progress, desc=desc, unit=unit)
     try:
         for i in bar:
             yield i
@@ -350,6 +354,11 @@ def progress_loop(
                 bar.set_postfix({k: f"{history[-1][k]:.3g}" for k in _SHOWN if k in history[-1]})
     finally:
         bar.close()
+
+
+def progress_bar(iterable: Iterable[Any], *, progress: object, desc: str, unit: str) -> tqdm:
+    """A tqdm bar over ``iterable``, shown if ``progress`` (which must be True or False)."""
+    return tqdm(iterable, desc=desc, unit=unit, disable=not check_flag("progress", progress))
 
 
 def warn_if_delta_large(delta: float, n: int, *, unit: str = "example", symbol: str = "n") -> None:

@@ -88,17 +88,24 @@ def check_fraction(name: str, value: object) -> float:
 
 
 def check_seed(value: object, name: str = "seed") -> int:
-    """An integer seed >= 0 (not a bool).
+    """An integer seed in [0, 2**64) (not a bool): what a :class:`torch.Generator` takes.
 
     Raises:
         TypeError: if ``value`` is not an integer, or is a bool.
-        ValueError: if ``value`` < 0.
+        ValueError: if ``value`` < 0 or ``value`` >= 2**64.
     """
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}.")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be >= 0 and below 2**64, got {value}.")
     return int(value)
+
+
+def check_flag(name: str, value: object) -> bool:
+    """True or False (not 0, 1 or a string, which would be read by truth value)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}.")
+    return value
 
 
 def check_probability(name: str, value: object, *, allow_zero: bool) -> float:

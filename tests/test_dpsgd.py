@@ -770,6 +770,8 @@ BAD_TRAIN_ARGUMENTS = [
     ({"delta": 1.0}, ValueError, "delta must lie in"),
     ({"delta": float("nan")}, ValueError, "delta must be a number, got NaN"),
     ({"seed": -1}, ValueError, "seed must be >= 0"),
+    ({"seed": 2**64}, ValueError, r"seed must be >= 0 and below 2\*\*64"),
+    ({"progress": "no"}, TypeError, "progress must be True or False"),
     ({"seed": 1.5}, TypeError, "seed must be an integer"),
     ({"method": "ghost"}, ValueError, "method must be one of"),
     ({"loss": "mse"}, ValueError, "loss must be one of"),
@@ -780,7 +782,8 @@ BAD_TRAIN_ARGUMENTS = [
     ({"y": Y[:, None]}, ValueError, r"y must have shape \(N,\)"),
     ({"x": X.clone().fill_(float("nan"))}, ValueError, "x must not contain NaN"),
     ({"y": Y.float()}, TypeError, "y must hold integer class labels"),
-    ({"x_test": X}, ValueError, "x_test and y_test must be given together"),
+    ({"x_test": X}, ValueError, "give x_test and y_test together, or x_test alone as a torch"),
+    ({"y_test": Y}, ValueError, "give x_test and y_test together, or x_test alone as a torch"),
     ({"model": "mlp"}, TypeError, "model must be a torch.nn.Module"),
 ]
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from companion import data, models
 from companion._outputs import check_outputs
@@ -412,6 +412,23 @@ def test_a_forward_pass_that_mixes_examples_is_refused(data):
 def test_a_dataset_with_separate_labels_is_refused():
     with pytest.raises(ValueError, match="give y only with tensor or array inputs"):
         _run(x=TensorDataset(X, Y))
+    with pytest.raises(ValueError, match="give y_test only with tensor or array inputs"):
+        _run(x_test=TensorDataset(X, Y), y_test=Y)
+
+
+def test_a_dataloader_is_refused_with_a_pointer_to_its_dataset():
+    with pytest.raises(TypeError, match=r"x is a DataLoader: pass its Dataset \(x.dataset\)"):
+        _run(x=DataLoader(TensorDataset(X, Y), batch_size=16), y=None)
+
+
+def test_test_data_may_be_a_dataset():
+    """The same run with the test set as tensors and as a Dataset: identical records (the
+    evaluation draws nothing); its labels are checked like the training Dataset's."""
+    _, as_tensors = _run(x_test=X[:40], y_test=Y[:40])
+    _, as_dataset = _run(x_test=TensorDataset(X[:40], Y[:40]))
+    assert as_dataset == as_tensors and "test_accuracy" in as_dataset[-1]
+    with pytest.raises(ValueError, match="the targets of the Dataset x_test must hold class"):
+        _run(x_test=TensorDataset(X[:40], Y[:40] - 1))
 
 
 class _Triples(torch.utils.data.Dataset):
@@ -443,11 +460,16 @@ def _late_bad_label():
             TensorDataset(X, Y - 1),
             {},
             ValueError,
-            "the Dataset's targets must hold class labels >=",
+            "the targets of the Dataset x must hold class labels >=",
         ),
-        (TensorDataset(X, Y.double()), {}, TypeError, "the Dataset's targets must hold integer"),
+        (
+            TensorDataset(X, Y.double()),
+            {},
+            TypeError,
+            "the targets of the Dataset x must hold integer",
+        ),
         (TensorDataset(X, Y + 10), {}, ValueError, "labels must be below the model's 10 outputs"),
-        (_late_bad_label(), {"sample_rate": 1.0}, ValueError, "got a label 12 in the Dataset"),
+        (_late_bad_label(), {"sample_rate": 1.0}, ValueError, "got a label 12 in the Dataset x"),
         (TensorDataset(X, Y > 4), {"loss": "bce"}, ValueError, "loss='bce' needs one output logit"),
         (TensorDataset(X.float(), Y), {}, ValueError, "model cannot be applied to the inputs"),
     ],

@@ -743,6 +743,7 @@ _BAD = [
     ("both", {"lr": -0.1}, ValueError, "lr must be > 0"),
     ("both", {"loss": "mse"}, ValueError, "loss must be one of"),
     ("both", {"seed": -1}, ValueError, "seed must be >= 0"),
+    ("both", {"progress": 0}, TypeError, "progress must be True or False, got int"),
     ("fedavg", {"client_fraction": 0.0}, ValueError, r"client_fraction must be > 0"),
     ("fedavg", {"client_fraction": 1.5}, ValueError, r"client_fraction must lie in \(0, 1\]"),
     ("fedavg", {"mu": -0.1}, ValueError, "mu must be >= 0"),

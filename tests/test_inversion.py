@@ -398,6 +398,7 @@ def _reshaped(g):
         (lambda g: {"label": torch.tensor([1.0])}, TypeError, "label must hold integer"),
         (lambda g: {"bounds": (1.0, 0.0)}, ValueError, "bounds must satisfy low < high"),
         (lambda g: {"seed": -1}, ValueError, "seed must be >= 0"),
+        (lambda g: {"progress": "no"}, TypeError, "progress must be True or False"),
     ],
 )
 def test_invert_gradient_rejects_bad_arguments(change, error, match):

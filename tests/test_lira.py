@@ -373,6 +373,7 @@ def test_attack_rejects_bad_arguments():
         ({"train_fn": lambda x, y, *, seed: None}, TypeError, "train_fn must return the trained"),
         ({"online": "yes"}, TypeError, "online must be True or False"),
         ({"seed": -1}, ValueError, "seed must be >= 0"),
+        ({"progress": "no"}, TypeError, "progress must be True or False"),
     ]
     for change, error, match in cases:
         kwargs = {"train_fn": quick, "num_shadow": 4, **change}

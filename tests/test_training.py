@@ -428,7 +428,13 @@ def test_evaluate_bad_input(kwargs, error, message):
         ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm must be > 0"),
         ({"max_grad_norm": float("nan")}, ValueError, "max_grad_norm must be a number, got NaN"),
         ({"seed": -1}, ValueError, "seed must be >= 0"),
+        (
+            {"seed": 2**64},
+            ValueError,
+            r"seed must be >= 0 and below 2\*\*64, got 18446744073709551616",
+        ),
         ({"seed": True}, TypeError, "seed must be an integer"),
+        ({"progress": "no"}, TypeError, "progress must be True or False, got str"),
     ],
 )
 def test_train_bad_input(kwargs, error, message):

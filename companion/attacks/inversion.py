@@ -25,7 +25,6 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from companion._random import torch_generator
 from companion._torch import (
@@ -37,6 +36,7 @@ from companion._torch import (
     eval_mode,
     loss_fn,
     model_device,
+    progress_bar,
     trainable_named,
 )
 from companion._validation import check_nonnegative, check_positive, check_positive_int, check_real
@@ -436,7 +436,7 @@ def invert_gradient(
     optimizer = torch.optim.Adam([dummy], lr=lr)
     losses: list[float] = []
     value = matching_loss(dummy)
-    bar = tqdm(range(steps), desc="gradient inversion", unit="step", disable=not progress)
+    bar = progress_bar(range(steps), progress=progress, desc="gradient inversion", unit="step")
     for _ in bar:
         (dummy.grad,) = torch.autograd.grad(value, [dummy])
         optimizer.step()

@@ -42,11 +42,17 @@ import numpy as np
 import torch
 from scipy.special import log_ndtr
 from torch import nn
-from tqdm import tqdm
 
 from companion._random import as_generator, check_optional_seed
-from companion._torch import ArrayLike, LossName, check_data, check_loss, check_model
-from companion._validation import check_int
+from companion._torch import (
+    ArrayLike,
+    LossName,
+    check_data,
+    check_loss,
+    check_model,
+    progress_bar,
+)
+from companion._validation import check_flag, check_int
 from companion.attacks.membership import logit_confidence
 from companion.attacks.roc import MembershipAttackResult
 
@@ -55,12 +61,6 @@ __all__ = ["lira_attack", "lira_scores", "shadow_confidences"]
 #: ``train_fn(x, y, *, seed)``: build a fresh model, train it on the tensors ``(x, y)`` and return
 #: it; ``seed`` (an int) is for its initial weights and any other randomness of training.
 TrainFn = Callable[..., nn.Module]
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__}.")
-    return value
 
 
 def _check_num_shadow(num_shadow: object) -> int:
@@ -142,7 +142,6 @@ def shadow_confidences(
     train_fn = _check_train_fn(train_fn)
     num_shadow = _check_num_shadow(num_shadow)
     rng = as_generator(check_optional_seed(seed))
-    progress = _check_flag("progress", progress)
     n = x.shape[0]
     shadow_in = rng.random((num_shadow, n)).argsort(axis=0) < num_shadow // 2
     seeds = rng.integers(0, 2**31 - 1, size=num_shadow)
@@ -152,7 +151,7 @@ def shadow_confidences(
             "example. Use more examples (or another seed)."
         )
     shadow_phi = np.empty((num_shadow, n))
-    for s in tqdm(range(num_shadow), desc="shadow models", unit="model", disable=not progress):
+    for s in progress_bar(range(num_shadow), progress=progress, desc="shadow models", unit="model"):
         keep = torch.from_numpy(shadow_in[s])
         model = train_fn(x[keep], y[keep], seed=int(seeds[s]))
         if not isinstance(model, nn.Module):
@@ -286,8 +285,8 @@ def lira_scores(
         )
     if not (np.isfinite(target).all() and np.isfinite(phi).all()):
         raise ValueError("target_phi and shadow_phi must not contain NaN or infinite values.")
-    online = _check_flag("online", online)
-    global_variance = _check_flag("global_variance", global_variance)
+    online = check_flag("online", online)
+    global_variance = check_flag("global_variance", global_variance)
     if online and not mask.any():
         online = False  # no IN model for any example: the online test is the offline test
     if online and not mask.any(axis=0).all():
@@ -377,8 +376,8 @@ def lira_attack(
             f"{tuple(xm.shape[1:])} and {tuple(xn.shape[1:])}."
         )
     _check_num_shadow(num_shadow)
-    _check_flag("online", online)
-    _check_flag("global_variance", global_variance)
+    check_flag("online", online)
+    check_flag("global_variance", global_variance)
     x, y = torch.cat([xm, xn]), torch.cat([ym, yn])
     target_phi = logit_confidence(model, x, y, loss=loss)
     shadow_phi, shadow_in = shadow_confidences(

@@ -22,7 +22,6 @@ from companion._torch import (
     LossFn,
     check_data,
     check_loss_or_callable,
-    check_optional_test,
     epoch_record,
     eval_mode,
     model_device,
@@ -53,29 +52,47 @@ __all__ = ["train_dpsgd"]
 
 
 class _Data:
-    """Training data as in-memory tensors or a :class:`torch.utils.data.Dataset`, batch by mask.
+    """Training or test data as in-memory tensors or a :class:`torch.utils.data.Dataset`.
 
     Tensors are checked whole once. A Dataset is checked as it is read: every batch (also those
     of the evaluation after each epoch) must hold ``(input, target)`` pairs that pass
     :func:`~companion._torch.check_data`, with labels below the model's number of outputs.
+    ``names`` are the arguments' names, for the messages.
     """
 
-    def __init__(self, x: object, y: object, loss: str | LossFn, device: torch.device) -> None:
-        self.device, self.loss = device, loss
+    def __init__(
+        self,
+        x: object,
+        y: object,
+        loss: str | LossFn,
+        device: torch.device,
+        names: tuple[str, str] = ("x", "y"),
+    ) -> None:
+        self.device, self.loss, self.names = device, loss, names
         self.classes: int | None = None  # the model's outputs, for cross-entropy on a Dataset
+        if isinstance(x, DataLoader):
+            raise TypeError(
+                f"{names[0]} is a DataLoader: pass its Dataset ({names[0]}.dataset). train_dpsgd "
+                "draws each batch itself, by Poisson sampling, as its accounting assumes."
+            )
         if isinstance(x, Dataset):
             if y is not None:
-                raise ValueError("give y only with tensor or array inputs, not with a Dataset.")
+                raise ValueError(
+                    f"give {names[1]} only with tensor or array inputs, not with a Dataset."
+                )
             self.dataset: Dataset | None = x
             self.n = len(x)  # type: ignore[arg-type]
             if self.n == 0:
-                raise ValueError("the Dataset must hold at least one example.")
+                raise ValueError(f"the Dataset {names[0]} must hold at least one example.")
             self.x, self.y = None, None
         else:
-            if y is None:
-                raise ValueError("y is required unless x is a torch.utils.data.Dataset.")
+            if x is None or y is None:
+                raise ValueError(
+                    f"give {names[0]} and {names[1]} together, or {names[0]} alone as a "
+                    "torch.utils.data.Dataset."
+                )
             self.dataset = None
-            self.x, self.y = check_data(x, y, loss=loss, device=device)
+            self.x, self.y = check_data(x, y, loss=loss, names=names, device=device)
             self.n = self.x.shape[0]
 
     def check(self, model: nn.Module) -> None:
@@ -100,8 +117,8 @@ class _Data:
                 got = f"a {type(item).__name__}"
                 got += f" of length {len(item)}" if isinstance(item, tuple | list) else ""
                 raise ValueError(
-                    "a Dataset given as x must return (input, target) pairs; one of its items is "
-                    f"{got}."
+                    f"a Dataset given as {self.names[0]} must return (input, target) pairs; one "
+                    f"of its items is {got}."
                 )
         try:
             x, y = default_collate(items)
@@ -109,12 +126,13 @@ class _Data:
             raise ValueError(
                 f"the Dataset's items cannot be stacked into a batch: {error}"
             ) from None
-        names = ("the Dataset's inputs", "the Dataset's targets")
+        name = self.names[0]
+        names = (f"the inputs of the Dataset {name}", f"the targets of the Dataset {name}")
         x, y = check_data(x, y, loss=self.loss, names=names)
         if self.classes is not None and int(y.max()) >= self.classes:
             raise ValueError(
                 f"labels must be below the model's {self.classes} outputs for "
-                f"loss='cross_entropy', got a label {int(y.max())} in the Dataset."
+                f"loss='cross_entropy', got a label {int(y.max())} in the Dataset {name}."
             )
         return x, y
 
@@ -128,11 +146,12 @@ class _Data:
             x, y = x[:0], y[:0]
         return x.to(self.device), y.to(self.device)
 
-    def record(self, model: nn.Module, epoch: int, test_data: Any) -> dict[str, Any]:
+    def evaluation(self) -> tuple[torch.Tensor, torch.Tensor] | DataLoader:
+        """The data as :func:`~companion._torch.epoch_record` evaluates it: the tensors, or the
+        Dataset in batches."""
         if self.dataset is None:
-            return epoch_record(model, epoch, (self.x, self.y), test_data, self.loss)
-        loader = DataLoader(self.dataset, batch_size=EVAL_BATCH, collate_fn=self._collate)
-        return epoch_record(model, epoch, loader, test_data, self.loss)
+            return self.x, self.y
+        return DataLoader(self.dataset, batch_size=EVAL_BATCH, collate_fn=self._collate)
 
 
 def _check_optimizer(
@@ -243,7 +262,7 @@ def train_dpsgd(
     optimizer: torch.optim.Optimizer | None = None,
     accountant: RDPAccountant | PLDAccountant | None = None,
     expected_batch_size: float | None = None,
-    x_test: ArrayLike | None = None,
+    x_test: ArrayLike | Dataset | None = None,
     y_test: ArrayLike | None = None,
     seed: int | None = None,
     loss: LossLike = "cross_entropy",
@@ -301,7 +320,8 @@ def train_dpsgd(
         accountant: the :class:`companion.accounting.RDPAccountant` or
             :class:`companion.accounting.PLDAccountant` to continue.
         expected_batch_size: :math:`qN`, > 0; default ``sample_rate * N`` (see above).
-        x_test, y_test: optional held-out data, evaluated after every epoch.
+        x_test, y_test: optional held-out data, evaluated after every epoch: like ``x`` and
+            ``y`` (``x_test`` alone if it is a Dataset).
         seed: seed of the sampling and noise generator, or None for fresh entropy.
         loss: ``"cross_entropy"``, ``"bce"``, or a callable ``(outputs, targets)`` returning the
             mean loss over examples (``torch.nn.MSELoss()`` for regression).
@@ -338,9 +358,10 @@ def train_dpsgd(
     device = model_device(model)
     data = _Data(x, y, loss, device)
     data.check(model)
-    test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
-    if test_data is not None:
-        check_outputs(model, *test_data, loss=loss)
+    test = None
+    if x_test is not None or y_test is not None:
+        test = _Data(x_test, y_test, loss, device, names=("x_test", "y_test"))
+        test.check(model)
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
     sample_rate = check_fraction("sample_rate", sample_rate)
     epochs = check_positive_int("epochs", epochs)
@@ -377,6 +398,7 @@ def train_dpsgd(
     noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
     params = trainable_named(model)
 
+    train_data, test_data = data.evaluation(), None if test is None else test.evaluation()
     history: list[dict[str, Any]] = []
     model.train()
     for epoch in progress_loop(
@@ -412,7 +434,7 @@ def train_dpsgd(
         record["delta"] = delta
         record["noise_multiplier"] = noise_multiplier
         record["clipped_fraction"] = clipped / seen if seen else 0.0
-        record.update(data.record(model, epoch, test_data))
+        record.update(epoch_record(model, epoch, train_data, test_data, loss))
         history.append(record)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
