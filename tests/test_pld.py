@@ -192,10 +192,12 @@ def test_heterogeneous_history_matches_dp_accounting_composing_the_same_events()
 # --- exact values ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize("sigma", [0.2, 0.295, 0.5, 1.0, 2.0, 5.0])
 @pytest.mark.parametrize("delta", [1e-2, 1e-5, 1e-6])
 def test_one_gaussian_step_is_exact_within_one_grid_interval(sigma, delta):
-    """q = 1, one step: connect-the-dots is exact at grid points, so exact <= ours <= exact + h."""
+    """q = 1, one step: connect-the-dots is exact at grid points, so exact <= ours <= exact + h.
+    Below sigma = 0.3 the losses pass 37, where exp(-loss) - 1 rounds to -1 (before the fix:
+    epsilon 21.0 for 19.6 at sigma 0.295, infinity below, a numpy error over two steps)."""
     accountant = PLDAccountant()
     accountant.step(noise_multiplier=sigma, sample_rate=1.0)
     exact = _exact_gaussian_epsilon(sigma, delta)
@@ -203,7 +205,7 @@ def test_one_gaussian_step_is_exact_within_one_grid_interval(sigma, delta):
 
 
 @pytest.mark.parametrize(
-    ("sigma", "steps"), [(3.0, 10), (10.0, 100), (30.0, 2000), (100.0, 15_000)]
+    ("sigma", "steps"), [(0.25, 2), (0.4, 5), (3.0, 10), (10.0, 100), (30.0, 2000), (100.0, 15_000)]
 )
 def test_many_gaussian_steps_compose_to_one_gaussian_and_are_never_optimistic(sigma, steps):
     """q = 1, T steps: exactly the Gaussian with sigma / sqrt(T). Ours is never below it (the
@@ -224,7 +226,7 @@ def test_many_gaussian_steps_compose_to_one_gaussian_and_are_never_optimistic(si
 
 
 @pytest.mark.parametrize(
-    ("q", "sigma"), [(0.004, 0.8), (0.01, 1.1), (0.1, 4.0), (0.5, 1.0), (0.9, 0.5)]
+    ("q", "sigma"), [(0.004, 0.8), (0.01, 1.1), (0.1, 4.0), (0.5, 1.0), (0.9, 0.5), (0.99, 0.5)]
 )
 def test_one_subsampled_step_equals_the_integrated_divergence_at_grid_points(q, sigma):
     """One step: get_delta equals the integrated hockey-stick divergence at grid points (to the

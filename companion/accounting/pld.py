@@ -118,10 +118,18 @@ def _gaussian_delta(eps: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _log1p_expm1_over_q(eps: np.ndarray, q: float) -> np.ndarray:
-    """``log(1 + (exp(eps) - 1) / q)`` where the argument of the log is positive, no overflow."""
-    out = np.log1p(np.expm1(np.minimum(eps, 30.0)) / q)
-    big = eps > 30.0  # there exp(eps) - 1 = exp(eps) to float64 precision
-    out[big] = np.logaddexp(0.0, eps[big] - math.log(q))
+    """``log(1 + (exp(eps) - 1) / q)`` where the argument of the log is positive, no overflow.
+
+    Below ``log(q)`` (q > 1/2 only: the argument is positive above ``log(1 - q)``) it is computed
+    as ``eps - log(q) + log1p(-(1 - q) exp(-eps))``, which loses less: at q = 1 it is ``eps``
+    exactly, where ``expm1(eps)`` rounds to -1 once eps < -37.
+    """
+    out = np.empty_like(eps)
+    big, small = eps > 30.0, eps < math.log(q)
+    middle = ~(big | small)
+    out[middle] = np.log1p(np.expm1(eps[middle]) / q)
+    out[big] = np.logaddexp(0.0, eps[big] - math.log(q))  # exp(eps) - 1 = exp(eps) in float64
+    out[small] = eps[small] - math.log(q) + np.log1p(-(1 - q) * np.exp(-eps[small]))
     return out
 
 
