@@ -78,7 +78,9 @@ def get_noise_multiplier(
         steps: the number of steps, an integer >= 1.
         epochs: instead of ``steps``: the number of epochs of
             :func:`companion.dpsgd.train_dpsgd`, turned into steps by
-            :func:`~companion.accounting.steps_for_epochs` (the rule the training loop follows).
+            :func:`~companion.accounting.steps_for_epochs` (the rule the training loop follows:
+            ``epochs * round(1/q)``; Opacus's ``get_noise_multiplier(epochs=...)`` takes
+            ``int(epochs / q)`` steps, so the two may differ for the same arguments).
         orders: the RDP orders, each > 1; by default ``DEFAULT_ORDERS`` (used only with
             ``accountant="rdp"``).
         epsilon_tolerance: > 0, how far below the target the returned sigma's epsilon may be.

@@ -10,8 +10,9 @@ __all__ = ["steps_for_epochs"]
 def steps_for_epochs(*, epochs: int, sample_rate: float) -> int:
     r"""The number of steps :func:`companion.dpsgd.train_dpsgd` takes in ``epochs`` epochs.
 
-    An epoch is :math:`\mathrm{round}(1/q)` steps (at least one), so that on average each example
-    is used once per epoch; a run of ``epochs`` epochs is ``epochs`` times that. Calibrate the
+    An epoch is :math:`\mathrm{round}(1/q)` steps (at least one; Python's ``round``, halves to
+    even: q = 0.4 gives 2), so that each example is used about once per epoch on average; a run
+    of ``epochs`` epochs is ``epochs`` times that. Calibrate the
     noise for this number of steps (``get_noise_multiplier(..., steps=...)``), or the run will
     spend a little more or less than the target.
 

@@ -18,7 +18,8 @@ and Bassily, Smith and Thakurta 2014) changes one step of SGD in three ways.
        \bar g_i = g_i \cdot \min\Bigl(1, \frac{C}{\lVert g_i \rVert_2 + 10^{-6}}\Bigr)
 
    (the factor Opacus uses; the :math:`10^{-6}` guards against division by zero and keeps
-   :math:`\lVert \bar g_i \rVert_2 < C`).
+   :math:`\lVert \bar g_i \rVert_2 < C`, up to floating-point rounding, which a float32 norm
+   may exceed by about :math:`10^{-7} C`).
 3. **Gaussian noise.** The clipped gradients are summed and Gaussian noise with standard deviation
    :math:`\sigma C` is added to every coordinate (``noise_multiplier`` is :math:`\sigma`):
 
@@ -54,7 +55,8 @@ post-processing). Quantities computed from the raw data outside the mechanism, s
 training accuracy that :func:`train_dpsgd` records for the reader, are not covered.
 
 The clipped sum is computed by :mod:`companion.per_example` (per-layer rules with hooks on any
-module tree, ``vmap`` for layers without a rule). The step's phases are public, so the code the
+module tree; ``vmap`` for layers without a rule, and for layers a batch shows to be called more
+than once or to share a parameter). The step's phases are public, so the code the
 book prints is the code that runs: :func:`poisson_sample`, :func:`add_gaussian_noise`,
 :func:`noisy_clipped_gradient` (the heart of a step), :func:`set_private_gradients` (its result
 written into ``.grad``:
@@ -70,7 +72,13 @@ See the DP-SGD chapter, :ref:`sec-dpsgd-algorithm`, for the derivation and runs.
     whose low-order bits can leak information (Mironov 2012, "On Significance of the Least
     Significant Bits for Differential Privacy"). For real deployments use Opacus
     (https://opacus.ai), which has a secure random mode, validates models more thoroughly and is
-    maintained for production; the keyword names here follow Opacus.
+    maintained for production. The keyword names here follow Opacus where Opacus has the idea
+    (``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``target_epsilon``, ``epochs``),
+    with these differences: ``delta`` is both the delta that epsilon is reported at and
+    Opacus's ``target_delta``; ``accountant`` is an accountant object, not a name; ``seed``
+    seeds the run's generator (Opacus takes a ``noise_generator``); sampling is always Poisson;
+    and ``epochs`` means ``epochs * round(1/q)`` steps, where Opacus's
+    ``get_noise_multiplier`` takes ``int(epochs / q)``.
 """
 
 from companion.dpsgd.loop import train_dpsgd

@@ -272,12 +272,14 @@ def train_dpsgd(
     r"""Train ``model`` in place with DP-SGD and account for the privacy spent.
 
     The run takes :math:`T` = :func:`companion.accounting.steps_for_epochs` steps (``epochs``
-    times :math:`\mathrm{round}(1/q)`, the rule :func:`companion.accounting.get_noise_multiplier`
-    uses for ``epochs=``). Each step draws a Poisson batch (:func:`poisson_sample`), writes the
-    noisy clipped gradient into ``.grad`` (:func:`set_private_gradients`) and lets the optimizer
-    step (plain SGD with ``lr`` when no optimizer is given); the accountant records one step of
-    the Poisson-subsampled Gaussian mechanism. After each epoch it converts the privacy spent so
-    far into epsilon at ``delta``.
+    times the integer nearest to :math:`1/q`, halves to even, the rule
+    :func:`companion.accounting.get_noise_multiplier` uses for ``epochs=``). Each step draws a
+    Poisson batch (:func:`poisson_sample`) and computes the noisy clipped gradient (as
+    :func:`set_private_gradients` does); with an ``optimizer`` it goes into ``.grad`` and the
+    optimizer steps (``.grad`` is set to ``None`` at the end of the run), without one the
+    weights take a plain SGD step with ``lr``. The accountant records one step of the
+    Poisson-subsampled Gaussian mechanism. After each epoch it converts the privacy spent so far
+    into epsilon at ``delta``.
 
     *Noise.* Give ``noise_multiplier`` :math:`\sigma`, or ``target_epsilon``: then :math:`\sigma`
     is the smallest (to 1%) that keeps the accountant's total epsilon after exactly these
@@ -290,16 +292,23 @@ def train_dpsgd(
     *What is public.* The normaliser :math:`qN` (``expected_batch_size``) must not depend on
     the private data. By default it is ``sample_rate * len(x)``, which treats the data-set size
     as public (as Opacus does); pass a value fixed in advance to avoid that assumption. Choose
-    ``delta`` well below :math:`1/N` (a ``UserWarning`` says otherwise). Only the model is
-    protected: the training-set statistics in the records are computed from the raw data, for
-    the reader's monitoring only.
+    ``delta`` well below :math:`1/N` (a ``UserWarning`` comes when :math:`\delta \ge 1/N`).
+    Only the model is protected: ``clipped_fraction`` and the training loss and accuracy in the
+    records are computed from the raw data, for the reader's monitoring only. The guarantee also
+    assumes that every record passes the input checks: a run that stops with a ``ValueError``
+    on a bad record (a Dataset's are checked as they are drawn) reveals that, and its message,
+    outside the guarantee. The initial weights, the optimizer's state and any buffer a forward
+    pass updates must not depend on the private data.
 
     *Randomness.* One :class:`torch.Generator`, on the model's device, draws the batches and the
     noise; ``seed=None`` (the default) seeds it from fresh OS entropy, so two runs never share
-    noise. A seed makes a run reproducible and must then stay secret. With a continued
-    accountant, the generator's seed is derived from ``seed`` and the steps the accountant
-    already holds, so a second call with the same seed does not replay the first one's batches
-    and noise.
+    noise. A seed makes a run reproducible on the same kind of device, and must then stay secret:
+    random layers such as ``Dropout`` draw from torch's global generator (seed it too), a GPU
+    draws other numbers than the CPU from the same seed, and some GPU kernels (a convolution's
+    weight gradient, ``index_add_``) sum in a varying order unless
+    ``torch.use_deterministic_algorithms(True)``. With a continued accountant, the generator's
+    seed is derived from ``seed`` and the steps the accountant already holds, so a second call
+    with the same seed does not replay the first one's batches and noise.
 
     Args:
         model: the model to train; must pass :func:`~companion.per_example.check_dp_compatible`.

@@ -344,7 +344,10 @@ def clipped_gradient_sum(
     ``method="layerwise"`` gets the same numbers from one forward and one backward pass with the
     rules of ``LAYER_RULES``, and raises ``ValueError`` naming every trainable layer without
     a rule. ``method="auto"`` uses the rules where they apply and ``vmap`` for the other layers'
-    parameters only, with a warning naming them.
+    parameters only, with a warning naming them. A layer with a rule that a batch shows to be
+    called more than once, or whose parameters are read outside its call (tied weights), falls
+    back to ``vmap`` under both methods, with a warning: that is seen in the batch's autograd
+    graph, not when the model is planned.
 
     Args:
         model: the model; its parameters are read, not changed.

@@ -273,7 +273,8 @@ def clip_factors(norms: torch.Tensor, *, max_grad_norm: float) -> torch.Tensor:
         max_grad_norm: the clipping norm :math:`C`, > 0.
 
     Returns:
-        A tensor of the shape of ``norms``; ``factor * norm <= C`` everywhere.
+        A tensor of the shape of ``norms``; ``factor * norm <= C`` everywhere, up to
+        floating-point rounding.
 
     Raises:
         ValueError: if ``max_grad_norm`` is not a finite number > 0.
