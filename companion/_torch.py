@@ -68,13 +68,12 @@ def check_loss(loss: object) -> str:
 
 def check_loss_or_callable(loss: object) -> str | LossFn:
     """A loss name, or a callable ``(outputs, targets) -> mean loss`` (regression, say)."""
-    if isinstance(loss, str):
-        return check_loss(loss)
-    if callable(loss):
+    if (isinstance(loss, str) and loss in LOSSES) or callable(loss):
         return loss
-    raise TypeError(
-        f"loss must be one of {LOSSES} or a callable (outputs, targets) -> mean loss, got "
-        f"{type(loss).__name__}."
+    got = repr(loss) if isinstance(loss, str) else type(loss).__name__
+    raise (ValueError if isinstance(loss, str) else TypeError)(
+        f"loss must be one of {LOSSES} or a callable (outputs, targets) -> mean loss, such as "
+        f"torch.nn.MSELoss() for regression; got {got}."
     )
 
 

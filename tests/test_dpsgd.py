@@ -774,7 +774,7 @@ BAD_TRAIN_ARGUMENTS = [
     ({"progress": "no"}, TypeError, "progress must be True or False"),
     ({"seed": 1.5}, TypeError, "seed must be an integer"),
     ({"method": "ghost"}, ValueError, "method must be one of"),
-    ({"loss": "mse"}, ValueError, "loss must be one of"),
+    ({"loss": "mse"}, ValueError, r"or a callable .* such as torch.nn.MSELoss\(\) for regression"),
     ({"x": X.tolist()}, TypeError, "x must be a torch.Tensor or a numpy array"),
     ({"y": Y.tolist()}, TypeError, "y must be a torch.Tensor or a numpy array"),
     ({"x": X[:-1]}, ValueError, "x and y must have the same number of examples"),

@@ -434,6 +434,20 @@ def test_a_parameter_read_outside_its_layers_call_falls_back_to_vmap(name, metho
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
 
 
+def test_a_clipper_names_a_layer_that_falls_back_once_pointing_at_the_caller():
+    """The fallback is found on every batch; the warning comes once per clipper (Python's own
+    once-per-line filter is reset whenever a library changes the filters), at the caller."""
+    build, _, inputs = READ_OUTSIDE["layer_called_twice"]
+    clipper = PerExampleClipper(_seeded(build), loss="cross_entropy")
+    x, y = inputs().double(), _classes(B, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            clipper(x, y, max_grad_norm=1.0)
+    assert [str(w.message)[:31] for w in caught] == ["layer 'shared' is called more t"]
+    assert caught[0].filename == __file__
+
+
 def test_autograd_graph_counts_the_reads_of_each_leaf_and_lists_the_operations():
     w, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     frozen = torch.ones(3)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from companion._torch import LossFn, trainable_named
-from companion._validation import check_positive
+from companion._validation import check_positive, warn
 from companion.per_example.gradients import (
     ClippedSum,
     Entry,
@@ -159,8 +159,12 @@ def layerwise_add_clipped(
     max_grad_norm: float,
     into: dict[str, torch.Tensor],
     scale: float,
+    warned: set[str],
 ) -> torch.Tensor:
-    """Add ``scale`` times the clipped sum of the batch into ``into`` with the rules; the norms."""
+    """Add ``scale`` times the clipped sum of the batch into ``into`` with the rules; the norms.
+
+    A layer found to fall back to vmap is named in a warning once: ``warned`` (the clipper's)
+    holds the layers already named."""
     for copy in (False, True):
         capture = _Capture(plan.hooked, copy)
         try:
@@ -186,13 +190,12 @@ def layerwise_add_clipped(
             fallback.extend(prefix + n for n, _ in own)  # a hooked layer's own: canonical names
             moved.append(repr(name))
         # else no parameter of the layer reaches the loss, and its gradients are 0
-    if moved:
-        warnings.warn(
-            f"layer {', '.join(moved)} is called more than once or has a parameter read outside "
+    if new := [name for name in moved if name not in warned]:
+        warned.update(new)
+        warn(
+            f"layer {', '.join(new)} is called more than once or has a parameter read outside "
             "its call: its per-example gradients are computed with vmap, which is slower; the "
-            "result is the same.",
-            UserWarning,
-            stacklevel=2,
+            "result is the same."
         )
     targets = [capture.seen[m][1] for _, m in active]
     output_grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else []
@@ -256,6 +259,7 @@ class PerExampleClipper:
         self.method = check_method(method)
         self.trainable = dict(trainable_named(self.model))
         self.plan = None if self.method == "vmap" else plan_layers(self.model)
+        self._warned: set[str] = set()  # layers named in a fallback warning
         if self.plan is not None and self.plan.fallback:
             reasons = "; ".join(self.plan.reasons)
             if self.method == "layerwise":
@@ -324,7 +328,16 @@ class PerExampleClipper:
                 entries = [materialised(name, g) for name, g in grads.items()]
                 return add_clipped(entries, max_grad_norm, into, scale)
         return layerwise_add_clipped(
-            self.model, self.plan, self.mean_loss, self.sum_loss, x, y, max_grad_norm, into, scale
+            self.model,
+            self.plan,
+            self.mean_loss,
+            self.sum_loss,
+            x,
+            y,
+            max_grad_norm,
+            into,
+            scale,
+            self._warned,
         )
 
 
