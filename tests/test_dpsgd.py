@@ -474,7 +474,8 @@ def test_poisson_sample_is_reproducible_from_the_seed():
     assert torch.equal(draw(7), draw(7))
     assert not torch.equal(draw(7), draw(8))
     # the documented draw: uniforms below q
-    assert torch.equal(draw(7), torch.rand(500, generator=torch.Generator().manual_seed(7)) < 0.2)
+    u = torch.rand(500, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert torch.equal(draw(7), u < 0.2)
 
 
 @pytest.mark.parametrize(
@@ -515,7 +516,7 @@ def _hand_written_dpsgd(model, loss, x, y, *, sigma, max_grad_norm, lr, epochs, 
     n = x.shape[0]
     for _ in range(epochs):
         for _ in range(8):
-            mask = torch.rand(n, generator=generator) < Q
+            mask = torch.rand(n, generator=generator, dtype=torch.float64) < Q
             sums, _ = _loop_clipped_sum(model, loss, x[mask], y[mask], max_grad_norm)
             params = _trainable(model)
             if sigma > 0:

@@ -53,6 +53,9 @@ def poisson_sample(n: int, *, sample_rate: float, generator: torch.Generator) ->
     Args:
         n: number of examples, >= 1.
         sample_rate: inclusion probability :math:`q`, in (0, 1]; ``q = 1`` takes everyone.
+            Float64 uniforms are compared with :math:`q`, so an example joins with probability
+            :math:`q` up to :math:`2^{-53}` (float32's grid of :math:`2^{-24}` would add up to
+            :math:`6 \cdot 10^{-8}`, and double a :math:`q` below :math:`2^{-24}`).
         generator: a :class:`torch.Generator`; the draw is reproducible from its seed.
 
     Returns:
@@ -70,8 +73,11 @@ def poisson_sample(n: int, *, sample_rate: float, generator: torch.Generator) ->
     n = check_positive_int("n", n)
     sample_rate = check_fraction("sample_rate", sample_rate)
     generator = _check_generator(generator)
-    # torch.rand is uniform on [0, 1), so q = 1 includes every example.
-    return torch.rand(n, generator=generator, device=generator.device) < sample_rate
+    # Uniform on [0, 1), so q = 1 includes every example. In float64: float32 draws lie on a grid
+    # of 2**-24 and would include an example with probability ceil(q 2**24) / 2**24, above the
+    # q the accountant uses (by 0.1% for q = 256 / 10**7, twice q for q = 2**-25).
+    u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64)
+    return u < sample_rate
 
 
 def _normal_draw(
@@ -199,9 +205,9 @@ def set_private_gradients(
 
     :math:`\tilde g = \bigl(\sum_{i \in B} \bar g_i + \mathcal N(0, \sigma^2 C^2 I)\bigr) / (qN)`,
     eq. :eq:`dpsgd-noise`: the clipped per-example gradient sum
-    (:func:`companion.per_example.clipped_gradient_sum`), Gaussian noise
-    (:func:`add_gaussian_noise`), divided by ``expected_batch_size`` (:math:`qN`, fixed before
-    seeing the data, never the realised batch size). Then call any optimizer's ``step()``: your
+    (:func:`companion.per_example.clipped_gradient_sum`), Gaussian noise (one draw of
+    :func:`gaussian_noise`), divided by ``expected_batch_size`` (:math:`qN`, fixed before seeing
+    the data, never the realised batch size). Then call any optimizer's ``step()``: your
     own loop, with the batch drawn by :func:`poisson_sample`, is DP-SGD. Account for each call
     with ``accountant.step(noise_multiplier=..., sample_rate=...)``.
 
@@ -259,8 +265,8 @@ def noisy_clipped_gradient(
     r"""The heart of a DP-SGD step: :math:`\tilde g` of eq. :eq:`dpsgd-noise` and the norms.
 
     Clip and sum (``clipper``, a :class:`companion.per_example.PerExampleClipper` planned once
-    for the model and loss), add :math:`\mathcal N(0, \sigma^2 C^2)` to every coordinate
-    (:func:`add_gaussian_noise`), divide by the expected batch size :math:`qN`. The training
+    for the model and loss), add :math:`\mathcal N(0, \sigma^2 C^2)` to every coordinate (one
+    draw of :func:`gaussian_noise`), divide by the expected batch size :math:`qN`. The training
     loop calls this once per step; :func:`set_private_gradients` and :func:`dp_sgd_step` wrap it
     with argument checks.
 
