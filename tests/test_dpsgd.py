@@ -478,6 +478,16 @@ def test_poisson_sample_is_reproducible_from_the_seed():
     assert torch.equal(draw(7), u < 0.2)
 
 
+def test_poisson_sample_includes_an_example_with_probability_q_even_below_2_to_the_minus_24():
+    """float32 uniforms lie on a grid of 2**-24: seed 1's 2,753,121st is exactly 0, so comparing
+    them with q = 1e-12 would include that example (probability 2**-24, not q). The float64
+    draw includes nobody, as q n = 3e-6 says it almost surely should."""
+    n, generator = 2_753_121, torch.Generator().manual_seed(1)
+    assert float(torch.rand(n, generator=generator)[-1]) == 0.0  # the negative control
+    mask = poisson_sample(n, sample_rate=1e-12, generator=torch.Generator().manual_seed(1))
+    assert not mask.any()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
