@@ -1,8 +1,8 @@
 """Checks of a model's outputs against the loss and the labels (private, shared).
 
-Every function of :mod:`companion` that trains or attacks a model runs it on a few examples first,
-so that a model that does not fit its data or loss gets a message naming the mistake rather than
-a torch error inside the training loop.
+The training loops, the per-example gradients and the attacks run the model on a few examples
+first, so that a model that does not fit its data or loss gets a message naming the mistake
+rather than a torch error inside the loop.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     try:
         with eval_mode(model), torch.no_grad():
             outputs = model(x)
+    except torch.OutOfMemoryError:
+        raise
     except (RuntimeError, TypeError, IndexError) as error:
         raise ValueError(
             f"model cannot be applied to the inputs (one example has shape {tuple(x.shape[1:])} "
@@ -39,9 +41,12 @@ def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def looks_like_probabilities(outputs: torch.Tensor) -> bool:
     """Whether every row of ``(N, n_classes)`` outputs is non-negative and sums to 1, as a
-    softmax's rows do."""
+    softmax's rows do (to a few roundings of a low-precision dtype's, if more)."""
+    tolerance = _SUM_TOLERANCE
+    if outputs.is_floating_point():
+        tolerance = max(tolerance, outputs.shape[1] * torch.finfo(outputs.dtype).eps)
     sums = outputs.double().sum(dim=1)
-    return bool((outputs >= 0).all() and ((sums - 1).abs() <= _SUM_TOLERANCE).all())
+    return bool((outputs >= 0).all() and ((sums - 1).abs() <= tolerance).all())
 
 
 def check_outputs(

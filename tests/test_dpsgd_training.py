@@ -402,6 +402,21 @@ def test_a_model_that_returns_probabilities_gets_a_warning():
         _run(model=nn.Sequential(_model(), nn.Softmax(dim=1)), epochs=1)
 
 
+class _SqueezedLogit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 1).double()
+
+    def forward(self, x):
+        return self.lin(x).squeeze()  # 0-d for one example
+
+
+def test_a_binary_model_that_squeezes_its_logit_trains():
+    """The independence check compares one example's 0-d output with its row of the batch's."""
+    _, history = _run(model=_SqueezedLogit(), y=(Y > 4).long(), loss="bce")
+    assert len(history) == 2 and math.isfinite(history[-1]["train_loss"])
+
+
 @pytest.mark.parametrize("data", ["tensors", "dataset"])
 def test_a_forward_pass_that_mixes_examples_is_refused(data):
     x, y = (X, Y) if data == "tensors" else (TensorDataset(X, Y), None)

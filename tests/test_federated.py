@@ -714,6 +714,7 @@ def test_aggregators_reject_bad_arguments(call, error, match):
 _CLIENTS = [_tensors(0, 10, dtype=torch.float32), _tensors(10, 25, dtype=torch.float32)]
 _EMPTY = (torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
 _MISMATCHED = (torch.zeros(5, 64), torch.zeros(4, dtype=torch.long))
+_LABEL_12 = (torch.zeros(5, 64), torch.tensor([0, 1, 12, 3, 4]))
 _FEDAVG = dict(rounds=1, client_fraction=1.0, local_epochs=1, batch_size=None, lr=0.1,
                progress=False)  # fmt: skip
 _DP = dict(rounds=1, sample_rate=1.0, noise_multiplier=1.0, max_update_norm=1.0, local_epochs=1,
@@ -735,6 +736,12 @@ _BAD = [
         r"clients\[0\] x and clients\[0\] y must have the same",
     ),
     ("both", {"clients": _CLIENTS[0][0]}, TypeError, "clients must be a list of"),
+    (
+        "both",
+        {"clients": [_CLIENTS[0], _LABEL_12]},
+        ValueError,
+        "labels must be below the model's 10 outputs for loss='cross_entropy', got a label 12",
+    ),
     ("both", {"rounds": 0}, ValueError, "rounds must be >= 1"),
     ("both", {"rounds": 2.0}, TypeError, "rounds must be an integer"),
     ("both", {"local_epochs": 0}, ValueError, "local_epochs must be >= 1"),
@@ -784,6 +791,7 @@ def test_bad_configurations_raise(name, changes, error, match):
         ({"seed": 1.5}, TypeError, "seed must be an integer"),
         ({"y": torch.zeros(9, dtype=torch.long)}, ValueError, "same number of examples"),
         ({"x": _EMPTY[0], "y": _EMPTY[1]}, ValueError, "at least one example"),
+        ({"x": _LABEL_12[0], "y": _LABEL_12[1]}, ValueError, "got a label 12"),
     ],
 )
 def test_local_update_rejects_bad_arguments(changes, error, match):

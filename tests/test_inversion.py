@@ -415,7 +415,7 @@ def test_invert_gradient_rejects_a_non_module_and_a_model_without_a_last_bias():
         invert_gradient("mlp", g)
     model = nn.Sequential(nn.Linear(64, 10, bias=False))
     g = model_gradient(model, *_one(0))
-    with pytest.raises(ValueError, match="cannot recover the label"):
+    with pytest.raises(ValueError, match="without a bias in the last Linear: pass label"):
         invert_gradient(model, g, steps=1)
     assert invert_gradient(model, g, steps=1, label=int(Y[0])).y.tolist() == [Y[0]]
 
@@ -428,6 +428,8 @@ def test_model_gradient_rejects_bad_arguments():
         model_gradient(model, X[:1], Y[:1], loss="mse")
     with pytest.raises(ValueError, match="same number of examples"):
         model_gradient(model, X[:2], Y[:1])
+    with pytest.raises(ValueError, match="labels must be below the model's 10 outputs"):
+        model_gradient(model, X[:1], Y[:1] + 10)  # was torch's "Target 1x is out of bounds"
 
 
 @pytest.mark.parametrize(

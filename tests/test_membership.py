@@ -508,3 +508,33 @@ def test_tpr_at_rejects_non_number():
 def test_from_scores_rejects_bad_scores(scores, error, match):
     with pytest.raises(error, match=match):
         MembershipAttackResult.from_scores(scores, np.array([0.0]))
+
+
+class _NoMemoryForLargeBatches(nn.Module):
+    """Stands in for a GPU that runs out of memory on more than 1024 examples at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x):
+        if x.shape[0] > 1024:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.lin(x)
+
+
+def test_the_attack_runs_the_model_in_batches_and_reports_running_out_of_memory():
+    """The model sees at most 1024 examples at a time; out of memory is not reported as a model
+    that cannot be applied to its inputs."""
+    torch.manual_seed(0)
+    x = np.tile(DIGITS.x_train, (2, 1))[:2500]
+    y = np.tile(DIGITS.y_train, 2)[:2500]
+    result = loss_threshold_attack(_NoMemoryForLargeBatches(), (x, y), (x[:100], y[:100]))
+    assert result.member_scores.shape == (2500,)
+
+    class _NoMemory(_NoMemoryForLargeBatches):
+        def forward(self, x):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        loss_threshold_attack(_NoMemory(), (x[:10], y[:10]), (x[:10], y[:10]))

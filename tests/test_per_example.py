@@ -633,6 +633,49 @@ def test_models_that_treat_examples_independently_pass(name):
     check_examples_independent(nn.Sequential(model, nn.Dropout(0.5)).train(), x)
 
 
+class _Squeezed(nn.Module):
+    """One logit squeezed away: a 0-d output for one example, shape (N,) for a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).squeeze()
+
+
+class _DropoutInEvaluation(nn.Module):
+    """Monte Carlo dropout: random in evaluation mode, but each example on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.nn.functional.dropout(x, 0.5, training=True))
+
+
+class _Rounded(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (10 * x).long()
+
+
+@pytest.mark.parametrize("model", [_Squeezed, _DropoutInEvaluation, _Rounded])
+def test_independent_models_of_every_output_shape_and_kind_pass(model):
+    """Outputs of another shape for one example (0-d) or of an integer dtype are compared
+    flattened; a model random in evaluation mode cannot be compared and passes."""
+    check_examples_independent(
+        _seeded(model), torch.randn(B, 10, generator=_gen(), dtype=torch.float64)
+    )
+
+
+def test_degenerate_batches_and_outputs():
+    check_examples_independent(nn.Linear(3, 2), torch.randn(1, 3))  # nothing to compare
+    check_examples_independent(nn.Linear(3, 2), torch.randn(0, 3))
+    with pytest.raises(TypeError, match="model must return a tensor of outputs, got tuple"):
+        check_examples_independent(nn.LSTM(3, 2, batch_first=True), torch.randn(4, 5, 3))
+
+
 def test_outputs_that_are_not_finite_are_named():
     model = _seeded(lambda: nn.Linear(10, 3))
     with torch.no_grad():

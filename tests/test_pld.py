@@ -311,9 +311,19 @@ def test_a_finer_grid_gives_a_smaller_bound_within_the_error_estimate():
 
 
 def test_too_little_noise_for_the_grid_is_refused_with_advice():
-    accountant = PLDAccountant()
-    accountant.step(noise_multiplier=0.002, sample_rate=0.5)
+    accountant = PLDAccountant(value_discretization_interval=1e-6)
+    accountant.step(noise_multiplier=0.3, sample_rate=1.0)  # losses within +-33: 6.6e7 points
     with pytest.raises(ValueError, match="larger value_discretization_interval"):
+        accountant.get_epsilon(1e-5)
+
+
+@pytest.mark.parametrize(("sigma", "q"), [(0.002, 0.5), (0.03, 1.0)])
+def test_losses_past_what_float64_can_exponentiate_are_refused(sigma, q):
+    """exp overflows past 709.8: at q = 1 and sigma 0.03 (losses to 864, on a grid that fits)
+    one step gave epsilon infinity and two a numpy error, before this check."""
+    accountant = PLDAccountant()
+    accountant.step(noise_multiplier=sigma, sample_rate=q)
+    with pytest.raises(ValueError, match=f"noise_multiplier={sigma} is too small for the PLD"):
         accountant.get_epsilon(1e-5)
 
 

@@ -104,6 +104,8 @@ __all__ = ["PLDAccountant"]
 # its centre; the mass beyond, Phi(-_Z_TAIL) ~ 1e-20 per step, goes to the infinite loss.
 _Z_TAIL = float(-special.ndtri(1e-20))
 _DIRECTIONS = ("remove", "add")
+# Losses beyond this are refused: exp(709.8) overflows float64, and the masses need exp(loss).
+_MAX_LOSS = 700
 
 
 # --- one step ---------------------------------------------------------------------------------
@@ -166,6 +168,13 @@ def _step_pmf(sigma: float, q: float, direction: str, h: float) -> tuple[int, np
         eps_low, eps_high = loss_remove(-_Z_TAIL * sigma), loss_remove(1 + _Z_TAIL * sigma)
     else:  # z ~ mu_0, mostly within [-c sigma, c sigma]; the loss decreases in z
         eps_low, eps_high = -loss_remove(_Z_TAIL * sigma), -loss_remove(-_Z_TAIL * sigma)
+    if max(-eps_low, eps_high) > _MAX_LOSS:
+        raise ValueError(
+            f"noise_multiplier={sigma} is too small for the PLD accountant at sample_rate={q}: "
+            f"one step's privacy loss reaches {max(-eps_low, eps_high):.0f}, past the {_MAX_LOSS} "
+            "that float64 can exponentiate; such a step all but publishes the example. Use more "
+            "noise, or the RDP accountant."
+        )
     low, high = min(math.floor(eps_low / h), -1), max(math.ceil(eps_high / h), 1)
     if high - low + 1 > MAX_GRID:
         raise ValueError(
@@ -214,7 +223,9 @@ class PLDAccountant:
     Raises:
         TypeError, ValueError: on bad arguments (every method), naming the argument; and
             ValueError from :meth:`get_epsilon` and :meth:`get_delta` when the grid would exceed
-            :math:`2^{24}` points (noise multipliers far below 0.1 at the default :math:`h`).
+            :math:`2^{24}` points (noise multipliers far below 0.1 at the default :math:`h`), or
+            one step's privacy loss 700, which float64 cannot exponentiate (sigma below about
+            0.035 at q = 1).
 
     Example:
         >>> accountant = PLDAccountant()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from companion._outputs import check_outputs
 from companion._random import torch_generator
 from companion._torch import (
     ArrayLike,
@@ -79,13 +80,13 @@ def model_gradient(
     Example:
         >>> from companion import data, models
         >>> digits = data.load_digits()
-        >>> g = model_gradient(models.mlp(seed=0), digits.x_train[:1], digits.y_train[:1])
-        >>> sorted(g)
+        >>> sorted(model_gradient(models.mlp(seed=0), digits.x_train[:1], digits.y_train[:1]))
         ['0.bias', '0.weight', '2.bias', '2.weight']
     """
     model = check_model(model)
     loss = check_loss(loss)
     x, y = check_data(x, y, loss=loss, device=model_device(model))
+    check_outputs(model, x, y, loss=loss)
     params = trainable_named(model)
     value = loss_fn(loss)(model(x), y)
     grads = torch.autograd.grad(value, [p for _, p in params])
@@ -215,10 +216,7 @@ def _last_bias_gradient(model: nn.Module, gradient: dict[str, torch.Tensor]) -> 
             bias = module.bias
             bias_name = f"{name}.bias" if bias is not None and bias.requires_grad else None
     if bias_name is None or bias_name not in gradient:
-        raise ValueError(
-            "cannot recover the label: the model's last Linear layer has no trainable bias; "
-            "pass label."
-        )
+        raise ValueError("cannot recover the label without a bias in the last Linear: pass label.")
     return gradient[bias_name]
 
 

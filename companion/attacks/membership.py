@@ -20,6 +20,7 @@ from torch import nn
 
 from companion._outputs import looks_like_probabilities, run_model
 from companion._torch import (
+    EVAL_BATCH,
     ArrayLike,
     LossName,
     check_data,
@@ -74,7 +75,7 @@ def _logits(
             "in LogSoftmax, whose outputs give "
             "the same losses as logits."
         )
-    outputs = run_model(model, x)
+    outputs = torch.cat([run_model(model, part) for part in x.split(EVAL_BATCH)])
     if loss == "cross_entropy":
         if outputs.ndim != 2 or outputs.shape[0] != x.shape[0] or outputs.shape[1] < 2:
             raise ValueError(

@@ -72,8 +72,8 @@ class _Data:
         self.classes: int | None = None  # the model's outputs, for cross-entropy on a Dataset
         if isinstance(x, DataLoader):
             raise TypeError(
-                f"{names[0]} is a DataLoader: pass its Dataset ({names[0]}.dataset). train_dpsgd "
-                "draws each batch itself, by Poisson sampling, as its accounting assumes."
+                f"{names[0]} is a DataLoader: pass its Dataset ({names[0]}.dataset); train_dpsgd "
+                "batches it itself (training data by Poisson sampling, as its accounting assumes)."
             )
         if isinstance(x, Dataset):
             if y is not None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from companion._outputs import check_outputs
 from companion._random import derive_seed, torch_generator
 from companion._torch import (
     ArrayLike,
@@ -93,8 +94,10 @@ def client_datasets(x: ArrayLike, y: ArrayLike, parts: Sequence[Any]) -> list[Cl
     return clients
 
 
-def check_clients(clients: object, *, loss: str, device: torch.device) -> list[Client]:
-    """Validate every client's data set once; return them as tensors on ``device``."""
+def check_clients(clients: object, *, model: nn.Module, loss: str) -> list[Client]:
+    """Validate every client's data set once, and the model's outputs on it; return them as
+    tensors on the model's device."""
+    device = model_device(model)
     if isinstance(clients, (str, bytes)) or not isinstance(clients, Sequence):
         raise TypeError(
             "clients must be a list of (x, y) pairs (see client_datasets), got "
@@ -107,7 +110,9 @@ def check_clients(clients: object, *, loss: str, device: torch.device) -> list[C
         if not isinstance(client, Sequence) or len(client) != 2:
             raise TypeError(f"clients[{k}] must be an (x, y) pair, got {type(client).__name__}.")
         names = (f"clients[{k}] x", f"clients[{k}] y")
-        checked.append(check_data(client[0], client[1], loss=loss, names=names, device=device))
+        x, y = check_data(client[0], client[1], loss=loss, names=names, device=device)
+        check_outputs(model, x, y, loss=loss)
+        checked.append((x, y))
     return checked
 
 
@@ -203,6 +208,7 @@ def local_update(
     trainable_named(model)
     loss = check_loss(loss)
     x, y = check_data(x, y, loss=loss, device=model_device(model))
+    check_outputs(model, x, y, loss=loss)
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_batch_size(batch_size)
     lr = check_positive("lr", lr)

@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from companion import _torch
-from companion._outputs import check_outputs
+from companion._outputs import check_outputs, run_model
 from companion._torch import LossFn, LossName, check_model, trainable_named
 from companion._validation import check_positive
 
@@ -115,16 +115,20 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
     comparing examples). This runs the model in evaluation mode on the first examples (up to 4),
     together and one at a time, and compares the outputs. It catches mistakes and proves
     nothing: a model that mixes examples in training mode only, or by less than the tolerance,
-    passes. :func:`companion.dpsgd.train_dpsgd` runs it before training.
+    passes, and so does a model whose outputs are random in evaluation mode (Monte Carlo
+    dropout), which cannot be compared, and a batch of one example.
+    :func:`companion.dpsgd.train_dpsgd` runs it before training.
 
     Args:
         model: the model.
         x: a batch of inputs the model accepts, on its device.
 
     Raises:
-        ValueError: if an output of the batch differs from the same example's output alone by
-            more than 1% of the largest output of the batch (8 roundings, for dtypes with fewer
-            bits), or an output of the batch is NaN or infinite.
+        TypeError: if the model does not return a tensor.
+        ValueError: if the model cannot be applied to ``x``, its outputs on the batch are NaN
+            or infinite, or differ from the same examples' outputs alone (in shape, or by more
+            than 1% of the largest output of the batch; 8 roundings, for dtypes with fewer
+            bits).
 
     Example:
         >>> class Centred(nn.Module):  # subtracts the batch's mean: mixes the examples
@@ -136,13 +140,18 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
         ValueError: the model's output for an example depends on the other examples of its ...
     """
     n = min(4, x.shape[0])
-    with _torch.eval_mode(model), torch.no_grad():
-        together = model(x[:n])
-        alone = torch.cat([model(x[i : i + 1]) for i in range(n)])
-    if not torch.isfinite(together).all():
+    if n < 2:
+        return
+    first = run_model(model, x[:n])
+    if not torch.isfinite(first).all():
         raise ValueError("the model's outputs on the first examples are NaN or infinite.")
-    tolerance = max(1e-2, 8 * torch.finfo(together.dtype).eps) * float(together.abs().max())
-    if not float((together - alone).abs().max()) <= tolerance:  # NaN alone fails too
+    if not torch.equal(run_model(model, x[:n]), first):
+        return  # random in evaluation mode: nothing to compare with
+    eps = torch.finfo(first.dtype).eps if first.is_floating_point() else 0.0
+    together = first.double().reshape(-1)
+    alone = torch.cat([run_model(model, x[i : i + 1]).double().reshape(-1) for i in range(n)])
+    tolerance = max(1e-2, 8 * eps) * float(together.abs().max())
+    if alone.shape != together.shape or not float((together - alone).abs().max()) <= tolerance:
         raise ValueError(
             "the model's output for an example depends on the other examples of its batch: on "
             f"the first {n} examples, the outputs of one forward pass differ from those of each "
