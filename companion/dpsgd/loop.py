@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from companion._outputs import check_outputs
+from companion._outputs import check_outputs, run_model
 from companion._random import check_optional_seed, derive_seed, torch_generator
 from companion._torch import (
     EVAL_BATCH,
@@ -23,7 +23,6 @@ from companion._torch import (
     check_data,
     check_loss_or_callable,
     epoch_record,
-    eval_mode,
     model_device,
     progress_loop,
     trainable_named,
@@ -107,8 +106,7 @@ class _Data:
         check_outputs(model, x, y, loss=self.loss)
         check_examples_independent(model, x)
         if self.dataset is not None and self.loss == "cross_entropy":
-            with eval_mode(model), torch.no_grad():
-                self.classes = model(x[:1]).shape[1]
+            self.classes = run_model(model, x[:1]).shape[1]
 
     def _collate(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked tensors ``(x, y)`` of a Dataset's ``(input, target)`` items, on the CPU."""
