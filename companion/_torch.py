@@ -214,6 +214,19 @@ def _check_data(
     return x, y
 
 
+def check_pair(
+    name: str, pair: object, *, loss: str | LossFn, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A data set given as one argument ``name``: an ``(x, y)`` tuple or list that passes
+    :func:`check_data` (moved to ``device`` when one is given)."""
+    if not isinstance(pair, tuple | list) or len(pair) != 2:
+        raise TypeError(
+            f"{name} must be a pair (x, y) of inputs and labels, got {type(pair).__name__}."
+        )
+    names = (f"{name} x", f"{name} y")
+    return check_data(pair[0], pair[1], loss=loss, names=names, device=device)
+
+
 def check_optional_test(
     x_test: ArrayLike | None,
     y_test: ArrayLike | None,

@@ -50,6 +50,7 @@ from companion._torch import (
     check_data,
     check_loss,
     check_model,
+    check_pair,
     progress_bar,
 )
 from companion._validation import check_flag, check_int
@@ -368,8 +369,8 @@ def lira_attack(
     """
     model = check_model(model)
     loss = check_loss(loss)
-    xm, ym = _check_pair("members", members, loss)
-    xn, yn = _check_pair("nonmembers", nonmembers, loss)
+    xm, ym = check_pair("members", members, loss=loss)
+    xn, yn = check_pair("nonmembers", nonmembers, loss=loss)
     if xm.shape[1:] != xn.shape[1:]:
         raise ValueError(
             f"members x and nonmembers x must have the same shape per example, got "
@@ -387,12 +388,3 @@ def lira_attack(
         target_phi, shadow_phi, shadow_in, online=online, global_variance=global_variance
     )
     return MembershipAttackResult.from_scores(scores[: xm.shape[0]], scores[xm.shape[0] :])
-
-
-def _check_pair(name: str, pair: object, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pair`` must be an ``(x, y)`` tuple or list of a valid data set."""
-    if not isinstance(pair, tuple | list) or len(pair) != 2:
-        raise TypeError(
-            f"{name} must be a pair (x, y) of inputs and labels, got {type(pair).__name__}."
-        )
-    return check_data(pair[0], pair[1], loss=loss, names=(f"{name} x", f"{name} y"))

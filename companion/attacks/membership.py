@@ -26,6 +26,7 @@ from companion._torch import (
     check_data,
     check_loss,
     check_model,
+    check_pair,
     eval_mode,
     loss_fn,
     model_device,
@@ -37,18 +38,6 @@ __all__ = ["logit_confidence", "loss_threshold_attack"]
 
 
 # --- per-example signals ------------------------------------------------------------------------
-
-
-def _check_pair(
-    name: str, pair: object, loss: str, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pair`` must be an ``(x, y)`` tuple or list of a valid data set; moved to ``device``."""
-    if not isinstance(pair, tuple | list) or len(pair) != 2:
-        raise TypeError(
-            f"{name} must be a pair (x, y) of inputs and labels, got {type(pair).__name__}."
-        )
-    names = (f"{name} x", f"{name} y")
-    return check_data(pair[0], pair[1], loss=loss, names=names, device=device)
 
 
 def _last_layer(model: nn.Module) -> nn.Module:
@@ -283,8 +272,8 @@ def loss_threshold_attack(
     model = check_model(model)
     loss = check_loss(loss)
     device = model_device(model)
-    member_data = _check_pair("members", members, loss, device)
-    nonmember_data = _check_pair("nonmembers", nonmembers, loss, device)
+    member_data = check_pair("members", members, loss=loss, device=device)
+    nonmember_data = check_pair("nonmembers", nonmembers, loss=loss, device=device)
     with eval_mode(model), torch.no_grad():
         member_losses = _per_example_losses(model, *member_data, loss=loss, name="members")
         nonmember_losses = _per_example_losses(model, *nonmember_data, loss=loss, name="nonmembers")
