@@ -15,7 +15,7 @@ from companion._validation import (
     check_positive,
     check_positive_int,
 )
-from companion.per_example import ClippedSum, PerExampleClipper, check_dp_compatible
+from companion.per_example import ClippedSum, PerExampleClipper
 from companion.per_example.gradients import Method, check_batch
 
 __all__ = [
@@ -378,7 +378,6 @@ def _checked_noisy_gradient(
     method: Method,
 ) -> ClippedSum:
     """Check a step's arguments (all before any computation), then its noisy gradient."""
-    check_dp_compatible(model)
     clipper = PerExampleClipper(model, loss=loss, method=method)
     check_batch(model, loss, x_batch, y_batch)
     return noisy_clipped_gradient(
