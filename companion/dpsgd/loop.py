@@ -31,6 +31,7 @@ from companion._torch import (
 from companion._validation import (
     check_delta,
     check_epsilon,
+    check_flag,
     check_fraction,
     check_nonnegative,
     check_positive,
@@ -373,6 +374,7 @@ def train_dpsgd(
     sample_rate = check_fraction("sample_rate", sample_rate)
     epochs = check_positive_int("epochs", epochs)
     delta = check_delta(delta)
+    check_flag("progress", progress)  # before the calibration, which may take seconds
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier and target_epsilon.")
     if lr is not None:
