@@ -20,6 +20,21 @@ __all__ = ["check_outputs", "looks_like_probabilities", "run_model"]
 _SUM_TOLERANCE = 1e-4
 
 
+#: What torch raises when a model cannot be applied to its inputs (shapes, dtypes, devices,
+#: token ids out of range).
+MODEL_ERRORS = (RuntimeError, TypeError, IndexError)
+
+
+def model_error(x: torch.Tensor, error: Exception) -> ValueError:
+    """The error to raise when the model cannot be applied to the inputs ``x``."""
+    return ValueError(
+        f"model cannot be applied to the inputs (one example has shape {tuple(x.shape[1:])} and "
+        f"dtype {x.dtype}): {error}. Check that the inputs' shape and dtype match the model's "
+        "first layer, that they are on the model's device, and that token ids are below the "
+        "Embedding's num_embeddings."
+    )
+
+
 def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's outputs on ``x``, in evaluation mode without gradients; a model that cannot
     be applied to ``x`` or does not return a tensor gets a message that says so."""
@@ -28,12 +43,8 @@ def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             outputs = model(x)
     except torch.OutOfMemoryError:
         raise
-    except (RuntimeError, TypeError, IndexError) as error:
-        raise ValueError(
-            f"model cannot be applied to the inputs (one example has shape {tuple(x.shape[1:])} "
-            f"and dtype {x.dtype}): {error}. Check that the inputs' shape and dtype match the "
-            "model's first layer and that they are on the model's device."
-        ) from None
+    except MODEL_ERRORS as error:
+        raise model_error(x, error) from None
     if not isinstance(outputs, torch.Tensor):
         raise TypeError(f"model must return a tensor of outputs, got {type(outputs).__name__}.")
     return outputs
@@ -52,12 +63,13 @@ def looks_like_probabilities(outputs: torch.Tensor) -> bool:
 def check_outputs(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str | LossFn
 ) -> None:
-    """Run the model on the first examples (up to 4): it must accept ``x`` and its output must
-    fit the loss and the labels (every label of ``y`` below the number of outputs for
+    """Run the model on a few examples (:func:`_probe_indices`): it must accept ``x`` and its
+    output must fit the loss and the labels (every label of ``y`` below the number of outputs for
     cross-entropy); a callable loss must give the mean of the examples' losses. Outputs that
     look like probabilities with cross-entropy get a warning."""
-    n = min(4, x.shape[0])
-    outputs = run_model(model, x[:n])
+    index = _probe_indices(y)
+    n = len(index)
+    outputs = run_model(model, x[index])
     if outputs.ndim == 0 or outputs.shape[0] != n:
         raise ValueError(
             f"model must return one row of outputs per example: {n} examples gave outputs of "
@@ -65,7 +77,7 @@ def check_outputs(
         )
     if callable(loss):
         with torch.no_grad():
-            _check_mean_loss(loss, outputs, y[:n])
+            _check_mean_loss(loss, outputs, y[index])
         return
     if loss == "cross_entropy":
         if outputs.ndim != 2:
@@ -89,6 +101,21 @@ def check_outputs(
             f"loss='bce' needs one output logit per example, got shape {tuple(outputs[:1].shape)} "
             "for one example."
         )
+
+
+def _probe_indices(y: torch.Tensor, first: int = 4) -> torch.Tensor:
+    """The first ``first`` examples, and for integer labels the first example of up to ``first``
+    other labels: a loss that weights classes or ignores a label is a plain mean on examples
+    that share one label (data sorted by class), so the check needs several labels."""
+    index = torch.arange(min(first, len(y)), device=y.device)
+    if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool or len(y) <= first:
+        return index
+    values, inverse = torch.unique(y, return_inverse=True)
+    positions = torch.arange(len(y), device=y.device)
+    firsts = torch.full_like(values, len(y), dtype=torch.long)
+    firsts = firsts.scatter_reduce(0, inverse, positions, "amin")  # each label's first example
+    others = firsts[firsts >= first].sort().values[:first]
+    return torch.cat([index, others])
 
 
 def _check_mean_loss(loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> None:

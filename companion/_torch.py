@@ -29,6 +29,7 @@ __all__ = [
     "LossFn",
     "LossName",
     "check_data",
+    "check_labels",
     "check_loss",
     "check_loss_or_callable",
     "check_model",
@@ -68,6 +69,10 @@ def check_loss(loss: object) -> str:
 
 def check_loss_or_callable(loss: object) -> str | LossFn:
     """A loss name, or a callable ``(outputs, targets) -> mean loss`` (regression, say)."""
+    if isinstance(loss, type):  # nn.MSELoss, whose call would build a loss, not compute one
+        raise TypeError(
+            f"loss is the class {loss.__name__}; pass an instance, {loss.__name__}(), or a name."
+        )
     if (isinstance(loss, str) and loss in LOSSES) or callable(loss):
         return loss
     got = repr(loss) if isinstance(loss, str) else type(loss).__name__
@@ -198,20 +203,26 @@ def _check_data(
         raise ValueError(f"{name_x} must hold at least one example.")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name_x} must not contain NaN or infinite values.")
+    return x, check_labels(y, loss=loss, name=name_y)
+
+
+def check_labels(y: torch.Tensor, *, loss: str | LossFn, name: str = "y") -> torch.Tensor:
+    """Labels that fit a named loss (int64 class labels >= 0 for cross-entropy, 0 or 1 for
+    binary cross-entropy); the targets of a callable loss are returned as they are."""
     if callable(loss):
-        return x, y
+        return y
     if loss == "cross_entropy":
-        if y.is_floating_point() or y.dtype == torch.bool:
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise TypeError(
-                f"{name_y} must hold integer class labels for loss='cross_entropy', got dtype "
+                f"{name} must hold integer class labels for loss='cross_entropy', got dtype "
                 f"{y.dtype}."
             )
         if (y < 0).any():
-            raise ValueError(f"{name_y} must hold class labels >= 0.")
-        y = y.long()  # torch's cross-entropy takes int64 class labels only
-    elif not ((y == 0) | (y == 1)).all():
-        raise ValueError(f"{name_y} must hold labels 0 or 1 for loss='bce'.")
-    return x, y
+            raise ValueError(f"{name} must hold class labels >= 0.")
+        return y.long()  # torch's cross-entropy takes int64 class labels only
+    if not ((y == 0) | (y == 1)).all():
+        raise ValueError(f"{name} must hold labels 0 or 1 for loss='bce'.")
+    return y
 
 
 def check_pair(

@@ -6,21 +6,18 @@ Part of :mod:`companion.dpsgd`; import from there.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset
 
-from companion._outputs import check_outputs, run_model
 from companion._random import check_optional_seed, derive_seed, torch_generator
 from companion._torch import (
-    EVAL_BATCH,
     ArrayLike,
-    LossFn,
-    check_data,
     check_loss_or_callable,
     epoch_record,
     model_device,
@@ -38,119 +35,15 @@ from companion._validation import (
     check_positive_int,
 )
 from companion.accounting import PLDAccountant, RDPAccountant, steps_for_epochs
+from companion.dpsgd.data import RunData
 from companion.dpsgd.step import LossLike, noisy_clipped_gradient, poisson_sample
 from companion.per_example import (
     PerExampleClipper,
     check_dp_compatible,
-    check_examples_independent,
 )
 from companion.per_example.gradients import Method
 
 __all__ = ["train_dpsgd"]
-
-# --- the training loop --------------------------------------------------------------------------
-
-
-class _Data:
-    """Training or test data as in-memory tensors or a :class:`torch.utils.data.Dataset`.
-
-    Tensors are checked whole once. A Dataset is checked as it is read: every batch (also those
-    of the evaluation after each epoch) must hold ``(input, target)`` pairs that pass
-    :func:`~companion._torch.check_data`, with labels below the model's number of outputs.
-    ``names`` are the arguments' names, for the messages.
-    """
-
-    def __init__(
-        self,
-        x: object,
-        y: object,
-        loss: str | LossFn,
-        device: torch.device,
-        names: tuple[str, str] = ("x", "y"),
-    ) -> None:
-        self.device, self.loss, self.names = device, loss, names
-        self.classes: int | None = None  # the model's outputs, for cross-entropy on a Dataset
-        if isinstance(x, DataLoader):
-            raise TypeError(
-                f"{names[0]} is a DataLoader: pass its Dataset ({names[0]}.dataset); train_dpsgd "
-                "batches it itself (training data by Poisson sampling, as its accounting assumes)."
-            )
-        if isinstance(x, Dataset):
-            if y is not None:
-                raise ValueError(
-                    f"give {names[1]} only with tensor or array inputs, not with a Dataset."
-                )
-            self.dataset: Dataset | None = x
-            self.n = len(x)  # type: ignore[arg-type]
-            if self.n == 0:
-                raise ValueError(f"the Dataset {names[0]} must hold at least one example.")
-            self.x, self.y = None, None
-        else:
-            if x is None or y is None:
-                raise ValueError(
-                    f"give {names[0]} and {names[1]} together, or {names[0]} alone as a "
-                    "torch.utils.data.Dataset."
-                )
-            self.dataset = None
-            self.x, self.y = check_data(x, y, loss=loss, names=names, device=device)
-            self.n = self.x.shape[0]
-
-    def check(self, model: nn.Module) -> None:
-        """The model's output fits the loss and the labels: all of them for tensors, those of the
-        first 256 examples of a Dataset (whose later batches are checked as they are read); and
-        it treats the first examples independently."""
-        if self.dataset is None:
-            x, y = self.x, self.y
-        else:
-            x, y = self._collate([self.dataset[i] for i in range(min(self.n, 256))])
-            x, y = x.to(self.device), y.to(self.device)
-        check_outputs(model, x, y, loss=self.loss)
-        check_examples_independent(model, x)
-        if self.dataset is not None and self.loss == "cross_entropy":
-            self.classes = run_model(model, x[:1]).shape[1]
-
-    def _collate(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checked tensors ``(x, y)`` of a Dataset's ``(input, target)`` items, on the CPU."""
-        for item in items:
-            if not isinstance(item, tuple | list) or len(item) != 2:
-                got = f"a {type(item).__name__}"
-                got += f" of length {len(item)}" if isinstance(item, tuple | list) else ""
-                raise ValueError(
-                    f"a Dataset given as {self.names[0]} must return (input, target) pairs; one "
-                    f"of its items is {got}."
-                )
-        try:
-            x, y = default_collate(items)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(
-                f"the Dataset's items cannot be stacked into a batch: {error}"
-            ) from None
-        name = self.names[0]
-        names = (f"the inputs of the Dataset {name}", f"the targets of the Dataset {name}")
-        x, y = check_data(x, y, loss=self.loss, names=names)
-        if self.classes is not None and int(y.max()) >= self.classes:
-            raise ValueError(
-                f"labels must be below the model's {self.classes} outputs for "
-                f"loss='cross_entropy', got a label {int(y.max())} in the Dataset {name}."
-            )
-        return x, y
-
-    def batch(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.dataset is None:
-            mask = mask.to(self.device)
-            return self.x[mask], self.y[mask]
-        index = torch.nonzero(mask).squeeze(1).tolist()
-        x, y = self._collate([self.dataset[i] for i in index or [0]])
-        if not index:  # an empty batch, shaped as the first example's
-            x, y = x[:0], y[:0]
-        return x.to(self.device), y.to(self.device)
-
-    def evaluation(self) -> tuple[torch.Tensor, torch.Tensor] | DataLoader:
-        """The data as :func:`~companion._torch.epoch_record` evaluates it: the tensors, or the
-        Dataset in batches."""
-        if self.dataset is None:
-            return self.x, self.y
-        return DataLoader(self.dataset, batch_size=EVAL_BATCH, collate_fn=self._collate)
 
 
 def _check_optimizer(
@@ -168,6 +61,13 @@ def _check_optimizer(
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
         )
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"optimizer {type(optimizer).__name__} needs a closure that re-evaluates the loss "
+            "at each step, which would read the batch without clipping or noise; use a "
+            "first-order optimizer (SGD, Adam, ...), which only sees the noisy gradients."
+        )
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [name for name, p in trainable_named(model) if id(p) not in held]
     if missing:
@@ -182,11 +82,11 @@ def _check_accountant(accountant: object) -> RDPAccountant | PLDAccountant:
     if accountant is None:
         return RDPAccountant()
     if not isinstance(accountant, RDPAccountant | PLDAccountant):
-        got = (
-            f"the class {accountant.__name__}; pass an instance, {accountant.__name__}()"
-            if isinstance(accountant, type)
-            else type(accountant).__name__
-        )
+        kind = accountant if isinstance(accountant, type) else type(accountant)
+        name = kind.__qualname__  # with its module if another library's (Opacus's accountants)
+        if kind.__module__.partition(".")[0] not in ("builtins", "companion"):
+            name = f"{kind.__module__}.{name}"
+        got = f"the class {name}; pass an instance" if kind is accountant else name
         raise TypeError(
             "accountant must be a companion.accounting.RDPAccountant or PLDAccountant (to "
             f"continue an earlier run, pass the one it used); got {got}."
@@ -213,13 +113,19 @@ def _calibrate(
 ) -> float:
     """The noise multiplier that brings ``accountant``, continued by ``steps`` steps, to at most
     ``target_epsilon`` and within 1% of it: bisection keeping the upper end, which never exceeds
-    the target (the search of :func:`companion.accounting.get_noise_multiplier`)."""
+    the target, until that holds or the bracket is 0.1% wide (where epsilon cannot come close:
+    the PLD grid). :func:`companion.accounting.get_noise_multiplier` searches likewise from a
+    fresh accountant but stops within 0.01 of the target, so the two may differ slightly.
+    """
 
     def epsilon(sigma: float) -> float:
         trial = copy.deepcopy(accountant)
         for _ in range(steps):
             trial.step(noise_multiplier=sigma, sample_rate=sample_rate)
-        return trial.get_epsilon(delta)
+        try:
+            return trial.get_epsilon(delta)
+        except ValueError:  # PLD: so little noise that the losses leave the grid, far too much
+            return math.inf
 
     spent = accountant.get_epsilon(delta)
     if spent >= target_epsilon:
@@ -230,13 +136,20 @@ def _calibrate(
     low, high, eps_high = 0.0, 0.5, math.inf
     while eps_high > target_epsilon:
         high *= 2
-        if high > 1e6:
+        if high > 2**20:
+            floor = (
+                " (the RDP accountant's conversion to (epsilon, delta) stops there; a "
+                "PLDAccountant goes lower)"
+                if isinstance(accountant, RDPAccountant)
+                else ""
+            )
             raise ValueError(
                 f"target_epsilon={target_epsilon} cannot be reached with {steps} steps at "
-                f"sample_rate={sample_rate}: it needs a noise_multiplier above 1e6."
+                f"sample_rate={sample_rate}: even noise_multiplier={high / 2:.3g} gives epsilon="
+                f"{eps_high:.4g} at delta={delta}{floor}. Raise target_epsilon or delta."
             )
         eps_high = epsilon(high)
-    while target_epsilon - eps_high > 0.01 * target_epsilon and high - low > 1e-9 * high:
+    while target_epsilon - eps_high > 0.01 * target_epsilon and high - low > 1e-3 * high:
         middle = (low + high) / 2
         eps = epsilon(middle)
         if eps <= target_epsilon:
@@ -281,8 +194,11 @@ def train_dpsgd(
     into epsilon at ``delta``.
 
     *Noise.* Give ``noise_multiplier`` :math:`\sigma`, or ``target_epsilon``: then :math:`\sigma`
-    is the smallest (to 1%) that keeps the accountant's total epsilon after exactly these
-    :math:`T` steps at or below the target, so the target is never exceeded.
+    is found by bisection so that the accountant's total epsilon after exactly these :math:`T`
+    steps is at or below the target, and within 1% of it where any :math:`\sigma` comes that
+    close (a PLD accountant cannot follow very little noise): the target is never exceeded.
+    (:func:`companion.accounting.get_noise_multiplier` stops within 0.01 of the target instead,
+    as Opacus does, so it may return a slightly different :math:`\sigma`.)
 
     *Accounting across calls.* Pass the ``accountant`` of an earlier run (or one you built) to
     continue it: this run's steps are added to it in place and the reported epsilon is the total.
@@ -364,11 +280,11 @@ def train_dpsgd(
     check_dp_compatible(model)
     loss = check_loss_or_callable(loss)
     device = model_device(model)
-    data = _Data(x, y, loss, device)
+    data = RunData(x, y, loss, device)
     data.check(model)
     test = None
     if x_test is not None or y_test is not None:
-        test = _Data(x_test, y_test, loss, device, names=("x_test", "y_test"))
+        test = RunData(x_test, y_test, loss, device, names=("x_test", "y_test"))
         test.check(model)
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
     sample_rate = check_fraction("sample_rate", sample_rate)

@@ -209,7 +209,9 @@ def set_private_gradients(
     :func:`gaussian_noise`), divided by ``expected_batch_size`` (:math:`qN`, fixed before seeing
     the data, never the realised batch size). Then call any optimizer's ``step()``: your
     own loop, with the batch drawn by :func:`poisson_sample`, is DP-SGD. Account for each call
-    with ``accountant.step(noise_multiplier=..., sample_rate=...)``.
+    with ``accountant.step(noise_multiplier=..., sample_rate=...)``. The gradient replaces
+    ``.grad`` (``backward`` would add to it): accumulating over several calls before one
+    optimizer step would add the noise once per call, so draw one Poisson batch per step.
 
     Args:
         model: the model; must pass :func:`~companion.per_example.check_dp_compatible`. Its
@@ -379,7 +381,7 @@ def _checked_noisy_gradient(
 ) -> ClippedSum:
     """Check a step's arguments (all before any computation), then its noisy gradient."""
     clipper = PerExampleClipper(model, loss=loss, method=method)
-    check_batch(model, loss, x_batch, y_batch)
+    x_batch, y_batch = check_batch(model, loss, x_batch, y_batch, ("x_batch", "y_batch"))
     return noisy_clipped_gradient(
         clipper,
         x_batch,

@@ -36,7 +36,11 @@ uses the rules where they apply and computes the gradients of the remaining trai
 (those held directly by layers without a rule, and those of a layer whose parameters the loss's
 autograd graph reads other than once, by the layer's last call: a layer called twice, a tied
 output head ``h @ embedding.weight.t()``) with ``vmap``, for those parameters only, and says
-which.
+which. The rules read a layer's input and output with the examples along dimension 0, one row
+each; a layer called on another layout (a batch flattened to ``(B*T, F)``, or a sequence laid
+out ``(T, B, F)``, as torch's attention and recurrent layers take it by default) falls back to
+``vmap`` too. That layout is found by running the first example alone once per clipper (a
+batch of ``B = T`` examples would hide it) and by checking every batch's shapes.
 
 .. note::
 

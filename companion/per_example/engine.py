@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from companion._outputs import MODEL_ERRORS, model_error, run_model
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
 from companion.per_example.gradients import (
@@ -169,6 +170,10 @@ def layerwise_add_clipped(
         capture = _Capture(plan.hooked, copy)
         try:
             outputs = model(x)
+        except torch.OutOfMemoryError:
+            raise
+        except MODEL_ERRORS as error:  # a batch the model cannot take: token ids out of range
+            raise model_error(x, error) from None
         finally:
             capture.remove()
         if copy or not capture.changed():
@@ -178,14 +183,18 @@ def layerwise_add_clipped(
     active, fallback, moved = [], list(plan.fallback), []
     for name, module in plan.hooked:
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        # The hook keeps a layer's last call; the rule applies if it reads every parameter once.
+        # The hook keeps a layer's last call; the rule applies if it reads every parameter once
+        # and the call's input and output have one row per example of the batch.
+        seen = capture.seen.get(module)
         if (
-            module in capture.seen
-            and capture.seen[module][1].grad_fn in nodes
+            seen is not None
+            and seen[1].grad_fn in nodes
             and all(reads[id(p)] == 1 for _, p in own)
+            and one_row_per_example(seen[0], seen[1], x.shape[0])
         ):
             active.append((name, module))  # each parameter read once in the graph: by this call
-        elif any(reads[id(p)] for _, p in own):  # read by several calls, or outside the call
+        elif any(reads[id(p)] for _, p in own):  # read by several calls, outside the call, or
+            # by a call whose rows are not the examples
             prefix = f"{name}." if name else ""
             fallback.extend(prefix + n for n, _ in own)  # a hooked layer's own: canonical names
             moved.append(repr(name))
@@ -194,8 +203,8 @@ def layerwise_add_clipped(
         warned.update(new)
         warn(
             f"layer {', '.join(new)} is called more than once or has a parameter read outside "
-            "its call: its per-example gradients are computed with vmap, which is slower; the "
-            "result is the same."
+            "its call, or its input's rows are not the batch's examples: its per-example "
+            "gradients are computed with vmap, which is slower; the result is the same."
         )
     targets = [capture.seen[m][1] for _, m in active]
     output_grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else []
@@ -214,6 +223,46 @@ def layerwise_add_clipped(
         if not entries:  # the forward pass reached no trainable layer: every gradient is 0
             return x.new_zeros(x.shape[0], dtype=model_dtype(model))
         return add_clipped(entries, max_grad_norm, into, scale)
+
+
+def one_row_per_example(a: torch.Tensor, b: torch.Tensor, batch: int) -> bool:
+    """Whether a layer's input ``a`` and output ``b`` have one row per example of a batch of
+    ``batch`` examples (dimension 0), as the rules assume: a layer called on a flattened batch
+    ``(B*T, F)``, or on a sequence laid out ``(T, B, F)``, is not."""
+    return a.dim() > 0 and b.dim() > 0 and a.shape[0] == b.shape[0] == batch
+
+
+def probe_rows(model: nn.Module, plan: LayerPlan, x1: torch.Tensor, warned: set[str]) -> LayerPlan:
+    """``plan`` with the hooked layers whose input has other than one row for the one example
+    ``x1`` moved to vmap, with a warning naming them. A batch can hide such a layer: ``B``
+    examples of ``T`` positions laid out ``(T, B, F)`` have ``B`` rows when ``B = T``. The model
+    runs in evaluation mode without gradients (no random layer draws)."""
+    capture = _Capture(plan.hooked, copy=False)
+    try:
+        run_model(model, x1)
+    finally:
+        capture.remove()
+    moved = [
+        (name, module)
+        for name, module in plan.hooked
+        if module in capture.seen and not one_row_per_example(*capture.seen[module][:2], 1)
+    ]
+    if not moved:
+        return plan
+    names = [repr(name) for name, _ in moved]
+    warned.update(names)
+    warn(
+        f"layer {', '.join(names)} is called on an input whose rows are not the batch's "
+        "examples (it has other than one row for one example): its per-example gradients are "
+        "computed with vmap, which is slower; the result is the same."
+    )
+    fallback = plan.fallback + [
+        f"{name}.{n}" if name else n
+        for name, module in moved
+        for n, p in module.named_parameters(recurse=False)
+        if p.requires_grad
+    ]
+    return LayerPlan([layer for layer in plan.hooked if layer not in moved], fallback, plan.reasons)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -260,6 +309,7 @@ class PerExampleClipper:
         self.trainable = dict(trainable_named(self.model))
         self.plan = None if self.method == "vmap" else plan_layers(self.model)
         self._warned: set[str] = set()  # layers named in a fallback warning
+        self._probed = False  # whether the first example has been run through probe_rows
         if self.plan is not None and self.plan.fallback:
             reasons = "; ".join(self.plan.reasons)
             if self.method == "layerwise":
@@ -322,6 +372,8 @@ class PerExampleClipper:
             raise ValueError(f"into lacks the trainable parameter(s) {missing}.")
         if x.shape[0] == 0:
             return x.new_zeros(0, dtype=model_dtype(self.model))
+        if self.plan is not None and not self._probed:
+            self.plan, self._probed = probe_rows(self.model, self.plan, x[:1], self._warned), True
         if self.plan is None:
             grads = vmap_gradients(self.model, self.mean_loss, x, y, list(self.trainable))
             with torch.no_grad():
@@ -358,9 +410,9 @@ def clipped_gradient_sum(
     rules of ``LAYER_RULES``, and raises ``ValueError`` naming every trainable layer without
     a rule. ``method="auto"`` uses the rules where they apply and ``vmap`` for the other layers'
     parameters only, with a warning naming them. A layer with a rule that a batch shows to be
-    called more than once, or whose parameters are read outside its call (tied weights), falls
-    back to ``vmap`` under both methods, with a warning: that is seen in the batch's autograd
-    graph, not when the model is planned.
+    called more than once, whose parameters are read outside its call (tied weights), or whose
+    input's rows are not the examples, falls back to ``vmap`` under both methods, with a
+    warning: that is seen in the batch (and the first example), not when the model is planned.
 
     Args:
         model: the model; its parameters are read, not changed.
@@ -390,7 +442,7 @@ def clipped_gradient_sum(
         (torch.Size([8]), True)
     """
     clipper = PerExampleClipper(model, loss=loss, method=method)
-    check_batch(model, loss, x, y)
+    x, y = check_batch(model, loss, x, y)
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
     result = clipper(x, y, max_grad_norm=max_grad_norm)
     return result if return_norms else result.sums

@@ -15,8 +15,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from companion import _torch
-from companion._outputs import check_outputs, run_model
-from companion._torch import LossFn, LossName, check_model, trainable_named
+from companion._outputs import check_outputs, model_error, run_model
+from companion._torch import LossFn, LossName, check_labels, check_model, trainable_named
 from companion._validation import check_positive
 
 __all__ = [
@@ -169,30 +169,32 @@ def check_method(method: object) -> str:
 
 def resolve_loss(loss: object) -> tuple[LossFn, LossFn]:
     """``(mean loss, summed loss)``; a callable's summed form is its mean times the batch size."""
+    loss = _torch.check_loss_or_callable(loss)
     if isinstance(loss, str):
-        name = _torch.check_loss(loss)
-        return _torch.loss_fn(name, "mean"), _torch.loss_fn(name, "sum")
-    if callable(loss):
-        return loss, lambda outputs, targets: loss(outputs, targets) * outputs.shape[0]
-    raise TypeError(
-        "loss must be 'cross_entropy', 'bce' or a callable (outputs, targets) -> mean loss over "
-        f"the examples, got {type(loss).__name__}."
-    )
+        return _torch.loss_fn(loss, "mean"), _torch.loss_fn(loss, "sum")
+    return loss, lambda outputs, targets: loss(outputs, targets) * outputs.shape[0]
 
 
-def check_batch(model: nn.Module, loss: LossLike, x: object, y: object) -> None:
+def check_batch(
+    model: nn.Module, loss: LossLike, x: object, y: object, names: tuple[str, str] = ("x", "y")
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensors with one example per row, which the model accepts with outputs that fit the loss
     and the labels (checked on the first examples by :func:`companion._outputs.check_outputs`, so
-    that a bad label or loss gets a message naming it)."""
+    that a bad label or loss gets a message naming it); class labels are returned as int64."""
+    name_x, name_y = names
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError("x and y must be torch tensors (see companion.training.to_tensors).")
+        raise TypeError(
+            f"{name_x} and {name_y} must be torch tensors (see companion.training.to_tensors)."
+        )
     if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
         raise ValueError(
-            f"x and y must hold the same number of examples along their first dimension, got "
-            f"shapes {tuple(x.shape)} and {tuple(y.shape)}."
+            f"{name_x} and {name_y} must hold the same number of examples along their first "
+            f"dimension, got shapes {tuple(x.shape)} and {tuple(y.shape)}."
         )
+    y = check_labels(y, loss=loss, name=name_y) if isinstance(loss, str) else y
     if x.shape[0] > 0:
         check_outputs(model, x, y, loss=loss)
+    return x, y
 
 
 # --- per-example gradients with torch.func ------------------------------------------------------
@@ -234,7 +236,7 @@ def per_example_gradients(
     """
     model = check_model(model)
     mean_loss, _ = resolve_loss(loss)
-    check_batch(model, loss, x, y)
+    x, y = check_batch(model, loss, x, y)
     names = [name for name, _ in trainable_named(model)]
     return vmap_gradients(model, mean_loss, x, y, names)
 
@@ -256,10 +258,16 @@ def vmap_gradients(
         outputs = functional_call(model, (params, frozen), (xi.unsqueeze(0),))
         return mean_loss(outputs, yi.unsqueeze(0))
 
+    # functional_call swaps tensors into the model and back; for a module that appears twice in
+    # the tree (nn.Sequential(layer, layer)) torch 2.13 swaps back the wrong ones and leaves
+    # traced tensors in the model, so each module's own tensors are restored here.
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     try:
         return vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
     except torch.OutOfMemoryError:
         raise
+    except IndexError as error:  # token ids out of range
+        raise model_error(x, error) from None
     except RuntimeError as error:
         layers = sorted({name.rpartition(".")[0] or name for name in params})
         shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
@@ -269,6 +277,10 @@ def vmap_gradients(
             "nn.LSTM in some settings; Opacus offers DPLSTM, DPGRU and DPRNN), as does a forward "
             "pass that reads a tensor's value (.item(), if on a tensor) or changes one in place."
         ) from None
+    finally:
+        for module, parameters, buffers in saved:
+            module._parameters.update(parameters)
+            module._buffers.update(buffers)
 
 
 # --- clipping -----------------------------------------------------------------------------------
@@ -353,8 +365,10 @@ Entry = tuple[str, torch.Tensor, AddTo]
 
 
 def squared_norms(per_example: torch.Tensor) -> torch.Tensor:
-    """Each example's squared L2 norm; ``vector_norm`` is much faster than ``square().sum()``."""
-    return torch.linalg.vector_norm(per_example.flatten(1), dim=1).square()
+    """Each example's squared L2 norm (``per_example`` is (B,) for a scalar parameter);
+    ``vector_norm`` is much faster than ``square().sum()``."""
+    rows = per_example.flatten(1) if per_example.dim() > 1 else per_example[:, None]
+    return torch.linalg.vector_norm(rows, dim=1).square()
 
 
 def materialised(name: str, grads: torch.Tensor) -> Entry:

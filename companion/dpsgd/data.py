@@ -1,0 +1,122 @@
+"""The data of a :func:`~companion.dpsgd.train_dpsgd` run: tensors, arrays or a Dataset, checked
+and read in Poisson batches.
+
+Part of :mod:`companion.dpsgd`; used by its training loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from companion._outputs import check_outputs, run_model
+from companion._torch import EVAL_BATCH, LossFn, check_data
+from companion.per_example import check_examples_independent
+
+__all__: list[str] = []  # RunData serves train_dpsgd; it is not part of the public API
+
+
+class RunData:
+    """The training or test data of a run, as in-memory tensors or a
+    :class:`torch.utils.data.Dataset`.
+
+    Tensors are checked whole once. A Dataset is checked as it is read: every batch (also those
+    of the evaluation after each epoch) must hold ``(input, target)`` pairs that pass
+    :func:`~companion._torch.check_data`, with labels below the model's number of outputs.
+    ``names`` are the arguments' names, for the messages.
+    """
+
+    def __init__(
+        self,
+        x: object,
+        y: object,
+        loss: str | LossFn,
+        device: torch.device,
+        names: tuple[str, str] = ("x", "y"),
+    ) -> None:
+        self.device, self.loss, self.names = device, loss, names
+        self.classes: int | None = None  # the model's outputs, for cross-entropy on a Dataset
+        if isinstance(x, DataLoader):
+            raise TypeError(
+                f"{names[0]} is a DataLoader: pass its Dataset ({names[0]}.dataset); train_dpsgd "
+                "batches it itself (training data by Poisson sampling, as its accounting assumes)."
+            )
+        if isinstance(x, Dataset):
+            if y is not None:
+                raise ValueError(
+                    f"give {names[1]} only with tensor or array inputs, not with a Dataset."
+                )
+            self.dataset: Dataset | None = x
+            self.n = len(x)  # type: ignore[arg-type]
+            if self.n == 0:
+                raise ValueError(f"the Dataset {names[0]} must hold at least one example.")
+            self.x, self.y = None, None
+        else:
+            if x is None or y is None:
+                raise ValueError(
+                    f"give {names[0]} and {names[1]} together, or {names[0]} alone as a "
+                    "torch.utils.data.Dataset."
+                )
+            self.dataset = None
+            self.x, self.y = check_data(x, y, loss=loss, names=names, device=device)
+            self.n = self.x.shape[0]
+
+    def check(self, model: nn.Module) -> None:
+        """The model's output fits the loss and the labels: all of them for tensors, those of the
+        first 256 examples of a Dataset (whose later batches are checked as they are read); and
+        it treats the first examples independently."""
+        if self.dataset is None:
+            x, y = self.x, self.y
+        else:
+            x, y = self._collate([self.dataset[i] for i in range(min(self.n, 256))])
+            x, y = x.to(self.device), y.to(self.device)
+        check_outputs(model, x, y, loss=self.loss)
+        check_examples_independent(model, x)
+        if self.dataset is not None and self.loss == "cross_entropy":
+            self.classes = run_model(model, x[:1]).shape[1]
+
+    def _collate(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked tensors ``(x, y)`` of a Dataset's ``(input, target)`` items, on the CPU."""
+        for item in items:
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                got = f"a {type(item).__name__}"
+                got += f" of length {len(item)}" if isinstance(item, tuple | list) else ""
+                raise ValueError(
+                    f"a Dataset given as {self.names[0]} must return (input, target) pairs; one "
+                    f"of its items is {got}."
+                )
+        try:
+            x, y = default_collate(items)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"the Dataset's items cannot be stacked into a batch: {error}"
+            ) from None
+        name = self.names[0]
+        names = (f"the inputs of the Dataset {name}", f"the targets of the Dataset {name}")
+        x, y = check_data(x, y, loss=self.loss, names=names)
+        if self.classes is not None and int(y.max()) >= self.classes:
+            raise ValueError(
+                f"labels must be below the model's {self.classes} outputs for "
+                f"loss='cross_entropy', got a label {int(y.max())} in the Dataset {name}."
+            )
+        return x, y
+
+    def batch(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dataset is None:
+            mask = mask.to(self.device)
+            return self.x[mask], self.y[mask]
+        index = torch.nonzero(mask).squeeze(1).tolist()
+        x, y = self._collate([self.dataset[i] for i in index or [0]])
+        if not index:  # an empty batch, shaped as the first example's
+            x, y = x[:0], y[:0]
+        return x.to(self.device), y.to(self.device)
+
+    def evaluation(self) -> tuple[torch.Tensor, torch.Tensor] | DataLoader:
+        """The data as :func:`~companion._torch.epoch_record` evaluates it: the tensors, or the
+        Dataset in batches."""
+        if self.dataset is None:
+            return self.x, self.y
+        return DataLoader(self.dataset, batch_size=EVAL_BATCH, collate_fn=self._collate)

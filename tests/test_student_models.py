@@ -1,0 +1,367 @@
+"""Models, losses and batches that students bring, found by a coursework trial to break the
+per-example clipping: each either matches the plain per-example loop of ``tests/_oracles.py``
+or gets a clear error.
+
+The loop is the oracle: one forward and one backward pass per example, clipped and summed
+(``_loop_clipped_sum``); equality is to 1e-5 relative (``_assert_same``), float32 rounding over
+a few hundred terms.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _oracles import _assert_same, _loop_clipped_sum, _most_clipped_norm
+from torch import nn
+
+from companion.accounting import DEFAULT_ORDERS, PLDAccountant, get_privacy_spent
+from companion.dpsgd import add_gaussian_noise, set_private_gradients, train_dpsgd
+from companion.per_example import PerExampleClipper, clipped_gradient_sum
+
+
+def _gen(seed=1):
+    return torch.Generator().manual_seed(seed)
+
+
+def _seeded(build, seed=0):
+    torch.manual_seed(seed)
+    return build()
+
+
+class _FlattenedBatch(nn.Module):
+    """A Linear applied to the batch flattened to (B*T, F), as a "time-distributed" layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        b, t, f = x.shape
+        return self.head(torch.tanh(self.fc(x.reshape(b * t, f))).reshape(b, t, -1).mean(1))
+
+
+class _SequenceFirst(nn.Module):
+    """Layers on the sequence laid out (T, B, F), as torch's recurrent and attention layers do
+    by default (batch_first=False); a LayerNorm and the head see the batch first."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x.transpose(0, 1)))  # (T, B, 6)
+        return self.head(self.norm(h.mean(0)))
+
+
+def _transformer():
+    """torch's encoder layer with its default batch_first=False, on (B, T, d) inputs."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(x.transpose(0, 1)).mean(0))
+
+    return Encoder()
+
+
+class _Temperature(nn.Module):
+    """A learnable scalar temperature: a 0-d parameter outside any layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.temperature = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.fc(x) / self.temperature
+
+
+def _twice_registered():
+    """One Linear registered at two places of the tree (nn.Sequential(layer, ..., layer))."""
+    layer = nn.Linear(6, 6)
+    return nn.Sequential(layer, nn.Tanh(), layer, nn.Tanh(), nn.Linear(6, 3))
+
+
+def _sequences(batch, steps=5, features=4):
+    return torch.randn(batch, steps, features, generator=_gen()) * 3
+
+
+# name -> (model builder, input builder given the batch size)
+_LAYOUTS = {
+    "flattened batch": (_FlattenedBatch, lambda b: _sequences(b)),
+    "sequence first": (_SequenceFirst, lambda b: _sequences(b)),
+    "transformer, batch_first=False": (_transformer, lambda b: _sequences(b, features=8)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of torch's attention
+@pytest.mark.parametrize("batch", [3, 5])  # 5 = T: the rows match the examples in number
+@pytest.mark.parametrize("name", sorted(_LAYOUTS))
+def test_layers_whose_rows_are_not_the_examples_match_the_loop(name, batch):
+    """The rules read dimension 0 as the examples. A layer that sees another layout falls back to
+    vmap, also when the batch has as many examples as the sequence has positions (B = T = 5),
+    which a shape check on the batch cannot see; the loop is the oracle."""
+    build, inputs = _LAYOUTS[name]
+    model, x = _seeded(build), inputs(batch)
+    y = torch.randint(0, 3, (batch,), generator=_gen(2))
+    _, norms = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
+    c = _most_clipped_norm(norms)
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, c)
+    with pytest.warns(UserWarning, match="rows are not the batch's examples"):
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c)
+    _assert_same(sums, expected)
+
+
+def test_negative_control_the_rules_on_the_flattened_rows_would_clip_each_row():
+    """What the fallback prevents: clipping the 5 rows of one example separately lets the
+    example move the sum by up to 5 C. The loop over the rows of x[:1], each clipped to C, gives
+    a sum of norm above C, which the clipped sum of one example can never have."""
+    model, x = _seeded(_FlattenedBatch), _sequences(1) * 10
+    y = torch.tensor([0])
+    rows = x.reshape(5, 1, 4)  # each position as its own "example"
+    row_sums, _ = _loop_clipped_sum(model, "cross_entropy", rows, y.repeat(5), 0.01)
+    assert _norm(row_sums) > 0.01 * 1.5
+    with pytest.warns(UserWarning, match="rows are not the batch's examples"):
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.01)
+    assert _norm(sums) <= 0.01 * (1 + 1e-6)
+
+
+def _norm(sums):
+    return float(torch.linalg.vector_norm(torch.cat([s.flatten() for s in sums.values()])))
+
+
+def test_a_clipper_moves_such_a_layer_once_and_names_it_once():
+    """The first batch already has B = T, so only the clipper's probe with one example can see
+    the layout; later batches reuse the plan without a second warning."""
+    model, x = _seeded(_SequenceFirst), _sequences(5)
+    y = torch.randint(0, 3, (5,), generator=_gen(2))
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    with pytest.warns(UserWarning, match="layer 'fc' is called on an input whose rows") as caught:
+        first = clipper(x, y, max_grad_norm=0.5)
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = clipper(x, y, max_grad_norm=0.5)
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    _assert_same(first.sums, expected)
+    _assert_same(second.sums, expected)
+
+
+class _LayoutBySize(_SequenceFirst):
+    """Sequence-first only for batches of more than one example, so the clipper's probe with one
+    example sees nothing; every batch's shapes are checked as well."""
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            return self.head(self.norm(torch.tanh(self.fc(x)).mean(1)))
+        return super().forward(x)
+
+
+def test_a_batch_whose_rows_are_not_the_examples_falls_back_although_the_probe_passed():
+    model, x = _seeded(_LayoutBySize), _sequences(3)
+    y = torch.randint(0, 3, (3,), generator=_gen(2))
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with pytest.warns(UserWarning, match="its input's rows are not the batch's examples"):
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
+    _assert_same(sums, expected)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_a_module_registered_twice_keeps_its_parameters(method):
+    """torch.func.functional_call swaps the wrong tensors back into a module that appears twice
+    in the tree; the model must come back with its own Parameters, which then get gradients."""
+    model = _seeded(_twice_registered)
+    weight = model[0].weight
+    x, y = torch.randn(7, 6, generator=_gen()), torch.randint(0, 3, (7,), generator=_gen(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the layer falls back to vmap, with a warning
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5, method=method)
+    assert model[0].weight is weight and model[2].weight is weight
+    assert isinstance(model[0].weight, nn.Parameter)
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    _assert_same(sums, expected)
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert weight.grad is not None and float(weight.grad.abs().sum()) > 0
+
+
+def test_a_scalar_parameter_matches_the_loop_and_trains():
+    model, x = _seeded(_Temperature), torch.randn(9, 4, generator=_gen())
+    y = torch.randint(0, 3, (9,), generator=_gen(2))
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.05)
+    for method in ("auto", "vmap"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the temperature is computed with vmap
+            sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.05,
+                                        method=method)  # fmt: skip
+        _assert_same(sums, expected)
+    before = model.temperature.item()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_dpsgd(model, x, y, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                    epochs=1, lr=0.5, delta=1e-3, seed=0)  # fmt: skip
+    assert model.temperature.item() != before
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0])),
+        nn.CrossEntropyLoss(ignore_index=2),
+    ],
+    ids=["class weights", "ignore_index"],
+)
+def test_a_weighted_mean_loss_is_refused_on_data_sorted_by_class(loss):
+    """Torch divides these losses by the batch's total weight, which depends on the other
+    examples' labels, so no per-example gradient exists. On the first examples, all of one class,
+    the weighted mean equals the plain mean; the check must look at other labels too."""
+    model = _seeded(lambda: nn.Linear(4, 3))
+    x, y = torch.randn(40, 4, generator=_gen()), torch.arange(40) // 14  # sorted by class
+    with pytest.raises(ValueError, match="weighted mean"):
+        clipped_gradient_sum(model, loss, x, y, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="weighted mean"):
+        train_dpsgd(model, x, y, loss=loss, noise_multiplier=1.0, max_grad_norm=1.0,
+                    sample_rate=0.5, epochs=1, lr=0.1, delta=1e-3, seed=0)  # fmt: skip
+    # positive control: the unweighted loss on the same data passes
+    clipped_gradient_sum(model, nn.CrossEntropyLoss(), x, y, max_grad_norm=1.0)
+
+
+def _step(model, x, y):
+    return set_private_gradients(
+        model, x, y, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4.0,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+
+
+def test_the_lower_level_step_takes_int32_labels_and_explains_bad_ones():
+    model = _seeded(lambda: nn.Linear(4, 3))
+    x, y = torch.randn(4, 4, generator=_gen()), torch.tensor([0, 2, 1, 2])
+    _step(model, x, y)
+    expected = [p.grad.clone() for p in model.parameters()]
+    _step(model, x, y.int())
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="y_batch must hold integer class labels"):
+        _step(model, x, y.float())
+    with pytest.raises(ValueError, match="y_batch must hold class labels >= 0"):
+        _step(model, x, torch.tensor([0, -1, 1, 2]))
+    with pytest.raises(ValueError, match="labels must be below the model's 3 outputs"):
+        _step(model, x, torch.tensor([0, 3, 1, 2]))
+
+
+class _Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.embed(x).mean(1))
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_a_token_id_out_of_range_in_a_later_row_gets_a_clear_error(method):
+    """The model is checked on a few examples before training; a bad id further on is met in a
+    batch, and must get the same kind of message, not torch's IndexError."""
+    x = torch.randint(0, 10, (100, 5), generator=_gen())
+    x[50, 2] = 10
+    y = torch.randint(0, 2, (100,), generator=_gen(2))
+    with pytest.raises(ValueError, match="token ids are below the Embedding's num_embeddings"):
+        train_dpsgd(_seeded(_Bag), x, y, noise_multiplier=1.0, max_grad_norm=1.0, method=method,
+                    sample_rate=0.5, epochs=1, lr=0.1, delta=1e-3, seed=0)  # fmt: skip
+
+
+def _train(model=None, **kwargs):
+    x = torch.randn(40, 4, generator=_gen())
+    y = torch.randint(0, 2, (40,), generator=_gen(2))
+    arguments = dict(max_grad_norm=1.0, sample_rate=0.5, epochs=1, delta=1e-5, seed=0)
+    if "optimizer" not in kwargs:
+        arguments["lr"] = 0.1
+    if "target_epsilon" not in kwargs:
+        arguments["noise_multiplier"] = 1.0
+    model = _seeded(lambda: nn.Linear(4, 2)) if model is None else model
+    return train_dpsgd(model, x, y, **(arguments | kwargs))
+
+
+def test_a_huge_target_with_a_pld_accountant_is_met_not_refused():
+    """Below some noise the PLD grid cannot hold a step's privacy loss; such candidates count as
+    missing the target, as in get_noise_multiplier, instead of ending the run."""
+    history = _train(
+        target_epsilon=1e4, accountant=PLDAccountant(value_discretization_interval=0.01)
+    )
+    assert history[-1]["epsilon"] <= 1e4
+
+
+def test_a_target_below_the_rdp_floor_names_the_floor():
+    """RDP converts to (epsilon, delta) with a floor that no noise removes; the oracle is the
+    conversion of zero RDP (what infinite noise gives), computed here by get_privacy_spent."""
+    floor, _ = get_privacy_spent(
+        orders=DEFAULT_ORDERS, rdp=np.zeros(len(DEFAULT_ORDERS)), delta=1e-5
+    )
+    with pytest.raises(ValueError, match="cannot be reached") as caught:
+        _train(target_epsilon=floor / 2)
+    reported = float(str(caught.value).split("gives epsilon=")[1].split(" ")[0])
+    assert reported == pytest.approx(floor, rel=1e-3)  # 4 digits printed
+    assert "conversion to (epsilon, delta)" in str(caught.value)
+
+
+def test_a_loss_class_instead_of_an_instance_is_named():
+    for call in (
+        lambda: _train(loss=nn.CrossEntropyLoss),
+        lambda: clipped_gradient_sum(
+            nn.Linear(4, 2),
+            nn.CrossEntropyLoss,
+            torch.zeros(2, 4),
+            torch.tensor([0, 1]),
+            max_grad_norm=1.0,
+        ),  # fmt: skip
+    ):
+        with pytest.raises(TypeError, match=r"class CrossEntropyLoss; pass an instance"):
+            call()
+
+
+def test_an_optimizer_that_needs_a_closure_is_refused():
+    model = _seeded(lambda: nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="LBFGS needs a closure"):
+        _train(model, optimizer=torch.optim.LBFGS(model.parameters()))
+    _train(model, optimizer=torch.optim.Adam(model.parameters()))  # control: Adam is taken
+
+
+def test_an_opacus_accountant_is_named_with_its_module():
+    opacus_accountants = pytest.importorskip("opacus.accountants")
+    with pytest.raises(TypeError, match=r"got opacus\.accountants\.rdp\.RDPAccountant\."):
+        _train(accountant=opacus_accountants.RDPAccountant())
+
+
+def test_the_documented_recipe_for_a_batch_split_into_parts_equals_one_step():
+    """companion.dpsgd's docstring tells Opacus users without BatchMemoryManager to add up
+    clipped_gradient_sum over the parts of a batch, add the noise once with add_gaussian_noise
+    (std sigma C) and divide by expected_batch_size. With the same generator seed that is the
+    gradient set_private_gradients writes for the whole batch (the same normal draws, in the
+    same order; float32 rounding of a different summation order apart)."""
+    model = _seeded(lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)))
+    x, y = torch.randn(12, 4, generator=_gen()), torch.randint(0, 3, (12,), generator=_gen(2))
+    sigma, c, m = 0.7, 0.5, 10.0
+    set_private_gradients(model, x, y, noise_multiplier=sigma, max_grad_norm=c,
+                          expected_batch_size=m, generator=_gen(5))  # fmt: skip
+    whole = {name: p.grad.clone() for name, p in model.named_parameters()}
+    parts = [clipped_gradient_sum(model, "cross_entropy", x[i : i + 4], y[i : i + 4],
+                                  max_grad_norm=c) for i in (0, 4, 8)]  # fmt: skip
+    total = {name: sum(part[name] for part in parts) for name in whole}
+    add_gaussian_noise(total, std=sigma * c, generator=_gen(5))
+    _assert_same({name: t / m for name, t in total.items()}, whole)
+    # negative control: noising each part, as three calls of set_private_gradients would
+    noisy_parts = [{k: v.clone() for k, v in part.items()} for part in parts]
+    for part in noisy_parts:
+        add_gaussian_noise(part, std=sigma * c, generator=_gen(5))
+    tripled = {name: sum(part[name] for part in noisy_parts) / m for name in whole}
+    assert not all(torch.allclose(tripled[k], whole[k], rtol=1e-3) for k in whole)
