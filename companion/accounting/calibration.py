@@ -85,7 +85,8 @@ def get_noise_multiplier(
             ``accountant="rdp"``).
         epsilon_tolerance: > 0, how far below the target the returned sigma's epsilon may be.
         accountant: ``"rdp"`` (the default, as before) or ``"pld"``: which accountant's epsilon
-            must meet the target.
+            must meet the target. Opacus's ``"prv"`` has no separate name here: its PRV
+            accountant and ``"pld"`` discretise the same privacy-loss distribution.
 
     Returns:
         The noise multiplier :math:`\sigma`.
@@ -93,7 +94,8 @@ def get_noise_multiplier(
     Raises:
         TypeError: if an argument is of the wrong kind (``accountant`` not a string, say).
         ValueError: if an argument is out of range, not exactly one of ``steps`` and ``epochs``
-            is given, ``accountant`` is not ``"rdp"`` or ``"pld"``,
+            is given, ``accountant`` is not ``"rdp"`` or ``"pld"`` (for ``"prv"`` the message
+            points to ``"pld"``),
             or the target cannot be reached (below the floor above, or needing a noise multiplier
             above :math:`10^6`).
 
@@ -124,7 +126,13 @@ def get_noise_multiplier(
     if not isinstance(accountant, str):
         raise TypeError(f"accountant must be a string, got {type(accountant).__name__}.")
     if accountant not in ("rdp", "pld"):
-        raise ValueError(f'accountant must be "rdp" or "pld", got {accountant!r}.')
+        hint = ""
+        if accountant.lower() == "prv":
+            hint = (
+                " Opacus's PRV accountant and the PLD accountant discretise the same privacy-loss"
+                ' distribution: use accountant="pld".'
+            )
+        raise ValueError(f'accountant must be "rdp" or "pld", got {accountant!r}.{hint}')
 
     floor, _ = get_privacy_spent(
         orders=order_array, rdp=np.zeros_like(order_array), delta=target_delta

@@ -55,13 +55,12 @@ post-processing). Quantities computed from the raw data outside the mechanism, s
 training accuracy that :func:`train_dpsgd` records for the reader, are not covered.
 
 The clipped sum is computed by :mod:`companion.per_example` (per-layer rules with hooks on any
-module tree; ``vmap`` for layers without a rule, and for layers a batch shows to be called more
-than once or to share a parameter). The step's phases are public, so the code the
-book prints is the code that runs: :func:`poisson_sample`, :func:`add_gaussian_noise`,
-:func:`noisy_clipped_gradient` (the heart of a step), :func:`set_private_gradients` (its result
-written into ``.grad``:
-write your own loop with any :class:`torch.optim.Optimizer`), :func:`dp_sgd_step` and the loop
-:func:`train_dpsgd`.
+module tree; ``vmap`` for layers without a rule, for layers a batch shows to be called more
+than once or to share a parameter, and for layers whose input does not hold one row per
+example). The step's phases are public, so the code the book prints is the code that runs:
+:func:`poisson_sample`, :func:`add_gaussian_noise`, :func:`noisy_clipped_gradient` (the heart of
+a step), :func:`set_private_gradients` (its result written into ``.grad``: write your own loop
+with any :class:`torch.optim.Optimizer`), :func:`dp_sgd_step` and the loop :func:`train_dpsgd`.
 
 See the DP-SGD chapter, :ref:`sec-dpsgd-algorithm`, for the derivation and runs.
 
@@ -73,12 +72,35 @@ See the DP-SGD chapter, :ref:`sec-dpsgd-algorithm`, for the derivation and runs.
     Significant Bits for Differential Privacy"). For real deployments use Opacus
     (https://opacus.ai), which has a secure random mode, validates models more thoroughly and is
     maintained for production. The keyword names here follow Opacus where Opacus has the idea
-    (``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``target_epsilon``, ``epochs``),
-    with these differences: ``delta`` is both the delta that epsilon is reported at and
-    Opacus's ``target_delta``; ``accountant`` is an accountant object, not a name; ``seed``
-    seeds the run's generator (Opacus takes a ``noise_generator``); sampling is always Poisson;
-    and ``epochs`` means ``epochs * round(1/q)`` steps, where Opacus's
-    ``get_noise_multiplier`` takes ``int(epochs / q)``.
+    (``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``target_epsilon``, ``epochs``).
+    The differences, for a port in either direction:
+
+    - ``delta`` is both the delta that epsilon is reported at and Opacus's ``target_delta``.
+    - ``accountant`` is an accountant object, not a name. The name that
+      :func:`companion.accounting.get_noise_multiplier` takes is ``"rdp"`` or ``"pld"``; use
+      ``"pld"`` where Opacus has ``"prv"`` (both discretise the privacy-loss distribution).
+      Its ``orders`` are Opacus's ``alphas``.
+    - ``seed`` seeds the run's generator (Opacus takes a ``noise_generator``).
+    - ``method`` (``"auto"``, ``"vmap"``, ``"layerwise"``) plays the role of Opacus's
+      ``grad_sample_mode`` (``"hooks"``, ``"functorch"``, ``"ghost"``, ...).
+    - ``expected_batch_size`` defaults to ``sample_rate * N``; Opacus uses ``int(N * q)``.
+    - ``epochs`` means ``epochs * round(1/q)`` steps, where Opacus's ``get_noise_multiplier``
+      takes ``int(epochs / q)``.
+
+    Opacus options with no counterpart here, and what to do instead:
+
+    - per-layer or adaptive clipping (``clipping="per_layer"``, ``"adaptive"``): clipping here
+      is flat, one norm over all parameters at once;
+    - ``loss_reduction="sum"``: a callable ``loss`` must return the mean over the examples; a
+      loss that sums is refused;
+    - ``poisson_sampling=False``: sampling is always Poisson, because the accountant assumes it;
+    - ``BatchMemoryManager``: the whole Poisson batch is processed at once. Lower
+      ``sample_rate``, or split a large batch yourself: add up
+      :func:`~companion.per_example.clipped_gradient_sum` over its parts, add the noise once
+      (:func:`add_gaussian_noise`, standard deviation :math:`\sigma C`) and divide by
+      ``expected_batch_size``. (:func:`set_private_gradients` adds fresh noise at every call,
+      so it cannot be called on the parts.)
+    - ``secure_mode``: none; the noise is not cryptographically secure (see above).
 """
 
 from companion.dpsgd.loop import train_dpsgd
