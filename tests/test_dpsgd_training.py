@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _oracles import _assert_same, _loop_clipped_sum, _most_clipped_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -38,6 +39,7 @@ Q = 0.125
 X = torch.tensor(DIGITS.x_train[:N], dtype=torch.float64)
 Y = torch.tensor(DIGITS.y_train[:N])
 DELTA = 1e-4
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
 
 
 def _model(seed=1):
@@ -120,6 +122,70 @@ def test_continuing_an_accountant_with_the_same_seed_draws_new_batches_and_noise
     assert torch.equal(_flat(continued), _flat(again))
 
 
+def test_three_continued_calls_with_one_seed_draw_three_different_noises():
+    """Three calls with seed 5 continuing one accountant: each call's generator is seeded from
+    the seed and the steps the accountant already holds (0, 16, 32), so no call replays another's
+    batches and noise, the third the second's included. With sigma = 100 a call's update is
+    almost all noise: lr / (qN) times the sum over its 16 steps of sigma C z, of norm about
+    sigma C sqrt(16 d) = 10,200 C (d = 650), against at most 16 |B| C, about 320 C for batches
+    of 20, for the clipped gradients (3%). Independent noises have a correlation of about
+    N(0, 1 / d), below 5 / sqrt(d) = 0.2 with probability 1 - 6e-7; add 2 x 3% for the
+    gradients and the bound is 0.26. A replayed noise gives a correlation near 1 (1.000 when
+    the third call reused the second's seed; 0.86 to 0.95 with no noise added at all)."""
+    accountant, model, updates = RDPAccountant(), _model(), []
+    for _ in range(3):
+        before = _flat(model)
+        _run(model=model, seed=5, accountant=accountant, noise_multiplier=100.0, lr=0.01)
+        updates.append(_flat(model) - before)
+    assert len(accountant) == 3 * 16
+    unit = torch.stack(updates)
+    unit = unit / unit.norm(dim=1, keepdim=True)
+    correlations = unit @ unit.T
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert abs(float(correlations[i, j])) < 0.26, (i, j)
+
+
+def test_a_continued_pld_accountant_reports_the_epsilon_of_one_long_run():
+    """Two calls (2 then 3 epochs, sigma 1) continuing one PLDAccountant report the epsilon of
+    a fresh PLDAccountant stepped 40 times (the same compressed history, so the same number),
+    and dp_accounting's PLD of 40 Poisson-sampled Gaussian steps to the discretisation (1e-3)."""
+    dp_accounting = pytest.importorskip("dp_accounting")
+    accountant = PLDAccountant()
+    _, first = _run(epochs=2, accountant=accountant)
+    _, history = _run(epochs=3, accountant=accountant, seed=1)
+    fresh = PLDAccountant()
+    for _ in range(5 * 8):
+        fresh.step(noise_multiplier=1.0, sample_rate=Q)
+    assert accountant.history == ((1.0, Q, 40),)
+    assert history[-1]["epsilon"] == pytest.approx(fresh.get_epsilon(DELTA), rel=1e-12)
+    reference = dp_accounting.pld.PLDAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(1.0))
+    reference.compose(dp_accounting.SelfComposedDpEvent(event, 5 * 8))
+    assert history[-1]["epsilon"] == pytest.approx(reference.get_epsilon(DELTA), abs=1e-3)
+    assert first[-1]["epsilon"] < history[-1]["epsilon"]
+
+
+def test_a_target_epsilon_on_a_continued_pld_accountant_is_not_exceeded():
+    """16 steps at sigma 1 spend epsilon 3.24 under PLD; a second call targets a total of 4 in
+    8 more steps. Its sigma brings the total within 1% of the target (the documented
+    calibration) and not above it, by companion's PLD and by dp_accounting's for the two kinds
+    of steps composed (to the discretisation, 1e-3)."""
+    dp_accounting = pytest.importorskip("dp_accounting")
+    accountant = PLDAccountant()
+    _run(epochs=2, accountant=accountant)
+    _, history = _run(
+        target_epsilon=4.0, noise_multiplier=None, accountant=accountant, epochs=1, seed=1
+    )
+    sigma = history[-1]["noise_multiplier"]
+    assert accountant.history == ((1.0, Q, 16), (sigma, Q, 8))
+    assert 0.99 * 4.0 <= history[-1]["epsilon"] <= 4.0
+    reference = dp_accounting.pld.PLDAccountant()
+    for noise, steps in ((1.0, 16), (sigma, 8)):
+        event = dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(noise))
+        reference.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    assert 0.99 * 4.0 - 1e-3 <= reference.get_epsilon(DELTA) <= 4.0 + 1e-3
+
+
 @pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
 def test_target_epsilon_is_reached_within_two_percent_and_never_exceeded(target):
     _, history = _run(target_epsilon=target, noise_multiplier=None, epochs=4)
@@ -172,6 +238,48 @@ def test_the_same_hyperparameters_given_to_opacus_give_the_same_epsilon():
             optimizer.step()
     assert engine.accountant.history[0][2] == steps_for_epochs(epochs=epochs, sample_rate=Q)
     assert history[-1]["epsilon"] == pytest.approx(engine.get_epsilon(DELTA), rel=1e-6)
+
+
+def _scaled_cross_entropy(outputs, targets):
+    return 1e-3 * nn.functional.cross_entropy(outputs, targets)
+
+
+def test_one_noiseless_step_gives_the_gradient_of_opacus_dpoptimizer():
+    """The port, step by step: on one batch of 24 digits with noise_multiplier 0, the gradient
+    set_private_gradients writes into .grad is the one Opacus's DPOptimizer (on a
+    GradSampleModule) leaves in .grad after pre_step: the clipped per-example gradients, each
+    scaled by min(1, C / (norm + 1e-6)), summed and divided by expected_batch_size (30, not the
+    24 of the batch). Float64, so the two agree to rounding; 1e-5 relative leaves a wide margin.
+    C is the 20% quantile of the loop's norms, so 80% of the examples are clipped and 20% not.
+    The loss is cross-entropy times 1e-3, so the norms are about 3e-3 and the 1e-6 in the
+    factor shows at 3e-4 relative (a constant of 1e-4 there would be 3% off)."""
+    pytest.importorskip("opacus")
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    x, y = X[:24], Y[:24]
+    ours = models.mlp(seed=1).double()
+    theirs = GradSampleModule(models.mlp(seed=1).double(), loss_reduction="mean")
+    _, norms = _loop_clipped_sum(ours, _scaled_cross_entropy, x, y, 1.0)
+    max_grad_norm = _most_clipped_norm(norms)
+    assert 0 < int((norms <= max_grad_norm).sum()) < 24 and float(norms.max()) < 1e-2
+    set_private_gradients(
+        ours, x, y, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=30.0,
+        generator=torch.Generator().manual_seed(0), loss=_scaled_cross_entropy,
+    )  # fmt: skip
+    optimizer = DPOptimizer(
+        torch.optim.SGD(theirs.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=30,
+    )
+    optimizer.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus's and torch's notes about backward hooks
+        _scaled_cross_entropy(theirs(x), y).backward()
+    optimizer.pre_step()
+    expected = {name: p.grad for name, p in theirs._module.named_parameters()}
+    _assert_same({name: p.grad for name, p in ours.named_parameters()}, expected)
 
 
 # --- optimizers, losses, data, normaliser -------------------------------------------------------
@@ -315,15 +423,17 @@ def test_the_normaliser_is_a_public_argument():
     assert not torch.allclose(_flat(a), _flat(c))
 
 
-def test_runs_on_the_models_device_cpu():
-    model, history = _run(model=_model().to("cpu"))
-    assert all(p.device.type == "cpu" for p in model.parameters())
-    assert len(history) == 2
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
-def test_runs_on_the_models_device_gpu():
-    model = models.mlp(seed=0).to("cuda")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_runs_on_the_models_device(device):
+    """numpy data given with a model on ``device``: the data, the batches and the generator of
+    the batches and noise must be put on the model's device (a run that kept any of them on the
+    CPU fails on cuda, where the model cannot take CPU inputs). The run must also train: the
+    training accuracy must exceed 0.5, against about 0.1 for guessing on the 1,347 balanced
+    digits (standard deviation 0.008); on the CPU, seeds 0 to 4 give 0.72 to 0.79 (a GPU draws
+    other numbers from the same seed). On the CPU this checks the test itself, since a
+    train_dpsgd that ignored the model's device would run there too: only the cuda case, where a
+    GPU exists, can catch that."""
+    model = models.mlp(seed=0).to(device)
     history = train_dpsgd(
         model,
         DIGITS.x_train,
@@ -336,8 +446,10 @@ def test_runs_on_the_models_device_gpu():
         delta=1e-5,
         seed=0,
     )
-    assert all(p.device.type == "cuda" for p in model.parameters())
-    assert history[-1]["train_accuracy"] > 0.3
+    assert all(p.device.type == device for p in model.parameters())
+    assert history[-1]["steps"] == 20
+    assert history[-1]["epsilon"] == pytest.approx(_rdp_epsilon(1.0, 20, q=0.1, delta=1e-5))
+    assert history[-1]["train_accuracy"] > 0.5
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -382,8 +494,81 @@ def test_bad_arguments(overrides, error, message):
 def test_labels_out_of_range_and_mismatched_outputs_are_explained():
     with pytest.raises(ValueError, match="labels must be below the model's 10 outputs"):
         _run(y=Y + 10)
+    # the boundary: one label equal to the number of outputs (10 for 10), in tensors, in the
+    # first 256 items of a Dataset (checked before training) and in a later one (as it is read)
+    at_10 = torch.cat([Y[:-1], torch.tensor([10])])
+    message = "labels must be below the model's 10 outputs .*got a label 10"
+    with pytest.raises(ValueError, match=message):
+        _run(y=at_10)
+    with pytest.raises(ValueError, match=message):
+        _run(x=TensorDataset(X, at_10), y=None)
+    with pytest.raises(ValueError, match=f"{message} in the Dataset x"):
+        _run(x=_late_bad_label(10), y=None, sample_rate=1.0)
     with pytest.raises(ValueError, match="loss='bce' needs one output logit"):
         _run(y=(Y > 4).long(), loss="bce")
+
+
+class _OneRowForTheBatch(nn.Module):
+    """The mean of the batch's logits: one row of shape (1, 10) whatever the batch's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = _model()
+
+    def forward(self, x):
+        return self.lin(x).mean(dim=0, keepdim=True)
+
+
+class _ThreeDimensional(nn.Module):
+    """Logits of shape (N, 5, 2): the shape of a per-position classifier, not (N, n_classes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = _model()
+
+    def forward(self, x):
+        return self.lin(x).reshape(-1, 5, 2)
+
+
+class _Summed(nn.Module):
+    """A 0-d output: the sum of the batch's logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = _model()
+
+    def forward(self, x):
+        return self.lin(x).sum()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            _OneRowForTheBatch,
+            r"model must return one row of outputs per example: \d+ examples gave outputs of "
+            r"shape \(1, 10\)",
+        ),
+        (
+            _Summed,
+            r"model must return one row of outputs per example: \d+ examples gave outputs of "
+            r"shape \(\)",
+        ),
+        (
+            _ThreeDimensional,
+            r"loss='cross_entropy' needs model outputs of shape \(N, n_classes\), got "
+            r"\(1, 5, 2\) for one example",
+        ),
+    ],
+)
+def test_outputs_that_are_not_one_row_of_logits_per_example_are_explained(model, message):
+    """The output checks run on a few examples, before training and before any gradient.
+    Without them, the first model was refused as one that mixes examples, the 0-d output got a
+    torch IndexError, and the third a message about labels above its 5 "outputs"."""
+    with pytest.raises(ValueError, match=message):
+        _run(model=model())
+    with pytest.raises(ValueError, match=message):
+        clipped_gradient_sum(model(), "cross_entropy", X[:24], Y[:24], max_grad_norm=1.0)
 
 
 class _CentredOverTheBatch(nn.Module):
@@ -454,11 +639,11 @@ class _Triples(torch.utils.data.Dataset):
         return X[i], Y[i], i
 
 
-def _late_bad_label():
-    """Labels in range for the first 256 examples (checked before training), then one of 12."""
+def _late_bad_label(label=12):
+    """Labels in range for the first 256 examples (checked before training), then ``label``."""
     x = torch.cat([X, X])[:300]
     y = torch.cat([Y, Y])[:300].clone()
-    y[280] = 12
+    y[280] = label
     return TensorDataset(x, y)
 
 
