@@ -17,7 +17,7 @@ import torch
 from _oracles import _assert_same, _loop_clipped_sum, _most_clipped_norm
 from torch import nn
 
-from companion.accounting import DEFAULT_ORDERS, PLDAccountant, get_privacy_spent
+from companion.accounting import DEFAULT_ORDERS, PLDAccountant
 from companion.dpsgd import add_gaussian_noise, set_private_gradients, train_dpsgd
 from companion.per_example import PerExampleClipper, clipped_gradient_sum
 
@@ -100,17 +100,20 @@ def _sequences(batch, steps=5, features=4):
 _LAYOUTS = {
     "flattened batch": (_FlattenedBatch, lambda b: _sequences(b)),
     "sequence first": (_SequenceFirst, lambda b: _sequences(b)),
+    "sequence first, 2 positions": (_SequenceFirst, lambda b: _sequences(b, steps=2)),
+    "sequence first, 3 positions": (_SequenceFirst, lambda b: _sequences(b, steps=3)),
     "transformer, batch_first=False": (_transformer, lambda b: _sequences(b, features=8)),
 }
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of torch's attention
-@pytest.mark.parametrize("batch", [3, 5])  # 5 = T: the rows match the examples in number
+@pytest.mark.parametrize("batch", [2, 3, 5])  # B = T: the rows match the examples in number
 @pytest.mark.parametrize("name", sorted(_LAYOUTS))
 def test_layers_whose_rows_are_not_the_examples_match_the_loop(name, batch):
     """The rules read dimension 0 as the examples. A layer that sees another layout falls back to
-    vmap, also when the batch has as many examples as the sequence has positions (B = T = 5),
-    which a shape check on the batch cannot see; the loop is the oracle."""
+    vmap, also when the batch has as many examples as the sequence has positions (B = T), which
+    a shape check on the batch cannot see (the probe's two and three copies of one example
+    cover T = 2 and T = 3); the loop is the oracle."""
     build, inputs = _LAYOUTS[name]
     model, x = _seeded(build), inputs(batch)
     y = torch.randint(0, 3, (batch,), generator=_gen(2))
@@ -124,8 +127,9 @@ def test_layers_whose_rows_are_not_the_examples_match_the_loop(name, batch):
 
 def test_negative_control_the_rules_on_the_flattened_rows_would_clip_each_row():
     """What the fallback prevents: clipping the 5 rows of one example separately lets the
-    example move the sum by up to 5 C. The loop over the rows of x[:1], each clipped to C, gives
-    a sum of norm above C, which the clipped sum of one example can never have."""
+    example move the sum by up to 5 C. The first assertion checks the data (the rows clipped one
+    by one give a sum of norm above 1.5 C), so that the second, on companion, can fail: the
+    clipped sum of one example has norm at most C."""
     model, x = _seeded(_FlattenedBatch), _sequences(1) * 10
     y = torch.tensor([0])
     rows = x.reshape(5, 1, 4)  # each position as its own "example"
@@ -158,20 +162,75 @@ def test_a_clipper_moves_such_a_layer_once_and_names_it_once():
 
 
 class _LayoutBySize(_SequenceFirst):
-    """Sequence-first only for batches of more than one example, so the clipper's probe with one
-    example sees nothing; every batch's shapes are checked as well."""
+    """Sequence-first only for batches of more than three examples, so the clipper's probe (with
+    two and three copies of one example) sees nothing; every batch's shapes are checked too."""
 
     def forward(self, x):
-        if x.shape[0] == 1:
+        if x.shape[0] <= 3:
             return self.head(self.norm(torch.tanh(self.fc(x)).mean(1)))
         return super().forward(x)
 
 
 def test_a_batch_whose_rows_are_not_the_examples_falls_back_although_the_probe_passed():
-    model, x = _seeded(_LayoutBySize), _sequences(3)
-    y = torch.randint(0, 3, (3,), generator=_gen(2))
+    model, x = _seeded(_LayoutBySize), _sequences(4)  # 4 examples of 5 positions
+    y = torch.randint(0, 3, (4,), generator=_gen(2))
     expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
     with pytest.warns(UserWarning, match="its input's rows are not the batch's examples"):
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
+    _assert_same(sums, expected)
+
+
+class _PositionalEmbedding(nn.Module):
+    """Token and position embeddings: the position table is read with arange(T), one row per
+    position for the whole batch, whatever the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(10, 4)
+        self.positions = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head((self.tokens(x) + self.positions(torch.arange(x.shape[1]))).mean(1))
+
+
+def test_a_position_table_read_once_per_batch_matches_the_loop_when_b_equals_t():
+    """With B = T = 5 the position Embedding's input has B rows, as if each were an example's;
+    only the probe can tell."""
+    model = _seeded(_PositionalEmbedding)
+    x, y = torch.randint(0, 10, (5, 5), generator=_gen()), torch.tensor([0, 1, 1, 0, 1])
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with pytest.warns(UserWarning, match="layer 'positions' is called on an input whose rows"):
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
+    _assert_same(sums, expected)
+
+
+class _Squeezed(nn.Module):
+    """A common student CNN: pool to (B, C, 1, 1), then .squeeze(), which also drops the batch
+    dimension of a batch of one."""
+
+    def __init__(self, squeeze=True):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 3)
+        self.squeeze = squeeze
+
+    def forward(self, x):
+        pooled = torch.relu(self.conv(x)).mean((2, 3), keepdim=True)
+        return self.fc(pooled.squeeze() if self.squeeze else pooled.flatten(1))
+
+
+def test_a_forward_pass_with_squeeze_keeps_the_rules():
+    """The probe runs copies of one example, never one alone, so .squeeze() keeps the batch
+    dimension and the layers keep their rules: no warning, the loop's result. (The loop feeds
+    one example at a time, so it runs the same weights with .flatten(1) instead.)"""
+    model = _seeded(_Squeezed)
+    x, y = torch.randn(6, 1, 6, 6, generator=_gen()), torch.randint(0, 3, (6,), generator=_gen(2))
+    twin = _Squeezed(squeeze=False)
+    twin.load_state_dict(model.state_dict())
+    expected, _ = _loop_clipped_sum(twin, "cross_entropy", x, y, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
     _assert_same(sums, expected)
 
@@ -294,19 +353,25 @@ def _train(model=None, **kwargs):
 
 def test_a_huge_target_with_a_pld_accountant_is_met_not_refused():
     """Below some noise the PLD grid cannot hold a step's privacy loss; such candidates count as
-    missing the target, as in get_noise_multiplier, instead of ending the run."""
+    missing the target, as in get_noise_multiplier, instead of ending the run. The search then
+    ends at the grid's edge: 1% less noise no longer fits (the bracket stops at 0.1%)."""
     history = _train(
         target_epsilon=1e4, accountant=PLDAccountant(value_discretization_interval=0.01)
     )
     assert history[-1]["epsilon"] <= 1e4
+    accountant = PLDAccountant(value_discretization_interval=0.01)
+    for _ in range(history[-1]["steps"]):
+        accountant.step(noise_multiplier=history[-1]["noise_multiplier"] * 0.99, sample_rate=0.5)
+    with pytest.raises(ValueError, match="too small for the PLD accountant"):
+        accountant.get_epsilon(1e-5)
 
 
 def test_a_target_below_the_rdp_floor_names_the_floor():
-    """RDP converts to (epsilon, delta) with a floor that no noise removes; the oracle is the
-    conversion of zero RDP (what infinite noise gives), computed here by get_privacy_spent."""
-    floor, _ = get_privacy_spent(
-        orders=DEFAULT_ORDERS, rdp=np.zeros(len(DEFAULT_ORDERS)), delta=1e-5
-    )
+    """RDP converts to (epsilon, delta) with a floor that no noise removes: the conversion of
+    zero RDP, min over the orders of log((a - 1) / a) - (log delta + log a) / (a - 1) (Balle et
+    al. 2020, Theorem 21, the conversion companion states), written out here."""
+    a = np.asarray(DEFAULT_ORDERS, dtype=float)
+    floor = float(np.min(np.log((a - 1) / a) - (np.log(1e-5) + np.log(a)) / (a - 1)))
     with pytest.raises(ValueError, match="cannot be reached") as caught:
         _train(target_epsilon=floor / 2)
     reported = float(str(caught.value).split("gives epsilon=")[1].split(" ")[0])

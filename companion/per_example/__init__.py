@@ -39,8 +39,8 @@ output head ``h @ embedding.weight.t()``) with ``vmap``, for those parameters on
 which. The rules read a layer's input and output with the examples along dimension 0, one row
 each; a layer called on another layout (a batch flattened to ``(B*T, F)``, or a sequence laid
 out ``(T, B, F)``, as torch's attention and recurrent layers take it by default) falls back to
-``vmap`` too. That layout is found by running the first example alone once per clipper (a
-batch of ``B = T`` examples would hide it) and by checking every batch's shapes.
+``vmap`` too. That layout is found by running two and three copies of the first example once
+per clipper (a batch of ``B = T`` examples would hide it) and by checking every batch's shapes.
 
 .. note::
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from companion._outputs import MODEL_ERRORS, model_error, run_model
+from companion._outputs import model_error, run_model
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
 from companion.per_example.gradients import (
@@ -170,10 +170,8 @@ def layerwise_add_clipped(
         capture = _Capture(plan.hooked, copy)
         try:
             outputs = model(x)
-        except torch.OutOfMemoryError:
-            raise
-        except MODEL_ERRORS as error:  # a batch the model cannot take: token ids out of range
-            raise model_error(x, error) from None
+        except IndexError as error:  # a batch the model cannot take: token ids out of range
+            raise model_error(x, error) from error
         finally:
             capture.remove()
         if copy or not capture.changed():
@@ -233,28 +231,32 @@ def one_row_per_example(a: torch.Tensor, b: torch.Tensor, batch: int) -> bool:
 
 
 def probe_rows(model: nn.Module, plan: LayerPlan, x1: torch.Tensor, warned: set[str]) -> LayerPlan:
-    """``plan`` with the hooked layers whose input has other than one row for the one example
-    ``x1`` moved to vmap, with a warning naming them. A batch can hide such a layer: ``B``
-    examples of ``T`` positions laid out ``(T, B, F)`` have ``B`` rows when ``B = T``. The model
-    runs in evaluation mode without gradients (no random layer draws)."""
-    capture = _Capture(plan.hooked, copy=False)
-    try:
-        run_model(model, x1)
-    finally:
-        capture.remove()
-    moved = [
-        (name, module)
-        for name, module in plan.hooked
-        if module in capture.seen and not one_row_per_example(*capture.seen[module][:2], 1)
-    ]
+    """``plan`` with the hooked layers whose input has other than ``b`` rows for ``b`` copies of
+    the example ``x1`` (``b`` = 2 and 3; one copy would fail ``.squeeze()``) moved to vmap, with a
+    warning. A batch can hide such a layer: ``(T, B, F)`` has ``B`` rows when ``B = T``, and
+    ``T`` cannot be both 2 and 3. The model runs in evaluation mode without gradients."""
+    moved = []
+    for b in (2, 3):
+        capture = _Capture(plan.hooked, copy=False)
+        try:
+            run_model(model, x1.repeat(b, *[1] * (x1.dim() - 1)))
+        finally:
+            capture.remove()
+        moved += [
+            (name, module)
+            for name, module in plan.hooked
+            if module in capture.seen
+            and (name, module) not in moved
+            and not one_row_per_example(*capture.seen[module][:2], b)
+        ]
     if not moved:
         return plan
     names = [repr(name) for name, _ in moved]
     warned.update(names)
     warn(
         f"layer {', '.join(names)} is called on an input whose rows are not the batch's "
-        "examples (it has other than one row for one example): its per-example gradients are "
-        "computed with vmap, which is slower; the result is the same."
+        "examples (b copies of one example do not give it b rows): its per-example gradients "
+        "are computed with vmap, which is slower; the result is the same."
     )
     fallback = plan.fallback + [
         f"{name}.{n}" if name else n
@@ -411,8 +413,8 @@ def clipped_gradient_sum(
     a rule. ``method="auto"`` uses the rules where they apply and ``vmap`` for the other layers'
     parameters only, with a warning naming them. A layer with a rule that a batch shows to be
     called more than once, whose parameters are read outside its call (tied weights), or whose
-    input's rows are not the examples, falls back to ``vmap`` under both methods, with a
-    warning: that is seen in the batch (and the first example), not when the model is planned.
+    input's rows are not the examples falls back to ``vmap`` under both methods, with a warning
+    (seen in the batch and in copies of its first example, not when the model is planned).
 
     Args:
         model: the model; its parameters are read, not changed.

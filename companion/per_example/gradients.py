@@ -179,7 +179,7 @@ def check_batch(
     model: nn.Module, loss: LossLike, x: object, y: object, names: tuple[str, str] = ("x", "y")
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensors with one example per row, which the model accepts with outputs that fit the loss
-    and the labels (checked on the first examples by :func:`companion._outputs.check_outputs`, so
+    and the labels (checked on a few examples by :func:`companion._outputs.check_outputs`, so
     that a bad label or loss gets a message naming it); class labels are returned as int64."""
     name_x, name_y = names
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
@@ -267,7 +267,7 @@ def vmap_gradients(
     except torch.OutOfMemoryError:
         raise
     except IndexError as error:  # token ids out of range
-        raise model_error(x, error) from None
+        raise model_error(x, error) from error
     except RuntimeError as error:
         layers = sorted({name.rpartition(".")[0] or name for name in params})
         shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
@@ -275,7 +275,8 @@ def vmap_gradients(
             f"torch.func.vmap cannot compute the per-example gradients of layer(s) {shown}: "
             f"{error}. Some layers fail under vmap (in PyTorch 2.x, nn.RNN and nn.GRU, and "
             "nn.LSTM in some settings; Opacus offers DPLSTM, DPGRU and DPRNN), as does a forward "
-            "pass that reads a tensor's value (.item(), if on a tensor) or changes one in place."
+            "pass that reads a tensor's value (.item(), if on a tensor), changes one in place, or "
+            "drops the batch dimension of one example (.squeeze(): use .flatten(1))."
         ) from None
     finally:
         for module, parameters, buffers in saved:
