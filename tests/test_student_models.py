@@ -18,7 +18,15 @@ from _oracles import _assert_same, _loop_clipped_sum, _most_clipped_norm
 from torch import nn
 
 from companion.accounting import DEFAULT_ORDERS, PLDAccountant
-from companion.dpsgd import add_gaussian_noise, set_private_gradients, train_dpsgd
+from companion.attacks import loss_threshold_attack
+from companion.dpsgd import (
+    add_gaussian_noise,
+    gaussian_noise,
+    noisy_clipped_gradient,
+    set_private_gradients,
+    train_dpsgd,
+)
+from companion.federated import fedavg
 from companion.per_example import PerExampleClipper, clipped_gradient_sum
 
 
@@ -430,3 +438,102 @@ def test_the_documented_recipe_for_a_batch_split_into_parts_equals_one_step():
         add_gaussian_noise(part, std=sigma * c, generator=_gen(5))
     tripled = {name: sum(part[name] for part in noisy_parts) / m for name in whole}
     assert not all(torch.allclose(tripled[k], whole[k], rtol=1e-3) for k in whole)
+
+
+# --- own loops with the lower-level step ----------------------------------------------------------
+
+
+def _clipper_and_batch():
+    model = _seeded(lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)))
+    x, y = torch.randn(6, 4, generator=_gen()), torch.randint(0, 3, (6,), generator=_gen(2))
+    return model, PerExampleClipper(model, loss="cross_entropy"), x, y
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"expected_batch_size": -4.0}, ValueError, "expected_batch_size must be > 0"),
+        ({"expected_batch_size": 0}, ValueError, "expected_batch_size must be > 0"),
+        ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm must be > 0"),
+        ({"noise_multiplier": -1.0}, ValueError, "noise_multiplier must be >= 0"),
+        ({"clipper": "model"}, TypeError, "clipper must be a companion.per_example"),
+    ],
+)
+def test_the_step_core_checks_its_numbers(change, error, match):
+    """A negative expected_batch_size used to return minus the gradient, and a negative clipping
+    norm scaled each example by -C/norm, both without a word."""
+    _, clipper, x, y = _clipper_and_batch()
+    arguments = dict(clipper=clipper, noise_multiplier=0.0, max_grad_norm=1.0,
+                     expected_batch_size=4.0, generator=_gen(5))  # fmt: skip
+    with pytest.raises(error, match=match):
+        noisy_clipped_gradient(x_batch=x, y_batch=y, **(arguments | change))
+
+
+def test_the_lower_level_step_refuses_a_batch_with_nan_or_labels_on_another_device():
+    """One NaN input makes every coordinate of the released gradient NaN: refused, as
+    train_dpsgd refuses it."""
+    model, _, x, y = _clipper_and_batch()
+    x[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="x_batch must not contain NaN or infinite values"):
+        _step(model, x, y)
+    x[2, 0] = float("inf")
+    with pytest.raises(ValueError, match="x_batch must not contain NaN or infinite values"):
+        _step(model, x, y)
+    with pytest.raises(ValueError, match="must be on one device"):
+        _step(model, torch.randn(6, 4), y.to("meta"))
+
+
+def test_noise_needs_floating_tensors_it_may_change_and_is_drawn_in_the_widest_dtype():
+    with pytest.raises(TypeError, match="must be floating point"):
+        gaussian_noise({"w": torch.zeros(3, dtype=torch.long)}, std=1.0, generator=_gen())
+    # next to float32, float64 noise is drawn in float64: the values of a float64 draw
+    mixed = gaussian_noise({"a": torch.zeros(3), "b": torch.zeros(3, dtype=torch.float64)},
+                           std=1.0, generator=_gen())  # fmt: skip
+    wide = torch.randn(6, generator=_gen(), dtype=torch.float64)
+    assert mixed["b"].dtype == torch.float64 and torch.equal(mixed["b"], wide[3:])
+    assert torch.equal(mixed["a"], wide[:3].float())
+    parameters = dict(nn.Linear(3, 2).named_parameters())
+    with pytest.raises(ValueError, match="require gradients"):
+        add_gaussian_noise(parameters, std=1.0, generator=_gen())
+    before = {k: p.detach().clone() for k, p in parameters.items()}
+    with torch.no_grad():  # control: as an optimizer does
+        add_gaussian_noise(parameters, std=1.0, generator=_gen())
+    assert all(not torch.equal(parameters[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_the_step_under_bfloat16_autocast_equals_the_step_without(method):
+    """Autocast is switched off inside the clipping: the gradient is the full-precision one (the
+    rules used to mix bfloat16 output gradients with float32 parameters and crash)."""
+    model, _, x, y = _clipper_and_batch()
+
+    def step():
+        set_private_gradients(model, x, y, noise_multiplier=0.0, max_grad_norm=0.5,
+                              expected_batch_size=4.0, generator=_gen(), method=method)  # fmt: skip
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    expected = step()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = step()
+    for k, e in expected.items():
+        assert under_autocast[k].dtype == torch.float32
+        torch.testing.assert_close(under_autocast[k], e, rtol=1e-6, atol=1e-7)
+
+
+def test_a_federated_client_whose_local_training_fails_is_named():
+    """BatchNorm cannot train on a last local batch of one example (9 examples, batches of 4)."""
+    model = _seeded(lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)))
+    clients = [(torch.randn(n, 4, generator=_gen(n)), torch.randint(0, 3, (n,))) for n in (8, 9)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BatchNorm's running statistics are not aggregated
+        with pytest.raises(ValueError, match=r"local training of clients\[1\] \(9 examples\)"):
+            fedavg(model, clients, rounds=1, client_fraction=1.0, local_epochs=1, batch_size=4,
+                   lr=0.1, progress=False)  # fmt: skip
+
+
+def test_numpy_token_ids_get_a_message_that_says_numpy_becomes_float32():
+    tokens = np.random.default_rng(0).integers(0, 10, size=(8, 5))
+    members = (tokens[:4], np.array([0, 1, 0, 1]))
+    nonmembers = (tokens[4:], np.array([1, 0, 1, 0]))
+    with pytest.raises(ValueError, match="numpy arrays become float32: give token ids as an int64"):
+        loss_threshold_attack(_seeded(_Bag), members, nonmembers)

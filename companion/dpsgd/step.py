@@ -5,6 +5,8 @@ Part of :mod:`companion.dpsgd`; import from there.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -99,14 +101,39 @@ def _check_noise(sums: object, std: object, generator: object) -> tuple[float, t
     generator = _check_generator(generator)
     if not isinstance(sums, dict) or not all(isinstance(v, torch.Tensor) for v in sums.values()):
         raise TypeError("sums must be a dict of name -> torch.Tensor.")
-    if sums:
-        dtype = next(iter(sums.values())).dtype
+    dtypes = {v.dtype for v in sums.values()}
+    if not all(dtype.is_floating_point for dtype in dtypes):
+        raise TypeError(
+            "the tensors must be floating point (the noise takes their dtype), got "
+            f"{sorted(map(str, dtypes))}."
+        )
+    for dtype in dtypes:
         if std >= torch.finfo(dtype).max / 100:
             raise ValueError(
                 f"std={std:g} is too large for {dtype} noise; lower the noise multiplier or the "
                 "clipping norm."
             )
     return std, generator
+
+
+def _check_step(
+    clipper: object,
+    noise_multiplier: object,
+    max_grad_norm: object,
+    expected_batch_size: object,
+    generator: object,
+) -> tuple[float, torch.Generator]:
+    r"""The checked noise std :math:`\sigma C` and generator of :func:`noisy_clipped_gradient`.
+    (The batch is not checked there: that takes a forward pass; the wrappers do it.)"""
+    if not isinstance(clipper, PerExampleClipper):
+        raise TypeError(
+            "clipper must be a companion.per_example.PerExampleClipper built for the model and "
+            f"loss, got {type(clipper).__name__}."
+        )
+    sigma = check_nonnegative("noise_multiplier", noise_multiplier)
+    c = check_positive("max_grad_norm", max_grad_norm)
+    check_positive("expected_batch_size", expected_batch_size)
+    return _check_noise(clipper.trainable, sigma * c, generator)
 
 
 def gaussian_noise(
@@ -116,10 +143,11 @@ def gaussian_noise(
 
     One draw of a normal vector from ``generator``, cut in the order of the dict, so a run is
     reproducible from the generator's seed, which must then stay secret. The noise has the
-    device and dtype of the tensors of ``like``, whose values are not read.
+    device and dtype of the tensors of ``like``, whose values are not read; it is drawn in the
+    widest of their dtypes, so float64 tensors get float64 noise next to float32 ones.
 
     Args:
-        like: dict name -> tensor.
+        like: dict name -> floating-point tensor.
         std: the noise standard deviation, >= 0 (0 gives zeros and draws nothing).
         generator: the :class:`torch.Generator` the noise is drawn from.
 
@@ -142,7 +170,8 @@ def gaussian_noise(
         return {name: torch.zeros_like(t) for name, t in like.items()}
     first = next(iter(like.values()))
     total = sum(t.numel() for t in like.values())
-    flat = _normal_draw(total, std=std, generator=generator, dtype=first.dtype)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in like.values()))  # the widest
+    flat = _normal_draw(total, std=std, generator=generator, dtype=dtype)
     flat = flat.to(first.device)
     noise, start = {}, 0
     for name, t in like.items():
@@ -163,7 +192,7 @@ def add_gaussian_noise(
     this way.
 
     Args:
-        sums: dict name -> tensor, changed in place; all on one device, one floating dtype.
+        sums: dict name -> floating-point tensor, changed in place.
         std: the noise standard deviation, >= 0 (for DP-SGD :math:`\sigma C`).
         generator: the :class:`torch.Generator` the noise is drawn from.
 
@@ -179,6 +208,11 @@ def add_gaussian_noise(
         (torch.Size([2, 2]), True)
     """
     std, generator = _check_noise(sums, std, generator)
+    if torch.is_grad_enabled() and any(v.requires_grad for v in sums.values()):
+        raise ValueError(
+            "sums holds tensors that require gradients, which autograd does not let change in "
+            "place: pass detached tensors, or call add_gaussian_noise under torch.no_grad()."
+        )
     if std == 0:
         return
     noise = gaussian_noise(sums, std=1.0, generator=generator)  # std scales it in the addition
@@ -270,7 +304,8 @@ def noisy_clipped_gradient(
     for the model and loss), add :math:`\mathcal N(0, \sigma^2 C^2)` to every coordinate (one
     draw of :func:`gaussian_noise`), divide by the expected batch size :math:`qN`. The training
     loop calls this once per step; :func:`set_private_gradients` and :func:`dp_sgd_step` wrap it
-    with argument checks.
+    with checks of the batch (which take a forward pass: this function checks only the other
+    arguments).
 
     Args:
         clipper: the planned clipper of the model and loss.
@@ -285,7 +320,8 @@ def noisy_clipped_gradient(
         per-example norms before clipping.
 
     Raises:
-        TypeError: if ``generator`` is not a :class:`torch.Generator`.
+        TypeError: if ``clipper`` is not a :class:`~companion.per_example.PerExampleClipper` or
+            ``generator`` not a :class:`torch.Generator`.
         ValueError: if a number is out of range.
 
     Example:
@@ -297,7 +333,9 @@ def noisy_clipped_gradient(
         >>> round(float(torch.linalg.vector_norm(noisy["0.bias"])), 4)  # a mean of two, norm <= 0.5
         0.3345
     """
-    std, generator = _check_noise(clipper.trainable, noise_multiplier * max_grad_norm, generator)
+    std, generator = _check_step(
+        clipper, noise_multiplier, max_grad_norm, expected_batch_size, generator
+    )
     # The noise first, divided by m; then each clipped gradient, divided by m, is added into it.
     noisy = gaussian_noise(clipper.trainable, std=std / expected_batch_size, generator=generator)
     norms = clipper.add_clipped_sum(

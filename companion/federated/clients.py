@@ -270,5 +270,10 @@ def client_updates(
     updates = []
     for k in picked:
         generator = torch_generator(derive_seed(seed, round_, k))
-        updates.append(train_locally(model, *data[k], *args, generator))
+        try:
+            updates.append(train_locally(model, *data[k], *args, generator))
+        except ValueError as error:  # BatchNorm on a last local batch of one example, say
+            raise ValueError(
+                f"the local training of clients[{k}] ({len(data[k][0])} examples) failed: {error}"
+            ) from error
     return updates

@@ -41,6 +41,8 @@ each; a layer called on another layout (a batch flattened to ``(B*T, F)``, or a 
 out ``(T, B, F)``, as torch's attention and recurrent layers take it by default) falls back to
 ``vmap`` too. That layout is found by running two and three copies of the first example once
 per clipper (a batch of ``B = T`` examples would hide it) and by checking every batch's shapes.
+Under :class:`torch.autocast` the clipped sum is computed with autocast switched off, in the
+parameters' own dtype.
 
 .. note::
 

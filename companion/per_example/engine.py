@@ -27,6 +27,7 @@ from companion.per_example.gradients import (
     materialised,
     resolve_loss,
     vmap_gradients,
+    without_autocast,
 )
 from companion.per_example.rules import LAYER_RULES
 
@@ -50,8 +51,7 @@ def plan_layers(model: nn.Module) -> LayerPlan:
     rule does not compute (``weight_norm``'s ``weight_g``), if it appears twice in the module tree,
     or if one of its parameters is shared with another layer (tied weights): a rule sees one
     call of one layer, while the gradient of a shared parameter sums over all of them. (Reads
-    that only the forward pass shows are found for each batch, by :func:`autograd_graph`.)
-    """
+    that only the forward pass shows are found for each batch, by :func:`autograd_graph`.)"""
     canonical = {id(p): name for name, p in model.named_parameters()}
     module_uses: dict[int, int] = {}
     param_owners: dict[int, int] = {}
@@ -224,9 +224,8 @@ def layerwise_add_clipped(
 
 
 def one_row_per_example(a: torch.Tensor, b: torch.Tensor, batch: int) -> bool:
-    """Whether a layer's input ``a`` and output ``b`` have one row per example of a batch of
-    ``batch`` examples (dimension 0), as the rules assume: a layer called on a flattened batch
-    ``(B*T, F)``, or on a sequence laid out ``(T, B, F)``, is not."""
+    """Whether a layer's input ``a`` and output ``b`` have ``batch`` rows, one per example, as the
+    rules assume (a flattened batch ``(B*T, F)`` or a sequence ``(T, B, F)`` has not)."""
     return a.dim() > 0 and b.dim() > 0 and a.shape[0] == b.shape[0] == batch
 
 
@@ -376,23 +375,24 @@ class PerExampleClipper:
             return x.new_zeros(0, dtype=model_dtype(self.model))
         if self.plan is not None and not self._probed:
             self.plan, self._probed = probe_rows(self.model, self.plan, x[:1], self._warned), True
-        if self.plan is None:
-            grads = vmap_gradients(self.model, self.mean_loss, x, y, list(self.trainable))
-            with torch.no_grad():
-                entries = [materialised(name, g) for name, g in grads.items()]
-                return add_clipped(entries, max_grad_norm, into, scale)
-        return layerwise_add_clipped(
-            self.model,
-            self.plan,
-            self.mean_loss,
-            self.sum_loss,
-            x,
-            y,
-            max_grad_norm,
-            into,
-            scale,
-            self._warned,
-        )
+        with without_autocast(x.device):  # the rules need the parameters' dtype
+            if self.plan is None:
+                grads = vmap_gradients(self.model, self.mean_loss, x, y, list(self.trainable))
+                with torch.no_grad():
+                    entries = [materialised(name, g) for name, g in grads.items()]
+                    return add_clipped(entries, max_grad_norm, into, scale)
+            return layerwise_add_clipped(
+                self.model,
+                self.plan,
+                self.mean_loss,
+                self.sum_loss,
+                x,
+                y,
+                max_grad_norm,
+                into,
+                scale,
+                self._warned,
+            )
 
 
 def clipped_gradient_sum(

@@ -5,6 +5,7 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -191,6 +192,13 @@ def check_batch(
             f"{name_x} and {name_y} must hold the same number of examples along their first "
             f"dimension, got shapes {tuple(x.shape)} and {tuple(y.shape)}."
         )
+    if y.device != x.device:
+        raise ValueError(
+            f"{name_x} and {name_y} must be on one device (the model's), got {x.device} and "
+            f"{y.device}."
+        )
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise ValueError(f"{name_x} must not contain NaN or infinite values.")
     y = check_labels(y, loss=loss, name=name_y) if isinstance(loss, str) else y
     if x.shape[0] > 0:
         check_outputs(model, x, y, loss=loss)
@@ -239,6 +247,15 @@ def per_example_gradients(
     x, y = check_batch(model, loss, x, y)
     names = [name for name, _ in trainable_named(model)]
     return vmap_gradients(model, mean_loss, x, y, names)
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A block with :class:`torch.autocast` switched off on ``device`` (nothing if it is off):
+    under autocast a layer's output gradient is bfloat16 or float16 while its parameters are
+    not, so the per-example computations would mix dtypes, and lose precision."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def vmap_gradients(
