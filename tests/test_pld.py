@@ -166,8 +166,9 @@ def test_design_quotes_are_reproduced(q, sigma, steps, rdp_quote, pld_quote):
 # order is the best one there; that bound only places the grid.
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 def test_epsilon_matches_opacus_prv_accountant_at_a_fine_eps_error():
-    """Opacus's PRV accountant (Gopi, Lee and Wutschitz 2021) discretises the same privacy-loss
-    distribution, so at q = 0.01, sigma = 4, 10,000 steps and delta = 1e-5 the two agree to 1e-3.
+    """Opacus's PRV accountant (Gopi, Lee and Wutschitz 2021) discretises the privacy-loss
+    distribution of the remove direction, the larger of the two here (module docstring), so at
+    q = 0.01, sigma = 4, 10,000 steps and delta = 1e-5 the two agree to 1e-3.
 
     Tolerance: both are upper bounds on the true epsilon. Ours is at most 5e-4 above it (module
     docstring; this file's grid includes q = 0.01, sigma = 4 and 15,000 steps). Opacus's

@@ -85,8 +85,9 @@ def get_noise_multiplier(
             ``accountant="rdp"``).
         epsilon_tolerance: > 0, how far below the target the returned sigma's epsilon may be.
         accountant: ``"rdp"`` (the default, as before) or ``"pld"``: which accountant's epsilon
-            must meet the target. Opacus's ``"prv"`` has no separate name here: its PRV
-            accountant and ``"pld"`` discretise the same privacy-loss distribution.
+            must meet the target. Opacus's ``"prv"`` has no separate name here: like its PRV
+            accountant, ``"pld"`` discretises the privacy-loss distribution (both directions,
+            where PRV takes the remove direction; see :mod:`companion.accounting.pld`).
 
     Returns:
         The noise multiplier :math:`\sigma`.
@@ -129,7 +130,7 @@ def get_noise_multiplier(
         hint = ""
         if accountant.lower() == "prv":
             hint = (
-                " Opacus's PRV accountant and the PLD accountant discretise the same privacy-loss"
+                " Opacus's PRV accountant and the PLD accountant both discretise the privacy-loss"
                 ' distribution: use accountant="pld".'
             )
         raise ValueError(f'accountant must be "rdp" or "pld", got {accountant!r}.{hint}')

@@ -78,14 +78,23 @@ See the DP-SGD chapter, :ref:`sec-dpsgd-algorithm`, for the derivation and runs.
     - ``delta`` is both the delta that epsilon is reported at and Opacus's ``target_delta``.
     - ``accountant`` is an accountant object, not a name. The name that
       :func:`companion.accounting.get_noise_multiplier` takes is ``"rdp"`` or ``"pld"``; use
-      ``"pld"`` where Opacus has ``"prv"`` (both discretise the privacy-loss distribution).
+      ``"pld"`` where Opacus has ``"prv"`` (both discretise privacy-loss distributions;
+      :mod:`companion.accounting.pld` says how they differ).
       Its ``orders`` are Opacus's ``alphas``.
-    - ``seed`` seeds the run's generator (Opacus takes a ``noise_generator``).
+    - ``seed`` seeds the run's generator, which draws both the batches and the noise. Opacus's
+      ``noise_generator`` covers the noise only: without ``secure_mode`` its Poisson sampler
+      draws from the data loader's own ``generator``, which is torch's global generator unless
+      the loader was given one.
     - ``method`` (``"auto"``, ``"vmap"``, ``"layerwise"``) plays the role of Opacus's
       ``grad_sample_mode`` (``"hooks"``, ``"functorch"``, ``"ghost"``, ...).
-    - ``expected_batch_size`` defaults to ``sample_rate * N``; Opacus uses ``int(N * q)``.
-    - ``epochs`` means ``epochs * round(1/q)`` steps, where Opacus's ``get_noise_multiplier``
-      takes ``int(epochs / q)``.
+    - ``expected_batch_size`` defaults to ``sample_rate * N``. Opacus divides by
+      ``int(N * (1 / k))``, where ``k`` is the number of batches of its private loader: that is
+      ``int(N * q)``, except in an epoch one step short (below), where ``k = n - 1`` for ``n``
+      batches (``N = 5942`` in 93 batches of 64: 64, not ``int(5942 / 93) = 63``).
+    - ``epochs`` means ``epochs * round(1/q)`` steps. Opacus's loader takes ``int(1/q)`` steps an
+      epoch, and ``make_private_with_epsilon`` plans for ``int(epochs / q)``; in floating point
+      either can fall one step short (``int(1 / (1 / 93))`` is 92, ``int(3 / (1 / 75))`` is 224),
+      so Opacus may plan for another number of steps than its loader takes.
 
     Opacus options with no counterpart here, and what to do instead:
 
