@@ -20,11 +20,6 @@ __all__ = ["check_outputs", "looks_like_probabilities", "run_model"]
 _SUM_TOLERANCE = 1e-4
 
 
-#: What torch raises when a model cannot be applied to its inputs (shapes, dtypes, devices,
-#: token ids out of range).
-MODEL_ERRORS = (RuntimeError, TypeError, IndexError)
-
-
 def model_error(x: torch.Tensor, error: Exception) -> ValueError:
     """The error to raise when the model cannot be applied to the inputs ``x``."""
     return ValueError(
@@ -43,7 +38,7 @@ def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             outputs = model(x)
     except torch.OutOfMemoryError:
         raise
-    except MODEL_ERRORS as error:
+    except (RuntimeError, TypeError, IndexError) as error:
         raise model_error(x, error) from None
     if not isinstance(outputs, torch.Tensor):
         raise TypeError(f"model must return a tensor of outputs, got {type(outputs).__name__}.")

@@ -310,7 +310,7 @@ class PerExampleClipper:
         self.trainable = dict(trainable_named(self.model))
         self.plan = None if self.method == "vmap" else plan_layers(self.model)
         self._warned: set[str] = set()  # layers named in a fallback warning
-        self._probed = False  # whether the first example has been run through probe_rows
+        self._probed = False  # whether probe_rows has run on copies of the first example
         if self.plan is not None and self.plan.fallback:
             reasons = "; ".join(self.plan.reasons)
             if self.method == "layerwise":
