@@ -247,6 +247,12 @@ def set_private_gradients(
     ``.grad`` (``backward`` would add to it): accumulating over several calls before one
     optimizer step would add the noise once per call, so draw one Poisson batch per step.
 
+    Each call checks the batch and plans the model anew, with a few small forward passes; on a
+    tiny model that is most of the call's time. Where that matters, build a
+    :class:`~companion.per_example.PerExampleClipper` once and call
+    :func:`noisy_clipped_gradient` at each step, as :func:`train_dpsgd` does (it leaves the
+    batch unchecked).
+
     Args:
         model: the model; must pass :func:`~companion.per_example.check_dp_compatible`. Its
             parameters are not changed.
