@@ -199,7 +199,7 @@ def check_batch(
         )
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError(f"{name_x} must not contain NaN or infinite values.")
-    y = check_labels(y, loss=loss, name=name_y) if isinstance(loss, str) else y
+    y = check_labels(y, loss=loss, name=name_y)  # converted for a named loss only
     if x.shape[0] > 0:
         check_outputs(model, x, y, loss=loss)
     return x, y
