@@ -47,6 +47,7 @@ from companion.dpsgd import (
     train_dpsgd,
 )
 from companion.per_example import PerExampleClipper
+from companion.training import train
 
 DIGITS = data.load_digits(seed=0)
 MOONS = data.make_moons(200, seed=0)
@@ -1009,13 +1010,23 @@ def test_a_sample_rate_below_one_example_per_step_warns():
         _train_small(epochs=1, sample_rate=0.5 / N_TRAIN)
 
 
-def test_a_diverged_training_loss_warns():
-    """Inputs of 1e30 overflow the float32 logits of the review's example; the history then
-    holds nan, and a warning says so instead of leaving it to be found in the history."""
+def test_a_non_finite_gradient_stops_the_run_before_it_is_released():
+    """Inputs of 1e30 overflow the float32 logits of the review's example, so an example's
+    gradient is nan: clipping cannot bound it (min(1, C/nan) is nan and would turn the whole
+    noisy gradient, and the model, into nan, showing that the example was drawn). The first step
+    refuses it and the model is left as it was. Non-private training, which has no bound to
+    keep, warns at the end of the epoch instead."""
+    model = models.logistic_regression(seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"example\(s\) \[.*\] of the batch is not finite"):
+        train_dpsgd(
+            model, DIGITS.x_train * 1e30, DIGITS.y_train, noise_multiplier=1.0,
+            max_grad_norm=1.0, sample_rate=0.2, epochs=1, lr=0.5, delta=1e-5, seed=0,
+        )  # fmt: skip
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     with pytest.warns(UserWarning, match="the train loss is nan: training diverged"):
-        history = train_dpsgd(
+        history = train(
             models.logistic_regression(seed=0), DIGITS.x_train * 1e30, DIGITS.y_train,
-            noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.2, epochs=1, lr=0.5,
-            delta=1e-5, seed=0, progress=False,
+            epochs=1, batch_size=64, lr=0.5,
         )  # fmt: skip
     assert math.isnan(history[-1]["train_loss"])

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from companion._outputs import model_error, run_model
+from companion._outputs import model_error
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
 from companion.per_example.gradients import (
@@ -29,6 +28,7 @@ from companion.per_example.gradients import (
     vmap_gradients,
     without_autocast,
 )
+from companion.per_example.layout import Capture, LayerPlan, one_row_per_example, probe_rows
 from companion.per_example.rules import LAYER_RULES
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
@@ -36,19 +36,12 @@ __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
 # --- the layerwise engine -----------------------------------------------------------------------
 
 
-class LayerPlan(NamedTuple):
-    """Which layers the rules handle and which parameters fall back to vmap."""
-
-    hooked: list[tuple[str, nn.Module]]  # layers with a rule and trainable parameters
-    fallback: list[str]  # trainable parameters computed with vmap
-    reasons: list[str]  # why, per layer, for messages
-
-
 def plan_layers(model: nn.Module) -> LayerPlan:
     """Hook every layer with a rule whose trainable parameters are its own; vmap the rest.
 
     A layer falls back to vmap if its type has no rule, if it holds a trainable parameter its
-    rule does not compute (``weight_norm``'s ``weight_g``), if it appears twice in the module tree,
+    rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is replaced on the
+    instance or a global forward hook is registered, if it appears twice in the module tree,
     or if one of its parameters is shared with another layer (tied weights): a rule sees one
     call of one layer, while the gradient of a shared parameter sums over all of them. (Reads
     that only the forward pass shows are found for each batch, by :func:`autograd_graph`.)"""
@@ -76,8 +69,9 @@ def plan_layers(model: nn.Module) -> LayerPlan:
 
 
 def _why_no_rule(module: nn.Module) -> str | None:
-    """Why no rule computes the layer's gradients (None if one does): its type, or options and
-    parameters that the rules do not handle."""
+    """Why no rule computes the layer's gradients (None if one does): its type, parameters that
+    the rules do not handle, or a call that may not be the layer's own maths. (A forward hook of
+    the layer's own is fine: the hooks that keep its output run first.)"""
     kind = type(module).__name__
     if type(module) not in LAYER_RULES:
         return f"({kind}) has no rule"
@@ -85,44 +79,17 @@ def _why_no_rule(module: nn.Module) -> str | None:
         n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in _RULED
     ]:  # e.g. weight_g and weight_v of torch.nn.utils.weight_norm
         return f"({kind}) has parameters {extra}, which its rule does not compute"
-    if isinstance(module, nn.Conv1d | nn.Conv2d) and not (
-        isinstance(module.padding, str) or all(isinstance(p, int) for p in module.padding)
-    ):
-        return f"({kind}) has a padding its rule does not handle"
+    if "forward" in vars(module):
+        # replaced on the instance (by a wrapper): the call may not compute the rule's maths
+        return f"({kind}) has its forward replaced"
+    if getattr(nn.modules.module, "_global_forward_hooks", None):
+        # they run before the hook that keeps the layer's output, and may change it
+        return f"({kind}) is seen by a global forward hook, which may change its output"
     return None
 
 
 #: The parameters the rules compute, by their names in a layer.
 _RULED = ("weight", "bias")
-
-
-class _Capture:
-    """Forward hooks that keep each hooked layer's input and output."""
-
-    def __init__(self, layers: list[tuple[str, nn.Module]], copy: bool) -> None:
-        self.seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
-        self.copy = copy
-        self.handles = [m.register_forward_hook(self._keep, with_kwargs=True) for _, m in layers]
-
-    def _keep(
-        self,
-        module: nn.Module,
-        args: tuple[torch.Tensor, ...],
-        kwargs: dict[str, torch.Tensor],
-        output: torch.Tensor,
-    ) -> torch.Tensor | None:
-        a = args[0] if args else kwargs["input"]  # every layer with a rule names it `input`
-        a = a.clone() if self.copy else a
-        self.seen[module] = (a, output, a._version, output._version)
-        # A copy shields the kept output from in-place changes made further on (ReLU(inplace)).
-        return output.clone() if self.copy else None
-
-    def changed(self) -> bool:
-        return any(a._version != va or o._version != vo for a, o, va, vo in self.seen.values())
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def autograd_graph(loss: torch.Tensor) -> tuple[Counter[int], set[object]]:
@@ -167,7 +134,7 @@ def layerwise_add_clipped(
     A layer found to fall back to vmap is named in a warning once: ``warned`` (the clipper's)
     holds the layers already named."""
     for copy in (False, True):
-        capture = _Capture(plan.hooked, copy)
+        capture = Capture(plan.hooked, copy)
         try:
             outputs = model(x)
         except IndexError as error:  # a batch the model cannot take: token ids out of range
@@ -178,6 +145,11 @@ def layerwise_add_clipped(
             break  # else a layer's input or output was changed in place: again, with copies
     loss = sum_loss(outputs, y)
     reads, nodes = autograd_graph(loss)
+    if any(type(node).__name__ == "CheckpointFunctionBackward" for node in nodes):
+        raise ValueError(
+            "the model calls torch.utils.checkpoint.checkpoint with use_reentrant=True, which "
+            "hides the layers it runs from per-example gradients; pass use_reentrant=False."
+        )
     active, fallback, moved = [], list(plan.fallback), []
     for name, module in plan.hooked:
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -221,49 +193,6 @@ def layerwise_add_clipped(
         if not entries:  # the forward pass reached no trainable layer: every gradient is 0
             return x.new_zeros(x.shape[0], dtype=model_dtype(model))
         return add_clipped(entries, max_grad_norm, into, scale)
-
-
-def one_row_per_example(a: torch.Tensor, b: torch.Tensor, batch: int) -> bool:
-    """Whether a layer's input ``a`` and output ``b`` have ``batch`` rows, one per example, as the
-    rules assume (a flattened batch ``(B*T, F)`` or a sequence ``(T, B, F)`` has not)."""
-    return a.dim() > 0 and b.dim() > 0 and a.shape[0] == b.shape[0] == batch
-
-
-def probe_rows(model: nn.Module, plan: LayerPlan, x1: torch.Tensor, warned: set[str]) -> LayerPlan:
-    """``plan`` with the hooked layers whose input has other than ``b`` rows for ``b`` copies of
-    the example ``x1`` (``b`` = 2 and 3; one copy would fail ``.squeeze()``) moved to vmap, with a
-    warning. A batch can hide such a layer: ``(T, B, F)`` has ``B`` rows when ``B = T``, and
-    ``T`` cannot be both 2 and 3. The model runs in evaluation mode without gradients."""
-    moved = []
-    for b in (2, 3):
-        capture = _Capture(plan.hooked, copy=False)
-        try:
-            run_model(model, x1.repeat(b, *[1] * (x1.dim() - 1)))
-        finally:
-            capture.remove()
-        moved += [
-            (name, module)
-            for name, module in plan.hooked
-            if module in capture.seen
-            and (name, module) not in moved
-            and not one_row_per_example(*capture.seen[module][:2], b)
-        ]
-    if not moved:
-        return plan
-    names = [repr(name) for name, _ in moved]
-    warned.update(names)
-    warn(
-        f"layer {', '.join(names)} is called on an input whose rows are not the batch's "
-        "examples (b copies of one example do not give it b rows): its per-example gradients "
-        "are computed with vmap, which is slower; the result is the same."
-    )
-    fallback = plan.fallback + [
-        f"{name}.{n}" if name else n
-        for name, module in moved
-        for n, p in module.named_parameters(recurse=False)
-        if p.requires_grad
-    ]
-    return LayerPlan([layer for layer in plan.hooked if layer not in moved], fallback, plan.reasons)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -310,7 +239,7 @@ class PerExampleClipper:
         self.trainable = dict(trainable_named(self.model))
         self.plan = None if self.method == "vmap" else plan_layers(self.model)
         self._warned: set[str] = set()  # layers named in a fallback warning
-        self._probed = False  # whether probe_rows has run on copies of the first example
+        self._probed = False  # whether probe_rows has run on the first batch
         if self.plan is not None and self.plan.fallback:
             reasons = "; ".join(self.plan.reasons)
             if self.method == "layerwise":
@@ -374,7 +303,7 @@ class PerExampleClipper:
         if x.shape[0] == 0:
             return x.new_zeros(0, dtype=model_dtype(self.model))
         if self.plan is not None and not self._probed:
-            self.plan, self._probed = probe_rows(self.model, self.plan, x[:1], self._warned), True
+            self.plan, self._probed = probe_rows(self.model, self.plan, x, self._warned), True
         with without_autocast(x.device):  # the rules need the parameters' dtype
             if self.plan is None:
                 grads = vmap_gradients(self.model, self.mean_loss, x, y, list(self.trainable))

@@ -406,14 +406,21 @@ def add_clipped(
     """Add ``scale`` times the clipped sum of the (non-empty) ``entries`` into ``into``; the norms.
 
     An example's norm is taken over every entry together, as eq. :eq:`per-example-clipped-sum`
-    asks."""
+    asks. A norm that is not finite is refused, before anything is added."""
     squares = entries[0][1]
     for _, sq, _ in entries[1:]:
         squares = squares + sq  # not in place: the first is an entry's own tensor
     norms = squares.sqrt()
+    if not bool(torch.isfinite(norms).all()):  # clipping it would give nan, and spread it
+        bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+        raise ValueError(
+            f"the gradient of example(s) {bad[:5]} of the batch is not finite, so clipping "
+            "cannot bound it: an input or a weight is too large for the model's dtype, or the "
+            "loss is not finite there."
+        )
     factors = scale_factors(norms, max_grad_norm) * scale
     for name, _, add_to in entries:
-        add_to(factors, into[name])
+        add_to(factors.to(into[name].dtype), into[name])  # the same dtype unless params mix
     return norms
 
 

@@ -1,0 +1,241 @@
+"""Forward passes that hide from the layer rules what a layer computes for which example, found
+by differential testing of the engine against the per-example loop: each matches the loop or
+gets a clear error.
+
+- A batch reordered around a layer (``x.flip(0)``, a sort, a roll, a reshape that mixes rows),
+  put back in order after it: the model treats examples independently and every layer sees
+  ``B`` rows, but row ``i`` is not example ``i``'s, so the rules would give one example part of
+  another's gradient and one example could move the sum by more than ``C``.
+- A forward hook of the user's that changes a layer's output, a ``forward`` replaced on the
+  instance, a global forward hook: the kept output is not the layer's own.
+- Parameters of two dtypes, a reentrant checkpoint, an example whose gradient is nan.
+
+The loop of ``tests/_oracles.py`` is the oracle (one forward and backward pass per example),
+to 1e-5 relative (``_assert_same``: float32 rounding over a few hundred terms).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _oracles import _assert_same, _loop_clipped_sum, _most_clipped_norm
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from companion.per_example import PerExampleClipper, clipped_gradient_sum
+
+
+def _seeded(build, seed=0):
+    torch.manual_seed(seed)
+    return build()
+
+
+def _batch(size, features=6, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, features, generator=generator) * 3
+    return x, torch.randint(0, 3, (size,), generator=generator)
+
+
+class _Reordered(nn.Module):
+    """A Linear on the batch in another order, put back after it: examples stay independent."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+        self.fc = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        index = self.order(x)  # row j of fc belongs to example index[j]
+        return self.head(torch.tanh(self.fc(x[index]))[index.argsort()])
+
+
+class _RowsMixed(nn.Module):
+    """Each row of ``fc``'s input mixes several examples (a reshape through the batch), undone
+    after it, as a misplaced ``transpose`` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        b = x.shape[0]
+        z = x.reshape(b, 3, 2).transpose(0, 1).reshape(b, 3, 2)
+        h = self.fc(z).reshape(3, b, 2).transpose(0, 1).reshape(b, 6)
+        return self.head(torch.tanh(h))
+
+
+_HIDDEN = {
+    "flipped": lambda: _Reordered(lambda x: torch.arange(x.shape[0] - 1, -1, -1)),
+    "rolled": lambda: _Reordered(lambda x: torch.arange(x.shape[0]).roll(1)),
+    "sorted by a feature": lambda: _Reordered(lambda x: x[:, 0].argsort()),
+    "rows mixed": _RowsMixed,
+}
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 7])  # the probe runs three examples: 1-3 repeat
+@pytest.mark.parametrize("name", sorted(_HIDDEN))
+def test_a_batch_reordered_around_a_layer_matches_the_loop(name, batch):
+    model, (x, y) = _seeded(_HIDDEN[name]), _batch(batch)
+    _, norms = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
+    c = _most_clipped_norm(norms)
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, c)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c)
+    _assert_same(sums, expected)
+    if batch >= 2:  # with one example there is no other to take its row
+        assert any("rows are not the batch's examples" in str(w.message) for w in caught)
+
+
+def test_one_example_moves_the_sum_of_a_reordered_batch_by_at_most_c():
+    """The bound DP-SGD needs, on the auditor's case: example 1's gradient is 0 (its target is
+    the model's output), so removing example 0 must move the sum by exactly example 0's clipped
+    gradient, of norm C. The rules on the flipped rows gave sqrt(2) C."""
+    model, c = _seeded(_HIDDEN["flipped"]), 0.01
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        y = model(x) + torch.tensor([[5.0, -5.0, 0.0], [0.0, 0.0, 0.0]])
+    loss = nn.MSELoss()
+    with pytest.warns(UserWarning, match="rows are not the batch's examples"):
+        both = clipped_gradient_sum(model, loss, x, y, max_grad_norm=c)
+    alone = clipped_gradient_sum(model, loss, x[1:], y[1:], max_grad_norm=c)
+    moved = torch.cat([(both[n] - alone[n]).flatten() for n in both])
+    assert float(torch.linalg.vector_norm(moved)) == pytest.approx(c, rel=1e-4)
+
+
+def test_a_clipper_probes_its_first_batch_once():
+    """Later batches reuse the plan, without a second warning, and still match the loop."""
+    model, (x, y) = _seeded(_HIDDEN["rolled"]), _batch(6)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    with pytest.warns(UserWarning, match="layer 'fc' is called on an input whose rows"):
+        clipper(x[:3], y[:3], max_grad_norm=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = clipper(x, y, max_grad_norm=0.5)
+    _assert_same(second.sums, _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)[0])
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def _doubled(module, args, output):
+    return 2 * output
+
+
+def _doubled_in_place(module, args, output):
+    output.mul_(2)
+
+
+@pytest.mark.parametrize("hook", [_doubled, _doubled_in_place])
+def test_a_forward_hook_that_changes_an_output_keeps_the_rules_and_matches_the_loop(hook):
+    """The hooks that keep a layer's output run before the user's, so they keep the layer's own
+    output, and the user's change is downstream of it in the graph."""
+    model, (x, y) = _seeded(_mlp), _batch(6)
+    model[0].register_forward_hook(hook)
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.2)
+    _assert_same(sums, expected)
+
+
+def test_a_forward_replaced_on_the_instance_falls_back_to_vmap():
+    """A wrapper's ``forward`` may compute something else than the layer's maths (here it
+    doubles the input), so the layer's rule cannot apply."""
+    model, (x, y) = _seeded(_mlp), _batch(6)
+    layer = model[0]
+    layer.forward = lambda inp: F.linear(2 * inp, layer.weight, layer.bias)
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.2)
+    with pytest.warns(UserWarning, match=r"'0' \(Linear\) has its forward replaced"):
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.2)
+    _assert_same(sums, expected)
+
+
+def test_a_global_forward_hook_sends_every_layer_to_vmap():
+    """Global forward hooks run before a layer's own, so none could keep the layer's output."""
+    model, (x, y) = _seeded(_mlp), _batch(6)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: 2 * out if isinstance(m, nn.Linear) else None
+    )
+    try:
+        expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.2)
+        with pytest.warns(UserWarning, match="'0' .*'2' .* global forward hook"):
+            sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.2)
+    finally:
+        handle.remove()
+    _assert_same(sums, expected)
+
+
+class _MixedDtypes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)  # float32
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)).double())
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_parameters_of_two_dtypes_match_the_loop(method):
+    """The float32 layer rounds differently in batches of 2 and 3, far above float64's epsilon:
+    the probe must still see that the float64 head's rows are the examples' (no warning)."""
+    model, (x, y) = _seeded(_MixedDtypes), _batch(6)
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.2, method=method)
+    assert {name: s.dtype for name, s in sums.items()} == {
+        name: p.dtype for name, p in model.named_parameters()
+    }
+    _assert_same(sums, expected)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.first = nn.Linear(6, 4)
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(checkpoint(self.block, self.first(x), use_reentrant=self.reentrant))
+
+
+def test_a_reentrant_checkpoint_is_refused_and_a_non_reentrant_one_matches_the_loop():
+    """With ``use_reentrant=True`` the checkpointed layers run without autograd in the forward
+    pass, so neither their rules nor torch.autograd.grad can see them."""
+    (x, y), model = _batch(6), _seeded(lambda: _Checkpointed(reentrant=True))
+    with pytest.raises(ValueError, match="use_reentrant=True.*pass use_reentrant=False"):
+        clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.2)
+    model.reentrant = False
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.2)
+    _assert_same(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.2), expected)
+
+
+def _distance_loss(outputs, targets):
+    """The mean Euclidean distance, written out: its gradient at a perfect prediction is
+    inf * 0 (torch's ``vector_norm`` would give 0 there)."""
+    return ((outputs - targets) ** 2).sum(dim=1).sqrt().mean()
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_an_example_whose_gradient_is_nan_is_refused_before_anything_is_added(method):
+    """Example 2 is predicted exactly (input 0, no biases, target 0), so its gradient under the
+    distance loss is nan; clipping it would make the whole sum nan (min(1, C/nan) is nan), so
+    the clipper refuses, naming the example, and leaves ``into`` as it was."""
+    model = _seeded(lambda: nn.Sequential(nn.Linear(6, 4, bias=False), nn.Linear(4, 3, bias=False)))
+    x, y = _batch(4)[0], torch.ones(4, 3)
+    x[2], y[2] = 0.0, 0.0
+    clipper = PerExampleClipper(model, loss=_distance_loss, method=method)
+    into = {name: torch.ones_like(p) for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"example\(s\) \[2\] of the batch is not finite"):
+        clipper.add_clipped_sum(x, y, max_grad_norm=1.0, into=into)
+    assert all(bool((t == 1).all()) for t in into.values())
