@@ -17,7 +17,12 @@ noise-free. Where it is **public** (a data set's split, a model's initial weight
 non-private training) the default is ``0``, so every reader sees the same numbers.
 
 A seed used for noise is a secret: whoever knows it can regenerate the noise and subtract it.
-Pass one to reproduce a run in a notebook or a test, never when releasing a result.
+Pass one to reproduce a run in a notebook or a test, never when releasing a result. Neither
+numpy's nor torch's generators are cryptographic, and torch's CPU generator keeps only 32 bits of
+its seed, so fresh entropy picks one of :math:`2^{32}` noise streams there: the guarantees of this
+package assume ideal randomness (as Opacus does outside its ``secure_mode``) and do not hold
+against an adversary who could search the seeds. A release that must resist that needs a
+cryptographic source of noise (OpenDP, Opacus's ``secure_mode``).
 """
 
 from __future__ import annotations

@@ -764,3 +764,64 @@ def test_a_pld_accountant_can_be_continued_and_targeted():
     event = dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(sigma))
     reference.compose(dp_accounting.SelfComposedDpEvent(event, steps))
     assert history[-1]["epsilon"] == pytest.approx(reference.get_epsilon(DELTA), abs=1e-3)
+
+
+def test_a_frozen_parameters_stale_gradient_is_never_applied():
+    """A non-private backward pass left a ``.grad`` on a layer frozen afterwards, and torch's
+    optimizers step every parameter that has one: without clearing it the run would move the
+    frozen weight by -lr T g, a gradient of the raw data, at every step."""
+    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+    nn.functional.cross_entropy(model(X), Y).backward()
+    model[0].weight.requires_grad_(False)
+    assert float(model[0].weight.grad.abs().max()) > 0  # the stale gradient is there
+    frozen = model[0].weight.detach().clone()
+    _run(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), lr=None)
+    assert torch.equal(model[0].weight, frozen)
+    assert model[0].weight.grad is None
+
+
+class _StopsAtStep(torch.optim.SGD):
+    """Plain SGD that raises ``error`` in its ``stop``-th step, before changing anything."""
+
+    def __init__(self, params, stop, error):
+        super().__init__(params, lr=0.5)
+        self.calls, self.stop, self.error = 0, stop, error
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise self.error
+        return super().step(closure)
+
+
+@pytest.mark.parametrize(
+    "error, continued", [(RuntimeError("disk full"), True), (KeyboardInterrupt(), False)]
+)
+def test_a_stopped_run_has_recorded_every_step_it_applied_and_says_what_they_spent(
+    error, continued
+):
+    """The 11th step fails in the optimizer: ten noisy steps changed the model, and the 11th
+    gradient was computed. The accountant holds 11 steps (each recorded before it is applied:
+    never fewer than were applied), and the exception's note gives their epsilon (compute_rdp
+    for 11 steps, the oracle), also when the run's accountant was its own."""
+    model = _model()
+    accountant = RDPAccountant() if continued else None
+    with pytest.raises(type(error)) as caught:
+        _run(model, optimizer=_StopsAtStep(model.parameters(), 11, error), lr=None,
+             accountant=accountant)  # fmt: skip
+    if continued:
+        assert len(accountant) == 11
+    (note,) = caught.value.__notes__
+    assert note.startswith("train_dpsgd stopped after 11 noisy step(s)")
+    assert f"epsilon = {_rdp_epsilon(1.0, 11):.4g} at delta = {DELTA}" in note
+
+
+def test_an_accountant_that_cannot_follow_the_run_says_so_before_training():
+    """With this little noise each step's privacy loss leaves the PLD grid; the run must refuse
+    before its first step, not after an epoch of steps that changed the model."""
+    model, accountant = _model(), PLDAccountant()
+    before = _flat(model)
+    with pytest.raises(ValueError, match="too small for the PLD accountant"):
+        _run(model, noise_multiplier=0.02, sample_rate=0.5, accountant=accountant)
+    assert torch.equal(_flat(model), before)
+    assert len(accountant) == 0

@@ -103,6 +103,36 @@ def _run_seed(seed: object, accountant: RDPAccountant | PLDAccountant) -> int | 
     return seed if len(accountant) == 0 else derive_seed(seed, len(accountant))
 
 
+def _continued(
+    accountant: RDPAccountant | PLDAccountant,
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+) -> RDPAccountant | PLDAccountant:
+    """A copy of ``accountant`` with ``steps`` more steps; ``accountant`` is left as it is."""
+    trial = copy.deepcopy(accountant)
+    for _ in range(steps):
+        trial.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    return trial
+
+
+def _note_spent(
+    error: BaseException, accountant: RDPAccountant | PLDAccountant, taken: int, delta: float
+) -> None:
+    """Say on ``error`` what the ``taken`` noisy steps of a run it stopped have spent."""
+    if taken == 0:
+        return
+    try:
+        epsilon = f"{accountant.get_epsilon(delta):.4g}"
+    except ValueError:  # PLD: a grid too small to follow the run
+        epsilon = "not computable by this accountant"
+    error.add_note(
+        f"train_dpsgd stopped after {taken} noisy step(s), which have changed the model; with "
+        f"them the accountant's total is epsilon = {epsilon} at delta = {delta}."
+    )
+
+
 def _calibrate(
     accountant: RDPAccountant | PLDAccountant,
     *,
@@ -119,9 +149,7 @@ def _calibrate(
     """
 
     def epsilon(sigma: float) -> float:
-        trial = copy.deepcopy(accountant)
-        for _ in range(steps):
-            trial.step(noise_multiplier=sigma, sample_rate=sample_rate)
+        trial = _continued(accountant, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
         try:
             return trial.get_epsilon(delta)
         except ValueError:  # PLD: so little noise that the losses leave the grid, far too much
@@ -188,10 +216,11 @@ def train_dpsgd(
     :func:`companion.accounting.get_noise_multiplier` uses for ``epochs=``). Each step draws a
     Poisson batch (:func:`poisson_sample`) and computes the noisy clipped gradient (as
     :func:`set_private_gradients` does); with an ``optimizer`` it goes into ``.grad`` and the
-    optimizer steps (``.grad`` is set to ``None`` at the end of the run), without one the
-    weights take a plain SGD step with ``lr``. The accountant records one step of the
-    Poisson-subsampled Gaussian mechanism. After each epoch it converts the privacy spent so far
-    into epsilon at ``delta``.
+    optimizer steps (the ``.grad`` of every parameter it holds is set to ``None`` before and
+    after the run, so that a frozen parameter's stale gradient is never applied), without one
+    the weights take a plain SGD step with ``lr``. The accountant records one step of the
+    Poisson-subsampled Gaussian mechanism before the step is applied. After each epoch it
+    converts the privacy spent so far into epsilon at ``delta``.
 
     *Noise.* Give ``noise_multiplier`` :math:`\sigma`, or ``target_epsilon``: then :math:`\sigma`
     is found by bisection so that the accountant's total epsilon after exactly these :math:`T`
@@ -202,7 +231,10 @@ def train_dpsgd(
 
     *Accounting across calls.* Pass the ``accountant`` of an earlier run (or one you built) to
     continue it: this run's steps are added to it in place and the reported epsilon is the total.
-    Default: a new :class:`companion.accounting.RDPAccountant`.
+    Default: a new :class:`companion.accounting.RDPAccountant`. A run that stops with an
+    exception (``KeyboardInterrupt`` too) has recorded every step it applied, and a note on the
+    exception gives their epsilon. One accountant must not serve two runs at the same time: each
+    would calibrate for, and draw from, the budget as it was when it started.
 
     *What is public.* The normaliser :math:`qN` (``expected_batch_size``) must not depend on
     the private data. By default it is ``sample_rate * len(x)``, which treats the data-set size
@@ -216,8 +248,13 @@ def train_dpsgd(
     pass updates must not depend on the private data.
 
     *Randomness.* One :class:`torch.Generator`, on the model's device, draws the batches and the
-    noise; ``seed=None`` (the default) seeds it from fresh OS entropy, so two runs never share
-    noise. A seed makes a run reproducible on the same kind of device, and must then stay secret:
+    noise; ``seed=None`` (the default) seeds it from fresh OS entropy, so two runs do not share
+    noise. Torch's generators are not cryptographic (on the CPU, a Mersenne Twister that keeps
+    32 bits of its seed): the guarantee assumes ideal randomness, as Opacus does outside its
+    ``secure_mode``, and does not hold against an adversary who could search the seeds; a
+    release that must resist that needs a cryptographic source (OpenDP, Opacus's
+    ``secure_mode``). A seed makes a run reproducible on the same kind of device, and must then
+    stay secret:
     random layers such as ``Dropout`` draw from torch's global generator (seed it too), a GPU
     draws other numbers than the CPU from the same seed, and some GPU kernels (a convolution's
     weight gradient, ``index_add_``) sum in a varying order unless
@@ -320,47 +357,62 @@ def train_dpsgd(
             sample_rate=sample_rate,
             steps=epochs * steps_per_epoch,
         )
-    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    else:  # the planned run's epsilon, so that an accountant that cannot follow it says so now
+        noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+        _continued(
+            accountant,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=epochs * steps_per_epoch,
+        ).get_epsilon(delta)
     params = trainable_named(model)
+    if optimizer is not None:  # a frozen parameter's stale .grad would be applied at every step
+        optimizer.zero_grad(set_to_none=True)
 
     train_data, test_data = data.evaluation(), None if test is None else test.evaluation()
     history: list[dict[str, Any]] = []
     model.train()
-    for epoch in progress_loop(
-        epochs, history=history, desc="DP-SGD", unit="epoch", progress=progress
-    ):
-        clipped, seen = 0, 0
-        for _ in range(steps_per_epoch):
-            xb, yb = data.batch(
-                poisson_sample(data.n, sample_rate=sample_rate, generator=generator)
-            )
-            sums, norms = noisy_clipped_gradient(
-                clipper,
-                xb,
-                yb,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm,
-                expected_batch_size=expected_batch_size,
-                generator=generator,
-            )
-            if optimizer is None:
-                with torch.no_grad():
+    start = len(accountant)
+    try:
+        for epoch in progress_loop(
+            epochs, history=history, desc="DP-SGD", unit="epoch", progress=progress
+        ):
+            clipped, seen = 0, 0
+            for _ in range(steps_per_epoch):
+                xb, yb = data.batch(
+                    poisson_sample(data.n, sample_rate=sample_rate, generator=generator)
+                )
+                sums, norms = noisy_clipped_gradient(
+                    clipper,
+                    xb,
+                    yb,
+                    noise_multiplier=noise_multiplier,
+                    max_grad_norm=max_grad_norm,
+                    expected_batch_size=expected_batch_size,
+                    generator=generator,
+                )
+                # Recorded before it is applied, so that no applied step goes unrecorded.
+                accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+                if optimizer is None:
+                    with torch.no_grad():
+                        for name, p in params:
+                            p.add_(sums[name], alpha=-lr)
+                else:
                     for name, p in params:
-                        p.add_(sums[name], alpha=-lr)
-            else:
-                for name, p in params:
-                    p.grad = sums[name]
-                optimizer.step()
-            accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-            clipped += int((norms > max_grad_norm).sum())
-            seen += norms.shape[0]
-        record: dict[str, Any] = {"epoch": epoch, "steps": epoch * steps_per_epoch}
-        record["epsilon"] = accountant.get_epsilon(delta)
-        record["delta"] = delta
-        record["noise_multiplier"] = noise_multiplier
-        record["clipped_fraction"] = clipped / seen if seen else 0.0
-        record.update(epoch_record(model, epoch, train_data, test_data, loss))
-        history.append(record)
+                        p.grad = sums[name]
+                    optimizer.step()
+                clipped = clipped + (norms > max_grad_norm).sum()  # on the device: no sync
+                seen += norms.shape[0]
+            record: dict[str, Any] = {"epoch": epoch, "steps": epoch * steps_per_epoch}
+            record["epsilon"] = accountant.get_epsilon(delta)
+            record["delta"] = delta
+            record["noise_multiplier"] = noise_multiplier
+            record["clipped_fraction"] = int(clipped) / seen if seen else 0.0
+            record.update(epoch_record(model, epoch, train_data, test_data, loss))
+            history.append(record)
+    except BaseException as error:  # KeyboardInterrupt too: say what the steps taken spent
+        _note_spent(error, accountant, len(accountant) - start, delta)
+        raise
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     return history

@@ -213,13 +213,18 @@ def dp_fedavg(
     training); to keep it out of the data, call :func:`dp_fedavg_aggregate` with a
     denominator chosen in advance. The records' ``"clients"`` (who was sampled) and test scores
     are outside the guarantee: releasing who was sampled would cancel the amplification by
-    sampling the accountant credits. The server sees the individual updates in the clear: it is
-    trusted to clip and add the noise (central DP); secure aggregation
+    sampling the accountant credits. So is a run that stops with an error on a sampled client
+    (local training that diverges to a non-finite update, a bad record): the error reveals that
+    the client was sampled, and its message names it. The run's accountant is its own: a second
+    call (after a run that stopped, or to train further) starts a new one, and the two calls'
+    epsilons must be added, which overstates their total. The server sees the individual updates
+    in the clear: it is trusted to clip and add the noise (central DP); secure aggregation
     (:mod:`companion.secure_aggregation`) with noise added by the clients removes that trust in
     deployed systems. Choose ``delta`` well below :math:`1/K` (a ``UserWarning`` says so).
 
     **Randomness.** With ``seed=None`` (the default) the client sampling, the noise and the
-    local shuffling come from fresh entropy, so two runs never share noise. A ``seed`` makes a
+    local shuffling come from fresh entropy, so two runs do not share noise (but the generators
+    are not cryptographic: see :func:`companion.dpsgd.train_dpsgd`). A ``seed`` makes a
     run reproducible (the sampling from :func:`numpy.random.default_rng`, the noise from a
     :class:`torch.Generator`, client ``k``'s shuffling in round ``t`` from
     ``numpy.random.SeedSequence((seed, t, k))``), and it is then a secret: whoever knows it can
@@ -320,8 +325,8 @@ def dp_fedavg(
             dtype=params[0][1].dtype,
             device=device,
         )
-        add_to_model(model, aggregate, server_lr)
         accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+        add_to_model(model, aggregate, server_lr)  # recorded first: no applied round unrecorded
         record: dict[str, Any] = {
             "round": round_,
             "clients": picked,
