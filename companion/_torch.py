@@ -296,13 +296,16 @@ def add_to_model(model: nn.Module, delta: Mapping[str, torch.Tensor], scale: flo
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in evaluation mode for a block and give it back its previous mode."""
-    was_training = model.training
-    model.eval()
+    """Put ``model`` in evaluation mode for a block and give each of its modules back its own
+    previous mode (a submodule a user put in evaluation mode stays there)."""
+    modes = [(module, module.training) for module in model.modules()]
+    if any(training for _, training in modes):
+        model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def evaluate_model(

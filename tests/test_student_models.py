@@ -537,3 +537,17 @@ def test_numpy_token_ids_get_a_message_that_says_numpy_becomes_float32():
     nonmembers = (tokens[4:], np.array([1, 0, 1, 0]))
     with pytest.raises(ValueError, match="numpy arrays become float32: give token ids as an int64"):
         loss_threshold_attack(_seeded(_Bag), members, nonmembers)
+
+
+def test_the_step_gives_each_module_back_its_own_training_mode():
+    """A student who keeps a Dropout in evaluation mode in a training model finds it so after
+    a step, whose checks and probe run the model in evaluation mode (restoring only the root's
+    mode would switch the Dropout back on)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5), nn.Linear(4, 3))
+    model.train()
+    model[1].eval()
+    x, y = torch.randn(5, 6, generator=_gen()), torch.tensor([0, 1, 2, 0, 1])
+    set_private_gradients(model, x, y, noise_multiplier=0.0, max_grad_norm=1.0,
+                          expected_batch_size=5.0, generator=_gen())  # fmt: skip
+    assert [m.training for m in model.modules()] == [True, True, False, True]

@@ -13,6 +13,7 @@ checked too (:func:`one_row_per_example`).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -86,23 +87,23 @@ def probe_rows(model: nn.Module, plan: LayerPlan, x: torch.Tensor, warned: set[s
     gradients, so that dropout is off."""
     picks = [0, x.shape[0] // 2, x.shape[0] - 1]
     alone = {i: _rows(model, plan, x[[i, i]]) for i in dict.fromkeys(picks)}
-    runs = [(order, _rows(model, plan, x[order])) for order in (picks, picks[::-1])]
+    together = [_rows(model, plan, x[order]) for order in (picks, picks[::-1])]
+    examples = picks + picks[::-1]  # whose row each row of the two runs together is
+
+    def has_rows(module: nn.Module, runs: list[Rows], size: int) -> bool:
+        return all(module in seen and one_row_per_example(*seen[module], size) for seen in runs)
 
     def own_rows(module: nn.Module) -> bool:
-        copies = {i: seen[module] for i, seen in alone.items() if module in seen}
-        if len(copies) < len(alone) or not all(one_row_per_example(*c, 2) for c in copies.values()):
+        if not (has_rows(module, list(alone.values()), 2) and has_rows(module, together, 3)):
             return False
-        for order, together in runs:
-            if module not in together or not one_row_per_example(*together[module], 3):
+        for k in (0, 1):  # the input, the output
+            rows = [seen[module][k] for seen in together]
+            own = torch.stack([alone[i][module][k][0] for i in examples])
+            if rows[0].shape != rows[1].shape or not _are_own(torch.cat(rows), own, examples):
                 return False
-            for k, rows in enumerate(together[module]):  # the input, the output
-                for r, i in enumerate(order):
-                    others = [copies[j][k][0] for j in copies if j != i]
-                    if not _is_own(rows[r], copies[i][k][0], others):
-                        return False
         return True
 
-    moved = [(name, m) for name, m in plan.hooked if m in runs[0][1] and not own_rows(m)]
+    moved = [(name, m) for name, m in plan.hooked if m in together[0] and not own_rows(m)]
     if not moved:
         return plan
     names = [repr(name) for name, _ in moved]
@@ -122,9 +123,11 @@ def probe_rows(model: nn.Module, plan: LayerPlan, x: torch.Tensor, warned: set[s
     return LayerPlan([layer for layer in plan.hooked if layer not in moved], fallback, plan.reasons)
 
 
-def _rows(
-    model: nn.Module, plan: LayerPlan, x: torch.Tensor
-) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+#: Each hooked layer's input and output in one run of the model.
+Rows = dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _rows(model: nn.Module, plan: LayerPlan, x: torch.Tensor) -> Rows:
     """Each hooked layer's input and output (its last call) when the model runs on ``x``."""
     capture = Capture(plan.hooked, copy=True)
     try:
@@ -134,19 +137,21 @@ def _rows(
     return {module: (a, b) for module, (a, b, _, _) in capture.seen.items()}
 
 
-def _is_own(row: torch.Tensor, own: torch.Tensor, others: list[torch.Tensor]) -> bool:
-    """Whether ``row`` is the example's own row ``own``, up to rounding: within the square root
-    of the dtype's epsilon (relative to ``own``'s largest entry), or ten times closer to ``own``
-    than the rows of the ``others`` examples are (two batch sizes may round differently, the more
-    so with TF32 or with a float32 layer before a float64 one)."""
-    if row.shape != own.shape:
+def _are_own(rows: torch.Tensor, own: torch.Tensor, examples: list[int]) -> bool:
+    """Whether each of ``rows`` is the row ``own`` of the same index, which belongs to example
+    ``examples[r]``, up to rounding: within the square root of the dtype's epsilon (relative to
+    the row's largest entry), or ten times closer to it than the rows of the other examples are
+    (two batch sizes may round differently, the more so with TF32 or with a float32 layer before
+    a float64 one)."""
+    if rows.shape != own.shape:
         return False
     if own.numel() == 0 or not own.is_floating_point():
-        return bool(torch.equal(row, own))
-    tolerance = torch.finfo(own.dtype).eps ** 0.5 * float(own.abs().max())
-    separation = min((_distance(own, o) for o in others if o.shape == own.shape), default=0.0)
-    return _distance(row, own) <= max(tolerance, 0.1 * separation)
-
-
-def _distance(u: torch.Tensor, v: torch.Tensor) -> float:
-    return float((u - v).abs().max())
+        return bool(torch.equal(rows, own))
+    flat = own.flatten(1)
+    distance = (rows.flatten(1) - flat).abs().amax(dim=1)
+    tolerance = torch.finfo(own.dtype).eps ** 0.5 * flat.abs().amax(dim=1)
+    gaps = (flat[:, None] - flat[None]).abs().amax(dim=2)  # between the examples' own rows
+    ids = torch.tensor(examples, device=own.device)
+    gaps = gaps.masked_fill(ids[:, None] == ids[None], math.inf).amin(dim=1)
+    separation = gaps.masked_fill(gaps == math.inf, 0.0)  # no other example: the tolerance
+    return bool((distance <= torch.maximum(tolerance, 0.1 * separation)).all())
