@@ -106,8 +106,8 @@ class RunData:
 
     def batch(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dataset is None:
-            mask = mask.to(self.device)
-            return self.x[mask], self.y[mask]
+            index = torch.nonzero(mask.to(self.device)).squeeze(1)  # one sync on a GPU, not two
+            return self.x[index], self.y[index]
         index = torch.nonzero(mask).squeeze(1).tolist()
         x, y = self._collate([self.dataset[i] for i in index or [0]])
         if not index:  # an empty batch, shaped as the first example's
