@@ -812,7 +812,7 @@ def test_a_stopped_run_has_recorded_every_step_it_applied_and_says_what_they_spe
     if continued:
         assert len(accountant) == 11
     (note,) = caught.value.__notes__
-    assert note.startswith("train_dpsgd stopped after 11 noisy step(s)")
+    assert note.startswith("train_dpsgd stopped after recording 11 noisy step(s)")
     assert f"epsilon = {_rdp_epsilon(1.0, 11):.4g} at delta = {DELTA}" in note
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from companion import data, models, training
+from companion._torch import add_to_model
 from companion.accounting import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
 from companion.federated import (
     client_datasets,
@@ -349,6 +350,30 @@ def test_dp_fedavg_epsilon_matches_the_accountant():
         assert record["epsilon"] == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-12)
         assert record["epsilon"] == pytest.approx(epsilon, rel=1e-9)  # summed vs multiplied RDP
     assert 0 < history[0]["epsilon"] < history[-1]["epsilon"]
+
+
+def test_a_stopped_dp_fedavg_run_says_what_its_recorded_rounds_spent(monkeypatch):
+    """The third round's update fails to apply (a KeyboardInterrupt, say): its round was
+    recorded first, and the note on the exception gives the epsilon of three rounds (compute_rdp,
+    the oracle), which would otherwise be lost with the run's own accountant."""
+    calls = []
+
+    def stop_at_the_third(model, aggregate, scale):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        add_to_model(model, aggregate, scale)
+
+    monkeypatch.setattr("companion.federated.loops.add_to_model", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        dp_fedavg(models.logistic_regression(), _iid_clients(20, n=40), rounds=6,
+                  sample_rate=0.25, noise_multiplier=1.3, max_update_norm=1.0, local_epochs=1,
+                  batch_size=None, lr=0.1, delta=1e-3, seed=0)  # fmt: skip
+    rdp = compute_rdp(q=0.25, noise_multiplier=1.3, steps=3, orders=DEFAULT_ORDERS)
+    epsilon, _ = get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=1e-3)
+    (note,) = caught.value.__notes__
+    assert note.startswith("dp_fedavg stopped after recording 3 noisy step(s)")
+    assert f"epsilon = {epsilon:.4g} at delta = 0.001" in note
 
 
 def test_dp_fedavg_without_noise_or_clipping_is_fedavg_with_equal_weights():

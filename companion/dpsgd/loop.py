@@ -21,6 +21,7 @@ from companion._torch import (
     check_loss_or_callable,
     epoch_record,
     model_device,
+    note_spent,
     progress_loop,
     trainable_named,
     warn_if_delta_large,
@@ -115,22 +116,6 @@ def _continued(
     for _ in range(steps):
         trial.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
     return trial
-
-
-def _note_spent(
-    error: BaseException, accountant: RDPAccountant | PLDAccountant, taken: int, delta: float
-) -> None:
-    """Say on ``error`` what the ``taken`` noisy steps of a run it stopped have spent."""
-    if taken == 0:
-        return
-    try:
-        epsilon = f"{accountant.get_epsilon(delta):.4g}"
-    except ValueError:  # PLD: a grid too small to follow the run
-        epsilon = "not computable by this accountant"
-    error.add_note(
-        f"train_dpsgd stopped after {taken} noisy step(s), which have changed the model; with "
-        f"them the accountant's total is epsilon = {epsilon} at delta = {delta}."
-    )
 
 
 def _calibrate(
@@ -242,10 +227,11 @@ def train_dpsgd(
     ``delta`` well below :math:`1/N` (a ``UserWarning`` comes when :math:`\delta \ge 1/N`).
     Only the model is protected: ``clipped_fraction`` and the training loss and accuracy in the
     records are computed from the raw data, for the reader's monitoring only. The guarantee also
-    assumes that every record passes the input checks: a run that stops with a ``ValueError``
-    on a bad record (a Dataset's are checked as they are drawn) reveals that, and its message,
-    outside the guarantee. The initial weights, the optimizer's state and any buffer a forward
-    pass updates must not depend on the private data.
+    assumes that every record passes the input checks and has a finite gradient: a run that
+    stops with a ``ValueError`` on a bad record (a Dataset's are checked as they are drawn) or on
+    a gradient that is not finite reveals that, and its message, outside the guarantee. The
+    initial weights, the optimizer's state and any buffer a forward pass updates must not depend
+    on the private data.
 
     *Randomness.* One :class:`torch.Generator`, on the model's device, draws the batches and the
     noise; ``seed=None`` (the default) seeds it from fresh OS entropy, so two runs do not share
@@ -303,7 +289,8 @@ def train_dpsgd(
             (see :func:`~companion.per_example.check_dp_compatible`) or its outputs on the first
             examples change when they are run together rather than one by one (see
             :func:`~companion.per_example.check_examples_independent`, which catches mistakes
-            but cannot prove independence), or the target cannot be reached.
+            but cannot prove independence), the target cannot be reached, or an example's
+            gradient is not finite (the run stops there: see *What is public*).
 
     Example:
         >>> from companion import data, models
@@ -411,7 +398,7 @@ def train_dpsgd(
             record.update(epoch_record(model, epoch, train_data, test_data, loss))
             history.append(record)
     except BaseException as error:  # KeyboardInterrupt too: say what the steps taken spent
-        _note_spent(error, accountant, len(accountant) - start, delta)
+        note_spent(error, accountant, len(accountant) - start, delta, run="train_dpsgd")
         raise
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)

@@ -272,7 +272,8 @@ def set_private_gradients(
         TypeError: if an argument is of the wrong kind.
         ValueError: if an argument is out of range or the model has a layer that mixes
             examples (:func:`~companion.per_example.check_dp_compatible`; a forward pass written
-            by hand that mixes them is not detected here).
+            by hand that mixes them is not detected here), or an example's gradient is not
+            finite.
 
     Example:
         >>> from companion import models
@@ -328,7 +329,7 @@ def noisy_clipped_gradient(
     Raises:
         TypeError: if ``clipper`` is not a :class:`~companion.per_example.PerExampleClipper` or
             ``generator`` not a :class:`torch.Generator`.
-        ValueError: if a number is out of range.
+        ValueError: if a number is out of range or an example's gradient is not finite.
 
     Example:
         >>> from companion import models
@@ -390,7 +391,8 @@ def dp_sgd_step(
         TypeError: if an argument is of the wrong kind.
         ValueError: if an argument is out of range or the model has a layer that mixes
             examples (:func:`~companion.per_example.check_dp_compatible`; a forward pass written
-            by hand that mixes them is not detected here).
+            by hand that mixes them is not detected here), or an example's gradient is not
+            finite.
 
     Example:
         >>> from companion import models

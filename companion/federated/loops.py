@@ -22,6 +22,7 @@ from companion._torch import (
     check_optional_test,
     evaluate_model,
     model_device,
+    note_spent,
     progress_loop,
     trainable_named,
     warn_if_delta_large,
@@ -215,9 +216,10 @@ def dp_fedavg(
     are outside the guarantee: releasing who was sampled would cancel the amplification by
     sampling the accountant credits. So is a run that stops with an error on a sampled client
     (local training that diverges to a non-finite update, a bad record): the error reveals that
-    the client was sampled, and its message names it. The run's accountant is its own: a second
-    call (after a run that stopped, or to train further) starts a new one, and the two calls'
-    epsilons must be added, which overstates their total. The server sees the individual updates
+    the client was sampled, and its message names it; a note on the error gives the epsilon of
+    the rounds recorded. The run's accountant is its own: a second call (after a run that
+    stopped, or to train further) starts a new one, and the two calls' epsilons must be added,
+    which overstates their total. The server sees the individual updates
     in the clear: it is trusted to clip and add the noise (central DP); secure aggregation
     (:mod:`companion.secure_aggregation`) with noise added by the clients removes that trust in
     deployed systems. Choose ``delta`` well below :math:`1/K` (a ``UserWarning`` says so).
@@ -308,31 +310,35 @@ def dp_fedavg(
     accountant = RDPAccountant()
 
     history: list[dict[str, Any]] = []
-    for round_ in progress_loop(
-        rounds, history=history, desc="DP-FedAvg", unit="round", progress=progress
-    ):
-        picked = [int(k) for k in np.flatnonzero(rng.random(num_clients) < sample_rate)]
-        updates = client_updates(
-            model, data, picked, seed, round_, local_epochs, batch_size, lr, 0.0, loss
-        )
-        aggregate = dp_fedavg_aggregate(
-            updates,
-            max_update_norm=max_update_norm,
-            noise_multiplier=noise_multiplier,
-            expected_clients=expected_clients,
-            generator=noise_generator,
-            parameter_shapes=shapes,
-            dtype=params[0][1].dtype,
-            device=device,
-        )
-        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-        add_to_model(model, aggregate, server_lr)  # recorded first: no applied round unrecorded
-        record: dict[str, Any] = {
-            "round": round_,
-            "clients": picked,
-            "epsilon": accountant.get_epsilon(delta),
-            "delta": delta,
-        }
-        record.update(_test_record(model, test_data, loss))
-        history.append(record)
+    try:
+        for round_ in progress_loop(
+            rounds, history=history, desc="DP-FedAvg", unit="round", progress=progress
+        ):
+            picked = [int(k) for k in np.flatnonzero(rng.random(num_clients) < sample_rate)]
+            updates = client_updates(
+                model, data, picked, seed, round_, local_epochs, batch_size, lr, 0.0, loss
+            )
+            aggregate = dp_fedavg_aggregate(
+                updates,
+                max_update_norm=max_update_norm,
+                noise_multiplier=noise_multiplier,
+                expected_clients=expected_clients,
+                generator=noise_generator,
+                parameter_shapes=shapes,
+                dtype=params[0][1].dtype,
+                device=device,
+            )
+            accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+            add_to_model(model, aggregate, server_lr)  # recorded first: none applied unrecorded
+            record: dict[str, Any] = {
+                "round": round_,
+                "clients": picked,
+                "epsilon": accountant.get_epsilon(delta),
+                "delta": delta,
+            }
+            record.update(_test_record(model, test_data, loss))
+            history.append(record)
+    except BaseException as error:  # KeyboardInterrupt too: say what the rounds taken spent
+        note_spent(error, accountant, len(accountant), delta, run="dp_fedavg")
+        raise
     return history

@@ -39,11 +39,15 @@ output head ``h @ embedding.weight.t()``) with ``vmap``, for those parameters on
 which. The rules read a layer's input and output with the examples along dimension 0, one row
 each; a layer called on another layout (a batch flattened to ``(B*T, F)``, or a sequence laid
 out ``(T, B, F)``, as torch's attention and recurrent layers take it by default) falls back to
-``vmap`` too, and so does a layer called on a batch reordered around it (``x.flip(0)``, a sort
-by length, undone after the layer). Each clipper finds such layers once, on its first batch: three
-of its examples run together and each runs alone (as two copies), and a layer keeps its rule if
-it gives every example the same row both ways (a batch of ``B = T`` examples alone would hide a
-``(T, B, F)`` layout); every batch's shapes are checked too. Random layers such as ``Dropout``
+``vmap`` too, and so does a layer called on a batch reordered around it (``x.flip(0)``, a sort,
+undone after the layer). Each clipper looks for such layers on its first batch that holds three
+distinct examples: three far-apart examples run together, in both orders, and each runs alone
+(as two copies), and a layer keeps its rule if it gives every example the same row both ways (a
+batch of ``B = T`` examples alone would hide a ``(T, B, F)`` layout); every batch's shapes are
+checked too. A reordering that depends on the data (a sort by length) is found only where it
+reorders those three examples: a model that sorts its batch should use ``method="vmap"``. A
+layer after a random draw (a VAE's sampling), whose rows change from run to run, is judged by
+the number of its rows only. Random layers such as ``Dropout``
 draw other masks in ``vmap``'s forward pass than in the rules' one, so under ``method="auto"``
 an example's gradient may mix two draws; it is still clipped as a whole, which is what the
 guarantee needs. Under :class:`torch.autocast` the clipped sum is computed with autocast switched

@@ -41,7 +41,7 @@ def plan_layers(model: nn.Module) -> LayerPlan:
 
     A layer falls back to vmap if its type has no rule, if it holds a trainable parameter its
     rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is replaced on the
-    instance or a global forward hook is registered, if it appears twice in the module tree,
+    instance, if it appears twice in the module tree,
     or if one of its parameters is shared with another layer (tied weights): a rule sees one
     call of one layer, while the gradient of a shared parameter sums over all of them. (Reads
     that only the forward pass shows are found for each batch, by :func:`autograd_graph`.)"""
@@ -82,10 +82,13 @@ def _why_no_rule(module: nn.Module) -> str | None:
     if "forward" in vars(module):
         # replaced on the instance (by a wrapper): the call may not compute the rule's maths
         return f"({kind}) has its forward replaced"
-    if getattr(nn.modules.module, "_global_forward_hooks", None):
-        # they run before the hook that keeps the layer's output, and may change it
-        return f"({kind}) is seen by a global forward hook, which may change its output"
     return None
+
+
+def global_forward_hooks() -> bool:
+    """Whether a global forward hook is registered (``register_module_forward_hook``): it runs
+    before the hooks that keep a layer's output, and may change that output."""
+    return bool(getattr(nn.modules.module, "_global_forward_hooks", None))
 
 
 #: The parameters the rules compute, by their names in a layer.
@@ -239,7 +242,7 @@ class PerExampleClipper:
         self.trainable = dict(trainable_named(self.model))
         self.plan = None if self.method == "vmap" else plan_layers(self.model)
         self._warned: set[str] = set()  # layers named in a fallback warning
-        self._probed = False  # whether probe_rows has run on the first batch
+        self._probed = False  # whether probe_rows has seen a batch of three distinct examples
         if self.plan is not None and self.plan.fallback:
             reasons = "; ".join(self.plan.reasons)
             if self.method == "layerwise":
@@ -285,7 +288,9 @@ class PerExampleClipper:
             The per-example gradient norms before clipping, shape ``(B,)``.
 
         Raises:
-            ValueError: if ``into`` lacks a trainable parameter.
+            ValueError: if ``into`` lacks a trainable parameter, an example's gradient is not
+                finite (then nothing is added), or the model runs layers in a reentrant
+                checkpoint.
 
         Example:
             >>> import torch
@@ -302,17 +307,29 @@ class PerExampleClipper:
             raise ValueError(f"into lacks the trainable parameter(s) {missing}.")
         if x.shape[0] == 0:
             return x.new_zeros(0, dtype=model_dtype(self.model))
-        if self.plan is not None and not self._probed:
-            self.plan, self._probed = probe_rows(self.model, self.plan, x, self._warned), True
-        with without_autocast(x.device):  # the rules need the parameters' dtype
-            if self.plan is None:
+        plan = self.plan
+        if plan is not None and global_forward_hooks():  # checked at every batch: no rules
+            plan = None
+            if "global hooks" not in self._warned:
+                self._warned.add("global hooks")
+                warn(
+                    "a global forward hook is registered (register_module_forward_hook): it may "
+                    "change the outputs the per-layer rules read, so while it is, every "
+                    "per-example gradient is computed with vmap, which is slower; the result is "
+                    "the same."
+                )
+        with without_autocast(x.device):  # the rules (and the probe) need the parameters' dtype
+            if plan is not None and not self._probed:  # until it tells 3 examples apart
+                self.plan, self._probed = probe_rows(self.model, plan, x, self._warned)
+                plan = self.plan
+            if plan is None:
                 grads = vmap_gradients(self.model, self.mean_loss, x, y, list(self.trainable))
                 with torch.no_grad():
                     entries = [materialised(name, g) for name, g in grads.items()]
                     return add_clipped(entries, max_grad_norm, into, scale)
             return layerwise_add_clipped(
                 self.model,
-                self.plan,
+                plan,
                 self.mean_loss,
                 self.sum_loss,
                 x,
@@ -360,7 +377,8 @@ def clipped_gradient_sum(
 
     Raises:
         TypeError: if an argument is of the wrong kind.
-        ValueError: if an argument is out of range, or ``method="layerwise"`` does not apply.
+        ValueError: if an argument is out of range, ``method="layerwise"`` does not apply, an
+            example's gradient is not finite, or the model runs layers in a reentrant checkpoint.
 
     Example:
         >>> import torch

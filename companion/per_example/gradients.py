@@ -353,7 +353,8 @@ def clip_and_sum(
 
     Raises:
         TypeError: if ``per_example_grads`` is not a non-empty dict of tensors.
-        ValueError: if the tensors disagree on the batch size or ``max_grad_norm`` is not > 0.
+        ValueError: if the tensors disagree on the batch size, ``max_grad_norm`` is not > 0, or
+            an example's gradient is not finite.
 
     Example:
         >>> import torch
@@ -383,10 +384,16 @@ Entry = tuple[str, torch.Tensor, AddTo]
 
 
 def squared_norms(per_example: torch.Tensor) -> torch.Tensor:
-    """Each example's squared L2 norm (``per_example`` is (B,) for a scalar parameter);
-    ``vector_norm`` is much faster than ``square().sum()``."""
+    """Each example's squared L2 norm (``per_example`` is (B,) for a scalar parameter), in
+    :func:`norm_dtype`; ``vector_norm`` is much faster than ``square().sum()``."""
     rows = per_example.flatten(1) if per_example.dim() > 1 else per_example[:, None]
-    return torch.linalg.vector_norm(rows, dim=1).square()
+    return torch.linalg.vector_norm(rows, dim=1, dtype=norm_dtype(rows.dtype)).square()
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of squared norms: float32 for 16-bit floats (float16's squares overflow past a
+    norm of 256), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def materialised(name: str, grads: torch.Tensor) -> Entry:
@@ -415,8 +422,9 @@ def add_clipped(
         bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
         raise ValueError(
             f"the gradient of example(s) {bad[:5]} of the batch is not finite, so clipping "
-            "cannot bound it: an input or a weight is too large for the model's dtype, or the "
-            "loss is not finite there."
+            "cannot bound it. An input or a weight may be too large for the model's dtype, or "
+            "the loss may have no gradient there (a square root at 0, as in a distance at an "
+            "exact prediction)."
         )
     factors = scale_factors(norms, max_grad_norm) * scale
     for name, _, add_to in entries:

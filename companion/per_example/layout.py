@@ -73,39 +73,64 @@ def one_row_per_example(a: torch.Tensor, b: torch.Tensor, batch: int) -> bool:
     return a.dim() > 0 and b.dim() > 0 and a.shape[0] == b.shape[0] == batch
 
 
-def probe_rows(model: nn.Module, plan: LayerPlan, x: torch.Tensor, warned: set[str]) -> LayerPlan:
-    """``plan`` with the hooked layers whose rows are not the examples moved to vmap, with a
-    warning naming them.
+def probe_rows(
+    model: nn.Module, plan: LayerPlan, x: torch.Tensor, warned: set[str]
+) -> tuple[LayerPlan, bool]:
+    """``plan`` with the hooked layers whose rows are not the examples moved to vmap (with a
+    warning naming them), and whether the probe could tell three examples of ``x`` apart.
 
-    Three examples of the batch ``x`` (the first, middle and last; repeated if ``x`` has fewer)
-    run together, in this order and reversed, and each of them runs alone, as two copies (one
+    Three examples of the batch (the first, the one farthest from it, and the one farthest
+    from both) run together, in this order and reversed, and each runs alone, as two copies (one
     copy would fail ``.squeeze()``). A layer keeps its rule if it gives three rows, and two for
-    the copies, and row ``r`` of the three is the row of example ``r``'s copies. A layout of
-    positions ``(T, B, F)`` cannot pass for both ``B = 2`` and ``B = 3``; a batch reordered or
-    mixed around the layer cannot give each example its own row (if the three differ), and a
-    sort cannot leave both orders as they are. The model runs in evaluation mode without
-    gradients, so that dropout is off."""
-    picks = [0, x.shape[0] // 2, x.shape[0] - 1]
-    alone = {i: _rows(model, plan, x[[i, i]]) for i in dict.fromkeys(picks)}
-    together = [_rows(model, plan, x[order]) for order in (picks, picks[::-1])]
-    examples = picks + picks[::-1]  # whose row each row of the two runs together is
+    the copies, and row ``r`` of the three is ten times closer to example ``r``'s row among the
+    copies than the other examples' rows are (two batch sizes may round differently, the more so
+    with TF32). A layout of positions ``(T, B, F)`` cannot pass for both ``B = 2`` and ``B = 3``;
+    a batch reordered or mixed around the layer cannot give each example its own row, and a sort
+    cannot leave both orders as they are. A layer whose rows change between two runs of the same
+    batch (after a random draw: a VAE's sampling, added noise) is judged by its rows' number
+    only. The model runs in evaluation mode without gradients, so that dropout is off, and the
+    global random generators are left as they were."""
+    picks, distinct = _far_apart(x)
+    orders = (picks, picks[::-1])
+    with torch.random.fork_rng(devices=_cuda_index(x.device)):
+        alone = {i: _rows(model, plan, x[[i, i]]) for i in dict.fromkeys(picks)}
+        together = [_rows(model, plan, x[order]) for order in orders]
+        examples = [i for order in orders for i in order]  # whose each row of `together` is
 
-    def has_rows(module: nn.Module, runs: list[Rows], size: int) -> bool:
-        return all(module in seen and one_row_per_example(*seen[module], size) for seen in runs)
+        def shaped(module: nn.Module) -> bool:
+            return all(
+                module in seen and one_row_per_example(*seen[module], size)
+                for runs, size in ((alone.values(), 2), (together, 3))
+                for seen in runs
+            )
 
-    def own_rows(module: nn.Module) -> bool:
-        if not (has_rows(module, list(alone.values()), 2) and has_rows(module, together, 3)):
-            return False
-        for k in (0, 1):  # the input, the output
-            rows = [seen[module][k] for seen in together]
-            own = torch.stack([alone[i][module][k][0] for i in examples])
-            if rows[0].shape != rows[1].shape or not _are_own(torch.cat(rows), own, examples):
-                return False
-        return True
+        def own_rows(module: nn.Module) -> bool:
+            return all(
+                _are_own(
+                    _joined([seen[module][k] for seen in together]),
+                    _joined([alone[i][module][k][:1] for i in examples]),
+                    examples,
+                )
+                for k in (0, 1)  # the input, the output
+            )
 
-    moved = [(name, m) for name, m in plan.hooked if m in together[0] and not own_rows(m)]
+        def repeatable(module: nn.Module, again: list[Rows]) -> bool:
+            return all(module in seen for seen in again) and all(
+                _are_own(
+                    _joined([seen[module][k] for seen in again]),
+                    _joined([seen[module][k] for seen in together]),
+                    examples,
+                )
+                for k in (0, 1)
+            )
+
+        seen = [(name, m) for name, m in plan.hooked if m in together[0]]
+        moved = [(n, m) for n, m in seen if not shaped(m) or not own_rows(m)]
+        if moved:  # unless a random draw, which changes the rows of a second run, explains it
+            again = [_rows(model, plan, x[order]) for order in orders]
+            moved = [(n, m) for n, m in moved if not shaped(m) or repeatable(m, again)]
     if not moved:
-        return plan
+        return plan, distinct
     names = [repr(name) for name, _ in moved]
     warned.update(names)
     warn(
@@ -120,7 +145,28 @@ def probe_rows(model: nn.Module, plan: LayerPlan, x: torch.Tensor, warned: set[s
         for n, p in module.named_parameters(recurse=False)
         if p.requires_grad
     ]
-    return LayerPlan([layer for layer in plan.hooked if layer not in moved], fallback, plan.reasons)
+    hooked = [layer for layer in plan.hooked if layer not in moved]
+    return LayerPlan(hooked, fallback, plan.reasons), distinct
+
+
+def _far_apart(x: torch.Tensor) -> tuple[list[int], bool]:
+    """Three examples of ``x`` far apart (the first, the farthest from it, the farthest from
+    both), and whether they are three distinct ones. With fewer, the last is the second again:
+    ``[a, b, b]`` is no palindrome, so reversing it still shows a reordered batch."""
+    flat = x.reshape(x.shape[0], -1).to(torch.float64)
+    gap = (flat - flat[0]).abs().amax(dim=1)
+    second = int(gap.argmax())
+    gap = torch.minimum(gap, (flat - flat[second]).abs().amax(dim=1))
+    third = int(gap.argmax())
+    distinct = bool(gap[third] > 0)
+    return [0, second, third if distinct else second], distinct
+
+
+def _cuda_index(device: torch.device) -> list[int]:
+    """The CUDA generators :func:`torch.random.fork_rng` must save besides the CPU's."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 #: Each hooked layer's input and output in one run of the model.
@@ -137,21 +183,26 @@ def _rows(model: nn.Module, plan: LayerPlan, x: torch.Tensor) -> Rows:
     return {module: (a, b) for module, (a, b, _, _) in capture.seen.items()}
 
 
-def _are_own(rows: torch.Tensor, own: torch.Tensor, examples: list[int]) -> bool:
+def _joined(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """The rows in one tensor, or None if their shapes differ (a layout that changes with the
+    batch)."""
+    return torch.cat(rows) if len({r.shape[1:] for r in rows}) == 1 else None
+
+
+def _are_own(rows: torch.Tensor | None, own: torch.Tensor | None, examples: list[int]) -> bool:
     """Whether each of ``rows`` is the row ``own`` of the same index, which belongs to example
-    ``examples[r]``, up to rounding: within the square root of the dtype's epsilon (relative to
-    the row's largest entry), or ten times closer to it than the rows of the other examples are
-    (two batch sizes may round differently, the more so with TF32 or with a float32 layer before
-    a float64 one)."""
-    if rows.shape != own.shape:
+    ``examples[r]``: ten times closer to it than the other examples' rows are, or, where no
+    other example differs, within the square root of the dtype's epsilon (relative to the row's
+    largest entry)."""
+    if rows is None or own is None or rows.shape != own.shape:
         return False
     if own.numel() == 0 or not own.is_floating_point():
         return bool(torch.equal(rows, own))
     flat = own.flatten(1)
     distance = (rows.flatten(1) - flat).abs().amax(dim=1)
-    tolerance = torch.finfo(own.dtype).eps ** 0.5 * flat.abs().amax(dim=1)
     gaps = (flat[:, None] - flat[None]).abs().amax(dim=2)  # between the examples' own rows
     ids = torch.tensor(examples, device=own.device)
-    gaps = gaps.masked_fill(ids[:, None] == ids[None], math.inf).amin(dim=1)
-    separation = gaps.masked_fill(gaps == math.inf, 0.0)  # no other example: the tolerance
-    return bool((distance <= torch.maximum(tolerance, 0.1 * separation)).all())
+    separation = gaps.masked_fill(ids[:, None] == ids[None], math.inf).amin(dim=1)
+    tolerance = torch.finfo(own.dtype).eps ** 0.5 * flat.abs().amax(dim=1)
+    bound = torch.where((separation > 0) & (separation < math.inf), 0.1 * separation, tolerance)
+    return bool((distance <= bound).all())

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from companion.per_example.gradients import Entry, add_weighted, materialised, squared_norms
+from companion.per_example.gradients import (
+    Entry,
+    add_weighted,
+    materialised,
+    norm_dtype,
+    squared_norms,
+)
 
 __all__ = ["LAYER_RULES"]
 
@@ -67,8 +73,9 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
         bg = b.reshape(batch, length, groups, -1).transpose(1, 2)  # (B, g, L, O/g)
         i_size, o_size = ag.shape[-1], bg.shape[-1]
         if length * (i_size + o_size) < i_size * o_size:  # ghost norm is cheaper
-            gram_a = ag @ ag.transpose(-1, -2)
-            gram_b = bg @ bg.transpose(-1, -2)
+            wide_a, wide_b = ag.to(norm_dtype(ag.dtype)), bg.to(norm_dtype(bg.dtype))
+            gram_a = wide_a @ wide_a.transpose(-1, -2)
+            gram_b = wide_b @ wide_b.transpose(-1, -2)
             squares = torch.einsum("bgls,bgls->b", gram_a, gram_b)
 
             def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
@@ -229,7 +236,8 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
         segment = torch.empty_like(segment).scatter_(0, order, segment)  # in position order
         summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows)
         example, tokens, rows = pairs // vocabulary, pairs % vocabulary, summed
-        squares = rows.new_zeros(batch).index_add_(0, example, squared_norms(summed))
+        pair_squares = squared_norms(summed)
+        squares = pair_squares.new_zeros(batch).index_add_(0, example, pair_squares)
     else:
         # Few repeats: the squared norms of single positions, plus those of the row sums of the
         # pairs held at several positions; the total adds rows one by one (index_add_ sums them).
