@@ -6,6 +6,7 @@ Part of :mod:`companion.per_example`; import from there.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -418,8 +419,11 @@ def add_clipped(
     for _, sq, _ in entries[1:]:
         squares = squares + sq  # not in place: the first is an entry's own tensor
     norms = squares.sqrt()
-    if not bool(torch.isfinite(norms).all()):  # clipping it would give nan, and spread it
-        bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+    # One sum and one sync (cheaper than isfinite().all()) to look for an example whose gradient
+    # is not finite: clipping it would give nan, which the sum would spread.
+    if not math.isfinite(float(squares.sum())) and (
+        bad := torch.nonzero(~torch.isfinite(squares)).flatten().tolist()
+    ):
         raise ValueError(
             f"the gradient of example(s) {bad[:5]} of the batch is not finite, so clipping "
             "cannot bound it. An input or a weight may be too large for the model's dtype, or "

@@ -79,16 +79,17 @@ def probe_rows(
     """``plan`` with the hooked layers whose rows are not the examples moved to vmap (with a
     warning naming them), and whether the probe could tell three examples of ``x`` apart.
 
-    Three examples of the batch (the first, the one farthest from it, and the one farthest
-    from both) run together, in this order and reversed, and each runs alone, as two copies (one
-    copy would fail ``.squeeze()``). A layer keeps its rule if it gives three rows, and two for
-    the copies, and row ``r`` of the three is ten times closer to example ``r``'s row among the
-    copies than the other examples' rows are (two batch sizes may round differently, the more so
-    with TF32). A layout of positions ``(T, B, F)`` cannot pass for both ``B = 2`` and ``B = 3``;
-    a batch reordered or mixed around the layer cannot give each example its own row, and a sort
-    cannot leave both orders as they are. A layer whose rows change between two runs of the same
-    batch (after a random draw: a VAE's sampling, added noise) is judged by its rows' number
-    only. The model runs in evaluation mode without gradients, so that dropout is off, and the
+    Three of the batch's first 16 examples (the first, the one farthest from it, and the one
+    farthest from both) run together, in this order and reversed, and each runs alone, as two
+    copies (one copy would fail ``.squeeze()``). A layer keeps its rule if it gives three rows,
+    and two for the copies, and row ``r`` of the three is ten times closer to example ``r``'s
+    row among the copies than the other examples' rows are (two batch sizes may round
+    differently, the more so with TF32). A layout of positions ``(T, B, F)`` cannot pass for
+    both ``B = 2`` and ``B = 3``; a batch reordered or mixed around the layer cannot give each
+    example its own row, and a sort cannot leave both orders as they are. A layer whose rows
+    change between two runs of the same batch (after a random draw: a VAE's sampling, added
+    noise) is judged by its rows' number only. The model runs in evaluation mode without
+    gradients, so that dropout is off, and the
     global random generators are left as they were."""
     picks, distinct = _far_apart(x)
     orders = (picks, picks[::-1])
@@ -150,15 +151,16 @@ def probe_rows(
 
 
 def _far_apart(x: torch.Tensor) -> tuple[list[int], bool]:
-    """Three examples of ``x`` far apart (the first, the farthest from it, the farthest from
-    both), and whether they are three distinct ones. With fewer, the last is the second again:
-    ``[a, b, b]`` is no palindrome, so reversing it still shows a reordered batch."""
-    flat = x.reshape(x.shape[0], -1).to(torch.float64)
-    gap = (flat - flat[0]).abs().amax(dim=1)
-    second = int(gap.argmax())
-    gap = torch.minimum(gap, (flat - flat[second]).abs().amax(dim=1))
-    third = int(gap.argmax())
-    distinct = bool(gap[third] > 0)
+    """Three of the batch's first 16 examples far apart (the first, the farthest from it, the
+    farthest from both), and whether they are three distinct ones. With fewer, the last is the
+    second again: ``[a, b, b]`` is no palindrome, so reversing it still shows a reordered batch.
+    One row at a time: a batch of large images would take much memory at once."""
+    rows = x[:16].reshape(min(x.shape[0], 16), -1)
+    gaps = [_distance(row, rows[0]) for row in rows]
+    second = max(range(len(rows)), key=gaps.__getitem__)
+    gaps = [min(gap, _distance(row, rows[second])) for gap, row in zip(gaps, rows, strict=True)]
+    third = max(range(len(rows)), key=gaps.__getitem__)
+    distinct = gaps[third] > 0
     return [0, second, third if distinct else second], distinct
 
 
@@ -206,3 +208,7 @@ def _are_own(rows: torch.Tensor | None, own: torch.Tensor | None, examples: list
     tolerance = torch.finfo(own.dtype).eps ** 0.5 * flat.abs().amax(dim=1)
     bound = torch.where((separation > 0) & (separation < math.inf), 0.1 * separation, tolerance)
     return bool((distance <= bound).all())
+
+
+def _distance(u: torch.Tensor, v: torch.Tensor) -> float:
+    return float((u.double() - v.double()).abs().max())
