@@ -40,18 +40,17 @@ which. The rules read a layer's input and output with the examples along dimensi
 each; a layer called on another layout (a batch flattened to ``(B*T, F)``, or a sequence laid
 out ``(T, B, F)``, as torch's attention and recurrent layers take it by default) falls back to
 ``vmap`` too, and so does a layer called on a batch reordered around it (``x.flip(0)``, a sort,
-undone after the layer). Each clipper looks for such layers on its first batch that holds three
-distinct examples: three far-apart examples run together, in both orders, and each runs alone
-(as two copies), and a layer keeps its rule if it gives every example the same row both ways (a
-batch of ``B = T`` examples alone would hide a ``(T, B, F)`` layout); every batch's shapes are
-checked too. A reordering that depends on the data (a sort by length) is found only where it
-reorders those three examples: a model that sorts its batch should use ``method="vmap"``. A
-layer after a random draw (a VAE's sampling), whose rows change from run to run, is judged by
-the number of its rows only. Random layers such as ``Dropout``
-draw other masks in ``vmap``'s forward pass than in the rules' one, so under ``method="auto"``
-an example's gradient may mix two draws; it is still clipped as a whole, which is what the
-guarantee needs. Under :class:`torch.autocast` the clipped sum is computed with autocast switched
-off, in the parameters' own dtype.
+undone after the layer). Every batch's shapes are checked, and a clipper's first three batches
+of two examples or more are checked in their autograd graph: the loss of the even examples, and
+then of the first half, must reach no row of a layer's output outside them (two more backward
+passes; exact zeros, so neither rounding, identical examples nor random draws matter). A layer
+that fails moves to ``vmap`` for the clipper's life. A reordering that depends on the data (a
+sort by length) is found only if it reorders one of the checked batches: a model that sorts its
+batch should use ``method="vmap"``. Random layers such as ``Dropout`` draw other masks in
+``vmap``'s forward pass than in the rules' one, so under ``method="auto"`` an example's gradient
+may mix two draws; it is still clipped as a whole, which is what the guarantee needs. Under
+:class:`torch.autocast` the clipped sum is computed with autocast switched off, in the
+parameters' own dtype.
 
 .. note::
 

@@ -6,7 +6,6 @@ Part of :mod:`companion.per_example`; import from there.
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 
 import torch
 from torch import nn
@@ -28,7 +27,15 @@ from companion.per_example.gradients import (
     vmap_gradients,
     without_autocast,
 )
-from companion.per_example.layout import Capture, LayerPlan, one_row_per_example, probe_rows
+from companion.per_example.layout import (
+    Capture,
+    LayerPlan,
+    autograd_graph,
+    move_to_vmap,
+    one_row_per_example,
+    refuse_reentrant_checkpoint,
+    rows_cross,
+)
 from companion.per_example.rules import LAYER_RULES
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
@@ -95,31 +102,6 @@ def global_forward_hooks() -> bool:
 _RULED = ("weight", "bias")
 
 
-def autograd_graph(loss: torch.Tensor) -> tuple[Counter[int], set[object]]:
-    """The operations of the autograd graph of ``loss``, and how many of them read each leaf.
-
-    Returns ``(reads, nodes)``: ``reads[id(t)]`` counts the operations that read the leaf tensor
-    ``t`` (a trainable parameter), and ``nodes`` holds every operation's node (a tensor's
-    ``grad_fn``). A rule computes a layer's gradients from its one call, so it applies only where
-    that call's output is in the graph and each of the layer's parameters is read once: by that
-    call. A parameter also read elsewhere (a tied output head ``h @ embedding.weight.t()``) is
-    read more often, or, when the call's output does not reach the loss, read only elsewhere.
-    """
-    reads: Counter[int] = Counter()
-    stack = [loss.grad_fn] if loss.grad_fn is not None else []
-    nodes = set(stack)
-    while stack:
-        for node, _ in stack.pop().next_functions:
-            if node is None:
-                continue
-            if hasattr(node, "variable"):  # AccumulateGrad: the node of a leaf tensor
-                reads[id(node.variable)] += 1
-            elif node not in nodes:
-                nodes.add(node)
-                stack.append(node)
-    return reads, nodes
-
-
 def layerwise_add_clipped(
     model: nn.Module,
     plan: LayerPlan,
@@ -130,12 +112,10 @@ def layerwise_add_clipped(
     max_grad_norm: float,
     into: dict[str, torch.Tensor],
     scale: float,
-    warned: set[str],
-) -> torch.Tensor:
-    """Add ``scale`` times the clipped sum of the batch into ``into`` with the rules; the norms.
-
-    A layer found to fall back to vmap is named in a warning once: ``warned`` (the clipper's)
-    holds the layers already named."""
+) -> tuple[torch.Tensor, list[tuple[str, nn.Module]]]:
+    """Add ``scale`` times the clipped sum of the batch into ``into`` with the rules; the norms,
+    and the hooked layers this batch showed the rules do not apply to (computed with vmap, named
+    in a warning; the caller moves them to vmap for good)."""
     for copy in (False, True):
         capture = Capture(plan.hooked, copy)
         try:
@@ -148,37 +128,26 @@ def layerwise_add_clipped(
             break  # else a layer's input or output was changed in place: again, with copies
     loss = sum_loss(outputs, y)
     reads, nodes = autograd_graph(loss)
-    if any(type(node).__name__ == "CheckpointFunctionBackward" for node in nodes):
-        raise ValueError(
-            "the model calls torch.utils.checkpoint.checkpoint with use_reentrant=True, which "
-            "hides the layers it runs from per-example gradients; pass use_reentrant=False."
-        )
-    active, fallback, moved = [], list(plan.fallback), []
+    refuse_reentrant_checkpoint(nodes)
+    active, misread, misrowed = [], [], []
     for name, module in plan.hooked:
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         # The hook keeps a layer's last call; the rule applies if it reads every parameter once
         # and the call's input and output have one row per example of the batch.
         seen = capture.seen.get(module)
-        if (
-            seen is not None
-            and seen[1].grad_fn in nodes
-            and all(reads[id(p)] == 1 for _, p in own)
-            and one_row_per_example(seen[0], seen[1], x.shape[0])
-        ):
-            active.append((name, module))  # each parameter read once in the graph: by this call
-        elif any(reads[id(p)] for _, p in own):  # read by several calls, outside the call, or
-            # by a call whose rows are not the examples
-            prefix = f"{name}." if name else ""
-            fallback.extend(prefix + n for n, _ in own)  # a hooked layer's own: canonical names
-            moved.append(repr(name))
-        # else no parameter of the layer reaches the loss, and its gradients are 0
-    if new := [name for name in moved if name not in warned]:
-        warned.update(new)
-        warn(
-            f"layer {', '.join(new)} is called more than once or has a parameter read outside "
-            "its call, or its input's rows are not the batch's examples: its per-example "
-            "gradients are computed with vmap, which is slower; the result is the same."
+        read_once = (
+            seen is not None and seen[1].grad_fn in nodes and all(reads[id(p)] == 1 for p in own)
         )
+        if read_once and one_row_per_example(seen[0], seen[1], x.shape[0]):
+            active.append((name, module))  # each parameter read once in the graph: by this call
+        elif read_once:
+            misrowed.append((name, module))
+        elif any(reads[id(p)] for p in own):  # read by several calls or outside the call
+            misread.append((name, module))
+        # else no parameter of the layer reaches the loss, and its gradients are 0
+    warn_moved(misread, "is called more than once or has a parameter read outside its call")
+    warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
+    moved = misread + misrowed
     targets = [capture.seen[m][1] for _, m in active]
     output_grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else []
     entries: list[Entry] = []
@@ -190,16 +159,38 @@ def layerwise_add_clipped(
             entries.extend(
                 (prefix + p, sq, s) for p, sq, s in LAYER_RULES[type(module)](module, a, b)
             )
+    fallback = move_to_vmap(plan, moved).fallback
     grads = vmap_gradients(model, mean_loss, x, y, fallback) if fallback else {}
     with torch.no_grad():
         entries.extend(materialised(name, g) for name, g in grads.items())
         if not entries:  # the forward pass reached no trainable layer: every gradient is 0
-            return x.new_zeros(x.shape[0], dtype=model_dtype(model))
-        return add_clipped(entries, max_grad_norm, into, scale)
+            return x.new_zeros(x.shape[0], dtype=model_dtype(model)), moved
+        return add_clipped(entries, max_grad_norm, into, scale), moved
+
+
+#: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.
+ROWS_ARE_NOT_EXAMPLES = (
+    "is called on an input whose rows are not the batch's examples (a flattened batch, a sequence "
+    "laid out (T, B, F), or a batch reordered around it)"
+)
+
+
+def warn_moved(layers: list[tuple[str, nn.Module]], why: str) -> None:
+    """Name the hooked ``layers`` that move to vmap, and why."""
+    if layers:
+        warn(
+            f"layer {', '.join(repr(name) for name, _ in layers)} {why}: its per-example "
+            "gradients are computed with vmap from now on, which is slower; the result is the same."
+        )
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     return next(p for p in model.parameters() if p.requires_grad).dtype
+
+
+#: How many batches (of two examples or more) each clipper checks with :func:`rows_cross`: the
+#: layout of a layer seldom depends on the data, but a sort by length can leave a batch as it is.
+_CHECKED_BATCHES = 3
 
 
 class PerExampleClipper:
@@ -241,8 +232,8 @@ class PerExampleClipper:
         self.method = check_method(method)
         self.trainable = dict(trainable_named(self.model))
         self.plan = None if self.method == "vmap" else plan_layers(self.model)
-        self._warned: set[str] = set()  # layers named in a fallback warning
-        self._probed = False  # whether probe_rows has seen a batch of three distinct examples
+        self._warned_hooks = False  # whether a global forward hook has been warned about
+        self._checks_left = _CHECKED_BATCHES  # batches of >= 2 examples whose rows to check
         if self.plan is not None and self.plan.fallback:
             reasons = "; ".join(self.plan.reasons)
             if self.method == "layerwise":
@@ -310,24 +301,26 @@ class PerExampleClipper:
         plan = self.plan
         if plan is not None and global_forward_hooks():  # checked at every batch: no rules
             plan = None
-            if "global hooks" not in self._warned:
-                self._warned.add("global hooks")
+            if not self._warned_hooks:
+                self._warned_hooks = True
                 warn(
                     "a global forward hook is registered (register_module_forward_hook): it may "
                     "change the outputs the per-layer rules read, so while it is, every "
                     "per-example gradient is computed with vmap, which is slower; the result is "
                     "the same."
                 )
-        with without_autocast(x.device):  # the rules (and the probe) need the parameters' dtype
-            if plan is not None and not self._probed:  # until it tells 3 examples apart
-                self.plan, self._probed = probe_rows(self.model, plan, x, self._warned)
-                plan = self.plan
+        with without_autocast(x.device):  # the rules need the parameters' dtype
             if plan is None:
                 grads = vmap_gradients(self.model, self.mean_loss, x, y, list(self.trainable))
                 with torch.no_grad():
                     entries = [materialised(name, g) for name, g in grads.items()]
                     return add_clipped(entries, max_grad_norm, into, scale)
-            return layerwise_add_clipped(
+            if self._checks_left > 0 and x.shape[0] >= 2:  # one example: nothing to mix
+                self._checks_left -= 1
+                moved = rows_cross(self.model, plan, self.sum_loss, x[:8], y[:8])
+                warn_moved(moved, ROWS_ARE_NOT_EXAMPLES)
+                self.plan = plan = move_to_vmap(plan, moved)
+            norms, moved = layerwise_add_clipped(
                 self.model,
                 plan,
                 self.mean_loss,
@@ -337,8 +330,10 @@ class PerExampleClipper:
                 max_grad_norm,
                 into,
                 scale,
-                self._warned,
             )
+        if moved:
+            self.plan = move_to_vmap(plan, moved)
+        return norms
 
 
 def clipped_gradient_sum(
@@ -360,7 +355,7 @@ def clipped_gradient_sum(
     parameters only, with a warning naming them. A layer with a rule that a batch shows to be
     called more than once, whose parameters are read outside its call (tied weights), or whose
     input's rows are not the examples falls back to ``vmap`` under both methods, with a warning
-    (seen in the batch and in copies of its first example, not when the model is planned).
+    (seen in the batch, not when the model is planned; see :mod:`companion.per_example`).
 
     Args:
         model: the model; its parameters are read, not changed.

@@ -7,20 +7,20 @@ batch flattened to ``(B*T, F)`` or a sequence laid out ``(T, B, F)`` (rows are p
 for a forward pass that reorders the batch around the layer (``x.flip(0)``, a sort by length)
 and puts it back: the model still treats examples independently, but the rule would give one
 example's gradient part of another's, and one example could then move the clipped sum by more
-than :math:`C`. :func:`probe_rows` finds such layers once per clipper; every batch's shapes are
-checked too (:func:`one_row_per_example`).
+than :math:`C`. Every batch's shapes are checked (:func:`one_row_per_example`), and the autograd
+graph of a few examples of the first batches shows which rows each example's loss reads
+(:func:`rows_cross`).
 """
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from companion._outputs import run_model
-from companion._validation import warn
+from companion._torch import LossFn
 
 __all__: list[str] = []
 
@@ -73,95 +73,85 @@ def one_row_per_example(a: torch.Tensor, b: torch.Tensor, batch: int) -> bool:
     return a.dim() > 0 and b.dim() > 0 and a.shape[0] == b.shape[0] == batch
 
 
-def probe_rows(
-    model: nn.Module, plan: LayerPlan, x: torch.Tensor, warned: set[str]
-) -> tuple[LayerPlan, bool]:
-    """``plan`` with the hooked layers whose rows are not the examples moved to vmap (with a
-    warning naming them), and whether the probe could tell three examples of ``x`` apart.
+def autograd_graph(loss: torch.Tensor) -> tuple[Counter[int], set[object]]:
+    """The operations of the autograd graph of ``loss``, and how many of them read each leaf.
 
-    Three of the batch's first 16 examples (the first, the one farthest from it, and the one
-    farthest from both) run together, in this order and reversed, and each runs alone, as two
-    copies (one copy would fail ``.squeeze()``). A layer keeps its rule if it gives three rows,
-    and two for the copies, and row ``r`` of the three is ten times closer to example ``r``'s
-    row among the copies than the other examples' rows are (two batch sizes may round
-    differently, the more so with TF32). A layout of positions ``(T, B, F)`` cannot pass for
-    both ``B = 2`` and ``B = 3``; a batch reordered or mixed around the layer cannot give each
-    example its own row, and a sort cannot leave both orders as they are. A layer whose rows
-    change between two runs of the same batch (after a random draw: a VAE's sampling, added
-    noise) is judged by its rows' number only. The model runs in evaluation mode without
-    gradients, so that dropout is off, and the
-    global random generators are left as they were."""
-    picks, distinct = _far_apart(x)
-    orders = (picks, picks[::-1])
-    with torch.random.fork_rng(devices=_cuda_index(x.device)):
-        alone = {i: _rows(model, plan, x[[i, i]]) for i in dict.fromkeys(picks)}
-        together = [_rows(model, plan, x[order]) for order in orders]
-        examples = [i for order in orders for i in order]  # whose each row of `together` is
-
-        def shaped(module: nn.Module) -> bool:
-            return all(
-                module in seen and one_row_per_example(*seen[module], size)
-                for runs, size in ((alone.values(), 2), (together, 3))
-                for seen in runs
-            )
-
-        def own_rows(module: nn.Module) -> bool:
-            return all(
-                _are_own(
-                    _joined([seen[module][k] for seen in together]),
-                    _joined([alone[i][module][k][:1] for i in examples]),
-                    examples,
-                )
-                for k in (0, 1)  # the input, the output
-            )
-
-        def repeatable(module: nn.Module, again: list[Rows]) -> bool:
-            return all(module in seen for seen in again) and all(
-                _are_own(
-                    _joined([seen[module][k] for seen in again]),
-                    _joined([seen[module][k] for seen in together]),
-                    examples,
-                )
-                for k in (0, 1)
-            )
-
-        seen = [(name, m) for name, m in plan.hooked if m in together[0]]
-        moved = [(n, m) for n, m in seen if not shaped(m) or not own_rows(m)]
-        if moved:  # unless a random draw, which changes the rows of a second run, explains it
-            again = [_rows(model, plan, x[order]) for order in orders]
-            moved = [(n, m) for n, m in moved if not shaped(m) or repeatable(m, again)]
-    if not moved:
-        return plan, distinct
-    names = [repr(name) for name, _ in moved]
-    warned.update(names)
-    warn(
-        f"layer {', '.join(names)} is called on an input whose rows are not the batch's "
-        "examples (a flattened batch, a sequence laid out (T, B, F), or a batch reordered "
-        "around it): its per-example gradients are computed with vmap, which is slower; the "
-        "result is the same."
-    )
-    fallback = plan.fallback + [
-        f"{name}.{n}" if name else n
-        for name, module in moved
-        for n, p in module.named_parameters(recurse=False)
-        if p.requires_grad
-    ]
-    hooked = [layer for layer in plan.hooked if layer not in moved]
-    return LayerPlan(hooked, fallback, plan.reasons), distinct
+    Returns ``(reads, nodes)``: ``reads[id(t)]`` counts the operations that read the leaf tensor
+    ``t`` (a trainable parameter), and ``nodes`` holds every operation's node (a tensor's
+    ``grad_fn``). A rule computes a layer's gradients from its one call, so it applies only where
+    that call's output is in the graph and each of the layer's parameters is read once: by that
+    call. A parameter also read elsewhere (a tied output head ``h @ embedding.weight.t()``) is
+    read more often, or, when the call's output does not reach the loss, read only elsewhere.
+    """
+    reads: Counter[int] = Counter()
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    nodes = set(stack)
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is None:
+                continue
+            if hasattr(node, "variable"):  # AccumulateGrad: the node of a leaf tensor
+                reads[id(node.variable)] += 1
+            elif node not in nodes:
+                nodes.add(node)
+                stack.append(node)
+    return reads, nodes
 
 
-def _far_apart(x: torch.Tensor) -> tuple[list[int], bool]:
-    """Three of the batch's first 16 examples far apart (the first, the farthest from it, the
-    farthest from both), and whether they are three distinct ones. With fewer, the last is the
-    second again: ``[a, b, b]`` is no palindrome, so reversing it still shows a reordered batch.
-    One row at a time: a batch of large images would take much memory at once."""
-    rows = x[:16].reshape(min(x.shape[0], 16), -1)
-    gaps = [_distance(row, rows[0]) for row in rows]
-    second = max(range(len(rows)), key=gaps.__getitem__)
-    gaps = [min(gap, _distance(row, rows[second])) for gap, row in zip(gaps, rows, strict=True)]
-    third = max(range(len(rows)), key=gaps.__getitem__)
-    distinct = gaps[third] > 0
-    return [0, second, third if distinct else second], distinct
+def refuse_reentrant_checkpoint(nodes: set[object]) -> None:
+    """Refuse a graph (its ``nodes``, from :func:`autograd_graph`) with a reentrant checkpoint,
+    whose layers run without autograd in the forward pass: no rule and no gradient sees them."""
+    if any(type(node).__name__ == "CheckpointFunctionBackward" for node in nodes):
+        raise ValueError(
+            "the model calls torch.utils.checkpoint.checkpoint with use_reentrant=True, which "
+            "hides the layers it runs from per-example gradients; pass use_reentrant=False."
+        )
+
+
+def rows_cross(
+    model: nn.Module, plan: LayerPlan, sum_loss: LossFn, x: torch.Tensor, y: torch.Tensor
+) -> list[tuple[str, nn.Module]]:
+    r"""The hooked layers whose rows, in a forward pass on the few examples ``x``, are not one per
+    example or reach the loss of other examples than their own.
+
+    A rule is right for a layer if row :math:`p` of its output reaches only example :math:`p`'s
+    loss: then the gradient of the summed loss at row :math:`p` is example :math:`p`'s alone. For
+    a set :math:`S` of examples, the gradient of :math:`\sum_{j \in S} \ell_j` with respect to
+    a layer's output must then be exactly 0 outside :math:`S`. Each example's loss reads its own
+    row of the model's outputs only, so that gradient is the outputs' backward with the summed
+    loss's gradient kept on :math:`S`. Two sets, the even rows and the first half, split every
+    pair of examples that a reordered batch (a flip, a roll, a sort) or a ``(T, B, F)`` layout
+    joins. Exact zeros: no tolerance, and neither identical examples nor random draws matter. The
+    forward pass runs in the model's mode (layers used in training only are seen), and draws
+    nothing from the global generators (``fork_rng``).
+    """
+    capture = Capture(plan.hooked, copy=True)
+    try:
+        with torch.random.fork_rng(devices=_cuda_index(x.device)):
+            outputs = model(x)
+    finally:
+        capture.remove()
+    seen = [(name, m) for name, m in plan.hooked if m in capture.seen]
+    wrong = [(n, m) for n, m in seen if not one_row_per_example(*capture.seen[m][:2], len(x))]
+    right = [(n, m) for n, m in seen if (n, m) not in wrong and capture.seen[m][1].requires_grad]
+    if not right or not outputs.requires_grad:
+        return wrong
+    targets = [capture.seen[m][1] for _, m in right]
+    loss = sum_loss(outputs, y)
+    refuse_reentrant_checkpoint(autograd_graph(loss)[1])
+    (gradient,) = torch.autograd.grad(loss, outputs)
+    rows = torch.arange(len(x), device=x.device)
+    for inside in (rows % 2 == 0, rows < (len(x) + 1) // 2):
+        kept = gradient * inside.reshape(-1, *[1] * (gradient.dim() - 1))
+        grads = torch.autograd.grad(
+            outputs, targets, grad_outputs=kept, retain_graph=True, allow_unused=True
+        )
+        wrong += [
+            layer
+            for layer, g in zip(right, grads, strict=True)
+            if layer not in wrong and g is not None and bool(g[~inside].ne(0).any())
+        ]
+    return wrong
 
 
 def _cuda_index(device: torch.device) -> list[int]:
@@ -171,44 +161,13 @@ def _cuda_index(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
-#: Each hooked layer's input and output in one run of the model.
-Rows = dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
-
-
-def _rows(model: nn.Module, plan: LayerPlan, x: torch.Tensor) -> Rows:
-    """Each hooked layer's input and output (its last call) when the model runs on ``x``."""
-    capture = Capture(plan.hooked, copy=True)
-    try:
-        run_model(model, x)
-    finally:
-        capture.remove()
-    return {module: (a, b) for module, (a, b, _, _) in capture.seen.items()}
-
-
-def _joined(rows: list[torch.Tensor]) -> torch.Tensor | None:
-    """The rows in one tensor, or None if their shapes differ (a layout that changes with the
-    batch)."""
-    return torch.cat(rows) if len({r.shape[1:] for r in rows}) == 1 else None
-
-
-def _are_own(rows: torch.Tensor | None, own: torch.Tensor | None, examples: list[int]) -> bool:
-    """Whether each of ``rows`` is the row ``own`` of the same index, which belongs to example
-    ``examples[r]``: ten times closer to it than the other examples' rows are, or, where no
-    other example differs, within the square root of the dtype's epsilon (relative to the row's
-    largest entry)."""
-    if rows is None or own is None or rows.shape != own.shape:
-        return False
-    if own.numel() == 0 or not own.is_floating_point():
-        return bool(torch.equal(rows, own))
-    flat = own.flatten(1)
-    distance = (rows.flatten(1) - flat).abs().amax(dim=1)
-    gaps = (flat[:, None] - flat[None]).abs().amax(dim=2)  # between the examples' own rows
-    ids = torch.tensor(examples, device=own.device)
-    separation = gaps.masked_fill(ids[:, None] == ids[None], math.inf).amin(dim=1)
-    tolerance = torch.finfo(own.dtype).eps ** 0.5 * flat.abs().amax(dim=1)
-    bound = torch.where((separation > 0) & (separation < math.inf), 0.1 * separation, tolerance)
-    return bool((distance <= bound).all())
-
-
-def _distance(u: torch.Tensor, v: torch.Tensor) -> float:
-    return float((u.double() - v.double()).abs().max())
+def move_to_vmap(plan: LayerPlan, layers: list[tuple[str, nn.Module]]) -> LayerPlan:
+    """``plan`` with the hooked ``layers`` moved to vmap."""
+    fallback = plan.fallback + [
+        f"{name}.{n}" if name else n
+        for name, module in layers
+        for n, p in module.named_parameters(recurse=False)
+        if p.requires_grad
+    ]
+    hooked = [layer for layer in plan.hooked if layer not in layers]
+    return LayerPlan(hooked, fallback, plan.reasons)
