@@ -368,3 +368,36 @@ def test_a_float16_model_with_norms_above_256_is_clipped_like_the_float64_loop()
         for name, value in half.items():
             torch.testing.assert_close(value.double(), expected[name], rtol=1e-2, atol=1e-2)
         model.double()
+
+
+class _Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens).mean(dim=1))
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(x), x
+
+
+@pytest.mark.parametrize(
+    "build, x, error, match",
+    [
+        (_Bag, torch.tensor([[1, 7], [2, 3]]), ValueError, "model cannot be applied.*out of range"),
+        (_Pair, torch.ones(2, 6), TypeError, "model must return a tensor of outputs, got tuple"),
+    ],
+)
+def test_the_first_batchs_check_explains_a_model_it_cannot_run(build, x, error, match):
+    """The check's own forward pass is a clipper's first: its errors say what is wrong."""
+    clipper = PerExampleClipper(_seeded(build), loss="cross_entropy")
+    with pytest.raises(error, match=match):
+        clipper(x, torch.tensor([0, 1]), max_grad_norm=1.0)

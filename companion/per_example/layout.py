@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from companion._outputs import model_error
 from companion._torch import LossFn
 
 __all__: list[str] = []
@@ -129,8 +130,12 @@ def rows_cross(
     try:
         with torch.random.fork_rng(devices=_cuda_index(x.device)):
             outputs = model(x)
+    except IndexError as error:  # token ids out of range
+        raise model_error(x, error) from error
     finally:
         capture.remove()
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(f"model must return a tensor of outputs, got {type(outputs).__name__}.")
     seen = [(name, m) for name, m in plan.hooked if m in capture.seen]
     wrong = [(n, m) for n, m in seen if not one_row_per_example(*capture.seen[m][:2], len(x))]
     right = [(n, m) for n, m in seen if (n, m) not in wrong and capture.seen[m][1].requires_grad]
