@@ -48,10 +48,10 @@ def plan_layers(model: nn.Module) -> LayerPlan:
 
     A layer falls back to vmap if its type has no rule, if it holds a trainable parameter its
     rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is replaced on the
-    instance, if it appears twice in the module tree,
-    or if one of its parameters is shared with another layer (tied weights): a rule sees one
-    call of one layer, while the gradient of a shared parameter sums over all of them. (Reads
-    that only the forward pass shows are found for each batch, by :func:`autograd_graph`.)"""
+    instance, if it appears twice in the module tree, or if one of its parameters is shared with
+    another layer (tied weights): a rule sees one call of one layer, while the gradient of a
+    shared parameter sums over all of them. (Reads that only the forward pass shows are found
+    for each batch, by :func:`autograd_graph`.)"""
     canonical = {id(p): name for name, p in model.named_parameters()}
     module_uses: dict[int, int] = {}
     param_owners: dict[int, int] = {}
