@@ -73,10 +73,7 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
         bg = b.reshape(batch, length, groups, -1).transpose(1, 2)  # (B, g, L, O/g)
         i_size, o_size = ag.shape[-1], bg.shape[-1]
         if length * (i_size + o_size) < i_size * o_size:  # ghost norm is cheaper
-            wide_a, wide_b = ag.to(norm_dtype(ag.dtype)), bg.to(norm_dtype(bg.dtype))
-            gram_a = wide_a @ wide_a.transpose(-1, -2)
-            gram_b = wide_b @ wide_b.transpose(-1, -2)
-            squares = torch.einsum("bgls,bgls->b", gram_a, gram_b)
+            squares = _ghost_squares(ag, bg)
 
             def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
                 weighted = bg * f[:, None, None, None]
@@ -87,6 +84,36 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
             grads = bg.transpose(-1, -2) @ ag  # (B, g, O/g, I/g)
             out.append(materialised("weight", grads))
     return out + _bias(layer, b)
+
+
+#: On the ghost-norm path, an example whose squared weight-gradient norm is below the square of
+#: its bound divided by this is clipped as if its norm were the bound (:func:`_ghost_squares`).
+GHOST_MAX_CANCELLATION = 100.0
+
+
+def _ghost_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""Each example's squared norm of :math:`\sum_s b_s a_s^\top` over positions :math:`s`, from
+    Gram matrices (``a`` is (B, g, L, I) and ``b`` (B, g, L, O), by group).
+
+    The squared norm is :math:`\sum_{s,t} \langle a_s, a_t \rangle \langle b_s, b_t \rangle`, whose
+    rounding error is relative to the bound :math:`M = (\sum_s \lVert a_s \rVert \lVert b_s
+    \rVert)^2` (the triangle inequality), not to the norm: where an example's positions cancel
+    (a record crafted so), float32 would measure the norm far too small, even negative (NaN), and
+    the clipped vector, computed by another product, would exceed :math:`C`. So the sums run in
+    float64 (float32 on Apple's ``mps``, which has none), and an example whose squared norm is
+    below :math:`M / 100^2` is given :math:`M`: it is clipped harder, never softer. The vector
+    added has a rounding error below about :math:`L u \sqrt{M}` (:math:`u` the unit roundoff), so
+    its norm exceeds :math:`C` by at most about :math:`100 L u\, C` (float32, :math:`L = 64`:
+    :math:`4 \times 10^{-4} C`; in practice far less).
+    """
+    dtype = norm_dtype(a.dtype)
+    wide = torch.float32 if a.device.type == "mps" else torch.float64
+    a, b = a.to(wide), b.to(wide)
+    squares = torch.einsum("bgls,bgls->b", a @ a.transpose(-1, -2), b @ b.transpose(-1, -2))
+    row_norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+    bound = row_norms.sum(dim=-1).square().sum(dim=-1)
+    squares = torch.where(squares * GHOST_MAX_CANCELLATION**2 < bound, bound, squares)
+    return squares.to(dtype)
 
 
 def _one_position(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
@@ -235,23 +262,29 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
         pairs, segment = torch.unique_consecutive(sorted_keys, return_inverse=True)
         segment = torch.empty_like(segment).scatter_(0, order, segment)  # in position order
         summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows)
-        example, tokens, rows = pairs // vocabulary, pairs % vocabulary, summed
         pair_squares = squared_norms(summed)
-        squares = pair_squares.new_zeros(batch).index_add_(0, example, pair_squares)
+        squares = pair_squares.new_zeros(batch).index_add_(0, pairs // vocabulary, pair_squares)
+        single = None
     else:
         # Few repeats: the squared norms of single positions, plus those of the row sums of the
-        # pairs held at several positions; the total adds rows one by one (index_add_ sums them).
+        # pairs held at several positions.
         repeated = torch.zeros_like(order, dtype=torch.bool)
         repeated[1:] |= repeats
         repeated[:-1] |= repeats
         positions = order[repeated]
-        squares = squared_norms(rows).index_fill_(0, positions, 0.0).view(batch, -1).sum(dim=1)
+        single = torch.ones_like(tokens, dtype=rows.dtype).index_fill_(0, positions, 0.0)
+        squares = (squared_norms(rows) * single).view(batch, -1).sum(dim=1)
         pairs, segment = torch.unique_consecutive(sorted_keys[repeated], return_inverse=True)
         summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows[positions])
         squares.index_add_(0, pairs // vocabulary, squared_norms(summed))
 
+    # The total adds the rows as they were measured: single positions, and the pairs' sums. (Were
+    # a pair's rows added one by one, rounding could take a pair whose rows cancel, and with it
+    # its example, far past the norm measured.)
     def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
-        total.index_add_(0, tokens, rows * f[example, None])
+        if single is not None:
+            total.index_add_(0, tokens, rows * (f[example] * single)[:, None])
+        total.index_add_(0, pairs % vocabulary, summed * f[pairs // vocabulary, None])
 
     return [("weight", squares, add_to)]
 
