@@ -13,7 +13,7 @@ from torch import nn
 from companion._torch import LossFn, eval_mode
 from companion._validation import warn
 
-__all__ = ["check_outputs", "looks_like_probabilities", "run_model"]
+__all__ = ["batch_outputs", "check_outputs", "looks_like_probabilities", "run_model"]
 
 # A softmax row sums to 1 up to rounding, about n_classes * 2**-24 in float32; logits that are all
 # non-negative and sum to 1 within this tolerance for every example do not occur in practice.
@@ -42,6 +42,21 @@ def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise model_error(x, error) from None
     if not isinstance(outputs, torch.Tensor):
         raise TypeError(f"model must return a tensor of outputs, got {type(outputs).__name__}.")
+    return outputs
+
+
+def batch_outputs(outputs: object, batch: int) -> torch.Tensor:
+    """``outputs``, checked to be a tensor with one row per example of a ``batch``: checked at
+    every batch, since a ``.squeeze()`` keeps the rows of a batch of many but not of one."""
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(f"model must return a tensor of outputs, got {type(outputs).__name__}.")
+    if outputs.dim() == 0 or outputs.shape[0] != batch:
+        raise ValueError(
+            f"model returned outputs of shape {tuple(outputs.shape)} for a batch of {batch} "
+            "example(s): they must have one row per example along dimension 0. A .squeeze() "
+            "removes it from a batch of one, which Poisson sampling draws and vmap gives the "
+            "model for each example: use .squeeze(-1)."
+        )
     return outputs
 
 

@@ -401,3 +401,95 @@ def test_the_first_batchs_check_explains_a_model_it_cannot_run(build, x, error, 
     clipper = PerExampleClipper(_seeded(build), loss="cross_entropy")
     with pytest.raises(error, match=match):
         clipper(x, torch.tensor([0, 1]), max_grad_norm=1.0)
+
+
+class _OwnBatchNorm(nn.Module):
+    """A student's batch norm between two Linears: the batch mean in training, a buffer in
+    evaluation. In training each example's loss reads every example's input."""
+
+    def __init__(self, centre_input=False):
+        super().__init__()
+        self.centre_input = centre_input
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("mean", torch.zeros(8))
+
+    def forward(self, x):
+        if self.centre_input and self.training:
+            x = x - x.mean(0)
+        h = self.fc1(x)
+        if not self.centre_input:
+            h = h - (h.mean(0) if self.training else self.mean)
+        return self.fc2(torch.relu(h))
+
+
+@pytest.mark.parametrize("centre_input", [False, True], ids=["after-fc1", "input"])
+@pytest.mark.parametrize("method", ["auto", "layerwise"])
+def test_a_forward_pass_that_mixes_examples_in_training_is_refused(centre_input, method):
+    """Before, the rules read fc2's batch-centred input, and one example moved the sum by 5.4 C
+    (the audit's measure) under a warning that the result was the same."""
+    model = _seeded(lambda: _OwnBatchNorm(centre_input))
+    x, y = _batch(16)
+    with pytest.raises(ValueError, match="mixes the examples of a batch"):
+        clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.1, method=method)
+    # Control: in evaluation mode the same model treats examples independently.
+    model.eval()
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.1)
+    result = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.1, method=method)
+    _assert_same(result, expected)
+
+
+def test_train_dpsgd_refuses_a_model_that_mixes_examples_in_training_only():
+    """train_dpsgd's own independence check runs in evaluation mode; the clipper's sees it."""
+    from companion.dpsgd import train_dpsgd
+
+    x, y = _batch(64)
+    with pytest.raises(ValueError, match="mixes the examples of a batch"):
+        train_dpsgd(
+            _seeded(_OwnBatchNorm), x, y, max_grad_norm=1.0, sample_rate=0.25, epochs=1,
+            delta=1e-3, noise_multiplier=1.0, lr=0.1, seed=0,
+        )  # fmt: skip
+
+
+class _Squeezed(nn.Module):
+    """The tutorial binary classifier: ``.squeeze()`` drops the batch dimension of one example."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))).squeeze()
+
+
+@pytest.mark.parametrize("method, batch", [("auto", 1), ("vmap", 3), ("layerwise", 1)])
+def test_a_squeeze_that_drops_the_batch_dimension_gets_a_message_naming_it(method, batch):
+    """A Poisson batch of one (or vmap's one example) gave torch's BCE shape error."""
+    clipper = PerExampleClipper(_seeded(_Squeezed), loss="bce", method=method)
+    x = _batch(batch)[0]
+    with pytest.raises(ValueError, match=r"shape \(\) for a batch of 1 .*squeeze\(-1\)"):
+        clipper(x, torch.ones(batch), max_grad_norm=1.0)
+
+
+def test_a_compiled_model_is_refused_and_a_compiled_part_matches_the_loop():
+    """torch.compile's graph gives the outputs the hooks keep no gradient: before, every norm
+    was 0. A compiled model is refused; a compiled submodule falls back to vmap (aot_eager,
+    the backend that shows it, without a C compiler)."""
+    with pytest.raises(TypeError, match="compiled module"):
+        PerExampleClipper(torch.compile(nn.Linear(6, 3)), loss="cross_entropy")
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.compile(
+                nn.Sequential(nn.Linear(6, 8), nn.Tanh()), backend="aot_eager"
+            )
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model, (x, y) = _seeded(Body), _batch(12)
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with pytest.warns(UserWarning, match="autograd does not give"):
+        result = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
+    _assert_same(result, expected)

@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import nn
 
-from companion._outputs import model_error
+from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
 from companion.per_example.gradients import (
@@ -126,7 +126,7 @@ def layerwise_add_clipped(
             capture.remove()
         if copy or not capture.changed():
             break  # else a layer's input or output was changed in place: again, with copies
-    loss = sum_loss(outputs, y)
+    loss = sum_loss(batch_outputs(outputs, x.shape[0]), y)
     reads, nodes = autograd_graph(loss)
     refuse_reentrant_checkpoint(nodes)
     active, misread, misrowed = [], [], []
@@ -145,16 +145,20 @@ def layerwise_add_clipped(
         elif any(reads[id(p)] for p in own):  # read by several calls or outside the call
             misread.append((name, module))
         # else no parameter of the layer reaches the loss, and its gradients are 0
-    warn_moved(misread, "is called more than once or has a parameter read outside its call")
-    warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
-    moved = misread + misrowed
     targets = [capture.seen[m][1] for _, m in active]
     output_grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else []
+    # A compiled model's graph holds the outputs the hooks keep, but gives them no gradient.
+    hidden = [layer for layer, b in zip(active, output_grads, strict=True) if b is None]
+    warn_moved(misread, "is called more than once or has a parameter read outside its call")
+    warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
+    warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
+    moved = misread + misrowed + hidden
     entries: list[Entry] = []
     with torch.no_grad():
         for (name, module), b in zip(active, output_grads, strict=True):
+            if b is None:
+                continue
             a = capture.seen[module][0].detach()
-            b = torch.zeros_like(capture.seen[module][1]) if b is None else b
             prefix = f"{name}." if name else ""
             entries.extend(
                 (prefix + p, sq, s) for p, sq, s in LAYER_RULES[type(module)](module, a, b)

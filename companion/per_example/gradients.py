@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from companion import _torch
-from companion._outputs import check_outputs, model_error, run_model
+from companion._outputs import batch_outputs, check_outputs, model_error, run_model
 from companion._torch import LossFn, LossName, check_labels, check_model, trainable_named
 from companion._validation import check_positive
 
@@ -71,7 +71,7 @@ def check_dp_compatible(model: nn.Module) -> None:
         model: the model to check.
 
     Raises:
-        TypeError: if ``model`` is not a :class:`torch.nn.Module`.
+        TypeError: if ``model`` is not a :class:`torch.nn.Module`, or is compiled.
         ValueError: listing every layer above, or if the model has no trainable parameter.
 
     Example:
@@ -83,6 +83,12 @@ def check_dp_compatible(model: nn.Module) -> None:
         ValueError: model cannot be trained with DP-SGD: layer '1' is a BatchNorm1d; layer '4' ...
     """
     model = check_model(model)
+    if isinstance(model, torch.jit.ScriptModule) or hasattr(model, "_orig_mod"):
+        raise TypeError(
+            f"model is a compiled module ({type(model).__name__}), which hides the layers' own "
+            "calls that per-example gradients need: pass the module given to torch.compile "
+            "(its ._orig_mod) or torch.jit.script."
+        )
     problems = []
     for name, module in model.named_modules():
         where = f"layer {name!r}" if name else "the model"
@@ -274,7 +280,7 @@ def vmap_gradients(
         params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
     ) -> torch.Tensor:
         outputs = functional_call(model, (params, frozen), (xi.unsqueeze(0),))
-        return mean_loss(outputs, yi.unsqueeze(0))
+        return mean_loss(batch_outputs(outputs, 1), yi.unsqueeze(0))
 
     # functional_call swaps tensors into the model and back; for a module that appears twice in
     # the tree (nn.Sequential(layer, layer)) torch 2.13 swaps back the wrong ones and leaves
@@ -291,10 +297,11 @@ def vmap_gradients(
         shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
         raise ValueError(
             f"torch.func.vmap cannot compute the per-example gradients of layer(s) {shown}: "
-            f"{error}. Some layers fail under vmap (in PyTorch 2.x, nn.RNN and nn.GRU, and "
-            "nn.LSTM in some settings; Opacus offers DPLSTM, DPGRU and DPRNN), as does a forward "
-            "pass that reads a tensor's value (.item(), if on a tensor), changes one in place, or "
-            "drops the batch dimension of one example (.squeeze(): use .flatten(1))."
+            f"{error}. Some layers fail under vmap: in PyTorch 2.x, nn.RNN and nn.GRU, nn.LSTM in "
+            "some settings, and packed sequences (a Python loop over nn.RNNCell, nn.GRUCell or "
+            "nn.LSTMCell on padded, masked sequences works; Opacus offers DPLSTM, DPGRU and "
+            "DPRNN). So does a forward pass that reads a tensor's value (.item(), if on a "
+            "tensor) or changes one in place."
         ) from None
     finally:
         for module, parameters, buffers in saved:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from companion._outputs import model_error
+from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn
 
 __all__: list[str] = []
@@ -125,38 +125,71 @@ def rows_cross(
     joins. Exact zeros: no tolerance, and neither identical examples nor random draws matter. The
     forward pass runs in the model's mode (layers used in training only are seen), and draws
     nothing from the global generators (``fork_rng``).
+
+    The same backward passes show whether the model mixes examples, where its input is
+    floating-point: if the losses of :math:`S` and of the other examples both read an element of
+    the input, some example's loss depends on another's data (batch statistics, a batch mean)
+    and no per-example gradient is the example's own. That raises. (A layer's output read by
+    both may hold no data: a position table.) Mixing is not found for integer inputs (token
+    ids), nor where autograd does not see it (a ``detach``, a buffer).
+
+    Raises:
+        ValueError: if the forward pass mixes examples, or runs a reentrant checkpoint.
+        TypeError: if the model does not return a tensor.
     """
+    leaf = x.detach().requires_grad_() if x.is_floating_point() else None
     capture = Capture(plan.hooked, copy=True)
     try:
         with torch.random.fork_rng(devices=_cuda_index(x.device)):
-            outputs = model(x)
+            outputs = model(x if leaf is None else leaf.clone())  # a clone: in place is fine
     except IndexError as error:  # token ids out of range
         raise model_error(x, error) from error
     finally:
         capture.remove()
-    if not isinstance(outputs, torch.Tensor):
-        raise TypeError(f"model must return a tensor of outputs, got {type(outputs).__name__}.")
+    outputs = batch_outputs(outputs, len(x))
     seen = [(name, m) for name, m in plan.hooked if m in capture.seen]
     wrong = [(n, m) for n, m in seen if not one_row_per_example(*capture.seen[m][:2], len(x))]
     right = [(n, m) for n, m in seen if (n, m) not in wrong and capture.seen[m][1].requires_grad]
-    if not right or not outputs.requires_grad:
+    if not outputs.requires_grad or not (right or leaf is not None):
         return wrong
-    targets = [capture.seen[m][1] for _, m in right]
+    targets = [capture.seen[m][1] for _, m in right] + ([leaf] if leaf is not None else [])
     loss = sum_loss(outputs, y)
     refuse_reentrant_checkpoint(autograd_graph(loss)[1])
     (gradient,) = torch.autograd.grad(loss, outputs)
+
+    def read_by(kept: torch.Tensor) -> list[torch.Tensor | None]:
+        """The gradients at ``targets`` of the loss of the examples ``kept`` (a mask of rows);
+        a non-finite entry (a NaN example, refused later) counts as not read."""
+        grads = torch.autograd.grad(
+            outputs,
+            targets,
+            grad_outputs=gradient.where(kept.reshape(-1, *[1] * (gradient.dim() - 1)), 0.0),
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return [None if g is None else g.ne(0) & g.isfinite() for g in grads]
+
     rows = torch.arange(len(x), device=x.device)
     for inside in (rows % 2 == 0, rows < (len(x) + 1) // 2):
-        kept = gradient * inside.reshape(-1, *[1] * (gradient.dim() - 1))
-        grads = torch.autograd.grad(
-            outputs, targets, grad_outputs=kept, retain_graph=True, allow_unused=True
-        )
+        reads, reads_other = read_by(inside), read_by(~inside)
+        if leaf is not None and reads[-1] is not None and reads_other[-1] is not None:
+            if bool((reads[-1] & reads_other[-1]).any()):
+                raise ValueError(MIXES_EXAMPLES)
         wrong += [
             layer
-            for layer, g in zip(right, grads, strict=True)
-            if layer not in wrong and g is not None and bool(g[~inside].ne(0).any())
+            for layer, read in zip(right, reads, strict=False)  # the leaf, if any, is last
+            if layer not in wrong and read is not None and bool(read[~inside].any())
         ]
     return wrong
+
+
+#: The error of :func:`rows_cross` for a forward pass that mixes examples.
+MIXES_EXAMPLES = (
+    "the model's forward pass mixes the examples of a batch (in its current mode): the loss of "
+    "one example reads other examples' inputs, as batch statistics or a batch mean do. DP-SGD's "
+    "clipping bounds each example's contribution only if its loss depends on that example "
+    "alone. Use per-example normalisation (GroupNorm, LayerNorm) in place of batch statistics."
+)
 
 
 def _cuda_index(device: torch.device) -> list[int]:
