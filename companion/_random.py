@@ -6,9 +6,13 @@ Three keywords, by the kind of code:
   :class:`numpy.random.Generator`, an integer seed, or ``None`` for fresh entropy from the OS.
 - ``seed``: the torch loops (training, DP-SGD, federated learning, attacks). An integer, or
   ``None`` for fresh entropy.
-- ``generator``: only the lowest-level torch steps (:func:`companion.dpsgd.dp_sgd_step`,
-  :func:`companion.dpsgd.poisson_sample`), which take a :class:`torch.Generator` so that a caller's
-  loop can draw from one stream.
+- ``generator``: the lowest-level torch steps, which take a :class:`torch.Generator` so that a
+  caller's loop can draw from one stream: in :mod:`companion.dpsgd`,
+  :func:`~companion.dpsgd.poisson_sample`, :func:`~companion.dpsgd.gaussian_noise`,
+  :func:`~companion.dpsgd.add_gaussian_noise`, :func:`~companion.dpsgd.noisy_clipped_gradient`,
+  :func:`~companion.dpsgd.set_private_gradients` and :func:`~companion.dpsgd.dp_sgd_step`;
+  :func:`companion.federated.dp_fedavg_aggregate`; and, in :mod:`companion.audit`,
+  :func:`~companion.audit.dpsgd_noisy_sum` and :func:`~companion.audit.dp_fedavg_noisy_mean`.
 
 Defaults follow what the randomness protects. Where it is **noise or private sampling**
 (mechanisms, DP-SGD, DP-FedAvg) the default is ``None``, fresh entropy: two runs with default

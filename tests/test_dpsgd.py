@@ -44,6 +44,7 @@ from companion.dpsgd import (
     noisy_clipped_gradient,
     per_example_gradients,
     poisson_sample,
+    set_private_gradients,
     train_dpsgd,
 )
 from companion.per_example import PerExampleClipper
@@ -1030,3 +1031,31 @@ def test_a_non_finite_gradient_stops_the_run_before_it_is_released():
             epochs=1, batch_size=64, lr=0.5,
         )  # fmt: skip
     assert math.isnan(history[-1]["train_loss"])
+
+
+def test_a_generator_nobody_seeded_is_warned_about():
+    """torch.Generator() starts from torch's fixed default seed: two runs that make one so draw
+    the same noise. The step functions warn; a generator seeded either way is quiet."""
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+
+    def noisy(generator):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        set_private_gradients(
+            model, x, y, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8.0,
+            generator=generator,
+        )  # fmt: skip
+        return model.weight.grad
+
+    with pytest.warns(UserWarning, match="never seeded"):
+        first = noisy(torch.Generator())
+    with pytest.warns(UserWarning, match="never seeded"):
+        assert torch.equal(first, noisy(torch.Generator()))  # what the warning is about
+    with pytest.warns(UserWarning, match="never seeded"):
+        poisson_sample(10, sample_rate=0.5, generator=torch.Generator())
+    fresh = torch.Generator()
+    fresh.seed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not torch.equal(first, noisy(fresh))
+        noisy(torch.Generator().manual_seed(3))

@@ -18,8 +18,17 @@ and Bassily, Smith and Thakurta 2014) changes one step of SGD in three ways.
        \bar g_i = g_i \cdot \min\Bigl(1, \frac{C}{\lVert g_i \rVert_2 + 10^{-6}}\Bigr)
 
    (the factor Opacus uses; the :math:`10^{-6}` guards against division by zero and keeps
-   :math:`\lVert \bar g_i \rVert_2 < C`, up to floating-point rounding, which a float32 norm
-   may exceed by about :math:`10^{-7} C`).
+   :math:`\lVert \bar g_i \rVert_2 < C` up to rounding). Where the norm is measured on the
+   vector that is added, rounding can take it above :math:`C` by a relative amount of order the
+   unit roundoff :math:`u` (:math:`6 \cdot 10^{-8}` in float32). On the ghost-norm path of
+   :mod:`companion.per_example` (a ``Linear`` on sequences, a wide convolution) the norm comes
+   from Gram matrices, summed in float64 (float32 on Apple's ``mps``, which has no float64), and
+   an example whose norm is below 1/100 of its bound :math:`\sum_s \lVert a_s \rVert \lVert b_s
+   \rVert` (:math:`a_s` the layer's input and :math:`b_s` its output gradient at each of
+   :math:`L` positions) is clipped as if its norm were that bound (harder, never softer); the
+   vector added, a different product in the parameters' dtype, can then exceed :math:`C` by a
+   relative :math:`100 L u` at worst, far less in practice. ``method="vmap"`` measures every
+   norm on the vector it adds.
 3. **Gaussian noise.** The clipped gradients are summed and Gaussian noise with standard deviation
    :math:`\sigma C` is added to every coordinate (``noise_multiplier`` is :math:`\sigma`):
 
@@ -33,9 +42,13 @@ Why these choices:
 
 - *Sensitivity.* Under add/remove neighbouring (one data set has one more example), the clipped
   sum :math:`\sum_{i \in B} \bar g_i` changes by exactly one term, whose norm is at most
-  :math:`C`: its L2 sensitivity is :math:`C`, whatever the model and the data. Noise of standard
-  deviation :math:`\sigma C` therefore makes each step a Gaussian mechanism with noise
-  multiplier :math:`\sigma` (noise std divided by sensitivity).
+  :math:`C`: its L2 sensitivity is :math:`C`, whatever the model and the data, for a forward
+  pass that treats the examples of a batch independently (see :mod:`companion.per_example`,
+  whose checks of that catch mistakes but prove nothing; a forward pass that mixes examples in
+  training mode, by batch statistics or a batch mean, is refused where the check of the first
+  batches sees it, for floating-point inputs, and only there). Noise of standard deviation
+  :math:`\sigma C` therefore makes each step a Gaussian mechanism with noise multiplier
+  :math:`\sigma` (noise std divided by sensitivity).
 - *Normalisation by a constant.* The sum is divided by ``expected_batch_size``, a number fixed
   before seeing the data, not by the realised :math:`|B|`: the realised size depends on whether
   a given person's example was drawn, so dividing by it would change the sensitivity analysis.

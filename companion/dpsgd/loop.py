@@ -201,8 +201,9 @@ def train_dpsgd(
     :func:`companion.accounting.get_noise_multiplier` uses for ``epochs=``). Each step draws a
     Poisson batch (:func:`poisson_sample`) and computes the noisy clipped gradient (as
     :func:`set_private_gradients` does); with an ``optimizer`` it goes into ``.grad`` and the
-    optimizer steps (the ``.grad`` of every parameter it holds is set to ``None`` before and
-    after the run, so that a frozen parameter's stale gradient is never applied), without one
+    optimizer steps (the ``.grad`` of every parameter it holds is set to ``None`` before the
+    run and after a run that completes, so that a frozen parameter's stale gradient is never
+    applied; after an exception the last step's noisy gradient stays in ``.grad``), without one
     the weights take a plain SGD step with ``lr``. The accountant records one step of the
     Poisson-subsampled Gaussian mechanism before the step is applied. After each epoch it
     converts the privacy spent so far into epsilon at ``delta``.
@@ -226,12 +227,18 @@ def train_dpsgd(
     as public (as Opacus does); pass a value fixed in advance to avoid that assumption. Choose
     ``delta`` well below :math:`1/N` (a ``UserWarning`` comes when :math:`\delta \ge 1/N`).
     Only the model is protected: ``clipped_fraction`` and the training loss and accuracy in the
-    records are computed from the raw data, for the reader's monitoring only. The guarantee also
-    assumes that every record passes the input checks and has a finite gradient: a run that
-    stops with a ``ValueError`` on a bad record (a Dataset's are checked as they are drawn) or on
-    a gradient that is not finite reveals that, and its message, outside the guarantee. The
-    initial weights, the optimizer's state and any buffer a forward pass updates must not depend
-    on the private data.
+    records are computed from the raw data, for the reader's monitoring only; a choice made from
+    them (stopping early, a schedule, or a continued call chosen on ``train_loss``,
+    ``train_accuracy`` or ``clipped_fraction``) reads the raw data too and is not covered. The
+    guarantee also assumes that every record passes the input checks and has a finite gradient:
+    a run that stops with a ``ValueError`` on a bad record (a Dataset's are checked as they are
+    drawn) or on a gradient that is not finite reveals that, and its message, outside the
+    guarantee. The initial weights and the optimizer's state must not depend on the private
+    data. Buffers that a forward pass updates from its input (running statistics) are released
+    with the model, without noise: only batch normalisation and ``InstanceNorm`` with
+    ``track_running_stats=True`` are refused
+    (:func:`~companion.per_example.check_dp_compatible`), and any other such layer voids the
+    guarantee.
 
     *Randomness.* One :class:`torch.Generator`, on the model's device, draws the batches and the
     noise; ``seed=None`` (the default) seeds it from fresh OS entropy, so two runs do not share
@@ -271,7 +278,8 @@ def train_dpsgd(
             ``y`` (``x_test`` alone if it is a Dataset).
         seed: seed of the sampling and noise generator, or None for fresh entropy.
         loss: ``"cross_entropy"``, ``"bce"``, or a callable ``(outputs, targets)`` returning the
-            mean loss over examples (``torch.nn.MSELoss()`` for regression).
+            mean over the examples of a per-example loss that reads only that example's output
+            and target (checked on a few examples; ``torch.nn.MSELoss()`` for regression).
         method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see
             :func:`companion.per_example.clipped_gradient_sum`).
         progress: show a tqdm progress bar over the epochs.

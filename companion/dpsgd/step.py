@@ -6,6 +6,7 @@ Part of :mod:`companion.dpsgd`; import from there.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -32,11 +33,24 @@ __all__ = [
 LossLike = LossName | LossFn
 
 
+#: The seed of a torch.Generator that nobody seeded.
+_UNSEEDED = torch.Generator().initial_seed()
+
+
 def _check_generator(generator: object) -> torch.Generator:
+    """``generator``, checked; a warning if it was never seeded (its noise is every run's)."""
     if not isinstance(generator, torch.Generator):
         raise TypeError(
-            f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got "
-            f"{type(generator).__name__}."
+            "generator must be a torch.Generator (seed one from the OS with its .seed() method), "
+            f"got {type(generator).__name__}."
+        )
+    if generator.initial_seed() == _UNSEEDED:
+        warnings.warn(
+            "generator has torch's default seed (it was never seeded), so every run that makes "
+            "one the same way draws the same noise and samples: call its .seed() method for "
+            "fresh entropy from the OS, or .manual_seed() with a secret seed.",
+            UserWarning,
+            stacklevel=3,
         )
     return generator
 
@@ -245,7 +259,11 @@ def set_private_gradients(
     own loop, with the batch drawn by :func:`poisson_sample`, is DP-SGD. Account for each call
     with ``accountant.step(noise_multiplier=..., sample_rate=...)``. The gradient replaces
     ``.grad`` (``backward`` would add to it): accumulating over several calls before one
-    optimizer step would add the noise once per call, so draw one Poisson batch per step.
+    optimizer step would add the noise once per call, so draw one Poisson batch per step. Call
+    ``optimizer.zero_grad(set_to_none=True)`` before it (it writes only the trainable
+    parameters' ``.grad``; a frozen parameter the optimizer holds keeps its old one), and call no
+    ``backward()`` between it and ``optimizer.step()``: a stale or raw ``.grad`` would be applied
+    without clipping or noise.
 
     Each call checks the batch and plans the model anew, with a few small forward passes; on a
     tiny model that is most of the call's time. Where that matters, build a
@@ -369,9 +387,10 @@ def dp_sgd_step(
     :math:`\theta \leftarrow \theta - \eta \tilde g` with :math:`\tilde g` as in
     :func:`set_private_gradients`, eq. :eq:`dpsgd-noise`. An empty batch is allowed: the step
     then moves the parameters by noise alone. The noise for all trainable parameters is one draw
-    of a standard normal vector from ``generator`` (in the order of
-    ``model.named_parameters()``), scaled by :math:`\sigma C`; with :math:`\sigma = 0` nothing
-    is drawn.
+    from ``generator`` of a normal vector with standard deviation :math:`\sigma C / m`
+    (:math:`m` the ``expected_batch_size``; in the order of ``model.named_parameters()``): the
+    noise :math:`\sigma C` of the sum, already divided by :math:`m`. With :math:`\sigma = 0`
+    nothing is drawn.
 
     Args:
         model: the model to update; must pass :func:`~companion.per_example.check_dp_compatible`.
