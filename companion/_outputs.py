@@ -25,8 +25,9 @@ def model_error(x: torch.Tensor, error: Exception) -> ValueError:
     return ValueError(
         f"model cannot be applied to the inputs (one example has shape {tuple(x.shape[1:])} and "
         f"dtype {x.dtype}): {error}. Check that the inputs' shape and dtype match the model's "
-        "first layer (numpy arrays become float32: give token ids as an int64 tensor), that they "
-        "are on the model's device, and that token ids are below the Embedding's num_embeddings."
+        "first layer (numpy arrays given as x become float32, a Dataset's items keep their "
+        "dtype; give token ids as an int64 tensor), that they are on the model's device, and "
+        "that token ids are below the Embedding's num_embeddings."
     )
 
 

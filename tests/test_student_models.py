@@ -535,7 +535,7 @@ def test_numpy_token_ids_get_a_message_that_says_numpy_becomes_float32():
     tokens = np.random.default_rng(0).integers(0, 10, size=(8, 5))
     members = (tokens[:4], np.array([0, 1, 0, 1]))
     nonmembers = (tokens[4:], np.array([1, 0, 1, 0]))
-    with pytest.raises(ValueError, match="numpy arrays become float32: give token ids as an int64"):
+    with pytest.raises(ValueError, match="become float32, .*give token ids as an int64"):
         loss_threshold_attack(_seeded(_Bag), members, nonmembers)
 
 
@@ -551,3 +551,25 @@ def test_the_step_gives_each_module_back_its_own_training_mode():
     set_private_gradients(model, x, y, noise_multiplier=0.0, max_grad_norm=1.0,
                           expected_batch_size=5.0, generator=_gen())  # fmt: skip
     assert [m.training for m in model.modules()] == [True, True, False, True]
+
+
+class _ScaledHead(nn.Module):
+    """A Linear and a scale held by the module itself (as a position table or a class token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_the_fallback_message_names_parameters_a_module_holds_itself():
+    """Before, it said "layer 'the model' (_ScaledHead) has no rule", as if the model were one
+    layer without a rule; the rule for its Linear applies."""
+    with pytest.warns(UserWarning) as caught:
+        clipper = PerExampleClipper(_ScaledHead(), loss="cross_entropy")
+    message = str(caught[0].message)
+    assert message.startswith("the model (_ScaledHead) holds parameters ['scale'] itself")
+    assert clipper.plan.fallback == ["scale"]

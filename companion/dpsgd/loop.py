@@ -206,7 +206,9 @@ def train_dpsgd(
     applied; after an exception the last step's noisy gradient stays in ``.grad``), without one
     the weights take a plain SGD step with ``lr``. The accountant records one step of the
     Poisson-subsampled Gaussian mechanism before the step is applied. After each epoch it
-    converts the privacy spent so far into epsilon at ``delta``.
+    converts the privacy spent so far into epsilon at ``delta``. The run puts the model in
+    training mode (``model.train()``, which also turns back on a submodule put in evaluation
+    mode) and leaves it there.
 
     *Noise.* Give ``noise_multiplier`` :math:`\sigma`, or ``target_epsilon``: then :math:`\sigma`
     is found by bisection so that the accountant's total epsilon after exactly these :math:`T`

@@ -71,7 +71,8 @@ def plan_layers(model: nn.Module) -> LayerPlan:
             hooked.append((name, module))
             continue
         fallback.extend(canonical[id(p)] for p in own if canonical[id(p)] not in fallback)
-        reasons.append(f"{name or 'the model'!r} {why or 'shares its parameters'}")
+        where = f"layer {name!r}" if name else "the model"
+        reasons.append(f"{where} {why or 'shares its parameters'}")
     return LayerPlan(hooked, fallback, reasons)
 
 
@@ -80,6 +81,9 @@ def _why_no_rule(module: nn.Module) -> str | None:
     the rules do not handle, or a call that may not be the layer's own maths. (A forward hook of
     the layer's own is fine: the hooks that keep its output run first.)"""
     kind = type(module).__name__
+    if type(module) not in LAYER_RULES and next(module.children(), None) is not None:
+        names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        return f"({kind}) holds parameters {names} itself, which no rule computes"
     if type(module) not in LAYER_RULES:
         return f"({kind}) has no rule"
     if extra := [
@@ -204,8 +208,9 @@ class PerExampleClipper:
     call then computes one batch's :class:`ClippedSum`. The DP-SGD loop builds one per run.
 
     Args:
-        model: the model; its parameters are read, not changed. Build a new clipper if you add
-            or freeze layers.
+        model: the model; its parameters are read, not changed (a buffer may be: each call runs
+            forward passes, which advance ``spectral_norm``'s power iteration). Build a new
+            clipper if you add or freeze layers.
         loss: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss over examples.
         method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see :func:`clipped_gradient_sum`).
 
@@ -242,11 +247,11 @@ class PerExampleClipper:
             reasons = "; ".join(self.plan.reasons)
             if self.method == "layerwise":
                 raise ValueError(
-                    f"method='layerwise' does not apply: layer {reasons}. Use method='auto' "
+                    f"method='layerwise' does not apply: {reasons}. Use method='auto' "
                     "(vmap for those layers only) or method='vmap'."
                 )
             warnings.warn(
-                f"layer {reasons}: their per-example gradients are computed with vmap, which is "
+                f"{reasons}: their per-example gradients are computed with vmap, which is "
                 "slower than the per-layer rules; the result is the same.",
                 UserWarning,
                 stacklevel=3,
