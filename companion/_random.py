@@ -36,9 +36,17 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from companion._validation import check_seed
+from companion._validation import check_seed, warn
 
-__all__ = ["RNGLike", "as_generator", "check_optional_seed", "derive_seed", "torch_generator"]
+__all__ = [
+    "RNGLike",
+    "as_generator",
+    "check_generator",
+    "check_optional_seed",
+    "derive_seed",
+    "torch_generator",
+    "warn_if_unseeded",
+]
 
 #: What an ``rng`` argument may be: a numpy Generator, an integer seed, or None (fresh entropy).
 RNGLike = np.random.Generator | int | None
@@ -84,3 +92,27 @@ def derive_seed(seed: int | None, *keys: int) -> int | None:
     if any(isinstance(k, bool) or not isinstance(k, Integral) or k < 0 for k in keys):
         raise ValueError(f"stream keys must be integers >= 0, got {keys}.")
     return int(np.random.SeedSequence((seed, *keys)).generate_state(1)[0])
+
+
+def check_generator(generator: object) -> torch.Generator:
+    """``generator``, if it is a :class:`torch.Generator`."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            "generator must be a torch.Generator (seed one from the OS with its .seed() method), "
+            f"got {type(generator).__name__}."
+        )
+    return generator
+
+
+#: The seed of a :class:`torch.Generator` that nobody seeded.
+_UNSEEDED = torch.Generator().initial_seed()
+
+
+def warn_if_unseeded(generator: torch.Generator) -> None:
+    """Warn, before a draw, if ``generator`` was never seeded: its draws are every run's."""
+    if generator.initial_seed() == _UNSEEDED:
+        warn(
+            "generator has torch's default seed (it was never seeded), so every run that makes "
+            "one the same way draws the same noise and samples: call its .seed() method for "
+            "fresh entropy from the OS, or .manual_seed() with a secret seed."
+        )

@@ -1053,9 +1053,17 @@ def test_a_generator_nobody_seeded_is_warned_about():
         assert torch.equal(first, noisy(torch.Generator()))  # what the warning is about
     with pytest.warns(UserWarning, match="never seeded"):
         poisson_sample(10, sample_rate=0.5, generator=torch.Generator())
+    with warnings.catch_warnings(record=True) as caught:  # once per draw, at the caller's line
+        warnings.simplefilter("always")
+        dp_sgd_step(
+            nn.Linear(4, 2), x, y, noise_multiplier=1.0, max_grad_norm=1.0,
+            expected_batch_size=8.0, lr=0.1, generator=torch.Generator(),
+        )  # fmt: skip
+    assert [w.filename for w in caught] == [__file__]
     fresh = torch.Generator()
     fresh.seed()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not torch.equal(first, noisy(fresh))
         noisy(torch.Generator().manual_seed(3))
+        gaussian_noise({"w": torch.zeros(3)}, std=0.0, generator=torch.Generator())  # no draw

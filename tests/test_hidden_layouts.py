@@ -493,3 +493,24 @@ def test_a_compiled_model_is_refused_and_a_compiled_part_matches_the_loop():
     with pytest.warns(UserWarning, match="autograd does not give"):
         result = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
     _assert_same(result, expected)
+
+
+class _ThroughNumpy(nn.Module):
+    """A forward pass that reads its input through numpy, which refuses a tensor that requires
+    a gradient: the check's input leaf must not make it fail."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.from_numpy(x.cpu().numpy()))
+
+
+def test_a_forward_pass_that_cannot_take_an_input_requiring_grad_keeps_its_rules():
+    model, (x, y) = _seeded(_ThroughNumpy), _batch(8)
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
+    _assert_same(result, expected)

@@ -26,9 +26,9 @@ and Bassily, Smith and Thakurta 2014) changes one step of SGD in three ways.
    an example whose norm is below 1/100 of its bound :math:`\sum_s \lVert a_s \rVert \lVert b_s
    \rVert` (:math:`a_s` the layer's input and :math:`b_s` its output gradient at each of
    :math:`L` positions) is clipped as if its norm were that bound (harder, never softer); the
-   vector added, a different product in the parameters' dtype, can then exceed :math:`C` by a
-   relative :math:`100 L u` at worst, far less in practice. ``method="vmap"`` measures every
-   norm on the vector it adds.
+   vector added, a different product computed in float32 or wider, can then exceed :math:`C` by
+   a relative amount of order :math:`100 L u` (float32's :math:`u`), far less in practice.
+   ``method="vmap"`` measures every norm on the vector it adds.
 3. **Gaussian noise.** The clipped gradients are summed and Gaussian noise with standard deviation
    :math:`\sigma C` is added to every coordinate (``noise_multiplier`` is :math:`\sigma`):
 

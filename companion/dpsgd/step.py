@@ -6,11 +6,11 @@ Part of :mod:`companion.dpsgd`; import from there.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 from torch import nn
 
+from companion._random import check_generator, warn_if_unseeded
 from companion._torch import LossFn, LossName, trainable_named
 from companion._validation import (
     check_fraction,
@@ -31,28 +31,6 @@ __all__ = [
 ]
 
 LossLike = LossName | LossFn
-
-
-#: The seed of a torch.Generator that nobody seeded.
-_UNSEEDED = torch.Generator().initial_seed()
-
-
-def _check_generator(generator: object) -> torch.Generator:
-    """``generator``, checked; a warning if it was never seeded (its noise is every run's)."""
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            "generator must be a torch.Generator (seed one from the OS with its .seed() method), "
-            f"got {type(generator).__name__}."
-        )
-    if generator.initial_seed() == _UNSEEDED:
-        warnings.warn(
-            "generator has torch's default seed (it was never seeded), so every run that makes "
-            "one the same way draws the same noise and samples: call its .seed() method for "
-            "fresh entropy from the OS, or .manual_seed() with a secret seed.",
-            UserWarning,
-            stacklevel=3,
-        )
-    return generator
 
 
 # --- sampling and noise -------------------------------------------------------------------------
@@ -88,10 +66,11 @@ def poisson_sample(n: int, *, sample_rate: float, generator: torch.Generator) ->
     """
     n = check_positive_int("n", n)
     sample_rate = check_fraction("sample_rate", sample_rate)
-    generator = _check_generator(generator)
+    generator = check_generator(generator)
     # Uniform on [0, 1), so q = 1 includes every example. In float64: float32 draws lie on a grid
     # of 2**-24 and would include an example with probability ceil(q 2**24) / 2**24, above the
     # q the accountant uses (by 0.1% for q = 256 / 10**7, twice q for q = 2**-25).
+    warn_if_unseeded(generator)
     u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64)
     return u < sample_rate
 
@@ -105,6 +84,7 @@ def _normal_draw(
     own, but made a training step slower on CPU: after each parallel torch operation the OpenMP
     threads spin, waiting for the next, on the cores the helper threads need.
     """
+    warn_if_unseeded(generator)
     return torch.empty(total, dtype=dtype, device=generator.device).normal_(
         0.0, std, generator=generator
     )
@@ -112,7 +92,7 @@ def _normal_draw(
 
 def _check_noise(sums: object, std: object, generator: object) -> tuple[float, torch.Generator]:
     std = check_nonnegative("std", std)
-    generator = _check_generator(generator)
+    generator = check_generator(generator)
     if not isinstance(sums, dict) or not all(isinstance(v, torch.Tensor) for v in sums.values()):
         raise TypeError("sums must be a dict of name -> torch.Tensor.")
     dtypes = {v.dtype for v in sums.values()}
@@ -454,5 +434,5 @@ def _checked_noisy_gradient(
         noise_multiplier=check_nonnegative("noise_multiplier", noise_multiplier),
         max_grad_norm=check_positive("max_grad_norm", max_grad_norm),
         expected_batch_size=check_positive("expected_batch_size", expected_batch_size),
-        generator=_check_generator(generator),
+        generator=check_generator(generator),
     )

@@ -9,7 +9,8 @@ and puts it back: the model still treats examples independently, but the rule wo
 example's gradient part of another's, and one example could then move the clipped sum by more
 than :math:`C`. Every batch's shapes are checked (:func:`one_row_per_example`), and the autograd
 graph of a few examples of the first batches shows which rows each example's loss reads
-(:func:`rows_cross`).
+(:func:`rows_cross`), and whether it reads other examples' inputs: a forward pass that mixes
+examples, which no per-example gradient can serve, is refused.
 """
 
 from __future__ import annotations
@@ -137,11 +138,10 @@ def rows_cross(
         ValueError: if the forward pass mixes examples, or runs a reentrant checkpoint.
         TypeError: if the model does not return a tensor.
     """
-    leaf = x.detach().requires_grad_() if x.is_floating_point() else None
     capture = Capture(plan.hooked, copy=True)
     try:
         with torch.random.fork_rng(devices=_cuda_index(x.device)):
-            outputs = model(x if leaf is None else leaf.clone())  # a clone: in place is fine
+            outputs, leaf = _forward_with_input_leaf(model, x)
     except IndexError as error:  # token ids out of range
         raise model_error(x, error) from error
     finally:
@@ -152,14 +152,14 @@ def rows_cross(
     right = [(n, m) for n, m in seen if (n, m) not in wrong and capture.seen[m][1].requires_grad]
     if not outputs.requires_grad or not (right or leaf is not None):
         return wrong
-    targets = [capture.seen[m][1] for _, m in right] + ([leaf] if leaf is not None else [])
     loss = sum_loss(outputs, y)
     refuse_reentrant_checkpoint(autograd_graph(loss)[1])
     (gradient,) = torch.autograd.grad(loss, outputs)
 
-    def read_by(kept: torch.Tensor) -> list[torch.Tensor | None]:
-        """The gradients at ``targets`` of the loss of the examples ``kept`` (a mask of rows);
-        a non-finite entry (a NaN example, refused later) counts as not read."""
+    def read_by(kept: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Where the loss of the examples ``kept`` (a mask of rows) reads each of ``targets``:
+        its nonzero gradient (a non-finite entry, from a NaN example refused later, does not
+        count)."""
         grads = torch.autograd.grad(
             outputs,
             targets,
@@ -169,18 +169,35 @@ def rows_cross(
         )
         return [None if g is None else g.ne(0) & g.isfinite() for g in grads]
 
+    layer_outputs = [capture.seen[m][1] for _, m in right]
     rows = torch.arange(len(x), device=x.device)
     for inside in (rows % 2 == 0, rows < (len(x) + 1) // 2):
-        reads, reads_other = read_by(inside), read_by(~inside)
-        if leaf is not None and reads[-1] is not None and reads_other[-1] is not None:
-            if bool((reads[-1] & reads_other[-1]).any()):
+        if leaf is not None:
+            own, other = (read_by(kept, [leaf])[0] for kept in (inside, ~inside))
+            if own is not None and other is not None and bool((own & other).any()):
                 raise ValueError(MIXES_EXAMPLES)
-        wrong += [
-            layer
-            for layer, read in zip(right, reads, strict=False)  # the leaf, if any, is last
-            if layer not in wrong and read is not None and bool(read[~inside].any())
-        ]
+        if layer_outputs:
+            wrong += [
+                layer
+                for layer, read in zip(right, read_by(inside, layer_outputs), strict=True)
+                if layer not in wrong and read is not None and bool(read[~inside].any())
+            ]
     return wrong
+
+
+def _forward_with_input_leaf(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's outputs on ``x``, and ``x`` as a leaf whose gradient autograd gives: None if
+    ``x`` is not floating-point or the forward pass cannot take an input that requires a
+    gradient (it calls ``.numpy()`` or ``requires_grad_(False)`` on it)."""
+    if x.is_floating_point():
+        leaf = x.detach().requires_grad_()
+        try:
+            return model(leaf.clone()), leaf  # a clone, which in-place operations may change
+        except RuntimeError:
+            pass
+    return model(x), None
 
 
 #: The error of :func:`rows_cross` for a forward pass that mixes examples.

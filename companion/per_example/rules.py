@@ -72,12 +72,18 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
         ag = a.reshape(batch, length, groups, -1).transpose(1, 2)  # (B, g, L, I/g)
         bg = b.reshape(batch, length, groups, -1).transpose(1, 2)  # (B, g, L, O/g)
         i_size, o_size = ag.shape[-1], bg.shape[-1]
-        if length * (i_size + o_size) < i_size * o_size:  # ghost norm is cheaper
+        # The ghost norm's Gram matrices take L^2 (I + O) multiplications an example, in float64;
+        # materialising takes L I O in float32 and I O of memory. On a 2-core CPU the ghost norm
+        # was the faster below L (I + O) / (I O) of about 1/3 (44.6 ms against 42.5 ms at 1/3, 64
+        # against 39 ms at 1/2, 9 against 25 ms at 1/8, for a Linear of 256 to 768 features).
+        if _GHOST_COST * length * (i_size + o_size) < i_size * o_size:
             squares = _ghost_squares(ag, bg)
+            wide = _ghost_sum_dtype(ag)
 
             def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
-                weighted = bg * f[:, None, None, None]
-                total.add_(torch.einsum("bglo,bgli->goi", weighted, ag).reshape(shape))
+                weighted = bg.to(wide) * f.to(wide)[:, None, None, None]
+                summed = torch.einsum("bglo,bgli->goi", weighted, ag.to(wide))
+                total.add_(summed.reshape(shape).to(total.dtype))
 
             out.append(("weight", squares, add_to))
         else:
@@ -85,6 +91,10 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
             out.append(materialised("weight", grads))
     return out + _bias(layer, b)
 
+
+#: How much more a multiplication of the ghost norm's float64 Gram matrices costs than one of the
+#: materialised gradients (:func:`_matmul_rule`).
+_GHOST_COST = 3
 
 #: On the ghost-norm path, an example whose squared weight-gradient norm is below the square of
 #: its bound divided by this is clipped as if its norm were the bound (:func:`_ghost_squares`).
@@ -101,10 +111,13 @@ def _ghost_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (a record crafted so), float32 would measure the norm far too small, even negative (NaN), and
     the clipped vector, computed by another product, would exceed :math:`C`. So the sums run in
     float64 (float32 on Apple's ``mps``, which has none), and an example whose squared norm is
-    below :math:`M / 100^2` is given :math:`M`: it is clipped harder, never softer. The vector
-    added has a rounding error below about :math:`L u \sqrt{M}` (:math:`u` the unit roundoff), so
-    its norm exceeds :math:`C` by at most about :math:`100 L u\, C` (float32, :math:`L = 64`:
-    :math:`4 \times 10^{-4} C`; in practice far less).
+    below :math:`M / 100^2` is given :math:`M`: it is clipped harder, never softer. The clipped
+    sum (:func:`_ghost_sum_dtype`) runs in float32, or in float64 where float32 products would
+    be rounded to TF32 or bfloat16; its rounding adds to an example's term an error of order
+    :math:`L u f \sqrt{M} \le 100 L u C` (:math:`u = 6 \times 10^{-8}` the unit roundoff of
+    float32, :math:`f` the clipping factor; :math:`L = 64`: :math:`4 \times 10^{-4} C`), and in
+    practice far less. (Run in bfloat16, whose :math:`u` is 65,000 times larger, the sum let a
+    crafted record reach 1.19 C.)
     """
     dtype = norm_dtype(a.dtype)
     wide = torch.float32 if a.device.type == "mps" else torch.float64
@@ -114,6 +127,27 @@ def _ghost_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bound = row_norms.sum(dim=-1).square().sum(dim=-1)
     squares = torch.where(squares * GHOST_MAX_CANCELLATION**2 < bound, bound, squares)
     return squares.to(dtype)
+
+
+def _full_float32_matmul() -> bool:
+    """Whether float32 matrix products round as float32: not to TF32 or bfloat16, as they may
+    after ``torch.set_float32_matmul_precision("high")`` or a backend's ``fp32_precision``."""
+    overall = getattr(torch.backends, "fp32_precision", "none")
+    for backend in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):
+        precision = getattr(backend, "fp32_precision", "none")
+        if (overall if precision == "none" else precision) not in ("none", "ieee"):
+            return False
+    return True
+
+
+def _ghost_sum_dtype(a: torch.Tensor) -> torch.dtype:
+    """The dtype of the ghost path's clipped sum: float32, or float64 where float32 products
+    would be rounded to fewer bits (:func:`_ghost_squares`)."""
+    if a.device.type == "mps":  # no float64 there
+        return torch.float32
+    if a.dtype == torch.float64 or not _full_float32_matmul():
+        return torch.float64
+    return torch.float32
 
 
 def _one_position(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
@@ -264,7 +298,7 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
         summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows)
         pair_squares = squared_norms(summed)
         squares = pair_squares.new_zeros(batch).index_add_(0, pairs // vocabulary, pair_squares)
-        single = None
+        single_mask = None
     else:
         # Few repeats: the squared norms of single positions, plus those of the row sums of the
         # pairs held at several positions.
@@ -272,8 +306,8 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
         repeated[1:] |= repeats
         repeated[:-1] |= repeats
         positions = order[repeated]
-        single = torch.ones_like(tokens, dtype=rows.dtype).index_fill_(0, positions, 0.0)
-        squares = (squared_norms(rows) * single).view(batch, -1).sum(dim=1)
+        single_mask = torch.ones_like(tokens, dtype=rows.dtype).index_fill_(0, positions, 0.0)
+        squares = (squared_norms(rows) * single_mask).view(batch, -1).sum(dim=1)
         pairs, segment = torch.unique_consecutive(sorted_keys[repeated], return_inverse=True)
         summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows[positions])
         squares.index_add_(0, pairs // vocabulary, squared_norms(summed))
@@ -282,8 +316,8 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
     # a pair's rows added one by one, rounding could take a pair whose rows cancel, and with it
     # its example, far past the norm measured.)
     def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
-        if single is not None:
-            total.index_add_(0, tokens, rows * (f[example] * single)[:, None])
+        if single_mask is not None:
+            total.index_add_(0, tokens, rows * (f[example] * single_mask)[:, None])
         total.index_add_(0, pairs % vocabulary, summed * f[pairs // vocabulary, None])
 
     return [("weight", squares, add_to)]
