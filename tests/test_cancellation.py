@@ -17,7 +17,12 @@ import torch
 from _oracles import _assert_same, _loop_clipped_sum
 from torch import nn
 
-from companion.per_example import PerExampleClipper, clipped_gradient_sum, per_example_gradients
+from companion.per_example import (
+    PerExampleClipper,
+    clipped_gradient_sum,
+    per_example_gradients,
+    rules,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -52,8 +57,24 @@ def total_norm(sums: dict[str, torch.Tensor]) -> float:
     return float(torch.sqrt(sum(v.double().square().sum() for v in sums.values())))
 
 
+@pytest.fixture
+def ghost_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times the ghost path ran: its tests check that they test it."""
+    calls: list[int] = []
+    squares = rules._ghost_squares
+
+    def counted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append(a.shape[0])
+        return squares(a, b)
+
+    monkeypatch.setattr(rules, "_ghost_squares", counted)
+    return calls
+
+
 @pytest.mark.parametrize("scale", [2e4, 1e5])
-def test_ghost_norm_never_lets_a_cancelling_record_past_c(scale: float) -> None:
+def test_ghost_norm_never_lets_a_cancelling_record_past_c(
+    scale: float, ghost_calls: list[int]
+) -> None:
     torch.manual_seed(0)
     model, length, batch, c = SequenceNet(), 16, 16, 1.0
     x = cancelling_records(batch, length, 256, scale)
@@ -75,9 +96,10 @@ def test_ghost_norm_never_lets_a_cancelling_record_past_c(scale: float) -> None:
             model, "cross_entropy", x[i : i + 1], y[i : i + 1], max_grad_norm=c
         )
         assert total_norm(alone) <= c * (1 + 100 * length * U)
+    assert len(ghost_calls) == 1 + batch
 
 
-def test_ghost_norm_of_ordinary_records_is_exact() -> None:
+def test_ghost_norm_of_ordinary_records_is_exact(ghost_calls: list[int]) -> None:
     """The bound replaces only cancelling norms: on random records every norm, and the clipped
     sum, are the per-example loop's (tests/_oracles.py)."""
     torch.manual_seed(0)
@@ -88,6 +110,7 @@ def test_ghost_norm_of_ordinary_records_is_exact() -> None:
     expected, norms = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
     torch.testing.assert_close(result.norms.double(), norms, rtol=1e-5, atol=0)
     _assert_same(result.sums, expected)
+    assert ghost_calls == [16]
 
 
 class SignedBag(nn.Module):
@@ -130,11 +153,12 @@ def test_embedding_adds_a_token_s_rows_as_measured(distinct: bool, c: float) -> 
         assert total_norm(alone.sums) == pytest.approx(expected, rel=8 * U), method
 
 
-def test_a_bfloat16_ghost_sum_keeps_a_crafted_record_within_c():
+def test_a_bfloat16_ghost_sum_keeps_a_crafted_record_within_c(ghost_calls: list[int]):
     """A record found by a hill-climb over cancelling positions (7 positions, 64 features, just
     above the cancellation threshold; tests/ghost_bf16_record.pt, ``a`` the inputs and ``b`` the
     output gradient the loss below gives). With the clipped sum run in bfloat16 its term had norm
-    1.1875 C; in float32 it is C up to the final rounding to bfloat16 (2**-8 relative)."""
+    1.1875 C; in float32 it is C up to two roundings to bfloat16 (2**-8 relative each): of the
+    clipping factor and of the result."""
     record = torch.load(Path(__file__).with_name("ghost_bf16_record.pt"))
     model = nn.Linear(64, 64, bias=False).to(torch.bfloat16)
 
@@ -145,21 +169,34 @@ def test_a_bfloat16_ghost_sum_keeps_a_crafted_record_within_c():
         alone = clipped_gradient_sum(
             model, loss, record["a"], record["b"], max_grad_norm=1.0, method=method
         )
-        assert total_norm(alone) <= 1 + 2.0**-8, method
+        assert total_norm(alone) <= (1 + 2.0**-8) ** 2, method
+    assert len(ghost_calls) == 1  # layerwise; vmap measures the vector it adds
 
 
 def test_the_ghost_sum_runs_in_float64_when_float32_products_are_rounded():
-    """TF32 (CUDA) or bfloat16 (oneDNN) products have a unit roundoff near bfloat16's: the
-    ghost path's clipped sum then runs in float64."""
-    from companion.per_example import rules
-
+    """TF32 (CUDA) or bfloat16 (oneDNN on the CPU) products have a unit roundoff near
+    bfloat16's: where the tensor's device rounds float32 products so, the ghost path's clipped
+    sum runs in float64. Each setting is put back as it was."""
     a = torch.zeros(2, 1, 3, 4)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert rules._ghost_sum_dtype(a) == torch.float32
     assert rules._ghost_sum_dtype(a.to(torch.bfloat16)) == torch.float32
+    settings = [
+        (torch.backends.mkldnn.matmul, "bf16", {cpu: False, cuda: True}),
+        (torch.backends.cuda.matmul, "tf32", {cpu: True, cuda: False}),
+        (torch.backends, "tf32", {cpu: False, cuda: False}),  # the global one
+    ]
+    for backend, value, full in settings:
+        before = backend.fp32_precision
+        try:
+            backend.fp32_precision = value
+            assert {d: rules._full_float32_matmul(d) for d in full} == full, (backend, value)
+        finally:
+            backend.fp32_precision = before
+        assert rules._ghost_sum_dtype(a) == torch.float32
     before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     try:
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
         assert rules._ghost_sum_dtype(a) == torch.float64
     finally:
         torch.backends.mkldnn.matmul.fp32_precision = before
-    assert rules._ghost_sum_dtype(a) == torch.float32

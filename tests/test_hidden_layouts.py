@@ -503,14 +503,22 @@ class _ThroughNumpy(nn.Module):
         super().__init__()
         self.fc = nn.Linear(6, 3)
 
+    fail_in_training = False
+
     def forward(self, x):
+        if self.fail_in_training and self.training:
+            raise RuntimeError("a genuine error")
         return self.fc(torch.from_numpy(x.cpu().numpy()))
 
 
 def test_a_forward_pass_that_cannot_take_an_input_requiring_grad_keeps_its_rules():
+    """It failed with torch's error; now the check runs it again on the input as it is, and says
+    that mixing was not checked. A genuine error still comes out."""
     model, (x, y) = _seeded(_ThroughNumpy), _batch(8)
     expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match="mixes the examples of a batch is not checked"):
         result = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
     _assert_same(result, expected)
+    model.fail_in_training = True
+    with pytest.raises(RuntimeError, match="a genuine error"):
+        clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)

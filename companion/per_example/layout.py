@@ -23,6 +23,7 @@ from torch import nn
 
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn
+from companion._validation import warn
 
 __all__: list[str] = []
 
@@ -132,7 +133,8 @@ def rows_cross(
     the input, some example's loss depends on another's data (batch statistics, a batch mean)
     and no per-example gradient is the example's own. That raises. (A layer's output read by
     both may hold no data: a position table.) Mixing is not found for integer inputs (token
-    ids), nor where autograd does not see it (a ``detach``, a buffer).
+    ids), nor where autograd does not see it (a ``detach``, a buffer, a trip through numpy: a
+    forward pass that cannot take an input requiring a gradient gets a warning instead).
 
     Raises:
         ValueError: if the forward pass mixes examples, or runs a reentrant checkpoint.
@@ -189,14 +191,23 @@ def _forward_with_input_leaf(
     model: nn.Module, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's outputs on ``x``, and ``x`` as a leaf whose gradient autograd gives: None if
-    ``x`` is not floating-point or the forward pass cannot take an input that requires a
-    gradient (it calls ``.numpy()`` or ``requires_grad_(False)`` on it)."""
+    ``x`` is not floating-point, or if the forward pass fails on an input that requires a
+    gradient (it calls ``.numpy()`` or ``requires_grad_(False)`` on it): then it runs again on
+    ``x``, and a warning says that mixing was not checked."""
     if x.is_floating_point():
         leaf = x.detach().requires_grad_()
         try:
             return model(leaf.clone()), leaf  # a clone, which in-place operations may change
-        except RuntimeError:
-            pass
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            outputs = model(x)  # a genuine error comes again
+            warn(
+                f"the model's forward pass fails on an input that requires a gradient ({error}), "
+                "so whether it mixes the examples of a batch is not checked: make sure it does "
+                "not (batch statistics, a batch mean), or DP-SGD's guarantee does not hold."
+            )
+            return outputs, None
     return model(x), None
 
 

@@ -72,11 +72,11 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
         ag = a.reshape(batch, length, groups, -1).transpose(1, 2)  # (B, g, L, I/g)
         bg = b.reshape(batch, length, groups, -1).transpose(1, 2)  # (B, g, L, O/g)
         i_size, o_size = ag.shape[-1], bg.shape[-1]
-        # The ghost norm's Gram matrices take L^2 (I + O) multiplications an example, in float64;
-        # materialising takes L I O in float32 and I O of memory. On a 2-core CPU the ghost norm
-        # was the faster below L (I + O) / (I O) of about 1/3 (44.6 ms against 42.5 ms at 1/3, 64
-        # against 39 ms at 1/2, 9 against 25 ms at 1/8, for a Linear of 256 to 768 features).
-        if _GHOST_COST * length * (i_size + o_size) < i_size * o_size:
+        # Whichever takes fewer multiplications: the Gram matrices, L^2 (I + O) an example, or
+        # the materialised gradient, L I O. The Gram matrices are float64, which made the ghost
+        # norm up to twice as slow near the switch on a 2-core CPU (128 against 64 ms at
+        # L (I + O) / (I O) = 2/3), but it keeps no I O per example: memory decides there.
+        if length * (i_size + o_size) < i_size * o_size:
             squares = _ghost_squares(ag, bg)
             wide = _ghost_sum_dtype(ag)
 
@@ -91,10 +91,6 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
             out.append(materialised("weight", grads))
     return out + _bias(layer, b)
 
-
-#: How much more a multiplication of the ghost norm's float64 Gram matrices costs than one of the
-#: materialised gradients (:func:`_matmul_rule`).
-_GHOST_COST = 3
 
 #: On the ghost-norm path, an example whose squared weight-gradient norm is below the square of
 #: its bound divided by this is clipped as if its norm were the bound (:func:`_ghost_squares`).
@@ -116,7 +112,8 @@ def _ghost_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     be rounded to TF32 or bfloat16; its rounding adds to an example's term an error of order
     :math:`L u f \sqrt{M} \le 100 L u C` (:math:`u = 6 \times 10^{-8}` the unit roundoff of
     float32, :math:`f` the clipping factor; :math:`L = 64`: :math:`4 \times 10^{-4} C`), and in
-    practice far less. (Run in bfloat16, whose :math:`u` is 65,000 times larger, the sum let a
+    practice far less, plus the rounding of the factors and of the result to the parameters'
+    dtype. (Run in bfloat16, whose :math:`u` is 65,000 times larger, the sum let a
     crafted record reach 1.19 C.)
     """
     dtype = norm_dtype(a.dtype)
@@ -129,15 +126,23 @@ def _ghost_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return squares.to(dtype)
 
 
-def _full_float32_matmul() -> bool:
-    """Whether float32 matrix products round as float32: not to TF32 or bfloat16, as they may
-    after ``torch.set_float32_matmul_precision("high")`` or a backend's ``fp32_precision``."""
-    overall = getattr(torch.backends, "fp32_precision", "none")
-    for backend in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):
-        precision = getattr(backend, "fp32_precision", "none")
-        if (overall if precision == "none" else precision) not in ("none", "ieee"):
+def _full_float32_matmul(device: torch.device) -> bool:
+    """Whether float32 matrix products on ``device`` round as float32: not to TF32 or bfloat16,
+    as they may after ``torch.set_float32_matmul_precision("high")`` or a backend's
+    ``fp32_precision`` (oneDNN on the CPU, cuBLAS on CUDA)."""
+    backends = {
+        "cpu": getattr(torch.backends.mkldnn, "matmul", None),
+        "cuda": torch.backends.cuda.matmul,
+    }
+    precision = getattr(backends.get(device.type), "fp32_precision", None)
+    if precision is None:  # torch before 2.9, or another device: the legacy setting
+        try:
+            return torch.get_float32_matmul_precision() == "highest"
+        except RuntimeError:  # torch refuses to read it after a mix of legacy and new settings
             return False
-    return True
+    if precision == "none":  # the backend follows the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision in ("none", "ieee")
 
 
 def _ghost_sum_dtype(a: torch.Tensor) -> torch.dtype:
@@ -145,7 +150,7 @@ def _ghost_sum_dtype(a: torch.Tensor) -> torch.dtype:
     would be rounded to fewer bits (:func:`_ghost_squares`)."""
     if a.device.type == "mps":  # no float64 there
         return torch.float32
-    if a.dtype == torch.float64 or not _full_float32_matmul():
+    if a.dtype == torch.float64 or not _full_float32_matmul(a.device):
         return torch.float64
     return torch.float32
 
