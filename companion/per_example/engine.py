@@ -81,10 +81,10 @@ def _why_no_rule(module: nn.Module) -> str | None:
     the rules do not handle, or a call that may not be the layer's own maths. (A forward hook of
     the layer's own is fine: the hooks that keep its output run first.)"""
     kind = type(module).__name__
-    if type(module) not in LAYER_RULES and next(module.children(), None) is not None:
-        names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        return f"({kind}) holds parameters {names} itself, which no rule computes"
     if type(module) not in LAYER_RULES:
+        if next(module.children(), None) is not None:  # a container with parameters of its own
+            names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            return f"({kind}) holds parameters {names} itself, which no rule computes"
         return f"({kind}) has no rule"
     if extra := [
         n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in _RULED

@@ -129,7 +129,7 @@ def rows_cross(
     forward pass runs in the model's mode (layers used in training only are seen), and draws
     nothing from the global generators (``fork_rng``).
 
-    The same backward passes show whether the model mixes examples, where its input is
+    Backward passes to the input show whether the model mixes examples, where the input is
     floating-point: if the losses of :math:`S` and of the other examples both read an element of
     the input, some example's loss depends on another's data (batch statistics, a batch mean)
     and no per-example gradient is the example's own. That raises. (A layer's output read by
@@ -163,8 +163,7 @@ def rows_cross(
 
     def read_by(kept: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Where the loss of the examples ``kept`` (a mask of rows) reads each of ``targets``:
-        its gradient's nonzero entries. (Few distinct operations: the first call of each costs
-        the first batch a few hundred KiB of code.)"""
+        its gradient's nonzero entries."""
         grads = torch.autograd.grad(
             outputs,
             targets,
@@ -174,6 +173,7 @@ def rows_cross(
         )
         return [None if g is None else g.ne(0) for g in grads]
 
+    # Few distinct operations: the first call of each pages in a few hundred KiB of torch's code.
     layer_outputs = [capture.seen[m][1] for _, m in right]
     rows = torch.arange(len(x), device=x.device)
     for inside in (rows % 2 == 0, rows < (len(x) + 1) // 2):
