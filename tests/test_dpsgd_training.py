@@ -292,6 +292,15 @@ def test_an_sgd_optimizer_is_the_same_as_plain_lr():
     torch.testing.assert_close(_flat(via_optimizer), _flat(plain), rtol=1e-12, atol=1e-14)
 
 
+def test_an_optimizer_that_also_holds_other_tensors_is_warned_about():
+    """A tensor outside the model gets no gradient from the run: the optimizer skips it."""
+    model, outside = _model(), torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([*model.parameters(), outside], lr=0.5)
+    with pytest.warns(UserWarning, match="also holds 1 tensor"):
+        _run(model, lr=None, optimizer=optimizer)
+    assert not outside.any()
+
+
 def test_any_optimizer_receives_the_noisy_gradient():
     """Adam's first step is lr * g / (|g| + eps) coordinate-wise (bias-corrected m = g, v = g^2),
     which shows the optimizer stepped on the private gradient written into .grad."""

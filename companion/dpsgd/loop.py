@@ -34,6 +34,7 @@ from companion._validation import (
     check_nonnegative,
     check_positive,
     check_positive_int,
+    warn,
 )
 from companion.accounting import PLDAccountant, RDPAccountant, steps_for_epochs
 from companion.dpsgd.data import RunData
@@ -75,6 +76,11 @@ def _check_optimizer(
         raise ValueError(
             f"optimizer does not hold the model's trainable parameters {missing}; build it with "
             "torch.optim.SGD(model.parameters(), lr=...) (or another optimizer) on this model."
+        )
+    if extra := len(held - {id(p) for p in model.parameters()}):
+        warn(
+            f"optimizer also holds {extra} tensor(s) that are not the model's parameters: "
+            "train_dpsgd gives them no gradient, so the optimizer leaves them as they are."
         )
     return optimizer
 
