@@ -7,6 +7,8 @@ rather than a torch error inside the loop.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -138,8 +140,10 @@ def _check_mean_loss(loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor)
     """
     shapes = f"outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)}"
     try:
-        value = loss(outputs, targets)
-        singles = [loss(outputs[i : i + 1], targets[i : i + 1]) for i in range(len(outputs))]
+        with warnings.catch_warnings():  # torch's shape warnings, once a call: the run gives them
+            warnings.simplefilter("ignore")
+            value = loss(outputs, targets)
+            singles = [loss(outputs[i : i + 1], targets[i : i + 1]) for i in range(len(outputs))]
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         raise ValueError(f"loss cannot be applied to {shapes}: {error}") from None
     if not all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in [value, *singles]):

@@ -400,7 +400,7 @@ def test_a_callable_loss_that_is_not_the_mean_of_the_examples_losses_is_refused(
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
     model = nn.Linear(3, 1).double()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's broadcast warning
+        warnings.simplefilter("error")  # no warning first: torch's broadcast one came 5 times
         with pytest.raises(ValueError, match=f"loss must return the mean.*{message}"):
             _run(model, x=x, y=targets(y), loss=loss)
         with pytest.raises(ValueError, match=f"loss must return the mean.*{message}"):
