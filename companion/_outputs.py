@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from companion._torch import LossFn, eval_mode
+from companion._torch import LossFn, OutOfMemoryError, eval_mode
 from companion._validation import warn
 
 __all__ = ["batch_outputs", "check_outputs", "looks_like_probabilities", "run_model"]
@@ -39,7 +39,7 @@ def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     try:
         with eval_mode(model), torch.no_grad():
             outputs = model(x)
-    except torch.OutOfMemoryError:
+    except OutOfMemoryError:
         raise
     except (RuntimeError, TypeError, IndexError) as error:
         raise model_error(x, error) from None
@@ -140,8 +140,8 @@ def _check_mean_loss(loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor)
     """
     shapes = f"outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)}"
     try:
-        with warnings.catch_warnings():  # torch's shape warnings, once a call: the run gives them
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # torch's broadcast warning, once a call: the run has it
+            warnings.filterwarnings("ignore", "Using a target size", UserWarning)
             value = loss(outputs, targets)
             singles = [loss(outputs[i : i + 1], targets[i : i + 1]) for i in range(len(outputs))]
     except (RuntimeError, TypeError, ValueError, IndexError) as error:

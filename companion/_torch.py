@@ -28,6 +28,7 @@ __all__ = [
     "ArrayLike",
     "LossFn",
     "LossName",
+    "OutOfMemoryError",
     "check_data",
     "check_labels",
     "check_loss",
@@ -57,6 +58,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 EVAL_BATCH = 1024
 
 ArrayLike = np.ndarray | torch.Tensor
+
+#: torch's out-of-memory error, which torch before 2.4 has only as ``torch.cuda.OutOfMemoryError``.
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 # --- losses -------------------------------------------------------------------------------------

@@ -834,3 +834,18 @@ def test_an_accountant_that_cannot_follow_the_run_says_so_before_training():
         _run(model, noise_multiplier=0.02, sample_rate=0.5, accountant=accountant)
     assert torch.equal(_flat(model), before)
     assert len(accountant) == 0
+
+
+def test_the_loss_check_keeps_a_warning_of_the_students_loss():
+    """The check silences only torch's broadcast warning: a loss's own warning, given once,
+    still reaches the student."""
+    state = {"warned": False}
+
+    def loss(outputs, targets):
+        if not state["warned"]:
+            state["warned"] = True
+            warnings.warn("my loss: first call", UserWarning, stacklevel=2)
+        return nn.functional.cross_entropy(outputs, targets)
+
+    with pytest.warns(UserWarning, match="my loss: first call"):
+        _run(loss=loss, epochs=1)

@@ -522,3 +522,39 @@ def test_a_forward_pass_that_cannot_take_an_input_requiring_grad_keeps_its_rules
     model.fail_in_training = True
     with pytest.raises(RuntimeError, match="a genuine error"):
         clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
+
+
+class _SqrtInput(nn.Module):
+    """The square root of a non-negative input with zeros (black pixels): its derivative at 0 is
+    infinite, so the check's backward pass that masks an example out meets 0 * inf = NaN there."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x.sqrt())
+
+
+def test_an_infinite_input_derivative_is_not_read_as_mixing():
+    """e96480f refused this model as mixing examples; it treats them independently."""
+    model, (x, y) = _seeded(_SqrtInput), _batch(8)
+    x = x.relu()  # about half the entries are exact zeros
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    _assert_same(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5), expected)
+
+
+class _AddBatchMean(nn.Module):
+    def forward(self, x):
+        return x + x.mean(0, keepdim=True)
+
+
+def test_a_loss_gradient_whose_sum_overflows_still_gets_the_mixing_check():
+    """float16 gradients of about 1e4 each: their float16 sum is inf. The check returned early
+    on a non-finite sum, so this mixing model trained without an error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_AddBatchMean(), nn.Linear(4, 1)).half()
+    x, y = torch.randn(8, 4).half(), torch.full((8, 1), 5000.0).half()
+    assert float((2 * (model(x) - y)).sum()) == float("-inf")  # finite entries, overflowing sum
+    with pytest.raises(ValueError, match="mixes the examples of a batch"):
+        PerExampleClipper(model, loss=nn.MSELoss())(x, y, max_grad_norm=1.0)

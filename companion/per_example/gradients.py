@@ -288,7 +288,7 @@ def vmap_gradients(
     saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     try:
         return vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
-    except torch.OutOfMemoryError:
+    except _torch.OutOfMemoryError:
         raise
     except IndexError as error:  # token ids out of range
         raise model_error(x, error) from error

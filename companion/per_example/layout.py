@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from companion._outputs import batch_outputs, model_error
-from companion._torch import LossFn
+from companion._torch import LossFn, OutOfMemoryError
 from companion._validation import warn
 
 __all__: list[str] = []
@@ -158,12 +158,14 @@ def rows_cross(
     loss = sum_loss(outputs, y)
     refuse_reentrant_checkpoint(autograd_graph(loss)[1])
     (gradient,) = torch.autograd.grad(loss, outputs)
-    if not math.isfinite(float(gradient.sum())):  # an example's loss is NaN: refused later
-        return wrong
+    if not math.isfinite(float(gradient.sum())):  # rare: a NaN or inf entry, or an overflow
+        # Zero the non-finite entries (their examples' gradients are refused later); an
+        # overflowing sum of finite entries changes nothing. Only this rare path pays for the ops.
+        gradient = gradient.where(gradient.isfinite(), 0.0)
 
     def read_by(kept: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Where the loss of the examples ``kept`` (a mask of rows) reads each of ``targets``:
-        its gradient's nonzero entries."""
+        """The gradients at ``targets`` of the loss of the examples ``kept`` (a mask of rows):
+        nonzero where that loss reads them."""
         grads = torch.autograd.grad(
             outputs,
             targets,
@@ -171,7 +173,7 @@ def rows_cross(
             retain_graph=True,
             allow_unused=True,
         )
-        return [None if g is None else g.ne(0) for g in grads]
+        return list(grads)
 
     # Few distinct operations: the first call of each pages in a few hundred KiB of torch's code.
     layer_outputs = [capture.seen[m][1] for _, m in right]
@@ -179,13 +181,16 @@ def rows_cross(
     for inside in (rows % 2 == 0, rows < (len(x) + 1) // 2):
         if leaf is not None:
             own, other = (read_by(kept, [leaf])[0] for kept in (inside, ~inside))
-            if own is not None and other is not None and bool(own[other].any()):
-                raise ValueError(MIXES_EXAMPLES)
+            if own is not None and other is not None and bool(own.ne(0)[other.ne(0)].any()):
+                # 0 * inf is NaN: an infinite derivative (sqrt at 0) is no read; checked only here
+                both = own.ne(0) & other.ne(0) & own.isfinite() & other.isfinite()
+                if bool(both.any()):
+                    raise ValueError(MIXES_EXAMPLES)
         if layer_outputs:
             wrong += [
                 layer
                 for layer, read in zip(right, read_by(inside, layer_outputs), strict=True)
-                if layer not in wrong and read is not None and bool(read[~inside].any())
+                if layer not in wrong and read is not None and bool(read[~inside].ne(0).any())
             ]
     return wrong
 
@@ -201,7 +206,7 @@ def _forward_with_input_leaf(
         leaf = x.detach().requires_grad_()
         try:
             return model(leaf.clone()), leaf  # a clone, which in-place operations may change
-        except torch.OutOfMemoryError:
+        except OutOfMemoryError:
             raise
         except RuntimeError as error:
             outputs = model(x)  # a genuine error comes again
