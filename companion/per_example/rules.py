@@ -113,7 +113,7 @@ def _ghost_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     :math:`L u f \sqrt{M} \le 100 L u C` (:math:`u = 6 \times 10^{-8}` the unit roundoff of
     float32, :math:`f` the clipping factor; :math:`L = 64`: :math:`4 \times 10^{-4} C`), and in
     practice far less, plus the rounding of the factors and of the result to the parameters'
-    dtype. (Run in bfloat16, whose :math:`u` is 65,000 times larger, the sum let a
+    dtype. (Run in bfloat16, whose :math:`u` is :math:`2^{15}` times larger, the sum let a
     crafted record reach 1.19 C.)
     """
     dtype = norm_dtype(a.dtype)
