@@ -609,6 +609,7 @@ def test_train_dpsgd_history_and_epsilon_match_the_accountant():
     keys = {
         "epoch",
         "steps",
+        "total_steps",
         "epsilon",
         "delta",
         "noise_multiplier",
@@ -622,6 +623,7 @@ def test_train_dpsgd_history_and_epsilon_match_the_accountant():
     accountant = RDPAccountant()
     for epoch, record in enumerate(history, start=1):
         assert record["epoch"] == epoch and record["steps"] == 8 * epoch and record["delta"] == 1e-4
+        assert record["total_steps"] == 8 * epoch  # a new accountant: this run's steps alone
         for _ in range(8):
             accountant.step(noise_multiplier=1.1, sample_rate=Q)
         assert record["epsilon"] == pytest.approx(accountant.get_epsilon(1e-4), rel=1e-12)
@@ -981,6 +983,15 @@ def test_dp_sgd_step_bad_arguments(kwargs, error, message):
             lambda m: per_example_gradients(m, "cross_entropy", X[:, :32], Y),
             ValueError,
             "model cannot be applied to the inputs",
+        ),
+        (  # a numpy batch reached the engine, which read x.device of an array
+            lambda m: noisy_clipped_gradient(
+                PerExampleClipper(m, loss="cross_entropy"), X.numpy(), Y, noise_multiplier=1.0,
+                max_grad_norm=1.0, expected_batch_size=24.0,
+                generator=torch.Generator().manual_seed(0),
+            ),  # fmt: skip
+            TypeError,
+            "x_batch and y_batch must be torch tensors, got ndarray and Tensor",
         ),
         (
             lambda m: clip_and_sum({}, max_grad_norm=1.0),

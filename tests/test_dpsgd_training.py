@@ -92,6 +92,7 @@ def test_continuing_through_accountant_reports_the_epsilon_of_one_long_run():
     assert len(accountant) == 5 * 8
     assert history[-1]["epsilon"] == pytest.approx(_rdp_epsilon(1.0, 5 * 8), rel=1e-12)
     assert history[-1]["steps"] == 3 * 8  # this run's steps; the accountant holds the total
+    assert [r["total_steps"] for r in history] == [3 * 8, 4 * 8, 5 * 8]  # 2 epochs before
 
 
 def test_a_second_call_never_replays_the_first_calls_noise():

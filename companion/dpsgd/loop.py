@@ -261,7 +261,11 @@ def train_dpsgd(
     weight gradient, ``index_add_``) sum in a varying order unless
     ``torch.use_deterministic_algorithms(True)``. With a continued accountant, the generator's
     seed is derived from ``seed`` and the steps the accountant already holds, so a second call
-    with the same seed does not replay the first one's batches and noise.
+    with the same seed does not replay the first one's batches and noise. Without
+    ``accountant``, every call is a new run: a second call on the same model with the same seed
+    draws the first one's batches and noise again (the difference of the two updates is then
+    noise-free), and each call's epsilon covers that call alone. To train one model in several
+    calls, build an accountant and pass it to every call.
 
     Args:
         model: the model to train; must pass :func:`~companion.per_example.check_dp_compatible`.
@@ -294,7 +298,9 @@ def train_dpsgd(
 
     Returns:
         One dict per epoch, with keys ``"epoch"``, ``"steps"`` (this run's DP steps so far),
-        ``"epsilon"`` (the accountant's total, at ``delta``), ``"delta"``,
+        ``"total_steps"`` (the steps the accountant holds: with a continued accountant, the
+        earlier runs' too), ``"epsilon"`` (the accountant's total, at ``delta``, for
+        ``"total_steps"``), ``"delta"``,
         ``"noise_multiplier"``, ``"clipped_fraction"`` (the share of the epoch's per-example
         gradients whose norm exceeded :math:`C`), ``"train_loss"`` (and ``"train_accuracy"``
         for a named loss) on the whole training set, and the same for test data if given.
@@ -407,6 +413,7 @@ def train_dpsgd(
                 clipped = clipped + (norms > max_grad_norm).sum()  # on the device: no sync
                 seen += norms.shape[0]
             record: dict[str, Any] = {"epoch": epoch, "steps": epoch * steps_per_epoch}
+            record["total_steps"] = len(accountant)
             record["epsilon"] = accountant.get_epsilon(delta)
             record["delta"] = delta
             record["noise_multiplier"] = noise_multiplier

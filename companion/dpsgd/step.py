@@ -112,17 +112,25 @@ def _check_noise(sums: object, std: object, generator: object) -> tuple[float, t
 
 def _check_step(
     clipper: object,
+    x_batch: object,
+    y_batch: object,
     noise_multiplier: object,
     max_grad_norm: object,
     expected_batch_size: object,
     generator: object,
 ) -> tuple[float, torch.Generator]:
     r"""The checked noise std :math:`\sigma C` and generator of :func:`noisy_clipped_gradient`.
-    (The batch is not checked there: that takes a forward pass; the wrappers do it.)"""
+    (The batch is checked only to be two tensors: more takes a forward pass; the wrappers do
+    it.)"""
     if not isinstance(clipper, PerExampleClipper):
         raise TypeError(
             "clipper must be a companion.per_example.PerExampleClipper built for the model and "
             f"loss, got {type(clipper).__name__}."
+        )
+    if not isinstance(x_batch, torch.Tensor) or not isinstance(y_batch, torch.Tensor):
+        raise TypeError(
+            "x_batch and y_batch must be torch tensors, got "
+            f"{type(x_batch).__name__} and {type(y_batch).__name__}."
         )
     sigma = check_nonnegative("noise_multiplier", noise_multiplier)
     c = check_positive("max_grad_norm", max_grad_norm)
@@ -309,8 +317,10 @@ def noisy_clipped_gradient(
     for the model and loss), add :math:`\mathcal N(0, \sigma^2 C^2)` to every coordinate (one
     draw of :func:`gaussian_noise`), divide by the expected batch size :math:`qN`. The training
     loop calls this once per step; :func:`set_private_gradients` and :func:`dp_sgd_step` wrap it
-    with checks of the batch (which take a forward pass: this function checks only the other
-    arguments).
+    with checks of the batch (which take a forward pass: this function checks only that the
+    batch is two tensors, and the other arguments). A batch the model or the loss cannot take
+    (labels of the wrong dtype or out of range) then fails with torch's own error; check the
+    data once before the loop, as :func:`~companion.dpsgd.train_dpsgd` does.
 
     Args:
         clipper: the planned clipper of the model and loss.
@@ -325,8 +335,8 @@ def noisy_clipped_gradient(
         per-example norms before clipping.
 
     Raises:
-        TypeError: if ``clipper`` is not a :class:`~companion.per_example.PerExampleClipper` or
-            ``generator`` not a :class:`torch.Generator`.
+        TypeError: if ``clipper`` is not a :class:`~companion.per_example.PerExampleClipper`,
+            the batch not two tensors, or ``generator`` not a :class:`torch.Generator`.
         ValueError: if a number is out of range or an example's gradient is not finite.
 
     Example:
@@ -339,7 +349,7 @@ def noisy_clipped_gradient(
         0.3345
     """
     std, generator = _check_step(
-        clipper, noise_multiplier, max_grad_norm, expected_batch_size, generator
+        clipper, x_batch, y_batch, noise_multiplier, max_grad_norm, expected_batch_size, generator
     )
     # The noise first, divided by m; then each clipped gradient, divided by m, is added into it.
     noisy = gaussian_noise(clipper.trainable, std=std / expected_batch_size, generator=generator)
