@@ -986,8 +986,12 @@ def test_dp_sgd_step_bad_arguments(kwargs, error, message):
         ),
         (  # a numpy batch reached the engine, which read x.device of an array
             lambda m: noisy_clipped_gradient(
-                PerExampleClipper(m, loss="cross_entropy"), X.numpy(), Y, noise_multiplier=1.0,
-                max_grad_norm=1.0, expected_batch_size=24.0,
+                PerExampleClipper(m, loss="cross_entropy"),
+                X.numpy(),
+                Y,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                expected_batch_size=24.0,
                 generator=torch.Generator().manual_seed(0),
             ),  # fmt: skip
             TypeError,

@@ -41,9 +41,11 @@ each; a layer called on another layout (a batch flattened to ``(B*T, F)``, or a 
 out ``(T, B, F)``, as torch's attention and recurrent layers take it by default) falls back to
 ``vmap`` too, and so does a layer called on a batch reordered around it (``x.flip(0)``, a sort,
 undone after the layer). Every batch's shapes are checked, and a clipper's first three batches
-of two examples or more are checked in their autograd graph: the loss of the even examples, and
-then of the first half, must reach no row of a layer's output outside them (two more backward
-passes; exact zeros, so neither rounding, identical examples nor random draws matter). A layer
+of two examples or more are checked in their autograd graph: for each bit of an example's index,
+the losses of the examples with that bit set, and of those without it, must reach no row of a
+layer's output outside their set (:math:`2 \lceil \log_2 n \rceil` more backward passes on
+the first :math:`n \le 8` examples; exact zeros, so neither rounding, identical examples nor
+random draws matter). A layer
 that fails moves to ``vmap`` for the clipper's life. A reordering that depends on the data (a
 sort by length) is found only if it reorders one of the checked batches: a model that sorts its
 batch should use ``method="vmap"``. Random layers such as ``Dropout`` draw other masks in

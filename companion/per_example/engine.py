@@ -325,10 +325,10 @@ class PerExampleClipper:
                     entries = [materialised(name, g) for name, g in grads.items()]
                     return add_clipped(entries, max_grad_norm, into, scale)
             if self._checks_left > 0 and x.shape[0] >= 2:  # one example: nothing to mix
-                self._checks_left -= 1
                 moved = rows_cross(self.model, plan, self.sum_loss, x[:8], y[:8])
                 warn_moved(moved, ROWS_ARE_NOT_EXAMPLES)
                 self.plan = plan = move_to_vmap(plan, moved)
+                self._checks_left -= 1  # only a batch that passed: one that raised is checked again
             norms, moved = layerwise_add_clipped(
                 self.model,
                 plan,

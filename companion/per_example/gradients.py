@@ -176,11 +176,12 @@ def check_method(method: object) -> str:
 
 
 def resolve_loss(loss: object) -> tuple[LossFn, LossFn]:
-    """``(mean loss, summed loss)``; a callable's summed form is its mean times the batch size."""
+    """``(mean loss, summed loss)``; a callable's summed form is its mean times the batch size, on
+    a copy of the outputs: they may be a layer's kept output, which a ``clamp_`` would change."""
     loss = _torch.check_loss_or_callable(loss)
     if isinstance(loss, str):
         return _torch.loss_fn(loss, "mean"), _torch.loss_fn(loss, "sum")
-    return loss, lambda outputs, targets: loss(outputs, targets) * outputs.shape[0]
+    return loss, lambda outputs, targets: loss(outputs.clone(), targets) * outputs.shape[0]
 
 
 def check_batch(

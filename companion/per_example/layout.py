@@ -123,11 +123,17 @@ def rows_cross(
     a set :math:`S` of examples, the gradient of :math:`\sum_{j \in S} \ell_j` with respect to
     a layer's output must then be exactly 0 outside :math:`S`. Each example's loss reads its own
     row of the model's outputs only, so that gradient is the outputs' backward with the summed
-    loss's gradient kept on :math:`S`. Two sets, the even rows and the first half, split every
-    pair of examples that a reordered batch (a flip, a roll, a sort) or a ``(T, B, F)`` layout
-    joins. Exact zeros: no tolerance, and neither identical examples nor random draws matter. The
-    forward pass runs in the model's mode (layers used in training only are seen), and draws
-    nothing from the global generators (``fork_rng``).
+    loss's gradient kept on :math:`S`. The sets are those of the bits of an example's index,
+    :math:`S_k = \{i : \text{bit } k \text{ of } i \text{ is } 1\}` for
+    :math:`k < \lceil \log_2 n \rceil`, and their complements: two examples :math:`j \ne p`
+    differ in some bit, so one of these sets holds :math:`j` and not :math:`p`, and the loss of
+    :math:`j` reading row :math:`p` is seen, whatever the pair (a flip, a roll, a sort, a swap, a
+    ``(T, B, F)`` layout, row 0 broadcast to every example). One backward pass per set, to the
+    layers' outputs and the input together: :math:`2 \lceil \log_2 n \rceil` passes. Exact
+    zeros: no tolerance, and neither identical examples nor random draws matter (a sum of other
+    examples' reads that cancels exactly would be missed). The forward pass runs in the model's
+    mode (layers used in training only are seen), and draws nothing from the global generators
+    (``fork_rng``).
 
     Backward passes to the input show whether the model mixes examples, where the input is
     floating-point: if the losses of :math:`S` and of the other examples both read an element of
@@ -177,20 +183,24 @@ def rows_cross(
 
     # Few distinct operations: the first call of each pages in a few hundred KiB of torch's code.
     layer_outputs = [capture.seen[m][1] for _, m in right]
+    targets = ([leaf] if leaf is not None else []) + layer_outputs
     rows = torch.arange(len(x), device=x.device)
-    for inside in (rows % 2 == 0, rows < (len(x) + 1) // 2):
+    for bit in range((len(x) - 1).bit_length()):  # every pair of rows differs in one of the bits
+        inside = (rows >> bit) % 2 == 1
+        # The set and its complement: each must not read the other's rows.
+        own, other = (read_by(kept, targets) for kept in (inside, ~inside))
         if leaf is not None:
-            own, other = (read_by(kept, [leaf])[0] for kept in (inside, ~inside))
-            if own is not None and other is not None and bool(own.ne(0)[other.ne(0)].any()):
+            mine, theirs = own.pop(0), other.pop(0)  # the input's gradients
+            if mine is not None and theirs is not None and bool(mine.ne(0)[theirs.ne(0)].any()):
                 # 0 * inf is NaN: an infinite derivative (sqrt at 0) is no read; checked only here
-                both = own.ne(0) & other.ne(0) & own.isfinite() & other.isfinite()
+                both = mine.ne(0) & theirs.ne(0) & mine.isfinite() & theirs.isfinite()
                 if bool(both.any()):
                     raise ValueError(MIXES_EXAMPLES)
-        if layer_outputs:
+        for kept, reads in ((inside, own), (~inside, other)):
             wrong += [
                 layer
-                for layer, read in zip(right, read_by(inside, layer_outputs), strict=True)
-                if layer not in wrong and read is not None and bool(read[~inside].ne(0).any())
+                for layer, read in zip(right, reads, strict=True)
+                if layer not in wrong and read is not None and bool(read[~kept].ne(0).any())
             ]
     return wrong
 

@@ -168,7 +168,10 @@ def _one_position(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOut
         flat = (b.shape[1], a.shape[1])  # a convolution's weight has more dimensions
 
         def add_weight(f: torch.Tensor, total: torch.Tensor) -> None:
-            total.view(flat).addmm_((b * f[:, None]).t(), a)
+            if total.is_contiguous():  # in place, with no product to allocate
+                total.view(flat).addmm_((b * f[:, None]).t(), a)
+            else:  # a channels_last convolution's weight, which cannot be viewed as (O, I)
+                total.add_(((b * f[:, None]).t() @ a).view(total.shape))
 
         out.append(("weight", squared_norms(a) * b_squares, add_weight))
     if _wants(layer, "bias"):

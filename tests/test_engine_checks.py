@@ -1,0 +1,244 @@
+"""The engine's own checks against forward passes and losses that would fool the layer rules.
+
+- Which rows of a hooked layer each example's loss reads (``rows_cross``): every pair of the
+  first 8 examples is told apart (a swap of rows ``p`` and ``p ^ 2`` around a layer was missed),
+  in both directions (a row that the loss of other examples reads, as a position row ``[:1]``
+  broadcast to the batch, was missed).
+- A callable loss that changes the model's outputs in place (``clamp_``, ``squeeze_``): the
+  last layer's kept output is the model's output, and the rule read the changed tensor.
+- A channels_last convolution with one output position (a weight that cannot be viewed as a
+  matrix), and a clipper that stopped checking after three batches that raised.
+
+The oracle is a plain loop in float64 (one forward pass and ``torch.autograd.grad`` per example,
+clipped with Opacus's ``min(1, C / (norm + 1e-6))``), written here. Models are float64 and
+batches hold 8 examples or fewer, so the engine's sums agree with it to about 1e-15 relative;
+the tolerance 1e-9 leaves room for that, while each defect moves the sum by 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from companion.per_example import PerExampleClipper, clipped_gradient_sum
+
+ROWS_WARNING = "rows are not the batch's examples"
+
+
+def _loop(model, loss, x, y, c):
+    """The clipped sum and the norms of a plain per-example loop in float64."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = {
+        n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params, strict=True)
+    }
+    norms = []
+    for i in range(x.shape[0]):
+        value = loss(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        grads = [
+            torch.zeros_like(p) if g is None else g.double()
+            for g, p in zip(grads, params, strict=True)
+        ]
+        norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+        norms.append(norm)
+        for n, g in zip(names, grads, strict=True):
+            total[n] += min(1.0, c / (norm + 1e-6)) * g
+    return total, norms
+
+
+def _median_clip(model, loss, x, y):
+    """A clipping norm between the examples' nonzero norms (some are clipped, some not)."""
+    norms = torch.tensor(_loop(model, loss, x, y, 1.0)[1])
+    return float(norms[norms > 0].median())
+
+
+def _assert_close(sums, expected):
+    got = torch.cat([sums[n].double().flatten() for n in expected])
+    want = torch.cat([t.flatten() for t in expected.values()])
+    assert float((got - want).norm()) <= 1e-9 * float(want.norm())
+
+
+def _ce(outputs, targets):
+    return F.cross_entropy(outputs, targets)
+
+
+def _batch(n=8, features=4, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator, dtype=torch.float64) * 2
+    return x, torch.randint(0, 3, (n,), generator=generator)
+
+
+# --- every pair of rows, both directions --------------------------------------------------------
+
+
+class _Swapped(nn.Module):
+    """Rows ``i`` and ``j`` of a batch of 8 swapped before ``a`` and swapped back after it: the
+    model treats examples independently, but row ``i`` of ``a`` is example ``j``'s."""
+
+    def __init__(self, i, j):
+        super().__init__()
+        self.i, self.j = i, j
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        order = torch.arange(x.shape[0])
+        if x.shape[0] == 8:
+            order[self.i], order[self.j] = self.j, self.i
+        return self.b(torch.tanh(self.a(x[order])[order]))
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise"])
+def test_every_swap_of_two_rows_around_a_layer_is_found_and_matches_the_loop(method):
+    """All 28 pairs of 8 rows, among them 0 and 2 (both even, both in the first half: the two
+    sets the check used did not split them: no warning, and a sum off the loop)."""
+    x, y = _batch()
+    for i, j in itertools.combinations(range(8), 2):
+        torch.manual_seed(0)
+        model = _Swapped(i, j).double()
+        c = _median_clip(model, _ce, x, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sums = clipped_gradient_sum(
+                model, "cross_entropy", x, y, max_grad_norm=c, method=method
+            )
+        messages = [str(w.message) for w in caught]
+        assert any(ROWS_WARNING in m and "layer 'a'" in m for m in messages), (i, j)
+        _assert_close(sums, _loop(model, _ce, x, y, c)[0])
+
+
+class _ReadsAnotherRow(nn.Module):
+    """Example ``q`` also reads row ``p`` of a layer ``pos`` called on a data-free input with one
+    row per example (a position table): the rows are equal, so each example's output is what it
+    is alone, but the rule would give example ``p`` the gradient of ``q``'s loss. Example ``q``
+    is ``None``: every example reads row ``p`` (``pos(...)[:1]`` broadcast to the batch)."""
+
+    def __init__(self, p, q):
+        super().__init__()
+        self.p, self.q = p, q
+        self.fc, self.pos, self.head = nn.Linear(4, 4), nn.Linear(2, 4), nn.Linear(4, 3)
+        self.register_buffer("table", torch.ones(1, 2))
+
+    def forward(self, x):
+        n = x.shape[0]
+        rows = self.pos(self.table.expand(n, 2))
+        source = torch.arange(n)
+        if n == 8:
+            source[self.q if self.q is not None else slice(None)] = self.p
+        return self.head(torch.tanh(self.fc(x) + rows[source]))
+
+
+@pytest.mark.parametrize("q", [None, *range(8)])
+def test_a_row_read_by_the_loss_of_another_example_is_found_in_either_direction(q):
+    """Every ordered pair (p, q): the loss of a set read a row inside the set only when the
+    complement's read was missed (3 read by 5: both odd, neither split by the first half as
+    the set of 3). The leaf's check sees no mixing (the table holds no data)."""
+    x, y = _batch()
+    for p in range(8) if q is None else [p for p in range(8) if p != q]:
+        torch.manual_seed(0)
+        model = _ReadsAnotherRow(p, q).double()
+        c = _median_clip(model, _ce, x, y)
+        with pytest.warns(UserWarning, match=f"layer 'pos' .*{ROWS_WARNING}"):
+            sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c)
+        _assert_close(sums, _loop(model, _ce, x, y, c)[0])
+
+
+class _PositionRowZero(nn.Module):
+    """The auditor's case: token and position embeddings, the position row 0 broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.out = nn.Embedding(9, 5), nn.Embedding(4, 5), nn.Linear(5, 3)
+
+    def forward(self, tokens):
+        n, length = tokens.shape
+        pos = self.pos(torch.arange(length).expand(n, length))[:1]
+        return self.out(torch.tanh(self.tok(tokens) + pos).mean(1))
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 8])
+def test_a_position_row_broadcast_to_integer_inputs_matches_the_loop(size):
+    """Token ids: no input leaf, so only the rows' check can see it; any batch size."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 9, (size, 4), generator=generator)
+    y = torch.randint(0, 3, (size,), generator=generator)
+    torch.manual_seed(0)
+    model = _PositionRowZero().double()
+    c = _median_clip(model, _ce, tokens, y)
+    with pytest.warns(UserWarning, match=f"layer 'pos' .*{ROWS_WARNING}"):
+        sums = clipped_gradient_sum(model, "cross_entropy", tokens, y, max_grad_norm=c)
+    _assert_close(sums, _loop(model, _ce, tokens, y, c)[0])
+
+
+# --- a loss that changes the outputs in place ---------------------------------------------------
+
+_IN_PLACE_LOSSES = {
+    "clamp_": lambda o, t: F.mse_loss(o.clamp_(-0.2, 0.2), t),
+    "squeeze_": lambda o, t: F.mse_loss(o.squeeze_(-1), t.squeeze(-1)),
+}
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise"])
+@pytest.mark.parametrize("name", sorted(_IN_PLACE_LOSSES))
+def test_a_loss_that_changes_the_outputs_in_place_matches_the_loop(name, method):
+    """The last layer's output is the model's: clamp_ lost its derivative there (a sum off the
+    loop), squeeze_ gave the rule a gradient of the wrong shape (a raw RuntimeError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 8, generator=generator, dtype=torch.float64) * 3
+    y = torch.randn(8, 1, generator=generator, dtype=torch.float64)
+    loss = _IN_PLACE_LOSSES[name]
+    for c in (100.0, _median_clip(model, loss, x, y)):  # no clipping, then half clipped
+        sums = clipped_gradient_sum(model, loss, x, y, max_grad_norm=c, method=method)
+        _assert_close(sums, _loop(model, loss, x, y, c)[0])
+
+
+# --- a channels_last convolution with one output position ---------------------------------------
+
+
+def test_a_channels_last_convolution_with_one_position_adds_into_a_channels_last_total():
+    """``zeros_like`` of a channels_last weight is not contiguous, and cannot be viewed as the
+    (out, in * kernel) matrix the one-position rule adds into (it raised "view size is not
+    compatible"); noise of zero, the path of sigma = 0, adds into such a tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3), nn.Flatten(), nn.Linear(16, 3)).double()
+    model = model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 3, 3, generator=generator, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    into = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    assert not into["0.weight"].is_contiguous()  # the case this test is about
+    c = _median_clip(model, _ce, x, y)
+    clipper = PerExampleClipper(model, loss="cross_entropy", method="layerwise")
+    clipper.add_clipped_sum(x, y, max_grad_norm=c, into=into)
+    _assert_close(into, _loop(model, _ce, x, y, c)[0])
+
+
+# --- the check is not spent on batches that fail it ---------------------------------------------
+
+
+class _BatchCentred(nn.Module):
+    """Subtracts the batch's mean: every example's loss reads every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x - x.mean(0, keepdim=True))
+
+
+def test_a_model_that_mixes_examples_is_refused_at_every_call_not_only_the_first_three():
+    """A caller that catches the error and goes on got a clipped sum at the fourth call."""
+    torch.manual_seed(0)
+    clipper = PerExampleClipper(_BatchCentred(), loss="cross_entropy")
+    x, y = _batch(features=4)
+    for _ in range(5):
+        with pytest.raises(ValueError, match="mixes the examples of a batch"):
+            clipper(x.float(), y, max_grad_norm=1.0)
