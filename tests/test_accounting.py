@@ -24,6 +24,7 @@ from scipy import integrate, special
 
 from companion.accounting import (
     DEFAULT_ORDERS,
+    PLDAccountant,
     RDPAccountant,
     compute_rdp,
     get_noise_multiplier,
@@ -604,6 +605,45 @@ def test_accountant_compresses_its_history_and_instances_are_independent():
     assert "steps=5" in repr(a)
 
 
+@pytest.mark.parametrize("accountant_class", [RDPAccountant, PLDAccountant])
+def test_steps_in_one_call_equal_a_loop_of_single_steps(accountant_class):
+    """step(..., steps=k) records what k calls of step record: the same compressed history and
+    the same epsilon (the epsilon is a function of the history, so equal histories would do; it
+    is compared too, as the accountant might keep more)."""
+    looped, at_once = accountant_class(), accountant_class()
+    for _ in range(40):
+        looped.step(noise_multiplier=1.0, sample_rate=0.02)
+    looped.step(noise_multiplier=2.0, sample_rate=0.02)
+    at_once.step(noise_multiplier=1.0, sample_rate=0.02, steps=25)
+    at_once.step(noise_multiplier=1.0, sample_rate=0.02, steps=15)  # joins the same entry
+    at_once.step(noise_multiplier=2.0, sample_rate=0.02)
+    assert at_once.history == looped.history == ((1.0, 0.02, 40), (2.0, 0.02, 1))
+    assert len(at_once) == len(looped) == 41
+    assert at_once.get_epsilon(1e-5) == looped.get_epsilon(1e-5)
+
+
+@pytest.mark.parametrize(("steps", "error"), [(0, ValueError), (-3, ValueError), (2.0, TypeError)])
+@pytest.mark.parametrize("accountant_class", [RDPAccountant, PLDAccountant])
+def test_a_bad_number_of_steps_is_refused_and_records_nothing(accountant_class, steps, error):
+    accountant = accountant_class()
+    with pytest.raises(error, match="steps must be"):
+        accountant.step(noise_multiplier=1.0, sample_rate=0.5, steps=steps)
+    assert len(accountant) == 0 and accountant.history == ()
+
+
+@IGNORE_OPTIMAL_ORDER
+def test_a_trillion_steps_are_recorded_at_once_and_compose_as_the_closed_form():
+    """10**12 steps, which a loop of single steps could not record. Without subsampling (q = 1)
+    a step of the Gaussian mechanism has RDP alpha / (2 sigma^2) at order alpha, and T steps T
+    times that: sigma = 10**6 and T = 10**12 give alpha / 2, converted by Opacus."""
+    accountant = RDPAccountant()
+    accountant.step(noise_multiplier=1e6, sample_rate=1.0, steps=10**12)
+    assert len(accountant) == 10**12 and accountant.history == ((1e6, 1.0, 10**12),)
+    orders = np.array(DEFAULT_ORDERS)
+    expected, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=orders / 2, delta=1e-5)
+    assert accountant.get_epsilon(1e-5) == pytest.approx(expected, rel=1e-9)
+
+
 # --- get_noise_multiplier -----------------------------------------------------------------------
 
 TARGET_EPSILONS = [0.5, 1.0, 2.0, 4.0, 8.0]
@@ -776,6 +816,7 @@ BAD_CALLS = {
     "rdp steps bool": (_rdp(steps=True), TypeError, "steps must be an integer"),
     "rdp steps string": (_rdp(steps="10"), TypeError, "steps must be an integer"),
     "rdp steps negative": (_rdp(steps=-1), ValueError, "steps must be an integer >= 0"),
+    "rdp steps past float": (_rdp(steps=10**400), ValueError, r"steps must be at most 2\*\*64"),
     # get_privacy_spent
     "spent rdp negative": (_spent(rdp=[0.1, -0.1]), ValueError, "rdp values .* must be >= 0"),
     "spent rdp -inf": (_spent(rdp=[0.1, -INF]), ValueError, "rdp values .* must be >= 0"),

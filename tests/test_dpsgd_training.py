@@ -211,6 +211,14 @@ def test_target_epsilon_counts_what_the_accountant_already_spent():
         _run(target_epsilon=2.0, noise_multiplier=None, accountant=accountant)
 
 
+def test_a_target_below_the_floor_of_an_accountants_orders_names_them():
+    """With orders up to 8, the RDP conversion (Balle et al.) cannot go below
+    log(7/8) - (log(delta) + log(8)) / 7 = 0.885 at delta = 1e-4, whatever the noise: the message
+    says the orders are the limit."""
+    with pytest.raises(ValueError, match="cannot be reached.*orders up to 8: larger orders"):
+        _run(target_epsilon=0.8, noise_multiplier=None, accountant=RDPAccountant(orders=[2, 4, 8]))
+
+
 def test_the_same_hyperparameters_given_to_opacus_give_the_same_epsilon():
     """The port: make_private with the same sigma, C, Poisson rate (a DataLoader of N/8 = 20 per
     batch gives q = 1/8) and the same number of steps; Opacus's RDP accountant then reports the

@@ -88,7 +88,10 @@ def get_noise_multiplier(
         accountant: ``"rdp"`` (the default, as before) or ``"pld"``: which accountant's epsilon
             must meet the target. Opacus's ``"prv"`` has no separate name here: like its PRV
             accountant, ``"pld"`` discretises the privacy-loss distribution (both directions,
-            where PRV takes the remove direction; see :mod:`companion.accounting.pld`).
+            where PRV takes the remove direction; see :mod:`companion.accounting.pld`). Opacus's
+            PRV accountant may read a sigma calibrated with ``"pld"`` slightly above the target
+            with its default ``eps_error=0.01`` (its estimate's error), and below it with a
+            smaller ``eps_error``.
 
     Returns:
         The noise multiplier :math:`\sigma`.
@@ -149,8 +152,7 @@ def get_noise_multiplier(
     def epsilon(sigma: float) -> float:
         if accountant == "pld":
             pld = PLDAccountant()
-            for _ in range(steps):
-                pld.step(noise_multiplier=sigma, sample_rate=sample_rate)
+            pld.step(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
             try:
                 return pld.get_epsilon(target_delta)
             except ValueError:  # sigma far too small for the grid: far above any useful target

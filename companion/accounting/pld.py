@@ -101,7 +101,13 @@ import math
 import numpy as np
 from scipy import special
 
-from companion._validation import check_delta, check_nonnegative, check_positive, check_probability
+from companion._validation import (
+    check_delta,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    check_probability,
+)
 from companion.accounting.pld_composition import MAX_GRID, compose, delta_at, epsilon_at
 
 __all__ = ["PLDAccountant"]
@@ -281,23 +287,26 @@ class PLDAccountant:
         """Compressed history, as ``(noise_multiplier, sample_rate, count)`` entries in order."""
         return tuple(self._history)
 
-    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
-        """Record one step of the Poisson-subsampled Gaussian mechanism (no numerical work).
+    def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Record a step (or ``steps`` steps) of the Poisson-subsampled Gaussian mechanism (no
+        numerical work).
 
         Args:
             noise_multiplier: :math:`\\sigma`, >= 0.
             sample_rate: :math:`q`, in (0, 1].
+            steps: how many such steps, >= 1 (one call instead of a loop).
 
         Raises:
             TypeError, ValueError: if an argument is not a number in its range.
         """
         sigma = check_nonnegative("noise_multiplier", noise_multiplier)
         q = check_probability("sample_rate", sample_rate, allow_zero=False)
+        steps = check_positive_int("steps", steps)
         if self._history and self._history[-1][:2] == (sigma, q):
-            self._history[-1] = (sigma, q, self._history[-1][2] + 1)
+            self._history[-1] = (sigma, q, self._history[-1][2] + steps)
         else:
-            self._history.append((sigma, q, 1))
-        self._steps += 1
+            self._history.append((sigma, q, steps))
+        self._steps += steps
         self._composed = None
 
     def _distributions(self) -> dict[str, tuple[int, np.ndarray, float]]:

@@ -13,7 +13,13 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from companion._validation import check_delta, check_nonnegative, check_orders, check_probability
+from companion._validation import (
+    check_delta,
+    check_nonnegative,
+    check_orders,
+    check_positive_int,
+    check_probability,
+)
 from companion.accounting.rdp import DEFAULT_ORDERS, compute_rdp, get_privacy_spent
 
 __all__ = ["RDPAccountant"]
@@ -71,33 +77,36 @@ class RDPAccountant:
         """Compressed history, as ``(noise_multiplier, sample_rate, count)`` entries in order."""
         return tuple(self._history)
 
-    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
-        r"""Record one step with the given noise multiplier (>= 0) and sample rate (in (0, 1]).
+    def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        r"""Record a step (or ``steps`` steps) with the given noise multiplier (>= 0) and sample
+        rate (in (0, 1]).
 
         Args:
             noise_multiplier: :math:`\sigma`, the noise standard deviation divided by the
                 clipping norm, >= 0 and finite.
             sample_rate: :math:`q`, the Poisson sampling rate, in (0, 1].
+            steps: how many such steps, >= 1 (one call instead of a loop).
 
         Raises:
-            TypeError: if an argument is not a real number.
-            ValueError: if ``noise_multiplier`` is negative or not finite, or ``sample_rate``
-                is not in (0, 1].
+            TypeError: if an argument is not a real number (``steps`` not an integer).
+            ValueError: if ``noise_multiplier`` is negative or not finite, ``sample_rate``
+                is not in (0, 1], or ``steps < 1``.
 
         Example:
             >>> accountant = RDPAccountant()
             >>> accountant.step(noise_multiplier=1.0, sample_rate=0.01)
-            >>> accountant.step(noise_multiplier=2.0, sample_rate=0.01)
-            >>> accountant.history
-            ((1.0, 0.01, 1), (2.0, 0.01, 1))
+            >>> accountant.step(noise_multiplier=2.0, sample_rate=0.01, steps=3)
+            >>> accountant.history, len(accountant)
+            (((1.0, 0.01, 1), (2.0, 0.01, 3)), 4)
         """
         sigma = check_nonnegative("noise_multiplier", noise_multiplier)
         q = check_probability("sample_rate", sample_rate, allow_zero=False)
+        steps = check_positive_int("steps", steps)
         if self._history and self._history[-1][:2] == (sigma, q):
-            self._history[-1] = (sigma, q, self._history[-1][2] + 1)
+            self._history[-1] = (sigma, q, self._history[-1][2] + steps)
         else:
-            self._history.append((sigma, q, 1))
-        self._steps += 1
+            self._history.append((sigma, q, steps))
+        self._steps += steps
 
     def _rdp(self) -> np.ndarray:
         """The RDP of all steps so far, at each order."""

@@ -25,7 +25,7 @@ def steps_for_epochs(*, epochs: int, sample_rate: float) -> int:
 
     Raises:
         TypeError: if ``epochs`` is not an integer.
-        ValueError: if ``epochs < 1`` or ``sample_rate`` is outside (0, 1].
+        ValueError: if ``epochs < 1`` or ``sample_rate`` is outside (0, 1] or below 2**-64.
 
     Example:
         >>> steps_for_epochs(epochs=3, sample_rate=256 / 60000)
@@ -33,4 +33,9 @@ def steps_for_epochs(*, epochs: int, sample_rate: float) -> int:
     """
     epochs = check_positive_int("epochs", epochs)
     sample_rate = check_fraction("sample_rate", sample_rate)
+    if sample_rate < 2.0**-64:  # 1/q would overflow a float for a subnormal q
+        raise ValueError(
+            f"sample_rate={sample_rate:g} is too small: an epoch would be 1/sample_rate steps, "
+            "more than 2**64."
+        )
     return epochs * max(1, round(1 / sample_rate))

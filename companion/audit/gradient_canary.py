@@ -240,8 +240,7 @@ def claimed_epsilon(
         4.729
     """
     accountant = RDPAccountant()
-    for _ in range(check_positive_int("steps", steps)):
-        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
     return accountant.get_epsilon(delta)
 
 

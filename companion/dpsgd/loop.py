@@ -119,8 +119,7 @@ def _continued(
 ) -> RDPAccountant | PLDAccountant:
     """A copy of ``accountant`` with ``steps`` more steps; ``accountant`` is left as it is."""
     trial = copy.deepcopy(accountant)
-    for _ in range(steps):
-        trial.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    trial.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
     return trial
 
 
@@ -157,8 +156,8 @@ def _calibrate(
         high *= 2
         if high > 2**20:
             floor = (
-                " (the RDP accountant's conversion to (epsilon, delta) stops there; a "
-                "PLDAccountant goes lower)"
+                " (the RDP accountant's conversion to (epsilon, delta) stops there, at its orders "
+                f"up to {max(accountant.orders):g}: larger orders or a PLDAccountant go lower)"
                 if isinstance(accountant, RDPAccountant)
                 else ""
             )
@@ -228,7 +227,9 @@ def train_dpsgd(
     Default: a new :class:`companion.accounting.RDPAccountant`. A run that stops with an
     exception (``KeyboardInterrupt`` too) has recorded every step it applied, and a note on the
     exception gives their epsilon. One accountant must not serve two runs at the same time: each
-    would calibrate for, and draw from, the budget as it was when it started.
+    would calibrate for, and draw from, the budget as it was when it started. An accountant holds
+    no delta: continued at another ``delta``, it reports the whole history's epsilon at the new
+    one, so give every call of one model the same ``delta``.
 
     *What is public.* The normaliser :math:`qN` (``expected_batch_size``) must not depend on
     the private data. By default it is ``sample_rate * len(x)``, which treats the data-set size
