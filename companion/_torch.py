@@ -1,10 +1,11 @@
 """The torch layer shared by the training loops of :mod:`companion` (private).
 
-Loss names, data and model checks, trainable parameters, evaluation, the per-epoch (or per-round)
-records and the progress loop that every training function uses: :mod:`companion.training`,
+Loss names, data and model checks, trainable parameters, evaluation and the per-epoch (or
+per-round) records that every training function uses: :mod:`companion.training`,
 :mod:`companion.dpsgd`, :mod:`companion.federated` and :mod:`companion.attacks`. Like
-:mod:`companion._validation`, :mod:`companion._random` and :mod:`companion._outputs` (the checks
-of a model's outputs), this is one of the private modules other modules may import from.
+:mod:`companion._validation`, :mod:`companion._random`, :mod:`companion._outputs` (the checks of
+a model's outputs) and :mod:`companion._progress` (progress bars), this is one of the private
+modules other modules may import from.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
-
-from companion._validation import check_flag
 
 __all__ = [
     "EVAL_BATCH",
@@ -37,11 +35,10 @@ __all__ = [
     "check_optional_test",
     "epoch_record",
     "evaluate_model",
+    "label_shape_error",
     "note_spent",
     "loss_fn",
     "model_device",
-    "progress_bar",
-    "progress_loop",
     "to_tensors",
     "trainable",
     "trainable_named",
@@ -197,8 +194,12 @@ def _check_data(
         raise TypeError(f"{name_x} must hold real or integer inputs, got dtype {x.dtype}.")
     if x.ndim < 2:
         raise ValueError(f"{name_x} must have shape (N, n_features), got shape {tuple(x.shape)}.")
-    if y.ndim != 1 and not (callable(loss) and y.ndim > 1):
-        raise ValueError(f"{name_y} must have shape (N,), got shape {tuple(y.shape)}.")
+    if y.ndim == 0:
+        raise ValueError(
+            f"{name_y} must have shape (N, ...), one target per example, got shape ()."
+        )
+    if not callable(loss) and y.ndim != 1:
+        raise label_shape_error(y, loss=loss, name=name_y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(
             f"{name_x} and {name_y} must have the same number of examples, got {x.shape[0]} and "
@@ -211,11 +212,57 @@ def _check_data(
     return x, check_labels(y, loss=loss, name=name_y)
 
 
+def label_shape_error(y: torch.Tensor, *, loss: str, name: str = "y") -> ValueError:
+    """The error for labels ``y`` that are not one-dimensional with a named ``loss``, with the fix
+    for the shapes seen in practice: a trailing dimension of one, one-hot or soft labels,
+    several labels per example, one label per token."""
+    code, shape = (name if name.isidentifier() else "y"), tuple(y.shape)
+    if y.ndim == 2 and shape[1] == 1:
+        fix = f"Remove the dimension of size 1: {code}.squeeze(1)."
+    elif y.ndim == 2 and loss == "cross_entropy":
+        fix = (
+            f"For one-hot labels give the class indices, {code}.argmax(1); for soft labels (class "
+            "probabilities) give a callable loss, such as torch.nn.CrossEntropyLoss(), with float "
+            "targets of shape (N, n_classes)."
+        )
+    elif y.ndim == 2:
+        fix = (
+            "For several 0/1 labels per example (multi-label) give a callable loss, such as "
+            "torch.nn.BCEWithLogitsLoss(), with float targets of the outputs' shape."
+        )
+    else:
+        fix = (
+            "For one label per token give a callable loss, such as torch.nn.CrossEntropyLoss(), "
+            "that returns the mean over the examples."
+        )
+    return ValueError(
+        f"{name} must have shape (N,), one label per example, for loss={loss!r}; got shape "
+        f"{shape}. {fix}"
+    )
+
+
 def check_labels(y: torch.Tensor, *, loss: str | LossFn, name: str = "y") -> torch.Tensor:
-    """Labels that fit a named loss (int64 class labels >= 0 for cross-entropy, 0 or 1 for
-    binary cross-entropy); the targets of a callable loss are returned as they are."""
+    """Labels that fit a named loss (one per example, shape ``(N,)``: int64 class labels >= 0 for
+    cross-entropy, 0 or 1 for binary cross-entropy); the targets of a callable loss are returned
+    as they are.
+
+    Raises:
+        ValueError: if labels for a named loss are not of shape ``(N,)`` (:func:`label_shape_error`
+            says how to fix the common shapes), are negative for cross-entropy, or are not 0 or 1
+            for binary cross-entropy.
+        TypeError: if labels for cross-entropy are not integers.
+
+    Example:
+        >>> check_labels(torch.tensor([[0], [2]]), loss="cross_entropy")
+        Traceback (most recent call last):
+        ...
+        ValueError: y must have shape (N,), one label per example, for loss='cross_entropy'; got
+        shape (2, 1). Remove the dimension of size 1: y.squeeze(1).
+    """
     if callable(loss):
         return y
+    if y.ndim != 1:
+        raise label_shape_error(y, loss=loss, name=name)
     if loss == "cross_entropy":
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise TypeError(
@@ -365,31 +412,6 @@ def epoch_record(
             if "accuracy" in scores:
                 record[f"{prefix}_accuracy"] = scores["accuracy"]
     return record
-
-
-_SHOWN = ("train_loss", "train_accuracy", "test_accuracy", "epsilon")
-
-
-def progress_loop(
-    count: int, *, history: list[dict[str, Any]], desc: str, unit: str, progress: bool
-) -> Iterator[int]:
-    """Yield 1, ..., ``count`` under a tqdm bar that shows the newest record of ``history``.
-
-    The loop body appends one record per iteration; the bar is closed however the loop ends.
-    """
-    bar = progress_bar(range(1, count + 1), progress=progress, desc=desc, unit=unit)
-    try:
-        for i in bar:
-            yield i
-            if history:
-                bar.set_postfix({k: f"{history[-1][k]:.3g}" for k in _SHOWN if k in history[-1]})
-    finally:
-        bar.close()
-
-
-def progress_bar(iterable: Iterable[Any], *, progress: object, desc: str, unit: str) -> tqdm:
-    """A tqdm bar over ``iterable``, shown if ``progress`` (which must be True or False)."""
-    return tqdm(iterable, desc=desc, unit=unit, disable=not check_flag("progress", progress))
 
 
 def note_spent(

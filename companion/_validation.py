@@ -39,7 +39,7 @@ def check_real(name: str, value: object) -> float:
         ValueError: if ``value`` is NaN or infinite.
     """
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
+        raise TypeError(f"{name} must be a real number, got {type_name(value)}.")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must be a number, got NaN.")
@@ -95,16 +95,41 @@ def check_seed(value: object, name: str = "seed") -> int:
         ValueError: if ``value`` < 0 or ``value`` >= 2**64.
     """
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
+        raise TypeError(f"{name} must be an integer, got {type_name(value)}.")
     if not 0 <= value < 2**64:
         raise ValueError(f"{name} must be >= 0 and below 2**64, got {value}.")
     return int(value)
 
 
+def type_name(value: object) -> str:
+    """The name of ``value``'s type for a message: a builtin's bare name (``int``), any other
+    type's with its module (``numpy.bool``, ``torch.Tensor``), so that numpy's ``bool`` is not
+    taken for Python's."""
+    kind = type(value)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def check_flag(name: str, value: object) -> bool:
-    """True or False (not 0, 1 or a string, which would be read by truth value)."""
+    """True or False (not 0, 1 or a string, which would be read by truth value); numpy's bools
+    (``np.True_``, what comparing numpy numbers gives) are returned as Python bools.
+
+    Raises:
+        TypeError: if ``value`` is neither a Python nor a numpy bool.
+
+    Example:
+        >>> check_flag("progress", np.True_)
+        True
+        >>> check_flag("progress", np.int64(1))
+        Traceback (most recent call last):
+        ...
+        TypeError: progress must be True or False, got numpy.int64.
+    """
+    if isinstance(value, np.bool_):
+        return bool(value)
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__}.")
+        raise TypeError(f"{name} must be True or False, got {type_name(value)}.")
     return value
 
 
@@ -131,7 +156,7 @@ def check_int(name: str, value: object, *, minimum: int) -> int:
         ValueError: if ``value < minimum``.
     """
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
+        raise TypeError(f"{name} must be an integer, got {type_name(value)}.")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
     return int(value)
@@ -143,8 +168,7 @@ def _real_sequence(name: str, value: object) -> tuple[list[float], bool]:
         values, scalar = [value], True
     elif isinstance(value, (str, bytes)) or not isinstance(value, (Iterable, np.ndarray)):
         raise TypeError(
-            f"{name} must be a real number or a sequence of real numbers, "
-            f"got {type(value).__name__}."
+            f"{name} must be a real number or a sequence of real numbers, got {type_name(value)}."
         )
     else:
         if isinstance(value, np.ndarray) and value.ndim != 1:
@@ -154,7 +178,7 @@ def _real_sequence(name: str, value: object) -> tuple[list[float], bool]:
             raise ValueError(f"{name} must not be empty.")
     for item in values:
         if isinstance(item, bool) or not isinstance(item, Real):
-            raise TypeError(f"{name} must hold real numbers, got {type(item).__name__}.")
+            raise TypeError(f"{name} must hold real numbers, got {type_name(item)}.")
         if math.isnan(item):
             raise ValueError(f"{name} must not contain NaN.")
     return [float(item) for item in values], scalar
@@ -224,7 +248,7 @@ def check_positive_int(name: str, value: object) -> int:
         ValueError: if ``value < 1``.
     """
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
+        raise TypeError(f"{name} must be an integer, got {type_name(value)}.")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}.")
     return int(value)
@@ -250,9 +274,7 @@ def check_values(name: str, value: object) -> float | np.ndarray:
             raise ValueError(f"{name} must not contain NaN.")
         return array
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(
-            f"{name} must be a real number or a numpy array, got {type(value).__name__}."
-        )
+        raise TypeError(f"{name} must be a real number or a numpy array, got {type_name(value)}.")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must be a number, got NaN.")
@@ -280,9 +302,7 @@ def check_vector(name: str, value: object) -> np.ndarray:
         ValueError: if ``value`` is not one-dimensional, is empty or holds NaN.
     """
     if not isinstance(value, np.ndarray):
-        raise TypeError(
-            f"{name} must be a one-dimensional numpy array, got {type(value).__name__}."
-        )
+        raise TypeError(f"{name} must be a one-dimensional numpy array, got {type_name(value)}.")
     if value.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {value.shape}.")
     array = check_values(name, value)
@@ -296,7 +316,7 @@ def check_index_parts(parts: object, n: int) -> list[np.ndarray]:
     Tensors are accepted too (moved to numpy). Returns the arrays as numpy arrays.
     """
     if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence):
-        raise TypeError(f"parts must be a list of index arrays, got {type(parts).__name__}.")
+        raise TypeError(f"parts must be a list of index arrays, got {type_name(parts)}.")
     if len(parts) == 0:
         raise ValueError("parts must hold at least one client's indices, got an empty list.")
     checked = []

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from companion._outputs import check_outputs
+from companion._progress import progress_loop
 from companion._random import torch_generator
 from companion._torch import (
     ArrayLike,
@@ -43,7 +44,6 @@ from companion._torch import (
     evaluate_model,
     loss_fn,
     model_device,
-    progress_loop,
     to_tensors,
     trainable,
 )

@@ -661,6 +661,17 @@ def test_progress_bar_can_be_switched_off(capfd):
     assert "DP-SGD" in capfd.readouterr().err
 
 
+def test_the_progress_bar_shows_an_epochs_record_with_that_epoch_counted(capfd):
+    """Every state of the bar that shows epoch k's epsilon reads k/2 (it read (k-1)/2: the
+    record was shown before tqdm counted the epoch); the last state is 2/2 with the last one."""
+    _, history = _train_small(epochs=2, progress=True)
+    states = [s for s in capfd.readouterr().err.split("\r") if "epsilon=" in s]
+    assert states and "2/2" in states[-1]
+    for epoch, record in enumerate(history, start=1):
+        shown = [s for s in states if f"epsilon={record['epsilon']:.3g}" in s]
+        assert shown and all(f"{epoch}/2" in s for s in shown), shown
+
+
 def test_delta_not_below_one_over_n_warns():
     with pytest.warns(UserWarning, match="delta"):
         _train_small(epochs=1, delta=1 / N_TRAIN)

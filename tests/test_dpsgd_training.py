@@ -396,7 +396,7 @@ def test_a_callable_regression_loss_trains_and_records_the_loss():
         # (N, 1) outputs against (N,) targets broadcast to (N, N): every output meets every target
         (nn.MSELoss(), lambda y: y[:, 0], "returned .*, while the mean of its values on each"),
         (nn.MSELoss(reduction="sum"), lambda y: y, "not a sum \\(reduction='sum'\\)"),
-        (nn.MSELoss(reduction="none"), lambda y: y, "it returned a tensor of shape \\(4, 1\\)"),
+        (nn.MSELoss(reduction="none"), lambda y: y, "it returned a tensor of shape \\(8, 1\\)"),
         (lambda outputs, targets: 1.0, lambda y: y, "it returned a float"),
     ],
 )

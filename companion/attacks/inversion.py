@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from companion._outputs import check_outputs
+from companion._progress import progress_bar
 from companion._random import torch_generator
 from companion._torch import (
     ArrayLike,
@@ -37,7 +38,6 @@ from companion._torch import (
     eval_mode,
     loss_fn,
     model_device,
-    progress_bar,
     trainable_named,
 )
 from companion._validation import check_nonnegative, check_positive, check_positive_int, check_real

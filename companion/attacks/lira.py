@@ -43,6 +43,7 @@ import torch
 from scipy.special import log_ndtr
 from torch import nn
 
+from companion._progress import progress_bar
 from companion._random import as_generator, check_optional_seed
 from companion._torch import (
     ArrayLike,
@@ -51,7 +52,6 @@ from companion._torch import (
     check_loss,
     check_model,
     check_pair,
-    progress_bar,
 )
 from companion._validation import check_flag, check_int
 from companion.attacks.membership import logit_confidence

@@ -6,11 +6,13 @@ Part of :mod:`companion.dpsgd`; used by its training loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from companion._outputs import check_outputs, run_model
 from companion._torch import EVAL_BATCH, LossFn, check_data
@@ -50,7 +52,7 @@ class RunData:
                     f"give {names[1]} only with tensor or array inputs, not with a Dataset."
                 )
             self.dataset: Dataset | None = x
-            self.n = len(x)  # type: ignore[arg-type]
+            self.n = _dataset_length(x, names[0])
             if self.n == 0:
                 raise ValueError(f"the Dataset {names[0]} must hold at least one example.")
             self.x, self.y = None, None
@@ -71,36 +73,47 @@ class RunData:
         if self.dataset is None:
             x, y = self.x, self.y
         else:
-            x, y = self._collate([self.dataset[i] for i in range(min(self.n, 256))])
+            x, y = self._read(range(min(self.n, 256)))
             x, y = x.to(self.device), y.to(self.device)
         check_outputs(model, x, y, loss=self.loss)
         check_examples_independent(model, x)
         if self.dataset is not None and self.loss == "cross_entropy":
             self.classes = run_model(model, x[:1]).shape[1]
 
-    def _collate(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checked tensors ``(x, y)`` of a Dataset's ``(input, target)`` items, on the CPU."""
-        for item in items:
+    def _read(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked tensors ``(x, y)`` of the Dataset's ``(input, target)`` items at ``index``, on
+        the CPU; a bad item is named by its index in the Dataset."""
+        assert self.dataset is not None
+        items = [self.dataset[i] for i in index]
+        name = self.names[0]
+        for i, item in zip(index, items, strict=True):
             if not isinstance(item, tuple | list) or len(item) != 2:
                 got = f"a {type(item).__name__}"
                 got += f" of length {len(item)}" if isinstance(item, tuple | list) else ""
                 raise ValueError(
-                    f"a Dataset given as {self.names[0]} must return (input, target) pairs; one "
-                    f"of its items is {got}."
+                    f"a Dataset given as {name} must return (input, target) pairs; one of its "
+                    f"items is {got} (its item at index {i})."
                 )
         try:
             x, y = default_collate(items)
         except (RuntimeError, TypeError) as error:
-            raise ValueError(
-                f"the Dataset's items cannot be stacked into a batch: {error}"
-            ) from None
-        name = self.names[0]
+            raise ValueError(_stack_error(name, index, items, error)) from None
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim > 0:
+            finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+            if not finite.all():
+                i = index[int((~finite).nonzero()[0])]
+                raise ValueError(
+                    f"the inputs of the Dataset {name} must not contain NaN or infinite values; "
+                    f"its item at index {i} does."
+                )
         names = (f"the inputs of the Dataset {name}", f"the targets of the Dataset {name}")
         x, y = check_data(x, y, loss=self.loss, names=names)
         if self.classes is not None and int(y.max()) >= self.classes:
+            j = int((y >= self.classes).nonzero()[0])
             raise ValueError(
                 f"labels must be below the model's {self.classes} outputs for "
-                f"loss='cross_entropy', got a label {int(y.max())} in the Dataset {name}."
+                f"loss='cross_entropy', got a label {int(y[j])} in the Dataset {name}, at index "
+                f"{index[j]}."
             )
         return x, y
 
@@ -109,7 +122,7 @@ class RunData:
             index = torch.nonzero(mask.to(self.device)).squeeze(1)  # one sync on a GPU, not two
             return self.x[index], self.y[index]
         index = torch.nonzero(mask).squeeze(1).tolist()
-        x, y = self._collate([self.dataset[i] for i in index or [0]])
+        x, y = self._read(index or [0])
         if not index:  # an empty batch, shaped as the first example's
             x, y = x[:0], y[:0]
         return x.to(self.device), y.to(self.device)
@@ -119,4 +132,51 @@ class RunData:
         Dataset in batches."""
         if self.dataset is None:
             return self.x, self.y
-        return DataLoader(self.dataset, batch_size=EVAL_BATCH, collate_fn=self._collate)
+        # batches of indices, read (and checked) by _read, which names a bad item's index
+        return DataLoader(range(self.n), batch_size=EVAL_BATCH, collate_fn=self._read)
+
+
+def _dataset_length(dataset: Dataset, name: str) -> int:
+    """The number of examples of a map-style ``dataset`` given as argument ``name``."""
+    kind = type(dataset).__name__
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(
+            f"{name} is an IterableDataset ({kind}), which yields examples in its own order and "
+            "has no length: Poisson sampling draws each example independently by its index, so "
+            "train_dpsgd needs a map-style torch.utils.data.Dataset with __len__ and "
+            "__getitem__ (a TensorDataset, say)."
+        )
+    try:
+        return len(dataset)
+    except TypeError:
+        raise TypeError(
+            f"{name} is a Dataset ({kind}) without __len__: Poisson sampling draws each example "
+            "independently by its index, so train_dpsgd needs a map-style "
+            "torch.utils.data.Dataset with __len__ and __getitem__."
+        ) from None
+
+
+def _shape(value: object) -> tuple[int, ...] | None:
+    """The shape of a tensor, array or number as default_collate stacks it; None otherwise."""
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return tuple(value.shape)
+    return () if isinstance(value, int | float | np.number) else None
+
+
+def _stack_error(name: str, index: Sequence[int], items: list[Any], error: Exception) -> str:
+    """The message for Dataset ``items`` (at ``index``) that default_collate cannot stack: the
+    first item whose input or target has another shape or kind than the first item's."""
+    first = [(_shape(part), type(part)) for part in items[0]]
+    for i, item in zip(index, items, strict=True):
+        for part, what, (shape, kind) in zip(item, ("input", "target"), first, strict=True):
+            if _shape(part) != shape or (shape is None and type(part) is not kind):
+                got = f"shape {_shape(part)}" if _shape(part) is not None else type(part).__name__
+                want = f"shape {shape}" if shape is not None else kind.__name__
+                return (
+                    f"the Dataset {name}'s items cannot be stacked into a batch: the {what} of "
+                    f"its item at index {i} has {got}, where that of the item at index "
+                    f"{index[0]} has {want}. "
+                    "Every item's input must have one shape, and every target (pad sequences "
+                    "of tokens to one length)."
+                )
+    return f"the Dataset {name}'s items cannot be stacked into a batch: {error}"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from companion._progress import progress_loop
 from companion._random import check_optional_seed, derive_seed, torch_generator
 from companion._torch import (
     ArrayLike,
@@ -22,7 +23,6 @@ from companion._torch import (
     epoch_record,
     model_device,
     note_spent,
-    progress_loop,
     trainable_named,
     warn_if_delta_large,
 )

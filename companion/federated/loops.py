@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from companion._progress import progress_loop
 from companion._random import check_optional_seed, torch_generator
 from companion._torch import (
     ArrayLike,
@@ -23,7 +24,6 @@ from companion._torch import (
     evaluate_model,
     model_device,
     note_spent,
-    progress_loop,
     trainable_named,
     warn_if_delta_large,
 )
