@@ -175,6 +175,60 @@ def test_a_position_row_broadcast_to_integer_inputs_matches_the_loop(size):
     _assert_close(sums, _loop(model, _ce, tokens, y, c)[0])
 
 
+class _CancellingReads(nn.Module):
+    """Examples 1, 2 and 3 read row 0 of a data-free layer with signs +, +, -. Under a loss
+    linear in the outputs each read's gradient is the same constant, so the unweighted sum of
+    every checked set at row 0 was exactly 0 ({1, 3} gives +1 - 1, {2, 3} too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head, self.pos = nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(2, 1)
+        self.register_buffer("table", torch.ones(1, 2))
+
+    def forward(self, x):
+        n = x.shape[0]
+        rows = self.pos(self.table.expand(n, 2))  # one data-free row per example
+        source, sign = torch.arange(n), torch.ones(n, 1, dtype=x.dtype)
+        if n >= 4:
+            source[1:4] = 0
+            sign[3] = -1
+        return self.head(torch.tanh(self.fc(x))) + sign * rows[source]
+
+
+def test_reads_of_one_row_that_cancel_are_found():
+    def critic(outputs, targets):
+        return (outputs * targets).mean()
+
+    x = _batch()[0]
+    y = torch.ones(8, 1, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = _CancellingReads().double()
+    c = _median_clip(model, critic, x, y)
+    with pytest.warns(UserWarning, match=f"layer 'pos' .*{ROWS_WARNING}"):
+        sums = clipped_gradient_sum(model, critic, x, y, max_grad_norm=c)
+    _assert_close(sums, _loop(model, critic, x, y, c)[0])
+
+
+class _ReadsNeighboursFeature(nn.Module):
+    """Example j reads feature 0 of example j + 1, a feature no example reads of its own row: no
+    input element is read by two sets, which is all the input's check used to look for."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.side, self.head = nn.Linear(3, 4), nn.Linear(1, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x[:, 1:]) + self.side(x.roll(-1, 0)[:, :1])))
+
+
+def test_a_loss_that_reads_another_examples_input_is_refused():
+    x, y = _batch()
+    torch.manual_seed(0)
+    model = _ReadsNeighboursFeature().double()
+    with pytest.raises(ValueError, match="mixes the examples of a batch"):
+        clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1.0)
+
+
 # --- a loss that changes the outputs in place ---------------------------------------------------
 
 _IN_PLACE_LOSSES = {
@@ -242,3 +296,20 @@ def test_a_model_that_mixes_examples_is_refused_at_every_call_not_only_the_first
     for _ in range(5):
         with pytest.raises(ValueError, match="mixes the examples of a batch"):
             clipper(x.float(), y, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [lambda t: t.double(), lambda t: t.reshape(-1), lambda t: "zeros"],
+    ids=["dtype", "shape", "not a tensor"],
+)
+def test_an_into_unlike_the_parameters_is_refused_by_name(change):
+    """A float64 total for a float32 model reached torch's "both inputs should have same dtype"
+    in the one-position rule."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten())
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    into = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    into["0.weight"] = change(into["0.weight"])
+    x, y = torch.randn(4, 2, 3, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"into must hold tensors .* \['0.weight'\] are not"):
+        clipper.add_clipped_sum(x, y, max_grad_norm=1.0, into=into)

@@ -44,15 +44,16 @@ undone after the layer). Every batch's shapes are checked, and a clipper's first
 of two examples or more are checked in their autograd graph: for each bit of an example's index,
 the losses of the examples with that bit set, and of those without it, must reach no row of a
 layer's output outside their set (:math:`2 \lceil \log_2 n \rceil` more backward passes on
-the first :math:`n \le 8` examples; exact zeros, so neither rounding, identical examples nor
-random draws matter). A layer
-that fails moves to ``vmap`` for the clipper's life. A reordering that depends on the data (a
-sort by length) is found only if it reorders one of the checked batches: a model that sorts its
-batch should use ``method="vmap"``. Random layers such as ``Dropout`` draw other masks in
-``vmap``'s forward pass than in the rules' one, so under ``method="auto"`` an example's gradient
-may mix two draws; it is still clipped as a whole, which is what the guarantee needs. Under
-:class:`torch.autocast` the clipped sum is computed with autocast switched off, in the
-parameters' own dtype.
+the first :math:`n \le 8` examples, each example's loss weighted by a random factor so that
+reads cannot cancel; exact zeros, so neither rounding, identical examples nor the model's random
+draws matter). A layer that fails moves to ``vmap`` for the clipper's life. A reordering that
+depends on the data (a sort by length) or on the batch's size, or that leaves the first 8
+examples in place (a roll by 8), is found only if it reorders those examples of a checked batch:
+a model that reorders its batch should use ``method="vmap"``. Random layers such as ``Dropout``
+draw other masks in ``vmap``'s forward pass than in the rules' one, so under ``method="auto"`` an
+example's gradient may mix two draws; it is still clipped as a whole, which is what the guarantee
+needs. Under :class:`torch.autocast` the clipped sum is computed with autocast switched off, in
+the parameters' own dtype.
 
 .. note::
 

@@ -280,17 +280,17 @@ class PerExampleClipper:
         Args:
             x, y: the batch (checked by the caller; it may be empty).
             max_grad_norm: the clipping norm :math:`C`, > 0.
-            into: parameter name -> tensor of the parameter's shape, for every trainable
-                parameter; changed in place.
+            into: parameter name -> tensor of the parameter's shape, dtype and device, for
+                every trainable parameter; changed in place.
             scale: the factor applied to every clipped gradient.
 
         Returns:
             The per-example gradient norms before clipping, shape ``(B,)``.
 
         Raises:
-            ValueError: if ``into`` lacks a trainable parameter, an example's gradient is not
-                finite (then nothing is added), or the model runs layers in a reentrant
-                checkpoint.
+            ValueError: if ``into`` lacks a trainable parameter or holds a tensor unlike it
+                (shape, dtype, device), an example's gradient is not finite (then nothing is
+                added), or the model runs layers in a reentrant checkpoint.
 
         Example:
             >>> import torch
@@ -305,6 +305,11 @@ class PerExampleClipper:
         """
         if missing := [name for name in self.trainable if name not in into]:
             raise ValueError(f"into lacks the trainable parameter(s) {missing}.")
+        if unlike := [name for name, p in self.trainable.items() if not _alike(into[name], p)]:
+            raise ValueError(
+                f"into must hold tensors of the parameters' shapes, dtypes and devices; those of "
+                f"{unlike} are not."
+            )
         if x.shape[0] == 0:
             return x.new_zeros(0, dtype=model_dtype(self.model))
         plan = self.plan
@@ -399,3 +404,13 @@ def clipped_gradient_sum(
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
     result = clipper(x, y, max_grad_norm=max_grad_norm)
     return result if return_norms else result.sums
+
+
+def _alike(tensor: object, parameter: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a tensor of ``parameter``'s shape, dtype and device."""
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.shape == parameter.shape
+        and tensor.dtype == parameter.dtype
+        and tensor.device == parameter.device
+    )

@@ -123,23 +123,28 @@ def rows_cross(
     a set :math:`S` of examples, the gradient of :math:`\sum_{j \in S} \ell_j` with respect to
     a layer's output must then be exactly 0 outside :math:`S`. Each example's loss reads its own
     row of the model's outputs only, so that gradient is the outputs' backward with the summed
-    loss's gradient kept on :math:`S`. The sets are those of the bits of an example's index,
+    loss's gradient kept on :math:`S`, each example's weighted by a random factor in
+    :math:`[1, 2)` (from a generator of its own, seeded 0) so that reads of one row by several
+    examples cannot cancel. The sets are those of the bits of an example's index,
     :math:`S_k = \{i : \text{bit } k \text{ of } i \text{ is } 1\}` for
     :math:`k < \lceil \log_2 n \rceil`, and their complements: two examples :math:`j \ne p`
     differ in some bit, so one of these sets holds :math:`j` and not :math:`p`, and the loss of
     :math:`j` reading row :math:`p` is seen, whatever the pair (a flip, a roll, a sort, a swap, a
     ``(T, B, F)`` layout, row 0 broadcast to every example). One backward pass per set, to the
     layers' outputs and the input together: :math:`2 \lceil \log_2 n \rceil` passes. Exact
-    zeros: no tolerance, and neither identical examples nor random draws matter (a sum of other
-    examples' reads that cancels exactly would be missed). The forward pass runs in the model's
-    mode (layers used in training only are seen), and draws nothing from the global generators
-    (``fork_rng``).
+    zeros: no tolerance, and neither identical examples nor the model's random draws matter. The
+    forward pass runs in the model's mode (layers used in training only are seen), and draws
+    nothing from the global generators (``fork_rng``). The caller passes the first few examples
+    of a batch: a reordering that leaves them in place (a roll by more than their number, a
+    reordering chosen by the batch's size or data) is not seen.
 
     Backward passes to the input show whether the model mixes examples, where the input is
-    floating-point: if the losses of :math:`S` and of the other examples both read an element of
-    the input, some example's loss depends on another's data (batch statistics, a batch mean)
-    and no per-example gradient is the example's own. That raises. (A layer's output read by
-    both may hold no data: a position table.) Mixing is not found for integer inputs (token
+    floating-point: if the loss of :math:`S` reads an element of the input outside :math:`S`
+    (a finite, nonzero gradient: an infinite derivative, as of a square root at 0, gives NaN
+    outside and is no read), some example's loss depends on another's data (batch statistics, a
+    batch mean) and no per-example gradient is the example's own. That raises. (A layer's
+    output read by several examples may hold no data, as a position table: only the layer
+    moves to ``vmap``.) Mixing is not found for integer inputs (token
     ids), nor where autograd does not see it (a ``detach``, a buffer, a trip through numpy: a
     forward pass that cannot take an input requiring a gradient gets a warning instead).
 
@@ -175,7 +180,7 @@ def rows_cross(
         grads = torch.autograd.grad(
             outputs,
             targets,
-            grad_outputs=gradient * kept.reshape(-1, *[1] * (gradient.dim() - 1)),
+            grad_outputs=gradient * (kept * weights).reshape(-1, *[1] * (gradient.dim() - 1)),
             retain_graph=True,
             allow_unused=True,
         )
@@ -185,18 +190,18 @@ def rows_cross(
     layer_outputs = [capture.seen[m][1] for _, m in right]
     targets = ([leaf] if leaf is not None else []) + layer_outputs
     rows = torch.arange(len(x), device=x.device)
+    weights = 1 + torch.rand(
+        len(x), generator=torch.Generator(x.device).manual_seed(0), device=x.device
+    ).to(gradient.dtype)
     for bit in range((len(x) - 1).bit_length()):  # every pair of rows differs in one of the bits
         inside = (rows >> bit) % 2 == 1
         # The set and its complement: each must not read the other's rows.
-        own, other = (read_by(kept, targets) for kept in (inside, ~inside))
-        if leaf is not None:
-            mine, theirs = own.pop(0), other.pop(0)  # the input's gradients
-            if mine is not None and theirs is not None and bool(mine.ne(0)[theirs.ne(0)].any()):
-                # 0 * inf is NaN: an infinite derivative (sqrt at 0) is no read; checked only here
-                both = mine.ne(0) & theirs.ne(0) & mine.isfinite() & theirs.isfinite()
-                if bool(both.any()):
+        for kept in (inside, ~inside):
+            reads = read_by(kept, targets)
+            if leaf is not None:
+                read = reads.pop(0)  # the input's gradient; 0 * inf (sqrt at 0) is NaN, no read
+                if read is not None and bool((read[~kept].ne(0) & read[~kept].isfinite()).any()):
                     raise ValueError(MIXES_EXAMPLES)
-        for kept, reads in ((inside, own), (~inside, other)):
             wrong += [
                 layer
                 for layer, read in zip(right, reads, strict=True)
