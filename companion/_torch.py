@@ -314,6 +314,12 @@ def check_model(model: object) -> nn.Module:
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's parameters (the CPU for a model without parameters)."""
+    if any(p.is_meta and type(p.data) is torch.Tensor for p in model.parameters()):
+        raise ValueError(  # (a tensor subclass on "meta", as the tests' shadow device, computes)
+            "model's parameters are on the meta device, which holds no values: call "
+            "model.to_empty(device=...) and then initialise the weights (load a state_dict, or "
+            "call each layer's reset_parameters()) before training."
+        )
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:
         raise ValueError(

@@ -137,3 +137,27 @@ def test_building_a_model_leaves_the_gpu_generator_alone():
     torch.cuda.manual_seed(1)
     models.mlp(seed=0)
     assert torch.equal(torch.randn(5, device="cuda"), expected)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda m: train_dpsgd(
+            m, X, Y, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, epochs=1,
+            lr=0.1, delta=1e-3,
+        ),
+        lambda m: train(m, X, Y, epochs=1, batch_size=16, lr=0.1),
+        lambda m: fedavg(
+            m, client_datasets(X, Y, data.partition_iid(len(Y), num_clients=2)), rounds=1,
+            client_fraction=1.0, local_epochs=1, batch_size=None, lr=0.1,
+        ),
+    ],
+    ids=["train_dpsgd", "train", "fedavg"],
+)  # fmt: skip
+def test_a_model_on_the_meta_device_is_refused_with_the_fix(run):
+    """A model built under torch.device("meta") holds no values: torch's error was about an
+    operator with no meta kernel; the message says to materialise and initialise it."""
+    with torch.device("meta"):
+        model = models.logistic_regression()
+    with pytest.raises(ValueError, match=r"meta device, which holds no values: call .*to_empty"):
+        run(model)
