@@ -1006,7 +1006,7 @@ def test_dp_sgd_step_bad_arguments(kwargs, error, message):
                 generator=torch.Generator().manual_seed(0),
             ),  # fmt: skip
             TypeError,
-            "x_batch and y_batch must be torch tensors, got ndarray and Tensor",
+            "the batch must be two torch tensors, got ndarray and Tensor",
         ),
         (
             lambda m: clip_and_sum({}, max_grad_norm=1.0),

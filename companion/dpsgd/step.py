@@ -112,25 +112,17 @@ def _check_noise(sums: object, std: object, generator: object) -> tuple[float, t
 
 def _check_step(
     clipper: object,
-    x_batch: object,
-    y_batch: object,
     noise_multiplier: object,
     max_grad_norm: object,
     expected_batch_size: object,
     generator: object,
 ) -> tuple[float, torch.Generator]:
     r"""The checked noise std :math:`\sigma C` and generator of :func:`noisy_clipped_gradient`.
-    (The batch is checked only to be two tensors: more takes a forward pass; the wrappers do
-    it.)"""
+    (The batch is not checked there: that takes a forward pass; the wrappers do it.)"""
     if not isinstance(clipper, PerExampleClipper):
         raise TypeError(
             "clipper must be a companion.per_example.PerExampleClipper built for the model and "
             f"loss, got {type(clipper).__name__}."
-        )
-    if not isinstance(x_batch, torch.Tensor) or not isinstance(y_batch, torch.Tensor):
-        raise TypeError(
-            "x_batch and y_batch must be torch tensors, got "
-            f"{type(x_batch).__name__} and {type(y_batch).__name__}."
         )
     sigma = check_nonnegative("noise_multiplier", noise_multiplier)
     c = check_positive("max_grad_norm", max_grad_norm)
@@ -349,7 +341,7 @@ def noisy_clipped_gradient(
         0.3345
     """
     std, generator = _check_step(
-        clipper, x_batch, y_batch, noise_multiplier, max_grad_norm, expected_batch_size, generator
+        clipper, noise_multiplier, max_grad_norm, expected_batch_size, generator
     )
     # The noise first, divided by m; then each clipped gradient, divided by m, is added into it.
     noisy = gaussian_noise(clipper.trainable, std=std / expected_batch_size, generator=generator)

@@ -288,6 +288,7 @@ class PerExampleClipper:
             The per-example gradient norms before clipping, shape ``(B,)``.
 
         Raises:
+            TypeError: if the batch is not two tensors.
             ValueError: if ``into`` lacks a trainable parameter or holds a tensor unlike it
                 (shape, dtype, device), an example's gradient is not finite (then nothing is
                 added), or the model runs layers in a reentrant checkpoint.
@@ -303,6 +304,11 @@ class PerExampleClipper:
             >>> bool((into["0.weight"] == 1).all()), norms.shape  # scale 0 adds nothing
             (True, torch.Size([3]))
         """
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(
+                f"the batch must be two torch tensors, got {type(x).__name__} and "
+                f"{type(y).__name__}."
+            )
         if missing := [name for name in self.trainable if name not in into]:
             raise ValueError(f"into lacks the trainable parameter(s) {missing}.")
         if unlike := [name for name, p in self.trainable.items() if not _alike(into[name], p)]:
