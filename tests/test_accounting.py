@@ -30,6 +30,7 @@ from companion.accounting import (
     get_noise_multiplier,
     get_privacy_spent,
     rdp,
+    steps_for_epochs,
 )
 
 HYPOTHESIS = settings(derandomize=True, max_examples=60, deadline=None)
@@ -622,7 +623,10 @@ def test_steps_in_one_call_equal_a_loop_of_single_steps(accountant_class):
     assert at_once.get_epsilon(1e-5) == looped.get_epsilon(1e-5)
 
 
-@pytest.mark.parametrize(("steps", "error"), [(0, ValueError), (-3, ValueError), (2.0, TypeError)])
+@pytest.mark.parametrize(
+    ("steps", "error"),
+    [(0, ValueError), (-3, ValueError), (2.0, TypeError), (2**64 + 1, ValueError)],
+)
 @pytest.mark.parametrize("accountant_class", [RDPAccountant, PLDAccountant])
 def test_a_bad_number_of_steps_is_refused_and_records_nothing(accountant_class, steps, error):
     accountant = accountant_class()
@@ -642,6 +646,29 @@ def test_a_trillion_steps_are_recorded_at_once_and_compose_as_the_closed_form():
     orders = np.array(DEFAULT_ORDERS)
     expected, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=orders / 2, delta=1e-5)
     assert accountant.get_epsilon(1e-5) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 1, "sample_rate": 1e-320}, "sample_rate=.* is too small"),
+        ({"epochs": 10**400, "sample_rate": 0.5}, "more than 2\\*\\*64 steps: lower epochs"),
+    ],
+)
+def test_steps_for_epochs_refuses_runs_past_two_to_the_64_steps(kwargs, message):
+    """1/q of a subnormal q overflows a float, and so would the accountant's step count."""
+    with pytest.raises(ValueError, match=message):
+        steps_for_epochs(**kwargs)
+
+
+@pytest.mark.parametrize("sigma", [1e155, 1e-200])
+def test_the_pld_accountant_refuses_a_noise_multiplier_whose_square_is_not_a_float(sigma):
+    """sigma**2 overflowed (OverflowError) or underflowed to 0 (ZeroDivisionError) later, in
+    get_epsilon."""
+    accountant = PLDAccountant()
+    with pytest.raises(ValueError, match="noise_multiplier must be 0 or between 1e-100 and 1e100"):
+        accountant.step(noise_multiplier=sigma, sample_rate=0.5)
+    assert len(accountant) == 0
 
 
 # --- get_noise_multiplier -----------------------------------------------------------------------

@@ -211,12 +211,22 @@ def test_target_epsilon_counts_what_the_accountant_already_spent():
         _run(target_epsilon=2.0, noise_multiplier=None, accountant=accountant)
 
 
-def test_a_target_below_the_floor_of_an_accountants_orders_names_them():
-    """With orders up to 8, the RDP conversion (Balle et al.) cannot go below
-    log(7/8) - (log(delta) + log(8)) / 7 = 0.885 at delta = 1e-4, whatever the noise: the message
-    says the orders are the limit."""
-    with pytest.raises(ValueError, match="cannot be reached.*orders up to 8: larger orders"):
-        _run(target_epsilon=0.8, noise_multiplier=None, accountant=RDPAccountant(orders=[2, 4, 8]))
+@pytest.mark.parametrize(
+    ("orders", "target", "largest"), [([2, 4, 8], 0.88, "8"), ([2, math.inf], 5.0, "2")]
+)
+def test_a_target_below_the_floor_of_an_accountants_orders_names_them(orders, target, largest):
+    """The RDP conversion (Balle et al.) cannot go below min over the orders a of
+    log((a - 1)/a) - (log(delta) + log(a)) / (a - 1), whatever the noise: 0.885 at delta = 1e-4
+    for orders up to 8, 7.82 for order 2 (an infinite order counts for nothing)."""
+    with pytest.raises(ValueError, match=f"largest finite one: {largest}.*even with infinite"):
+        _run(target_epsilon=target, noise_multiplier=None, accountant=RDPAccountant(orders=orders))
+
+
+def test_a_target_just_above_the_floor_of_an_accountants_orders_is_reached():
+    """The negative control of the floor: 0.9 > 0.885 is reachable, with much noise."""
+    accountant = RDPAccountant(orders=[2, 4, 8])
+    _, history = _run(target_epsilon=0.9, noise_multiplier=None, accountant=accountant)
+    assert 0.9 * 0.98 <= history[-1]["epsilon"] <= 0.9
 
 
 def test_the_same_hyperparameters_given_to_opacus_give_the_same_epsilon():

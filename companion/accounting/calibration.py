@@ -89,9 +89,8 @@ def get_noise_multiplier(
             must meet the target. Opacus's ``"prv"`` has no separate name here: like its PRV
             accountant, ``"pld"`` discretises the privacy-loss distribution (both directions,
             where PRV takes the remove direction; see :mod:`companion.accounting.pld`). Opacus's
-            PRV accountant may read a sigma calibrated with ``"pld"`` slightly above the target
-            with its default ``eps_error=0.01`` (its estimate's error), and below it with a
-            smaller ``eps_error``.
+            PRV accountant may read a sigma calibrated with ``"pld"`` slightly above the target,
+            whatever its ``eps_error``: it adds its own error bounds (in epsilon and in delta).
 
     Returns:
         The noise multiplier :math:`\sigma`.

@@ -292,16 +292,23 @@ class PLDAccountant:
         numerical work).
 
         Args:
-            noise_multiplier: :math:`\\sigma`, >= 0.
+            noise_multiplier: :math:`\\sigma`, 0 or in [1e-100, 1e100].
             sample_rate: :math:`q`, in (0, 1].
-            steps: how many such steps, >= 1 (one call instead of a loop).
+            steps: how many such steps, from 1 to 2**64 (one call instead of a loop).
 
         Raises:
             TypeError, ValueError: if an argument is not a number in its range.
         """
         sigma = check_nonnegative("noise_multiplier", noise_multiplier)
+        if sigma != 0 and not 1e-100 <= sigma <= 1e100:  # sigma**2 must be a normal float
+            raise ValueError(
+                f"noise_multiplier must be 0 or between 1e-100 and 1e100 for the PLD accountant, "
+                f"got {sigma:g}."
+            )
         q = check_probability("sample_rate", sample_rate, allow_zero=False)
         steps = check_positive_int("steps", steps)
+        if steps > 2**64:  # converted to a float to compose
+            raise ValueError("steps must be at most 2**64.")
         if self._history and self._history[-1][:2] == (sigma, q):
             self._history[-1] = (sigma, q, self._history[-1][2] + steps)
         else:

@@ -341,7 +341,7 @@ def compute_rdp(
     sigma = check_nonnegative("noise_multiplier", noise_multiplier)
     steps = check_int("steps", steps, minimum=0)
     if steps > 2**64:  # converted to a float below
-        raise ValueError(f"steps must be at most 2**64, got {steps}.")
+        raise ValueError("steps must be at most 2**64.")
     order_array, scalar = check_orders(orders)
     if steps == 0:
         rdp = np.zeros_like(order_array)

@@ -85,7 +85,7 @@ class RDPAccountant:
             noise_multiplier: :math:`\sigma`, the noise standard deviation divided by the
                 clipping norm, >= 0 and finite.
             sample_rate: :math:`q`, the Poisson sampling rate, in (0, 1].
-            steps: how many such steps, >= 1 (one call instead of a loop).
+            steps: how many such steps, from 1 to 2**64 (one call instead of a loop).
 
         Raises:
             TypeError: if an argument is not a real number (``steps`` not an integer).
@@ -102,6 +102,8 @@ class RDPAccountant:
         sigma = check_nonnegative("noise_multiplier", noise_multiplier)
         q = check_probability("sample_rate", sample_rate, allow_zero=False)
         steps = check_positive_int("steps", steps)
+        if steps > 2**64:  # converted to a float to compose
+            raise ValueError("steps must be at most 2**64.")
         if self._history and self._history[-1][:2] == (sigma, q):
             self._history[-1] = (sigma, q, self._history[-1][2] + steps)
         else:

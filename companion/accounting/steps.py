@@ -25,7 +25,8 @@ def steps_for_epochs(*, epochs: int, sample_rate: float) -> int:
 
     Raises:
         TypeError: if ``epochs`` is not an integer.
-        ValueError: if ``epochs < 1`` or ``sample_rate`` is outside (0, 1] or below 2**-64.
+        ValueError: if ``epochs < 1``, ``sample_rate`` is outside (0, 1] or below 2**-64, or
+            the run would be more than 2**64 steps.
 
     Example:
         >>> steps_for_epochs(epochs=3, sample_rate=256 / 60000)
@@ -38,4 +39,9 @@ def steps_for_epochs(*, epochs: int, sample_rate: float) -> int:
             f"sample_rate={sample_rate:g} is too small: an epoch would be 1/sample_rate steps, "
             "more than 2**64."
         )
-    return epochs * max(1, round(1 / sample_rate))
+    steps = epochs * max(1, round(1 / sample_rate))
+    if steps > 2**64:
+        raise ValueError(
+            f"epochs at sample_rate={sample_rate:g} would be more than 2**64 steps: lower epochs."
+        )
+    return steps

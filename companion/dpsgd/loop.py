@@ -36,7 +36,12 @@ from companion._validation import (
     check_positive_int,
     warn,
 )
-from companion.accounting import PLDAccountant, RDPAccountant, steps_for_epochs
+from companion.accounting import (
+    PLDAccountant,
+    RDPAccountant,
+    get_privacy_spent,
+    steps_for_epochs,
+)
 from companion.dpsgd.data import RunData
 from companion.dpsgd.step import LossLike, noisy_clipped_gradient, poisson_sample
 from companion.per_example import (
@@ -145,6 +150,17 @@ def _calibrate(
         except ValueError:  # PLD: so little noise that the losses leave the grid, far too much
             return math.inf
 
+    if isinstance(accountant, RDPAccountant) and len(accountant) == 0:  # else the floor is spent
+        orders = accountant.orders
+        floor, _ = get_privacy_spent(orders=orders, rdp=[0.0] * len(orders), delta=delta)
+        if target_epsilon <= floor:
+            largest = max((f"{o:g}" for o in orders if math.isfinite(o)), key=float, default="none")
+            raise ValueError(
+                f"target_epsilon={target_epsilon} cannot be reached: at delta={delta} the RDP "
+                f"accountant's orders (the largest finite one: {largest}) bound epsilon below by "
+                f"{floor:.4g} even with infinite noise. Raise target_epsilon or delta, add larger "
+                "orders, or use a PLDAccountant."
+            )
     spent = accountant.get_epsilon(delta)
     if spent >= target_epsilon:
         raise ValueError(
@@ -155,16 +171,11 @@ def _calibrate(
     while eps_high > target_epsilon:
         high *= 2
         if high > 2**20:
-            floor = (
-                " (the RDP accountant's conversion to (epsilon, delta) stops there, at its orders "
-                f"up to {max(accountant.orders):g}: larger orders or a PLDAccountant go lower)"
-                if isinstance(accountant, RDPAccountant)
-                else ""
-            )
             raise ValueError(
                 f"target_epsilon={target_epsilon} cannot be reached with {steps} steps at "
                 f"sample_rate={sample_rate}: even noise_multiplier={high / 2:.3g} gives epsilon="
-                f"{eps_high:.4g} at delta={delta}{floor}. Raise target_epsilon or delta."
+                f"{eps_high:.4g} at delta={delta}. Raise target_epsilon or delta, or run fewer "
+                "steps."
             )
         eps_high = epsilon(high)
     while target_epsilon - eps_high > 0.01 * target_epsilon and high - low > 1e-3 * high:
