@@ -4,8 +4,8 @@ Loss names, data and model checks, trainable parameters, evaluation and the per-
 per-round) records that every training function uses: :mod:`companion.training`,
 :mod:`companion.dpsgd`, :mod:`companion.federated` and :mod:`companion.attacks`. Like
 :mod:`companion._validation`, :mod:`companion._random`, :mod:`companion._outputs` (the checks of
-a model's outputs) and :mod:`companion._progress` (progress bars), this is one of the private
-modules other modules may import from.
+a model's outputs), :mod:`companion._labels` (the checks of labels) and :mod:`companion._progress`
+(progress bars), this is one of the private modules other modules may import from.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from companion._labels import check_labels, label_shape_error
+
 __all__ = [
     "EVAL_BATCH",
     "ArrayLike",
@@ -28,14 +30,12 @@ __all__ = [
     "LossName",
     "OutOfMemoryError",
     "check_data",
-    "check_labels",
     "check_loss",
     "check_loss_or_callable",
     "check_model",
     "check_optional_test",
     "epoch_record",
     "evaluate_model",
-    "label_shape_error",
     "note_spent",
     "loss_fn",
     "model_device",
@@ -210,71 +210,6 @@ def _check_data(
     if not torch.isfinite(x).all():
         raise ValueError(f"{name_x} must not contain NaN or infinite values.")
     return x, check_labels(y, loss=loss, name=name_y)
-
-
-def label_shape_error(y: torch.Tensor, *, loss: str, name: str = "y") -> ValueError:
-    """The error for labels ``y`` that are not one-dimensional with a named ``loss``, with the fix
-    for the shapes seen in practice: a trailing dimension of one, one-hot or soft labels,
-    several labels per example, one label per token."""
-    code, shape = (name if name.isidentifier() else "y"), tuple(y.shape)
-    if y.ndim == 2 and shape[1] == 1:
-        fix = f"Remove the dimension of size 1: {code}.squeeze(1)."
-    elif y.ndim == 2 and loss == "cross_entropy":
-        fix = (
-            f"For one-hot labels give the class indices, {code}.argmax(1); for soft labels (class "
-            "probabilities) give a callable loss, such as torch.nn.CrossEntropyLoss(), with float "
-            "targets of shape (N, n_classes)."
-        )
-    elif y.ndim == 2:
-        fix = (
-            "For several 0/1 labels per example (multi-label) give a callable loss, such as "
-            "torch.nn.BCEWithLogitsLoss(), with float targets of the outputs' shape."
-        )
-    else:
-        fix = (
-            "For one label per token give a callable loss, such as torch.nn.CrossEntropyLoss(), "
-            "that returns the mean over the examples."
-        )
-    return ValueError(
-        f"{name} must have shape (N,), one label per example, for loss={loss!r}; got shape "
-        f"{shape}. {fix}"
-    )
-
-
-def check_labels(y: torch.Tensor, *, loss: str | LossFn, name: str = "y") -> torch.Tensor:
-    """Labels that fit a named loss (one per example, shape ``(N,)``: int64 class labels >= 0 for
-    cross-entropy, 0 or 1 for binary cross-entropy); the targets of a callable loss are returned
-    as they are.
-
-    Raises:
-        ValueError: if labels for a named loss are not of shape ``(N,)`` (:func:`label_shape_error`
-            says how to fix the common shapes), are negative for cross-entropy, or are not 0 or 1
-            for binary cross-entropy.
-        TypeError: if labels for cross-entropy are not integers.
-
-    Example:
-        >>> check_labels(torch.tensor([[0], [2]]), loss="cross_entropy")
-        Traceback (most recent call last):
-        ...
-        ValueError: y must have shape (N,), one label per example, for loss='cross_entropy'; got
-        shape (2, 1). Remove the dimension of size 1: y.squeeze(1).
-    """
-    if callable(loss):
-        return y
-    if y.ndim != 1:
-        raise label_shape_error(y, loss=loss, name=name)
-    if loss == "cross_entropy":
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(
-                f"{name} must hold integer class labels for loss='cross_entropy', got dtype "
-                f"{y.dtype}."
-            )
-        if (y < 0).any():
-            raise ValueError(f"{name} must hold class labels >= 0.")
-        return y.long()  # torch's cross-entropy takes int64 class labels only
-    if not ((y == 0) | (y == 1)).all():
-        raise ValueError(f"{name} must hold labels 0 or 1 for loss='bce'.")
-    return y
 
 
 def check_pair(

@@ -12,6 +12,21 @@ the wrong thing.
 * numpy's bools are flags; a Dataset's bad item is named by its index in the Dataset; an
   IterableDataset (no length, so no Poisson sampling) is refused by name.
 
+A review of those checks found, and the tests marked R1 to R8 below pin down:
+
+* R1: class weights or an ignored label on a rare class the probe missed passed (one example moved
+  the clipped sum by 2.5 to 3.9 C): every label of y is now paired with the probed outputs.
+* R2: a token mean whose few long examples fell between the probed ones passed.
+* R3: float16 losses of a confident model were refused (the check differentiated the mean, whose
+  per-example gradients underflow).
+* R4: the check made float64 copies of the outputs' whole gradients (about 1 GB on a token model).
+* R5: label messages suggested y.argmax(1) for any 2-D labels, and CrossEntropyLoss for 'bce'.
+* R6: a NaN loss got the "not the mean" message; the hint's token mean divided 0 by 0.
+* R7: a sum started from a tensor made with requires_grad=True was called "a model parameter";
+  a Dataset's negative or float label had no index.
+* R8: the tests did not see the index dropped from the not-a-pair error, nor the evaluation of a
+  Dataset read without the checks of its items.
+
 Oracles: the plain per-example loop of tests/_oracles.py (one backward per example, float64),
 and the loss written per example by hand. Tolerances are those of _assert_same (1e-5 relative,
 float64 sums of a few dozen terms agree to about 1e-15).
@@ -23,10 +38,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _oracles import _assert_same, _loop_clipped_sum
+from _oracles import _assert_same, _loop_clipped_sum, _loop_gradients
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
+from companion._outputs import check_outputs
 from companion._validation import check_flag
 from companion.dpsgd import set_private_gradients, train_dpsgd
 from companion.dpsgd.data import RunData
@@ -118,7 +135,8 @@ def test_a_token_mean_over_a_padded_batch_is_refused_though_its_first_examples_a
     """Before, the check probed the first 4 examples of (B, T) targets only: unpadded here, so
     the token mean equalled the mean of the examples' means and the loss passed."""
     tokens, targets = _padded_batch(unpadded=4)
-    with pytest.raises(ValueError, match="loss must .*mean over the examples.*padded batch"):
+    message = r"loss must .*mean over the examples.*padded batch.*\.clamp\(min=1\)"  # R6's hint
+    with pytest.raises(ValueError, match=message):
         _ENTRY_POINTS[entry](_token_model(), tokens, targets, nn.CrossEntropyLoss())
 
 
@@ -192,6 +210,23 @@ def test_a_loss_that_reads_a_model_parameter_is_refused(entry):
         _ENTRY_POINTS[entry](model, x, y, penalised)
     with pytest.raises(ValueError, match="loss must read only its arguments"):
         clipped_gradient_sum(model, _Temperature(), x, y, max_grad_norm=1.0)
+
+
+def test_a_sum_started_from_a_tensor_that_requires_a_gradient_is_refused_and_named_so():
+    """R7: a loss summing the examples' losses into ``torch.tensor(0., requires_grad=True)`` is
+    still refused (that leaf's term would be missed by the per-example gradients), but the
+    message no longer calls the tensor a model parameter only."""
+
+    def accumulated(outputs, targets):
+        total = torch.tensor(0.0, dtype=outputs.dtype, requires_grad=True)
+        for i in range(len(outputs)):
+            total = total + F.cross_entropy(outputs[i : i + 1], targets[i : i + 1])
+        return total / len(outputs)
+
+    x, y = _classes()
+    message = r"another tensor that requires a gradient \(a model parameter, or a tensor made with"
+    with pytest.raises(ValueError, match=message + r" requires_grad=True\)"):
+        clipped_gradient_sum(_classifier(), accumulated, x, y, max_grad_norm=1.0)
 
 
 def test_a_loss_that_reads_a_constant_tensor_is_accepted():
@@ -284,6 +319,12 @@ class _BadItem(Dataset):
             x = torch.full((4,), float("nan"))
         if i == 350 and self.kind == "label":
             y = torch.tensor(7)
+        if i == 350 and self.kind == "negative":
+            y = torch.tensor(-1)
+        if i == 350 and self.kind == "float":
+            y = torch.tensor(1.0)
+        if i == 350 and self.kind == "pair":
+            return (x,)
         return x, y
 
 
@@ -293,13 +334,18 @@ class _BadItem(Dataset):
         ("shape", r"the input of its item at index 350 has shape \(5,\), where .* \(4,\)"),
         ("nan", r"NaN or infinite values; its item at index 350 does"),
         ("label", r"got a label 7 in the Dataset x, at index 350"),
+        ("negative", r"labels >= 0 for .*; its item at index 350 has the label -1\."),
+        ("float", r"integer class labels .*; its item at index 350 has a float, 1\.0\."),
+        ("pair", r"one of its items is a tuple of length 1 \(its item at index 350\)\."),
     ],
 )
 def test_a_datasets_bad_item_is_named_by_its_index_in_the_dataset(kind, message):
     """Before, the item of shape (5,) was named by its place in the batch ("entry 2" here, "entry
-    46" in the audit's Poisson batch), and the other two had no index at all. The batch holds
-    items 3, 100, 350 and 399, read as train_dpsgd reads a Poisson batch, after the check of the
-    first 256 items; then a run with every item in its first batch (sample_rate=1)."""
+    46" in the audit's Poisson batch), and the other two had no index at all (R7: nor a negative
+    label, nor a float label among integers, which the batch's stacking turns into float labels;
+    R8: the index of the item that is not a pair is asserted). The batch holds items 3, 100, 350
+    and 399, read as train_dpsgd reads a Poisson batch, after the check of the first 256 items;
+    then a run with every item in its first batch (sample_rate=1)."""
     data = RunData(_BadItem(kind), None, "cross_entropy", torch.device("cpu"))
     data.check(nn.Linear(4, 3))
     mask = torch.zeros(400, dtype=torch.bool)
@@ -309,6 +355,27 @@ def test_a_datasets_bad_item_is_named_by_its_index_in_the_dataset(kind, message)
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=message):
         _train(nn.Linear(4, 3), _BadItem(kind), sample_rate=1.0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("shape", r"the input of its item at index 350 has shape \(5,\)"),
+        ("nan", r"the Dataset x_test must not contain NaN .*its item at index 350 does"),
+        ("label", r"got a label 7 in the Dataset x_test, at index 350"),
+    ],
+)
+def test_a_test_datasets_bad_item_first_read_in_the_evaluation_is_named_by_its_index(kind, message):
+    """R8: the evaluation after an epoch reads the test Dataset through the same checks as the
+    training batches. Its item 350 lies past the 256 items checked before training, so the
+    evaluation reads it first: read without those checks (the Dataset batched and stacked as it
+    is), a wrong shape was torch's stacking error, a NaN input a NaN test loss with a warning,
+    and a label 7 for 3 classes torch's out-of-bounds error, none naming the item."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 4, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=message):
+        _train(nn.Linear(4, 3), x, y, x_test=_BadItem(kind), sample_rate=1.0)
 
 
 class _Stream(IterableDataset):
@@ -331,3 +398,319 @@ def test_an_iterable_dataset_is_refused_by_name():
         _train(model, x, y, x_test=_Stream())
     with pytest.raises(TypeError, match=r"x is a Dataset \(_NoLength\) without __len__"):
         _train(model, _NoLength())
+
+
+# --- R1: class weights or an ignored label on a rare class --------------------------------------
+
+RARE = 8  # the rare class: only the last example has it
+
+
+def _rare_class_batch(n=40):
+    """Labels 0..7 in turn, then one example of the rare class 8 at the end. The probe of
+    labels of shape (N,) holds the first 4 examples and the first example of 4 other labels
+    (labels 0 to 7): the rare class is never among them."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=generator, dtype=torch.float64)
+    y = torch.arange(n) % RARE
+    y[-1] = RARE
+    return x, y
+
+
+def _nine_classes():
+    torch.manual_seed(0)
+    return nn.Linear(5, RARE + 1).double()
+
+
+def _weights(rare=10.0):
+    w = torch.ones(RARE + 1, dtype=torch.float64)
+    w[RARE] = rare
+    return w
+
+
+def _batch_gradient(model, loss, x, y):
+    """n times the gradient of the batch's loss: what the engine clips, for a plain mean the sum
+    of the examples' own gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss(model(x), y) * len(x), params)
+    return torch.cat([g.flatten() for g in grads])
+
+
+def _loop_sum(model, loss, x, y, weights=None):
+    """The sum of the examples' own gradients by the plain loop, each times ``weights`` (one per
+    example) if given."""
+    grads = _loop_gradients(model, loss, x, y).values()
+    if weights is None:
+        return torch.cat([g.sum(0).flatten() for g in grads])
+    return torch.cat([torch.tensordot(weights, g, dims=1).flatten() for g in grads])
+
+
+@pytest.mark.parametrize("entry", sorted(_ENTRY_POINTS))
+@pytest.mark.parametrize("rare", [10.0, 0.0], ids=["class_weight", "ignore_index"])
+def test_class_weights_or_an_ignored_label_on_a_rare_unprobed_class_are_refused(entry, rare):
+    """Before, both passed: on the probed labels 0 to 7 the loss is a plain mean. The oracle
+    shows it: without the rare example the batch's gradient (times n) is the plain loop's sum of
+    the examples' own gradients; with it, it is the closed form of a weighted mean, n / sum_j w_j
+    times sum_i w_i g_i, with w = 10 (or 0: ignored) for the rare example and 1 for the others,
+    not the loop's sum: the engine's clipped sum then depends on the labels of the other
+    examples, and one example moved it by up to 3.9 C in the review."""
+    model, (x, y) = _nine_classes(), _rare_class_batch()
+    weight = dict(weight=_weights(rare)) if rare else dict(ignore_index=RARE)
+    loss = nn.CrossEntropyLoss(**weight)
+    common = y != RARE
+    torch.testing.assert_close(
+        _batch_gradient(model, loss, x[common], y[common]),
+        _loop_sum(model, loss, x[common], y[common]),
+    )  # float64 sums of 40 terms: agree to about 1e-15, well inside assert_close's 1e-7
+    w = _weights(rare)[y]
+    whole, loop = _batch_gradient(model, loss, x, y), _loop_sum(model, loss, x, y)
+    torch.testing.assert_close(whole, len(y) / w.sum() * _loop_sum(model, loss, x, y, w))
+    assert float((whole - loop).norm()) > 0.02 * float(loop.norm())  # ignored: 1/39 = 0.026
+    with pytest.raises(ValueError, match=r"weight every label alike.*class weights.*ignore_index"):
+        _ENTRY_POINTS[entry](model, x, y, loss)
+
+
+def test_per_example_label_weights_and_uniform_class_weights_are_accepted_and_match_the_loop():
+    """Negative controls of R1: weights applied to each example's own loss before a plain mean
+    (the message's fix), class weights that are all equal (a weighted mean with equal weights is
+    the plain mean) and label smoothing are plain means over the examples: accepted, and the
+    clipped sum is the plain loop's."""
+    model, (x, y) = _nine_classes(), _rare_class_batch()
+    w = _weights()
+
+    def weighted_per_example(outputs, targets):
+        return (w[targets] * F.cross_entropy(outputs, targets, reduction="none")).mean()
+
+    uniform = nn.CrossEntropyLoss(weight=torch.full((RARE + 1,), 2.0, dtype=torch.float64))
+    for loss in (weighted_per_example, uniform, nn.CrossEntropyLoss(label_smoothing=0.1)):
+        sums = clipped_gradient_sum(model, loss, x, y, max_grad_norm=0.2)
+        _assert_same(sums, _loop_clipped_sum(model, loss, x, y, 0.2)[0])
+
+
+def test_many_labels_are_checked_in_chunks_that_mix_rare_and_frequent_ones(monkeypatch):
+    """With outputs too large for one batch of every label, the labels are checked in chunks
+    (here of 3 labels, forced by a small budget), dealt from the rarest so that each chunk
+    holds rare and frequent ones, and the rarest first when the budget leaves some out (here 6
+    of the 9): the rare class's weight is still seen, and the plain mean still passes."""
+    monkeypatch.setattr("companion._outputs._CHUNK_ELEMENTS", 3 * (RARE + 1))
+    monkeypatch.setattr("companion._outputs._TOTAL_ELEMENTS", 6 * (RARE + 1))
+    model, (x, y) = _nine_classes(), _rare_class_batch()
+    with pytest.raises(ValueError, match="weight every label alike"):
+        clipped_gradient_sum(model, nn.CrossEntropyLoss(weight=_weights()), x, y, max_grad_norm=1)
+    sums = clipped_gradient_sum(model, nn.CrossEntropyLoss(), x, y, max_grad_norm=0.2)
+    _assert_same(sums, _loop_clipped_sum(model, nn.CrossEntropyLoss(), x, y, 0.2)[0])
+
+
+# --- R2: a token mean whose few long examples are not among the evenly spaced ones --------------
+
+LONG = (10, 30)  # between the evenly spaced examples 8, 12, 27 and 31 of a batch of 48
+
+
+def _rarely_long_batch():
+    """Every example has 3 target tokens but examples 10 and 30, which have all 12."""
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=generator)
+    targets = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=generator)
+    lengths = torch.full((BATCH,), 3)
+    lengths[list(LONG)] = LENGTH
+    targets[torch.arange(LENGTH) >= lengths[:, None]] = PAD
+    return tokens, targets
+
+
+@pytest.mark.parametrize("entry", sorted(_ENTRY_POINTS))
+def test_a_token_mean_is_refused_though_its_few_long_examples_fall_between_the_probed(entry):
+    """Before, the probe (the first 4 examples, then 12 evenly spaced) saw short examples only,
+    on which the token mean is the plain mean of the examples' means. The oracle: without the
+    long examples the batch's gradient (times n) is the loop's sum; with them it is not (closed
+    form: a long example's gradient is weighted n T_i / sum_j T_j = 48 * 12 / 162 = 3.6 times)."""
+    model, (tokens, targets) = _token_model(), _rarely_long_batch()
+    loss = nn.CrossEntropyLoss()
+    short = torch.ones(BATCH, dtype=torch.bool)
+    short[list(LONG)] = False
+    torch.testing.assert_close(
+        _batch_gradient(model, loss, tokens[short], targets[short]),
+        _loop_sum(model, loss, tokens[short], targets[short]),
+    )
+    whole, loop = (
+        _batch_gradient(model, loss, tokens, targets),
+        _loop_sum(model, loss, tokens, targets),
+    )
+    assert float((whole - loop).norm()) > 0.1 * float(loop.norm())
+    with pytest.raises(ValueError, match="loss must .*mean over the examples.*padded batch"):
+        _ENTRY_POINTS[entry](model, tokens, targets, loss)
+    sums = clipped_gradient_sum(model, _per_example_token_mean, tokens, targets, max_grad_norm=0.5)
+    _assert_same(sums, _loop_clipped_sum(model, _per_example_token_mean, tokens, targets, 0.5)[0])
+
+
+# --- R3: float16 losses of a confident model -----------------------------------------------------
+
+
+def _confident_float16():
+    """The review's classifier: logits 14 for the right class and 0 for the others, in float16,
+    where the softmax's other probabilities (e**-14 = 8e-7) are below float16's smallest normal
+    number (6.1e-5) and held to about 6e-8 only."""
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (64,), generator=generator)
+    x = F.one_hot(y, 5).float().repeat(1, 2)[:, :8] + 0.01 * torch.randn(64, 8, generator=generator)
+    model = nn.Linear(8, 5)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[:, :5] = 14 * torch.eye(5)
+        model.bias.zero_()
+    return model, x, y
+
+
+def test_a_plain_mean_of_a_confident_float16_model_is_accepted_and_matches_the_loop():
+    """Before, nn.CrossEntropyLoss() was refused in float16 ("its gradient ... is 1.053 times a
+    mean's"): the check differentiated the mean, whose per-example gradients (p - y) / n rounded
+    to float16's subnormal spacing, while the engine differentiates n times the mean. The clipped
+    sum is the plain loop's, run in float16 too. Tolerance: every gradient and sum here is below
+    float16's smallest normal number (6.1e-5), where the spacing is 2**-24; each of the 64
+    examples' terms and each of the 64 additions rounds by at most half of it, in either sum:
+    4 * 64 * 2**-25 = 7.6e-6 (the float32 run is the control: accepted before and after)."""
+    model, x, y = _confident_float16()
+    loss = nn.CrossEntropyLoss()
+    _assert_same(
+        clipped_gradient_sum(model, loss, x, y, max_grad_norm=1.0),
+        _loop_clipped_sum(model, loss, x, y, 1.0)[0],
+    )
+    model, x = model.half(), x.half()
+    half = clipped_gradient_sum(model, loss, x, y, max_grad_norm=1.0)
+    loop, _ = _loop_clipped_sum(model, loss, x, y, 1.0)
+    for name, total in half.items():
+        torch.testing.assert_close(total.float(), loop[name].float(), rtol=0, atol=4 * 64 * 2**-25)
+
+
+def test_a_float16_token_mean_over_a_padded_batch_is_still_refused():
+    """Negative control of R3: the absolute floor (16 sqrt(m) tiny eps per example) does not
+    blind the check to a weighting in float16 where the gradients are of order one."""
+    model, (tokens, targets) = _token_model().half(), _padded_batch(unpadded=4)
+    with pytest.raises(ValueError, match="its gradient with respect to one example's outputs"):
+        clipped_gradient_sum(model, nn.CrossEntropyLoss(), tokens, targets, max_grad_norm=1.0)
+
+
+def test_float16_gradients_below_the_smallest_normal_number_are_compared_with_their_spacing():
+    """R3's floor: a plain mean of 8 examples written with its factor 1e-6 / n rounded in
+    float16 has gradients (1e-6) below float16's smallest normal number (6.1e-5), where numbers
+    are spaced by 2**-24 = 6e-8: n times the rounded factor differs from the factor by up to n/2
+    = 4 spacings per element, 6% of it, which the relative tolerance (8 eps = 0.8%) refused.
+    The floor allows 8 spacings per element of either gradient. Negative control: the same loss
+    weighting example i by i (differences of 1e-6 per element, 16 spacings or more) is refused."""
+    outputs = torch.randn(8, 40, generator=torch.Generator().manual_seed(0)).half()
+    targets = torch.zeros(8)
+
+    def tiny_mean(outputs, targets):
+        return (outputs * torch.tensor(1e-6 / len(outputs), dtype=outputs.dtype)).sum()
+
+    def tiny_weighted(outputs, targets):
+        weights = torch.arange(1, len(outputs) + 1, dtype=outputs.dtype)[:, None]
+        return tiny_mean(outputs * weights, targets)
+
+    model = nn.Identity()
+    check_outputs(model, outputs, targets, loss=tiny_mean)
+    with pytest.raises(ValueError, match="its gradient with respect to one example's outputs"):
+        check_outputs(model, outputs, targets, loss=tiny_weighted)
+
+
+# --- R4: no float64 copies of the outputs' gradients ---------------------------------------------
+
+
+class _LargestFloat64(TorchFunctionMode):
+    """Records the most elements of a float64 tensor that a torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, tuple | list) else [result]:
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+                self.largest = max(self.largest, value.numel())
+        return result
+
+
+def test_the_loss_check_makes_no_float64_copy_of_more_than_one_examples_gradient():
+    """Before, the check converted the two gradients of the probed outputs to float64 and took
+    their difference (for a token model with 8000 classes and 256 tokens the peak rose by 883
+    MiB; 383 MiB after, the outputs' own 125 MiB and the gradient's computation). Now the norms
+    are taken one example at a time: no float64 tensor has more elements than one example's
+    outputs (11 x 12 here; the 16 probed ones have 16 times that)."""
+    model, (tokens, targets) = _token_model().float(), _padded_batch(unpadded=BATCH)
+    with _LargestFloat64() as mode:
+        check_outputs(model, tokens, targets, loss=_per_example_token_mean)
+    assert 0 < mode.largest <= VOCAB * LENGTH
+
+
+# --- R5: the label messages fit the labels -------------------------------------------------------
+
+
+def test_label_messages_suggest_argmax_for_one_hot_rows_only_and_fit_tokens_bce_and_datasets():
+    """Before, any 2-D labels for 'cross_entropy' got "give the class indices, y.argmax(1)" (a
+    wrong fix for token labels and multi-hot rows), labels (N, T, 1) for 'bce' got
+    CrossEntropyLoss, and a Dataset's targets of shape (1,) got "y.squeeze(1)", code the user
+    cannot run on a Dataset."""
+    x, y = _classes()
+    multi_hot = F.one_hot(y, 3) + F.one_hot((y + 1) % 3, 3)
+    tokens = torch.randint(0, VOCAB, (32, LENGTH), generator=torch.Generator().manual_seed(0))
+    cases = [
+        (F.one_hot(y, 3), "cross_entropy", r"one-hot: give the class indices, y\.argmax\(1\)"),
+        (multi_hot, "cross_entropy", r"several 1s \(multi-label\).*BCEWithLogitsLoss\(\)"),
+        (tokens, "cross_entropy", r"one label per token .*\.clamp\(min=1\)\)\.mean\(\)"),
+        (tokens[..., None] % 2, "bce", r"one per token\) .*torch\.nn\.BCEWithLogitsLoss\(\)"),
+    ]
+    for labels, loss, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            _train(_classifier(), x, labels, loss=loss)
+        assert ("argmax" in str(error.value)) == (labels is cases[0][0])
+        assert "CrossEntropyLoss" not in str(error.value) or loss == "cross_entropy"
+    dataset = TensorDataset(x, y[:, None])
+    with pytest.raises(ValueError, match=r"Dataset x .*shape \(\) from the Dataset's __getitem__"):
+        _train(_classifier(), dataset)
+    with pytest.raises(ValueError) as error:
+        _train(_classifier(), dataset)
+    assert "squeeze" not in str(error.value)
+
+
+def test_the_token_loss_the_label_message_gives_is_a_plain_mean_that_matches_the_loop():
+    """The fix R5's message gives for token labels, run as written, passes the check on a padded
+    batch and gives the plain loop's clipped sum."""
+    tokens, targets = _padded_batch(unpadded=4)
+    with pytest.raises(ValueError) as error:
+        _train(_token_model(), tokens, targets.clamp(min=0), loss="cross_entropy")
+    code = str(error.value).split("such as ")[1].split(", with outputs")[0]
+    loss = eval(code, {"F": F})  # noqa: S307 - the message's own code
+    model = _token_model()
+    sums = clipped_gradient_sum(model, loss, tokens, targets, max_grad_norm=0.5)
+    _assert_same(sums, _loop_clipped_sum(model, _per_example_token_mean, tokens, targets, 0.5)[0])
+
+
+# --- R6: losses that are not finite --------------------------------------------------------------
+
+
+def test_an_example_without_targets_gets_a_message_about_a_loss_that_is_not_finite():
+    """Before, the unclamped per-example token mean gave NaN for an example whose tokens are all
+    padding, and the message said the loss was not the mean of the examples' (NaN against NaN).
+    The clamped one is a plain mean (that example adds 0) and matches the loop. The token mean
+    is finite on the batch but NaN on that example alone: it gives the example weight 0, and
+    the message says so."""
+    tokens, targets = _padded_batch(unpadded=4)
+    targets[2] = PAD
+
+    def unclamped(outputs, targets):
+        token_losses = F.cross_entropy(outputs, targets, reduction="none")
+        return (token_losses.sum(1) / (targets != PAD).sum(1)).mean()
+
+    model = _token_model()
+    message = r"loss must be finite: .* returned nan, and nan on the example at index 2 of the"
+    with pytest.raises(ValueError, match=message + r" batch alone.*\.clamp\(min=1\)"):
+        clipped_gradient_sum(model, unclamped, tokens, targets, max_grad_norm=1.0)
+
+    def clamped(outputs, targets):
+        token_losses = F.cross_entropy(outputs, targets, reduction="none")
+        return (token_losses.sum(1) / (targets != PAD).sum(1).clamp(min=1)).mean()
+
+    sums = clipped_gradient_sum(model, clamped, tokens, targets, max_grad_norm=0.5)
+    _assert_same(sums, _loop_clipped_sum(model, clamped, tokens, targets, 0.5)[0])
+    message = r"it returned \S+, and nan on the example at index 2 .*alone\. It ignores every"
+    with pytest.raises(ValueError, match=message + r" target .*weighted mean.*clamp\(min=1\)"):
+        clipped_gradient_sum(model, nn.CrossEntropyLoss(), tokens, targets, max_grad_norm=1.0)

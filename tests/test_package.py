@@ -26,6 +26,7 @@ SHARED_PRIVATE = frozenset(
         "companion._torch",
         "companion._outputs",
         "companion._progress",
+        "companion._labels",
     }
 )
 MAX_LINES = 450

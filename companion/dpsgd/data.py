@@ -107,6 +107,11 @@ class RunData:
                     f"its item at index {i} does."
                 )
         names = (f"the inputs of the Dataset {name}", f"the targets of the Dataset {name}")
+        bad = _bad_label(self.loss, items, y)
+        if bad is not None:
+            raise ValueError(
+                f"{names[1]} must hold {bad[1]}; its item at index {index[bad[0]]} has {bad[2]}."
+            )
         x, y = check_data(x, y, loss=self.loss, names=names)
         if self.classes is not None and int(y.max()) >= self.classes:
             j = int((y >= self.classes).nonzero()[0])
@@ -154,6 +159,36 @@ def _dataset_length(dataset: Dataset, name: str) -> int:
             "independently by its index, so train_dpsgd needs a map-style "
             "torch.utils.data.Dataset with __len__ and __getitem__."
         ) from None
+
+
+def _bad_label(loss: object, items: list[Any], y: object) -> tuple[int, str, str] | None:
+    """For labels ``y`` of shape (N,) stacked from a Dataset's ``items``: the place of the first
+    that the named ``loss`` refuses, what it needs and what the item has; None if none is."""
+    if loss not in ("cross_entropy", "bce") or not isinstance(y, torch.Tensor) or y.ndim != 1:
+        return None
+    if loss == "cross_entropy" and y.is_floating_point():  # stacked with a float among integers
+        floats = [j for j, item in enumerate(items) if _is_float(item[1])]
+        if len(floats) == len(items):
+            return None  # all floats: check_labels names the dtype
+        j = floats[0]
+        return j, "integer class labels for loss='cross_entropy'", f"a float, {float(y[j])}"
+    if loss == "cross_entropy":
+        bad, need = y < 0, "class labels >= 0 for loss='cross_entropy'"
+    else:
+        bad, need = ~((y == 0) | (y == 1)), "labels 0 or 1 for loss='bce'"
+    if not bad.any():
+        return None
+    j = int(bad.nonzero()[0])
+    return j, need, f"the label {y[j].item()}"
+
+
+def _is_float(value: object) -> bool:
+    """Whether a target read from a Dataset is a float (a number, an array or a tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point()
+    if isinstance(value, np.ndarray | np.floating):
+        return bool(np.issubdtype(value.dtype, np.floating))
+    return isinstance(value, float)
 
 
 def _shape(value: object) -> tuple[int, ...] | None:

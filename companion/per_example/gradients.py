@@ -17,8 +17,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from companion import _torch
+from companion._labels import check_labels
 from companion._outputs import batch_outputs, check_outputs, model_error, run_model
-from companion._torch import LossFn, LossName, check_labels, check_model, trainable_named
+from companion._torch import LossFn, LossName, check_model, trainable_named
 from companion._validation import check_positive
 
 __all__ = [

@@ -1,0 +1,136 @@
+"""Checks of the labels a named loss takes (private, shared).
+
+A named loss (``"cross_entropy"``, ``"bce"``) takes one label per example, a tensor of shape
+``(N,)``. :func:`check_labels` checks them, and :func:`label_shape_error` says how to fix the
+shapes seen in practice: a trailing dimension of one, one-hot, multi-hot or soft labels, one
+label per token, and the targets of a Dataset's items. Used by :mod:`companion._torch` (the data
+checks) and :mod:`companion.per_example`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from companion._torch import LossFn
+
+__all__ = ["check_labels", "label_shape_error"]
+
+# The per-example token mean, for labels of shape (N, T) and outputs of shape (N, n_classes, T).
+_TOKEN_MEAN = (
+    "lambda o, t: (F.cross_entropy(o, t, reduction='none').sum(1) / "
+    "(t != -100).sum(1).clamp(min=1)).mean()"
+)
+
+
+def label_shape_error(y: torch.Tensor, *, loss: str, name: str = "y") -> ValueError:
+    """The error for labels ``y`` that are not of shape ``(N,)`` with a named ``loss``, with the
+    fix for the shape and the values seen: a dimension of size 1 is removed; a row holding one 1
+    and zeros elsewhere (one-hot) becomes its class index; other 0/1 rows (multi-label), and any
+    labels for ``loss='bce'``, get ``BCEWithLogitsLoss``; integer labels of more dimensions (one
+    per token) get the per-example token mean; float rows get soft-label or regression losses.
+    Targets read from a Dataset (``name`` is not an identifier, as in "the targets of the Dataset
+    x") are fixed in the Dataset's ``__getitem__``, which returns one example's target.
+
+    Example:
+        >>> print(label_shape_error(torch.eye(3)[[0, 2]], loss="cross_entropy"))
+        y must have shape (N,), one label per example, for loss='cross_entropy'; got shape (2, 3).
+        Each row is one-hot: give the class indices, y.argmax(1) (or keep the rows, as float
+        targets of a callable loss, torch.nn.CrossEntropyLoss()).
+    """
+    shape, integer = tuple(y.shape), not (y.is_floating_point() or y.is_complex())
+    dataset = not name.isidentifier()
+    code = name if not dataset else "y"
+    binary = y.numel() > 0 and bool(((y == 0) | (y == 1)).all())
+    one_hot = binary and y.ndim == 2 and bool((y.sum(1) == 1).all())
+    if y.ndim == 2 and shape[1] == 1:
+        fix = (
+            "Return each target with shape () from the Dataset's __getitem__ (a Python int, or "
+            "a tensor such as torch.tensor(3)), not shape (1,)."
+            if dataset
+            else f"Remove the dimension of size 1: {code}.squeeze(1)."
+        )
+    elif loss == "bce":
+        fix = (
+            "For several 0/1 labels per example (multi-label, or one per token) give a callable "
+            "loss, torch.nn.BCEWithLogitsLoss(), with float targets of the outputs' shape."
+        )
+    elif one_hot:
+        fix = (
+            "Each target is one-hot: return its class index, target.argmax(), of shape (), from "
+            "the Dataset's __getitem__."
+            if dataset
+            else f"Each row is one-hot: give the class indices, {code}.argmax(1) (or keep the "
+            "rows, as float targets of a callable loss, torch.nn.CrossEntropyLoss())."
+        )
+    elif binary and y.ndim == 2:
+        fix = (
+            "Rows hold several 1s (multi-label), and loss='cross_entropy' takes one class per "
+            "example: give a callable loss, torch.nn.BCEWithLogitsLoss(), with float targets of "
+            "the outputs' shape."
+        )
+    elif integer:
+        fix = (
+            "For one label per token (or position) give a callable loss that returns the mean "
+            "over the examples of each one's mean over its tokens, such as "
+            f"{_TOKEN_MEAN}, with outputs of shape (N, n_classes, T) (torch.nn.CrossEntropyLoss() "
+            "is that mean only when no token is ignored)."
+        )
+        if shape[-1] == 1:
+            fix = f"Remove the last dimension of size 1 ({code}.squeeze(-1)). {fix}"
+    else:
+        fix = (
+            "For soft labels (rows of class probabilities) give a callable loss, "
+            "torch.nn.CrossEntropyLoss(), with float targets of shape (N, n_classes); for "
+            "real-valued targets (regression) give one such as torch.nn.MSELoss()."
+        )
+    return ValueError(
+        f"{name} must have shape (N,), one label per example, for loss={loss!r}; got shape "
+        f"{shape}. {fix}"
+    )
+
+
+def check_labels(y: torch.Tensor, *, loss: str | LossFn, name: str = "y") -> torch.Tensor:
+    """Labels that fit a named loss (one per example, shape ``(N,)``: int64 class labels >= 0 for
+    cross-entropy, 0 or 1 for binary cross-entropy); the targets of a callable loss are returned
+    as they are.
+
+    Args:
+        y: the labels, a tensor.
+        loss: the loss's name, or a callable loss (whose targets are not checked).
+        name: the argument's name, for the messages.
+
+    Returns:
+        ``y``, as int64 for cross-entropy.
+
+    Raises:
+        ValueError: if labels for a named loss are not of shape ``(N,)`` (:func:`label_shape_error`
+            says how to fix the common shapes), are negative for cross-entropy, or are not 0 or 1
+            for binary cross-entropy.
+        TypeError: if labels for cross-entropy are not integers.
+
+    Example:
+        >>> check_labels(torch.tensor([[0], [2]]), loss="cross_entropy")
+        Traceback (most recent call last):
+        ...
+        ValueError: y must have shape (N,), one label per example, for loss='cross_entropy'; got
+        shape (2, 1). Remove the dimension of size 1: y.squeeze(1).
+    """
+    if callable(loss):
+        return y
+    if y.ndim != 1:
+        raise label_shape_error(y, loss=loss, name=name)
+    if loss == "cross_entropy":
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must hold integer class labels for loss='cross_entropy', got dtype "
+                f"{y.dtype}."
+            )
+        if (y < 0).any():
+            raise ValueError(f"{name} must hold class labels >= 0.")
+        return y.long()  # torch's cross-entropy takes int64 class labels only
+    if not ((y == 0) | (y == 1)).all():
+        raise ValueError(f"{name} must hold labels 0 or 1 for loss='bce'.")
+    return y
