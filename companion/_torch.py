@@ -242,19 +242,28 @@ def check_optional_test(
 
 
 def check_model(model: object) -> nn.Module:
+    """``model``, if it is a :class:`torch.nn.Module` whose tensors hold values."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    _refuse_meta(model)
     return model
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """Refuse a model with a parameter or buffer on the meta device, which holds no values (a
+    tensor subclass on "meta" that computes, as the tests' shadow device, passes)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta and type(t.data) in (torch.Tensor, nn.Parameter) for t in tensors):
+        raise ValueError(
+            "model has parameters or buffers on the meta device, which hold no values: call "
+            "model.to_empty(device=...) and then initialise the weights (load a state_dict, or "
+            "call each layer's reset_parameters()) before training."
+        )
 
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's parameters (the CPU for a model without parameters)."""
-    if any(p.is_meta and type(p.data) is torch.Tensor for p in model.parameters()):
-        raise ValueError(  # (a tensor subclass on "meta", as the tests' shadow device, computes)
-            "model's parameters are on the meta device, which holds no values: call "
-            "model.to_empty(device=...) and then initialise the weights (load a state_dict, or "
-            "call each layer's reset_parameters()) before training."
-        )
+    _refuse_meta(model)
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:
         raise ValueError(

@@ -159,5 +159,38 @@ def test_a_model_on_the_meta_device_is_refused_with_the_fix(run):
     operator with no meta kernel; the message says to materialise and initialise it."""
     with torch.device("meta"):
         model = models.logistic_regression()
-    with pytest.raises(ValueError, match=r"meta device, which holds no values: call .*to_empty"):
+    with pytest.raises(ValueError, match=r"meta device, which hold no values: call .*to_empty"):
+        run(model)
+
+
+class _MetaBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+        self.register_buffer("scale", torch.ones(64), persistent=False)
+
+    def forward(self, x):
+        return self.linear(x * self.scale)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda m: evaluate(m, X, Y),
+        lambda m: clipped_gradient_sum(
+            m, "cross_entropy", torch.as_tensor(X[:4]), torch.as_tensor(Y[:4]), max_grad_norm=1.0
+        ),
+        lambda m: train(m, X, Y, epochs=1, batch_size=16, lr=0.1),
+    ],
+    ids=["evaluate", "clipped_gradient_sum", "train"],
+)
+def test_a_buffer_left_on_the_meta_device_is_refused(run):
+    """Built on meta, then loaded with assign=True: the parameters land on the CPU, but a
+    non-persistent buffer stays on meta; evaluate returned numbers read from no values."""
+    with torch.device("meta"):
+        model = _MetaBuffer()
+    cpu = {name: torch.zeros(p.shape) for name, p in model.named_parameters()}
+    model.load_state_dict(cpu, assign=True)
+    assert not any(p.is_meta for p in model.parameters()) and model.scale.is_meta
+    with pytest.raises(ValueError, match=r"meta device, which hold no values"):
         run(model)
