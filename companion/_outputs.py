@@ -121,6 +121,12 @@ def check_outputs(
         )
 
 
+#: A plain mean over the examples of each one's mean over its tokens (-100: ignored).
+_TOKEN_MEAN = (
+    "(F.cross_entropy(o, t, reduction='none').sum(1) / (t != -100).sum(1).clamp(min=1)).mean()"
+)
+
+
 def _integer(y: torch.Tensor) -> bool:
     """Whether ``y`` holds integers (class labels, token ids), not floats or flags."""
     return not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
@@ -182,11 +188,8 @@ def _call(loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor, shapes: st
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         raise ValueError(f"loss cannot be applied to {shapes}: {error}") from None
     if not (isinstance(value, torch.Tensor) and value.numel() == 1):
-        got = (
-            f"a tensor of shape {tuple(value.shape)}"
-            if isinstance(value, torch.Tensor)
-            else f"a {type(value).__name__}"
-        )
+        kind = f"a {type(value).__name__}"
+        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else kind
         raise ValueError(
             f"loss must return the mean loss over the examples as a tensor holding one number; on "
             f"{shapes} it returned {got}. Use reduction='mean' (the default of torch's losses)."
@@ -292,9 +295,7 @@ def _check_mean_loss(
         "Check that the outputs' shape matches the targets' (a mismatch broadcasts every output "
         "against every target), and that the loss is a plain mean over the examples: not a sum "
         "(reduction='sum'), nor a weighted mean (class weights, ignore_index, or a mean over the "
-        "tokens of a padded batch: average each example's tokens first, as in "
-        "(F.cross_entropy(o, t, reduction='none').sum(1) / (t != -100).sum(1).clamp(min=1))"
-        ".mean())."
+        f"tokens of a padded batch: average each example's tokens first, as in {_TOKEN_MEAN})."
     )
     if not torch.isclose(total, mean, rtol=rtol, atol=max(1e-7, finfo.tiny)):
         raise ValueError(
@@ -318,27 +319,29 @@ def _check_mean_loss(
 def _not_finite(
     total: torch.Tensor, values: torch.Tensor, index: torch.Tensor | None, shapes: str
 ) -> None:
-    """The error for a loss whose value on the batch (``total``) or on an example alone (one of
-    ``values``) is not finite."""
+    """The error for a loss not finite on the batch (``total``) or an example alone (``values``)."""
+    if torch.isfinite(values).all():  # the batch alone: an overflow, or examples mixed
+        raise ValueError(
+            f"loss must be finite: on {shapes} it returned {float(total):.6g}, although it is "
+            "finite on each example alone. A sum that overflows (in float16, say) or a loss "
+            "that mixes the examples (a normalisation by the batch) does this."
+        )
     i = int((~torch.isfinite(values)).int().argmax())
     where = f"index {int(index[i])} of the batch" if index is not None else f"place {i}"
     got = f"returned {float(total):.6g}, and {float(values[i]):.6g} on the example at {where} alone"
-    clamped = (
-        "(F.cross_entropy(o, t, reduction='none').sum(1) / (t != -100).sum(1).clamp(min=1)).mean()"
+    causes = (
+        "Seen in practice: an example whose targets are all ignored (an ignore_index, or tokens "
+        "that are all padding), whose mean over its tokens is 0/0 (divide by the count clamped "
+        f"to at least 1, as in {_TOKEN_MEAN}); log-probabilities of -inf (take log_softmax of the "
+        "logits, not the log of a softmax); NaN in the outputs or the targets."
     )
     if torch.isfinite(total):  # the batch's loss leaves that example out: a weight of 0
         raise ValueError(
-            f"loss must be the mean over the examples of each one's loss: on {shapes} it {got}. "
-            "It ignores every target of that example (an ignore_index, or an example whose "
-            "tokens are all padding), so it is a weighted mean over the examples, with weight 0 "
-            "for that one. Leave examples without a target out, or average each example's "
-            f"tokens with the count clamped to at least 1, as in {clamped}."
+            f"loss must be the mean over the examples of each one's loss: on {shapes} it {got}, "
+            "so the batch's loss is a weighted mean that gives that example weight 0, or mixes "
+            f"the examples. {causes}"
         )
-    raise ValueError(
-        f"loss must be finite: on {shapes} it {got}. An example without a target (every token "
-        "ignored) makes a mean over its tokens 0/0: divide by the count clamped to at least 1, "
-        f"as in {clamped}; check the outputs and targets for NaN too."
-    )
+    raise ValueError(f"loss must be finite: on {shapes} it {got}. {causes}")
 
 
 def _gradient_mismatch(
@@ -373,12 +376,9 @@ def _gradient_mismatch(
     return float(differences[worst] / scale), ratio
 
 
-# The batch of _check_label_weights: at most this many elements of outputs per chunk of labels,
-# and in all (the most frequent labels are left out beyond it: the probe holds them as a rule).
-# Each chunk is read 1 + log2(labels) times: with 500 labels of 32000 classes, 26 ms a check
-# (a step takes 490 ms); 2**22 and 2**24 took 136 ms.
-_CHUNK_ELEMENTS = 2**20
-_TOTAL_ELEMENTS = 2**22
+# Output elements of _check_label_weights per chunk and in all: 500 labels of 32000 classes
+# take 26 ms a check (a step 490 ms; 2**22 and 2**24 took 136 ms).
+_CHUNK_ELEMENTS, _TOTAL_ELEMENTS = 2**20, 2**22
 
 
 def _check_label_weights(loss: LossFn, outputs: torch.Tensor, y: torch.Tensor) -> None:
@@ -394,9 +394,11 @@ def _check_label_weights(loss: LossFn, outputs: torch.Tensor, y: torch.Tensor) -
     weights' sum on :math:`A`, which differs when the parts' average weights
     :math:`W_A / |A|` and :math:`W_B / |B|` differ (and their losses do). A part of ignored labels
     alone gives no finite loss. That is :math:`1 + 2 \lceil \log_2 K \rceil` calls of the loss.
-    Many labels (or large outputs) are split in chunks of at most 2**20 output elements, each
+    Many labels (or large outputs) are split in chunks of 2**20 to 2**21 output elements, each
     with the rarest and the most frequent labels dealt in turn, and at most 2**22 elements in
-    all, the rarest labels first (the others are not checked).
+    all, the rarest labels first (the others are not checked). What it misses: weights within a
+    few roundings of the mean (in float16 or bfloat16, weights up to about 2 on one label of
+    20), and any weighting when the loss is infinite on one of the pairings (a masked logit).
     """
     labels, counts = torch.unique(y, return_counts=True)
     row = max(1, outputs[0].numel())
@@ -421,9 +423,12 @@ def _check_parts(loss: LossFn, outputs: torch.Tensor, labels: torch.Tensor) -> N
     value = _call(loss, outputs[rows], labels, shapes)
     whole = float(value)
     finfo = torch.finfo(value.dtype if value.is_floating_point() else torch.float64)
-    rtol = max(1e-4, 8 * finfo.eps)  # as in _check_mean_loss
+    # Both sides average the same per-example values, so they differ by a few roundings of the
+    # mean: 8 in 16 bits, 64 in float32 (1e-4 missed a weight of 2 on one label of 1000 classes;
+    # 64 eps finds it, and 1.1 on one of 100), at least 1e-12 in float64.
+    rtol = 8 * finfo.eps if finfo.bits == 16 else max(64 * finfo.eps, 1e-12)
     if not math.isfinite(whole):
-        return  # a loss infinite on some pairing: nothing to compare
+        return  # a loss infinite on some pairing (a masked logit): nothing to compare
     for bit in range(math.ceil(math.log2(k))):
         part = (torch.arange(k, device=outputs.device) >> bit) % 2 == 1
         m = int(part.sum())
