@@ -16,10 +16,11 @@ import torch
 if TYPE_CHECKING:
     from companion._torch import LossFn
 
-__all__ = ["check_labels", "label_shape_error"]
+__all__ = ["TOKEN_MEAN", "check_labels", "label_shape_error"]
 
-# The per-example token mean, for labels of shape (N, T) and outputs of shape (N, n_classes, T).
-_TOKEN_MEAN = (
+#: A plain mean over the examples of each one's mean over its tokens (-100: ignored), for labels
+#: of shape (N, T) and outputs of shape (N, n_classes, T): the hint of the loss and label checks.
+TOKEN_MEAN = (
     "lambda o, t: (F.cross_entropy(o, t, reduction='none').sum(1) / "
     "(t != -100).sum(1).clamp(min=1)).mean()"
 )
@@ -75,7 +76,7 @@ def label_shape_error(y: torch.Tensor, *, loss: str, name: str = "y") -> ValueEr
         fix = (
             "For one label per token (or position) give a callable loss that returns the mean "
             "over the examples of each one's mean over its tokens, such as "
-            f"{_TOKEN_MEAN}, with outputs of shape (N, n_classes, T) (torch.nn.CrossEntropyLoss() "
+            f"{TOKEN_MEAN}, with outputs of shape (N, n_classes, T) (torch.nn.CrossEntropyLoss() "
             "is that mean only when no token is ignored)."
         )
         if shape[-1] == 1:

@@ -13,6 +13,7 @@ import warnings
 import torch
 from torch import nn
 
+from companion._labels import TOKEN_MEAN
 from companion._torch import LossFn, OutOfMemoryError, eval_mode
 from companion._validation import warn
 
@@ -119,12 +120,6 @@ def check_outputs(
             f"loss='bce' needs one output logit per example, got shape {tuple(outputs[:1].shape)} "
             "for one example."
         )
-
-
-#: A plain mean over the examples of each one's mean over its tokens (-100: ignored).
-_TOKEN_MEAN = (
-    "(F.cross_entropy(o, t, reduction='none').sum(1) / (t != -100).sum(1).clamp(min=1)).mean()"
-)
 
 
 def _integer(y: torch.Tensor) -> bool:
@@ -295,7 +290,7 @@ def _check_mean_loss(
         "Check that the outputs' shape matches the targets' (a mismatch broadcasts every output "
         "against every target), and that the loss is a plain mean over the examples: not a sum "
         "(reduction='sum'), nor a weighted mean (class weights, ignore_index, or a mean over the "
-        f"tokens of a padded batch: average each example's tokens first, as in {_TOKEN_MEAN})."
+        f"tokens of a padded batch: average each example's tokens first, as in {TOKEN_MEAN})."
     )
     if not torch.isclose(total, mean, rtol=rtol, atol=max(1e-7, finfo.tiny)):
         raise ValueError(
@@ -332,7 +327,7 @@ def _not_finite(
     causes = (
         "Seen in practice: an example whose targets are all ignored (an ignore_index, or tokens "
         "that are all padding), whose mean over its tokens is 0/0 (divide by the count clamped "
-        f"to at least 1, as in {_TOKEN_MEAN}); log-probabilities of -inf (take log_softmax of the "
+        f"to at least 1, as in {TOKEN_MEAN}); log-probabilities of -inf (take log_softmax of the "
         "logits, not the log of a softmax); NaN in the outputs or the targets."
     )
     if torch.isfinite(total):  # the batch's loss leaves that example out: a weight of 0
