@@ -3,22 +3,28 @@
 For every model of ``benchmarks/models.py`` and every method of ``benchmarks/dpsgd_step.py``
 (non-private SGD, companion auto and vmap, Opacus hooks and ghost), a fresh Python process
 imports everything, builds the model, the batch of 256 and the method's step, and then runs a
-few steps. What it reports:
+few steps. What it reports, in MiB:
 
-- on CPU, the *peak resident set size added by the steps*, in MiB: the process's peak RSS
-  counter (``VmHWM``) is reset just before the steps (``echo 5 > /proc/self/clear_refs``, Linux),
-  and the result is ``VmHWM`` after the steps minus ``VmRSS`` before them. It counts what torch
-  allocates (activations, per-example gradients, Gram matrices, optimizer state, ``.grad``) and
-  excludes the interpreter, the model and the data. It also excludes the libraries' code: every
-  page of the files mapped into the process (torch's and Opacus's shared libraries) is made
-  resident before the reset (``madvise(MADV_POPULATE_READ)``, Linux 5.14), or the first call of
-  each torch operation would count the code it pages in (on logistic regression, 11.7 of the
-  12.5 MiB that companion's steps added, 10.5 of Opacus ghost's 10.7). No tracemalloc (torch's
-  allocations are not Python objects). Where the reset is not available the absolute peak
-  (``ru_maxrss``) is reported instead, and where the pages cannot be made resident the
-  libraries' code is counted; the header says which;
-- on CUDA, ``torch.cuda.max_memory_allocated()`` during the steps minus
-  ``torch.cuda.memory_allocated()`` before them (after ``reset_peak_memory_stats``).
+- the *peak memory held by tensors, added by the steps*: on CUDA,
+  ``torch.cuda.max_memory_allocated()`` during the steps minus ``torch.cuda.memory_allocated()``
+  before them (after ``reset_peak_memory_stats``); on CPU, where torch's allocator keeps no such
+  counter, the same quantity from the allocation and free events that ``torch.profiler`` records
+  with ``profile_memory=True`` (their running sum, in time order, at its highest). It counts
+  what torch allocates (activations, per-example gradients, Gram matrices, noise, ``.grad``,
+  optimizer state) and nothing else;
+- on CPU also, in another fresh process, the *peak resident set size added by the steps*: the
+  process's peak RSS counter (``VmHWM``) is reset just before the steps (``echo 5 >
+  /proc/self/clear_refs``, Linux), and the result is ``VmHWM`` after the steps minus ``VmRSS``
+  before them. It excludes the interpreter, the model and the data, and adds to the tensors what
+  the allocator and the libraries keep: heap pages glibc has not returned, the buffers a BLAS
+  routine allocates on its first call (about 0.4 MiB for the products of the logistic
+  regression, counted or not depending on where glibc places them). It excludes the libraries'
+  code: every page of the files mapped into the process (torch's and Opacus's shared libraries)
+  is made resident before the reset (``madvise(MADV_POPULATE_READ)``, Linux 5.14), or the first
+  call of each torch operation would count the code it pages in (on logistic regression, 11.7 of
+  the 12.5 MiB that companion's steps added, 10.5 of Opacus ghost's 10.7). Where the reset is not
+  available the absolute peak (``ru_maxrss``) is reported instead, and where the pages cannot be
+  made resident the libraries' code is counted; the header says which.
 
 Run ``.venv/bin/python benchmarks/dpsgd_memory.py [--quick] [--device cuda]``; the timing
 script ``dpsgd_step.py`` runs the same measurement and prints it next to the time ratios.
@@ -33,6 +39,7 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -79,8 +86,27 @@ def _map_library_pages() -> bool:
     return done
 
 
-def child(model_name: str, method: str, device: str, threads: int, steps: int) -> dict:
-    """Measure in this process (a fresh one): build, reset the peak counter, run ``steps``."""
+def _tensor_peak(run: Callable[[], None], steps: int) -> int:
+    """The highest number of bytes held by CPU tensors during ``steps`` calls of ``run``, above
+    what they held before, from the allocations and frees the profiler records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        for _ in range(steps):
+            run()
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()  # negative for a free
+        peak = max(peak, held)
+    return peak
+
+
+def child(
+    model_name: str, method: str, device: str, threads: int, steps: int, measure: str
+) -> dict:
+    """Measure in this process (a fresh one): build, then run ``steps`` under ``measure``,
+    ``"tensors"`` or ``"rss"`` (CPU only)."""
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -99,6 +125,8 @@ def child(model_name: str, method: str, device: str, threads: int, steps: int) -
             step.run()
         torch.cuda.synchronize()
         return {"mib": (torch.cuda.max_memory_allocated() - before) / MIB, "what": "cuda"}
+    if measure == "tensors":
+        return {"mib": _tensor_peak(step.run, steps) / MIB, "what": "tensors"}
     libraries_resident = _map_library_pages()
     if _reset_peak_rss():
         before = _status_kib("VmRSS")
@@ -111,11 +139,20 @@ def child(model_name: str, method: str, device: str, threads: int, steps: int) -
     return {"mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "what": "ru_maxrss"}
 
 
+#: What each measure is, in the order the tables show them.
 WHAT = {
+    "cuda": "peak CUDA tensor memory added by the steps, MiB",
+    "tensors": "peak tensor memory added by the steps (profiler), MiB",
     "rss-delta": "peak RSS added by the steps (libraries' code resident before), MiB",
     "rss-delta-with-code": "peak RSS added by the steps, with the code they page in, MiB",
     "ru_maxrss": "peak RSS of the process (ru_maxrss), MiB",
-    "cuda": "peak CUDA memory added by the steps, MiB",
+}
+SHORT = {
+    "cuda": "CUDA tensors",
+    "tensors": "tensors",
+    "rss-delta": "RSS",
+    "rss-delta-with-code": "RSS with code",
+    "ru_maxrss": "process RSS",
 }
 
 
@@ -130,28 +167,38 @@ def default_malloc_env() -> dict[str, str]:
 
 def measure_all(
     models: list[str], methods: list[str], *, device: str, threads: int, steps: int
-) -> tuple[dict[str, dict[str, float]], str]:
-    """One process per model and method; returns ``{model: {method: MiB}}`` and what it is."""
-    results: dict[str, dict[str, float]] = {}
+) -> tuple[dict[str, dict[str, dict[str, float]]], list[str]]:
+    """One process per model, method and measure; returns ``{model: {method: {what: MiB}}}``
+    and the measures taken (keys of ``WHAT``), in ``WHAT``'s order."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
     kinds = set()
+    measures = ["tensors"] if device.startswith("cuda") else ["tensors", "rss"]
     for model_name in models:
         for method in methods:
-            command = [
-                sys.executable, str(Path(__file__).resolve()), "--child", model_name, method,
-                "--device", device, "--threads", str(threads), "--steps", str(steps),
-            ]  # fmt: skip
-            done = subprocess.run(
-                command, capture_output=True, text=True, check=False, env=default_malloc_env()
-            )
-            if done.returncode != 0:
-                print(f"memory {model_name} / {method} failed:\n{done.stderr[-2000:]}")
-                continue
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            results.setdefault(model_name, {})[method] = result["mib"]
-            kinds.add(result["what"])
+            for measure in measures:
+                command = [
+                    sys.executable, str(Path(__file__).resolve()), "--child", model_name, method,
+                    "--device", device, "--threads", str(threads), "--steps", str(steps),
+                    "--measure", measure,
+                ]  # fmt: skip
+                done = subprocess.run(
+                    command, capture_output=True, text=True, check=False, env=default_malloc_env()
+                )
+                if done.returncode != 0:
+                    print(f"memory {model_name} / {method} / {measure} failed:")
+                    print(done.stderr[-2000:])
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                row = results.setdefault(model_name, {}).setdefault(method, {})
+                row[result["what"]] = result["mib"]
+                kinds.add(result["what"])
         print(f"memory {model_name} done", flush=True)
-    what = " / ".join(WHAT[k] for k in sorted(kinds)) or "peak MiB"
-    return results, what
+    return results, [what for what in WHAT if what in kinds]
+
+
+def fmt_mib(mib: float) -> str:
+    """Two decimals below 10 MiB (the linear models' steps add a fraction of one), else one."""
+    return f"{mib:.2f}" if mib < 10 else f"{mib:.1f}"
 
 
 def main() -> None:
@@ -165,24 +212,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--measure", default="tensors", help=argparse.SUPPRESS)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default=",".join(m for m in METHODS if m not in REFERENCES))
     args = parser.parse_args()
     steps = args.steps or (2 if args.quick else 3)
     if args.child:
-        print(json.dumps(child(*args.child, args.device, args.threads, steps)))
+        print(json.dumps(child(*args.child, args.device, args.threads, steps, args.measure)))
         return
     models, methods = args.models.split(","), args.methods.split(",")
-    results, what = measure_all(
+    results, measures = measure_all(
         models, methods, device=args.device, threads=args.threads, steps=steps
     )
-    print(f"\n{what}; {steps} steps of batch 256 per process, {args.threads} threads, ", end="")
-    print(f"{args.device}\n")
-    print("| model | " + " | ".join(methods) + " |")
-    print("|---|" + "--:|" * len(methods))
-    for model_name, row in results.items():
-        cells = " | ".join(f"{row[m]:.1f}" if m in row else "failed" for m in methods)
-        print(f"| {MODELS[model_name].label} | {cells} |")
+    print(f"\n{steps} steps of batch 256 per process, {args.threads} threads, {args.device}\n")
+    for what in measures:
+        print(f"{WHAT[what]}:\n")
+        print("| model | " + " | ".join(methods) + " |")
+        print("|---|" + "--:|" * len(methods))
+        for model_name, row in results.items():
+            cells = [fmt_mib(row[m][what]) if what in row.get(m, {}) else "failed" for m in methods]
+            print(f"| {MODELS[model_name].label} | {' | '.join(cells)} |")
+        print()
 
 
 if __name__ == "__main__":

@@ -64,8 +64,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from companion import dpsgd, per_example
 
 try:  # run as a script from the repository root: benchmarks/ is sys.path[0]
+    from dpsgd_memory import SHORT, WHAT, fmt_mib, measure_all
     from models import LINEAR, MODELS, build_model, make_batch
 except ImportError:  # imported as benchmarks.dpsgd_step
+    from benchmarks.dpsgd_memory import SHORT, WHAT, fmt_mib, measure_all
     from benchmarks.models import LINEAR, MODELS, build_model, make_batch
 
 BATCH = 256
@@ -140,6 +142,7 @@ def build_step(
         trainable = [(n, p) for n, p in params.items() if p.requires_grad]
 
         def run() -> None:  # the body of train_dpsgd's loop, with an optimizer
+            optimizer.zero_grad(set_to_none=True)  # the loop frees the last step's gradient
             sums, _ = dpsgd.noisy_clipped_gradient(
                 clipper, x, y, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 expected_batch_size=float(BATCH), generator=generator,
@@ -212,6 +215,7 @@ def _hand_written_step(
     total = sum(p.numel() for p in params.values())
 
     def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
         inputs, outputs, h = [], [], x
         for layer in model:
             if isinstance(layer, nn.Linear):
@@ -336,31 +340,34 @@ def fmt_ms(seconds: float) -> str:
 
 def report(
     times: dict[str, dict[str, list[float]]],
-    memory: dict[str, dict[str, float]] | None,
-    memory_what: str,
+    memory: dict[str, dict[str, dict[str, float]]],
+    measures: list[str],
 ) -> str:
-    """The markdown tables: times, ratios and memory per model and method; the targets."""
+    """The markdown tables: times, ratios and memory per model and method; the targets.
+
+    ``memory`` and ``measures`` are what :func:`dpsgd_memory.measure_all` returns (empty if
+    memory was not measured)."""
     lines = [
-        "| model | method | min ms | median ms | x non-private (min) | x non-private (median) "
-        f"| {memory_what} |",
-        "|---|---|--:|--:|--:|--:|--:|",
+        "| model | method | min ms | median ms | x non-private (min) | x non-private (median) |"
+        + "".join(f" {WHAT[what]} |" for what in measures),
+        "|---|---|--:|--:|--:|--:|" + "--:|" * len(measures),
     ]
+    names = " / ".join(SHORT[what] for what in measures) or "memory"
     verdicts = [
         "| model | companion vs non-private (target) | floors: 1 + noise draw; hand-written "
-        "| fastest Opacus "
-        "| companion faster? | memory vs Opacus ghost | memory <= ghost? |",
+        f"| fastest Opacus | companion faster? | {names} MiB vs Opacus ghost | <= ghost? |",
         "|---|---|---|---|---|---|---|",
     ]
     for model_name, row in times.items():
         base_min = min(row["non-private"])
         base_med = statistics.median(row["non-private"])
+        mem = memory.get(model_name, {})
         for method, t in row.items():
-            mem = memory.get(model_name, {}).get(method) if memory else None
-            mem_text = "" if mem is None else f"{mem:.1f}"
+            cells = [fmt_mib(mem[method][w]) if w in mem.get(method, {}) else "" for w in measures]
             lines.append(
                 f"| {MODELS[model_name].label} | {method} | {fmt_ms(min(t))} "
                 f"| {fmt_ms(statistics.median(t))} | {min(t) / base_min:.2f} "
-                f"| {statistics.median(t) / base_med:.2f} | {mem_text} |"
+                f"| {statistics.median(t) / base_med:.2f} |" + "".join(f" {c} |" for c in cells)
             )
         if "companion auto" not in row:
             continue
@@ -387,23 +394,25 @@ def report(
             fastest_text = f"{fastest} {min(row[fastest]) / base_min:.2f}x"
         else:
             faster, fastest_text = "n/a", "not run"
-        mem_ours = memory.get(model_name, {}).get("companion auto") if memory else None
-        mem_ghost = memory.get(model_name, {}).get("opacus ghost") if memory else None
-        if mem_ours is None or mem_ghost is None:
-            mem_text, mem_met = "not measured", "n/a"
-        else:
-            mem_text = f"{mem_ours:.1f} vs {mem_ghost:.1f}"
-            mem_met = "yes" if mem_ours <= mem_ghost else f"no (+{mem_ours - mem_ghost:.1f} MiB)"
+        ours, ghost = mem.get("companion auto", {}), mem.get("opacus ghost", {})
+        compared = [w for w in measures if w in ours and w in ghost]
+        mem_text = " / ".join(f"{fmt_mib(ours[w])} vs {fmt_mib(ghost[w])}" for w in compared)
+        mem_met = " / ".join(
+            "yes" if ours[w] <= ghost[w] else f"no (+{fmt_mib(ours[w] - ghost[w])})"
+            for w in compared
+        )
         verdicts.append(
             f"| {MODELS[model_name].label} | {speed} | {floor} | {fastest_text} | {faster} "
-            f"| {mem_text} | {mem_met} |"
+            f"| {mem_text or 'not measured'} | {mem_met or 'n/a'} |"
         )
     note = (
         "Targets (issue 9): companion auto at most 1.3x a non-private step on the two linear "
         "models and 1.5x on the others, faster than the fastest Opacus mode, peak memory no "
         "higher than Opacus ghost's. 'yes' = met by the minimum and the median, 'min only' / "
-        "'median only' = met by one of them. The peak memory of repeated runs varies by about "
-        "2 MiB on the small models and by 10% on the CNNs. The first floor is what a step would "
+        "'median only' = met by one of them. The tensors' peak is the same in repeated runs; "
+        "the peak RSS varies by about 0.4 MiB on the linear models (where glibc places a "
+        "BLAS buffer), 2 MiB on the MLP and the text model and 10% on the CNNs. The first "
+        "floor is what a step would "
         "cost if everything but the noise were free; a target below it cannot be met on this "
         "machine. The second (linear models) is a DP step written by hand for "
         "that model alone: the arithmetic every DP step needs, without a library's generality."
@@ -482,13 +491,9 @@ def main() -> None:
             model_name, args.methods, args.device, args.repeats, args.warmup
         )
         print(f"timed {model_name}", flush=True)
-    memory, memory_what = None, "peak MiB"
+    memory, measures = {}, []
     if not args.no_memory:
-        try:
-            from dpsgd_memory import measure_all
-        except ImportError:
-            from benchmarks.dpsgd_memory import measure_all
-        memory, memory_what = measure_all(
+        memory, measures = measure_all(
             args.models, [m for m in args.methods if m not in REFERENCES], device=args.device,
             threads=args.threads,
             steps=2 if args.quick else 3,
@@ -496,7 +501,7 @@ def main() -> None:
     print()
     print(header(args))
     print()
-    print(report(times, memory, memory_what))
+    print(report(times, memory, measures))
     if checks:
         print("\nClipping check (noise 0, C = 0.1, same weights; the gradients stepped with):")
         print("\n".join(f"- {line}" for line in checks))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -806,6 +807,31 @@ def test_a_frozen_parameters_stale_gradient_is_never_applied():
     _run(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), lr=None)
     assert torch.equal(model[0].weight, frozen)
     assert model[0].weight.grad is None
+
+
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_a_step_is_computed_without_the_last_steps_gradient_in_memory(monkeypatch, optimizer):
+    """The last step's noisy gradient (the loop's ``sums`` and, with an optimizer, ``.grad``) is
+    released before the next is computed: holding it would add a copy of the weights to every
+    step's peak memory. Weak references to each step's gradient must be dead at the next call."""
+    import companion.dpsgd.loop as loop
+
+    computed, alive = [], []
+
+    def recording(*args, **kwargs):
+        alive.append(sum(ref() is not None for ref in computed))
+        sums, norms = noisy_clipped_gradient(*args, **kwargs)
+        computed.extend(weakref.ref(t) for t in sums.values())
+        return sums, norms
+
+    noisy_clipped_gradient = loop.noisy_clipped_gradient
+    monkeypatch.setattr(loop, "noisy_clipped_gradient", recording)
+    model = _model()
+    if optimizer:
+        _run(model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01), lr=None)
+    else:
+        _run(model)
+    assert len(alive) == steps_for_epochs(epochs=2, sample_rate=Q) and not any(alive)
 
 
 class _StopsAtStep(torch.optim.SGD):

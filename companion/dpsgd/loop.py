@@ -218,9 +218,10 @@ def train_dpsgd(
     Poisson batch (:func:`poisson_sample`) and computes the noisy clipped gradient (as
     :func:`set_private_gradients` does); with an ``optimizer`` it goes into ``.grad`` and the
     optimizer steps (the ``.grad`` of every parameter it holds is set to ``None`` before the
-    run and after a run that completes, so that a frozen parameter's stale gradient is never
-    applied; after an exception the last step's noisy gradient stays in ``.grad``), without one
-    the weights take a plain SGD step with ``lr``. The accountant records one step of the
+    run, so that a frozen parameter's stale gradient is never applied, and after each step, so
+    that the next gradient is computed without this one in memory; an exception raised in the
+    optimizer's step leaves that step's noisy gradient in ``.grad``), without one the weights
+    take a plain SGD step with ``lr``. The accountant records one step of the
     Poisson-subsampled Gaussian mechanism before the step is applied. After each epoch it
     converts the privacy spent so far into epsilon at ``delta``. The run puts the model in
     training mode (``model.train()``, which also turns back on a submodule put in evaluation
@@ -422,6 +423,9 @@ def train_dpsgd(
                     for name, p in params:
                         p.grad = sums[name]
                     optimizer.step()
+                    for _, p in params:
+                        p.grad = None
+                del sums  # the next gradient is computed without this one: a copy of the weights
                 clipped = clipped + (norms > max_grad_norm).sum()  # on the device: no sync
                 seen += norms.shape[0]
             record: dict[str, Any] = {"epoch": epoch, "steps": epoch * steps_per_epoch}
@@ -435,6 +439,4 @@ def train_dpsgd(
     except BaseException as error:  # KeyboardInterrupt too: say what the steps taken spent
         note_spent(error, accountant, len(accountant) - start, delta, run="train_dpsgd")
         raise
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
     return history

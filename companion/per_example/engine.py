@@ -121,7 +121,7 @@ def layerwise_add_clipped(
     and the hooked layers this batch showed the rules do not apply to (computed with vmap, named
     in a warning; the caller moves them to vmap for good)."""
     for copy in (False, True):
-        capture = Capture(plan.hooked, copy)
+        capture = Capture(plan.hooked, copy_inputs=copy, copy_outputs=copy)
         try:
             outputs = model(x)
         except IndexError as error:  # a batch the model cannot take: token ids out of range

@@ -41,11 +41,15 @@ class Capture:
     """Forward hooks that keep each hooked layer's input and output.
 
     They run before any forward hook of the user's (``prepend``), so that they keep what the
-    layer itself computed, not an output a user's hook changed."""
+    layer itself computed, not an output a user's hook changed. Copies shield what they keep from
+    in-place changes made further on (``ReLU(inplace=True)``): the inputs are copied if
+    ``copy_inputs``, and the outputs if ``copy_outputs`` (the layer then passes on the copy)."""
 
-    def __init__(self, layers: list[tuple[str, nn.Module]], copy: bool) -> None:
+    def __init__(
+        self, layers: list[tuple[str, nn.Module]], *, copy_inputs: bool, copy_outputs: bool
+    ) -> None:
         self.seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
-        self.copy = copy
+        self.copy_inputs, self.copy_outputs = copy_inputs, copy_outputs
         self.handles = [
             m.register_forward_hook(self._keep, with_kwargs=True, prepend=True) for _, m in layers
         ]
@@ -58,10 +62,9 @@ class Capture:
         output: torch.Tensor,
     ) -> torch.Tensor | None:
         a = args[0] if args else kwargs["input"]  # every layer with a rule names it `input`
-        a = a.clone() if self.copy else a
+        a = a.clone() if self.copy_inputs else a
         self.seen[module] = (a, output, a._version, output._version)
-        # A copy shields the kept output from in-place changes made further on (ReLU(inplace)).
-        return output.clone() if self.copy else None
+        return output.clone() if self.copy_outputs else None
 
     def changed(self) -> bool:
         return any(a._version != va or o._version != vo for a, o, va, vo in self.seen.values())
@@ -152,7 +155,7 @@ def rows_cross(
         ValueError: if the forward pass mixes examples, or runs a reentrant checkpoint.
         TypeError: if the model does not return a tensor.
     """
-    capture = Capture(plan.hooked, copy=True)
+    capture = Capture(plan.hooked, copy_inputs=False, copy_outputs=True)  # inputs: shapes only
     try:
         with torch.random.fork_rng(devices=_cuda_index(x.device)):
             outputs, leaf = _forward_with_input_leaf(model, x)
@@ -198,15 +201,20 @@ def rows_cross(
         # The set and its complement: each must not read the other's rows.
         for kept in (inside, ~inside):
             reads = read_by(kept, targets)
-            if leaf is not None:
-                read = reads.pop(0)  # the input's gradient; 0 * inf (sqrt at 0) is NaN, no read
-                if read is not None and bool((read[~kept].ne(0) & read[~kept].isfinite()).any()):
-                    raise ValueError(MIXES_EXAMPLES)
+            input_read = reads.pop(0) if leaf is not None else None  # the input's gradient
             wrong += [
                 layer
                 for layer, read in zip(right, reads, strict=True)
                 if layer not in wrong and read is not None and bool(read[~kept].ne(0).any())
             ]
+            # In place (the gradient is this pass's own: no copy of the input): 0 * inf (a
+            # square root at 0) gives NaN, which is no read.
+            if input_read is not None and bool(
+                input_read.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                .index_fill_(0, rows[kept], 0)
+                .any()
+            ):
+                raise ValueError(MIXES_EXAMPLES)
     return wrong
 
 
