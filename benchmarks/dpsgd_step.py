@@ -410,12 +410,12 @@ def report(
         "models and 1.5x on the others, faster than the fastest Opacus mode, peak memory no "
         "higher than Opacus ghost's. 'yes' = met by the minimum and the median, 'min only' / "
         "'median only' = met by one of them. The tensors' peak is the same in repeated runs; "
-        "the peak RSS varies by about 0.4 MiB on the linear models (where glibc places a "
-        "BLAS buffer), 2 MiB on the MLP and the text model and 10% on the CNNs. The first "
-        "floor is what a step would "
-        "cost if everything but the noise were free; a target below it cannot be met on this "
-        "machine. The second (linear models) is a DP step written by hand for "
-        "that model alone: the arithmetic every DP step needs, without a library's generality."
+        "the peak RSS varies by about 0.4 MiB on the linear models (with where MKL's matrix "
+        "product places the buffer it allocates on its first call), by 2 MiB on the MLP and the "
+        "text model and by 10% on the CNNs. The first floor is what a step would cost if "
+        "everything but the noise were free; a target below it cannot be met on this machine. "
+        "The second (linear models) is a DP step written by hand for that model alone: the "
+        "arithmetic every DP step needs, without a library's generality."
     )
     return "\n".join([*lines, "", note, "", *verdicts])
 

@@ -1,7 +1,8 @@
 """Checks of the labels a named loss takes (private, shared).
 
 A named loss (``"cross_entropy"``, ``"bce"``) takes one label per example, a tensor of shape
-``(N,)``. :func:`check_labels` checks them, and :func:`label_shape_error` says how to fix the
+``(N,)``. :func:`check_labels` checks them (:func:`first_bad_label` finds a value the loss
+refuses), and :func:`label_shape_error` says how to fix the
 shapes seen in practice: a trailing dimension of one, one-hot, multi-hot or soft labels, one
 label per token, and the targets of a Dataset's items. Used by :mod:`companion._torch` (the data
 checks) and :mod:`companion.per_example`.
@@ -16,7 +17,7 @@ import torch
 if TYPE_CHECKING:
     from companion._torch import LossFn
 
-__all__ = ["TOKEN_MEAN", "check_labels", "label_shape_error"]
+__all__ = ["TOKEN_MEAN", "check_labels", "first_bad_label", "label_shape_error"]
 
 #: A plain mean over the examples of each one's mean over its tokens (-100: ignored), for labels
 #: of shape (N, T) and outputs of shape (N, n_classes, T): the hint of the loss and label checks.
@@ -129,9 +130,27 @@ def check_labels(y: torch.Tensor, *, loss: str | LossFn, name: str = "y") -> tor
                 f"{name} must hold integer class labels for loss='cross_entropy', got dtype "
                 f"{y.dtype}."
             )
-        if (y < 0).any():
-            raise ValueError(f"{name} must hold class labels >= 0.")
-        return y.long()  # torch's cross-entropy takes int64 class labels only
-    if not ((y == 0) | (y == 1)).all():
-        raise ValueError(f"{name} must hold labels 0 or 1 for loss='bce'.")
-    return y
+    if (bad := first_bad_label(y, loss=loss)) is not None:
+        position, need = bad
+        raise ValueError(
+            f"{name} must hold {need}; got {y[position].item()} at position {position}."
+        )
+    return y.long() if loss == "cross_entropy" else y  # torch's cross-entropy takes int64 only
+
+
+def first_bad_label(y: torch.Tensor, *, loss: str) -> tuple[int, str] | None:
+    """For labels ``y`` of shape ``(N,)`` and a named ``loss``: the position of the first label
+    whose value the loss refuses (negative for cross-entropy, not 0 or 1 for binary
+    cross-entropy) and what the loss needs; None if every value fits. The dtype is not checked.
+
+    Example:
+        >>> first_bad_label(torch.tensor([0, 1, 2, 1]), loss="bce")
+        (2, "labels 0 or 1 for loss='bce'")
+    """
+    if loss == "cross_entropy":
+        bad, need = y < 0, "class labels >= 0 for loss='cross_entropy'"
+    else:
+        bad, need = ~((y == 0) | (y == 1)), "labels 0 or 1 for loss='bce'"
+    if not bad.any():
+        return None
+    return int(bad.nonzero()[0]), need

@@ -393,6 +393,7 @@ BAD_DATA = [
     ),
     ({"y": torch.tensor(Y) > 4}, TypeError, "y must hold integer class labels"),
     ({"y": -Y - 1}, ValueError, "y must hold class labels >= 0"),
+    ({"y": np.where(np.arange(len(Y)) == 7, -3, Y)}, ValueError, "got -3 at position 7"),
     ({"x": torch.tensor(X).long()}, ValueError, "model cannot be applied to the inputs"),
     ({"x": torch.tensor(X) > 0.5}, TypeError, "x must hold real or integer inputs"),
     ({"x": X.tolist()}, TypeError, "x must be a torch.Tensor or a numpy array"),
@@ -400,6 +401,7 @@ BAD_DATA = [
     ({"loss": "hinge"}, ValueError, "loss must be one of"),
     ({"loss": "bce", "y": Y}, ValueError, "y must hold labels 0 or 1 for loss='bce'"),
     ({"loss": "bce", "y": np.full(20, 0.5)}, ValueError, "y must hold labels 0 or 1"),
+    ({"loss": "bce", "y": np.eye(20, dtype=int)[5] * 2}, ValueError, "got 2 at position 5"),
 ]
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from companion._labels import first_bad_label
 from companion._outputs import check_outputs, run_model
 from companion._torch import EVAL_BATCH, LossFn, check_data
 from companion.per_example import check_examples_independent
@@ -172,13 +173,9 @@ def _bad_label(loss: object, items: list[Any], y: object) -> tuple[int, str, str
             return None  # all floats: check_labels names the dtype
         j = floats[0]
         return j, "integer class labels for loss='cross_entropy'", f"a float, {float(y[j])}"
-    if loss == "cross_entropy":
-        bad, need = y < 0, "class labels >= 0 for loss='cross_entropy'"
-    else:
-        bad, need = ~((y == 0) | (y == 1)), "labels 0 or 1 for loss='bce'"
-    if not bad.any():
+    if (bad := first_bad_label(y, loss=loss)) is None:
         return None
-    j = int(bad.nonzero()[0])
+    j, need = bad
     return j, need, f"the label {y[j].item()}"
 
 
