@@ -111,7 +111,8 @@ def check_labels(y: torch.Tensor, *, loss: str | LossFn, name: str = "y") -> tor
         ValueError: if labels for a named loss are not of shape ``(N,)`` (:func:`label_shape_error`
             says how to fix the common shapes), are negative for cross-entropy, or are not 0 or 1
             for binary cross-entropy.
-        TypeError: if labels for cross-entropy are not integers.
+        TypeError: if labels for cross-entropy are not integers, or labels for binary
+            cross-entropy are complex.
 
     Example:
         >>> check_labels(torch.tensor([[0], [2]]), loss="cross_entropy")
@@ -130,22 +131,23 @@ def check_labels(y: torch.Tensor, *, loss: str | LossFn, name: str = "y") -> tor
                 f"{name} must hold integer class labels for loss='cross_entropy', got dtype "
                 f"{y.dtype}."
             )
+    elif y.is_complex():
+        raise TypeError(f"{name} must hold real labels 0 or 1 for loss='bce', got dtype {y.dtype}.")
     if (bad := first_bad_label(y, loss=loss)) is not None:
-        position, need = bad
-        raise ValueError(
-            f"{name} must hold {need}; got {y[position].item()} at position {position}."
-        )
+        position, need, value = bad
+        raise ValueError(f"{name} must hold {need}; got {value} at position {position}.")
     return y.long() if loss == "cross_entropy" else y  # torch's cross-entropy takes int64 only
 
 
-def first_bad_label(y: torch.Tensor, *, loss: str) -> tuple[int, str] | None:
-    """For labels ``y`` of shape ``(N,)`` and a named ``loss``: the position of the first label
-    whose value the loss refuses (negative for cross-entropy, not 0 or 1 for binary
-    cross-entropy) and what the loss needs; None if every value fits. The dtype is not checked.
+def first_bad_label(y: torch.Tensor, *, loss: str) -> tuple[int, str, str] | None:
+    """For real labels ``y`` of shape ``(N,)`` and a named ``loss``: the position of the first
+    label whose value the loss refuses (negative for cross-entropy, not 0 or 1 for binary
+    cross-entropy), what the loss needs, and the label as text; None if every value fits. The
+    dtype is not checked.
 
     Example:
-        >>> first_bad_label(torch.tensor([0, 1, 2, 1]), loss="bce")
-        (2, "labels 0 or 1 for loss='bce'")
+        >>> first_bad_label(torch.tensor([0.0, 1.0, 0.3, 1.0]), loss="bce")
+        (2, "labels 0 or 1 for loss='bce'", '0.3')
     """
     if loss == "cross_entropy":
         bad, need = y < 0, "class labels >= 0 for loss='cross_entropy'"
@@ -153,4 +155,6 @@ def first_bad_label(y: torch.Tensor, *, loss: str) -> tuple[int, str] | None:
         bad, need = ~((y == 0) | (y == 1)), "labels 0 or 1 for loss='bce'"
     if not bad.any():
         return None
-    return int(bad.nonzero()[0]), need
+    position = int(bad.nonzero()[0])
+    value = y[position].item()
+    return position, need, f"{value:.6g}" if isinstance(value, float) else str(value)

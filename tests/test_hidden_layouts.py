@@ -558,3 +558,59 @@ def test_a_loss_gradient_whose_sum_overflows_still_gets_the_mixing_check():
     assert float((2 * (model(x) - y)).sum()) == float("-inf")  # finite entries, overflowing sum
     with pytest.raises(ValueError, match="mixes the examples of a batch"):
         PerExampleClipper(model, loss=nn.MSELoss())(x, y, max_grad_norm=1.0)
+
+
+class _SumPool(nn.Module):
+    """Sums a bag of feature vectors: its input's gradient is an expanded view (stride 0)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim, self.fc = dim, nn.Linear(6, 3)
+
+    def forward(self, x):
+        pooled = x.sum(self.dim, keepdim=self.dim == 0)
+        return self.fc(pooled.expand(x.shape[0], -1) if self.dim == 0 else pooled)
+
+
+def test_an_input_gradient_that_is_an_expanded_view_is_checked_without_error():
+    """The input check once changed the input's gradient in place, which torch refuses for an
+    expanded view: a bag of features summed over positions trained with a torch error, and a
+    batch sum (which mixes examples) got that error in place of the check's."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 7, 6, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    model = _seeded(lambda: _SumPool(dim=1))
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    _assert_same(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5), expected)
+    x, y = _batch(8)
+    with pytest.raises(ValueError, match="mixes the examples of a batch"):
+        PerExampleClipper(_seeded(lambda: _SumPool(dim=0)), loss="cross_entropy")(
+            x, y, max_grad_norm=1.0
+        )
+
+
+class _ReshapedAfter(nn.Module):
+    """Transposes the first layer's output in place after the second layer has read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.fc = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.fc.weight.requires_grad_(False)  # else autograd refuses the change of a saved input
+
+    def forward(self, x):
+        h = self.pre(x)
+        out = self.fc(h)
+        h.t_()
+        return out
+
+
+def test_a_layer_input_reshaped_in_place_after_the_call_keeps_its_rule():
+    """The check reads a layer's input shape as the layer saw it: read after the forward pass,
+    the transposed (6, 8) input looked like rows that are not the examples, and the layer moved
+    to vmap with a false warning."""
+    model, (x, y) = _seeded(_ReshapedAfter), _batch(8)
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_same(
+            clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5), expected
+        )

@@ -731,3 +731,16 @@ def test_an_example_without_targets_gets_a_message_about_a_loss_that_is_not_fini
     message = r"it returned \S+, and nan on the example at index 2 .*alone, so .* weighted mean"
     with pytest.raises(ValueError, match=message + r" .*targets are all ignored.*clamp\(min=1\)"):
         clipped_gradient_sum(model, nn.CrossEntropyLoss(), tokens, targets, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce"])
+def test_complex_targets_of_a_dataset_are_refused_by_their_dtype(loss):
+    """Complex targets reached a comparison that torch does not implement for them (a
+    NotImplementedError from the Dataset reader's label check), and with loss='bce' the label
+    check let them through to the loss."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=generator)
+    data = TensorDataset(x, torch.ones(16, dtype=torch.complex64))
+    model = nn.Linear(4, 3 if loss == "cross_entropy" else 1)
+    with pytest.raises(TypeError, match=r"must hold (integer class|real) labels.*complex64"):
+        _train(model, data, loss=loss)

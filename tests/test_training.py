@@ -402,6 +402,8 @@ BAD_DATA = [
     ({"loss": "bce", "y": Y}, ValueError, "y must hold labels 0 or 1 for loss='bce'"),
     ({"loss": "bce", "y": np.full(20, 0.5)}, ValueError, "y must hold labels 0 or 1"),
     ({"loss": "bce", "y": np.eye(20, dtype=int)[5] * 2}, ValueError, "got 2 at position 5"),
+    ({"loss": "bce", "y": np.eye(20, dtype=np.float32)[1] * 0.3}, ValueError, "got 0.3 at pos"),
+    ({"loss": "bce", "y": torch.ones(20, dtype=torch.complex64)}, TypeError, "real labels"),
 ]
 
 

@@ -167,6 +167,8 @@ def _bad_label(loss: object, items: list[Any], y: object) -> tuple[int, str, str
     that the named ``loss`` refuses, what it needs and what the item has; None if none is."""
     if loss not in ("cross_entropy", "bce") or not isinstance(y, torch.Tensor) or y.ndim != 1:
         return None
+    if y.is_complex():
+        return None  # check_labels names the dtype
     if loss == "cross_entropy" and y.is_floating_point():  # stacked with a float among integers
         floats = [j for j, item in enumerate(items) if _is_float(item[1])]
         if len(floats) == len(items):
@@ -175,8 +177,8 @@ def _bad_label(loss: object, items: list[Any], y: object) -> tuple[int, str, str
         return j, "integer class labels for loss='cross_entropy'", f"a float, {float(y[j])}"
     if (bad := first_bad_label(y, loss=loss)) is None:
         return None
-    j, need = bad
-    return j, need, f"the label {y[j].item()}"
+    j, need, value = bad
+    return j, need, f"the label {value}"
 
 
 def _is_float(value: object) -> bool:

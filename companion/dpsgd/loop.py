@@ -218,14 +218,14 @@ def train_dpsgd(
     Poisson batch (:func:`poisson_sample`) and computes the noisy clipped gradient (as
     :func:`set_private_gradients` does); with an ``optimizer`` it goes into ``.grad`` and the
     optimizer steps (the ``.grad`` of every parameter it holds is set to ``None`` before the
-    run, so that a frozen parameter's stale gradient is never applied, and after each step, so
-    that the next gradient is computed without this one in memory; an exception raised in the
-    optimizer's step leaves that step's noisy gradient in ``.grad``), without one the weights
-    take a plain SGD step with ``lr``. The accountant records one step of the
-    Poisson-subsampled Gaussian mechanism before the step is applied. After each epoch it
-    converts the privacy spent so far into epsilon at ``delta``. The run puts the model in
-    training mode (``model.train()``, which also turns back on a submodule put in evaluation
-    mode) and leaves it there.
+    run, so that a frozen parameter's stale gradient is never applied, and that of the model's
+    trainable parameters after each step, so that the next gradient is computed without this
+    one in memory; an exception raised in the optimizer's step leaves that step's noisy
+    gradient in ``.grad``), without one the weights take a plain SGD step with ``lr``. The
+    accountant records one step of the Poisson-subsampled Gaussian mechanism before the step is
+    applied. After each epoch it converts the privacy spent so far into epsilon at ``delta``.
+    The run puts the model in training mode (``model.train()``, which also turns back on a
+    submodule put in evaluation mode) and leaves it there.
 
     *Noise.* Give ``noise_multiplier`` :math:`\sigma`, or ``target_epsilon``: then :math:`\sigma`
     is found by bisection so that the accountant's total epsilon after exactly these :math:`T`

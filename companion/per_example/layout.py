@@ -62,7 +62,7 @@ class Capture:
         output: torch.Tensor,
     ) -> torch.Tensor | None:
         a = args[0] if args else kwargs["input"]  # every layer with a rule names it `input`
-        a = a.clone() if self.copy_inputs else a
+        a = a.clone() if self.copy_inputs else a.detach()  # no copy; its shape stays as it was
         self.seen[module] = (a, output, a._version, output._version)
         return output.clone() if self.copy_outputs else None
 
@@ -207,14 +207,14 @@ def rows_cross(
                 for layer, read in zip(right, reads, strict=True)
                 if layer not in wrong and read is not None and bool(read[~kept].ne(0).any())
             ]
-            # In place (the gradient is this pass's own: no copy of the input): 0 * inf (a
-            # square root at 0) gives NaN, which is no read.
-            if input_read is not None and bool(
-                input_read.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-                .index_fill_(0, rows[kept], 0)
-                .any()
-            ):
-                raise ValueError(MIXES_EXAMPLES)
+            if input_read is not None:  # a read is finite and nonzero: 0 * inf gives NaN
+                # Comparisons, which make masks only (isfinite copies the gradient's values).
+                read = input_read.ne(0)
+                read &= input_read.eq(input_read)
+                read &= input_read.ne(math.inf)
+                read &= input_read.ne(-math.inf)
+                if bool(read.index_fill_(0, rows[kept], False).any()):  # a read outside the set
+                    raise ValueError(MIXES_EXAMPLES)
     return wrong
 
 
