@@ -207,9 +207,21 @@ def _check_data(
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name_x} must hold at least one example.")
-    if not torch.isfinite(x).all():
+    if not _all_finite(x):
         raise ValueError(f"{name_x} must not contain NaN or infinite values.")
     return x, check_labels(y, loss=loss, name=name_y)
+
+
+#: How many elements :func:`all_finite` tests at a time.
+_FINITE_CHUNK = 2**20
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` (examples along the first dimension) is finite, tested in
+    chunks of examples: ``isfinite`` on a whole data set at once makes temporaries about twice
+    its size (about 300 MiB for MNIST's 60000 inputs)."""
+    rows = max(1, _FINITE_CHUNK // max(1, x[0].numel()))
+    return all(bool(torch.isfinite(x[i : i + rows]).all()) for i in range(0, len(x), rows))
 
 
 def check_pair(

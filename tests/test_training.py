@@ -460,3 +460,16 @@ def test_train_bad_input(kwargs, error, message):
         train(model, arguments.pop("x"), arguments.pop("y"), **arguments)
     if before is not None:
         assert torch.equal(_flat(model), before)  # nothing is trained before the checks pass
+
+
+def test_the_finiteness_check_of_a_large_data_set_finds_a_nan_in_its_last_rows():
+    """The check runs in chunks of about a million elements (isfinite on a whole data set made
+    temporaries twice its size): a NaN in the last example of the last chunk is still found."""
+    x = torch.zeros(3000, 784)  # 2.35 million elements: three chunks
+    x[-1, -1] = float("nan")
+    with pytest.raises(ValueError, match="x must not contain NaN"):
+        evaluate(models.logistic_regression(n_features=784), x, torch.zeros(3000, dtype=torch.long))
+    x[-1, -1] = 0.0
+    assert evaluate(
+        models.logistic_regression(n_features=784), x, torch.zeros(3000, dtype=torch.long)
+    )

@@ -238,8 +238,8 @@ def set_private_gradients(
     the data, never the realised batch size). Then call any optimizer's ``step()``: your
     own loop, with the batch drawn by :func:`poisson_sample`, is DP-SGD. Account for each call
     with ``accountant.step(noise_multiplier=..., sample_rate=...)``. The gradient replaces
-    ``.grad`` (``backward`` would add to it): accumulating over several calls before one
-    optimizer step would add the noise once per call, so draw one Poisson batch per step. Call
+    ``.grad``, set to None once the arguments are checked (``backward`` would add to it); one
+    call per optimizer step, on one Poisson batch (summed calls would add the noise each). Call
     ``optimizer.zero_grad(set_to_none=True)`` before it (it writes only the trainable
     parameters' ``.grad``; a frozen parameter the optimizer holds keeps its old one), and call no
     ``backward()`` between it and ``optimizer.step()``: a stale or raw ``.grad`` would be applied
@@ -286,7 +286,7 @@ def set_private_gradients(
     """
     sums, norms = _checked_noisy_gradient(
         model, x_batch, y_batch, noise_multiplier, max_grad_norm, expected_batch_size, generator,
-        loss, method,
+        loss, method, release_grads=True,
     )  # fmt: skip
     for name, p in trainable_named(model):
         p.grad = sums[name]
@@ -425,16 +425,26 @@ def _checked_noisy_gradient(
     generator: object,
     loss: LossLike,
     method: Method,
+    release_grads: bool = False,
 ) -> ClippedSum:
-    """Check a step's arguments (all before any computation), then its noisy gradient."""
+    """Check a step's arguments (all before any computation), then its noisy gradient; with
+    ``release_grads``, the trainable parameters' ``.grad`` is set to None in between (the caller
+    replaces it: the old one is then not held while the new one is computed)."""
     clipper = PerExampleClipper(model, loss=loss, method=method)
     x_batch, y_batch = check_batch(model, loss, x_batch, y_batch, ("x_batch", "y_batch"))
+    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+    max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+    expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
+    generator = check_generator(generator)
+    if release_grads:
+        for p in clipper.trainable.values():
+            p.grad = None
     return noisy_clipped_gradient(
         clipper,
         x_batch,
         y_batch,
-        noise_multiplier=check_nonnegative("noise_multiplier", noise_multiplier),
-        max_grad_norm=check_positive("max_grad_norm", max_grad_norm),
-        expected_batch_size=check_positive("expected_batch_size", expected_batch_size),
-        generator=check_generator(generator),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        generator=generator,
     )

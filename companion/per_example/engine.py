@@ -9,6 +9,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, trainable_named
@@ -149,7 +150,11 @@ def layerwise_add_clipped(
         elif any(reads[id(p)] for p in own):  # read by several calls or outside the call
             misread.append((name, module))
         # else no parameter of the layer reaches the loss, and its gradients are 0
-    targets = [capture.seen[m][1] for _, m in active]
+    # The outputs' places in the graph, not the outputs: an output no later operation saves
+    # (a Linear's, read by a ReLU) is then freed, not held through the backward pass.
+    targets = [get_gradient_edge(capture.seen[m][1]) for _, m in active]
+    inputs = {m: capture.seen[m][0] for _, m in active}  # what the rules read besides
+    capture = outputs = seen = None
     output_grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else []
     # A compiled model's graph holds the outputs the hooks keep, but gives them no gradient.
     hidden = [layer for layer, b in zip(active, output_grads, strict=True) if b is None]
@@ -162,7 +167,7 @@ def layerwise_add_clipped(
         for (name, module), b in zip(active, output_grads, strict=True):
             if b is None:
                 continue
-            a = capture.seen[module][0].detach()
+            a = inputs[module].detach()
             prefix = f"{name}." if name else ""
             entries.extend(
                 (prefix + p, sq, s) for p, sq, s in LAYER_RULES[type(module)](module, a, b)
