@@ -2,10 +2,10 @@
 
 A named loss (``"cross_entropy"``, ``"bce"``) takes one label per example, a tensor of shape
 ``(N,)``. :func:`check_labels` checks them (:func:`first_bad_label` finds a value the loss
-refuses), and :func:`label_shape_error` says how to fix the
-shapes seen in practice: a trailing dimension of one, one-hot, multi-hot or soft labels, one
-label per token, and the targets of a Dataset's items. Used by :mod:`companion._torch` (the data
-checks) and :mod:`companion.per_example`.
+refuses), and :func:`label_shape_error` says how to fix the shapes seen in practice: a
+trailing dimension of one, one-hot, multi-hot or soft labels, one label per token, and the
+targets of a Dataset's items. Used by :mod:`companion._torch` (the data checks) and
+:mod:`companion.per_example`.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ def _check_data(
     return x, check_labels(y, loss=loss, name=name_y)
 
 
-#: How many elements :func:`all_finite` tests at a time.
+#: How many elements :func:`_all_finite` tests at a time.
 _FINITE_CHUNK = 2**20
 
 
