@@ -154,7 +154,7 @@ def layerwise_add_clipped(
     # (a Linear's, read by a ReLU) is then freed, not held through the backward pass.
     targets = [get_gradient_edge(capture.seen[m][1]) for _, m in active]
     inputs = {m: capture.seen[m][0] for _, m in active}  # what the rules read besides
-    capture = outputs = seen = None
+    capture = outputs = seen = None  # every other reference to the outputs (seen: the loop's)
     output_grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else []
     # A compiled model's graph holds the outputs the hooks keep, but gives them no gradient.
     hidden = [layer for layer, b in zip(active, output_grads, strict=True) if b is None]
