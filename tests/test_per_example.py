@@ -10,6 +10,7 @@ examples are clipped and the test sees the clipping factors.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from companion.per_example import (
     check_dp_compatible,
     check_examples_independent,
     clipped_gradient_sum,
+    engine,
     rules,
 )
 from companion.per_example.engine import autograd_graph
@@ -507,6 +509,55 @@ def test_the_fallback_computes_only_the_unsupported_parameters_with_vmap():
     assert clipper.plan.fallback == ["scaled.scale"]
 
 
+def test_the_known_fallback_runs_before_the_hooked_pass(monkeypatch):
+    """The parameters known to fall back ('scaled.scale') get their vmap pass before the hooked
+    pass, so that the two passes' tensors are not alive together (after the rules, it ran with
+    every layer's input and output gradient alive). The order is watched at the last layer: a
+    call on a plain tensor is the hooked pass (the vmap pass's calls see functorch's wrapped
+    tensors); the first batches run the layout check first, which calls the model too."""
+    with pytest.warns(UserWarning):
+        clipper = PerExampleClipper(_seeded(_Mixed), loss="cross_entropy")
+    events, vmap_gradients = [], engine.vmap_gradients
+
+    def watch(module, args):
+        if not torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
+            events.append("model")
+
+    def vmap_watched(*args):
+        events.append("vmap")
+        return vmap_gradients(*args)
+
+    clipper.model.out.register_forward_pre_hook(watch)
+    monkeypatch.setattr(engine, "vmap_gradients", vmap_watched)
+    x = torch.randn(B, 10, dtype=torch.float64, generator=_gen())
+    for _ in range(2):
+        clipper(x, _classes(B, 3), max_grad_norm=1.0)
+    assert events == ["model", "vmap", "model"] * 2  # layout check, fallback, hooked pass
+
+
+def test_a_model_changing_a_kept_tensor_in_place_runs_again_with_copies_from_then_on():
+    """ReLU(inplace=True) changes the first Linear's output, which the hooks keep, in place: the
+    first batch runs the model a second time with copies, after freeing the first pass's output;
+    later batches run it once, with copies. Batches of one example (the layout check of the first
+    batches, which runs the model too, needs two); the sums against the loop."""
+
+    def build():
+        return nn.Sequential(nn.Linear(10, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+
+    x, y = torch.randn(1, 10, dtype=torch.float64, generator=_gen()), _classes(1, 3)
+    expected, _ = _loop_clipped_sum(_seeded(build), "cross_entropy", x, y, 0.1)
+    model = _seeded(build)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    outputs, alive_at_start = [], []
+    model.register_forward_pre_hook(
+        lambda module, args: alive_at_start.append(sum(ref() is not None for ref in outputs))
+    )
+    model.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    for _ in range(3):
+        _assert_same(clipper(x, y, max_grad_norm=0.1).sums, expected)
+    assert alive_at_start == [0, 0, 0, 0]  # two passes for the first batch, then one
+
+
 def test_the_table_covers_the_layers_the_book_promises():
     for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm):
         assert kind in LAYER_RULES
@@ -607,6 +658,20 @@ def test_the_embedding_rule_matches_the_loop_with_and_without_repeated_tokens(re
     )
     _assert_same(sums, expected)
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bound", [7, 2**62], ids=["packed into int64", "too large to pack"])
+def test_the_embedding_rules_sort_is_torchs_stable_sort(bound):
+    """The Embedding rule sorts its (example, token) keys on a CPU with numpy, each position
+    packed into the low digits of its key; torch's stable sort is the oracle, with many ties (keys
+    below 7) so the positions' order within a tie is checked too. A bound too large to pack by
+    the 40 positions takes torch's sort itself."""
+    keys = torch.randint(0, 7, (40,), generator=_gen())
+    got, expected = rules._sort(keys, bound=bound), keys.sort(stable=True)
+    assert [t.dtype for t in got] == [torch.int64] * 2
+    assert torch.equal(got[0], expected.values) and torch.equal(got[1], expected.indices)
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert [t.shape for t in rules._sort(empty, bound=bound)] == [(0,), (0,)]
 
 
 @pytest.mark.parametrize(

@@ -117,20 +117,20 @@ def layerwise_add_clipped(
     max_grad_norm: float,
     into: dict[str, torch.Tensor],
     scale: float,
-) -> tuple[torch.Tensor, list[tuple[str, nn.Module]]]:
+) -> tuple[torch.Tensor, LayerPlan]:
     """Add ``scale`` times the clipped sum of the batch into ``into`` with the rules; the norms,
-    and the hooked layers this batch showed the rules do not apply to (computed with vmap, named
-    in a warning; the caller moves them to vmap for good)."""
-    for copy in (False, True):
-        capture = Capture(plan.hooked, copy_inputs=copy, copy_outputs=copy)
-        try:
-            outputs = model(x)
-        except IndexError as error:  # a batch the model cannot take: token ids out of range
-            raise model_error(x, error) from error
-        finally:
-            capture.remove()
-        if copy or not capture.changed():
-            break  # else a layer's input or output was changed in place: again, with copies
+    and the plan for the next batches: with the hooked layers this batch showed the rules do not
+    apply to moved to vmap (named in a warning), and with copies if the model needed them."""
+    # The parameters already known to fall back first: their vmap pass then runs before the
+    # hooked pass's tensors exist, not while they are all alive.
+    grads = vmap_gradients(model, mean_loss, x, y, plan.fallback) if plan.fallback else {}
+    capture, outputs = _hooked_forward(model, plan.hooked, x, copy=plan.copies)
+    if not plan.copies and capture.changed():
+        # A layer's input or output was changed in place (ReLU(inplace=True)): again, with
+        # copies, for this batch and the next ones. The first pass's graph is freed first.
+        capture = outputs = None
+        plan = plan._replace(copies=True)
+        capture, outputs = _hooked_forward(model, plan.hooked, x, copy=True)
     loss = sum_loss(batch_outputs(outputs, x.shape[0]), y)
     reads, nodes = autograd_graph(loss)
     refuse_reentrant_checkpoint(nodes)
@@ -172,13 +172,27 @@ def layerwise_add_clipped(
             entries.extend(
                 (prefix + p, sq, s) for p, sq, s in LAYER_RULES[type(module)](module, a, b)
             )
-    fallback = move_to_vmap(plan, moved).fallback
-    grads = vmap_gradients(model, mean_loss, x, y, fallback) if fallback else {}
+    plan = move_to_vmap(plan, moved)
+    if late := [name for name in plan.fallback if name not in grads]:
+        grads.update(vmap_gradients(model, mean_loss, x, y, late))
     with torch.no_grad():
         entries.extend(materialised(name, g) for name, g in grads.items())
         if not entries:  # the forward pass reached no trainable layer: every gradient is 0
-            return x.new_zeros(x.shape[0], dtype=model_dtype(model)), moved
-        return add_clipped(entries, max_grad_norm, into, scale), moved
+            return x.new_zeros(x.shape[0], dtype=model_dtype(model)), plan
+        return add_clipped(entries, max_grad_norm, into, scale), plan
+
+
+def _hooked_forward(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, *, copy: bool
+) -> tuple[Capture, object]:
+    """The model's outputs on ``x``, and what the hooks kept of the ``layers``' calls."""
+    capture = Capture(layers, copy_inputs=copy, copy_outputs=copy)
+    try:
+        return capture, model(x)
+    except IndexError as error:  # a batch the model cannot take: token ids out of range
+        raise model_error(x, error) from error
+    finally:
+        capture.remove()
 
 
 #: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.
@@ -345,7 +359,7 @@ class PerExampleClipper:
                 warn_moved(moved, ROWS_ARE_NOT_EXAMPLES)
                 self.plan = plan = move_to_vmap(plan, moved)
                 self._checks_left -= 1  # only a batch that passed: one that raised is checked again
-            norms, moved = layerwise_add_clipped(
+            norms, self.plan = layerwise_add_clipped(
                 self.model,
                 plan,
                 self.mean_loss,
@@ -356,8 +370,6 @@ class PerExampleClipper:
                 into,
                 scale,
             )
-        if moved:
-            self.plan = move_to_vmap(plan, moved)
         return norms
 
 

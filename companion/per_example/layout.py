@@ -35,6 +35,7 @@ class LayerPlan(NamedTuple):
     hooked: list[tuple[str, nn.Module]]  # layers with a rule and trainable parameters
     fallback: list[str]  # trainable parameters computed with vmap
     reasons: list[str]  # why, per layer, for messages
+    copies: bool = False  # whether the model changes a hooked layer's input or output in place
 
 
 class Capture:
@@ -267,4 +268,4 @@ def move_to_vmap(plan: LayerPlan, layers: list[tuple[str, nn.Module]]) -> LayerP
         if p.requires_grad
     ]
     hooked = [layer for layer in plan.hooked if layer not in layers]
-    return LayerPlan(hooked, fallback, plan.reasons)
+    return plan._replace(hooked=hooked, fallback=fallback)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -283,6 +284,20 @@ def _conv(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
     return [("weight", squares, add_to), *_bias(layer, outputs)]
 
 
+def _sort(keys: torch.Tensor, *, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys.sort(stable=True)`` for integer keys in ``[0, bound)``: sorted keys, positions.
+
+    On a CPU numpy sorts values alone several times faster than torch sorts with their positions
+    (the 16,384 keys of the text benchmark: 120 against 310 us), so each position is packed into
+    the low digits of its key and the packed values are sorted.
+    """
+    n = keys.numel()
+    if keys.device.type != "cpu" or n == 0 or bound > torch.iinfo(torch.int64).max // n:
+        return keys.sort(stable=True)
+    packed = np.sort((keys * n + torch.arange(n)).numpy())
+    return torch.from_numpy(packed // n), torch.from_numpy(packed % n)
+
+
 @_rule(nn.Embedding)
 def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
     if not _wants(layer, "weight"):
@@ -296,7 +311,7 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
     # Example i's gradient has row v = the sum of its output gradients at the positions holding
     # token v. Sorting the positions' (example, token) keys brings each pair's positions together.
     example = torch.arange(batch, device=a.device).repeat_interleave(a[0].numel())
-    sorted_keys, order = (tokens + vocabulary * example).sort()
+    sorted_keys, order = _sort(tokens + vocabulary * example, bound=vocabulary * batch)
     repeats = sorted_keys[1:] == sorted_keys[:-1]  # positions holding the pair of the one before
     if 2 * int(repeats.sum()) > tokens.numel():
         # Most positions repeat a pair (a small vocabulary): sum the rows of every pair; the norms
