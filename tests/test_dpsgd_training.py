@@ -835,6 +835,30 @@ def test_a_step_is_computed_without_the_last_steps_gradient_in_memory(monkeypatc
     assert len(alive) == steps_for_epochs(epochs=2, sample_rate=Q) and not any(alive)
 
 
+def test_the_batch_is_released_before_the_optimizer_steps(monkeypatch):
+    """A step's batch (a copy of the sampled rows) is released once its gradient is computed,
+    not held through the optimizer's step, where Adam's state sets the peak memory. Weak
+    references to every batch must be dead whenever the optimizer steps."""
+    import companion.dpsgd.loop as loop
+
+    batches, alive = [], []
+
+    def recording(clipper, xb, yb, **kwargs):
+        batches.extend((weakref.ref(xb), weakref.ref(yb)))
+        return noisy_clipped_gradient(clipper, xb, yb, **kwargs)
+
+    class Watching(torch.optim.Adam):
+        def step(self, closure=None):
+            alive.append(sum(ref() is not None for ref in batches))
+            return super().step(closure)
+
+    noisy_clipped_gradient = loop.noisy_clipped_gradient
+    monkeypatch.setattr(loop, "noisy_clipped_gradient", recording)
+    model = _model()
+    _run(model, optimizer=Watching(model.parameters(), lr=0.01), lr=None)
+    assert len(alive) == steps_for_epochs(epochs=2, sample_rate=Q) and not any(alive)
+
+
 class _StopsAtStep(torch.optim.SGD):
     """Plain SGD that raises ``error`` in its ``stop``-th step, before changing anything."""
 

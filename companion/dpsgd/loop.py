@@ -413,6 +413,7 @@ def train_dpsgd(
                     expected_batch_size=expected_batch_size,
                     generator=generator,
                 )
+                del xb, yb  # not held through the optimizer's step
                 # Recorded before it is applied, so that no applied step goes unrecorded.
                 accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
                 if optimizer is None:
