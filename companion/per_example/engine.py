@@ -121,8 +121,8 @@ def layerwise_add_clipped(
     """Add ``scale`` times the clipped sum of the batch into ``into`` with the rules; the norms,
     and the plan for the next batches: with the hooked layers this batch showed the rules do not
     apply to moved to vmap (named in a warning), and with copies if the model needed them."""
-    # The parameters already known to fall back first: their vmap pass then runs before the
-    # hooked pass's tensors exist, not while they are all alive.
+    # The vmap pass of the parameters known to fall back runs first: before the hooked pass's
+    # tensors exist, not while they are all alive.
     grads = vmap_gradients(model, mean_loss, x, y, plan.fallback) if plan.fallback else {}
     capture, outputs = _hooked_forward(model, plan.hooked, x, copy=plan.copies)
     if not plan.copies and capture.changed():
