@@ -31,12 +31,15 @@ same result (the tests check both against a plain loop over examples):
 
 The rules cover ``Linear`` (also on sequences), ``Conv1d`` and ``Conv2d`` (groups, dilation,
 strides and every padding mode), ``Embedding``, ``LayerNorm`` and ``GroupNorm``, anywhere in a
-module tree: custom :class:`torch.nn.Module` subclasses are fine. ``method="auto"`` (the default)
-uses the rules where they apply and computes the gradients of the remaining trainable parameters
-(those held directly by layers without a rule, and those of a layer whose parameters the loss's
-autograd graph reads other than once, by the layer's last call: a layer called twice, a tied
-output head ``h @ embedding.weight.t()``) with ``vmap``, for those parameters only, and says
-which. The rules read a layer's input and output with the examples along dimension 0, one row
+module tree: custom :class:`torch.nn.Module` subclasses are fine. A layer of another type that
+holds parameters but no other layer and no hooks (``PReLU``, a layer you wrote) has a rule too:
+``vmap`` over its own call, from the input and output gradient the hooks keep, when that call
+takes one tensor and returns one. ``method="auto"`` (the default) uses the rules where they
+apply and computes the gradients of the remaining trainable parameters (those held by a layer
+that also holds other layers, and those of a layer whose parameters the loss's autograd graph
+reads other than once, by the layer's last call: a layer called twice, a tied output head
+``h @ embedding.weight.t()``) with ``vmap`` over the whole model, for those parameters only, and
+says which. The rules read a layer's input and output with the examples along dimension 0, one row
 each; a layer called on another layout (a batch flattened to ``(B*T, F)``, or a sequence laid
 out ``(T, B, F)``, as torch's attention and recurrent layers take it by default) falls back to
 ``vmap`` too, and so does a layer called on a batch reordered around it (``x.flip(0)``, a sort,

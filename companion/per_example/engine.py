@@ -5,14 +5,14 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
-import warnings
+import functools
 
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from companion._outputs import batch_outputs, model_error
-from companion._torch import LossFn, trainable_named
+from companion._torch import LossFn, trainable_named, without_autocast
 from companion._validation import check_positive, warn
 from companion.per_example.gradients import (
     ClippedSum,
@@ -26,7 +26,6 @@ from companion.per_example.gradients import (
     materialised,
     resolve_loss,
     vmap_gradients,
-    without_autocast,
 )
 from companion.per_example.layout import (
     Capture,
@@ -37,7 +36,7 @@ from companion.per_example.layout import (
     refuse_reentrant_checkpoint,
     rows_cross,
 )
-from companion.per_example.rules import LAYER_RULES
+from companion.per_example.rules import LAYER_RULES, vmap_over_call
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
 
@@ -47,12 +46,13 @@ __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
 def plan_layers(model: nn.Module) -> LayerPlan:
     """Hook every layer with a rule whose trainable parameters are its own; vmap the rest.
 
-    A layer falls back to vmap if its type has no rule, if it holds a trainable parameter its
-    rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is replaced on the
-    instance, if it appears twice in the module tree, or if one of its parameters is shared with
-    another layer (tied weights): a rule sees one call of one layer, while the gradient of a
-    shared parameter sums over all of them. (Reads that only the forward pass shows are found
-    for each batch, by :func:`autograd_graph`.)"""
+    A layer falls back to vmap over the model if it holds other layers and parameters of its own,
+    if it has no rule and hooks of its own (:func:`_why_no_rule`), if it holds a trainable
+    parameter its rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is
+    replaced on the instance, if it appears twice in the module tree, or if one of its parameters
+    is shared with another layer (tied weights): a rule sees one call of one layer, while the
+    gradient of a shared parameter sums over all of them. (Reads that only the forward pass
+    shows are found for each batch, by :func:`autograd_graph`.)"""
     canonical = {id(p): name for name, p in model.named_parameters()}
     module_uses: dict[int, int] = {}
     param_owners: dict[int, int] = {}
@@ -78,16 +78,20 @@ def plan_layers(model: nn.Module) -> LayerPlan:
 
 
 def _why_no_rule(module: nn.Module) -> str | None:
-    """Why no rule computes the layer's gradients (None if one does): its type, parameters that
-    the rules do not handle, or a call that may not be the layer's own maths. (A forward hook of
-    the layer's own is fine: the hooks that keep its output run first.)"""
+    """Why no rule computes the layer's gradients (None if one does): parameters that the rules
+    do not handle, or a call that may not be the layer's own maths. A layer of a type without a
+    rule (PReLU, your own) takes vmap over its own call (:func:`vmap_over_call`) if it holds no
+    other layer and no hooks, which that call would run again. (A forward hook is fine on a layer
+    with a rule: the hooks that keep its output run first.)"""
     kind = type(module).__name__
     if type(module) not in LAYER_RULES:
         if next(module.children(), None) is not None:  # a container with parameters of its own
             names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             return f"({kind}) holds parameters {names} itself, which no rule computes"
-        return f"({kind}) has no rule"
-    if extra := [
+        hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_hooks)
+        if any(hooks) or module._backward_pre_hooks:
+            return f"({kind}) has no rule and hooks of its own"
+    elif extra := [
         n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in _RULED
     ]:  # e.g. weight_g and weight_v of torch.nn.utils.weight_norm
         return f"({kind}) has parameters {extra}, which its rule does not compute"
@@ -134,7 +138,7 @@ def layerwise_add_clipped(
     loss = sum_loss(batch_outputs(outputs, x.shape[0]), y)
     reads, nodes = autograd_graph(loss)
     refuse_reentrant_checkpoint(nodes)
-    active, misread, misrowed = [], [], []
+    active, misread, misrowed, odd = [], [], [], []
     for name, module in plan.hooked:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         # The hook keeps a layer's last call; the rule applies if it reads every parameter once
@@ -143,7 +147,9 @@ def layerwise_add_clipped(
         read_once = (
             seen is not None and seen[1].grad_fn in nodes and all(reads[id(p)] == 1 for p in own)
         )
-        if read_once and one_row_per_example(seen[0], seen[1], x.shape[0]):
+        if module in capture.odd:
+            odd.append((name, module))
+        elif read_once and one_row_per_example(seen[0], seen[1], x.shape[0]):
             active.append((name, module))  # each parameter read once in the graph: by this call
         elif read_once:
             misrowed.append((name, module))
@@ -155,23 +161,23 @@ def layerwise_add_clipped(
     targets = [get_gradient_edge(capture.seen[m][1]) for _, m in active]
     inputs = {m: capture.seen[m][0] for _, m in active}  # what the rules read besides
     capture = outputs = seen = None  # every other reference to the outputs (seen: the loop's)
-    output_grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else []
+    output_grads = list(torch.autograd.grad(loss, targets, allow_unused=True) if targets else [])
     # A compiled model's graph holds the outputs the hooks keep, but gives them no gradient.
     hidden = [layer for layer, b in zip(active, output_grads, strict=True) if b is None]
     warn_moved(misread, "is called more than once or has a parameter read outside its call")
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
-    moved = misread + misrowed + hidden
+    warn_moved(odd, "is called on more than one input or returns more than one tensor")
+    moved = misread + misrowed + hidden + odd
     entries: list[Entry] = []
     with torch.no_grad():
-        for (name, module), b in zip(active, output_grads, strict=True):
-            if b is None:
-                continue
-            a = inputs[module].detach()
+        for i, (name, module) in enumerate(active):
+            # a and b are released once the rule returns, unless its entries keep them
+            a, b, output_grads[i] = inputs.pop(module).detach(), output_grads[i], None
+            rule = LAYER_RULES.get(type(module)) or functools.partial(vmap_over_call, name=name)
             prefix = f"{name}." if name else ""
-            entries.extend(
-                (prefix + p, sq, s) for p, sq, s in LAYER_RULES[type(module)](module, a, b)
-            )
+            if b is not None:
+                entries.extend((prefix + p, sq, s) for p, sq, s in rule(module, a, b))
     plan = move_to_vmap(plan, moved)
     if late := [name for name in plan.fallback if name not in grads]:
         grads.update(vmap_gradients(model, mean_loss, x, y, late))
@@ -269,11 +275,15 @@ class PerExampleClipper:
                     f"method='layerwise' does not apply: {reasons}. Use method='auto' "
                     "(vmap for those layers only) or method='vmap'."
                 )
-            warnings.warn(
+            warn(
                 f"{reasons}: their per-example gradients are computed with vmap, which is "
-                "slower than the per-layer rules; the result is the same.",
-                UserWarning,
-                stacklevel=3,
+                "slower than the per-layer rules; the result is the same."
+            )
+        hooked = self.plan.hooked if self.plan is not None else []
+        if own := [f"{n!r} ({type(m).__name__})" for n, m in hooked if type(m) not in LAYER_RULES]:
+            warn(
+                f"layer {', '.join(own)} has no rule: vmap over its own call computes its "
+                "per-example gradients, which is slower than a rule; the result is the same."
             )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, max_grad_norm: float) -> ClippedSum:
@@ -387,12 +397,13 @@ def clipped_gradient_sum(
 
     ``method="vmap"`` is :func:`per_example_gradients` followed by :func:`clip_and_sum`.
     ``method="layerwise"`` gets the same numbers from one forward and one backward pass with the
-    rules of ``LAYER_RULES``, and raises ``ValueError`` naming every trainable layer without
-    a rule. ``method="auto"`` uses the rules where they apply and ``vmap`` for the other layers'
+    rules (those of ``LAYER_RULES``, and ``vmap`` over the call of a layer without one that holds
+    no other layer), and raises ``ValueError`` naming every trainable layer no rule applies to.
+    ``method="auto"`` uses the rules where they apply and ``vmap`` for the other layers'
     parameters only, with a warning naming them. A layer with a rule that a batch shows to be
-    called more than once, whose parameters are read outside its call (tied weights), or whose
-    input's rows are not the examples falls back to ``vmap`` under both methods, with a warning
-    (seen in the batch, not when the model is planned; see :mod:`companion.per_example`).
+    called more than once, whose parameters are read outside its call (tied weights), whose
+    input's rows are not the examples, or called on more than one input falls back to ``vmap``
+    under both methods, with a warning (seen in the batch; see :mod:`companion.per_example`).
 
     Args:
         model: the model; its parameters are read, not changed.

@@ -44,12 +44,15 @@ class Capture:
     They run before any forward hook of the user's (``prepend``), so that they keep what the
     layer itself computed, not an output a user's hook changed. Copies shield what they keep from
     in-place changes made further on (``ReLU(inplace=True)``): the inputs are copied if
-    ``copy_inputs``, and the outputs if ``copy_outputs`` (the layer then passes on the copy)."""
+    ``copy_inputs``, and the outputs if ``copy_outputs`` (the layer then passes on the copy).
+    A call of one tensor to one tensor is kept in ``seen``; a layer called otherwise (more
+    inputs, a tuple out: ``nn.RNN``) is put in ``odd``, as no rule can repeat that call."""
 
     def __init__(
         self, layers: list[tuple[str, nn.Module]], *, copy_inputs: bool, copy_outputs: bool
     ) -> None:
         self.seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        self.odd: set[nn.Module] = set()
         self.copy_inputs, self.copy_outputs = copy_inputs, copy_outputs
         self.handles = [
             m.register_forward_hook(self._keep, with_kwargs=True, prepend=True) for _, m in layers
@@ -62,7 +65,11 @@ class Capture:
         kwargs: dict[str, torch.Tensor],
         output: torch.Tensor,
     ) -> torch.Tensor | None:
-        a = args[0] if args else kwargs["input"]  # every layer with a rule names it `input`
+        a = args[0] if args else kwargs.get("input")  # every layer with a rule names it `input`
+        one_to_one = isinstance(a, torch.Tensor) and isinstance(output, torch.Tensor)
+        if not one_to_one or len(args) + len(kwargs) != 1:
+            self.odd.add(module)
+            return None
         a = a.clone() if self.copy_inputs else a.detach()  # no copy; its shape stays as it was
         self.seen[module] = (a, output, a._version, output._version)
         return output.clone() if self.copy_outputs else None

@@ -23,6 +23,7 @@ from companion.per_example.gradients import (
     materialised,
     norm_dtype,
     squared_norms,
+    vmap_gradients,
 )
 
 __all__ = ["LAYER_RULES"]
@@ -398,3 +399,16 @@ def _group_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
     if _wants(layer, "bias"):
         out.append(materialised("bias", b.sum(dim=2)))
     return out
+
+
+def vmap_over_call(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, name: str) -> list[Entry]:
+    r"""The rule of a layer without one: each example's gradients of the layer's own parameters,
+    the gradient of :math:`\langle \text{layer}(a_i), b_i \rangle`, by vmap over the layer's
+    call alone, not over the whole model."""
+    names = [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
+    grads = vmap_gradients(layer, _inner_product, a, b, names, where=name or "the model")
+    return [materialised(n, g) for n, g in grads.items()]
+
+
+def _inner_product(outputs: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (outputs * b).sum()
