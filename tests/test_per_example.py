@@ -197,6 +197,19 @@ class _Bilinear(nn.Module):
         return self.bilinear(torch.tanh(self.inp(x)), x)
 
 
+class _DoublesItsInput(nn.Module):
+    """A layer that doubles its input in place, then scales it: vmap over its call, from the
+    input the hooks keep (already doubled), would double it again."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+
+    def forward(self, x):
+        x.mul_(2.0)
+        return x * self.scale
+
+
 class _ReadsItsValue(nn.Module):
     """A layer whose forward branches on a value (``.item()``), which vmap cannot batch."""
 
@@ -621,7 +634,23 @@ def test_a_layer_called_on_two_inputs_falls_back_to_vmap_over_the_model(method):
     model = _seeded(_Bilinear)
     x, y = torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)
     c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
-    with pytest.warns(UserWarning, match="layer 'bilinear' is called on more than one input"):
+    with pytest.warns(UserWarning, match="layer 'bilinear' takes or returns more than one tensor"):
+        sums, norms = clipped_gradient_sum(
+            model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
+        )
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise"])
+def test_a_layer_changing_its_input_in_place_falls_back_to_vmap_over_the_model(method):
+    """The kept input of a layer that changes it in place is not what the call read: the
+    first batch moves the layer to vmap over the whole model, with a warning."""
+    model = _seeded(lambda: nn.Sequential(nn.Linear(10, 6), _DoublesItsInput(6), nn.Tanh(),
+                                          nn.Linear(6, 3)))  # fmt: skip
+    x, y = torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)
+    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    with pytest.warns(UserWarning, match="layer '1' takes or returns more than one tensor, or ch"):
         sums, norms = clipped_gradient_sum(
             model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
         )
@@ -1048,7 +1077,7 @@ def test_recurrent_layers_match_the_loop_or_get_a_value_error(layer, dtype):
         except ValueError as error:
             raised = str(error)
     rule = f"layer 'rnn' ({layer.__name__}) has no rule: vmap over its own call"
-    moved = "layer 'rnn' is called on more than one input or returns more than one tensor"
+    moved = "layer 'rnn' takes or returns more than one tensor, or changes its input in place"
     told = [str(w.message) for w in caught if "'rnn'" in str(w.message)]
     assert len(told) == 2 and told[0].startswith(rule) and told[1].startswith(moved)
     if raised is not None:

@@ -167,7 +167,7 @@ def layerwise_add_clipped(
     warn_moved(misread, "is called more than once or has a parameter read outside its call")
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
-    warn_moved(odd, "is called on more than one input or returns more than one tensor")
+    warn_moved(odd, "takes or returns more than one tensor, or changes its input in place")
     moved = misread + misrowed + hidden + odd
     entries: list[Entry] = []
     with torch.no_grad():
@@ -400,10 +400,10 @@ def clipped_gradient_sum(
     rules (those of ``LAYER_RULES``, and ``vmap`` over the call of a layer without one that holds
     no other layer), and raises ``ValueError`` naming every trainable layer no rule applies to.
     ``method="auto"`` uses the rules where they apply and ``vmap`` for the other layers'
-    parameters only, with a warning naming them. A layer with a rule that a batch shows to be
-    called more than once, whose parameters are read outside its call (tied weights), whose
-    input's rows are not the examples, or called on more than one input falls back to ``vmap``
-    under both methods, with a warning (seen in the batch; see :mod:`companion.per_example`).
+    parameters only, with a warning naming them. A layer that a batch shows to be called more
+    than once, to have a parameter read outside its call (tied weights), to take rows that are
+    not the examples or to take or return more than one tensor falls back to ``vmap`` under
+    both methods, with a warning (seen in the batch; see :mod:`companion.per_example`).
 
     Args:
         model: the model; its parameters are read, not changed.
