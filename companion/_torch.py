@@ -43,7 +43,6 @@ __all__ = [
     "trainable",
     "trainable_named",
     "warn_if_delta_large",
-    "without_autocast",
 ]
 
 #: The losses known by name: softmax cross-entropy on one logit per class, and binary
@@ -404,12 +403,3 @@ def warn_if_delta_large(delta: float, n: int, *, unit: str = "example", symbol: 
             UserWarning,
             stacklevel=3,
         )
-
-
-def without_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """A block with :class:`torch.autocast` switched off on ``device`` (nothing if it is off):
-    under autocast a layer's output gradient is bfloat16 or float16 while its parameters are
-    not, so the per-example computations would mix dtypes, and lose precision."""
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()

@@ -34,7 +34,10 @@ strides and every padding mode), ``Embedding``, ``LayerNorm`` and ``GroupNorm``,
 module tree: custom :class:`torch.nn.Module` subclasses are fine. A layer of another type that
 holds parameters but no other layer and no hooks (``PReLU``, a layer you wrote) has a rule too:
 ``vmap`` over its own call, from the input and output gradient the hooks keep, when that call
-takes one tensor and returns one. ``method="auto"`` (the default) uses the rules where they
+takes one tensor and returns one. The call is repeated from the kept input, and must give the
+kept output again: one that reads more than its input (a random draw, state its parent sets, a
+hook added later) or changes its input in place falls back as below, from the batch that shows
+it. ``method="auto"`` (the default) uses the rules where they
 apply and computes the gradients of the remaining trainable parameters (those held by a layer
 that also holds other layers, and those of a layer whose parameters the loss's autograd graph
 reads other than once, by the layer's last call: a layer called twice, a tied output head

@@ -5,18 +5,15 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from companion._outputs import batch_outputs, model_error
-from companion._torch import LossFn, trainable_named, without_autocast
+from companion._outputs import batch_outputs
+from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
 from companion.per_example.gradients import (
     ClippedSum,
-    Entry,
     LossLike,
     Method,
     add_clipped,
@@ -26,11 +23,12 @@ from companion.per_example.gradients import (
     materialised,
     resolve_loss,
     vmap_gradients,
+    without_autocast,
 )
 from companion.per_example.layout import (
-    Capture,
     LayerPlan,
     autograd_graph,
+    forward_with_capture,
     move_to_vmap,
     one_row_per_example,
     refuse_reentrant_checkpoint,
@@ -128,13 +126,13 @@ def layerwise_add_clipped(
     # The vmap pass of the parameters known to fall back runs first: before the hooked pass's
     # tensors exist, not while they are all alive.
     grads = vmap_gradients(model, mean_loss, x, y, plan.fallback) if plan.fallback else {}
-    capture, outputs = _hooked_forward(model, plan.hooked, x, copy=plan.copies)
+    capture, outputs = forward_with_capture(model, plan.hooked, x, copy=plan.copies)
     if not plan.copies and capture.changed():
         # A layer's input or output was changed in place (ReLU(inplace=True)): again, with
         # copies, for this batch and the next ones. The first pass's graph is freed first.
         capture = outputs = None
         plan = plan._replace(copies=True)
-        capture, outputs = _hooked_forward(model, plan.hooked, x, copy=True)
+        capture, outputs = forward_with_capture(model, plan.hooked, x, copy=True)
     loss = sum_loss(batch_outputs(outputs, x.shape[0]), y)
     reads, nodes = autograd_graph(loss)
     refuse_reentrant_checkpoint(nodes)
@@ -160,6 +158,8 @@ def layerwise_add_clipped(
     # (a Linear's, read by a ReLU) is then freed, not held through the backward pass.
     targets = [get_gradient_edge(capture.seen[m][1]) for _, m in active]
     inputs = {m: capture.seen[m][0] for _, m in active}  # what the rules read besides
+    # and, for a layer without a rule, the output vmap over its call must give again
+    kept = {m: capture.seen[m][1].detach() for _, m in active if type(m) not in LAYER_RULES}
     capture = outputs = seen = None  # every other reference to the outputs (seen: the loop's)
     output_grads = list(torch.autograd.grad(loss, targets, allow_unused=True) if targets else [])
     # A compiled model's graph holds the outputs the hooks keep, but gives them no gradient.
@@ -167,17 +167,21 @@ def layerwise_add_clipped(
     warn_moved(misread, "is called more than once or has a parameter read outside its call")
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
-    warn_moved(odd, "takes or returns more than one tensor, or changes its input in place")
-    moved = misread + misrowed + hidden + odd
-    entries: list[Entry] = []
+    warn_moved(odd, "takes or returns more than one tensor")
+    moved, entries = misread + misrowed + hidden + odd, []
     with torch.no_grad():
         for i, (name, module) in enumerate(active):
             # a and b are released once the rule returns, unless its entries keep them
             a, b, output_grads[i] = inputs.pop(module).detach(), output_grads[i], None
-            rule = LAYER_RULES.get(type(module)) or functools.partial(vmap_over_call, name=name)
-            prefix = f"{name}." if name else ""
-            if b is not None:
-                entries.extend((prefix + p, sq, s) for p, sq, s in rule(module, a, b))
+            if b is None:
+                continue
+            if type(module) in LAYER_RULES:
+                found = LAYER_RULES[type(module)](module, a, b)
+            elif (found := vmap_over_call(module, a, b, kept.pop(module))) is None:
+                warn_moved([(name, module)], NOT_REPEATED)
+                moved.append((name, module))
+                continue
+            entries.extend((f"{name}.{p}" if name else p, sq, s) for p, sq, s in found)
     plan = move_to_vmap(plan, moved)
     if late := [name for name in plan.fallback if name not in grads]:
         grads.update(vmap_gradients(model, mean_loss, x, y, late))
@@ -188,18 +192,12 @@ def layerwise_add_clipped(
         return add_clipped(entries, max_grad_norm, into, scale), plan
 
 
-def _hooked_forward(
-    model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, *, copy: bool
-) -> tuple[Capture, object]:
-    """The model's outputs on ``x``, and what the hooks kept of the ``layers``' calls."""
-    capture = Capture(layers, copy_inputs=copy, copy_outputs=copy)
-    try:
-        return capture, model(x)
-    except IndexError as error:  # a batch the model cannot take: token ids out of range
-        raise model_error(x, error) from error
-    finally:
-        capture.remove()
-
+#: Why a layer without a rule falls back when vmap over its call fails, for :func:`warn_moved`.
+NOT_REPEATED = (
+    "gives another output when its call is repeated (a random draw, state set outside the call, "
+    "a hook added since the clipper was built, an input the call changes in place), or vmap "
+    "fails on it"
+)
 
 #: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.
 ROWS_ARE_NOT_EXAMPLES = (

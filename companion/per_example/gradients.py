@@ -5,6 +5,7 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
@@ -257,16 +258,19 @@ def per_example_gradients(
     return vmap_gradients(model, mean_loss, x, y, names)
 
 
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A block with :class:`torch.autocast` switched off on ``device`` (nothing if it is off):
+    under autocast a layer's output gradient is bfloat16 or float16 while its parameters are
+    not, so the per-example computations would mix dtypes, and lose precision."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def vmap_gradients(
-    model: nn.Module,
-    mean_loss: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    names: list[str],
-    where: str = "",
+    model: nn.Module, mean_loss: LossFn, x: torch.Tensor, y: torch.Tensor, names: list[str]
 ) -> dict[str, torch.Tensor]:
-    """Per-example gradients of the parameters ``names``; all others are held fixed. ``where``:
-    for messages, the name of ``model`` if it is a layer of a larger one."""
+    """Per-example gradients of the parameters ``names``; all others are held fixed."""
     wanted = set(names)
     params = {name: p.detach() for name, p in model.named_parameters() if name in wanted}
     if x.shape[0] == 0:
@@ -291,7 +295,7 @@ def vmap_gradients(
     except IndexError as error:  # token ids out of range
         raise model_error(x, error) from error
     except RuntimeError as error:
-        layers = [where] if where else sorted({n.rpartition(".")[0] or n for n in params})
+        layers = sorted({name.rpartition(".")[0] or name for name in params})
         shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
         raise ValueError(
             f"torch.func.vmap cannot compute the per-example gradients of layer(s) {shown}: "

@@ -25,7 +25,6 @@ from torch import nn
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, OutOfMemoryError
 from companion._validation import warn
-from companion.per_example.rules import LAYER_RULES
 
 __all__: list[str] = []
 
@@ -47,33 +46,17 @@ class Capture:
     in-place changes made further on (``ReLU(inplace=True)``): the inputs are copied if
     ``copy_inputs``, and the outputs if ``copy_outputs`` (the layer then passes on the copy).
     A call of one tensor to one tensor is kept in ``seen``; a layer called otherwise (more
-    inputs, a tuple out: ``nn.RNN``), or that changes its input in place, is put in ``odd``: no
-    rule can repeat that call from what is kept."""
+    inputs, a tuple out: ``nn.RNN``) is put in ``odd``: no rule can repeat that call."""
 
     def __init__(
         self, layers: list[tuple[str, nn.Module]], *, copy_inputs: bool, copy_outputs: bool
     ) -> None:
         self.seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         self.odd: set[nn.Module] = set()
-        self.versions: dict[nn.Module, int] = {}  # of each layer's input, as its call starts
         self.copy_inputs, self.copy_outputs = copy_inputs, copy_outputs
         self.handles = [
             m.register_forward_hook(self._keep, with_kwargs=True, prepend=True) for _, m in layers
         ]
-        # A layer without a rule may change its input in place: then vmap over its call cannot
-        # repeat it from the input kept. (Run after the user's pre-hooks, which may replace it.)
-        self.handles += [
-            m.register_forward_pre_hook(self._start, with_kwargs=True)
-            for _, m in layers
-            if type(m) not in LAYER_RULES
-        ]
-
-    def _start(
-        self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
-    ) -> None:
-        a = args[0] if args else kwargs.get("input")
-        if isinstance(a, torch.Tensor):
-            self.versions[module] = a._version
 
     def _keep(
         self,
@@ -82,13 +65,9 @@ class Capture:
         kwargs: dict[str, torch.Tensor],
         output: torch.Tensor,
     ) -> torch.Tensor | None:
-        a = args[0] if args else kwargs.get("input")  # every layer with a rule names it `input`
+        a = next(iter(kwargs.values()), None) if not args else args[0]  # by name: `input`, ...
         one_to_one = isinstance(a, torch.Tensor) and isinstance(output, torch.Tensor)
-        if (
-            not one_to_one
-            or len(args) + len(kwargs) != 1
-            or (module in self.versions and a._version != self.versions[module])  # changed
-        ):
+        if not one_to_one or len(args) + len(kwargs) != 1:
             self.odd.add(module)
             return None
         a = a.clone() if self.copy_inputs else a.detach()  # no copy; its shape stays as it was
@@ -101,6 +80,19 @@ class Capture:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def forward_with_capture(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, *, copy: bool
+) -> tuple[Capture, object]:
+    """What the hooks kept of the ``layers``' calls, and the model's outputs on ``x``."""
+    capture = Capture(layers, copy_inputs=copy, copy_outputs=copy)
+    try:
+        return capture, model(x)
+    except IndexError as error:  # a batch the model cannot take: token ids out of range
+        raise model_error(x, error) from error
+    finally:
+        capture.remove()
 
 
 def one_row_per_example(a: torch.Tensor, b: torch.Tensor, batch: int) -> bool:

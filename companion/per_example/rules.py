@@ -16,14 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, vjp, vmap
 
+from companion._torch import OutOfMemoryError
 from companion.per_example.gradients import (
     Entry,
     add_weighted,
     materialised,
     norm_dtype,
     squared_norms,
-    vmap_gradients,
 )
 
 __all__ = ["LAYER_RULES"]
@@ -401,14 +402,29 @@ def _group_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
     return out
 
 
-def vmap_over_call(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, name: str) -> list[Entry]:
+def vmap_over_call(
+    layer: nn.Module, a: torch.Tensor, b: torch.Tensor, output: torch.Tensor
+) -> list[Entry] | None:
     r"""The rule of a layer without one: each example's gradients of the layer's own parameters,
-    the gradient of :math:`\langle \text{layer}(a_i), b_i \rangle`, by vmap over the layer's
-    call alone, not over the whole model."""
-    names = [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
-    grads = vmap_gradients(layer, _inner_product, a, b, names, where=name or "the model")
+    those of :math:`\langle \text{layer}(a_i), b_i \rangle`, by vmap over the layer's call alone,
+    not over the whole model. The call is repeated from the input ``a`` the hooks kept, so it must
+    give again the ``output`` they kept (to rounding: :math:`\sqrt{\epsilon}` of its largest
+    entry). None if it does not (a random draw, state set from outside the call, a hook added
+    since the plan, an input the call changed in place) or if vmap fails on it: the caller then
+    takes vmap over the whole model, which assumes neither."""
+    params = {n: p.detach() for n, p in layer.named_parameters(recurse=False) if p.requires_grad}
+
+    def example(ai: torch.Tensor, bi: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        again, pull = vjp(lambda p: functional_call(layer, p, (ai.unsqueeze(0),)), params)
+        return again.squeeze(0), pull(bi.unsqueeze(0))[0]
+
+    try:
+        again, grads = vmap(example, randomness="error")(a, b)
+    except OutOfMemoryError:
+        raise
+    except Exception:  # vmap over the model says why, if it fails too
+        return None
+    tolerance = torch.finfo(output.dtype).eps ** 0.5 * float(output.abs().max())
+    if again.shape != output.shape or not bool(((again - output).abs() <= tolerance).all()):
+        return None
     return [materialised(n, g) for n, g in grads.items()]
-
-
-def _inner_product(outputs: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (outputs * b).sum()
