@@ -724,6 +724,35 @@ def test_a_call_that_reads_more_than_its_input_falls_back_to_vmap_over_the_model
     torch.testing.assert_close(clipped.norms, loop_norms, rtol=1e-5, atol=0)
 
 
+class _Masked(_Scaled):
+    """A scale, then -inf at every third unit (a masked softmax's scores follow)."""
+
+    def forward(self, x):
+        return (x * self.scale).masked_fill(torch.arange(x.shape[1]) % 3 == 0, float("-inf"))
+
+
+def test_a_repeated_call_may_give_infinite_and_empty_outputs():
+    """-inf entries come back as -inf (their difference is NaN, so they are compared exactly):
+    the layer keeps vmap over its call and matches the loop. An output with no entries is the
+    same output again (the tolerance is 0, not an error)."""
+    model = _seeded(
+        lambda: nn.Sequential(nn.Linear(10, 6), _Masked(6), nn.Softmax(dim=1), nn.Linear(6, 3))
+    )
+    x, y = torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)
+    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sums, norms = clipped_gradient_sum(
+            model, "cross_entropy", x, y, max_grad_norm=c, return_norms=True
+        )
+    assert [str(w.message)[:30] for w in caught] == ["layer '1' (_Masked) has no rul"]
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+    empty = torch.zeros(B, 0, dtype=torch.float64)
+    [(name, squares, _)] = rules.vmap_over_call(_Scaled(0).double(), empty, empty, empty)
+    assert name == "scale" and torch.equal(squares, torch.zeros(B, dtype=torch.float64))
+
+
 def test_a_layer_with_a_random_draw_falls_back_to_vmap_over_the_model():
     """Repeated, a layer's random draw would differ from the one its output gradient came from:
     vmap over its call refuses random operations, and the layer moves to vmap over the model,
