@@ -495,44 +495,6 @@ def test_a_compiled_model_is_refused_and_a_compiled_part_matches_the_loop():
     _assert_same(result, expected)
 
 
-class _DoublesItsInput(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, dim))
-
-    def forward(self, x):
-        x.mul_(2.0)
-        return x * self.scale
-
-
-@pytest.mark.parametrize("method", ["auto", "layerwise"])
-def test_a_compiled_layer_without_a_rule_changing_its_input_matches_the_loop(method):
-    """A layer without a rule that doubles its input in place, in a compiled block: the hooks
-    run only while dynamo traces, so no check of the call itself sees the change, and vmap over
-    the call, from the doubled input it kept, doubled it again (twice the layer's gradient, all
-    others off through the clipping factors). The repeated call's output differs from the kept
-    one: the layer moves to vmap over the model."""
-
-    class Body(nn.Module):
-        def __init__(self):
-            super().__init__()
-            block = nn.Sequential(nn.Linear(6, 8), _DoublesItsInput(8))
-            self.block = torch.compile(block, backend="aot_eager")
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.block(x)))
-
-    model, (x, y) = _seeded(Body), _batch(12)
-    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = clipped_gradient_sum(
-            model, "cross_entropy", x, y, max_grad_norm=0.2, method=method
-        )
-    _assert_same(result, expected)
-
-
 class _ThroughNumpy(nn.Module):
     """A forward pass that reads its input through numpy, which refuses a tensor that requires
     a gradient: the check's input leaf must not make it fail."""
