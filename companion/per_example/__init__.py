@@ -33,33 +33,32 @@ The rules cover ``Linear`` (also on sequences), ``Conv1d`` and ``Conv2d`` (group
 strides and every padding mode), ``Embedding``, ``LayerNorm`` and ``GroupNorm``, anywhere in a
 module tree: custom :class:`torch.nn.Module` subclasses are fine. A layer of another type that
 holds parameters but no other layer and no hooks (``PReLU``, a layer you wrote) has a rule too:
-``vmap`` over its own call, from the input and output gradient the hooks keep, when that call
-takes one tensor and returns one. The call is repeated from the kept input, and must give the
-kept output again: one that reads more than its input (a random draw, state its parent sets, a
-hook added later) or changes its input in place falls back as below, from the batch that shows
-it. ``method="auto"`` (the default) uses the rules where they
-apply and computes the gradients of the remaining trainable parameters (those held by a layer
-that also holds other layers, and those of a layer whose parameters the loss's autograd graph
-reads other than once, by the layer's last call: a layer called twice, a tied output head
-``h @ embedding.weight.t()``) with ``vmap`` over the whole model, for those parameters only, and
-says which. The rules read a layer's input and output with the examples along dimension 0, one row
-each; a layer called on another layout (a batch flattened to ``(B*T, F)``, or a sequence laid
-out ``(T, B, F)``, as torch's attention and recurrent layers take it by default) falls back to
-``vmap`` too, and so does a layer called on a batch reordered around it (``x.flip(0)``, a sort,
-undone after the layer). Every batch's shapes are checked, and a clipper's first three batches
-of two examples or more are checked in their autograd graph: for each bit of an example's index,
-the losses of the examples with that bit set, and of those without it, must reach no row of a
-layer's output outside their set (:math:`2 \lceil \log_2 n \rceil` more backward passes on
-the first :math:`n \le 8` examples, each example's loss weighted by a random factor so that
-reads cannot cancel; exact zeros, so neither rounding, identical examples nor the model's random
-draws matter). A layer that fails moves to ``vmap`` for the clipper's life. A reordering that
-depends on the data (a sort by length) or on the batch's size, or that leaves the first 8
-examples in place (a roll by 8), is found only if it reorders those examples of a checked batch:
-a model that reorders its batch should use ``method="vmap"``. Random layers such as ``Dropout``
-draw other masks in ``vmap``'s forward pass than in the rules' one, so where a layer takes vmap
-over the model an example's gradient may mix two draws; it is still clipped as a whole, which is
-what the guarantee needs. Under :class:`torch.autocast` the clipped sum is computed with autocast
-switched off, in the parameters' own dtype.
+``vmap`` over its own call, from the input and output gradient the hooks keep, when that call takes
+one tensor and returns one. The call is repeated from the kept input, and must give the kept output
+again: one that reads more than its input (a random draw, state its parent sets, a hook added
+later) or changes its input in place falls back as below, from the batch that shows it.
+``method="auto"`` (the default) uses the rules where they apply and computes the gradients of the
+remaining trainable parameters (those held by a layer that also holds other layers, and those of a
+layer whose parameters the loss's autograd graph reads other than once, by the layer's last call: a
+layer called twice, a tied output head ``h @ embedding.weight.t()``) with ``vmap`` over the whole
+model, for those parameters only, and says which. The rules read a layer's input and output with
+the examples along dimension 0, one row each; a layer called on another layout (a batch flattened
+to ``(B*T, F)``, or a sequence laid out ``(T, B, F)``, as torch's attention and recurrent layers
+take it by default) falls back to ``vmap`` too, and so does a layer called on a batch reordered
+around it (``x.flip(0)``, a sort, undone after the layer). Every batch's shapes are checked, and a
+clipper's first three batches of two examples or more are checked in their autograd graph: for each
+bit of an example's index, the losses of the examples with that bit set, and of those without it,
+must reach no row of a layer's output outside their set (:math:`2 \lceil \log_2 n \rceil` more
+backward passes on the first :math:`n \le 8` examples, each example's loss weighted by a random
+factor so that reads cannot cancel; exact zeros, so neither rounding, identical examples nor the
+model's random draws matter). A layer that fails moves to ``vmap`` for the clipper's life. A
+reordering that depends on the data (a sort by length) or on the batch's size, or that leaves the
+first 8 examples in place (a roll by 8), is found only if it reorders those examples of a checked
+batch: a model that reorders its batch should use ``method="vmap"``. Random layers such as
+``Dropout`` draw other masks in ``vmap``'s forward pass than in the rules' one, so where a layer
+takes vmap over the model an example's gradient may mix two draws; it is still clipped as a whole,
+which is what the guarantee needs. Under :class:`torch.autocast` the clipped sum is computed with
+autocast switched off, in the parameters' own dtype.
 
 .. note::
 

@@ -65,7 +65,7 @@ class Capture:
         kwargs: dict[str, torch.Tensor],
         output: torch.Tensor,
     ) -> torch.Tensor | None:
-        a = next(iter(kwargs.values()), None) if not args else args[0]  # by name: `input`, ...
+        a = args[0] if args else next(iter(kwargs.values()), None)  # one input: by place or name
         one_to_one = isinstance(a, torch.Tensor) and isinstance(output, torch.Tensor)
         if not one_to_one or len(args) + len(kwargs) != 1:
             self.odd.add(module)
