@@ -473,7 +473,9 @@ def test_a_squeeze_that_drops_the_batch_dimension_gets_a_message_naming_it(metho
 def test_a_compiled_model_is_refused_and_a_compiled_part_matches_the_loop():
     """torch.compile's graph gives the outputs the hooks keep no gradient: before, every norm
     was 0. A compiled model is refused; a compiled submodule falls back to vmap (aot_eager,
-    the backend that shows it, without a C compiler)."""
+    the backend that shows it, without a C compiler). Dynamo's caches are reset first: what an
+    earlier compile in the process decided about the hooks' code changes what this one traces."""
+    torch._dynamo.reset()
     with pytest.raises(TypeError, match="compiled module"):
         PerExampleClipper(torch.compile(nn.Linear(6, 3)), loss="cross_entropy")
 

@@ -653,6 +653,8 @@ def test_a_layer_changing_its_input_in_place_falls_back_to_vmap_over_the_model(m
     that check the layer got twice its gradient, and the others wrong clipping factors), unless
     the compiled graph hides the block's outputs' gradients, which moves its layers too."""
 
+    torch._dynamo.reset()  # no decision of an earlier compile about the hooks' code
+
     def build():
         block = nn.Sequential(nn.Linear(6, 6), _DoublesItsInput(6))
         block = torch.compile(block, backend="aot_eager") if compiled else block
@@ -663,6 +665,46 @@ def test_a_layer_changing_its_input_in_place_falls_back_to_vmap_over_the_model(m
     c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
     moved = "gives another output when its call is repeated|autograd does not give"
     with pytest.warns(UserWarning, match=moved):
+        sums, norms = clipped_gradient_sum(
+            model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
+        )
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+class _DoublesTheBatch(nn.Module):
+    """Doubles its input, the batch itself, in place, then a Linear (or a layer without a rule,
+    which takes a second pass over the model, if ``own_layer``)."""
+
+    def __init__(self, own_layer):
+        super().__init__()
+        self.own = _DoublesItsInput(10) if own_layer else None
+        self.lin = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.lin(self.own(x) if self.own is not None else x.mul_(2.0))
+
+
+@pytest.mark.parametrize("own_layer", [False, True], ids=["one_pass", "second_pass"])
+@pytest.mark.parametrize("method", ["auto", "layerwise", "vmap"])
+def test_a_model_changing_the_batch_in_place_is_refused_where_a_pass_would_read_it(
+    method, own_layer
+):
+    """One pass over the model reads the batch as it was; a second (vmap over the model, for the
+    layer without a rule here) would read it doubled, and gave that layer's parameter a gradient
+    95% off. So a second pass after the batch changed raises a ValueError; one pass matches the
+    loop (which gives each example its own copy of the batch's row to change)."""
+    model = _seeded(lambda: _DoublesTheBatch(own_layer))
+    x, y = torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)
+    _, norms = _loop_clipped_sum(model, "cross_entropy", x.clone(), y, 1.0)  # each a fresh copy
+    c = _most_clipped_norm(norms)
+    expected, loop_norms = _loop_clipped_sum(model, "cross_entropy", x.clone(), y, c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the layer without a rule, named
+        if own_layer and method != "vmap":
+            with pytest.raises(ValueError, match="the model changes its input in place"):
+                clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c, method=method)
+            return
         sums, norms = clipped_gradient_sum(
             model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
         )

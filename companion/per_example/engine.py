@@ -28,6 +28,7 @@ from companion.per_example.gradients import (
 from companion.per_example.layout import (
     LayerPlan,
     autograd_graph,
+    check_input_unchanged,
     forward_with_capture,
     move_to_vmap,
     one_row_per_example,
@@ -125,13 +126,17 @@ def layerwise_add_clipped(
     apply to moved to vmap (named in a warning), and with copies if the model needed them."""
     # The vmap pass of the parameters known to fall back runs first: before the hooked pass's
     # tensors exist, not while they are all alive.
+    version = x._version  # each pass over the model must read the batch as it was
     grads = vmap_gradients(model, mean_loss, x, y, plan.fallback) if plan.fallback else {}
+    if grads:
+        check_input_unchanged(x, version)
     capture, outputs = forward_with_capture(model, plan.hooked, x, copy=plan.copies)
     if not plan.copies and capture.changed():
         # A layer's input or output was changed in place (ReLU(inplace=True)): again, with
         # copies, for this batch and the next ones. The first pass's graph is freed first.
         capture = outputs = None
         plan = plan._replace(copies=True)
+        check_input_unchanged(x, version)
         capture, outputs = forward_with_capture(model, plan.hooked, x, copy=True)
     loss = sum_loss(batch_outputs(outputs, x.shape[0]), y)
     reads, nodes = autograd_graph(loss)
@@ -184,6 +189,7 @@ def layerwise_add_clipped(
             entries.extend((f"{name}.{p}" if name else p, sq, s) for p, sq, s in found)
     plan = move_to_vmap(plan, moved)
     if late := [name for name in plan.fallback if name not in grads]:
+        check_input_unchanged(x, version)
         grads.update(vmap_gradients(model, mean_loss, x, y, late))
     with torch.no_grad():
         entries.extend(materialised(name, g) for name, g in grads.items())
@@ -318,7 +324,8 @@ class PerExampleClipper:
             TypeError: if the batch is not two tensors.
             ValueError: if ``into`` lacks a trainable parameter or holds a tensor unlike it
                 (shape, dtype, device), an example's gradient is not finite (then nothing is
-                added), or the model runs layers in a reentrant checkpoint.
+                added), the model runs layers in a reentrant checkpoint, or it changes its input
+                in place where another pass over the model follows.
 
         Example:
             >>> import torch
@@ -368,15 +375,7 @@ class PerExampleClipper:
                 self.plan = plan = move_to_vmap(plan, moved)
                 self._checks_left -= 1  # only a batch that passed: one that raised is checked again
             norms, self.plan = layerwise_add_clipped(
-                self.model,
-                plan,
-                self.mean_loss,
-                self.sum_loss,
-                x,
-                y,
-                max_grad_norm,
-                into,
-                scale,
+                self.model, plan, self.mean_loss, self.sum_loss, x, y, max_grad_norm, into, scale
             )
         return norms
 
@@ -419,7 +418,8 @@ def clipped_gradient_sum(
     Raises:
         TypeError: if an argument is of the wrong kind.
         ValueError: if an argument is out of range, ``method="layerwise"`` does not apply, an
-            example's gradient is not finite, or the model runs layers in a reentrant checkpoint.
+            example's gradient is not finite, the model runs layers in a reentrant checkpoint,
+            or it changes its input in place where another pass over the model follows.
 
     Example:
         >>> import torch

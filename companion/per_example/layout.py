@@ -95,6 +95,17 @@ def forward_with_capture(
         capture.remove()
 
 
+def check_input_unchanged(x: torch.Tensor, version: int) -> None:
+    """Refuse a batch ``x`` changed in place (its ``_version`` is no longer ``version``) by a
+    pass over the model that another pass follows: the second would read the changed input."""
+    if x._version != version:
+        raise ValueError(
+            "the model changes its input in place in its forward pass, and this batch needs "
+            "another pass over the model, which would read the changed input: change a copy "
+            "(x = x.clone()) in the forward pass, or use method='vmap'."
+        )
+
+
 def one_row_per_example(a: torch.Tensor, b: torch.Tensor, batch: int) -> bool:
     """Whether a layer's input ``a`` and output ``b`` have ``batch`` rows, one per example, as the
     rules assume (a flattened batch ``(B*T, F)`` or a sequence ``(T, B, F)`` has not)."""
