@@ -497,6 +497,56 @@ def test_a_compiled_model_is_refused_and_a_compiled_part_matches_the_loop():
     _assert_same(result, expected)
 
 
+class _Centred(nn.Module):
+    """Subtracts the batch mean: a forward pass that mixes examples."""
+
+    def forward(self, x):
+        return x - x.mean(dim=0)
+
+
+class _CompiledPReLU(nn.Module):
+    """A block compiled with inductor's partitioner (``aot_eager_decomp_partition``: no C
+    compiler), whose backward with PReLU in float64 donates its saved tensors, so autograd allows
+    one backward pass through its graph."""
+
+    def __init__(self, centred=False):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        block = nn.Sequential(nn.Linear(8, 8), *([_Centred()] if centred else []), nn.PReLU())
+        self.block = torch.compile(block, backend="aot_eager_decomp_partition")
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(self.first(x))))
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise"])
+def test_a_compiled_part_that_allows_one_backward_pass_matches_the_loop(method):
+    """The layout check's backward passes share one graph, and raised torch's RuntimeError on
+    such a block ("donated buffers"); now they take a forward pass each there. The check still
+    finds a forward pass that mixes examples inside the block."""
+    torch._dynamo.reset()  # as in the test above
+    model, (x, y) = _seeded(_CompiledPReLU).double(), _batch(12)
+    x = x.double()
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the block's layers move to vmap, as above
+        result = clipped_gradient_sum(
+            model, "cross_entropy", x, y, max_grad_norm=0.5, method=method
+        )
+    _assert_same(result, expected)
+    torch._dynamo.reset()  # else the block's recompile may partition its graph otherwise
+    with pytest.raises(ValueError, match="mixes the examples"):
+        clipped_gradient_sum(
+            _seeded(lambda: _CompiledPReLU(centred=True)).double(),
+            "cross_entropy",
+            x,
+            y,
+            max_grad_norm=0.5,
+            method=method,
+        )
+
+
 class _ThroughNumpy(nn.Module):
     """A forward pass that reads its input through numpy, which refuses a tensor that requires
     a gradient: the check's input leaf must not make it fail."""

@@ -296,6 +296,14 @@ class _BiasReadTwice(nn.Module):
         return self.lin(x) + x[:, :3] * self.lin.bias
 
 
+class _ShiftedScale(_Scaled):
+    """A layer without a rule that reads its parameter twice in its call: the graph check does
+    not tell reads in the call from reads outside it, so it moves to vmap over the model."""
+
+    def forward(self, x):
+        return x * self.scale + self.scale
+
+
 class _WeightReadOnly(nn.Module):
     """A Linear that is never called: ``F.linear`` reads its parameters."""
 
@@ -502,6 +510,11 @@ READ_OUTSIDE = {
         "'embed'",
         lambda: torch.randint(0, 12, (B, 5), generator=_gen()),
     ),
+    "own_layer_reading_its_parameter_twice": (
+        lambda: nn.Sequential(nn.Linear(10, 6), _ShiftedScale(6), nn.Tanh(), nn.Linear(6, 3)),
+        "'1'",
+        lambda: torch.randn(B, 10, generator=_gen()),
+    ),
 }
 
 
@@ -571,7 +584,7 @@ def test_a_parameter_read_outside_its_layers_call_falls_back_to_vmap(name, metho
     x = x.double() if x.is_floating_point() else x
     y = _classes(B, 12 if name.startswith("tied") else 3)
     c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
-    with pytest.warns(UserWarning, match=f"layer {layer} is called more than once or has a "):
+    with pytest.warns(UserWarning, match=f"layer {layer} is called more than once, or reads a "):
         sums, norms = clipped_gradient_sum(
             model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
         )
@@ -626,6 +639,22 @@ def test_layers_without_a_rule_take_vmap_over_their_own_call(method):
         _assert_same(
             clipped.sums, _loop_clipped_sum(model, "cross_entropy", x, y, c, clip=False)[0]
         )
+
+
+def test_a_model_that_is_itself_a_layer_without_a_rule_is_called_the_model():
+    """Its name is '', which the warnings printed as "layer ''"."""
+    model = _seeded(lambda: _ShiftedScale(3)).double()
+    x, y = torch.randn(B, 3, generator=_gen(), dtype=torch.float64), _classes(B, 3)
+    c, expected, _ = _expected(model, "cross_entropy", x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c)
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        "the model (_ShiftedScale) has no rule",
+        "the model is called more than once, or reads a parameter more than once or outside its "
+        "call",
+    ]
+    _assert_same(sums, expected)
 
 
 @pytest.mark.parametrize("method", ["auto", "layerwise"])

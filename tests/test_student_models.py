@@ -179,6 +179,44 @@ class _LayoutBySize(_SequenceFirst):
         return super().forward(x)
 
 
+class _Attention(nn.Module):
+    """torch's MultiheadAttention, batch first, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of torch's attention
+def test_multihead_attention_falls_back_with_its_out_proj_from_the_start():
+    """MultiheadAttention reads its out_proj's parameters without calling it. The out_proj was
+    announced as a layer taking vmap over its own call, then moved to vmap over the model at the
+    first batch, with a second warning and a second vmap pass. Now the plan sends every
+    parameter of the attention to vmap at once, with one warning naming them; the loop is the
+    oracle."""
+    model, x = _seeded(_Attention), _sequences(6, features=8)
+    y = torch.randint(0, 3, (6,), generator=_gen(2))
+    c = _most_clipped_norm(_loop_clipped_sum(model, "cross_entropy", x, y, 1.0)[1])
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, c)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clipper = PerExampleClipper(model, loss="cross_entropy")
+        for _ in range(2):
+            sums = clipper(x, y, max_grad_norm=c).sums
+    names = ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
+    ours = [str(w.message) for w in caught if "performance drop" not in str(w.message)]
+    assert [message.split(":")[0] for message in ours] == [
+        f"layer 'attn' (MultiheadAttention) reads parameters {names} itself, which no rule computes"
+    ]
+    assert clipper.plan.fallback == [f"attn.{name}" for name in names]
+    _assert_same(sums, expected)
+
+
 def test_a_batch_whose_rows_are_not_the_examples_falls_back_although_the_probe_passed():
     model, x = _seeded(_LayoutBySize), _sequences(4)  # 4 examples of 5 positions
     y = torch.randint(0, 3, (4,), generator=_gen(2))

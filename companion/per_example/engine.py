@@ -26,14 +26,18 @@ from companion.per_example.gradients import (
     without_autocast,
 )
 from companion.per_example.layout import (
+    NOT_REPEATED,
+    ROWS_ARE_NOT_EXAMPLES,
     LayerPlan,
     autograd_graph,
     check_input_unchanged,
     forward_with_capture,
+    layer_names,
     move_to_vmap,
     one_row_per_example,
     refuse_reentrant_checkpoint,
     rows_cross,
+    warn_moved,
 )
 from companion.per_example.rules import LAYER_RULES, vmap_over_call
 
@@ -45,7 +49,8 @@ __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
 def plan_layers(model: nn.Module) -> LayerPlan:
     """Hook every layer with a rule whose trainable parameters are its own; vmap the rest.
 
-    A layer falls back to vmap over the model if it holds other layers and parameters of its own,
+    A layer falls back to vmap over the model if it holds other layers and parameters of its own
+    (a MultiheadAttention, with its sublayers, whose parameters it reads without calling them),
     if it has no rule and hooks of its own (:func:`_why_no_rule`), if it holds a trainable
     parameter its rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is
     replaced on the instance, if it appears twice in the module tree, or if one of its parameters
@@ -61,8 +66,14 @@ def plan_layers(model: nn.Module) -> LayerPlan:
             for p in module.parameters(recurse=False):
                 param_owners[id(p)] = param_owners.get(id(p), 0) + 1
     hooked, fallback, reasons = [], [], []
+    read_directly: set[nn.Module] = set()  # sublayers a _READS_SUBLAYERS layer reads uncalled
     for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if module in read_directly:
+            continue
+        whole = isinstance(module, _READS_SUBLAYERS)
+        if whole:
+            read_directly.update(module.modules())
+        own = [p for p in module.parameters(recurse=whole) if p.requires_grad]
         if not own:
             continue
         why = _why_no_rule(module)
@@ -76,6 +87,12 @@ def plan_layers(model: nn.Module) -> LayerPlan:
     return LayerPlan(hooked, fallback, reasons)
 
 
+#: Layers whose forward pass reads their sublayers' parameters without calling them, so no hook
+#: sees them: MultiheadAttention passes ``out_proj.weight`` to its functional form. Their
+#: sublayers' parameters fall back to vmap with theirs.
+_READS_SUBLAYERS = (nn.MultiheadAttention,)
+
+
 def _why_no_rule(module: nn.Module) -> str | None:
     """Why no rule computes the layer's gradients (None if one does): parameters that the rules
     do not handle, or a call that may not be the layer's own maths. A layer of a type without a
@@ -84,6 +101,9 @@ def _why_no_rule(module: nn.Module) -> str | None:
     with a rule: the hooks that keep its output run first.)"""
     kind = type(module).__name__
     if type(module) not in LAYER_RULES:
+        if isinstance(module, _READS_SUBLAYERS):
+            names = [n for n, p in module.named_parameters() if p.requires_grad]
+            return f"({kind}) reads parameters {names} itself, which no rule computes"
         if next(module.children(), None) is not None:  # a container with parameters of its own
             names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             return f"({kind}) holds parameters {names} itself, which no rule computes"
@@ -169,7 +189,9 @@ def layerwise_add_clipped(
     output_grads = list(torch.autograd.grad(loss, targets, allow_unused=True) if targets else [])
     # A compiled model's graph holds the outputs the hooks keep, but gives them no gradient.
     hidden = [layer for layer, b in zip(active, output_grads, strict=True) if b is None]
-    warn_moved(misread, "is called more than once or has a parameter read outside its call")
+    warn_moved(
+        misread, "is called more than once, or reads a parameter more than once or outside its call"
+    )
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
     warn_moved(odd, "takes or returns more than one tensor")
@@ -196,29 +218,6 @@ def layerwise_add_clipped(
         if not entries:  # the forward pass reached no trainable layer: every gradient is 0
             return x.new_zeros(x.shape[0], dtype=model_dtype(model)), plan
         return add_clipped(entries, max_grad_norm, into, scale), plan
-
-
-#: Why a layer without a rule falls back when vmap over its call fails, for :func:`warn_moved`.
-NOT_REPEATED = (
-    "gives another output when its call is repeated (a random draw, state set outside the call, "
-    "a hook added since the clipper was built, an input the call changes in place), or vmap "
-    "fails on it"
-)
-
-#: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.
-ROWS_ARE_NOT_EXAMPLES = (
-    "is called on an input whose rows are not the batch's examples (a flattened batch, a sequence "
-    "laid out (T, B, F), or a batch reordered around it)"
-)
-
-
-def warn_moved(layers: list[tuple[str, nn.Module]], why: str) -> None:
-    """Name the hooked ``layers`` that move to vmap, and why."""
-    if layers:
-        warn(
-            f"layer {', '.join(repr(name) for name, _ in layers)} {why}: its per-example "
-            "gradients are computed with vmap from now on, which is slower; the result is the same."
-        )
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -284,9 +283,9 @@ class PerExampleClipper:
                 "slower than the per-layer rules; the result is the same."
             )
         hooked = self.plan.hooked if self.plan is not None else []
-        if own := [f"{n!r} ({type(m).__name__})" for n, m in hooked if type(m) not in LAYER_RULES]:
+        if own := [(n, m) for n, m in hooked if type(m) not in LAYER_RULES]:
             warn(
-                f"layer {', '.join(own)} has no rule: vmap over its own call computes its "
+                f"{layer_names(own, kinds=True)} has no rule: vmap over its own call computes its "
                 "per-example gradients, which is slower than a rule; the result is the same."
             )
 

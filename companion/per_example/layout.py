@@ -166,7 +166,9 @@ def rows_cross(
     differ in some bit, so one of these sets holds :math:`j` and not :math:`p`, and the loss of
     :math:`j` reading row :math:`p` is seen, whatever the pair (a flip, a roll, a sort, a swap, a
     ``(T, B, F)`` layout, row 0 broadcast to every example). One backward pass per set, to the
-    layers' outputs and the input together: :math:`2 \lceil \log_2 n \rceil` passes. Exact
+    layers' outputs and the input together: :math:`2 \lceil \log_2 n \rceil` passes through one
+    graph (through a new one each, from a new forward pass, where a compiled part of the model
+    allows one backward pass through its graph: inductor's donated buffers). Exact
     zeros: no tolerance, and neither identical examples nor the model's random draws matter. The
     forward pass runs in the model's mode (layers used in training only are seen), and draws
     nothing from the global generators (``fork_rng``). The caller passes the first few examples
@@ -187,18 +189,10 @@ def rows_cross(
         ValueError: if the forward pass mixes examples, or runs a reentrant checkpoint.
         TypeError: if the model does not return a tensor.
     """
-    capture = Capture(plan.hooked, copy_inputs=False, copy_outputs=True)  # inputs: shapes only
-    try:
-        with torch.random.fork_rng(devices=_cuda_index(x.device)):
-            outputs, leaf = _forward_with_input_leaf(model, x)
-    except IndexError as error:  # token ids out of range
-        raise model_error(x, error) from error
-    finally:
-        capture.remove()
-    outputs = batch_outputs(outputs, len(x))
-    seen = [(name, m) for name, m in plan.hooked if m in capture.seen]
-    wrong = [(n, m) for n, m in seen if not one_row_per_example(*capture.seen[m][:2], len(x))]
-    right = [(n, m) for n, m in seen if (n, m) not in wrong and capture.seen[m][1].requires_grad]
+    kept, outputs, leaf = _traced(model, plan.hooked, x)
+    seen = [(name, m) for name, m in plan.hooked if m in kept]
+    wrong = [(n, m) for n, m in seen if not one_row_per_example(*kept[m][:2], len(x))]
+    right = [(n, m) for n, m in seen if (n, m) not in wrong and kept[m][1].requires_grad]
     if not outputs.requires_grad or not (right or leaf is not None):
         return wrong
     loss = sum_loss(outputs, y)
@@ -209,21 +203,34 @@ def rows_cross(
         # overflowing sum of finite entries changes nothing. Only this rare path pays for the ops.
         gradient = gradient.where(gradient.isfinite(), 0.0)
 
-    def read_by(kept: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """The gradients at ``targets`` of the loss of the examples ``kept`` (a mask of rows):
-        nonzero where that loss reads them."""
-        grads = torch.autograd.grad(
-            outputs,
-            targets,
-            grad_outputs=gradient * (kept * weights).reshape(-1, *[1] * (gradient.dim() - 1)),
-            retain_graph=True,
-            allow_unused=True,
-        )
-        return list(grads)
+    # The input's gradient, then the layers' outputs'.
+    targets = ([leaf] if leaf is not None else []) + [kept[m][1] for _, m in right]
+    retain = True  # one graph for every backward pass, while that works
+
+    def read_by(subset: torch.Tensor) -> list[torch.Tensor | None]:
+        """The gradients at the targets of the loss of the examples ``subset`` (a mask of
+        rows): nonzero where that loss reads them."""
+        nonlocal outputs, targets, retain
+        weighted = gradient * (subset * weights).reshape(-1, *[1] * (gradient.dim() - 1))
+        if retain:
+            try:
+                return list(
+                    torch.autograd.grad(
+                        outputs, targets, weighted, retain_graph=True, allow_unused=True
+                    )
+                )
+            except OutOfMemoryError:
+                raise
+            except RuntimeError:
+                # A compiled part of the model may allow one backward pass through its graph
+                # (inductor's donated buffers): from now on, a new forward pass for each. A
+                # genuine error comes again.
+                retain = False
+        again, outputs, leaf_again = _traced(model, plan.hooked, x)
+        targets = ([leaf_again] if leaf is not None else []) + [again[m][1] for _, m in right]
+        return list(torch.autograd.grad(outputs, targets, weighted, allow_unused=True))
 
     # Few distinct operations: the first call of each pages in a few hundred KiB of torch's code.
-    layer_outputs = [capture.seen[m][1] for _, m in right]
-    targets = ([leaf] if leaf is not None else []) + layer_outputs
     rows = torch.arange(len(x), device=x.device)
     weights = 1 + torch.rand(
         len(x), generator=torch.Generator(x.device).manual_seed(0), device=x.device
@@ -231,13 +238,13 @@ def rows_cross(
     for bit in range((len(x) - 1).bit_length()):  # every pair of rows differs in one of the bits
         inside = (rows >> bit) % 2 == 1
         # The set and its complement: each must not read the other's rows.
-        for kept in (inside, ~inside):
-            reads = read_by(kept, targets)
+        for subset in (inside, ~inside):
+            reads = read_by(subset)
             input_read = reads.pop(0) if leaf is not None else None  # the input's gradient
             wrong += [
                 layer
                 for layer, read in zip(right, reads, strict=True)
-                if layer not in wrong and read is not None and bool(read[~kept].ne(0).any())
+                if layer not in wrong and read is not None and bool(read[~subset].ne(0).any())
             ]
             if input_read is not None:  # a read is finite and nonzero: 0 * inf gives NaN
                 # Comparisons, which make masks only (isfinite copies the gradient's values).
@@ -245,9 +252,26 @@ def rows_cross(
                 read &= input_read.eq(input_read)
                 read &= input_read.ne(math.inf)
                 read &= input_read.ne(-math.inf)
-                if bool(read.index_fill_(0, rows[kept], False).any()):  # a read outside the set
+                if bool(read.index_fill_(0, rows[subset], False).any()):  # a read outside the set
                     raise ValueError(MIXES_EXAMPLES)
     return wrong
+
+
+def _traced(
+    model: nn.Module, hooked: list[tuple[str, nn.Module]], x: torch.Tensor
+) -> tuple[dict[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor, torch.Tensor | None]:
+    """A forward pass on ``x`` that draws nothing from the global generators (``fork_rng``): what
+    the ``hooked`` layers' hooks kept (their outputs copied; the inputs, for their shapes), the
+    model's outputs, and the input leaf of :func:`_forward_with_input_leaf`."""
+    capture = Capture(hooked, copy_inputs=False, copy_outputs=True)
+    try:
+        with torch.random.fork_rng(devices=_cuda_index(x.device)):
+            outputs, leaf = _forward_with_input_leaf(model, x)
+    except IndexError as error:  # token ids out of range
+        raise model_error(x, error) from error
+    finally:
+        capture.remove()
+    return capture.seen, batch_outputs(outputs, len(x)), leaf
 
 
 def _forward_with_input_leaf(
@@ -300,3 +324,35 @@ def move_to_vmap(plan: LayerPlan, layers: list[tuple[str, nn.Module]]) -> LayerP
     ]
     hooked = [layer for layer in plan.hooked if layer not in layers]
     return plan._replace(hooked=hooked, fallback=fallback)
+
+
+#: Why a layer without a rule falls back when vmap over its call fails, for :func:`warn_moved`.
+NOT_REPEATED = (
+    "gives another output when its call is repeated (a random draw, state set outside the call, "
+    "a hook added since the clipper was built, an input the call changes in place), or vmap "
+    "fails on it"
+)
+
+#: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.
+ROWS_ARE_NOT_EXAMPLES = (
+    "is called on an input whose rows are not the batch's examples (a flattened batch, a sequence "
+    "laid out (T, B, F), or a batch reordered around it)"
+)
+
+
+def warn_moved(layers: list[tuple[str, nn.Module]], why: str) -> None:
+    """Name the hooked ``layers`` that move to vmap, and why."""
+    if layers:
+        warn(
+            f"{layer_names(layers)} {why}: its per-example gradients are computed with vmap from "
+            "now on, which is slower; the result is the same."
+        )
+
+
+def layer_names(layers: list[tuple[str, nn.Module]], *, kinds: bool = False) -> str:
+    """``layer 'a', 'b'`` for messages, with each layer's type if ``kinds``; ``the model`` for the
+    one layer named '' (a model that is itself a layer with no sublayers)."""
+    kind = [f" ({type(m).__name__})" if kinds else "" for _, m in layers]
+    if [name for name, _ in layers] == [""]:
+        return f"the model{kind[0]}"
+    return "layer " + ", ".join(f"{name!r}{k}" for (name, _), k in zip(layers, kind, strict=True))
