@@ -834,6 +834,22 @@ def test_a_repeated_call_may_give_infinite_and_empty_outputs():
     assert name == "scale" and torch.equal(squares, torch.zeros(B, dtype=torch.float64))
 
 
+def test_the_repeated_call_must_give_the_kept_output_to_within_the_square_root_of_eps():
+    """One entry of the kept output moved by 1e-3 of its largest finite entry is not what the
+    call gives (the tolerance is sqrt(eps) = 1.5e-8 of it in float64): None, and the caller
+    moves the layer. Moved by 1e-10 of it, it is rounding: accepted. The -inf entries of the
+    mask count in neither the tolerance (it would be infinite) nor the difference."""
+    layer = _Masked(6).double()
+    a = torch.randn(B, 6, generator=_gen(), dtype=torch.float64)
+    b = torch.randn(B, 6, generator=_gen(3), dtype=torch.float64)
+    output = layer(a).detach()
+    largest = float(output[output.isfinite()].abs().max())
+    for change, accepted in [(1e-3, False), (1e-10, True)]:
+        kept = output.clone()
+        kept[0, 1] += change * largest  # a finite entry: the mask is on units 0 and 3
+        assert (rules.vmap_over_call(layer, a, b, kept) is not None) == accepted
+
+
 def test_a_layer_with_a_random_draw_falls_back_to_vmap_over_the_model():
     """Repeated, a layer's random draw would differ from the one its output gradient came from:
     vmap over its call refuses random operations, and the layer moves to vmap over the model,
