@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from companion.per_example import PerExampleClipper, clipped_gradient_sum
+from companion.per_example import PerExampleClipper, clipped_gradient_sum, layout
 
 
 def _seeded(build, seed=0):
@@ -506,28 +506,51 @@ class _Centred(nn.Module):
 
 class _CompiledPReLU(nn.Module):
     """A block compiled with inductor's partitioner (``aot_eager_decomp_partition``: no C
-    compiler), whose backward with PReLU in float64 donates its saved tensors, so autograd allows
-    one backward pass through its graph."""
+    compiler), whose backward with PReLU in float64 donates its saved tensors once recompiled
+    for another batch size, so autograd then allows one backward pass through its graph. A
+    Linear runs unless ``skip`` is set (as a layer dropped at random would be)."""
 
     def __init__(self, centred=False):
         super().__init__()
-        self.first = nn.Linear(6, 8)
+        self.first, self.middle, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
         block = nn.Sequential(nn.Linear(8, 8), *([_Centred()] if centred else []), nn.PReLU())
         self.block = torch.compile(block, backend="aot_eager_decomp_partition")
-        self.head = nn.Linear(8, 3)
+        self.skip = False
 
     def forward(self, x):
-        return self.head(torch.tanh(self.block(self.first(x))))
+        h = self.first(x)
+        h = h if self.skip else self.middle(h)
+        return self.head(torch.tanh(self.block(h)))
+
+
+def _one_pass_graphs(build, x):
+    """``build()`` in float64, after calls on two other batch sizes, which leave its compiled
+    block allowing one backward pass through its graph; dynamo's caches are reset first."""
+    torch._dynamo.reset()
+    model = _seeded(build).double()
+    model(x[:1])
+    model(x[:3])
+    return model
 
 
 @pytest.mark.parametrize("method", ["auto", "layerwise"])
-def test_a_compiled_part_that_allows_one_backward_pass_matches_the_loop(method):
+def test_a_compiled_part_that_allows_one_backward_pass_matches_the_loop(method, monkeypatch):
     """The layout check's backward passes share one graph, and raised torch's RuntimeError on
-    such a block ("donated buffers"); now they take a forward pass each there. The check still
-    finds a forward pass that mixes examples inside the block."""
-    torch._dynamo.reset()  # as in the test above
-    model, (x, y) = _seeded(_CompiledPReLU).double(), _batch(12)
+    such a block ("donated buffers"); now they take a forward pass each there (counted). The
+    check still finds a forward pass that mixes examples inside the block, and refuses, with a
+    ValueError, a forward pass that calls other layers when it runs again."""
+    traced, passes = layout._traced, []
+
+    def counted(model, *args):
+        passes.append(1)
+        model.skip = skipping and len(passes) > 1  # the check's later passes skip a layer
+        return traced(model, *args)
+
+    monkeypatch.setattr(layout, "_traced", counted)
+    skipping = False
+    x, y = _batch(12)
     x = x.double()
+    model = _one_pass_graphs(_CompiledPReLU, x)
     expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the block's layers move to vmap, as above
@@ -535,10 +558,23 @@ def test_a_compiled_part_that_allows_one_backward_pass_matches_the_loop(method):
             model, "cross_entropy", x, y, max_grad_norm=0.5, method=method
         )
     _assert_same(result, expected)
-    torch._dynamo.reset()  # else the block's recompile may partition its graph otherwise
+    assert len(passes) == 7  # the first, then one for each of the 2 log2(8) backward passes
+    passes.clear()
     with pytest.raises(ValueError, match="mixes the examples"):
         clipped_gradient_sum(
-            _seeded(lambda: _CompiledPReLU(centred=True)).double(),
+            _one_pass_graphs(lambda: _CompiledPReLU(centred=True), x),
+            "cross_entropy",
+            x,
+            y,
+            max_grad_norm=0.5,
+            method=method,
+        )
+    assert len(passes) > 1  # found on a pass of its own
+    skipping = True
+    passes.clear()
+    with pytest.raises(ValueError, match="calls other layers when it runs again"):
+        clipped_gradient_sum(
+            _one_pass_graphs(_CompiledPReLU, x),
             "cross_entropy",
             x,
             y,

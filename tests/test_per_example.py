@@ -584,7 +584,7 @@ def test_a_parameter_read_outside_its_layers_call_falls_back_to_vmap(name, metho
     x = x.double() if x.is_floating_point() else x
     y = _classes(B, 12 if name.startswith("tied") else 3)
     c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
-    with pytest.warns(UserWarning, match=f"layer {layer} is called more than once, or reads a "):
+    with pytest.warns(UserWarning, match=f"layer {layer} is called more than once, or has a "):
         sums, norms = clipped_gradient_sum(
             model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
         )
@@ -651,8 +651,8 @@ def test_a_model_that_is_itself_a_layer_without_a_rule_is_called_the_model():
         sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c)
     assert [str(w.message).split(":")[0] for w in caught] == [
         "the model (_ShiftedScale) has no rule",
-        "the model is called more than once, or reads a parameter more than once or outside its "
-        "call",
+        "the model is called more than once, or has a parameter read more than once in its call "
+        "or outside it",
     ]
     _assert_same(sums, expected)
 
@@ -737,6 +737,34 @@ def test_a_model_changing_the_batch_in_place_is_refused_where_a_pass_would_read_
         sums, norms = clipped_gradient_sum(
             model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
         )
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+class _ShiftsTheTokens(nn.Module):
+    """Shifts its token ids, the batch itself, in place (mod 12), then an Embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(12, 6), nn.Linear(6, 3)
+
+    def forward(self, t):
+        return self.head(torch.tanh(self.embed(t.add_(1).remainder_(12))).mean(dim=1))
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise", "vmap"])
+def test_a_model_changing_its_token_ids_in_place_matches_the_loop(method):
+    """The layout check of the first batches ran the model on the batch's own integer rows, not
+    a copy (as it did for floating-point inputs): the step then read them shifted twice, and
+    the sums were 151% off the loop (a second review)."""
+    model = _seeded(_ShiftsTheTokens)
+    t, y = torch.randint(0, 12, (B, 5), generator=_gen()), _classes(B, 3)
+    _, norms = _loop_clipped_sum(model, "cross_entropy", t.clone(), y, 1.0)  # each a fresh copy
+    c = _most_clipped_norm(norms)
+    expected, loop_norms = _loop_clipped_sum(model, "cross_entropy", t.clone(), y, c)
+    sums, norms = clipped_gradient_sum(
+        model, "cross_entropy", t, y, max_grad_norm=c, method=method, return_norms=True
+    )
     _assert_same(sums, expected)
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
 

@@ -179,12 +179,24 @@ class _LayoutBySize(_SequenceFirst):
         return super().forward(x)
 
 
-class _Attention(nn.Module):
-    """torch's MultiheadAttention, batch first, and a head."""
+class _GatedAttention(nn.MultiheadAttention):
+    """A subclass of MultiheadAttention with a sublayer it calls: a gate on its output."""
 
-    def __init__(self):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(self, *args, **kwargs):
+        out, weights = super().forward(*args, **kwargs)
+        return torch.sigmoid(self.gate(out)) * out, weights
+
+
+class _Attention(nn.Module):
+    """torch's MultiheadAttention (or ``kind``), batch first, and a head."""
+
+    def __init__(self, kind=nn.MultiheadAttention):
         super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.attn = kind(8, 2, batch_first=True)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):
@@ -193,13 +205,15 @@ class _Attention(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of torch's attention
-def test_multihead_attention_falls_back_with_its_out_proj_from_the_start():
+@pytest.mark.parametrize("kind", [nn.MultiheadAttention, _GatedAttention])
+def test_multihead_attention_falls_back_with_its_out_proj_from_the_start(kind):
     """MultiheadAttention reads its out_proj's parameters without calling it. The out_proj was
     announced as a layer taking vmap over its own call, then moved to vmap over the model at the
-    first batch, with a second warning and a second vmap pass. Now the plan sends every
-    parameter of the attention to vmap at once, with one warning naming them; the loop is the
-    oracle."""
-    model, x = _seeded(_Attention), _sequences(6, features=8)
+    first batch, with a second warning and a second vmap pass. Now the plan sends the attention's
+    parameters and its out_proj's to vmap at once, with one warning naming them; a sublayer that
+    a subclass calls keeps its rule. The loop is the oracle. With only out_proj trainable,
+    method="layerwise" is refused when the clipper is built, as for any layer without a rule."""
+    model, x = _seeded(lambda: _Attention(kind)), _sequences(6, features=8)
     y = torch.randint(0, 3, (6,), generator=_gen(2))
     c = _most_clipped_norm(_loop_clipped_sum(model, "cross_entropy", x, y, 1.0)[1])
     expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, c)
@@ -211,10 +225,16 @@ def test_multihead_attention_falls_back_with_its_out_proj_from_the_start():
     names = ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
     ours = [str(w.message) for w in caught if "performance drop" not in str(w.message)]
     assert [message.split(":")[0] for message in ours] == [
-        f"layer 'attn' (MultiheadAttention) reads parameters {names} itself, which no rule computes"
+        f"layer 'attn' ({kind.__name__}) reads parameters {names} itself, which no rule computes"
     ]
     assert clipper.plan.fallback == [f"attn.{name}" for name in names]
+    gate = ["attn.gate"] if kind is _GatedAttention else []
+    assert [name for name, _ in clipper.plan.hooked] == [*gate, "head"]
     _assert_same(sums, expected)
+    model.attn.in_proj_weight.requires_grad_(False)
+    model.attn.in_proj_bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"'layerwise' does not apply: .*\['out_proj.weight', "):
+        PerExampleClipper(model, loss="cross_entropy", method="layerwise")
 
 
 def test_a_batch_whose_rows_are_not_the_examples_falls_back_although_the_probe_passed():

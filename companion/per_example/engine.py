@@ -27,6 +27,7 @@ from companion.per_example.gradients import (
 )
 from companion.per_example.layout import (
     NOT_REPEATED,
+    READ_ELSEWHERE,
     ROWS_ARE_NOT_EXAMPLES,
     LayerPlan,
     autograd_graph,
@@ -66,14 +67,13 @@ def plan_layers(model: nn.Module) -> LayerPlan:
             for p in module.parameters(recurse=False):
                 param_owners[id(p)] = param_owners.get(id(p), 0) + 1
     hooked, fallback, reasons = [], [], []
-    read_directly: set[nn.Module] = set()  # sublayers a _READS_SUBLAYERS layer reads uncalled
+    read_uncalled: set[nn.Module] = set()  # sublayers whose parent reads their parameters
     for name, module in model.named_modules():
-        if module in read_directly:
+        if module in read_uncalled:
             continue
-        whole = isinstance(module, _READS_SUBLAYERS)
-        if whole:
-            read_directly.update(module.modules())
-        own = [p for p in module.parameters(recurse=whole) if p.requires_grad]
+        read = _read_sublayers(module)
+        read_uncalled.update(read)
+        own = [p for m in [module, *read] for p in m.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
         why = _why_no_rule(module)
@@ -87,10 +87,13 @@ def plan_layers(model: nn.Module) -> LayerPlan:
     return LayerPlan(hooked, fallback, reasons)
 
 
-#: Layers whose forward pass reads their sublayers' parameters without calling them, so no hook
-#: sees them: MultiheadAttention passes ``out_proj.weight`` to its functional form. Their
-#: sublayers' parameters fall back to vmap with theirs.
-_READS_SUBLAYERS = (nn.MultiheadAttention,)
+def _read_sublayers(module: nn.Module) -> list[nn.Module]:
+    """The sublayers whose parameters ``module``'s forward pass reads without calling them, so
+    no hook sees them: they fall back to vmap with the module's own parameters.
+    MultiheadAttention passes ``out_proj.weight`` and ``out_proj.bias`` to its functional form."""
+    if isinstance(module, nn.MultiheadAttention):
+        return [module.out_proj]
+    return []
 
 
 def _why_no_rule(module: nn.Module) -> str | None:
@@ -101,8 +104,9 @@ def _why_no_rule(module: nn.Module) -> str | None:
     with a rule: the hooks that keep its output run first.)"""
     kind = type(module).__name__
     if type(module) not in LAYER_RULES:
-        if isinstance(module, _READS_SUBLAYERS):
-            names = [n for n, p in module.named_parameters() if p.requires_grad]
+        if read := _read_sublayers(module):
+            inside = {id(p) for m in [module, *read] for p in m.parameters(recurse=False)}
+            names = [n for n, p in module.named_parameters() if p.requires_grad and id(p) in inside]
             return f"({kind}) reads parameters {names} itself, which no rule computes"
         if next(module.children(), None) is not None:  # a container with parameters of its own
             names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -189,9 +193,7 @@ def layerwise_add_clipped(
     output_grads = list(torch.autograd.grad(loss, targets, allow_unused=True) if targets else [])
     # A compiled model's graph holds the outputs the hooks keep, but gives them no gradient.
     hidden = [layer for layer, b in zip(active, output_grads, strict=True) if b is None]
-    warn_moved(
-        misread, "is called more than once, or reads a parameter more than once or outside its call"
-    )
+    warn_moved(misread, READ_ELSEWHERE)
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
     warn_moved(odd, "takes or returns more than one tensor")

@@ -227,6 +227,8 @@ def rows_cross(
                 # genuine error comes again.
                 retain = False
         again, outputs, leaf_again = _traced(model, plan.hooked, x)
+        if any(m not in again for _, m in right) or (leaf is None) != (leaf_again is None):
+            raise ValueError(NOT_REPEATABLE)
         targets = ([leaf_again] if leaf is not None else []) + [again[m][1] for _, m in right]
         return list(torch.autograd.grad(outputs, targets, weighted, allow_unused=True))
 
@@ -280,23 +282,32 @@ def _forward_with_input_leaf(
     """The model's outputs on ``x``, and ``x`` as a leaf whose gradient autograd gives: None if
     ``x`` is not floating-point, or if the forward pass fails on an input that requires a
     gradient (it calls ``.numpy()`` or ``requires_grad_(False)`` on it): then it runs again on
-    ``x``, and a warning says that mixing was not checked."""
+    ``x``, and a warning says that mixing was not checked. The model gets a copy of ``x``, which
+    an in-place operation may change: the batch is the caller's, and the step reads it next."""
     if x.is_floating_point():
         leaf = x.detach().requires_grad_()
         try:
-            return model(leaf.clone()), leaf  # a clone, which in-place operations may change
+            return model(leaf.clone()), leaf
         except OutOfMemoryError:
             raise
         except RuntimeError as error:
-            outputs = model(x)  # a genuine error comes again
+            outputs = model(x.clone())  # a genuine error comes again
             warn(
                 f"the model's forward pass fails on an input that requires a gradient ({error}), "
                 "so whether it mixes the examples of a batch is not checked: make sure it does "
                 "not (batch statistics, a batch mean), or DP-SGD's guarantee does not hold."
             )
             return outputs, None
-    return model(x), None
+    return model(x.clone()), None
 
+
+#: The error of :func:`rows_cross` for a forward pass it cannot repeat where it must.
+NOT_REPEATABLE = (
+    "a compiled part of the model allows one backward pass through its graph, so checking "
+    "which examples each layer's rows belong to takes a forward pass for each backward pass, "
+    "and the model's forward pass calls other layers when it runs again on the same examples "
+    "(a layer skipped at random, with Python's random): use method='vmap'."
+)
 
 #: The error of :func:`rows_cross` for a forward pass that mixes examples.
 MIXES_EXAMPLES = (
@@ -331,6 +342,12 @@ NOT_REPEATED = (
     "gives another output when its call is repeated (a random draw, state set outside the call, "
     "a hook added since the clipper was built, an input the call changes in place), or vmap "
     "fails on it"
+)
+
+#: Why a layer falls back when the graph shows its parameters read by more than its call (or a
+#: layer without a rule reading one twice: the graph does not tell where), for :func:`warn_moved`.
+READ_ELSEWHERE = (
+    "is called more than once, or has a parameter read more than once in its call or outside it"
 )
 
 #: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.

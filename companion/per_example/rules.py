@@ -409,9 +409,9 @@ def vmap_over_call(
     those of :math:`\langle \text{layer}(a_i), b_i \rangle`, by vmap over the layer's call alone,
     not over the whole model. The call is repeated from the input ``a`` the hooks kept, so it must
     give again the ``output`` they kept (to rounding: :math:`\sqrt{\epsilon}` of its largest
-    entry). None if it does not (a random draw, state set from outside the call, a hook added
-    since the plan, an input the call changed in place) or if vmap fails on it: the caller then
-    takes vmap over the whole model, which assumes neither."""
+    finite entry; an infinite entry exactly). None if it does not (a random draw, state set from
+    outside the call, a hook added since the plan, an input the call changed in place) or if vmap
+    fails on it: the caller then takes vmap over the whole model, which assumes neither."""
     params = {n: p.detach() for n, p in layer.named_parameters(recurse=False) if p.requires_grad}
 
     def example(ai: torch.Tensor, bi: torch.Tensor) -> tuple[torch.Tensor, dict]:
