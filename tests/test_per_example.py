@@ -52,6 +52,26 @@ class _TextClassifier(nn.Module):
         return self.head(self.norm(self.embed(tokens).mean(dim=1)))
 
 
+class _BagClassifier(nn.Module):
+    """An EmbeddingBag on (B, T) token ids (one bag per example) -> Linear."""
+
+    def __init__(self, mode, vocab=20, padding_idx=None):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, 8, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.bag(tokens)))
+
+
+def _padded_tokens(vocab):
+    """Token ids whose example 1 is all padding (0) and example 2 mostly: a bag's mean is over
+    its other tokens, and an empty bag has no gradient."""
+    tokens = torch.randint(1, vocab, (B, 9), generator=_gen())
+    tokens[1], tokens[2, :-2] = 0, 0
+    return tokens
+
+
 class _SequenceModel(nn.Module):
     """Linear on sequences (B, T, d), a Conv1d over time, and a LayerNorm over each example's
     whole (channels, time) map: ``LayerNorm([4, 7])``, one position per example."""
@@ -394,6 +414,16 @@ FAST = {
         lambda: (torch.randint(0, 20, (B, 9), generator=_gen()), _classes(B, 3)),
         "cross_entropy",
     ),
+    "embedding_bag_sum_repeated_tokens": (
+        lambda: _seeded(lambda: _BagClassifier("sum", vocab=5)),
+        lambda: (torch.randint(0, 5, (B, 9), generator=_gen()), _classes(B, 3)),
+        "cross_entropy",
+    ),
+    "embedding_bag_mean_padding": (
+        lambda: _seeded(lambda: _BagClassifier("mean", vocab=200, padding_idx=0)),
+        lambda: (_padded_tokens(200), _classes(B, 3)),
+        "cross_entropy",
+    ),
     "linear_on_sequences_conv1d_same_reflect": (
         lambda: _seeded(_SequenceModel),
         lambda: (torch.randn(B, 7, 5, generator=_gen(), dtype=torch.float64), _classes(B, 2)),
@@ -472,6 +502,11 @@ FALLBACK = {
         lambda: (torch.randint(0, 12, (B, 5), generator=_gen()), _classes(B, 12)),
         "'embed' shares its parameters",
     ),
+    "embedding_bag_max": (
+        lambda: _seeded(lambda: _BagClassifier("max")),
+        lambda: (torch.randint(0, 20, (B, 9), generator=_gen()), _classes(B, 3)),
+        r"'bag' \(EmbeddingBag\) has mode='max', which its rule does not compute",
+    ),
     "weight_norm": (
         lambda: _seeded(_weight_norm),
         lambda: (torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)),
@@ -533,6 +568,7 @@ def test_every_rule_matches_the_loop(name, method):
     c, expected, loop_norms = _expected(model, loss, x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no layer of these models falls back to vmap
+        warnings.filterwarnings("ignore", "There is a performance drop")  # torch's, in vmap
         sums, norms = clipped_gradient_sum(
             model, loss, x, y, max_grad_norm=c, method=method, return_norms=True
         )
@@ -986,7 +1022,8 @@ def test_a_model_changing_a_kept_tensor_in_place_runs_again_with_copies_from_the
 
 
 def test_the_table_covers_the_layers_the_book_promises():
-    for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm):
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.EmbeddingBag, nn.LayerNorm)
+    for kind in (*kinds, nn.GroupNorm):
         assert kind in LAYER_RULES
 
 
@@ -997,12 +1034,16 @@ def test_check_dp_compatible_lists_every_offending_layer():
         nn.InstanceNorm1d(4, track_running_stats=True),
         nn.Embedding(5, 4, scale_grad_by_freq=True),
         nn.Embedding(5, 4, max_norm=1.0),
+        nn.EmbeddingBag(5, 4, scale_grad_by_freq=True),
+        nn.EmbeddingBag(5, 4, max_norm=1.0),
     )
     parts = (
         "'1' is a BatchNorm1d",
         "'2' is a InstanceNorm1d",
         "'3' is an Embedding with scale_grad_by_freq",
         "'4' is an Embedding with max_norm",
+        "'5' is an EmbeddingBag with scale_grad_by_freq",
+        "'6' is an EmbeddingBag with max_norm",
     )
     with pytest.raises(ValueError) as error:
         check_dp_compatible(model)

@@ -30,7 +30,8 @@ same result (the tests check both against a plain loop over examples):
   times the memory; the clipped sum is then one matrix product :math:`(f \odot b)^\top a`.
 
 The rules cover ``Linear`` (also on sequences), ``Conv1d`` and ``Conv2d`` (groups, dilation,
-strides and every padding mode), ``Embedding``, ``LayerNorm`` and ``GroupNorm``, anywhere in a
+strides and every padding mode), ``Embedding``, ``EmbeddingBag`` (one bag per example, a
+``(B, T)`` input; modes ``"sum"`` and ``"mean"``), ``LayerNorm`` and ``GroupNorm``, anywhere in a
 module tree: custom :class:`torch.nn.Module` subclasses are fine. A layer of another type that
 holds parameters but no other layer and no hooks (``PReLU``, a layer you wrote) has a rule too:
 ``vmap`` over its own call, from the input and output gradient the hooks keep, when that call takes
@@ -38,7 +39,8 @@ one tensor and returns one. The call is repeated from the kept input, and must g
 again: one that reads more than its input (a random draw, state its parent sets, a hook added
 later) or changes its input in place falls back as below, from the batch that shows it.
 ``method="auto"`` (the default) uses the rules where they apply and computes the gradients of the
-remaining trainable parameters (those held by a layer that also holds other layers, and those of a
+remaining trainable parameters (those held by a layer that also holds other layers, with
+``MultiheadAttention``'s ``out_proj``, which it reads without calling it; those of a
 layer whose parameters the loss's autograd graph reads other than once, by the layer's last call: a
 layer called twice, a tied output head ``h @ embedding.weight.t()``) with ``vmap`` over the whole
 model, for those parameters only, and says which. The rules read a layer's input and output with

@@ -88,12 +88,9 @@ def plan_layers(model: nn.Module) -> LayerPlan:
 
 
 def _read_sublayers(module: nn.Module) -> list[nn.Module]:
-    """The sublayers whose parameters ``module``'s forward pass reads without calling them, so
-    no hook sees them: they fall back to vmap with the module's own parameters.
-    MultiheadAttention passes ``out_proj.weight`` and ``out_proj.bias`` to its functional form."""
-    if isinstance(module, nn.MultiheadAttention):
-        return [module.out_proj]
-    return []
+    """The sublayers whose parameters ``module`` reads without calling them (MultiheadAttention's
+    ``out_proj``), which no hook sees: they fall back to vmap with the module's own parameters."""
+    return [module.out_proj] if isinstance(module, nn.MultiheadAttention) else []
 
 
 def _why_no_rule(module: nn.Module) -> str | None:
@@ -118,6 +115,8 @@ def _why_no_rule(module: nn.Module) -> str | None:
         n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in _RULED
     ]:  # e.g. weight_g and weight_v of torch.nn.utils.weight_norm
         return f"({kind}) has parameters {extra}, which its rule does not compute"
+    elif isinstance(module, nn.EmbeddingBag) and module.mode == "max":
+        return f"({kind}) has mode='max', which its rule does not compute"
     if "forward" in vars(module):
         # replaced on the instance (by a wrapper): the call may not compute the rule's maths
         return f"({kind}) has its forward replaced"

@@ -61,11 +61,11 @@ def check_dp_compatible(model: nn.Module) -> None:
     breaks this (it normalises by statistics of the whole batch, and its running statistics are
     un-noised averages of the training data), as do instance normalisation with
     ``track_running_stats=True`` (its running statistics average over the batch) and an
-    ``Embedding`` with ``scale_grad_by_freq=True`` (it scales gradients by word counts over the
-    batch). An ``Embedding`` with ``max_norm`` rescales, in place during the forward pass, the
-    rows of the tokens it reads: a change of the weights by the data, without noise. Replace
-    normalisation with :class:`torch.nn.GroupNorm` or
-    :class:`torch.nn.LayerNorm`. For a forward pass written by hand that mixes examples, see
+    ``Embedding`` or ``EmbeddingBag`` with ``scale_grad_by_freq=True`` (it scales gradients by
+    word counts over the batch). One with ``max_norm`` rescales, in place during the forward
+    pass, the rows of the tokens it reads: a change of the weights by the data, without noise.
+    Replace normalisation with :class:`torch.nn.GroupNorm` or :class:`torch.nn.LayerNorm`.
+    For a forward pass written by hand that mixes examples, see
     :func:`check_examples_independent`.
 
     Args:
@@ -98,10 +98,10 @@ def check_dp_compatible(model: nn.Module) -> None:
             problems.append(f"{where} is a {kind}")
         elif isinstance(module, _InstanceNorm) and module.track_running_stats:
             problems.append(f"{where} is a {kind} with track_running_stats=True")
-        elif isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-            problems.append(f"{where} is an Embedding with scale_grad_by_freq=True")
-        elif isinstance(module, nn.Embedding) and module.max_norm is not None:
-            problems.append(f"{where} is an Embedding with max_norm")
+        elif isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq:
+            problems.append(f"{where} is an {kind} with scale_grad_by_freq=True")
+        elif isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None:
+            problems.append(f"{where} is an {kind} with max_norm")
     if problems:
         raise ValueError(
             f"model cannot be trained with DP-SGD: {'; '.join(problems)}. These layers mix the "

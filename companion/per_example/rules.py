@@ -348,6 +348,19 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
     return [("weight", squares, add_to)]
 
 
+@_rule(nn.EmbeddingBag)
+def _embedding_bag(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
+    """An EmbeddingBag on one bag per example (``a`` is (B, T); mode ``'max'`` goes to vmap) is an
+    Embedding whose output gradient at each position of bag :math:`i` is :math:`b_i` (``'sum'``)
+    or :math:`b_i / n_i` (``'mean'``, over the bag's :math:`n_i` tokens other than padding)."""
+    weights = torch.ones_like(a, dtype=b.dtype)
+    if layer.padding_idx is not None:  # the bag leaves padding out (its mean too)
+        weights = weights.masked_fill(a == layer.padding_idx, 0.0)
+    if layer.mode == "mean":
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return _embedding(layer, a, b[:, None, :] * weights[:, :, None])
+
+
 #: The normalisation rules recompute the normalised input in chunks of examples of at most this
 #: many elements. A fresh tensor above the allocator's reuse limit (32 MB with glibc) is mapped anew
 #: on every call, and its page faults cost more than the arithmetic: the first GroupNorm of the
