@@ -51,7 +51,7 @@ def plan_layers(model: nn.Module) -> LayerPlan:
     """Hook every layer with a rule whose trainable parameters are its own; vmap the rest.
 
     A layer falls back to vmap over the model if it holds other layers and parameters of its own
-    (a MultiheadAttention, with its sublayers, whose parameters it reads without calling them),
+    (a MultiheadAttention, with its ``out_proj``, whose parameters it reads without calling it),
     if it has no rule and hooks of its own (:func:`_why_no_rule`), if it holds a trainable
     parameter its rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is
     replaced on the instance, if it appears twice in the module tree, or if one of its parameters

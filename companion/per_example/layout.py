@@ -10,7 +10,8 @@ example's gradient part of another's, and one example could then move the clippe
 than :math:`C`. Every batch's shapes are checked (:func:`one_row_per_example`), and the autograd
 graph of a few examples of the first batches shows which rows each example's loss reads
 (:func:`rows_cross`), and whether it reads other examples' inputs: a forward pass that mixes
-examples, which no per-example gradient can serve, is refused.
+examples, which no per-example gradient can serve, is refused. The hooks that keep each layer's
+call (:class:`Capture`) and the warnings naming the layers that move to vmap live here too.
 """
 
 from __future__ import annotations
