@@ -32,12 +32,15 @@ same result (the tests check both against a plain loop over examples):
 The rules cover ``Linear`` (also on sequences), ``Conv1d`` and ``Conv2d`` (groups, dilation,
 strides and every padding mode), ``Embedding``, ``EmbeddingBag`` (one bag per example, a
 ``(B, T)`` input; modes ``"sum"`` and ``"mean"``), ``LayerNorm`` and ``GroupNorm``, anywhere in a
-module tree: custom :class:`torch.nn.Module` subclasses are fine. A layer of another type that
-holds parameters but no other layer and no hooks (``PReLU``, a layer you wrote) has a rule too:
-``vmap`` over its own call, from the input and output gradient the hooks keep, when that call takes
-one tensor and returns one. The call is repeated from the kept input, and must give the kept output
-again: one that reads more than its input (a random draw, state its parent sets, a hook added
-later) or changes its input in place falls back as below, from the batch that shows it.
+module tree: custom :class:`torch.nn.Module` subclasses are fine. ``RNN``, ``GRU`` and ``LSTM``
+(several layers, bidirectional, with projections, an initial state, either layout, padded or packed
+sequences) are unrolled step by step while the hooks keep their call, which makes each of their
+weights that of a ``Linear`` on the sequence (``companion/per_example/recurrent.py``). A layer of
+another type that holds parameters but no other layer and no hooks (``PReLU``, a layer you wrote)
+has a rule too: ``vmap`` over its own call, from the input and output gradient the hooks keep, when
+that call takes one tensor and returns one. The call is repeated from the kept input, and must give
+the kept output again: one that reads more than its input (a random draw, state its parent sets, a
+hook added later) or changes its input in place falls back as below, from the batch that shows it.
 ``method="auto"`` (the default) uses the rules where they apply and computes the gradients of the
 remaining trainable parameters (those held by a layer that also holds other layers, with
 ``MultiheadAttention``'s ``out_proj``, which it reads without calling it; those of a
@@ -45,8 +48,8 @@ layer whose parameters the loss's autograd graph reads other than once, by the l
 layer called twice, a tied output head ``h @ embedding.weight.t()``) with ``vmap`` over the whole
 model, for those parameters only, and says which. The rules read a layer's input and output with
 the examples along dimension 0, one row each; a layer called on another layout (a batch flattened
-to ``(B*T, F)``, or a sequence laid out ``(T, B, F)``, as torch's attention and recurrent layers
-take it by default) falls back to ``vmap`` too, and so does a layer called on a batch reordered
+to ``(B*T, F)``, or a sequence laid out ``(T, B, F)``, as torch's attention layers take it by
+default) falls back to ``vmap`` too, and so does a layer called on a batch reordered
 around it (``x.flip(0)``, a sort, undone after the layer). Every batch's shapes are checked, and a
 clipper's first three batches of two examples or more are checked in their autograd graph: for each
 bit of an example's index, the losses of the examples with that bit set, and of those without it,

@@ -5,6 +5,8 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
@@ -40,6 +42,7 @@ from companion.per_example.layout import (
     rows_cross,
     warn_moved,
 )
+from companion.per_example.recurrent import RECURRENT, parameter_names, parts
 from companion.per_example.rules import LAYER_RULES, vmap_over_call
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
@@ -59,13 +62,12 @@ def plan_layers(model: nn.Module) -> LayerPlan:
     gradient of a shared parameter sums over all of them. (Reads that only the forward pass
     shows are found for each batch, by :func:`autograd_graph`.)"""
     canonical = {id(p): name for name, p in model.named_parameters()}
-    module_uses: dict[int, int] = {}
-    param_owners: dict[int, int] = {}
+    module_uses: Counter[int] = Counter()
+    param_owners: Counter[int] = Counter()
     for _, module in model.named_modules(remove_duplicate=False):
-        module_uses[id(module)] = module_uses.get(id(module), 0) + 1
+        module_uses[id(module)] += 1
         if module_uses[id(module)] == 1:
-            for p in module.parameters(recurse=False):
-                param_owners[id(p)] = param_owners.get(id(p), 0) + 1
+            param_owners.update(id(p) for p in module.parameters(recurse=False))
     hooked, fallback, reasons = [], [], []
     read_uncalled: set[nn.Module] = set()  # sublayers whose parent reads their parameters
     for name, module in model.named_modules():
@@ -78,8 +80,9 @@ def plan_layers(model: nn.Module) -> LayerPlan:
             continue
         why = _why_no_rule(module)
         alone = module_uses[id(module)] == 1 and all(param_owners[id(p)] == 1 for p in own)
-        if why is None and alone:
-            hooked.append((name, module))
+        if why is None and alone:  # a recurrent layer: its products, each a layer of the plan
+            layers = parts(module) if type(module) in RECURRENT else [module]
+            hooked.extend((name, layer) for layer in layers)
             continue
         fallback.extend(canonical[id(p)] for p in own if canonical[id(p)] not in fallback)
         where = f"layer {name!r}" if name else "the model"
@@ -100,7 +103,8 @@ def _why_no_rule(module: nn.Module) -> str | None:
     other layer and no hooks, which that call would run again. (A forward hook is fine on a layer
     with a rule: the hooks that keep its output run first.)"""
     kind = type(module).__name__
-    if type(module) not in LAYER_RULES:
+    ruled = parameter_names(module) if type(module) in RECURRENT else {"weight", "bias"}
+    if type(module) not in LAYER_RULES and type(module) not in RECURRENT:
         if read := _read_sublayers(module):
             inside = {id(p) for m in [module, *read] for p in m.parameters(recurse=False)}
             names = [n for n, p in module.named_parameters() if p.requires_grad and id(p) in inside]
@@ -112,7 +116,7 @@ def _why_no_rule(module: nn.Module) -> str | None:
         if any(hooks) or module._backward_pre_hooks:
             return f"({kind}) has no rule and hooks of its own"
     elif extra := [
-        n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in _RULED
+        n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in ruled
     ]:  # e.g. weight_g and weight_v of torch.nn.utils.weight_norm
         return f"({kind}) has parameters {extra}, which its rule does not compute"
     elif isinstance(module, nn.EmbeddingBag) and module.mode == "max":
@@ -127,10 +131,6 @@ def global_forward_hooks() -> bool:
     """Whether a global forward hook is registered (``register_module_forward_hook``): it runs
     before the hooks that keep a layer's output, and may change that output."""
     return bool(getattr(nn.modules.module, "_global_forward_hooks", None))
-
-
-#: The parameters the rules compute, by their names in a layer.
-_RULED = ("weight", "bias")
 
 
 def layerwise_add_clipped(
@@ -195,7 +195,9 @@ def layerwise_add_clipped(
     warn_moved(misread, READ_ELSEWHERE)
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
-    warn_moved(odd, "takes or returns more than one tensor")
+    warn_moved(
+        odd, "takes or returns more than one tensor, or a sequence without a batch dimension"
+    )
     moved, entries = misread + misrowed + hidden + odd, []
     with torch.no_grad():
         for i, (name, module) in enumerate(active):

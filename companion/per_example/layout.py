@@ -16,6 +16,7 @@ call (:class:`Capture`) and the warnings naming the layers that move to vmap liv
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from typing import NamedTuple
@@ -26,6 +27,7 @@ from torch import nn
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, OutOfMemoryError
 from companion._validation import warn
+from companion.per_example.recurrent import RecurrentPart, unrolled
 
 __all__: list[str] = []
 
@@ -47,7 +49,9 @@ class Capture:
     in-place changes made further on (``ReLU(inplace=True)``): the inputs are copied if
     ``copy_inputs``, and the outputs if ``copy_outputs`` (the layer then passes on the copy).
     A call of one tensor to one tensor is kept in ``seen``; a layer called otherwise (more
-    inputs, a tuple out: ``nn.RNN``) is put in ``odd``: no rule can repeat that call."""
+    inputs, a tuple out) is put in ``odd``: no rule can repeat that call. A recurrent layer's
+    call is unrolled (:mod:`~companion.per_example.recurrent`), and the products of its parts
+    kept in ``seen``, or its parts put in ``odd`` if it cannot be (a packed sequence)."""
 
     def __init__(
         self, layers: list[tuple[str, nn.Module]], *, copy_inputs: bool, copy_outputs: bool
@@ -55,9 +59,17 @@ class Capture:
         self.seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         self.odd: set[nn.Module] = set()
         self.copy_inputs, self.copy_outputs = copy_inputs, copy_outputs
-        self.handles = [
-            m.register_forward_hook(self._keep, with_kwargs=True, prepend=True) for _, m in layers
-        ]
+        self.handles, recurrent = [], {}
+        for _, m in layers:
+            if isinstance(m, RecurrentPart):  # one hook per recurrent layer, for all its parts
+                recurrent.setdefault(m.layer, []).append(m)
+            else:
+                self.handles.append(m.register_forward_hook(self._keep, **_FIRST))
+        # A recurrent layer's forward is replaced, on the instance and until remove(), by its
+        # recurrence unrolled (a hook could replace its output only after torch's fused call).
+        self.recurrent = list(recurrent)
+        for layer, parts in recurrent.items():
+            layer.forward = functools.partial(self._unrolled_forward, layer, parts)
 
     def _keep(
         self,
@@ -75,12 +87,35 @@ class Capture:
         self.seen[module] = (a, output, a._version, output._version)
         return output.clone() if self.copy_outputs else None
 
+    def _unrolled_forward(
+        self, layer: nn.Module, parts: list[RecurrentPart], *args: object, **kwargs: object
+    ) -> object:
+        """A recurrent layer's forward: the recurrence unrolled
+        (:func:`~companion.per_example.recurrent.unrolled`), keeping its parts' inputs and
+        outputs; torch's own if the call cannot be unrolled (its parts are then ``odd``)."""
+        named = dict(zip(("input", "hx"), args, strict=False)) | kwargs
+        done = unrolled(layer, named.get("input"), named.get("hx"))
+        if done is None:
+            self.odd.update(parts)
+            return type(layer).forward(layer, *args, **kwargs)
+        output, kept = done
+        for part in parts:
+            a, z = kept[part.names[0]]
+            self.seen[part] = (a, z, a._version, z._version)
+        return output
+
     def changed(self) -> bool:
         return any(a._version != va or o._version != vo for a, o, va, vo in self.seen.values())
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        for layer in self.recurrent:
+            del layer.forward
+
+
+#: The hooks that keep a call run before any of the user's.
+_FIRST = {"with_kwargs": True, "prepend": True}
 
 
 def forward_with_capture(
@@ -370,7 +405,9 @@ def warn_moved(layers: list[tuple[str, nn.Module]], why: str) -> None:
 def layer_names(layers: list[tuple[str, nn.Module]], *, kinds: bool = False) -> str:
     """``layer 'a', 'b'`` for messages, with each layer's type if ``kinds``; ``the model`` for the
     one layer named '' (a model that is itself a layer with no sublayers)."""
-    kind = [f" ({type(m).__name__})" if kinds else "" for _, m in layers]
-    if [name for name, _ in layers] == [""]:
-        return f"the model{kind[0]}"
-    return "layer " + ", ".join(f"{name!r}{k}" for (name, _), k in zip(layers, kind, strict=True))
+    # a recurrent layer's parts are named once, by the layer's name and type
+    named = {name: m.layer if isinstance(m, RecurrentPart) else m for name, m in layers}
+    kind = {name: f" ({type(m).__name__})" if kinds else "" for name, m in named.items()}
+    if list(named) == [""]:
+        return f"the model{kind['']}"
+    return "layer " + ", ".join(f"{name!r}{kind[name]}" for name in named)

@@ -1,0 +1,306 @@
+"""torch's recurrent layers (RNN, GRU, LSTM) on the per-layer rules: the recurrence unrolled
+step by step, each product a Linear on the sequence (``companion.per_example.recurrent``).
+
+The oracle is the plain per-example loop of ``tests/_oracles.py`` through torch's own fused
+layer: one forward and one backward pass per example, clipped and summed; equality is to 1e-5
+relative (``_assert_same``). The models read every step's output and the final states, so
+that every parameter has a gradient well above rounding.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _oracles import _assert_same, _loop_clipped_sum, _most_clipped_norm
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from companion.dpsgd import train_dpsgd
+from companion.per_example import PerExampleClipper, clipped_gradient_sum
+from companion.per_example.recurrent import RecurrentPart, parts
+
+pytestmark = pytest.mark.unit
+
+B = 6
+
+
+def _gen(seed=1):
+    return torch.Generator().manual_seed(seed)
+
+
+class _Tagger(nn.Module):
+    """A recurrent layer on (B, T, 4) inputs (laid out (T, B, 4) for it unless batch_first),
+    read at every step and through its final states, then a Linear head."""
+
+    def __init__(self, layer, *, initial_state=False, by_keyword=False, **options):
+        super().__init__()
+        self.rnn = layer(4, 5, **options)
+        directions = 2 if options.get("bidirectional") else 1
+        self.out_size = directions * (options.get("proj_size") or 5)
+        self.head = nn.Linear(self.out_size, 3)
+        # the initial state from the input, so that gradients flow through hx too
+        self.start = nn.Linear(4, 5) if initial_state else None
+        self.by_keyword = by_keyword
+
+    def forward(self, x):
+        first = self.rnn.batch_first
+        seq = x if first else x.transpose(0, 1)
+        hx = None
+        if self.start is not None:
+            h0 = torch.tanh(self.start(x.mean(1))).expand(self.rnn.num_layers, -1, -1)
+            hx = (h0.contiguous(), -h0.contiguous()) if isinstance(self.rnn, nn.LSTM) else h0
+        if self.by_keyword:
+            out, state = self.rnn(input=seq, hx=hx)
+        else:
+            out, state = self.rnn(seq) if hx is None else self.rnn(seq, hx)
+        h_n = state[0] if isinstance(state, tuple) else state
+        steps = (out if first else out.transpose(0, 1)).mean(1)
+        return self.head(steps) + h_n.sum(0)[:, :1]
+
+
+CASES = {
+    "rnn_tanh": lambda: _Tagger(nn.RNN),
+    "rnn_relu_batch_first": lambda: _Tagger(nn.RNN, nonlinearity="relu", batch_first=True),
+    "gru": lambda: _Tagger(nn.GRU),
+    "lstm": lambda: _Tagger(nn.LSTM, batch_first=True),
+    "gru_two_layers_bidirectional": lambda: _Tagger(nn.GRU, num_layers=2, bidirectional=True),
+    "lstm_two_layers_bidirectional_projection": lambda: _Tagger(
+        nn.LSTM, num_layers=2, bidirectional=True, proj_size=3, batch_first=True
+    ),
+    "lstm_without_bias": lambda: _Tagger(nn.LSTM, bias=False, num_layers=2),
+    "lstm_with_initial_state_by_keyword": lambda: _Tagger(
+        nn.LSTM, initial_state=True, by_keyword=True, num_layers=2
+    ),
+    "gru_with_initial_state": lambda: _Tagger(nn.GRU, initial_state=True, batch_first=True),
+    # dropout between layers acts in training mode only: this model is evaluated
+    "lstm_dropout_in_eval_mode": lambda: _Tagger(nn.LSTM, num_layers=2, dropout=0.5).eval(),
+    # ... and in training mode p = 1 drops every input of the second layer, in torch's layer
+    # and in the unrolled one alike (a draw of its own would change nothing else)
+    "gru_dropout_one_in_training": lambda: _Tagger(nn.GRU, num_layers=2, dropout=1.0),
+    "frozen_first_layer_inputs": lambda: _frozen(
+        _Tagger(nn.LSTM, num_layers=2), "rnn.weight_ih_l0", "rnn.bias_ih_l0"
+    ),
+    "frozen_biases": lambda: _frozen(_Tagger(nn.GRU), "rnn.bias_ih_l0", "rnn.bias_hh_l0"),
+    "biases_only": lambda: _frozen(
+        _Tagger(nn.GRU, num_layers=2),
+        *[f"rnn.weight_{kind}_l{k}" for kind in ("ih", "hh") for k in (0, 1)],
+        "head.weight",
+    ),
+}
+
+
+class _Packed(nn.Module):
+    """A recurrent layer on a packed batch of sequences of several lengths (zero padding at the
+    end of each), read at every step and through its final state."""
+
+    def __init__(self, layer, *, enforce_sorted, **options):
+        super().__init__()
+        self.rnn = layer(4, 5, batch_first=True, **options)
+        self.head = nn.Linear(5 * (2 if options.get("bidirectional") else 1), 3)
+        self.enforce_sorted = enforce_sorted
+
+    def forward(self, x):
+        lengths = x[:, :, 0].ne(0).sum(1)
+        packed = pack_padded_sequence(x, lengths, batch_first=True,
+                                      enforce_sorted=self.enforce_sorted)  # fmt: skip
+        out, state = self.rnn(packed)
+        h_n = state[0] if isinstance(state, tuple) else state
+        steps, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.head(steps.sum(1)) + h_n.sum(0)[:, :1]
+
+
+PACKED = {
+    "gru_unsorted": lambda: _Packed(nn.GRU, enforce_sorted=False),
+    "lstm_sorted_two_layers_bidirectional": lambda: _Packed(
+        nn.LSTM, enforce_sorted=True, num_layers=2, bidirectional=True
+    ),
+    "rnn_unsorted_bidirectional": lambda: _Packed(nn.RNN, enforce_sorted=False, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PACKED))
+def test_packed_sequences_match_the_loop(name):
+    """Lengths 7, 3, 5, 1, 3, 6 (sorted longest first where the model packs them sorted); the
+    loop packs each example alone, at its own length."""
+    torch.manual_seed(0)
+    model, (x, y) = PACKED[name]().double(), _batch()
+    lengths = torch.tensor([7, 3, 5, 1, 3, 6])
+    if model.enforce_sorted:
+        lengths = lengths.sort(descending=True).values
+    x = x * (torch.arange(7) < lengths[:, None])[:, :, None]  # zeros past each length
+    c, expected, loop_norms = _expected(model, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sums, norms = clipped_gradient_sum(
+            model, "cross_entropy", x, y, max_grad_norm=c, method="layerwise", return_norms=True
+        )
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+def _frozen(model, *names):
+    for name in names:
+        model.get_parameter(name).requires_grad_(False)
+    return model
+
+
+def _model(name, dtype=torch.float64):
+    torch.manual_seed(0)
+    return CASES[name]().to(dtype)
+
+
+def _batch(dtype=torch.float64, length=7):
+    return torch.randn(B, length, 4, generator=_gen(), dtype=dtype), torch.randint(
+        0, 3, (B,), generator=_gen(2)
+    )
+
+
+def _expected(model, x, y):
+    _, norms = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
+    c = _most_clipped_norm(norms)
+    sums, _ = _loop_clipped_sum(model, "cross_entropy", x, y, c)
+    return c, sums, norms
+
+
+@pytest.mark.parametrize("method", ["layerwise", "auto"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_recurrent_layers_match_the_loop(name, method):
+    model, (x, y) = _model(name), _batch()
+    c, expected, loop_norms = _expected(model, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer falls back to vmap
+        sums, norms = clipped_gradient_sum(
+            model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
+        )
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+    assert "forward" not in vars(model.rnn)  # the unrolled forward is the clipper's alone
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm_two_layers_bidirectional_projection"])
+def test_recurrent_layers_in_float32_match_the_float64_loop(name):
+    """float32 rounding over 7 steps and a few hundred terms stays within 1e-5 relative."""
+    model, (x, y) = _model(name, torch.float32), _batch(torch.float32)
+    c, expected, _ = _expected(model.double(), x.double(), y)
+    sums = clipped_gradient_sum(model.float(), "cross_entropy", x, y, max_grad_norm=c)
+    _assert_same({n: s.double() for n, s in sums.items()}, expected)
+
+
+@pytest.mark.parametrize("name", ["rnn_tanh", "lstm"])
+def test_negative_control_a_loop_that_forgets_to_clip_differs(name):
+    model, (x, y) = _model(name), _batch()
+    c, _, _ = _expected(model, x, y)
+    unclipped, _ = _loop_clipped_sum(model, "cross_entropy", x, y, c, clip=False)
+    sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c)
+    with pytest.raises(AssertionError):
+        _assert_same(sums, unclipped)
+
+
+def test_every_parameter_of_a_layer_is_in_exactly_one_part():
+    layer = nn.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=3)
+    found = [name for part in parts(layer) for name, _ in part.named_parameters()]
+    assert sorted(found) == sorted(name for name, _ in layer.named_parameters())
+    layer.weight_hh_l1.requires_grad_(False)
+    layer.bias_hh_l1.requires_grad_(False)
+    assert ("weight_hh_l1", "bias_hh_l1") not in [part.names for part in parts(layer)]
+    part = parts(layer)[0]
+    assert part.weight is layer.weight_ih_l0 and part.bias is layer.bias_ih_l0
+
+
+class _CalledTwice(nn.Module):
+    """One GRU run over the sequence and again over its own outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.rnn(x)[0])[0].mean(1))
+
+
+class _OneSequenceAtATime(nn.Module):
+    """A GRU called on each example's sequence alone, without a batch dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.stack([self.rnn(sequence)[1][0] for sequence in x]))
+
+
+@pytest.mark.parametrize(
+    ("build", "moved"),
+    [
+        (_CalledTwice, "layer 'rnn' is called more than once"),
+        (_OneSequenceAtATime, "layer 'rnn' takes or returns more than one tensor, or a sequence"),
+    ],
+)
+def test_a_call_the_parts_cannot_take_falls_back_and_is_named_once(build, moved):
+    """A GRU called twice (its parameters read twice in the graph) or on a sequence without a
+    batch dimension (not unrolled) moves to vmap over the model, named once for all its parts;
+    vmap fails on a GRU in torch 2.x, with a ValueError naming it."""
+    torch.manual_seed(0)
+    model, (x, y) = build().double(), _batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"vmap cannot compute .* layer\(s\) rnn: "):
+            clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1.0)
+    told = [str(w.message) for w in caught if "'rnn'" in str(w.message)]
+    assert len(told) == 1 and told[0].startswith(moved) and told[0].count("'rnn'") == 1
+    assert "forward" not in vars(model.rnn)
+
+
+def test_the_layers_own_forward_is_back_after_a_forward_pass_that_raises():
+    class _Fails(_Tagger):
+        def forward(self, x):
+            super().forward(x)
+            raise RuntimeError("after the recurrent layer")
+
+    torch.manual_seed(0)
+    model, (x, y) = _Fails(nn.LSTM).double(), _batch()
+    with pytest.raises(RuntimeError, match="after the recurrent layer"):
+        PerExampleClipper(model, loss="cross_entropy")(x, y, max_grad_norm=1.0)
+    assert "forward" not in vars(model.rnn)
+
+
+def test_a_layer_whose_forward_is_replaced_is_not_unrolled():
+    torch.manual_seed(0)
+    model = _Tagger(nn.LSTM, batch_first=True)
+    model.rnn.forward = model.rnn.forward  # a wrapper's doing: the call may be other maths
+    with pytest.warns(UserWarning, match=r"layer 'rnn' \(LSTM\) has its forward replaced"):
+        clipper = PerExampleClipper(model, loss="cross_entropy")
+    assert not any(isinstance(m, RecurrentPart) for _, m in clipper.plan.hooked)
+
+
+def test_dpsgd_trains_a_gru_text_classifier_with_the_rules():
+    """End to end, as a student would: token ids, an Embedding, a GRU; no warning, so no layer
+    took vmap (which fails on a GRU)."""
+
+    class TextGRU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(30, 8)
+            self.rnn = nn.GRU(8, 8, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, tokens):
+            return self.head(self.rnn(self.embed(tokens))[1][0])
+
+    tokens = torch.randint(0, 30, (64, 6), generator=_gen())
+    labels = (tokens[:, 0] < 15).long()
+    torch.manual_seed(0)
+    model = TextGRU()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        history = train_dpsgd(
+            model, tokens, labels, epochs=2, lr=0.5, max_grad_norm=1.0, sample_rate=0.25,
+            delta=1e-5, noise_multiplier=1.0, seed=0,
+        )  # fmt: skip
+    assert [h["epoch"] for h in history] == [1, 2] and history[-1]["epsilon"] > 0
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
