@@ -116,13 +116,14 @@ def child(
     import torch
 
     sys.path.insert(0, str(HERE))
-    from dpsgd_step import BATCH, build_step, quiet
+    from dpsgd_step import BATCH, OPACUS, build_step, quiet
     from models import build_model, make_batch
 
     torch.set_num_threads(threads)
     quiet()
     x, y = make_batch(model_name, BATCH, device=device)
-    step = build_step(method, build_model(model_name, device=device), x, y)
+    model = build_model(model_name, device=device, opacus=method in OPACUS)
+    step = build_step(method, model, x, y)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -12,7 +12,10 @@ inputs give gradient norms above the clipping norm 1 for most examples, as in ea
   ``F.max_pool2d`` in ``forward``);
 - ``cifar-gn``: a CIFAR-sized CNN with GroupNorm, 3x32x32 inputs;
 - ``text-emb``: a bag-of-embeddings text classifier, ``Embedding(10000, 64)`` on 64 token ids,
-  mean over tokens, ``LayerNorm(64)``, ``Linear(64, 2)``.
+  mean over tokens, ``LayerNorm(64)``, ``Linear(64, 2)``;
+- ``text-gru``: a recurrent text classifier, ``Embedding(10000, 64)`` on 32 token ids,
+  ``GRU(64, 128)``, ``Linear(128, 2)`` on its final state (not in issue 9's list). Opacus takes
+  no ``nn.GRU``: its methods get the same model with Opacus's ``DPGRU``, and the same weights.
 """
 
 from __future__ import annotations
@@ -55,6 +58,25 @@ class BagOfEmbeddings(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.embedding(tokens).mean(dim=1)))
+
+
+class RecurrentText(nn.Module):
+    """Token ids (B, T) -> embeddings -> a GRU (``recurrent``) -> Linear on its final state."""
+
+    def __init__(self, recurrent: type[nn.Module] = nn.GRU, vocab: int = VOCAB) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, 64)
+        self.rnn = recurrent(64, 128, batch_first=True)
+        self.head = nn.Linear(128, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embedding(tokens))[1][0])
+
+
+def _opacus_gru_text() -> nn.Module:
+    from opacus.layers import DPGRU
+
+    return RecurrentText(DPGRU)
 
 
 def _logreg() -> nn.Module:
@@ -109,6 +131,8 @@ class Spec(NamedTuple):
     input_shape: tuple[int, ...]
     classes: int
     tokens: bool = False  # inputs are token ids in [0, VOCAB) rather than floats
+    for_opacus: Callable[[], nn.Module] | None = None  # the model Opacus takes, if another
+    vmap: bool = True  # whether torch.func.vmap computes its per-example gradients
 
 
 MODELS: dict[str, Spec] = {
@@ -118,16 +142,32 @@ MODELS: dict[str, Spec] = {
     "cnn-module": Spec("MNIST CNN, custom Module", MnistCNN, (1, 28, 28), 10),
     "cifar-gn": Spec("CIFAR CNN + GroupNorm", _cifar_gn, (3, 32, 32), 10),
     "text-emb": Spec("Embedding + LayerNorm text", BagOfEmbeddings, (TOKENS,), 2, tokens=True),
+    "text-gru": Spec(
+        "Embedding + GRU text",
+        RecurrentText,
+        (32,),
+        2,
+        tokens=True,
+        for_opacus=_opacus_gru_text,
+        vmap=False,  # vmap fails on nn.GRU (torch 2.x)
+    ),
 }
 #: The two linear models, whose target is 1.3x a non-private step (1.5x for the others).
 LINEAR = ("logreg", "mlp")
 
 
-def build_model(name: str, *, device: str = "cpu", seed: int = 0) -> nn.Module:
-    """A fresh model ``name`` with the initial weights of ``seed``, on ``device``."""
+def build_model(
+    name: str, *, device: str = "cpu", seed: int = 0, opacus: bool = False
+) -> nn.Module:
+    """A fresh model ``name`` with the initial weights of ``seed``, on ``device``; with
+    ``opacus``, the model Opacus takes where it is another, with the same weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MODELS[name].build()
+    if opacus and MODELS[name].for_opacus is not None:
+        built, model = model, MODELS[name].for_opacus()
+        for child, layer in model.named_children():  # DPGRU renames only its own state dict
+            layer.load_state_dict(built.get_submodule(child).state_dict())
     return model.to(device)
 
 
