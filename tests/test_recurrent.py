@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from companion.dpsgd import train_dpsgd
 from companion.per_example import PerExampleClipper, clipped_gradient_sum
-from companion.per_example.recurrent import RecurrentPart, parts
+from companion.per_example.recurrent import SORTED_PACK, RecurrentPart, parts
 
 pytestmark = pytest.mark.unit
 
@@ -131,13 +131,76 @@ def test_packed_sequences_match_the_loop(name):
         lengths = lengths.sort(descending=True).values
     x = x * (torch.arange(7) < lengths[:, None])[:, :, None]  # zeros past each length
     c, expected, loop_norms = _expected(model, x, y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         sums, norms = clipped_gradient_sum(
             model, "cross_entropy", x, y, max_grad_norm=c, method="layerwise", return_norms=True
         )
+    # a batch packed sorted is warned about (the model may have sorted it), and nothing else
+    told = {str(w.message) for w in caught}
+    assert told == ({SORTED_PACK} if model.enforce_sorted else set())
     _assert_same(sums, expected)
     torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+class _SortsByLength(_Packed):
+    """The pattern of older tutorials: sort the batch by length, pack it sorted, unsort h_n.
+    The rules then read the GRU's row i as example i's, and the rows check of the first batches
+    sees it only where the sort moves their first examples: here it does not (they are sorted
+    already), so only the warning tells."""
+
+    def forward(self, x):
+        lengths = x[:, :, 0].ne(0).sum(1)
+        order = lengths.argsort(descending=True, stable=True)
+        packed = pack_padded_sequence(x[order], lengths[order], batch_first=True)
+        _, h_n = self.rnn(packed)
+        return self.head(h_n[0][order.argsort()])
+
+
+def test_a_model_that_sorts_its_batch_to_pack_it_is_warned_about():
+    torch.manual_seed(0)
+    model = _SortsByLength(nn.GRU, enforce_sorted=True).double()
+    x = torch.randn(12, 7, 4, generator=_gen(), dtype=torch.float64)
+    lengths = torch.tensor([7, 7, 6, 6, 5, 4, 3, 3, 1, 7, 2, 5])  # the first 8 sorted
+    x, y = x * (torch.arange(7) < lengths[:, None])[:, :, None], torch.arange(12) % 3
+    with pytest.warns(UserWarning, match="built with enforce_sorted=True") as caught:
+        clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1.0)
+    assert {str(w.message) for w in caught} == {SORTED_PACK}  # at each forward pass
+
+
+class _TimeFirstView(nn.Module):
+    """An LSTM on (T, B, F), its output viewed as (T*B, H), as language-model tutorials do:
+    torch's layer returns a contiguous output, so the unrolled one must too."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.transpose(0, 1))
+        flat = out.view(-1, 5)  # raises on a non-contiguous output
+        return self.head(flat.view(out.shape).mean(0))
+
+
+def test_an_output_viewed_as_torch_returns_it_matches_the_loop():
+    torch.manual_seed(0)
+    model, (x, y) = _TimeFirstView().double(), _batch()
+    c, expected, _ = _expected(model, x, y)
+    _assert_same(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c), expected)
+
+
+def test_a_weight_computed_by_weight_norm_falls_back_when_the_clipper_is_built():
+    """Old-style weight_norm turns weight_hh_l0 into a tensor computed from weight_hh_l0_g and
+    _v; with those frozen, no trainable parameter is left unruled, but no part can take it."""
+    torch.manual_seed(0)
+    model = _Tagger(nn.LSTM, batch_first=True)
+    nn.utils.weight_norm(model.rnn, "weight_hh_l0")
+    model.rnn.weight_hh_l0_g.requires_grad_(False)
+    model.rnn.weight_hh_l0_v.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"'rnn' \(LSTM\) computes \['weight_hh_l0'\] \(weight_"):
+        clipper = PerExampleClipper(model, loss="cross_entropy")
+    assert not any(isinstance(m, RecurrentPart) for _, m in clipper.plan.hooked)
 
 
 def _frozen(model, *names):
@@ -237,7 +300,10 @@ class _OneSequenceAtATime(nn.Module):
     ("build", "moved"),
     [
         (_CalledTwice, "layer 'rnn' is called more than once"),
-        (_OneSequenceAtATime, "layer 'rnn' takes or returns more than one tensor, or a sequence"),
+        (
+            _OneSequenceAtATime,
+            "layer 'rnn' takes or returns more than one tensor, or an unbatched sequence",
+        ),
     ],
 )
 def test_a_call_the_parts_cannot_take_falls_back_and_is_named_once(build, moved):

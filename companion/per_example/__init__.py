@@ -59,10 +59,12 @@ factor so that reads cannot cancel; exact zeros, so neither rounding, identical 
 model's random draws matter). A layer that fails moves to ``vmap`` for the clipper's life. A
 reordering that depends on the data (a sort by length) or on the batch's size, or that leaves the
 first 8 examples in place (a roll by 8), is found only if it reorders those examples of a checked
-batch: a model that reorders its batch should use ``method="vmap"``. Random layers such as
-``Dropout`` draw other masks in ``vmap``'s forward pass than in the rules' one, so where a layer
-takes vmap over the model an example's gradient may mix two draws; it is still clipped as a whole,
-which is what the guarantee needs. Under :class:`torch.autocast` the clipped sum is computed with
+batch: a model that reorders its batch should use ``method="vmap"``, and one that sorts it to pack
+it for a recurrent layer (which vmap cannot take) should pack with ``enforce_sorted=False`` instead
+(a batch packed sorted gets a warning). Random layers such as ``Dropout`` draw other masks in
+``vmap``'s forward pass than in the rules' one, so where a layer takes vmap over the model an
+example's gradient may mix two draws; it is still clipped as a whole, which is what the guarantee
+needs. Under :class:`torch.autocast` the clipped sum is computed with
 autocast switched off, in the parameters' own dtype.
 
 .. note::

@@ -42,7 +42,7 @@ from companion.per_example.layout import (
     rows_cross,
     warn_moved,
 )
-from companion.per_example.recurrent import RECURRENT, parameter_names, parts
+from companion.per_example.recurrent import RECURRENT, computed_weights, parameter_names, parts
 from companion.per_example.rules import LAYER_RULES, vmap_over_call
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
@@ -104,6 +104,8 @@ def _why_no_rule(module: nn.Module) -> str | None:
     with a rule: the hooks that keep its output run first.)"""
     kind = type(module).__name__
     ruled = parameter_names(module) if type(module) in RECURRENT else {"weight", "bias"}
+    if type(module) in RECURRENT and (computed := computed_weights(module)):
+        return f"({kind}) computes {computed} (weight_norm), which no rule does"
     if type(module) not in LAYER_RULES and type(module) not in RECURRENT:
         if read := _read_sublayers(module):
             inside = {id(p) for m in [module, *read] for p in m.parameters(recurse=False)}
@@ -195,9 +197,7 @@ def layerwise_add_clipped(
     warn_moved(misread, READ_ELSEWHERE)
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
-    warn_moved(
-        odd, "takes or returns more than one tensor, or a sequence without a batch dimension"
-    )
+    warn_moved(odd, "takes or returns more than one tensor, or an unbatched sequence")
     moved, entries = misread + misrowed + hidden + odd, []
     with torch.no_grad():
         for i, (name, module) in enumerate(active):

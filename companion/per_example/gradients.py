@@ -300,10 +300,10 @@ def vmap_gradients(
         raise ValueError(
             f"torch.func.vmap cannot compute the per-example gradients of layer(s) {shown}: "
             f"{error}. Some layers fail under vmap: in PyTorch 2.x, nn.RNN and nn.GRU, nn.LSTM in "
-            "some settings, and packed sequences (method='auto' unrolls these layers if each is "
-            "called once, on a batch, as would a Python loop over nn.LSTMCell or the like; "
-            "Opacus offers DPLSTM, DPGRU and DPRNN). So does a forward pass that reads a "
-            "tensor's value (.item(), if on a tensor) or changes one in place."
+            "some settings, and packed sequences (method='auto' unrolls these layers, called "
+            "once on a batch; a Python loop over nn.RNNCell, nn.GRUCell or nn.LSTMCell works "
+            "under vmap; Opacus offers DPLSTM, DPGRU and DPRNN). So does a forward pass that "
+            "reads a tensor's value (.item(), if on a tensor) or changes one in place."
         ) from None
     finally:
         for module, parameters, buffers in saved:

@@ -51,7 +51,8 @@ class Capture:
     A call of one tensor to one tensor is kept in ``seen``; a layer called otherwise (more
     inputs, a tuple out) is put in ``odd``: no rule can repeat that call. A recurrent layer's
     call is unrolled (:mod:`~companion.per_example.recurrent`), and the products of its parts
-    kept in ``seen``, or its parts put in ``odd`` if it cannot be (a packed sequence)."""
+    kept in ``seen``, or its parts put in ``odd`` if it cannot be (an input without a batch
+    dimension)."""
 
     def __init__(
         self, layers: list[tuple[str, nn.Module]], *, copy_inputs: bool, copy_outputs: bool

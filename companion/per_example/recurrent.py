@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from companion._validation import warn
 from companion.per_example.rules import LAYER_RULES, RuleOutput
 
 __all__: list[str] = []
@@ -101,6 +102,22 @@ def parameter_names(layer: nn.Module) -> set[str]:
     return names
 
 
+def computed_weights(layer: nn.Module) -> list[str]:
+    """The names of :func:`parameter_names` that are not parameters of the layer: tensors
+    computed from others (``torch.nn.utils.weight_norm``), which no part computes."""
+    return sorted(parameter_names(layer) - dict(layer.named_parameters(recurse=False)).keys())
+
+
+#: The warning for a packed batch built with ``enforce_sorted=True``: sorted before the layer.
+SORTED_PACK = (
+    "a recurrent layer gets a packed batch built with enforce_sorted=True, so its sequences "
+    "reach it sorted by length. If the model sorts its batch to pack it (and unsorts after), "
+    "the per-layer rules read row i of the layer as example i's, and the checks of the first "
+    "batches see the reordering only where it moves their first examples (not where they are "
+    "of equal lengths): one example's gradient could then be clipped as another's. Pack with "
+    "enforce_sorted=False and do not sort: torch sorts inside the layer, which the rules follow."
+)
+
 #: What :func:`unrolled` keeps of each product: its input ``a`` and output ``z``, (B, T, size).
 Kept = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -108,14 +125,16 @@ Kept = dict[str, tuple[torch.Tensor, torch.Tensor]]
 def unrolled(layer: nn.Module, x: torch.Tensor, hx: object) -> tuple[object, Kept] | None:
     """The layer's output on ``x`` (with initial state ``hx``) as torch returns it, computed step
     by step, and each product's input and output, by weight name; None if the call is not one
-    this unrolls (an input without a batch dimension). The inputs are kept
-    without a copy: where the weight is trainable the model cannot change one in place, as the
-    backward pass reads it (and raises if it was changed)."""
+    this unrolls (an input without a batch dimension). The inputs are kept without a copy: the
+    unrolled graph saves them for its backward pass, which raises if the model changes one in
+    place after the call (torch's fused layer may let it)."""
     valid = None
     if isinstance(x, PackedSequence):  # padded, in the batch's order, as torch gives hx and h_n
         seq, lengths = pad_packed_sequence(x, batch_first=True)
         valid = torch.arange(seq.shape[1])[None, :] < lengths[:, None]
         valid = valid.to(seq.device)
+        if x.sorted_indices is None and len(lengths) > 1:
+            warn(SORTED_PACK)
     elif isinstance(x, torch.Tensor) and x.dim() == 3:
         seq = x if layer.batch_first else x.transpose(0, 1)  # (B, T, features)
     else:
@@ -131,15 +150,17 @@ def unrolled(layer: nn.Module, x: torch.Tensor, hx: object) -> tuple[object, Kep
     kept: Kept = {}
     inputs, finals, cells = seq, [], []
     directions = 2 if layer.bidirectional else 1
+    suffixes = _suffixes(layer)
     for k in range(layer.num_layers):
         if k > 0 and layer.dropout and layer.training:
             inputs = F.dropout(inputs, layer.dropout, training=True)
         outputs = []
         for d in range(directions):
-            s = _suffixes(layer)[k * directions + d]
             index = k * directions + d
             c = c0[index] if lstm else None
-            out, h, c = _direction(layer, s, inputs, valid, h0[index], c, d == 1, kept)
+            out, h, c = _direction(
+                layer, suffixes[index], inputs, valid, h0[index], c, d == 1, kept
+            )
             outputs.append(out)
             finals.append(h)
             cells.append(c)
@@ -147,7 +168,7 @@ def unrolled(layer: nn.Module, x: torch.Tensor, hx: object) -> tuple[object, Kep
     if valid is not None:
         output = _packed_like(x, inputs, lengths)
     else:
-        output = inputs if layer.batch_first else inputs.transpose(0, 1)
+        output = inputs if layer.batch_first else inputs.transpose(0, 1).contiguous()
     h_n = torch.stack(finals)
     return (output, (h_n, torch.stack(cells)) if lstm else h_n), kept
 
