@@ -62,10 +62,12 @@ class Capture:
         self.copy_inputs, self.copy_outputs = copy_inputs, copy_outputs
         self.handles, recurrent = [], {}
         for _, m in layers:
-            if isinstance(m, RecurrentPart):  # one hook per recurrent layer, for all its parts
+            if isinstance(m, RecurrentPart):  # kept by the recurrent layer's forward, below
                 recurrent.setdefault(m.layer, []).append(m)
             else:
-                self.handles.append(m.register_forward_hook(self._keep, **_FIRST))
+                self.handles.append(
+                    m.register_forward_hook(self._keep, with_kwargs=True, prepend=True)
+                )
         # A recurrent layer's forward is replaced, on the instance and until remove(), by its
         # recurrence unrolled (a hook could replace its output only after torch's fused call).
         self.recurrent = list(recurrent)
@@ -113,10 +115,6 @@ class Capture:
             handle.remove()
         for layer in self.recurrent:
             del layer.forward
-
-
-#: The hooks that keep a call run before any of the user's.
-_FIRST = {"with_kwargs": True, "prepend": True}
 
 
 def forward_with_capture(
