@@ -78,28 +78,27 @@ def _suffixes(layer: nn.Module) -> list[str]:
     return [f"_l{k}{d}" for k in range(layer.num_layers) for d in directions]
 
 
-def parts(layer: nn.Module) -> list[RecurrentPart]:
-    """The matrix products of ``layer`` that hold a trainable parameter."""
+def _products(layer: nn.Module) -> list[tuple[str, str | None]]:
+    """The (weight, bias) names of the layer's matrix products: ``_ih`` and ``_hh`` per layer and
+    direction, and an LSTM's projection ``_hr`` (no bias)."""
     found = []
     for s in _suffixes(layer):
-        products = [("weight_ih" + s, "bias_ih" + s), ("weight_hh" + s, "bias_hh" + s)]
+        for kind in ("ih", "hh"):
+            found.append((f"weight_{kind}{s}", f"bias_{kind}{s}" if layer.bias else None))
         if getattr(layer, "proj_size", 0):
-            products.append(("weight_hr" + s, None))
-        for weight, bias in products:
-            part = RecurrentPart(layer, weight, bias if layer.bias else None)
-            if any(p.requires_grad for p in part.parameters()):
-                found.append(part)
+            found.append((f"weight_hr{s}", None))
     return found
+
+
+def parts(layer: nn.Module) -> list[RecurrentPart]:
+    """The matrix products of ``layer`` that hold a trainable parameter."""
+    found = [RecurrentPart(layer, weight, bias) for weight, bias in _products(layer)]
+    return [part for part in found if any(p.requires_grad for p in part.parameters())]
 
 
 def parameter_names(layer: nn.Module) -> set[str]:
     """The names of the parameters the parts compute: all of a layer torch built."""
-    names = set()
-    for s in _suffixes(layer):
-        names |= {"weight_ih" + s, "weight_hh" + s}
-        names |= {"bias_ih" + s, "bias_hh" + s} if layer.bias else set()
-        names |= {"weight_hr" + s} if getattr(layer, "proj_size", 0) else set()
-    return names
+    return {name for pair in _products(layer) for name in pair if name is not None}
 
 
 def computed_weights(layer: nn.Module) -> list[str]:
@@ -139,18 +138,17 @@ def unrolled(layer: nn.Module, x: torch.Tensor, hx: object) -> tuple[object, Kep
         seq = x if layer.batch_first else x.transpose(0, 1)  # (B, T, features)
     else:
         return None
-    batch = seq.shape[0]
+    batch, suffixes = seq.shape[0], _suffixes(layer)
     lstm = layer.mode == "LSTM"
     out_size = getattr(layer, "proj_size", 0) or layer.hidden_size
     if hx is None:
-        h0 = seq.new_zeros(len(_suffixes(layer)), batch, out_size)
-        c0 = seq.new_zeros(len(_suffixes(layer)), batch, layer.hidden_size) if lstm else None
+        h0 = seq.new_zeros(len(suffixes), batch, out_size)
+        c0 = seq.new_zeros(len(suffixes), batch, layer.hidden_size) if lstm else None
     else:
         h0, c0 = hx if lstm else (hx, None)
     kept: Kept = {}
     inputs, finals, cells = seq, [], []
     directions = 2 if layer.bidirectional else 1
-    suffixes = _suffixes(layer)
     for k in range(layer.num_layers):
         if k > 0 and layer.dropout and layer.training:
             inputs = F.dropout(inputs, layer.dropout, training=True)
