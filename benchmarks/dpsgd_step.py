@@ -250,14 +250,8 @@ def _hand_written_step(
 
 
 def applicable(model_name: str, methods: list[str]) -> list[str]:
-    """``methods`` without those for the linear models only, unless ``model_name`` is one, and
-    without ``companion vmap`` where vmap fails (the GRU)."""
-    return [
-        m
-        for m in methods
-        if (model_name in LINEAR or m not in LINEAR_ONLY)
-        and (MODELS[model_name].vmap or m != "companion vmap")
-    ]
+    """``methods`` without those for the linear models only, unless ``model_name`` is one."""
+    return [m for m in methods if model_name in LINEAR or m not in LINEAR_ONLY]
 
 
 # --- the check that every DP method clips -------------------------------------------------------

@@ -132,7 +132,6 @@ class Spec(NamedTuple):
     classes: int
     tokens: bool = False  # inputs are token ids in [0, VOCAB) rather than floats
     for_opacus: Callable[[], nn.Module] | None = None  # the model Opacus takes, if another
-    vmap: bool = True  # whether torch.func.vmap computes its per-example gradients
 
 
 MODELS: dict[str, Spec] = {
@@ -143,13 +142,7 @@ MODELS: dict[str, Spec] = {
     "cifar-gn": Spec("CIFAR CNN + GroupNorm", _cifar_gn, (3, 32, 32), 10),
     "text-emb": Spec("Embedding + LayerNorm text", BagOfEmbeddings, (TOKENS,), 2, tokens=True),
     "text-gru": Spec(
-        "Embedding + GRU text",
-        RecurrentText,
-        (32,),
-        2,
-        tokens=True,
-        for_opacus=_opacus_gru_text,
-        vmap=False,  # vmap fails on nn.GRU (torch 2.x)
+        "Embedding + GRU text", RecurrentText, (32,), 2, tokens=True, for_opacus=_opacus_gru_text
     ),
 }
 #: The two linear models, whose target is 1.3x a non-private step (1.5x for the others).

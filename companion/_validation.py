@@ -340,14 +340,16 @@ def check_index_parts(parts: object, n: int) -> list[np.ndarray]:
 
 
 def warn(message: str) -> None:
-    """Issue a :class:`UserWarning` attributed to the first caller outside :mod:`companion`.
+    """Issue a :class:`UserWarning` attributed to the first caller outside :mod:`companion` (and
+    :mod:`torch`, which calls the package back from a layer's call: the user's line calls it).
 
     A fixed ``stacklevel`` would point into the package whenever one public function reaches the
     warning through another (LiRA through the membership attack's helpers).
     """
     level, frame = 2, sys._getframe(1)
-    while (
-        frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "companion"
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+        "companion",
+        "torch",
     ):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, UserWarning, stacklevel=level)

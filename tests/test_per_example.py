@@ -1318,47 +1318,17 @@ def test_a_model_vmap_cannot_batch_gets_a_value_error_naming_the_layer():
                              max_grad_norm=1.0, method="vmap")  # fmt: skip
 
 
-#: Whether torch.func.vmap fails on _Recurrent, per layer and dtype, in PyTorch 2.13 on the CPU
-#: (measured): nn.RNN and nn.GRU always, nn.LSTM in float64 only.
-VMAP_FAILS_IN_TORCH_2_13 = {
-    (nn.RNN, torch.float64): True,
-    (nn.RNN, torch.float32): True,
-    (nn.GRU, torch.float64): True,
-    (nn.GRU, torch.float32): True,
-    (nn.LSTM, torch.float64): True,
-    (nn.LSTM, torch.float32): False,
-}
-
-
-@pytest.mark.parametrize(
-    ("layer", "dtype"),
-    list(VMAP_FAILS_IN_TORCH_2_13),
-    ids=[f"{layer.__name__}-{str(dtype)[6:]}" for layer, dtype in VMAP_FAILS_IN_TORCH_2_13],
-)
-def test_recurrent_layers_under_vmap_match_the_loop_or_get_a_value_error(layer, dtype):
-    """``method="vmap"`` (and vmap over the model, where a recurrent layer falls back to it) on a
-    recurrent layer: whether vmap fails depends on the layer, the dtype and PyTorch's version;
-    for 2.13 the outcome is pinned (the table above), for other versions either outcome passes,
-    but each must be the right one: the loop's clipped sum (float64 loop, so 1e-5 relative
-    leaves room for float32's rounding of about 1e-6), or a ValueError naming the layer and the
-    alternatives. (The rules unroll these layers: ``tests/test_recurrent.py``.)"""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layer", [nn.RNN, nn.GRU, nn.LSTM])
+def test_recurrent_layers_under_vmap_run_unrolled_and_match_the_loop(layer, dtype):
+    """``method="vmap"`` (and vmap over the model, where a layer falls back to it) runs torch's
+    recurrent layers unrolled: in PyTorch 2.13 vmap cannot batch the fused RNN and GRU in any
+    dtype, nor the LSTM in float64. Against the float64 loop: float32 rounds at about 1e-7, so
+    1e-5 relative leaves room. (The rules unroll these layers too: ``tests/test_recurrent.py``.)"""
     model = _seeded(lambda: _Recurrent(layer)).to(dtype)
     x, y = torch.randn(B, 5, 4, generator=_gen(), dtype=dtype), _classes(B, 3)
-    raised = None
-    try:
-        actual = clipped_gradient_sum(
-            model, "cross_entropy", x, y, max_grad_norm=0.1, method="vmap"
-        )
-    except ValueError as error:
-        raised = str(error)
-    if raised is not None:
-        assert raised.startswith(
-            "torch.func.vmap cannot compute the per-example gradients of layer(s) head, rnn: "
-        )
-        assert "Opacus offers DPLSTM, DPGRU and DPRNN" in raised
-    else:
-        expected, norms = _loop_clipped_sum(model.double(), "cross_entropy", x.double(), y, 0.1)
-        assert float(norms.min()) > 0.1  # every example is clipped
-        _assert_same({n: t.double() for n, t in actual.items()}, expected)
-    if torch.__version__.startswith("2.13."):
-        assert (raised is not None) == VMAP_FAILS_IN_TORCH_2_13[layer, dtype]
+    actual = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.1, method="vmap")
+    expected, norms = _loop_clipped_sum(model.double(), "cross_entropy", x.double(), y, 0.1)
+    assert float(norms.min()) > 0.1  # every example is clipped
+    _assert_same({n: t.double() for n, t in actual.items()}, expected)
+    assert "forward" not in vars(model.rnn)

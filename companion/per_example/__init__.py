@@ -35,7 +35,8 @@ strides and every padding mode), ``Embedding``, ``EmbeddingBag`` (one bag per ex
 module tree: custom :class:`torch.nn.Module` subclasses are fine. ``RNN``, ``GRU`` and ``LSTM``
 (several layers, bidirectional, with projections, an initial state, either layout, padded or packed
 sequences) are unrolled step by step while the hooks keep their call, which makes each of their
-weights that of a ``Linear`` on the sequence (``companion/per_example/recurrent.py``). A layer of
+weights that of a ``Linear`` on the sequence (``companion/per_example/recurrent.py``); ``vmap``
+runs them unrolled too, as it cannot batch torch's fused ``RNN`` and ``GRU``. A layer of
 another type that holds parameters but no other layer and no hooks (``PReLU``, a layer you wrote)
 has a rule too: ``vmap`` over its own call, from the input and output gradient the hooks keep, when
 that call takes one tensor and returns one. The call is repeated from the kept input, and must give
@@ -83,11 +84,10 @@ autocast switched off, in the parameters' own dtype.
 See the DP-SGD chapter, :ref:`sec-dpsgd-per-example`, for the derivation with pictures.
 """
 
+from companion.per_example.checks import check_dp_compatible, check_examples_independent
 from companion.per_example.engine import PerExampleClipper, clipped_gradient_sum
 from companion.per_example.gradients import (
     ClippedSum,
-    check_dp_compatible,
-    check_examples_independent,
     clip_and_sum,
     clip_factors,
     per_example_gradients,

@@ -14,13 +14,13 @@ from torch.autograd.graph import get_gradient_edge
 from companion._outputs import batch_outputs
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
+from companion.per_example.checks import check_dp_compatible
 from companion.per_example.gradients import (
     ClippedSum,
     LossLike,
     Method,
     add_clipped,
     check_batch,
-    check_dp_compatible,
     check_method,
     materialised,
     resolve_loss,
@@ -197,7 +197,7 @@ def layerwise_add_clipped(
     warn_moved(misread, READ_ELSEWHERE)
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
-    warn_moved(odd, "takes or returns more than one tensor, or an unbatched sequence")
+    warn_moved(odd, "takes or returns more than one tensor")
     moved, entries = misread + misrowed + hidden + odd, []
     with torch.no_grad():
         for i, (name, module) in enumerate(active):

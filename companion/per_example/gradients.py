@@ -1,4 +1,4 @@
-"""Per-example gradients with :mod:`torch.func`, clipping, and the checks DP-SGD needs.
+"""Per-example gradients with :mod:`torch.func`, clipping, and the checks of their arguments.
 
 Part of :mod:`companion.per_example`; import from there.
 """
@@ -13,12 +13,10 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 from companion import _torch
 from companion._labels import check_labels
-from companion._outputs import batch_outputs, check_outputs, model_error, run_model
+from companion._outputs import batch_outputs, check_outputs, model_error
 from companion._torch import LossFn, LossName, check_model, trainable_named
 from companion._validation import check_positive
 
@@ -26,8 +24,6 @@ __all__ = [
     "ClippedSum",
     "LossLike",
     "Method",
-    "check_dp_compatible",
-    "check_examples_independent",
     "clip_and_sum",
     "clip_factors",
     "per_example_gradients",
@@ -51,123 +47,7 @@ class ClippedSum(NamedTuple):
     norms: torch.Tensor
 
 
-# --- checks -------------------------------------------------------------------------------------
-
-
-def check_dp_compatible(model: nn.Module) -> None:
-    """Raise if ``model`` cannot be trained with DP-SGD, naming every offending layer at once.
-
-    DP-SGD needs each example's gradient to depend on that example alone. Batch normalisation
-    breaks this (it normalises by statistics of the whole batch, and its running statistics are
-    un-noised averages of the training data), as do instance normalisation with
-    ``track_running_stats=True`` (its running statistics average over the batch) and an
-    ``Embedding`` or ``EmbeddingBag`` with ``scale_grad_by_freq=True`` (it scales gradients by
-    word counts over the batch). One with ``max_norm`` rescales, in place during the forward
-    pass, the rows of the tokens it reads: a change of the weights by the data, without noise.
-    Replace normalisation with :class:`torch.nn.GroupNorm` or :class:`torch.nn.LayerNorm`.
-    For a forward pass written by hand that mixes examples, see
-    :func:`check_examples_independent`.
-
-    Args:
-        model: the model to check.
-
-    Raises:
-        TypeError: if ``model`` is not a :class:`torch.nn.Module`, or is compiled.
-        ValueError: listing every layer above, or if the model has no trainable parameter.
-
-    Example:
-        >>> from torch import nn
-        >>> check_dp_compatible(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(),
-        ...                                   nn.Linear(3, 2), nn.BatchNorm1d(2)))
-        Traceback (most recent call last):
-        ...
-        ValueError: model cannot be trained with DP-SGD: layer '1' is a BatchNorm1d; layer '4' ...
-    """
-    model = check_model(model)
-    if isinstance(model, torch.jit.ScriptModule) or hasattr(model, "_orig_mod"):
-        raise TypeError(
-            f"model is a compiled module ({type(model).__name__}), which hides the layers' own "
-            "calls that per-example gradients need: pass the module given to torch.compile "
-            "(its ._orig_mod) or torch.jit.script."
-        )
-    problems = []
-    for name, module in model.named_modules():
-        where = f"layer {name!r}" if name else "the model"
-        kind = type(module).__name__
-        if isinstance(module, _BatchNorm):
-            problems.append(f"{where} is a {kind}")
-        elif isinstance(module, _InstanceNorm) and module.track_running_stats:
-            problems.append(f"{where} is a {kind} with track_running_stats=True")
-        elif isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq:
-            problems.append(f"{where} is an {kind} with scale_grad_by_freq=True")
-        elif isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None:
-            problems.append(f"{where} is an {kind} with max_norm")
-    if problems:
-        raise ValueError(
-            f"model cannot be trained with DP-SGD: {'; '.join(problems)}. These layers mix the "
-            "examples of a batch (batch normalisation normalises by batch statistics and its "
-            "running statistics average the training data), so per-example gradients and the "
-            "DP-SGD guarantee do not hold. Replace batch or instance normalisation with "
-            "torch.nn.GroupNorm or torch.nn.LayerNorm (or track_running_stats=False), and use "
-            "scale_grad_by_freq=False. An Embedding with max_norm renormalises the rows of the "
-            "tokens it reads in place, by the data and without noise: use max_norm=None."
-        )
-    trainable_named(model)
-
-
-def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
-    """Raise if the model's output for an example changes with the other examples of its batch.
-
-    Clipping bounds each example's influence on the gradient only if the forward pass treats the
-    examples of a batch independently. :func:`check_dp_compatible` refuses the layers known to
-    mix them; a forward pass written by hand can mix them too (normalising by the batch's mean,
-    comparing examples). This runs the model in evaluation mode on the first examples (up to 4),
-    together and one at a time, and compares the outputs. It catches mistakes and proves
-    nothing: a model that mixes examples in training mode only, or by less than the tolerance,
-    passes, and so does a model whose outputs are random in evaluation mode (Monte Carlo
-    dropout), which cannot be compared, and a batch of one example.
-    :func:`companion.dpsgd.train_dpsgd` runs it before training.
-
-    Args:
-        model: the model.
-        x: a batch of inputs the model accepts, on its device.
-
-    Raises:
-        TypeError: if the model does not return a tensor.
-        ValueError: if the model cannot be applied to ``x``, its outputs on the batch are NaN
-            or infinite, or differ from the same examples' outputs alone (in shape, or by more
-            than 1% of the largest output of the batch; 8 roundings, for dtypes with fewer
-            bits).
-
-    Example:
-        >>> class Centred(nn.Module):  # subtracts the batch's mean: mixes the examples
-        ...     def forward(self, x):
-        ...         return x - x.mean(dim=0)
-        >>> check_examples_independent(Centred(), torch.randn(4, 3))
-        Traceback (most recent call last):
-        ...
-        ValueError: the model's output for an example depends on the other examples of its ...
-    """
-    n = min(4, x.shape[0])
-    if n < 2:
-        return
-    first = run_model(model, x[:n])
-    if not torch.isfinite(first).all():
-        raise ValueError("the model's outputs on the first examples are NaN or infinite.")
-    if not torch.equal(run_model(model, x[:n]), first):
-        return  # random in evaluation mode: nothing to compare with
-    eps = torch.finfo(first.dtype).eps if first.is_floating_point() else 0.0
-    together = first.double().reshape(-1)
-    alone = torch.cat([run_model(model, x[i : i + 1]).double().reshape(-1) for i in range(n)])
-    tolerance = max(1e-2, 8 * eps) * float(together.abs().max())
-    if alone.shape != together.shape or not float((together - alone).abs().max()) <= tolerance:
-        raise ValueError(
-            "the model's output for an example depends on the other examples of its batch: on "
-            f"the first {n} examples, the outputs of one forward pass differ from those of each "
-            "example run alone. DP-SGD bounds each example's influence only if the forward pass "
-            "treats the examples independently: remove statistics taken over the batch (a mean "
-            "or a normalisation over dim 0) and anything that compares examples."
-        )
+# --- argument checks ------------------------------------------------------------------------------
 
 
 def check_method(method: object) -> str:
@@ -288,8 +168,12 @@ def vmap_gradients(
     # the tree (nn.Sequential(layer, layer)) torch 2.13 swaps back the wrong ones and leaves
     # traced tensors in the model, so each module's own tensors are restored here.
     saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    batched = vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")
+    from companion.per_example.recurrent import unrolled_layers  # which imports this module
+
     try:
-        return vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+        with unrolled_layers(model):  # vmap cannot batch torch's fused recurrent layers
+            return batched(params, x, y)
     except _torch.OutOfMemoryError:
         raise
     except IndexError as error:  # token ids out of range
@@ -299,11 +183,10 @@ def vmap_gradients(
         shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
         raise ValueError(
             f"torch.func.vmap cannot compute the per-example gradients of layer(s) {shown}: "
-            f"{error}. Some layers fail under vmap: in PyTorch 2.x, nn.RNN and nn.GRU, nn.LSTM in "
-            "some settings, and packed sequences (method='auto' unrolls these layers, called "
-            "once on a batch; a Python loop over nn.RNNCell, nn.GRUCell or nn.LSTMCell works "
-            "under vmap; Opacus offers DPLSTM, DPGRU and DPRNN). So does a forward pass that "
-            "reads a tensor's value (.item(), if on a tensor) or changes one in place."
+            f"{error}. Some operations fail under vmap: a packed sequence (method='auto' "
+            "unrolls a recurrent layer called once on it), nn.GRUCell and the like without an "
+            "initial state, a forward pass that reads a tensor's value (.item()) or changes one "
+            "in place."
         ) from None
     finally:
         for module, parameters, buffers in saved:

@@ -27,7 +27,7 @@ from torch import nn
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, OutOfMemoryError
 from companion._validation import warn
-from companion.per_example.recurrent import RecurrentPart, unrolled
+from companion.per_example.recurrent import RecurrentPart, unrolled_call
 
 __all__: list[str] = []
 
@@ -51,8 +51,8 @@ class Capture:
     A call of one tensor to one tensor is kept in ``seen``; a layer called otherwise (more
     inputs, a tuple out) is put in ``odd``: no rule can repeat that call. A recurrent layer's
     call is unrolled (:mod:`~companion.per_example.recurrent`), and the products of its parts
-    kept in ``seen``, or its parts put in ``odd`` if it cannot be (an input without a batch
-    dimension)."""
+    kept in ``seen``, or its parts put in ``odd`` if it cannot be (an input torch's layer refuses
+    too)."""
 
     def __init__(
         self, layers: list[tuple[str, nn.Module]], *, copy_inputs: bool, copy_outputs: bool
@@ -96,8 +96,7 @@ class Capture:
         """A recurrent layer's forward: the recurrence unrolled
         (:func:`~companion.per_example.recurrent.unrolled`), keeping its parts' inputs and
         outputs; torch's own if the call cannot be unrolled (its parts are then ``odd``)."""
-        named = dict(zip(("input", "hx"), args, strict=False)) | kwargs
-        done = unrolled(layer, named.get("input"), named.get("hx"))
+        done = unrolled_call(layer, args, kwargs)
         if done is None:
             self.odd.update(parts)
             return type(layer).forward(layer, *args, **kwargs)

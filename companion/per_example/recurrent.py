@@ -21,11 +21,16 @@ inputs and output gradients of all steps at once. (Opacus's ``DPLSTM`` rewrites 
 linear layer called at every step.) Each parameter is read once in the unrolled graph, so a layer
 called twice or a weight read outside it is found as for any layer. A packed batch of sequences is
 unrolled padded, each example keeping its state past its end (where its products' output gradients
-are 0). Not unrolled, and left to ``vmap`` over the model (which fails on most recurrent layers): an
-input without a batch dimension, and a subclass of these layers.
+are 0); a sequence without a batch dimension, as a batch of one. A subclass of these layers is
+left to ``vmap`` over the model, which runs every layer whose ``forward`` is torch's own unrolled
+too (:func:`unrolled_layers`): ``vmap`` cannot batch torch's fused RNN and GRU.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +42,40 @@ from companion.per_example.rules import LAYER_RULES, RuleOutput
 
 __all__: list[str] = []
 
-#: The layers unrolled here, by exact type (a subclass may compute something else).
+#: The layers whose parts the rules take, by exact type (a subclass may compute something else).
 RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
+
+
+@contextlib.contextmanager
+def unrolled_layers(model: nn.Module) -> Iterator[None]:
+    """Within the block, every recurrent layer of ``model`` whose forward is torch's own (a
+    parametrised one too) runs unrolled (:func:`unrolled`), which ``vmap`` can batch: torch's
+    fused layers it cannot (RNN and GRU in PyTorch 2.x). A packed sequence still fails."""
+    layers = [
+        m
+        for m in model.modules()
+        if type(m).forward in {kind.forward for kind in RECURRENT} and "forward" not in vars(m)
+    ]
+    for layer in layers:
+        layer.forward = functools.partial(_unrolled_or_own, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _unrolled_or_own(layer: nn.Module, *args: object, **kwargs: object) -> object:
+    done = unrolled_call(layer, args, kwargs)
+    return type(layer).forward(layer, *args, **kwargs) if done is None else done[0]
+
+
+def unrolled_call(
+    layer: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+) -> tuple[object, Kept] | None:
+    """:func:`unrolled` on the arguments of a call of the layer (``input``, ``hx``)."""
+    named = dict(zip(("input", "hx"), args, strict=False)) | kwargs
+    return unrolled(layer, named.get("input"), named.get("hx"))
 
 
 class RecurrentPart(nn.Module):
@@ -124,22 +161,30 @@ Kept = dict[str, tuple[torch.Tensor, torch.Tensor]]
 def unrolled(layer: nn.Module, x: torch.Tensor, hx: object) -> tuple[object, Kept] | None:
     """The layer's output on ``x`` (with initial state ``hx``) as torch returns it, computed step
     by step, and each product's input and output, by weight name; None if the call is not one
-    this unrolls (an input without a batch dimension). The inputs are kept without a copy: the
+    this unrolls (neither a tensor of a batch or one sequence nor a packed batch, which torch's
+    layer refuses too). The inputs are kept without a copy: the
     unrolled graph saves them for its backward pass, which raises if the model changes one in
     place after the call (torch's fused layer may let it)."""
+    lstm = layer.mode == "LSTM"
+    if isinstance(x, torch.Tensor) and x.dim() == 2:  # one sequence: a batch of one, then not
+        batch_dim = 0 if layer.batch_first else 1
+        if hx is not None:
+            hx = tuple(h.unsqueeze(1) for h in hx) if lstm else hx.unsqueeze(1)
+        (output, state), kept = unrolled(layer, x.unsqueeze(batch_dim), hx)
+        state = tuple(h.squeeze(1) for h in state) if lstm else state.squeeze(1)
+        return (output.squeeze(batch_dim), state), kept
     valid = None
     if isinstance(x, PackedSequence):  # padded, in the batch's order, as torch gives hx and h_n
         seq, lengths = pad_packed_sequence(x, batch_first=True)
         valid = torch.arange(seq.shape[1])[None, :] < lengths[:, None]
         valid = valid.to(seq.device)
-        if x.sorted_indices is None and len(lengths) > 1:
-            warn(SORTED_PACK)
+        if x.sorted_indices is None and bool((lengths != lengths[0]).any()):
+            warn(SORTED_PACK)  # sorted, as a model that sorts its batch would give it
     elif isinstance(x, torch.Tensor) and x.dim() == 3:
         seq = x if layer.batch_first else x.transpose(0, 1)  # (B, T, features)
     else:
         return None
     batch, suffixes = seq.shape[0], _suffixes(layer)
-    lstm = layer.mode == "LSTM"
     out_size = getattr(layer, "proj_size", 0) or layer.hidden_size
     if hx is None:
         h0 = seq.new_zeros(len(suffixes), batch, out_size)
@@ -184,9 +229,11 @@ def _packed_like(
 def _shift(bias: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The bias of a product made step by step, expanded to ``shape`` (B, T, out): the gradient
     with respect to it is the product's output gradient at every step, in one tensor. Without a
-    trainable bias, a zero of its own that requires a gradient takes its place."""
+    trainable bias, a zero that requires a gradient is added (made by a factory, as torch.func's
+    transforms allow, not by ``requires_grad_``)."""
     if bias is None or not bias.requires_grad:
-        bias = (bias.detach() if bias is not None else like.new_zeros(())).requires_grad_()
+        zero = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
+        bias = zero if bias is None else bias.detach() + zero
     return bias.expand(shape)
 
 
