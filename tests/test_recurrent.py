@@ -55,10 +55,16 @@ class _Tagger(nn.Module):
             out, state = self.rnn(input=seq, hx=hx)
         else:
             out, state = self.rnn(seq) if hx is None else self.rnn(seq, hx)
-        h_n = state[0] if isinstance(state, tuple) else state
         steps = (out if first else out.transpose(0, 1)).mean(1)
-        cells = state[1].sum(0)[:, 1:2] if isinstance(state, tuple) else 0  # an LSTM's c_n
-        return self.head(steps) + h_n.sum(0)[:, :1] + cells
+        return self.head(steps) + _finals(state)
+
+
+def _finals(state):
+    """The final states (an LSTM's h_n and c_n), summed into the logits of classes 0 and 1 (not
+    into all three alike, which the cross-entropy would not see)."""
+    h_n, c_n = state if isinstance(state, tuple) else (state, torch.zeros_like(state))
+    zeros = torch.zeros_like(h_n[0, :, 0])
+    return torch.stack([h_n.sum((0, 2)), c_n.sum((0, 2)), zeros], dim=1)
 
 
 CASES = {
@@ -113,9 +119,8 @@ class _Packed(nn.Module):
             states = 2 * self.rnn.num_layers if self.rnn.bidirectional else self.rnn.num_layers
             h0 = torch.tanh(self.start(x.sum(1))).expand(states, -1, -1).contiguous()
             out, state = self.rnn(packed, (h0, -h0) if isinstance(self.rnn, nn.LSTM) else h0)
-        h_n = state[0] if isinstance(state, tuple) else state
         steps, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        return self.head(steps.sum(1)) + h_n.sum(0)[:, :1]
+        return self.head(steps.sum(1)) + _finals(state)
 
 
 PACKED = {
@@ -307,10 +312,11 @@ class _OneSequenceAtATime(nn.Module):
     def __init__(self):
         super().__init__()
         self.rnn = nn.GRU(4, 5)
+        self.h0 = nn.Parameter(torch.randn(1, 5))  # an initial state without a batch dimension
         self.head = nn.Linear(5, 3)
 
     def forward(self, x):
-        return self.head(torch.stack([self.rnn(sequence)[1][0] for sequence in x]))
+        return self.head(torch.stack([self.rnn(sequence, self.h0)[1][0] for sequence in x]))
 
 
 @pytest.mark.parametrize(
