@@ -162,9 +162,9 @@ def unrolled(layer: nn.Module, x: torch.Tensor, hx: object) -> tuple[object, Kep
     """The layer's output on ``x`` (with initial state ``hx``) as torch returns it, computed step
     by step, and each product's input and output, by weight name; None if the call is not one
     this unrolls (neither a tensor of a batch or one sequence nor a packed batch, which torch's
-    layer refuses too). The inputs are kept without a copy: the
-    unrolled graph saves them for its backward pass, which raises if the model changes one in
-    place after the call (torch's fused layer may let it)."""
+    layer refuses too). The inputs are kept without a copy: the unrolled graph saves them for its
+    backward pass, which raises if the model changes one in place after the call (torch's fused
+    layer may let it)."""
     lstm = layer.mode == "LSTM"
     if isinstance(x, torch.Tensor) and x.dim() == 2:  # one sequence: a batch of one, then not
         batch_dim = 0 if layer.batch_first else 1
@@ -176,8 +176,7 @@ def unrolled(layer: nn.Module, x: torch.Tensor, hx: object) -> tuple[object, Kep
     valid = None
     if isinstance(x, PackedSequence):  # padded, in the batch's order, as torch gives hx and h_n
         seq, lengths = pad_packed_sequence(x, batch_first=True)
-        valid = torch.arange(seq.shape[1])[None, :] < lengths[:, None]
-        valid = valid.to(seq.device)
+        valid = (torch.arange(seq.shape[1]) < lengths[:, None]).to(seq.device)  # (B, T)
         if x.sorted_indices is None and bool((lengths != lengths[0]).any()):
             warn(SORTED_PACK)  # sorted, as a model that sorts its batch would give it
     elif isinstance(x, torch.Tensor) and x.dim() == 3:
