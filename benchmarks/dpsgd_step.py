@@ -66,10 +66,10 @@ from companion import dpsgd, per_example
 
 try:  # run as a script from the repository root: benchmarks/ is sys.path[0]
     from dpsgd_memory import SHORT, WHAT, fmt_mib, measure_all
-    from models import LINEAR, MODELS, build_model, make_batch
+    from models import LINEAR, MODELS, build_model, make_batch, torch_names
 except ImportError:  # imported as benchmarks.dpsgd_step
     from benchmarks.dpsgd_memory import SHORT, WHAT, fmt_mib, measure_all
-    from benchmarks.models import LINEAR, MODELS, build_model, make_batch
+    from benchmarks.models import LINEAR, MODELS, build_model, make_batch, torch_names
 
 BATCH = 256
 LR = 0.05
@@ -279,8 +279,8 @@ def check_agreement(model_name: str, methods: list[str], device: str) -> str:
             step = build_step(method, model, x, y, noise_multiplier=0.0, max_grad_norm=clip)
             step.run()
             # by name: Opacus's DPGRU holds nn.GRU's parameters in another order
-            ordered = [step.params[name] for name in sorted(step.params)]
-            flat = [p.grad.flatten() for p in ordered if p.requires_grad]
+            found = torch_names({n: p.grad for n, p in step.params.items() if p.requires_grad})
+            flat = [found[name].flatten() for name in sorted(found)]
             grads[method] = torch.cat(flat).detach().double()
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32

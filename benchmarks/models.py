@@ -15,7 +15,11 @@ inputs give gradient norms above the clipping norm 1 for most examples, as in ea
   mean over tokens, ``LayerNorm(64)``, ``Linear(64, 2)``;
 - ``text-gru``: a recurrent text classifier, ``Embedding(10000, 64)`` on 32 token ids,
   ``GRU(64, 128)``, ``Linear(128, 2)`` on its final state (not in issue 9's list). Opacus takes
-  no ``nn.GRU``: its methods get the same model with Opacus's ``DPGRU``, and the same weights.
+  no ``nn.GRU``: its methods get the same model with Opacus's ``DPGRU``, and the same weights;
+- ``text-transformer``: ``Embedding(10000, 64)`` on 32 token ids, torch's
+  ``TransformerEncoderLayer(64, 4 heads, 128)``, mean over tokens, ``Linear(64, 2)`` (not in issue
+  9's list either). Opacus's methods get the same model with Opacus's ``DPMultiheadAttention``,
+  and the same weights.
 """
 
 from __future__ import annotations
@@ -73,10 +77,64 @@ class RecurrentText(nn.Module):
         return self.head(self.rnn(self.embedding(tokens))[1][0])
 
 
-def _opacus_gru_text() -> nn.Module:
+class TransformerText(nn.Module):
+    """Token ids (B, T) -> embeddings -> torch's ``TransformerEncoderLayer`` (batch first, no
+    dropout, so that the methods' gradients can be compared) -> mean -> Linear."""
+
+    def __init__(self, vocab: int = VOCAB) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, 64)
+        self.encoder = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embedding(tokens)).mean(dim=1))
+
+
+def _opacus_gru_text(built: nn.Module) -> nn.Module:
     from opacus.layers import DPGRU
 
-    return RecurrentText(DPGRU)
+    model = RecurrentText(DPGRU)
+    for child, layer in model.named_children():  # DPGRU renames only its own state dict
+        layer.load_state_dict(built.get_submodule(child).state_dict())
+    return model
+
+
+def _opacus_transformer_text(built: nn.Module) -> nn.Module:
+    """The model with its attention as Opacus's ``DPMultiheadAttention`` (what Opacus's
+    ``ModuleValidator.fix`` puts in), with the same weights: the input projection split into its
+    query, key and value layers. The attention runs Opacus's time-first path: its batch-first
+    path puts heads in the place of positions in its output (Opacus 1.6; its pull request 825)."""
+    from opacus.layers import DPMultiheadAttention
+
+    class BatchFirst(DPMultiheadAttention):
+        def forward(self, query, key, value, **options):  # type: ignore[no-untyped-def]
+            time_first = (t.transpose(0, 1) for t in (query, key, value))
+            output, weights = super().forward(*time_first, **options)
+            return output.transpose(0, 1), weights
+
+    model, state = TransformerText(), {}
+    model.encoder.self_attn = BatchFirst(64, 4, dropout=0.0)
+    for name, value in built.state_dict().items():
+        if ".in_proj_" not in name:
+            state[name] = value
+            continue
+        prefix, kind = name.split(".in_proj_")
+        for part, third in zip(("qlinear", "klinear", "vlinear"), value.chunk(3), strict=True):
+            state[f"{prefix}.{part}.{kind}"] = third
+    model.load_state_dict(state)
+    return model
+
+
+def torch_names(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradients by parameter name, those of a ``DPMultiheadAttention``'s query, key and value
+    layers joined as torch's ``in_proj_weight`` and ``in_proj_bias`` (one layout for all)."""
+    joined = dict(grads)
+    for name in [n for n in grads if ".qlinear." in n]:
+        prefix, kind = name.split(".qlinear.")
+        thirds = [joined.pop(f"{prefix}.{part}linear.{kind}") for part in "qkv"]
+        joined[f"{prefix}.in_proj_{kind}"] = torch.cat(thirds)
+    return joined
 
 
 def _logreg() -> nn.Module:
@@ -131,7 +189,8 @@ class Spec(NamedTuple):
     input_shape: tuple[int, ...]
     classes: int
     tokens: bool = False  # inputs are token ids in [0, VOCAB) rather than floats
-    for_opacus: Callable[[], nn.Module] | None = None  # the model Opacus takes, if another
+    # the model Opacus takes, if another, given the built model whose weights it copies
+    for_opacus: Callable[[nn.Module], nn.Module] | None = None
 
 
 MODELS: dict[str, Spec] = {
@@ -143,6 +202,14 @@ MODELS: dict[str, Spec] = {
     "text-emb": Spec("Embedding + LayerNorm text", BagOfEmbeddings, (TOKENS,), 2, tokens=True),
     "text-gru": Spec(
         "Embedding + GRU text", RecurrentText, (32,), 2, tokens=True, for_opacus=_opacus_gru_text
+    ),
+    "text-transformer": Spec(
+        "Embedding + Transformer text",
+        TransformerText,
+        (32,),
+        2,
+        tokens=True,
+        for_opacus=_opacus_transformer_text,
     ),
 }
 #: The two linear models, whose target is 1.3x a non-private step (1.5x for the others).
@@ -158,9 +225,7 @@ def build_model(
         torch.manual_seed(seed)
         model = MODELS[name].build()
     if opacus and MODELS[name].for_opacus is not None:
-        built, model = model, MODELS[name].for_opacus()
-        for child, layer in model.named_children():  # DPGRU renames only its own state dict
-            layer.load_state_dict(built.get_submodule(child).state_dict())
+        model = MODELS[name].for_opacus(model)
     return model.to(device)
 
 

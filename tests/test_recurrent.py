@@ -19,7 +19,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from companion.dpsgd import train_dpsgd
 from companion.per_example import PerExampleClipper, clipped_gradient_sum
-from companion.per_example.recurrent import SORTED_PACK, RecurrentPart, parts
+from companion.per_example.composite import Part, parts
+from companion.per_example.recurrent import SORTED_PACK
 
 pytestmark = pytest.mark.unit
 
@@ -219,7 +220,7 @@ def test_a_weight_computed_by_weight_norm_falls_back_when_the_clipper_is_built()
     model.rnn.weight_hh_l0_v.requires_grad_(False)
     with pytest.warns(UserWarning, match=r"'rnn' \(LSTM\) computes \['weight_hh_l0'\] \(weight_"):
         clipper = PerExampleClipper(model, loss="cross_entropy")
-    assert not any(isinstance(m, RecurrentPart) for _, m in clipper.plan.hooked)
+    assert not any(isinstance(m, Part) for _, m in clipper.plan.hooked)
 
 
 def _frozen(model, *names):
@@ -285,7 +286,7 @@ def test_negative_control_a_loop_that_forgets_to_clip_differs(name):
 
 def test_every_parameter_of_a_layer_is_in_exactly_one_part():
     layer = nn.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=3)
-    found = [name for part in parts(layer) for name, _ in part.named_parameters()]
+    found = [name for part in parts(layer) for name in part.names if name is not None]
     assert sorted(found) == sorted(name for name, _ in layer.named_parameters())
     layer.weight_hh_l1.requires_grad_(False)
     layer.bias_hh_l1.requires_grad_(False)
@@ -401,7 +402,7 @@ def test_a_layer_whose_forward_is_replaced_is_not_unrolled():
     model.rnn.forward = model.rnn.forward  # a wrapper's doing: the call may be other maths
     with pytest.warns(UserWarning, match=r"layer 'rnn' \(LSTM\) has its forward replaced"):
         clipper = PerExampleClipper(model, loss="cross_entropy")
-    assert not any(isinstance(m, RecurrentPart) for _, m in clipper.plan.hooked)
+    assert not any(isinstance(m, Part) for _, m in clipper.plan.hooked)
 
 
 def test_dpsgd_trains_a_gru_text_classifier_with_the_rules():

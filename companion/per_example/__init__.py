@@ -29,44 +29,48 @@ same result (the tests check both against a plain loop over examples):
   backward, without the patch matrix the Gram matrices need) unless they would take over four
   times the memory; the clipped sum is then one matrix product :math:`(f \odot b)^\top a`.
 
-The rules cover ``Linear`` (also on sequences), ``Conv1d`` and ``Conv2d`` (groups, dilation,
-strides and every padding mode), ``Embedding``, ``EmbeddingBag`` (one bag per example, a
-``(B, T)`` input; modes ``"sum"`` and ``"mean"``), ``LayerNorm`` and ``GroupNorm``, anywhere in a
-module tree: custom :class:`torch.nn.Module` subclasses are fine. ``RNN``, ``GRU`` and ``LSTM``
-(several layers, bidirectional, with projections, an initial state, either layout, padded or packed
-sequences) are unrolled step by step while the hooks keep their call, which makes each of their
-weights that of a ``Linear`` on the sequence (``companion/per_example/recurrent.py``); ``vmap``
-runs them unrolled too, as it cannot batch torch's fused ``RNN`` and ``GRU``. A layer of
+The rules cover ``Linear`` (also on sequences), ``Conv1d`` and ``Conv2d`` (groups, dilation, strides
+and every padding mode), ``Embedding``, ``EmbeddingBag`` (one bag per example, a ``(B, T)`` input;
+modes ``"sum"`` and ``"mean"``), ``LayerNorm`` and ``GroupNorm``, anywhere in a module tree: custom
+:class:`torch.nn.Module` subclasses are fine. ``RNN``, ``GRU`` and ``LSTM`` (several layers,
+bidirectional, with projections, an initial state, either layout, padded or packed sequences) are
+unrolled step by step while the hooks keep their call, which makes each of their weights that of a
+``Linear`` on the sequence (``companion/per_example/recurrent.py``); ``vmap`` runs them unrolled
+too, as it cannot batch torch's fused ``RNN`` and ``GRU``. Likewise ``MultiheadAttention`` (self- or
+cross-attention, masks, either layout; not ``add_bias_kv``, ``add_zero_attn`` or other key and value
+sizes) is computed with its input and output projections as two ``Linear`` layers on sequences
+(``companion/per_example/attention.py``), so torch's ``TransformerEncoderLayer`` and
+``TransformerDecoderLayer`` built with ``batch_first=True`` take the rules throughout. A layer of
 another type that holds parameters but no other layer and no hooks (``PReLU``, a layer you wrote)
 has a rule too: ``vmap`` over its own call, from the input and output gradient the hooks keep, when
 that call takes one tensor and returns one. The call is repeated from the kept input, and must give
 the kept output again: one that reads more than its input (a random draw, state its parent sets, a
 hook added later) or changes its input in place falls back as below, from the batch that shows it.
 ``method="auto"`` (the default) uses the rules where they apply and computes the gradients of the
-remaining trainable parameters (those held by a layer that also holds other layers, with
-``MultiheadAttention``'s ``out_proj``, which it reads without calling it; those of a
+remaining trainable parameters (those held by a layer that also holds other layers, with a sublayer
+it reads without calling it, such as a ``MultiheadAttention`` subclass's ``out_proj``; those of a
 layer whose parameters the loss's autograd graph reads other than once, by the layer's last call: a
 layer called twice, a tied output head ``h @ embedding.weight.t()``) with ``vmap`` over the whole
-model, for those parameters only, and says which. The rules read a layer's input and output with
-the examples along dimension 0, one row each; a layer called on another layout (a batch flattened
-to ``(B*T, F)``, or a sequence laid out ``(T, B, F)``, as torch's attention layers take it by
-default) falls back to ``vmap`` too, and so does a layer called on a batch reordered
-around it (``x.flip(0)``, a sort, undone after the layer). Every batch's shapes are checked, and a
-clipper's first three batches of two examples or more are checked in their autograd graph: for each
-bit of an example's index, the losses of the examples with that bit set, and of those without it,
-must reach no row of a layer's output outside their set (:math:`2 \lceil \log_2 n \rceil` more
-backward passes on the first :math:`n \le 8` examples, each example's loss weighted by a random
-factor so that reads cannot cancel; exact zeros, so neither rounding, identical examples nor the
-model's random draws matter). A layer that fails moves to ``vmap`` for the clipper's life. A
-reordering that depends on the data (a sort by length) or on the batch's size, or that leaves the
-first 8 examples in place (a roll by 8), is found only if it reorders those examples of a checked
-batch: a model that reorders its batch should use ``method="vmap"``, and one that sorts it to pack
-it for a recurrent layer (which vmap cannot take) should pack with ``enforce_sorted=False`` instead
-(a batch packed sorted gets a warning). Random layers such as ``Dropout`` draw other masks in
-``vmap``'s forward pass than in the rules' one, so where a layer takes vmap over the model an
-example's gradient may mix two draws; it is still clipped as a whole, which is what the guarantee
-needs. Under :class:`torch.autocast` the clipped sum is computed with
-autocast switched off, in the parameters' own dtype.
+model, for those parameters only, and says which. The rules read a layer's input and output with the
+examples along dimension 0, one row each; a layer called on another layout (a batch flattened to
+``(B*T, F)``, or a sequence laid out ``(T, B, F)``, as torch's transformer layers take it by
+default) falls back to ``vmap`` too, and so does a layer called on a batch reordered around it
+(``x.flip(0)``, a sort, undone after the layer). Every batch's shapes are checked, and a clipper's
+first three batches of two examples or more are checked in their autograd graph: for each bit of an
+example's index, the losses of the examples with that bit set, and of those without it, must reach
+no row of a layer's output outside their set (:math:`2 \lceil \log_2 n \rceil` more backward passes
+on the first :math:`n \le 8` examples, each example's loss weighted by a random factor so that reads
+cannot cancel; exact zeros, so neither rounding, identical examples nor the model's random draws
+matter). A layer that fails moves to ``vmap`` for the clipper's life. A reordering that depends on
+the data (a sort by length) or on the batch's size, or that leaves the first 8 examples in place (a
+roll by 8), is found only if it reorders those examples of a checked batch: a model that reorders
+its batch should use ``method="vmap"``, and one that sorts it to pack it for a recurrent layer
+(which vmap cannot take) should pack with ``enforce_sorted=False`` instead (a batch packed sorted
+gets a warning). Random layers such as ``Dropout`` draw other masks in ``vmap``'s forward pass than
+in the rules' one, so where a layer takes vmap over the model an example's gradient may mix two
+draws; it is still clipped as a whole, which is what the guarantee needs. Under
+:class:`torch.autocast` the clipped sum is computed with autocast switched off, in the parameters'
+own dtype.
 
 .. note::
 
@@ -84,6 +88,8 @@ autocast switched off, in the parameters' own dtype.
 See the DP-SGD chapter, :ref:`sec-dpsgd-per-example`, for the derivation with pictures.
 """
 
+# attention and recurrent register the layers they compute as products (composite.KINDS)
+from companion.per_example import attention, recurrent  # noqa: F401
 from companion.per_example.checks import check_dp_compatible, check_examples_independent
 from companion.per_example.engine import PerExampleClipper, clipped_gradient_sum
 from companion.per_example.gradients import (

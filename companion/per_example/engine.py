@@ -15,6 +15,7 @@ from companion._outputs import batch_outputs
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
 from companion.per_example.checks import check_dp_compatible
+from companion.per_example.composite import computed_weights, is_composite, parameter_names, parts
 from companion.per_example.gradients import (
     ClippedSum,
     LossLike,
@@ -42,7 +43,6 @@ from companion.per_example.layout import (
     rows_cross,
     warn_moved,
 )
-from companion.per_example.recurrent import RECURRENT, computed_weights, parameter_names, parts
 from companion.per_example.rules import LAYER_RULES, vmap_over_call
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
@@ -54,7 +54,7 @@ def plan_layers(model: nn.Module) -> LayerPlan:
     """Hook every layer with a rule whose trainable parameters are its own; vmap the rest.
 
     A layer falls back to vmap over the model if it holds other layers and parameters of its own
-    (a MultiheadAttention, with its ``out_proj``, whose parameters it reads without calling it),
+    (a subclass of MultiheadAttention, with the ``out_proj`` whose parameters it reads itself),
     if it has no rule and hooks of its own (:func:`_why_no_rule`), if it holds a trainable
     parameter its rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is
     replaced on the instance, if it appears twice in the module tree, or if one of its parameters
@@ -80,8 +80,8 @@ def plan_layers(model: nn.Module) -> LayerPlan:
             continue
         why = _why_no_rule(module)
         alone = module_uses[id(module)] == 1 and all(param_owners[id(p)] == 1 for p in own)
-        if why is None and alone:  # a recurrent layer: its products, each a layer of the plan
-            layers = parts(module) if type(module) in RECURRENT else [module]
+        if why is None and alone:  # a layer of parts: its products, each a layer of the plan
+            layers = parts(module) if is_composite(module) else [module]
             hooked.extend((name, layer) for layer in layers)
             continue
         fallback.extend(canonical[id(p)] for p in own if canonical[id(p)] not in fallback)
@@ -92,7 +92,7 @@ def plan_layers(model: nn.Module) -> LayerPlan:
 
 def _read_sublayers(module: nn.Module) -> list[nn.Module]:
     """The sublayers whose parameters ``module`` reads without calling them (MultiheadAttention's
-    ``out_proj``), which no hook sees: they fall back to vmap with the module's own parameters."""
+    ``out_proj``), which no hook sees: they go where the module's own parameters go."""
     return [module.out_proj] if isinstance(module, nn.MultiheadAttention) else []
 
 
@@ -103,10 +103,10 @@ def _why_no_rule(module: nn.Module) -> str | None:
     other layer and no hooks, which that call would run again. (A forward hook is fine on a layer
     with a rule: the hooks that keep its output run first.)"""
     kind = type(module).__name__
-    ruled = parameter_names(module) if type(module) in RECURRENT else {"weight", "bias"}
-    if type(module) in RECURRENT and (computed := computed_weights(module)):
+    ruled = parameter_names(module) if is_composite(module) else {"weight", "bias"}
+    if is_composite(module) and (computed := computed_weights(module)):
         return f"({kind}) computes {computed} (weight_norm), which no rule does"
-    if type(module) not in LAYER_RULES and type(module) not in RECURRENT:
+    if type(module) not in LAYER_RULES and not is_composite(module):
         if read := _read_sublayers(module):
             inside = {id(p) for m in [module, *read] for p in m.parameters(recurse=False)}
             names = [n for n, p in module.named_parameters() if p.requires_grad and id(p) in inside]

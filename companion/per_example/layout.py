@@ -27,7 +27,7 @@ from torch import nn
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, OutOfMemoryError
 from companion._validation import warn
-from companion.per_example.recurrent import RecurrentPart, unrolled_call
+from companion.per_example.composite import Part, call, own_parameters
 
 __all__: list[str] = []
 
@@ -49,10 +49,10 @@ class Capture:
     in-place changes made further on (``ReLU(inplace=True)``): the inputs are copied if
     ``copy_inputs``, and the outputs if ``copy_outputs`` (the layer then passes on the copy).
     A call of one tensor to one tensor is kept in ``seen``; a layer called otherwise (more
-    inputs, a tuple out) is put in ``odd``: no rule can repeat that call. A recurrent layer's
-    call is unrolled (:mod:`~companion.per_example.recurrent`), and the products of its parts
-    kept in ``seen``, or its parts put in ``odd`` if it cannot be (an input torch's layer refuses
-    too)."""
+    inputs, a tuple out) is put in ``odd``: no rule can repeat that call. A layer of parts (a
+    recurrent layer, a MultiheadAttention: :mod:`~companion.per_example.composite`) runs its
+    products, whose inputs and outputs are kept in ``seen``, or its parts are put in ``odd`` for
+    a call those do not compute (an input torch's layer refuses, an unbatched one)."""
 
     def __init__(
         self, layers: list[tuple[str, nn.Module]], *, copy_inputs: bool, copy_outputs: bool
@@ -60,19 +60,19 @@ class Capture:
         self.seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         self.odd: set[nn.Module] = set()
         self.copy_inputs, self.copy_outputs = copy_inputs, copy_outputs
-        self.handles, recurrent = [], {}
+        self.handles, composite = [], {}
         for _, m in layers:
-            if isinstance(m, RecurrentPart):  # kept by the recurrent layer's forward, below
-                recurrent.setdefault(m.layer, []).append(m)
+            if isinstance(m, Part):  # kept by its layer's replaced forward, below
+                composite.setdefault(m.layer, []).append(m)
             else:
                 self.handles.append(
                     m.register_forward_hook(self._keep, with_kwargs=True, prepend=True)
                 )
-        # A recurrent layer's forward is replaced, on the instance and until remove(), by its
-        # recurrence unrolled (a hook could replace its output only after torch's fused call).
-        self.recurrent = list(recurrent)
-        for layer, parts in recurrent.items():
-            layer.forward = functools.partial(self._unrolled_forward, layer, parts)
+        # The forward of a layer of parts is replaced, on the instance and until remove(), by its
+        # products (a hook could replace its output only after torch's fused call).
+        self.composite = list(composite)
+        for layer, parts in composite.items():
+            layer.forward = functools.partial(self._composite_forward, layer, parts)
 
     def _keep(
         self,
@@ -90,13 +90,13 @@ class Capture:
         self.seen[module] = (a, output, a._version, output._version)
         return output.clone() if self.copy_outputs else None
 
-    def _unrolled_forward(
-        self, layer: nn.Module, parts: list[RecurrentPart], *args: object, **kwargs: object
+    def _composite_forward(
+        self, layer: nn.Module, parts: list[Part], *args: object, **kwargs: object
     ) -> object:
-        """A recurrent layer's forward: the recurrence unrolled
-        (:func:`~companion.per_example.recurrent.unrolled`), keeping its parts' inputs and
-        outputs; torch's own if the call cannot be unrolled (its parts are then ``odd``)."""
-        done = unrolled_call(layer, args, kwargs)
+        """The forward of a layer of parts (:mod:`~companion.per_example.composite`), keeping
+        their inputs and outputs; torch's own for a call it does not compute (its parts are then
+        ``odd``)."""
+        done = call(layer, args, kwargs, copy=self.copy_outputs)
         if done is None:
             self.odd.update(parts)
             return type(layer).forward(layer, *args, **kwargs)
@@ -112,7 +112,7 @@ class Capture:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        for layer in self.recurrent:
+        for layer in self.composite:
             del layer.forward
 
 
@@ -364,7 +364,7 @@ def move_to_vmap(plan: LayerPlan, layers: list[tuple[str, nn.Module]]) -> LayerP
     fallback = plan.fallback + [
         f"{name}.{n}" if name else n
         for name, module in layers
-        for n, p in module.named_parameters(recurse=False)
+        for n, p in own_parameters(module)
         if p.requires_grad
     ]
     hooked = [layer for layer in plan.hooked if layer not in layers]
@@ -403,8 +403,8 @@ def warn_moved(layers: list[tuple[str, nn.Module]], why: str) -> None:
 def layer_names(layers: list[tuple[str, nn.Module]], *, kinds: bool = False) -> str:
     """``layer 'a', 'b'`` for messages, with each layer's type if ``kinds``; ``the model`` for the
     one layer named '' (a model that is itself a layer with no sublayers)."""
-    # a recurrent layer's parts are named once, by the layer's name and type
-    named = {name: m.layer if isinstance(m, RecurrentPart) else m for name, m in layers}
+    # a layer's parts are named once, by the layer's name and type
+    named = {name: m.layer if isinstance(m, Part) else m for name, m in layers}
     kind = {name: f" ({type(m).__name__})" if kinds else "" for name, m in named.items()}
     if list(named) == [""]:
         return f"the model{kind['']}"

@@ -6,7 +6,8 @@ torch runs a recurrent layer as one fused operation, into which neither hooks no
 While the engine's hooks keep a call (:class:`~companion.per_example.layout.Capture`), the layer's
 ``forward`` is replaced, on the instance, by the same recurrence unrolled over the time steps
 (:func:`unrolled`, the equations of torch's documentation). Every parameter of the layer is then a
-weight or a bias of one of three matrix products, each a :class:`RecurrentPart`:
+weight or a bias of one of three matrix products, each a
+:class:`~companion.per_example.composite.Part`:
 
 .. math::
 
@@ -38,7 +39,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from companion._validation import warn
-from companion.per_example.rules import LAYER_RULES, RuleOutput
+from companion.per_example.composite import KINDS, Kept, Kind
 
 __all__: list[str] = []
 
@@ -66,47 +67,9 @@ def unrolled_layers(model: nn.Module) -> Iterator[None]:
 
 
 def _unrolled_or_own(layer: nn.Module, *args: object, **kwargs: object) -> object:
-    done = unrolled_call(layer, args, kwargs)
+    named = dict(zip(("input", "hx"), args, strict=False)) | kwargs  # also a subclass's call
+    done = unrolled(layer, named.get("input"), named.get("hx"))
     return type(layer).forward(layer, *args, **kwargs) if done is None else done[0]
-
-
-def unrolled_call(
-    layer: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
-) -> tuple[object, Kept] | None:
-    """:func:`unrolled` on the arguments of a call of the layer (``input``, ``hx``)."""
-    named = dict(zip(("input", "hx"), args, strict=False)) | kwargs
-    return unrolled(layer, named.get("input"), named.get("hx"))
-
-
-class RecurrentPart(nn.Module):
-    """One matrix product :math:`z = W a + b` of a recurrent layer, as the engine's layer: its
-    parameters are the layer's own, under their names there (``weight_ih_l0``, ``bias_ih_l0``)."""
-
-    def __init__(self, layer: nn.Module, weight: str, bias: str | None) -> None:
-        super().__init__()
-        object.__setattr__(self, "layer", layer)  # not a submodule: the part is not in the tree
-        self.names = (weight, bias)
-        self.register_parameter(weight, getattr(layer, weight))
-        if bias is not None:
-            self.register_parameter(bias, getattr(layer, bias))
-
-    @property
-    def weight(self) -> nn.Parameter:  # what the Linear rule reads
-        return self._parameters[self.names[0]]
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self._parameters[self.names[1]] if self.names[1] is not None else None
-
-
-def _recurrent_part(part: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
-    """The Linear rule, on all the steps of a sequence (``a`` (B, T, in), ``b`` (B, T, out))."""
-    weight, bias = part.names
-    found = LAYER_RULES[nn.Linear](part, a, b)
-    return [(weight if n == "weight" else bias, sq, add) for n, sq, add in found]
-
-
-LAYER_RULES[RecurrentPart] = _recurrent_part
 
 
 def _suffixes(layer: nn.Module) -> list[str]:
@@ -127,21 +90,12 @@ def _products(layer: nn.Module) -> list[tuple[str, str | None]]:
     return found
 
 
-def parts(layer: nn.Module) -> list[RecurrentPart]:
-    """The matrix products of ``layer`` that hold a trainable parameter."""
-    found = [RecurrentPart(layer, weight, bias) for weight, bias in _products(layer)]
-    return [part for part in found if any(p.requires_grad for p in part.parameters())]
+def _call(layer: nn.Module, named: dict[str, object], copy: bool) -> tuple[object, Kept] | None:
+    return unrolled(layer, named["input"], named["hx"])  # no output is a product's
 
 
-def parameter_names(layer: nn.Module) -> set[str]:
-    """The names of the parameters the parts compute: all of a layer torch built."""
-    return {name for pair in _products(layer) for name in pair if name is not None}
-
-
-def computed_weights(layer: nn.Module) -> list[str]:
-    """The names of :func:`parameter_names` that are not parameters of the layer: tensors
-    computed from others (``torch.nn.utils.weight_norm``), which no part computes."""
-    return sorted(parameter_names(layer) - dict(layer.named_parameters(recurse=False)).keys())
+for _kind in RECURRENT:
+    KINDS[_kind] = Kind(_products, _call)
 
 
 #: The warning for a packed batch built with ``enforce_sorted=True``: sorted before the layer.
@@ -153,9 +107,6 @@ SORTED_PACK = (
     "of equal lengths): one example's gradient could then be clipped as another's. Pack with "
     "enforce_sorted=False and do not sort: torch sorts inside the layer, which the rules follow."
 )
-
-#: What :func:`unrolled` keeps of each product: its input ``a`` and output ``z``, (B, T, size).
-Kept = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def unrolled(layer: nn.Module, x: torch.Tensor, hx: object) -> tuple[object, Kept] | None:
