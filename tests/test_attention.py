@@ -18,6 +18,7 @@ import pytest
 import torch
 from _oracles import _assert_same, _loop_clipped_sum, _most_clipped_norm
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from companion.per_example import PerExampleClipper, clipped_gradient_sum
 from companion.per_example.composite import Part, call, parts
@@ -205,11 +206,13 @@ def test_the_replaced_forward_gives_what_torchs_layer_gives(
     assert sorted(kept) == ["in_proj_weight", "out_proj.weight"]
 
 
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_dropout_draws_what_torchs_layer_draws(need_weights):
+def test_dropout_draws_what_torchs_layer_draws(need_weights, training):
     """With dropout in training mode, the same seed gives the same output as torch's layer (the
-    same draws, in the same order), so the clipped sum is that of the model torch would run."""
-    layer = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+    same draws, in the same order), so the clipped sum is that of the model torch would run; in
+    evaluation mode, none."""
+    layer = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True).train(training)
     x = torch.randn(3, T, 8, generator=_gen())
     torch.manual_seed(5)
     expected = layer(x, x, x, need_weights=need_weights)
@@ -302,3 +305,91 @@ def test_a_layer_called_twice_moves_to_vmap_under_its_parameters_names():
     names = ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
     assert clipper.plan.fallback == [f"attn.{name}" for name in names]
     _assert_same(sums, expected)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_the_causal_hint_is_taken_as_torchs_layer_takes_it(padding, need_weights):
+    """``is_causal=True`` with a mask that is not causal (a wrong hint, or a causal mask with
+    a bias): torch's layer uses SDPA's own causal mask and drops the given one where nothing is
+    merged into it (no padding mask, no weights), and the given mask otherwise."""
+    layer = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    x = _batch()[0]
+    options = {"attn_mask": torch.ones(T, T, dtype=torch.bool).tril(-1), "is_causal": True}
+    options["need_weights"] = need_weights
+    if padding:
+        options["key_padding_mask"] = torch.zeros(B, T, dtype=torch.bool)
+    (ours, _), _ = call(layer, (x, x, x), options)
+    torch.testing.assert_close(ours, layer(x, x, x, **options)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_call_torchs_layer_refuses_is_left_to_it():
+    """The causal hint without a mask, an integer mask, a mask of another shape, an input
+    without a batch dimension: torch's layer runs (and says what is wrong, where it is)."""
+    layer, x = nn.MultiheadAttention(8, 2, batch_first=True), torch.randn(3, T, 8)
+    assert call(layer, (x, x, x), {"is_causal": True}) is None
+    assert call(layer, (x, x, x), {"attn_mask": torch.zeros(T, T, dtype=torch.int64)}) is None
+    assert call(layer, (x, x, x), {"attn_mask": torch.zeros(T, T + 1)}) is None
+    assert call(layer, (x[0], x[0], x[0]), {}) is None
+    assert call(layer, (x, x, x), {"attn_mask": torch.zeros(T, T)}) is not None
+
+
+class _SharedOutProj(nn.Module):
+    """An attention layer whose out_proj is also registered under another name, before it."""
+
+    def __init__(self):
+        super().__init__()
+        attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.proj = attn.out_proj  # an alias, as for an initialisation
+        self.attn = attn
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_an_out_proj_registered_twice_falls_back_with_the_attention():
+    """Its parameters' names are those of their first place (proj.weight): the attention's
+    parts would name them attn.out_proj.weight. The plan sends the attention to vmap."""
+    torch.manual_seed(0)
+    model, (x, y) = _SharedOutProj().double(), _batch()
+    c, expected, _ = _expected(model, x, y)
+    with pytest.warns(UserWarning, match="'attn' shares its parameters"):
+        clipper = PerExampleClipper(model, loss="cross_entropy")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "There is a performance drop")  # torch's, in vmap
+        _assert_same(clipper(x, y, max_grad_norm=c).sums, expected)
+    assert not any(isinstance(m, Part) for _, m in clipper.plan.hooked)
+
+
+class _Checkpointed(nn.Module):
+    """A layer (attention, or ``rnn``) inside torch.utils.checkpoint: its backward pass runs the
+    layer's forward again, torch's own, not the one the clipper's hooks put in place."""
+
+    def __init__(self, rnn=False):
+        super().__init__()
+        self.rnn = rnn
+        if rnn:
+            self.layer = nn.GRU(8, 8, batch_first=True)
+        else:
+            self.layer = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        def block(t):
+            return self.layer(t)[0] if self.rnn else self.layer(t, t, t, need_weights=False)[0]
+
+        return self.head(checkpoint(block, x, use_reentrant=False).mean(1))
+
+
+@pytest.mark.parametrize("rnn", [False, True])
+@pytest.mark.parametrize("batch", [1, B])
+def test_a_layer_of_parts_under_checkpoint_is_refused_not_silently_wrong(rnn, batch):
+    """Under saved-tensor hooks the parts take no call: the layer moves to vmap over the model,
+    which refuses those hooks with a ValueError. (A GRU's batch of one gave a clipped sum 145%
+    off the loop's, without a word, where the checks of the first batches do not run.)"""
+    torch.manual_seed(0)
+    model, (x, y) = _Checkpointed(rnn).double(), _batch()
+    with pytest.warns(UserWarning, match="or a call its rule does not take"):
+        with pytest.raises(ValueError, match="saved tensor hooks"):
+            clipped_gradient_sum(model, "cross_entropy", x[:batch], y[:batch], max_grad_norm=0.1)

@@ -26,7 +26,7 @@ product computes all three thirds for each; self-attention computes what torch c
 
 A layer with ``add_bias_kv``, ``add_zero_attn`` or key and value sizes other than ``embed_dim``,
 and a subclass, fall back to ``vmap`` over the model; so does a call without a batch dimension, or
-with a mask this does not take (one of another dtype or shape, which torch's layer refuses).
+with a mask torch's layer refuses (neither bool nor floating point, or of another shape).
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ def attend(
 ) -> tuple[object, Kept] | None:
     """The layer's output ``(attention output, weights or None)`` on a call, as torch returns it,
     and each projection's input and output by weight name; None for a call this does not compute
-    (inputs without a batch dimension or of other sizes, masks of other dtypes or shapes).
-    ``is_causal`` is a hint that ``attn_mask`` is causal, as for torch's layer, which needs the
-    mask too. With ``copy``, the output is a copy, not the output projection's own tensor."""
+    (inputs without a batch dimension or of other sizes, masks torch's layer refuses).
+    ``is_causal`` is a hint that ``attn_mask`` is causal, taken as torch's layer takes it: it
+    needs the mask, and uses the hint alone where it can (no padding mask, no weights). With
+    ``copy``, the output is a copy, not the output projection's own tensor."""
     inputs = (query, key, value)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 3 and not t.is_nested for t in inputs):
         return None
@@ -99,8 +100,10 @@ def attend(
         return None
     if is_causal and attn_mask is None:  # torch's layer needs the mask too, and says so
         return None
+    # As torch's layer: the hint alone, without the mask, where nothing is merged into it
+    causal = is_causal and key_padding_mask is None and not need_weights
     mask = None  # what is added to the scores, (B, heads, T, S) or broadcast to it
-    if attn_mask is not None:
+    if attn_mask is not None and not causal:
         mask = _additive(attn_mask, q.dtype)
         mask = mask.view(batch, layer.num_heads, length, source) if mask.dim() == 3 else mask
     if key_padding_mask is not None:
@@ -115,7 +118,7 @@ def attend(
         z_in[:, starts[id(t)] : starts[id(t)] + t.shape[1], j * embed : (j + 1) * embed]
         for j, t in enumerate((q, k, v))
     )
-    heads, weights = _heads(layer, q, k, v, mask, need_weights, average_attn_weights)
+    heads, weights = _heads(layer, q, k, v, mask, causal, need_weights, average_attn_weights)
     z_out = F.linear(heads, layer.out_proj.weight, layer.out_proj.bias)
     # torch's (T, B, E) output is contiguous
     output = z_out if layer.batch_first else z_out.transpose(0, 1).contiguous()
@@ -146,12 +149,13 @@ def _heads(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
+    causal: bool,
     need_weights: bool,
     average: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The heads' outputs side by side (B, T, E) from ``q`` (B, T, E), ``k`` and ``v`` (B, S, E),
     and the attention weights (after dropout, as torch's layer returns them) if ``need_weights``:
-    averaged over the heads if ``average``."""
+    averaged over the heads if ``average``. ``causal``: the mask is SDPA's causal one."""
     q, k, v = (t.unflatten(-1, (layer.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
     dropout = layer.dropout if layer.training else 0.0
     if need_weights:
@@ -162,5 +166,6 @@ def _heads(
         out = weights @ v
         weights = weights.mean(dim=1) if average else weights
     else:
-        out, weights = F.scaled_dot_product_attention(q, k, v, mask, dropout), None
+        out = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal)
+        weights = None
     return out.transpose(1, 2).flatten(2), weights

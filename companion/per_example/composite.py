@@ -109,10 +109,14 @@ def call(
     layer: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], *, copy: bool = False
 ) -> tuple[object, Kept] | None:
     """The layer's :attr:`Kind.call` on the arguments of a call of its ``forward``; None for
-    arguments its forward does not take (torch's own then says why)."""
+    arguments its forward does not take (torch's own then says why), or under saved-tensor
+    hooks (:func:`torch.utils.checkpoint.checkpoint`, whose backward pass would run torch's own
+    forward again, not this one)."""
     try:
         bound = inspect.signature(type(layer).forward).bind(layer, *args, **kwargs)
-    except TypeError:
+        with torch.autograd.graph.disable_saved_tensors_hooks("companion"):
+            pass  # it raises if saved-tensor hooks are active
+    except (TypeError, RuntimeError):
         return None
     bound.apply_defaults()
     named = dict(list(bound.arguments.items())[1:])  # without self

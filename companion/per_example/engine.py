@@ -57,10 +57,10 @@ def plan_layers(model: nn.Module) -> LayerPlan:
     (a subclass of MultiheadAttention, with the ``out_proj`` whose parameters it reads itself),
     if it has no rule and hooks of its own (:func:`_why_no_rule`), if it holds a trainable
     parameter its rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is
-    replaced on the instance, if it appears twice in the module tree, or if one of its parameters
-    is shared with another layer (tied weights): a rule sees one call of one layer, while the
-    gradient of a shared parameter sums over all of them. (Reads that only the forward pass
-    shows are found for each batch, by :func:`autograd_graph`.)"""
+    replaced on the instance, if it (or an ``out_proj`` it reads) appears twice in the module
+    tree, or if one of its parameters is shared with another layer (tied weights): a rule sees
+    one call of one layer, while the gradient of a shared parameter sums over all of them.
+    (Reads that only the forward pass shows are found for each batch, by :func:`autograd_graph`.)"""
     canonical = {id(p): name for name, p in model.named_parameters()}
     module_uses: Counter[int] = Counter()
     param_owners: Counter[int] = Counter()
@@ -79,10 +79,10 @@ def plan_layers(model: nn.Module) -> LayerPlan:
         if not own:
             continue
         why = _why_no_rule(module)
-        alone = module_uses[id(module)] == 1 and all(param_owners[id(p)] == 1 for p in own)
+        once = [module_uses[id(m)] == 1 for m in [module, *read]]
+        alone = all(once) and all(param_owners[id(p)] == 1 for p in own)
         if why is None and alone:  # a layer of parts: its products, each a layer of the plan
-            layers = parts(module) if is_composite(module) else [module]
-            hooked.extend((name, layer) for layer in layers)
+            hooked.extend((name, m) for m in (parts(module) if is_composite(module) else [module]))
             continue
         fallback.extend(canonical[id(p)] for p in own if canonical[id(p)] not in fallback)
         where = f"layer {name!r}" if name else "the model"
@@ -197,7 +197,7 @@ def layerwise_add_clipped(
     warn_moved(misread, READ_ELSEWHERE)
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
-    warn_moved(odd, "takes or returns more than one tensor")
+    warn_moved(odd, "takes or returns more than one tensor, or a call its rule does not take")
     moved, entries = misread + misrowed + hidden + odd, []
     with torch.no_grad():
         for i, (name, module) in enumerate(active):
