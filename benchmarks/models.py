@@ -100,24 +100,34 @@ def _opacus_gru_text(built: nn.Module) -> nn.Module:
     return model
 
 
+class _HeadsFirst(nn.Module):
+    """Opacus 1.6's ``DPMultiheadAttention``, batch first, views its heads' outputs (B * heads,
+    T, d) as (B, T, E) before its ``out_proj``, which puts heads in the place of positions (its
+    pull request 825); this undoes that view: the rows become (B, T, heads * d) as torch's."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, embed = x.shape
+        by_head = x.reshape(batch, self.heads, length, embed // self.heads)
+        return by_head.transpose(1, 2).reshape(batch, length, embed)
+
+
 def _opacus_transformer_text(built: nn.Module) -> nn.Module:
     """The model with its attention as Opacus's ``DPMultiheadAttention`` (what Opacus's
-    ``ModuleValidator.fix`` puts in), with the same weights: the input projection split into its
-    query, key and value layers. The attention runs Opacus's time-first path: its batch-first
-    path puts heads in the place of positions in its output (Opacus 1.6; its pull request 825)."""
+    ``ModuleValidator.fix`` puts in; its ``out_proj`` mended by :class:`_HeadsFirst`), with the
+    same weights: the input projection split into its query, key and value layers."""
     from opacus.layers import DPMultiheadAttention
 
-    class BatchFirst(DPMultiheadAttention):
-        def forward(self, query, key, value, **options):  # type: ignore[no-untyped-def]
-            time_first = (t.transpose(0, 1) for t in (query, key, value))
-            output, weights = super().forward(*time_first, **options)
-            return output.transpose(0, 1), weights
-
     model, state = TransformerText(), {}
-    model.encoder.self_attn = BatchFirst(64, 4, dropout=0.0)
+    attention = DPMultiheadAttention(64, 4, dropout=0.0, batch_first=True)
+    attention.out_proj = nn.Sequential(_HeadsFirst(4), attention.out_proj)
+    model.encoder.self_attn = attention
     for name, value in built.state_dict().items():
         if ".in_proj_" not in name:
-            state[name] = value
+            state[name.replace(".out_proj.", ".out_proj.1.")] = value
             continue
         prefix, kind = name.split(".in_proj_")
         for part, third in zip(("qlinear", "klinear", "vlinear"), value.chunk(3), strict=True):
@@ -127,10 +137,11 @@ def _opacus_transformer_text(built: nn.Module) -> nn.Module:
 
 
 def torch_names(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Gradients by parameter name, those of a ``DPMultiheadAttention``'s query, key and value
-    layers joined as torch's ``in_proj_weight`` and ``in_proj_bias`` (one layout for all)."""
-    joined = dict(grads)
-    for name in [n for n in grads if ".qlinear." in n]:
+    """Gradients by parameter name in torch's layout, for all methods alike: those of a
+    ``DPMultiheadAttention``'s query, key and value layers joined as ``in_proj_weight`` and
+    ``in_proj_bias``, its mended ``out_proj.1`` named ``out_proj``."""
+    joined = {name.replace(".out_proj.1.", ".out_proj."): g for name, g in grads.items()}
+    for name in [n for n in joined if ".qlinear." in n]:
         prefix, kind = name.split(".qlinear.")
         thirds = [joined.pop(f"{prefix}.{part}linear.{kind}") for part in "qkv"]
         joined[f"{prefix}.in_proj_{kind}"] = torch.cat(thirds)
