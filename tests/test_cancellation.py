@@ -200,3 +200,17 @@ def test_the_ghost_sum_runs_in_float64_when_float32_products_are_rounded():
         assert rules._ghost_sum_dtype(a) == torch.float64
     finally:
         torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+def test_ghost_norms_of_a_batch_larger_than_a_chunk_match_the_loop(ghost_calls: list[int]) -> None:
+    """The Gram matrices are computed in float64 on 64 examples at a time (their copies stay
+    small); 150 examples are two full chunks and a partial one, in the batch's order."""
+    torch.manual_seed(0)
+    model = SequenceNet(width=64).double()
+    x, y = torch.randn(150, 4, 64, dtype=torch.float64), torch.arange(150) % 4
+    _, expected = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
+    result = PerExampleClipper(model, loss="cross_entropy", method="layerwise")(
+        x, y, max_grad_norm=1.0
+    )
+    torch.testing.assert_close(result.norms, expected, rtol=1e-10, atol=0)
+    assert ghost_calls == [150]

@@ -52,7 +52,7 @@ class Capture:
     inputs, a tuple out) is put in ``odd``: no rule can repeat that call. A layer of parts (a
     recurrent layer, a MultiheadAttention: :mod:`~companion.per_example.composite`) runs its
     products, whose inputs and outputs are kept in ``seen``, or its parts are put in ``odd`` for
-    a call those do not compute (an input torch's layer refuses, an unbatched one)."""
+    a call those do not compute (an input torch's layer refuses, one under a checkpoint)."""
 
     def __init__(
         self, layers: list[tuple[str, nn.Module]], *, copy_inputs: bool, copy_outputs: bool

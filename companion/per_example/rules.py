@@ -121,12 +121,14 @@ def _ghost_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     dtype = norm_dtype(a.dtype)
     wide = torch.float32 if a.device.type == "mps" else torch.float64
-    a, b = a.to(wide), b.to(wide)
-    squares = torch.einsum("bgls,bgls->b", a @ a.transpose(-1, -2), b @ b.transpose(-1, -2))
-    row_norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-    bound = row_norms.sum(dim=-1).square().sum(dim=-1)
-    squares = torch.where(squares * GHOST_MAX_CANCELLATION**2 < bound, bound, squares)
-    return squares.to(dtype)
+    found = []
+    for a_part, b_part in zip(a.split(64), b.split(64), strict=True):  # small float64 copies
+        x, y = a_part.to(wide), b_part.to(wide)
+        squares = torch.einsum("bgls,bgls->b", x @ x.transpose(-1, -2), y @ y.transpose(-1, -2))
+        row_norms = torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1)
+        bound = row_norms.sum(dim=-1).square().sum(dim=-1)
+        found.append(torch.where(squares * GHOST_MAX_CANCELLATION**2 < bound, bound, squares))
+    return torch.cat(found).to(dtype)
 
 
 def _full_float32_matmul(device: torch.device) -> bool:
