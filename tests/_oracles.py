@@ -68,3 +68,12 @@ def _assert_same(actual, expected):
 def _most_clipped_norm(norms):
     """A clipping norm below 80% of the examples' gradient norms (their 20% quantile)."""
     return float(torch.quantile(norms, 0.2))
+
+
+def _loop_at_most_clipped(model, loss, x, y):
+    """The loop's clipped sum at a norm that clips most examples (:func:`_most_clipped_norm` of
+    their norms): (that norm, the sums, the examples' norms)."""
+    _, norms = _loop_clipped_sum(model, loss, x, y, 1.0)
+    c = _most_clipped_norm(norms)
+    sums, _ = _loop_clipped_sum(model, loss, x, y, c)
+    return c, sums, norms

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from _oracles import _assert_same, _loop_clipped_sum, _most_clipped_norm
+from _oracles import _assert_same, _loop_at_most_clipped, _loop_clipped_sum
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -136,19 +136,12 @@ def _batch():
     return x, torch.randint(0, 3, (B,), generator=_gen(2))
 
 
-def _expected(model, x, y):
-    _, norms = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
-    c = _most_clipped_norm(norms)
-    sums, _ = _loop_clipped_sum(model, "cross_entropy", x, y, c)
-    return c, sums, norms
-
-
 @pytest.mark.parametrize("method", ["layerwise", "auto"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_attention_matches_the_loop(name, method):
     torch.manual_seed(0)
     model, (x, y) = CASES[name]().double(), _batch()
-    c, expected, loop_norms = _expected(model, x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no layer falls back to vmap
         clipper = PerExampleClipper(model, loss="cross_entropy", method=method)
@@ -164,7 +157,7 @@ def test_attention_matches_the_loop(name, method):
 def test_negative_control_a_loop_that_forgets_to_clip_differs():
     torch.manual_seed(0)
     model, (x, y) = CASES["memory_time_first"]().double(), _batch()
-    c, _, _ = _expected(model, x, y)
+    c, _, _ = _loop_at_most_clipped(model, "cross_entropy", x, y)
     unclipped, _ = _loop_clipped_sum(model, "cross_entropy", x, y, c, clip=False)
     with pytest.raises(AssertionError):
         _assert_same(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c), unclipped)
@@ -233,14 +226,18 @@ def test_every_parameter_of_the_layer_is_in_exactly_one_part():
     assert parts(layer)[0].weight is layer.out_proj.weight
 
 
-class _ChangesItsOutput(nn.Module):
-    """Attention whose output the model scales in place (a batch-first output is the output
-    projection's own tensor): the clipper must keep that product's output as computed."""
+class _SelfAttention(nn.Module):
+    """Self-attention, batch first, and a head; the subclasses' forward says how they call it."""
 
     def __init__(self):
         super().__init__()
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
         self.head = nn.Linear(8, 3)
+
+
+class _ChangesItsOutput(_SelfAttention):
+    """Attention whose output the model scales in place (a batch-first output is the output
+    projection's own tensor): the clipper must keep that product's output as computed."""
 
     def forward(self, x):
         out, _ = self.attn(x, x, x, need_weights=False)
@@ -250,7 +247,7 @@ class _ChangesItsOutput(nn.Module):
 def test_an_output_changed_in_place_matches_the_loop():
     torch.manual_seed(0)
     model, (x, y) = _ChangesItsOutput().double(), _batch()
-    c, expected, _ = _expected(model, x, y)
+    c, expected, _ = _loop_at_most_clipped(model, "cross_entropy", x, y)
     _assert_same(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c), expected)
 
 
@@ -266,7 +263,7 @@ def test_a_layer_these_products_do_not_compute_falls_back_with_its_out_proj(opti
     if "kdim" in options:
         model.memory = nn.Linear(8, 4).double()
     x, y = _batch()
-    c, expected, _ = _expected(model, x, y)
+    c, expected, _ = _loop_at_most_clipped(model, "cross_entropy", x, y)
     with pytest.warns(UserWarning, match=r"layer 'attn' \(MultiheadAttention\) reads parameters"):
         clipper = PerExampleClipper(model, loss="cross_entropy")
     with warnings.catch_warnings():
@@ -276,13 +273,8 @@ def test_a_layer_these_products_do_not_compute_falls_back_with_its_out_proj(opti
     assert not any(isinstance(m, Part) for _, m in clipper.plan.hooked)
 
 
-class _CalledTwice(nn.Module):
+class _CalledTwice(_SelfAttention):
     """One attention layer run on the input and again on its own output."""
-
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.head = nn.Linear(8, 3)
 
     def forward(self, x):
         h, _ = self.attn(x, x, x, need_weights=False)
@@ -295,7 +287,7 @@ def test_a_layer_called_twice_moves_to_vmap_under_its_parameters_names():
     model at the first batch, under the layer's names of their parameters, named once."""
     torch.manual_seed(0)
     model, (x, y) = _CalledTwice().double(), _batch()
-    c, expected, _ = _expected(model, x, y)
+    c, expected, _ = _loop_at_most_clipped(model, "cross_entropy", x, y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         clipper = PerExampleClipper(model, loss="cross_entropy")
@@ -334,15 +326,15 @@ def test_a_call_torchs_layer_refuses_is_left_to_it():
     assert call(layer, (x, x, x), {"attn_mask": torch.zeros(T, T)}) is not None
 
 
-class _SharedOutProj(nn.Module):
+class _SharedOutProj(_SelfAttention):
     """An attention layer whose out_proj is also registered under another name, before it."""
 
     def __init__(self):
         super().__init__()
-        attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        attn = self.attn
+        del self.attn
         self.proj = attn.out_proj  # an alias, as for an initialisation
         self.attn = attn
-        self.head = nn.Linear(8, 3)
 
     def forward(self, x):
         return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
@@ -353,7 +345,7 @@ def test_an_out_proj_registered_twice_falls_back_with_the_attention():
     parts would name them attn.out_proj.weight. The plan sends the attention to vmap."""
     torch.manual_seed(0)
     model, (x, y) = _SharedOutProj().double(), _batch()
-    c, expected, _ = _expected(model, x, y)
+    c, expected, _ = _loop_at_most_clipped(model, "cross_entropy", x, y)
     with pytest.warns(UserWarning, match="'attn' shares its parameters"):
         clipper = PerExampleClipper(model, loss="cross_entropy")
     with warnings.catch_warnings():

@@ -15,7 +15,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from _oracles import _assert_same, _loop_clipped_sum, _most_clipped_norm
+from _oracles import _assert_same, _loop_at_most_clipped, _loop_clipped_sum, _most_clipped_norm
 from torch import nn
 
 from companion.per_example import (
@@ -553,19 +553,12 @@ READ_OUTSIDE = {
 }
 
 
-def _expected(model, loss, x, y):
-    _, norms = _loop_clipped_sum(model, loss, x, y, 1.0)
-    c = _most_clipped_norm(norms)
-    sums, _ = _loop_clipped_sum(model, loss, x, y, c)
-    return c, sums, norms
-
-
 @pytest.mark.parametrize("method", ["layerwise", "auto", "vmap"])
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_every_rule_matches_the_loop(name, method):
     build, batch, loss = FAST[name]
     model, (x, y) = build(), batch()
-    c, expected, loop_norms = _expected(model, loss, x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, loss, x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no layer of these models falls back to vmap
         warnings.filterwarnings("ignore", "There is a performance drop")  # torch's, in vmap
@@ -580,7 +573,7 @@ def test_every_rule_matches_the_loop(name, method):
 def test_negative_control_a_loop_that_forgets_to_clip_differs(name):
     build, batch, loss = FAST[name]
     model, (x, y) = build(), batch()
-    c, _, _ = _expected(model, loss, x, y)
+    c, _, _ = _loop_at_most_clipped(model, loss, x, y)
     unclipped, _ = _loop_clipped_sum(model, loss, x, y, c, clip=False)
     sums = clipped_gradient_sum(model, loss, x, y, max_grad_norm=c)
     with pytest.raises(AssertionError):
@@ -591,7 +584,7 @@ def test_negative_control_a_loop_that_forgets_to_clip_differs(name):
 def test_mixed_models_fall_back_to_vmap_for_those_layers_only(name):
     build, batch, message = FALLBACK[name]
     model, (x, y) = build(), batch()
-    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
     if message is not None:
         with pytest.warns(UserWarning, match=message):
             sums, norms = clipped_gradient_sum(
@@ -619,7 +612,7 @@ def test_a_parameter_read_outside_its_layers_call_falls_back_to_vmap(name, metho
     model, x = _seeded(build), inputs()
     x = x.double() if x.is_floating_point() else x
     y = _classes(B, 12 if name.startswith("tied") else 3)
-    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
     with pytest.warns(UserWarning, match=f"layer {layer} is called more than once, or has a "):
         sums, norms = clipped_gradient_sum(
             model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
@@ -647,7 +640,7 @@ def test_a_rules_input_and_output_gradient_are_released_once_it_returns(monkeypa
         )
     )
     x, y = torch.randn(B, 2, 6, 6, generator=_gen(), dtype=torch.float64), _classes(B, 3)
-    c, expected, _ = _expected(model, "cross_entropy", x, y)
+    c, expected, _ = _loop_at_most_clipped(model, "cross_entropy", x, y)
     _assert_same(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c), expected)
     assert alive == [0, 0]
 
@@ -658,7 +651,7 @@ def test_layers_without_a_rule_take_vmap_over_their_own_call(method):
     and none of their parameters goes to vmap over the model; the negative control differs."""
     model = _seeded(_OwnLayers)
     x, y = torch.randn(B, 2, 5, generator=_gen(), dtype=torch.float64), _classes(B, 3)
-    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         clipper = PerExampleClipper(model, loss="cross_entropy", method=method)
@@ -681,7 +674,7 @@ def test_a_model_that_is_itself_a_layer_without_a_rule_is_called_the_model():
     """Its name is '', which the warnings printed as "layer ''"."""
     model = _seeded(lambda: _ShiftedScale(3)).double()
     x, y = torch.randn(B, 3, generator=_gen(), dtype=torch.float64), _classes(B, 3)
-    c, expected, _ = _expected(model, "cross_entropy", x, y)
+    c, expected, _ = _loop_at_most_clipped(model, "cross_entropy", x, y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c)
@@ -699,7 +692,7 @@ def test_a_layer_called_on_two_inputs_falls_back_to_vmap_over_the_model(method):
     two, so the first batch moves it to vmap over the whole model, with a warning."""
     model = _seeded(_Bilinear)
     x, y = torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)
-    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
     with pytest.warns(UserWarning, match="layer 'bilinear' takes or returns more than one tensor"):
         sums, norms = clipped_gradient_sum(
             model, "cross_entropy", x, y, max_grad_norm=c, method=method, return_norms=True
@@ -727,7 +720,7 @@ def test_a_layer_changing_its_input_in_place_falls_back_to_vmap_over_the_model(m
 
     model = _seeded(build)
     x, y = torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)
-    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
     moved = "gives another output when its call is repeated|autograd does not give"
     with pytest.warns(UserWarning, match=moved):
         sums, norms = clipped_gradient_sum(
@@ -859,7 +852,7 @@ def test_a_call_that_reads_more_than_its_input_falls_back_to_vmap_over_the_model
     elif case == "global pre-hook":
         handle = _tripled_prelu_inputs()
     try:
-        c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+        c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
         with pytest.warns(UserWarning, match="gives another output when its call is repeated"):
             clipped = clipper(x, y, max_grad_norm=c)
     finally:
@@ -884,7 +877,7 @@ def test_a_repeated_call_may_give_infinite_and_empty_outputs():
         lambda: nn.Sequential(nn.Linear(10, 6), _Masked(6), nn.Softmax(dim=1), nn.Linear(6, 3))
     )
     x, y = torch.randn(B, 10, generator=_gen(), dtype=torch.float64), _classes(B, 3)
-    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sums, norms = clipped_gradient_sum(
@@ -1091,7 +1084,7 @@ def test_a_convolution_over_several_cpu_chunks_matches_the_loop():
     model = _seeded(build)
     x = torch.randn(70, 3, 6, 6, generator=_gen(), dtype=torch.float64)
     y = _classes(70, 3)
-    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
     sums, norms = clipped_gradient_sum(
         model, "cross_entropy", x, y, max_grad_norm=c, method="layerwise", return_norms=True
     )
@@ -1120,7 +1113,7 @@ def test_the_embedding_rule_matches_the_loop_with_and_without_repeated_tokens(re
         x = first + torch.arange(3).repeat_interleave(3)  # t t t t+1 t+1 t+1 t+2 t+2 t+2
         x = x[:, torch.randperm(9, generator=_gen())]
     y = _classes(B, 3)
-    c, expected, loop_norms = _expected(model, "cross_entropy", x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
     sums, norms = clipped_gradient_sum(
         model, "cross_entropy", x, y, max_grad_norm=c, method="layerwise", return_norms=True
     )
@@ -1152,7 +1145,7 @@ def test_normalisation_rules_in_chunks_of_one_example_match_the_loop(name, monke
     monkeypatch.setattr(rules, "_CHUNK_ELEMENTS", 1)
     build, batch, loss = FAST[name]
     model, (x, y) = build(), batch()
-    c, expected, loop_norms = _expected(model, loss, x, y)
+    c, expected, loop_norms = _loop_at_most_clipped(model, loss, x, y)
     sums, norms = clipped_gradient_sum(
         model, loss, x, y, max_grad_norm=c, method="layerwise", return_norms=True
     )
