@@ -48,6 +48,7 @@ KINDS: dict[type[nn.Module], Kind] = {}
 
 
 def products(layer: nn.Module) -> list[tuple[str, str | None]]:
+    """The (weight, bias) names of ``layer``'s products (:attr:`Kind.products`); [] if none."""
     kind = KINDS.get(type(layer))
     return kind.products(layer) if kind is not None else []
 
