@@ -350,11 +350,16 @@ def open_page(context: Any, url: str, log: PageLog, *, redirects_to: str | None 
 # --------------------------------------------------------------------------------------------
 
 # Resolves once MathJax has typeset the page; says why not when the page has math but no MathJax.
+# Once, in a full run on a loaded two-core machine, api.html had no MathJax started yet when the
+# network was idle (and passed when run again): its start is awaited for up to 60 s.
 _WAIT_FOR_MATHJAX = """async () => {
     if (!document.querySelector('.math')) return 'no math';
-    const startup = window.MathJax && window.MathJax.startup;
-    if (!(startup && startup.promise)) return 'MathJax not loaded';
-    await startup.promise;
+    const started = () => window.MathJax?.startup?.promise;
+    for (let tries = 0; tries < 600 && !started(); tries++) {
+        await new Promise(resolve => setTimeout(resolve, 100));
+    }
+    if (!started()) return 'MathJax not loaded';
+    await window.MathJax.startup.promise;
     return 'typeset';
 }"""
 
