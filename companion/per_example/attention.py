@@ -111,13 +111,8 @@ def attend(
         mask = padding if mask is None else mask + padding
     a = torch.cat(distinct, dim=1) if len(distinct) > 1 else q  # (B, T + ..., E)
     z_in = F.linear(a, layer.in_proj_weight, layer.in_proj_bias)
-    starts, at = {}, 0
-    for t in distinct:
-        starts[id(t)], at = at, at + t.shape[1]
-    q, k, v = (
-        z_in[:, starts[id(t)] : starts[id(t)] + t.shape[1], j * embed : (j + 1) * embed]
-        for j, t in enumerate((q, k, v))
-    )
+    rows = dict(zip(views, z_in.split([t.shape[1] for t in distinct], dim=1), strict=True))
+    q, k, v = (rows[id(t)][..., j * embed : (j + 1) * embed] for j, t in enumerate(inputs))
     heads, weights = _heads(layer, q, k, v, mask, causal, need_weights, average_attn_weights)
     z_out = F.linear(heads, layer.out_proj.weight, layer.out_proj.bias)
     # torch's (T, B, E) output is contiguous
