@@ -82,7 +82,7 @@ _HIDDEN = {
 def test_a_batch_reordered_around_a_layer_matches_the_loop(name, batch):
     """Every batch of two examples or more that reorders (or mixes) the rows around ``fc`` gets
     a warning; a sort that finds the batch in order leaves it as it is, and the rules are then
-    right."""
+    right, as they are where the reshapes of "rows mixed" leave a (T, B, F) layout (3 examples)."""
     model, (x, y) = _seeded(_HIDDEN[name]), _batch(batch)
     _, norms = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
     c = _most_clipped_norm(norms)
@@ -92,7 +92,10 @@ def test_a_batch_reordered_around_a_layer_matches_the_loop(name, batch):
         sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c)
     _assert_same(sums, expected)
     in_order = name == "sorted by a feature" and bool((x[1:, 0] >= x[:-1, 0]).all())
-    if batch >= 2 and not in_order:  # with one example there is no other to take its row
+    # With 3 examples the reshapes of "rows mixed" change no shape: fc sees the 3 positions of
+    # the examples laid out (T, B, F), which the rules take along dimension 1.
+    sequence_first = name == "rows mixed" and batch == 3
+    if batch >= 2 and not in_order and not sequence_first:  # one example: no other takes its row
         assert any("rows are not the batch's examples" in str(w.message) for w in caught)
 
 

@@ -27,7 +27,7 @@ from companion.dpsgd import (
     train_dpsgd,
 )
 from companion.federated import fedavg
-from companion.per_example import PerExampleClipper, clipped_gradient_sum
+from companion.per_example import PerExampleClipper, clipped_gradient_sum, layout
 
 
 def _gen(seed=1):
@@ -54,17 +54,32 @@ class _FlattenedBatch(nn.Module):
 
 class _SequenceFirst(nn.Module):
     """Layers on the sequence laid out (T, B, F), as torch's recurrent and attention layers do
-    by default (batch_first=False); a LayerNorm and the head see the batch first."""
+    by default (batch_first=False): a Linear and, with ``prelu``, a PReLU, a type whose rule
+    takes the examples along dimension 0 only; a LayerNorm and the head see the batch first."""
 
-    def __init__(self):
+    def __init__(self, prelu=False):
         super().__init__()
         self.fc = nn.Linear(4, 6)
+        self.act = nn.PReLU() if prelu else nn.Tanh()
         self.norm = nn.LayerNorm(6)
         self.head = nn.Linear(6, 3)
 
     def forward(self, x):
-        h = torch.tanh(self.fc(x.transpose(0, 1)))  # (T, B, 6)
+        h = self.act(self.fc(x.transpose(0, 1)))  # (T, B, 6)
         return self.head(self.norm(h.mean(0)))
+
+
+class _TokensFirst(nn.Module):
+    """An Embedding on token ids laid out (T, B) and a LayerNorm on its (T, B, 6) output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.embed(x.t())).mean(0))
 
 
 def _transformer():
@@ -104,33 +119,103 @@ def _sequences(batch, steps=5, features=4):
     return torch.randn(batch, steps, features, generator=_gen()) * 3
 
 
+def _tokens(batch, steps=5):
+    return torch.randint(0, 10, (batch, steps), generator=_gen())
+
+
 # name -> (model builder, input builder given the batch size)
 _LAYOUTS = {
     "flattened batch": (_FlattenedBatch, lambda b: _sequences(b)),
-    "sequence first": (_SequenceFirst, lambda b: _sequences(b)),
-    "sequence first, 2 positions": (_SequenceFirst, lambda b: _sequences(b, steps=2)),
-    "sequence first, 3 positions": (_SequenceFirst, lambda b: _sequences(b, steps=3)),
+    "PReLU, sequence first": (lambda: _SequenceFirst(prelu=True), lambda b: _sequences(b)),
+    "PReLU, 2 positions": (lambda: _SequenceFirst(prelu=True), lambda b: _sequences(b, steps=2)),
+}
+_SEQUENCE_FIRST = {
+    "Linear": (_SequenceFirst, lambda b: _sequences(b)),
+    "Linear, 2 positions": (_SequenceFirst, lambda b: _sequences(b, steps=2)),
+    "Linear, 3 positions": (_SequenceFirst, lambda b: _sequences(b, steps=3)),
+    "Embedding and LayerNorm": (_TokensFirst, lambda b: _tokens(b)),
+    "Embedding and LayerNorm, 3 positions": (_TokensFirst, lambda b: _tokens(b, steps=3)),
     "transformer, batch_first=False": (_transformer, lambda b: _sequences(b, features=8)),
 }
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of torch's attention
-@pytest.mark.parametrize("batch", [2, 3, 5])  # B = T: the rows match the examples in number
-@pytest.mark.parametrize("name", sorted(_LAYOUTS))
-def test_layers_whose_rows_are_not_the_examples_match_the_loop(name, batch):
-    """The rules read dimension 0 as the examples. A layer that sees another layout falls back to
-    vmap, also when the batch has as many examples as the sequence has positions (B = T), which
-    a shape check on the batch cannot see (the probe's two and three copies of one example
-    cover T = 2 and T = 3); the loop is the oracle."""
-    build, inputs = _LAYOUTS[name]
+def _batch_of(layouts, name, batch):
+    """The model of ``layouts[name]``, a batch, and the loop's clipped sum at a norm that clips
+    some examples and not others."""
+    build, inputs = layouts[name]
     model, x = _seeded(build), inputs(batch)
     y = torch.randint(0, 3, (batch,), generator=_gen(2))
     _, norms = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
     c = _most_clipped_norm(norms)
-    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, c)
+    return model, x, y, c, _loop_clipped_sum(model, "cross_entropy", x, y, c)[0]
+
+
+_PRELU_HAS_NO_RULE = r"ignore:layer 'act' \(PReLU\) has no rule"
+
+
+@pytest.mark.filterwarnings(_PRELU_HAS_NO_RULE)
+@pytest.mark.parametrize("batch", [2, 3, 5])  # B = T: the rows match the examples in number
+@pytest.mark.parametrize("name", sorted(_LAYOUTS))
+def test_layers_whose_rows_are_not_the_examples_match_the_loop(name, batch):
+    """The rules read dimension 0 as the examples (a Linear, Embedding or LayerNorm on a sequence
+    laid out (T, B, F): dimension 1 too). A layer that sees another layout falls back to vmap,
+    also when the batch has as many examples as the sequence has positions (B = T), which a
+    shape check on the batch cannot see; the loop is the oracle."""
+    model, x, y, c, expected = _batch_of(_LAYOUTS, name, batch)
     with pytest.warns(UserWarning, match="rows are not the batch's examples"):
         sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c)
     _assert_same(sums, expected)
+
+
+@pytest.mark.parametrize("batch", [2, 3, 5])  # B = T: the rows match the examples in number
+@pytest.mark.parametrize("name", sorted(_SEQUENCE_FIRST))
+def test_layers_on_a_sequence_laid_out_t_b_f_take_the_rules_and_match_the_loop(name, batch):
+    """A Linear, Embedding or LayerNorm called on (T, B, F) holds the examples along dimension
+    1. The check of the first batch finds it there, also where B = T and dimension 0 has as
+    many rows (the check rules it out: each of its rows is read by every example's loss), and
+    the rules take the layer: no fallback, so no warning. The loop is the oracle."""
+    model, x, y, c, expected = _batch_of(_SEQUENCE_FIRST, name, batch)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sums = clipper(x, y, max_grad_norm=c).sums
+    _assert_same(sums, expected)
+    assert clipper.plan.second  # the examples along dimension 1 for some layer
+
+
+@pytest.mark.parametrize(
+    ("layer", "a_shape", "b_shape", "dims"),
+    [
+        (nn.Linear(4, 4), (4, 4), (4, 4), [0]),  # (B, F): dimension 1 holds the features
+        (nn.Linear(4, 3), (5, 4, 4), (5, 4, 3), [1]),  # (T, B, F)
+        (nn.Linear(4, 3), (4, 4, 4), (4, 4, 3), [0, 1]),  # T = B: the graph's check decides
+        (nn.Embedding(9, 3), (5, 4), (5, 4, 3), [1]),  # token ids laid out (T, B)
+        (nn.LayerNorm(4), (5, 4, 4), (5, 4, 4), [1]),
+        (nn.LayerNorm((4, 4)), (5, 4, 4), (5, 4, 4), []),  # normalised over dimension 1
+        (nn.PReLU(), (5, 4, 4), (5, 4, 4), []),  # its rule takes the batch first only
+        (nn.Conv1d(4, 2, 1), (4, 4, 7), (4, 2, 7), [0]),  # dimension 1 holds the channels
+    ],
+)
+def test_the_dimensions_that_may_hold_a_layers_examples(layer, a_shape, b_shape, dims):
+    """Four examples: dimension 1 may hold them only where the layer computes each index of it
+    alike, as a position (a Linear's or LayerNorm's leading dimensions, all of an Embedding's)."""
+    assert layout.example_dims(layer, torch.zeros(a_shape), torch.zeros(b_shape), 4) == dims
+
+
+def test_a_later_batch_with_as_many_examples_as_positions_keeps_the_dimension_found():
+    """Three checked batches (4, 3 and 2 examples of 5 positions) show ``fc``'s examples along
+    dimension 1. The fourth batch, not checked, has B = T = 5, so its shapes would fit
+    dimension 0 as well: the plan, not the shapes, decides, or each example would get the
+    gradient of one position of every example."""
+    model = _seeded(_SequenceFirst)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    for size in (4, 3, 2):
+        clipper(_sequences(size), torch.arange(size) % 3, max_grad_norm=0.5)
+    x, y = _sequences(5), torch.tensor([0, 2, 1, 1, 0])
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
 
 
 def test_negative_control_the_rules_on_the_flattened_rows_would_clip_each_row():
@@ -152,13 +237,14 @@ def _norm(sums):
     return float(torch.linalg.vector_norm(torch.cat([s.flatten() for s in sums.values()])))
 
 
+@pytest.mark.filterwarnings(_PRELU_HAS_NO_RULE)
 def test_a_clipper_moves_such_a_layer_once_and_names_it_once():
-    """The first batch already has B = T, so only the clipper's probe with one example can see
-    the layout; later batches reuse the plan without a second warning."""
-    model, x = _seeded(_SequenceFirst), _sequences(5)
+    """The first batch already has B = T, so only the check of its autograd graph can see that
+    the PReLU's rows are positions; later batches reuse the plan without a second warning."""
+    model, x = _seeded(lambda: _SequenceFirst(prelu=True)), _sequences(5)
     y = torch.randint(0, 3, (5,), generator=_gen(2))
     clipper = PerExampleClipper(model, loss="cross_entropy")
-    with pytest.warns(UserWarning, match="layer 'fc' is called on an input whose rows") as caught:
+    with pytest.warns(UserWarning, match="layer 'act' is called on an input whose rows") as caught:
         first = clipper(x, y, max_grad_norm=0.5)
     assert len(caught) == 1
     with warnings.catch_warnings():
@@ -169,9 +255,33 @@ def test_a_clipper_moves_such_a_layer_once_and_names_it_once():
     _assert_same(second.sums, expected)
 
 
+class _FcSkippedSometimes(_SequenceFirst):
+    """Calls ``fc`` (on (T, B, F)) but for batches of 3 or 5 examples."""
+
+    def forward(self, x):
+        if len(x) in (3, 5):
+            return self.head(self.norm(x.mean(1).repeat(1, 2)[:, :6]))
+        return super().forward(x)
+
+
+def test_a_layer_that_a_checked_batch_does_not_call_keeps_the_dimension_found():
+    """The first checked batch (4 examples) shows ``fc``'s examples along dimension 1; the next
+    two (3 and 5 examples) do not call it. The fourth batch, not checked, has B = T = 6: the
+    dimension found for ``fc`` must hold until a check sees it again."""
+    model = _seeded(_FcSkippedSometimes)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    for size in (4, 3, 5):
+        clipper(_sequences(size, steps=6), torch.arange(size) % 3, max_grad_norm=0.5)
+    x, y = _sequences(6, steps=6), torch.tensor([0, 2, 1, 1, 0, 2])
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
+
+
 class _LayoutBySize(_SequenceFirst):
-    """Sequence-first only for batches of more than three examples, so the clipper's probe (with
-    two and three copies of one example) sees nothing; every batch's shapes are checked too."""
+    """Sequence-first only for batches of more than three examples: the checked batches of a
+    clipper fed small batches first show ``fc``'s examples along dimension 0."""
 
     def forward(self, x):
         if x.shape[0] <= 3:
@@ -237,12 +347,18 @@ def test_a_multihead_attention_subclass_falls_back_with_its_out_proj_from_the_st
         PerExampleClipper(model, loss="cross_entropy", method="layerwise")
 
 
-def test_a_batch_whose_rows_are_not_the_examples_falls_back_although_the_probe_passed():
-    model, x = _seeded(_LayoutBySize), _sequences(4)  # 4 examples of 5 positions
-    y = torch.randint(0, 3, (4,), generator=_gen(2))
+def test_a_batch_whose_rows_are_not_the_examples_falls_back_although_the_checks_passed():
+    """After three checked batches of two or three examples (batch first), a batch of four
+    calls ``fc`` on (T, B, F): every batch's shapes are checked against the dimension the
+    checks found, so ``fc`` moves to vmap, with a warning."""
+    model = _seeded(_LayoutBySize)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    for size in (2, 3, 2):
+        clipper(_sequences(size), torch.arange(size) % 3, max_grad_norm=0.5)
+    x, y = _sequences(4), torch.tensor([0, 2, 1, 1])  # 4 examples of 5 positions
     expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
-    with pytest.warns(UserWarning, match="rows are not the batch's examples"):
-        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
+    with pytest.warns(UserWarning, match="layer 'fc' is called on an input whose rows"):
+        sums = clipper(x, y, max_grad_norm=0.5).sums
     _assert_same(sums, expected)
 
 

@@ -40,7 +40,7 @@ too, as it cannot batch torch's fused ``RNN`` and ``GRU``. Likewise ``MultiheadA
 cross-attention, masks, either layout; not ``add_bias_kv``, ``add_zero_attn`` or other key and value
 sizes) is computed with its input and output projections as two ``Linear`` layers on sequences
 (``companion/per_example/attention.py``), so torch's ``TransformerEncoderLayer`` and
-``TransformerDecoderLayer`` built with ``batch_first=True`` take the rules throughout. A layer of
+``TransformerDecoderLayer`` take the rules throughout, in either layout. A layer of
 another type that holds parameters but no other layer and no hooks (``PReLU``, a layer you wrote)
 has a rule too: ``vmap`` over its own call, from the input and output gradient the hooks keep, when
 that call takes one tensor and returns one. The call is repeated from the kept input, and must give
@@ -52,11 +52,13 @@ it reads without calling it, such as a ``MultiheadAttention`` subclass's ``out_p
 layer whose parameters the loss's autograd graph reads other than once, by the layer's last call: a
 layer called twice, a tied output head ``h @ embedding.weight.t()``) with ``vmap`` over the whole
 model, for those parameters only, and says which. The rules read a layer's input and output with the
-examples along dimension 0, one row each; a layer called on another layout (a batch flattened to
-``(B*T, F)``, or a sequence laid out ``(T, B, F)``, as torch's transformer layers take it by
-default) falls back to ``vmap`` too, and so does a layer called on a batch reordered around it
-(``x.flip(0)``, a sort, undone after the layer). Every batch's shapes are checked, and a clipper's
-first three batches of two examples or more are checked in their autograd graph: for each bit of an
+examples along dimension 0, one row each, or for a ``Linear``, ``Embedding`` or ``LayerNorm`` along
+dimension 1 as well (a sequence laid out ``(T, B, F)``, as torch's transformer layers take it by
+default); a layer called on another layout (a batch flattened to ``(B*T, F)``, a ``(T, B, F)``
+sequence into a layer of another type) falls back to ``vmap`` too, and so does a layer called on a
+batch reordered around it (``x.flip(0)``, a sort, undone after the layer). Every batch's shapes are
+checked, and a clipper's first three batches of two examples or more are checked in their autograd
+graph, which also shows along which dimension a layer holds the examples: for each bit of an
 example's index, the losses of the examples with that bit set, and of those without it, must reach
 no row of a layer's output outside their set (:math:`2 \lceil \log_2 n \rceil` more backward passes
 on the first :math:`n \le 8` examples, each example's loss weighted by a random factor so that reads

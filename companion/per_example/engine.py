@@ -5,8 +5,6 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
@@ -15,7 +13,6 @@ from companion._outputs import batch_outputs
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
 from companion.per_example.checks import check_dp_compatible
-from companion.per_example.composite import computed_weights, is_composite, parameter_names, parts
 from companion.per_example.gradients import (
     ClippedSum,
     LossLike,
@@ -32,101 +29,21 @@ from companion.per_example.layout import (
     NOT_REPEATED,
     READ_ELSEWHERE,
     ROWS_ARE_NOT_EXAMPLES,
-    LayerPlan,
     autograd_graph,
     check_input_unchanged,
+    example_dims,
     forward_with_capture,
     layer_names,
-    move_to_vmap,
-    one_row_per_example,
     refuse_reentrant_checkpoint,
     rows_cross,
     warn_moved,
 )
+from companion.per_example.plan import LayerPlan, checked, move_to_vmap, plan_layers
 from companion.per_example.rules import LAYER_RULES, vmap_over_call
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
 
 # --- the layerwise engine -----------------------------------------------------------------------
-
-
-def plan_layers(model: nn.Module) -> LayerPlan:
-    """Hook every layer with a rule whose trainable parameters are its own; vmap the rest.
-
-    A layer falls back to vmap over the model if it holds other layers and parameters of its own
-    (a subclass of MultiheadAttention, with the ``out_proj`` whose parameters it reads itself),
-    if it has no rule and hooks of its own (:func:`_why_no_rule`), if it holds a trainable
-    parameter its rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is
-    replaced on the instance, if it (or an ``out_proj`` it reads) appears twice in the module
-    tree, or if one of its parameters is shared with another layer (tied weights): a rule sees
-    one call of one layer, while the gradient of a shared parameter sums over all of them.
-    (Reads that only the forward pass shows are found for each batch, by :func:`autograd_graph`.)"""
-    canonical = {id(p): name for name, p in model.named_parameters()}
-    module_uses: Counter[int] = Counter()
-    param_owners: Counter[int] = Counter()
-    for _, module in model.named_modules(remove_duplicate=False):
-        module_uses[id(module)] += 1
-        if module_uses[id(module)] == 1:
-            param_owners.update(id(p) for p in module.parameters(recurse=False))
-    hooked, fallback, reasons = [], [], []
-    read_uncalled: set[nn.Module] = set()  # sublayers whose parent reads their parameters
-    for name, module in model.named_modules():
-        if module in read_uncalled:
-            continue
-        read = _read_sublayers(module)
-        read_uncalled.update(read)
-        own = [p for m in [module, *read] for p in m.parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        why = _why_no_rule(module)
-        once = [module_uses[id(m)] == 1 for m in [module, *read]]
-        alone = all(once) and all(param_owners[id(p)] == 1 for p in own)
-        if why is None and alone:  # a layer of parts: its products, each a layer of the plan
-            hooked.extend((name, m) for m in (parts(module) if is_composite(module) else [module]))
-            continue
-        fallback.extend(canonical[id(p)] for p in own if canonical[id(p)] not in fallback)
-        where = f"layer {name!r}" if name else "the model"
-        reasons.append(f"{where} {why or 'shares its parameters'}")
-    return LayerPlan(hooked, fallback, reasons)
-
-
-def _read_sublayers(module: nn.Module) -> list[nn.Module]:
-    """The sublayers whose parameters ``module`` reads without calling them (MultiheadAttention's
-    ``out_proj``), which no hook sees: they go where the module's own parameters go."""
-    return [module.out_proj] if isinstance(module, nn.MultiheadAttention) else []
-
-
-def _why_no_rule(module: nn.Module) -> str | None:
-    """Why no rule computes the layer's gradients (None if one does): parameters that the rules
-    do not handle, or a call that may not be the layer's own maths. A layer of a type without a
-    rule (PReLU, your own) takes vmap over its own call (:func:`vmap_over_call`) if it holds no
-    other layer and no hooks, which that call would run again. (A forward hook is fine on a layer
-    with a rule: the hooks that keep its output run first.)"""
-    kind = type(module).__name__
-    ruled = parameter_names(module) if is_composite(module) else {"weight", "bias"}
-    if is_composite(module) and (computed := computed_weights(module)):
-        return f"({kind}) computes {computed} (weight_norm), which no rule does"
-    if type(module) not in LAYER_RULES and not is_composite(module):
-        if read := _read_sublayers(module):
-            inside = {id(p) for m in [module, *read] for p in m.parameters(recurse=False)}
-            names = [n for n, p in module.named_parameters() if p.requires_grad and id(p) in inside]
-            return f"({kind}) reads parameters {names} itself, which no rule computes"
-        if next(module.children(), None) is not None:  # a container with parameters of its own
-            names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            return f"({kind}) holds parameters {names} itself, which no rule computes"
-        hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_hooks)
-        if any(hooks) or module._backward_pre_hooks:
-            return f"({kind}) has no rule and hooks of its own"
-    elif extra := [
-        n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in ruled
-    ]:  # e.g. weight_g and weight_v of torch.nn.utils.weight_norm
-        return f"({kind}) has parameters {extra}, which its rule does not compute"
-    elif isinstance(module, nn.EmbeddingBag) and module.mode == "max":
-        return f"({kind}) has mode='max', which its rule does not compute"
-    if "forward" in vars(module):
-        # replaced on the instance (by a wrapper): the call may not compute the rule's maths
-        return f"({kind}) has its forward replaced"
-    return None
 
 
 def global_forward_hooks() -> bool:
@@ -170,14 +87,15 @@ def layerwise_add_clipped(
     for name, module in plan.hooked:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         # The hook keeps a layer's last call; the rule applies if it reads every parameter once
-        # and the call's input and output have one row per example of the batch.
+        # and the call's input and output hold one example of the batch each along the dimension
+        # the plan says (0, or 1 for a sequence laid out (T, B, F)).
         seen = capture.seen.get(module)
         read_once = (
             seen is not None and seen[1].grad_fn in nodes and all(reads[id(p)] == 1 for p in own)
         )
         if module in capture.odd:
             odd.append((name, module))
-        elif read_once and one_row_per_example(seen[0], seen[1], x.shape[0]):
+        elif read_once and plan.batch_dim(module) in example_dims(module, *seen[:2], x.shape[0]):
             active.append((name, module))  # each parameter read once in the graph: by this call
         elif read_once:
             misrowed.append((name, module))
@@ -205,6 +123,8 @@ def layerwise_add_clipped(
             a, b, output_grads[i] = inputs.pop(module).detach(), output_grads[i], None
             if b is None:
                 continue
+            if module in plan.second:  # the rules take the examples along dimension 0
+                a, b = a.transpose(0, 1), b.transpose(0, 1)
             if type(module) in LAYER_RULES:
                 found = LAYER_RULES[type(module)](module, a, b)
             elif (found := vmap_over_call(module, a, b, kept.pop(module))) is None:
@@ -372,9 +292,9 @@ class PerExampleClipper:
                     entries = [materialised(name, g) for name, g in grads.items()]
                     return add_clipped(entries, max_grad_norm, into, scale)
             if self._checks_left > 0 and x.shape[0] >= 2:  # one example: nothing to mix
-                moved = rows_cross(self.model, plan, self.sum_loss, x[:8], y[:8])
+                moved, dims = rows_cross(self.model, plan, self.sum_loss, x[:8], y[:8])
                 warn_moved(moved, ROWS_ARE_NOT_EXAMPLES)
-                self.plan = plan = move_to_vmap(plan, moved)
+                self.plan = plan = checked(plan, moved, dims)
                 self._checks_left -= 1  # only a batch that passed: one that raised is checked again
             norms, self.plan = layerwise_add_clipped(
                 self.model, plan, self.mean_loss, self.sum_loss, x, y, max_grad_norm, into, scale

@@ -2,16 +2,19 @@
 
 Part of :mod:`companion.per_example`; import from there.
 
-A rule reads row :math:`i` of a layer's input and output as example :math:`i`'s. That fails for a
-batch flattened to ``(B*T, F)`` or a sequence laid out ``(T, B, F)`` (rows are positions), and
-for a forward pass that reorders the batch around the layer (``x.flip(0)``, a sort by length)
-and puts it back: the model still treats examples independently, but the rule would give one
-example's gradient part of another's, and one example could then move the clipped sum by more
-than :math:`C`. Every batch's shapes are checked (:func:`one_row_per_example`), and the autograd
-graph of a few examples of the first batches shows which rows each example's loss reads
-(:func:`rows_cross`), and whether it reads other examples' inputs: a forward pass that mixes
-examples, which no per-example gradient can serve, is refused. The hooks that keep each layer's
-call (:class:`Capture`) and the warnings naming the layers that move to vmap live here too.
+A rule reads row :math:`i` of a layer's input and output as example :math:`i`'s. A layer that
+computes every position alike (``Linear``, ``Embedding``, ``LayerNorm``) may also hold the
+examples along dimension 1, a sequence laid out ``(T, B, F)``: the rule then takes the input and
+output with those two dimensions swapped. Rows are not examples for a batch flattened to
+``(B*T, F)``, nor for a forward pass that reorders the batch around the layer (``x.flip(0)``, a
+sort by length) and puts it back: the model still treats examples independently, but the rule
+would give one example's gradient part of another's, and one example could then move the
+clipped sum by more than :math:`C`. Every batch's shapes are checked (:func:`example_dims`), and
+the autograd graph of a few examples of the first batches shows which rows each example's loss
+reads (:func:`rows_cross`), and whether it reads other examples' inputs: a forward pass that
+mixes examples, which no per-example gradient can serve, is refused. The hooks that keep each
+layer's call (:class:`Capture`) and the warnings naming the layers that move to vmap live here
+too.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,18 +29,10 @@ from torch import nn
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, OutOfMemoryError
 from companion._validation import warn
-from companion.per_example.composite import Part, call, own_parameters
+from companion.per_example.composite import Part, call
+from companion.per_example.plan import LayerPlan
 
 __all__: list[str] = []
-
-
-class LayerPlan(NamedTuple):
-    """Which layers the rules handle and which parameters fall back to vmap."""
-
-    hooked: list[tuple[str, nn.Module]]  # layers with a rule and trainable parameters
-    fallback: list[str]  # trainable parameters computed with vmap
-    reasons: list[str]  # why, per layer, for messages
-    copies: bool = False  # whether the model changes a hooked layer's input or output in place
 
 
 class Capture:
@@ -140,10 +134,25 @@ def check_input_unchanged(x: torch.Tensor, version: int) -> None:
         )
 
 
-def one_row_per_example(a: torch.Tensor, b: torch.Tensor, batch: int) -> bool:
-    """Whether a layer's input ``a`` and output ``b`` have ``batch`` rows, one per example, as the
-    rules assume (a flattened batch ``(B*T, F)`` or a sequence ``(T, B, F)`` has not)."""
-    return a.dim() > 0 and b.dim() > 0 and a.shape[0] == b.shape[0] == batch
+def example_dims(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, batch: int) -> list[int]:
+    """The dimensions along which ``layer``'s input ``a`` and output ``b`` may hold the ``batch``
+    examples, one each, as its rule can take them: 0, and 1 for a ``Linear``, ``Embedding`` or
+    ``LayerNorm`` whose dimension 1 is a position's (a sequence laid out ``(T, B, F)``, as torch's
+    transformer layers take it by default). A flattened batch ``(B*T, F)`` has none."""
+    dims = [d for d in (0, 1) if a.dim() > d and b.dim() > d and a.shape[d] == b.shape[d] == batch]
+    return [d for d in dims if d == 0 or d < _positions(layer, a)]
+
+
+def _positions(layer: nn.Module, a: torch.Tensor) -> int:
+    """How many leading dimensions of the input ``a`` the ``layer``'s rule takes as positions,
+    each computed alike (a layer of another type: the batch's only)."""
+    if type(layer) is nn.Linear:
+        return a.dim() - 1  # all but the features
+    if type(layer) is nn.Embedding:
+        return a.dim()  # every token
+    if type(layer) is nn.LayerNorm:
+        return a.dim() - len(layer.normalized_shape)
+    return 1
 
 
 def autograd_graph(loss: torch.Tensor) -> tuple[Counter[int], set[object]]:
@@ -183,9 +192,10 @@ def refuse_reentrant_checkpoint(nodes: set[object]) -> None:
 
 def rows_cross(
     model: nn.Module, plan: LayerPlan, sum_loss: LossFn, x: torch.Tensor, y: torch.Tensor
-) -> list[tuple[str, nn.Module]]:
+) -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, int]]:
     r"""The hooked layers whose rows, in a forward pass on the few examples ``x``, are not one per
-    example or reach the loss of other examples than their own.
+    example or reach the loss of other examples than their own; and for each other layer called,
+    the dimension that holds its examples (:func:`example_dims`; 0 where both may).
 
     A rule is right for a layer if row :math:`p` of its output reaches only example :math:`p`'s
     loss: then the gradient of the summed loss at row :math:`p` is example :math:`p`'s alone. For
@@ -199,7 +209,8 @@ def rows_cross(
     :math:`k < \lceil \log_2 n \rceil`, and their complements: two examples :math:`j \ne p`
     differ in some bit, so one of these sets holds :math:`j` and not :math:`p`, and the loss of
     :math:`j` reading row :math:`p` is seen, whatever the pair (a flip, a roll, a sort, a swap, a
-    ``(T, B, F)`` layout, row 0 broadcast to every example). One backward pass per set, to the
+    ``(T, B, F)`` layout, row 0 broadcast to every example). (A layer whose examples may lie
+    along dimension 0 or 1 has its rows checked along each.) One backward pass per set, to the
     layers' outputs and the input together: :math:`2 \lceil \log_2 n \rceil` passes through one
     graph (through a new one each, from a new forward pass, where a compiled part of the model
     allows one backward pass through its graph: inductor's donated buffers). Exact
@@ -225,10 +236,14 @@ def rows_cross(
     """
     kept, outputs, leaf = _traced(model, plan.hooked, x)
     seen = [(name, m) for name, m in plan.hooked if m in kept]
-    wrong = [(n, m) for n, m in seen if not one_row_per_example(*kept[m][:2], len(x))]
-    right = [(n, m) for n, m in seen if (n, m) not in wrong and kept[m][1].requires_grad]
+    dims = {m: example_dims(m, *kept[m][:2], len(x)) for _, m in seen}  # narrowed below
+    right = [(n, m) for n, m in seen if dims[m] and kept[m][1].requires_grad]
+
+    def found() -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, int]]:
+        return [(n, m) for n, m in seen if not dims[m]], {m: d[0] for m, d in dims.items() if d}
+
     if not outputs.requires_grad or not (right or leaf is not None):
-        return wrong
+        return found()
     loss = sum_loss(outputs, y)
     refuse_reentrant_checkpoint(autograd_graph(loss)[1])
     (gradient,) = torch.autograd.grad(loss, outputs)
@@ -277,11 +292,9 @@ def rows_cross(
         for subset in (inside, ~inside):
             reads = read_by(subset)
             input_read = reads.pop(0) if leaf is not None else None  # the input's gradient
-            wrong += [
-                layer
-                for layer, read in zip(right, reads, strict=True)
-                if layer not in wrong and read is not None and bool(read[~subset].ne(0).any())
-            ]
+            for (_, m), read in zip(right, reads, strict=True):
+                if read is not None:  # along each dimension that may hold the examples
+                    dims[m] = [d for d in dims[m] if not read.movedim(d, 0)[~subset].ne(0).any()]
             if input_read is not None:  # a read is finite and nonzero: 0 * inf gives NaN
                 # Comparisons, which make masks only (isfinite copies the gradient's values).
                 read = input_read.ne(0)
@@ -290,7 +303,7 @@ def rows_cross(
                 read &= input_read.ne(-math.inf)
                 if bool(read.index_fill_(0, rows[subset], False).any()):  # a read outside the set
                     raise ValueError(MIXES_EXAMPLES)
-    return wrong
+    return found()
 
 
 def _traced(
@@ -357,18 +370,6 @@ def _cuda_index(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
-def move_to_vmap(plan: LayerPlan, layers: list[tuple[str, nn.Module]]) -> LayerPlan:
-    """``plan`` with the hooked ``layers`` moved to vmap."""
-    fallback = plan.fallback + [
-        f"{name}.{n}" if name else n
-        for name, module in layers
-        for n, p in own_parameters(module)
-        if p.requires_grad
-    ]
-    hooked = [layer for layer in plan.hooked if layer not in layers]
-    return plan._replace(hooked=hooked, fallback=fallback)
 
 
 #: Why a layer without a rule falls back when vmap over its call fails, for :func:`warn_moved`.

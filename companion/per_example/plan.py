@@ -1,0 +1,142 @@
+"""Which layers of a model the rules take, and which parameters fall back to vmap.
+
+Part of :mod:`companion.per_example`; import from there. The plan is made once, from the module
+tree (:func:`plan_layers`); the batches may then move hooked layers to vmap (:func:`move_to_vmap`)
+or show that a layer's examples lie along its second dimension (``LayerPlan.second``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+from torch import nn
+
+from companion.per_example.composite import (
+    computed_weights,
+    is_composite,
+    own_parameters,
+    parameter_names,
+    parts,
+)
+from companion.per_example.rules import LAYER_RULES
+
+__all__: list[str] = []
+
+
+class LayerPlan(NamedTuple):
+    """Which layers the rules handle and which parameters fall back to vmap."""
+
+    hooked: list[tuple[str, nn.Module]]  # layers with a rule and trainable parameters
+    fallback: list[str]  # trainable parameters computed with vmap
+    reasons: list[str]  # why, per layer, for messages
+    copies: bool = False  # whether the model changes a hooked layer's input or output in place
+    #: hooked layers whose examples lie along dimension 1 (a sequence laid out (T, B, F)), as
+    #: the checked batches showed (:func:`~companion.per_example.layout.rows_cross`)
+    second: frozenset[nn.Module] = frozenset()
+
+    def batch_dim(self, layer: nn.Module) -> int:
+        """The dimension of ``layer``'s input and output that holds the examples."""
+        return 1 if layer in self.second else 0
+
+
+def plan_layers(model: nn.Module) -> LayerPlan:
+    """Hook every layer with a rule whose trainable parameters are its own; vmap the rest.
+
+    A layer falls back to vmap over the model if it holds other layers and parameters of its own
+    (a subclass of MultiheadAttention, with the ``out_proj`` whose parameters it reads itself),
+    if it has no rule and hooks of its own (:func:`_why_no_rule`), if it holds a trainable
+    parameter its rule does not compute (``weight_norm``'s ``weight_g``), if its ``forward`` is
+    replaced on the instance, if it (or an ``out_proj`` it reads) appears twice in the module
+    tree, or if one of its parameters is shared with another layer (tied weights): a rule sees
+    one call of one layer, while the gradient of a shared parameter sums over all of them.
+    (Reads that only the forward pass shows are found for each batch, by :func:`autograd_graph`.)"""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    module_uses: Counter[int] = Counter()
+    param_owners: Counter[int] = Counter()
+    for _, module in model.named_modules(remove_duplicate=False):
+        module_uses[id(module)] += 1
+        if module_uses[id(module)] == 1:
+            param_owners.update(id(p) for p in module.parameters(recurse=False))
+    hooked, fallback, reasons = [], [], []
+    read_uncalled: set[nn.Module] = set()  # sublayers whose parent reads their parameters
+    for name, module in model.named_modules():
+        if module in read_uncalled:
+            continue
+        read = _read_sublayers(module)
+        read_uncalled.update(read)
+        own = [p for m in [module, *read] for p in m.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        why = _why_no_rule(module)
+        once = [module_uses[id(m)] == 1 for m in [module, *read]]
+        alone = all(once) and all(param_owners[id(p)] == 1 for p in own)
+        if why is None and alone:  # a layer of parts: its products, each a layer of the plan
+            hooked.extend((name, m) for m in (parts(module) if is_composite(module) else [module]))
+            continue
+        fallback.extend(canonical[id(p)] for p in own if canonical[id(p)] not in fallback)
+        where = f"layer {name!r}" if name else "the model"
+        reasons.append(f"{where} {why or 'shares its parameters'}")
+    return LayerPlan(hooked, fallback, reasons)
+
+
+def _read_sublayers(module: nn.Module) -> list[nn.Module]:
+    """The sublayers whose parameters ``module`` reads without calling them (MultiheadAttention's
+    ``out_proj``), which no hook sees: they go where the module's own parameters go."""
+    return [module.out_proj] if isinstance(module, nn.MultiheadAttention) else []
+
+
+def _why_no_rule(module: nn.Module) -> str | None:
+    """Why no rule computes the layer's gradients (None if one does): parameters that the rules
+    do not handle, or a call that may not be the layer's own maths. A layer of a type without a
+    rule (PReLU, your own) takes vmap over its own call (:func:`vmap_over_call`) if it holds no
+    other layer and no hooks, which that call would run again. (A forward hook is fine on a layer
+    with a rule: the hooks that keep its output run first.)"""
+    kind = type(module).__name__
+    ruled = parameter_names(module) if is_composite(module) else {"weight", "bias"}
+    if is_composite(module) and (computed := computed_weights(module)):
+        return f"({kind}) computes {computed} (weight_norm), which no rule does"
+    if type(module) not in LAYER_RULES and not is_composite(module):
+        if read := _read_sublayers(module):
+            inside = {id(p) for m in [module, *read] for p in m.parameters(recurse=False)}
+            names = [n for n, p in module.named_parameters() if p.requires_grad and id(p) in inside]
+            return f"({kind}) reads parameters {names} itself, which no rule computes"
+        if next(module.children(), None) is not None:  # a container with parameters of its own
+            names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            return f"({kind}) holds parameters {names} itself, which no rule computes"
+        hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_hooks)
+        if any(hooks) or module._backward_pre_hooks:
+            return f"({kind}) has no rule and hooks of its own"
+    elif extra := [
+        n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in ruled
+    ]:  # e.g. weight_g and weight_v of torch.nn.utils.weight_norm
+        return f"({kind}) has parameters {extra}, which its rule does not compute"
+    elif isinstance(module, nn.EmbeddingBag) and module.mode == "max":
+        return f"({kind}) has mode='max', which its rule does not compute"
+    if "forward" in vars(module):
+        # replaced on the instance (by a wrapper): the call may not compute the rule's maths
+        return f"({kind}) has its forward replaced"
+    return None
+
+
+def move_to_vmap(plan: LayerPlan, layers: list[tuple[str, nn.Module]]) -> LayerPlan:
+    """``plan`` with the hooked ``layers`` moved to vmap."""
+    fallback = plan.fallback + [
+        f"{name}.{n}" if name else n
+        for name, module in layers
+        for n, p in own_parameters(module)
+        if p.requires_grad
+    ]
+    hooked = [layer for layer in plan.hooked if layer not in layers]
+    return plan._replace(hooked=hooked, fallback=fallback)
+
+
+def checked(
+    plan: LayerPlan, wrong: list[tuple[str, nn.Module]], dims: dict[nn.Module, int]
+) -> LayerPlan:
+    """``plan`` after a batch's check of its rows
+    (:func:`~companion.per_example.layout.rows_cross`): the ``wrong`` layers moved to vmap, and
+    each layer the batch showed (in ``dims``) with its examples along the dimension found; the
+    others as they were."""
+    second = {m for m in plan.second if m not in dims} | {m for m, d in dims.items() if d == 1}
+    return move_to_vmap(plan, wrong)._replace(second=frozenset(second))
