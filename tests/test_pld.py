@@ -174,21 +174,22 @@ def test_epsilon_matches_opacus_prv_accountant_at_a_fine_eps_error():
     docstring; this file's grid includes q = 0.01, sigma = 4 and 15,000 steps). Opacus's
     ``get_epsilon`` returns the upper end of an interval that holds the true epsilon and is
     2 * eps_error wide, plus the change of epsilon when delta moves by its delta_error
-    (delta / 1000) either way, about 1e-4 here: with eps_error = 1e-4, about 3e-4 in all. Two
+    (delta / 1000) either way, about 1e-4 here: with eps_error = 2e-4, about 5e-4 in all. Two
     numbers each between the truth and the truth + 5e-4 differ by at most 5e-4 < 1e-3.
     Negative control: with Opacus's default eps_error = 0.01 the upper end may lie 2e-2 above the
     truth, and it is more than 1e-3 above ours. The figures quoted in the module docstring are
-    checked too. (eps_error = 1e-4 takes Opacus about 20 s.)
+    checked too. (eps_error = 2e-4 takes Opacus about 19 s on the two-core machine, 1e-4 about
+    67 s: the time grows faster than the grid.)
     """
     accountants = pytest.importorskip("opacus.accountants")
     q, sigma, steps, delta = 0.01, 4.0, 10_000, 1e-5
     prv = accountants.PRVAccountant()
     prv.history = [(sigma, q, steps)]  # Opacus's own compressed form of 10,000 equal steps
-    fine, default = prv.get_epsilon(delta, eps_error=1e-4), prv.get_epsilon(delta)
+    fine, default = prv.get_epsilon(delta, eps_error=2e-4), prv.get_epsilon(delta)
     ours = _our_eps(q, sigma, steps)[delta]
     assert abs(ours - fine) <= 1e-3, (ours, fine)
     assert default - ours > 1e-3, (ours, default)
-    assert round(ours, 4) == round(fine, 4) == 0.9470 and round(default, 4) == 0.9569
+    assert round(ours, 4) == 0.9470 and round(fine, 4) == 0.9471 and round(default, 4) == 0.9569
 
 
 def test_heterogeneous_history_matches_dp_accounting_composing_the_same_events():
