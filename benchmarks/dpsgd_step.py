@@ -168,6 +168,7 @@ def build_step(
             max_grad_norm=max_grad_norm,
             noise_generator=torch.Generator(device=device).manual_seed(seed),
             grad_sample_mode=mode,
+            batch_first=getattr(model, "batch_first", True),  # False: every layer's is (T, B, ...)
         )
         if mode == "ghost":
             private, optimizer, criterion, _ = made  # criterion: DPLossFastGradientClipping

@@ -1,8 +1,9 @@
 """The coursework-sized models and batches of the DP-SGD benchmarks (issue 9), shared by scripts.
 
-Six models a student might bring, each with a batch of random inputs and labels of the right
-shapes (the timings do not depend on the values; the clipping factors do a little, and random
-inputs give gradient norms above the clipping norm 1 for most examples, as in early training):
+Models a student might bring (the six of issue 9 and three more), each with a batch of random
+inputs and labels of the right shapes (the timings do not depend on the values; the clipping
+factors do a little, and random inputs give gradient norms above the clipping norm 1 for most
+examples, as in early training):
 
 - ``logreg``: logistic regression 784-10 (an ``nn.Sequential`` of one ``Linear``);
 - ``mlp``: MLP 784-512-512-10 with ReLU;
@@ -19,7 +20,10 @@ inputs give gradient norms above the clipping norm 1 for most examples, as in ea
 - ``text-transformer``: ``Embedding(10000, 64)`` on 32 token ids, torch's
   ``TransformerEncoderLayer(64, 4 heads, 128)``, mean over tokens, ``Linear(64, 2)`` (not in issue
   9's list either). Opacus's methods get the same model with Opacus's ``DPMultiheadAttention``,
-  and the same weights.
+  and the same weights;
+- ``text-transformer-tf``: the same laid out (T, B, 64), torch's default (``batch_first=False``),
+  the head applied at every position before the mean (not in issue 9's list). Opacus gets
+  ``make_private(batch_first=False)``.
 """
 
 from __future__ import annotations
@@ -91,6 +95,25 @@ class TransformerText(nn.Module):
         return self.head(self.encoder(self.embedding(tokens)).mean(dim=1))
 
 
+class TimeFirstTransformerText(nn.Module):
+    """:class:`TransformerText` laid out as torch's layers take it by default: the token ids
+    (B, T) turned to (T, B), the encoder layer built with ``batch_first=False``, and the head
+    applied at every position before the mean (the same function: a Linear commutes with a
+    mean), so that every layer sees the examples along dimension 1, as Opacus's
+    ``make_private(batch_first=False)`` assumes of all of them."""
+
+    batch_first = False  # read by the benchmark's Opacus set-up
+
+    def __init__(self, vocab: int = VOCAB) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, 64)
+        self.encoder = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0)
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embedding(tokens.t()))).mean(dim=0)
+
+
 def _opacus_gru_text(built: nn.Module) -> nn.Module:
     from opacus.layers import DPGRU
 
@@ -117,17 +140,20 @@ class _HeadsFirst(nn.Module):
 
 def _opacus_transformer_text(built: nn.Module) -> nn.Module:
     """The model with its attention as Opacus's ``DPMultiheadAttention`` (what Opacus's
-    ``ModuleValidator.fix`` puts in; its ``out_proj`` mended by :class:`_HeadsFirst`), with the
-    same weights: the input projection split into its query, key and value layers."""
+    ``ModuleValidator.fix`` puts in; batch first, its ``out_proj`` mended by
+    :class:`_HeadsFirst`), with the same weights: the input projection split into its query, key
+    and value layers."""
     from opacus.layers import DPMultiheadAttention
 
-    model, state = TransformerText(), {}
-    attention = DPMultiheadAttention(64, 4, dropout=0.0, batch_first=True)
-    attention.out_proj = nn.Sequential(_HeadsFirst(4), attention.out_proj)
+    model, state = type(built)(), {}
+    first = getattr(built, "batch_first", True)
+    attention = DPMultiheadAttention(64, 4, dropout=0.0, batch_first=first)
+    if first:
+        attention.out_proj = nn.Sequential(_HeadsFirst(4), attention.out_proj)
     model.encoder.self_attn = attention
     for name, value in built.state_dict().items():
         if ".in_proj_" not in name:
-            state[name.replace(".out_proj.", ".out_proj.1.")] = value
+            state[name.replace(".out_proj.", ".out_proj.1." if first else ".out_proj.")] = value
             continue
         prefix, kind = name.split(".in_proj_")
         for part, third in zip(("qlinear", "klinear", "vlinear"), value.chunk(3), strict=True):
@@ -217,6 +243,14 @@ MODELS: dict[str, Spec] = {
     "text-transformer": Spec(
         "Embedding + Transformer text",
         TransformerText,
+        (32,),
+        2,
+        tokens=True,
+        for_opacus=_opacus_transformer_text,
+    ),
+    "text-transformer-tf": Spec(
+        "Embedding + Transformer text, time first",
+        TimeFirstTransformerText,
         (32,),
         2,
         tokens=True,
