@@ -180,7 +180,7 @@ def test_layers_on_a_sequence_laid_out_t_b_f_take_the_rules_and_match_the_loop(n
         warnings.simplefilter("error")
         sums = clipper(x, y, max_grad_norm=c).sums
     _assert_same(sums, expected)
-    assert clipper.plan.second  # the examples along dimension 1 for some layer
+    assert 1 in clipper.plan.dims.values()  # the examples along dimension 1 for some layer
 
 
 @pytest.mark.parametrize(
@@ -277,6 +277,144 @@ def test_a_layer_that_a_checked_batch_does_not_call_keeps_the_dimension_found():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
+
+
+class _Switching(_SequenceFirst):
+    """Calls ``fc`` on (T, B, F) while ``time_first``, on (B, T, F) otherwise."""
+
+    time_first = True
+
+    def forward(self, x):
+        if self.time_first:
+            return super().forward(x)
+        return self.head(self.norm(torch.tanh(self.fc(x)).mean(1)))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_layer_the_checks_see_on_two_layouts_falls_back_for_good(first):
+    """The checked batches (4, 3, 2 examples of 5 positions) call ``fc`` on one layout, then the
+    other: it moves to vmap with a warning, since a later batch with B = T = 5 could be either.
+    That batch, on the first layout again, matches the loop."""
+    model = _seeded(_Switching)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    for size, time_first in ((4, first), (3, not first)):
+        model.time_first = time_first
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clipper(_sequences(size), torch.arange(size) % 3, max_grad_norm=0.5)
+    assert any("along dimension 0 in some batches" in str(w.message) for w in caught)
+    clipper(_sequences(2), torch.arange(2) % 3, max_grad_norm=0.5)
+    model.time_first = first
+    x, y = _sequences(5), torch.tensor([0, 2, 1, 1, 0])
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
+
+
+class _FcLate(_SequenceFirst):
+    """Calls ``fc`` (on (T, B, F)) only once ``use_fc`` is set."""
+
+    use_fc = False
+
+    def forward(self, x):
+        if self.use_fc:
+            return super().forward(x)
+        return self.head(self.norm(x.mean(1).repeat(1, 2)[:, :6]))
+
+
+def test_a_layer_no_check_settled_falls_back_where_b_equals_t():
+    """``fc`` is first called after the checks, on (T, B, F) with B = T = 5: its shapes fit
+    both dimensions, and nothing says which holds the examples, so it moves to vmap with a
+    warning; the sum matches the loop."""
+    model = _seeded(_FcLate)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    for size in (4, 3, 2):
+        clipper(_sequences(size), torch.arange(size) % 3, max_grad_norm=0.5)
+    model.use_fc = True
+    x, y = _sequences(5), torch.tensor([0, 2, 1, 1, 0])
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with pytest.warns(UserWarning, match="layer 'fc' is called on an input whose rows"):
+        _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
+
+
+def test_a_batch_of_one_example_takes_the_rules_on_any_layout():
+    """One example cannot be mixed with another: ``fc`` on (T, 1, F) takes the rules before any
+    check, also with T = 1 (where its shapes fit both dimensions), and the next batches (one
+    checked) keep them."""
+    model = _seeded(_SequenceFirst)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for size, steps in ((1, 1), (1, 5), (4, 5), (1, 5)):
+            x, y = _sequences(size, steps=steps), torch.arange(size) % 3
+            expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+            _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
+    assert clipper.plan.dims[model.fc] == 1
+
+
+class _FlippedSequences(nn.Module):
+    """A Linear on (B, T, F) sequences in the reversed order of the batch, put back after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x.flip(0))).flip(0).mean(1))
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_a_batch_reordered_around_a_layer_is_seen_along_both_dimensions(batch):
+    """With B = T both dimensions of ``fc``'s (B, T, F) input have B rows; the check of the
+    graph rules out both (dimension 0: the flip; dimension 1: positions every example reads),
+    so ``fc`` moves to vmap with a warning and the sum matches the loop."""
+    model, x = _seeded(_FlippedSequences), _sequences(batch, steps=batch)
+    y = torch.arange(batch) % 3
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with pytest.warns(UserWarning, match="layer 'fc' is called on an input whose rows"):
+        _assert_same(
+            clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5), expected
+        )
+
+
+class _LastToken(nn.Module):
+    """An Embedding and a Linear on ids laid out (T, B); each example's loss reads the Linear's
+    output at its last token other than padding (0) only."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(self.embed(x.t())))  # (T, B, 4)
+        return self.head(h[(x != 0).sum(1) - 1, torch.arange(len(x))])
+
+
+def _padded(lengths, steps):
+    x = torch.randint(1, 10, (len(lengths), steps), generator=_gen(3))
+    for i, length in enumerate(lengths):
+        x[i, length:] = 0
+    return x
+
+
+def test_a_layer_both_dimensions_pass_for_is_not_settled_and_falls_back():
+    """Example i has length i + 1 in the first batch (B = T = 4), so the Linear's output row
+    (i, i) is the only one example i's loss reads: either dimension passes the check (and gives
+    the same sum on this batch). Neither is settled, and the shapes fit both, so ``fc`` moves to
+    vmap with a warning; a later batch with B = T = 5 and other lengths, where the two would
+    differ, matches the loop."""
+    model = _seeded(_LastToken)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    with pytest.warns(UserWarning, match="layer 'embed', 'fc' is called on an input whose rows"):
+        clipper(_padded(range(1, 5), 4), torch.arange(4) % 3, max_grad_norm=0.5)
+    assert model.fc not in clipper.plan.dims
+    x, y = _padded([5, 5, 3, 2, 5], 5), torch.tensor([0, 2, 1, 1, 0])
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
 
 
 class _LayoutBySize(_SequenceFirst):

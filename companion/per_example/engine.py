@@ -26,12 +26,13 @@ from companion.per_example.gradients import (
     without_autocast,
 )
 from companion.per_example.layout import (
+    LAYOUT_CHANGED,
     NOT_REPEATED,
     READ_ELSEWHERE,
     ROWS_ARE_NOT_EXAMPLES,
     autograd_graph,
+    batch_dim,
     check_input_unchanged,
-    example_dims,
     forward_with_capture,
     layer_names,
     refuse_reentrant_checkpoint,
@@ -84,19 +85,21 @@ def layerwise_add_clipped(
     reads, nodes = autograd_graph(loss)
     refuse_reentrant_checkpoint(nodes)
     active, misread, misrowed, odd = [], [], [], []
+    along: dict[nn.Module, int] = {}  # the dimension of each active layer's examples
     for name, module in plan.hooked:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         # The hook keeps a layer's last call; the rule applies if it reads every parameter once
-        # and the call's input and output hold one example of the batch each along the dimension
-        # the plan says (0, or 1 for a sequence laid out (T, B, F)).
+        # and the call's input and output hold one example of the batch each along a dimension
+        # (0, or 1 for a sequence laid out (T, B, F)) that the plan or the shapes settle.
         seen = capture.seen.get(module)
         read_once = (
             seen is not None and seen[1].grad_fn in nodes and all(reads[id(p)] == 1 for p in own)
         )
         if module in capture.odd:
             odd.append((name, module))
-        elif read_once and plan.batch_dim(module) in example_dims(module, *seen[:2], x.shape[0]):
+        elif read_once and (dim := batch_dim(plan, module, *seen[:2], x.shape[0])) is not None:
             active.append((name, module))  # each parameter read once in the graph: by this call
+            along[module] = dim
         elif read_once:
             misrowed.append((name, module))
         elif any(reads[id(p)] for p in own):  # read by several calls or outside the call
@@ -123,7 +126,7 @@ def layerwise_add_clipped(
             a, b, output_grads[i] = inputs.pop(module).detach(), output_grads[i], None
             if b is None:
                 continue
-            if module in plan.second:  # the rules take the examples along dimension 0
+            if along[module] == 1:  # the rules take the examples along dimension 0
                 a, b = a.transpose(0, 1), b.transpose(0, 1)
             if type(module) in LAYER_RULES:
                 found = LAYER_RULES[type(module)](module, a, b)
@@ -292,9 +295,11 @@ class PerExampleClipper:
                     entries = [materialised(name, g) for name, g in grads.items()]
                     return add_clipped(entries, max_grad_norm, into, scale)
             if self._checks_left > 0 and x.shape[0] >= 2:  # one example: nothing to mix
-                moved, dims = rows_cross(self.model, plan, self.sum_loss, x[:8], y[:8])
+                moved, found = rows_cross(self.model, plan, self.sum_loss, x[:8], y[:8])
                 warn_moved(moved, ROWS_ARE_NOT_EXAMPLES)
-                self.plan = plan = checked(plan, moved, dims)
+                self.plan, changed = checked(plan, moved, found)
+                warn_moved(changed, LAYOUT_CHANGED)
+                plan = self.plan
                 self._checks_left -= 1  # only a batch that passed: one that raised is checked again
             norms, self.plan = layerwise_add_clipped(
                 self.model, plan, self.mean_loss, self.sum_loss, x, y, max_grad_norm, into, scale

@@ -143,6 +143,20 @@ def example_dims(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, batch: int)
     return [d for d in dims if d == 0 or d < _positions(layer, a)]
 
 
+def batch_dim(
+    plan: LayerPlan, layer: nn.Module, a: torch.Tensor, b: torch.Tensor, batch: int
+) -> int | None:
+    """The dimension of ``layer``'s input ``a`` and output ``b`` that holds the ``batch``
+    examples: the one the checked batches settled for the layer (``plan.dims``), if this batch's
+    shapes fit it; for a layer no check settled, the one dimension the shapes fit (either, for
+    one example: it cannot be mixed with another). None where the shapes fit neither, or both
+    without a check having settled which (B = T): the layer then moves to vmap."""
+    fit = example_dims(layer, a, b, batch)
+    if layer in plan.dims:
+        return plan.dims[layer] if plan.dims[layer] in fit else None
+    return fit[0] if len(fit) == 1 or (fit and batch == 1) else None
+
+
 def _positions(layer: nn.Module, a: torch.Tensor) -> int:
     """How many leading dimensions of the input ``a`` the ``layer``'s rule takes as positions,
     each computed alike (a layer of another type: the batch's only)."""
@@ -192,10 +206,10 @@ def refuse_reentrant_checkpoint(nodes: set[object]) -> None:
 
 def rows_cross(
     model: nn.Module, plan: LayerPlan, sum_loss: LossFn, x: torch.Tensor, y: torch.Tensor
-) -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, int]]:
+) -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, list[int]]]:
     r"""The hooked layers whose rows, in a forward pass on the few examples ``x``, are not one per
     example or reach the loss of other examples than their own; and for each other layer called,
-    the dimension that holds its examples (:func:`example_dims`; 0 where both may).
+    the dimensions that may hold its examples (:func:`example_dims`) whose rows passed.
 
     A rule is right for a layer if row :math:`p` of its output reaches only example :math:`p`'s
     loss: then the gradient of the summed loss at row :math:`p` is example :math:`p`'s alone. For
@@ -239,8 +253,8 @@ def rows_cross(
     dims = {m: example_dims(m, *kept[m][:2], len(x)) for _, m in seen}  # narrowed below
     right = [(n, m) for n, m in seen if dims[m] and kept[m][1].requires_grad]
 
-    def found() -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, int]]:
-        return [(n, m) for n, m in seen if not dims[m]], {m: d[0] for m, d in dims.items() if d}
+    def found() -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, list[int]]]:
+        return [(n, m) for n, m in seen if not dims[m]], {m: d for m, d in dims.items() if d}
 
     if not outputs.requires_grad or not (right or leaf is not None):
         return found()
@@ -388,7 +402,15 @@ READ_ELSEWHERE = (
 #: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.
 ROWS_ARE_NOT_EXAMPLES = (
     "is called on an input whose rows are not the batch's examples (a flattened batch, a sequence "
-    "laid out (T, B, F), or a batch reordered around it)"
+    "laid out (T, B, F) into a layer of a type that takes the batch first only, a batch reordered "
+    "around it, or a layout the checked batches did not show)"
+)
+
+#: Why a layer falls back when the checked batches showed it on two layouts, for
+#: :func:`warn_moved`.
+LAYOUT_CHANGED = (
+    "holds the batch's examples along dimension 0 in some batches and along dimension 1 in "
+    "others, which the shapes of a batch with as many examples as positions cannot tell apart"
 )
 
 

@@ -2,12 +2,14 @@
 
 Part of :mod:`companion.per_example`; import from there. The plan is made once, from the module
 tree (:func:`plan_layers`); the batches may then move hooked layers to vmap (:func:`move_to_vmap`)
-or show that a layer's examples lie along its second dimension (``LayerPlan.second``).
+or show along which dimension a layer holds the examples (``LayerPlan.dims``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 from torch import nn
@@ -31,13 +33,10 @@ class LayerPlan(NamedTuple):
     fallback: list[str]  # trainable parameters computed with vmap
     reasons: list[str]  # why, per layer, for messages
     copies: bool = False  # whether the model changes a hooked layer's input or output in place
-    #: hooked layers whose examples lie along dimension 1 (a sequence laid out (T, B, F)), as
-    #: the checked batches showed (:func:`~companion.per_example.layout.rows_cross`)
-    second: frozenset[nn.Module] = frozenset()
-
-    def batch_dim(self, layer: nn.Module) -> int:
-        """The dimension of ``layer``'s input and output that holds the examples."""
-        return 1 if layer in self.second else 0
+    #: hooked layer -> the dimension of its input and output that holds the examples (0, or 1
+    #: for a sequence laid out (T, B, F)), as the checked batches settled it
+    #: (:func:`~companion.per_example.layout.rows_cross`); a layer no check settled is absent
+    dims: Mapping[nn.Module, int] = MappingProxyType({})
 
 
 def plan_layers(model: nn.Module) -> LayerPlan:
@@ -132,11 +131,19 @@ def move_to_vmap(plan: LayerPlan, layers: list[tuple[str, nn.Module]]) -> LayerP
 
 
 def checked(
-    plan: LayerPlan, wrong: list[tuple[str, nn.Module]], dims: dict[nn.Module, int]
-) -> LayerPlan:
+    plan: LayerPlan, wrong: list[tuple[str, nn.Module]], found: dict[nn.Module, list[int]]
+) -> tuple[LayerPlan, list[tuple[str, nn.Module]]]:
     """``plan`` after a batch's check of its rows
-    (:func:`~companion.per_example.layout.rows_cross`): the ``wrong`` layers moved to vmap, and
-    each layer the batch showed (in ``dims``) with its examples along the dimension found; the
-    others as they were."""
-    second = {m for m in plan.second if m not in dims} | {m for m, d in dims.items() if d == 1}
-    return move_to_vmap(plan, wrong)._replace(second=frozenset(second))
+    (:func:`~companion.per_example.layout.rows_cross`), and the layers whose layout changed.
+
+    The ``wrong`` layers move to vmap. A layer for which the check left one dimension (in
+    ``found``) is settled on it, unless an earlier check settled it on the other: a layout that
+    changes from batch to batch, which a later batch's shapes cannot tell apart where B = T,
+    so the layer moves to vmap too, and is returned. A layer the check left both dimensions
+    for (they gave the same sums on this batch) stays as it was."""
+    dims, changed = dict(plan.dims), []
+    for name, layer in plan.hooked:
+        left = found.get(layer, [])
+        if len(left) == 1 and dims.setdefault(layer, left[0]) != left[0]:
+            changed.append((name, layer))
+    return move_to_vmap(plan._replace(dims=dims), wrong + changed), changed
