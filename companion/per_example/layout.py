@@ -9,7 +9,7 @@ output with those two dimensions swapped. Rows are not examples for a batch flat
 ``(B*T, F)``, nor for a forward pass that reorders the batch around the layer (``x.flip(0)``, a
 sort by length) and puts it back: the model still treats examples independently, but the rule
 would give one example's gradient part of another's, and one example could then move the
-clipped sum by more than :math:`C`. Every batch's shapes are checked (:func:`example_dims`), and
+clipped sum by more than :math:`C`. Every batch's shapes are checked (:func:`batch_dim`), and
 the autograd graph of a few examples of the first batches shows which rows each example's loss
 reads (:func:`rows_cross`), and whether it reads other examples' inputs: a forward pass that
 mixes examples, which no per-example gradient can serve, is refused. The hooks that keep each
