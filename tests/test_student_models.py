@@ -183,6 +183,15 @@ def test_layers_on_a_sequence_laid_out_t_b_f_take_the_rules_and_match_the_loop(n
     assert 1 in clipper.plan.dims.values()  # the examples along dimension 1 for some layer
 
 
+def _assert_matches_the_loop_without_warning(clipper, model, x, y):
+    """The clipper's sum of the batch ``(x, y)`` at C = 0.5 equals the loop's, and no layer
+    moves to vmap (which always warns)."""
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
+
+
 @pytest.mark.parametrize(
     ("layer", "a_shape", "b_shape", "dims"),
     [
@@ -212,10 +221,7 @@ def test_a_later_batch_with_as_many_examples_as_positions_keeps_the_dimension_fo
     for size in (4, 3, 2):
         clipper(_sequences(size), torch.arange(size) % 3, max_grad_norm=0.5)
     x, y = _sequences(5), torch.tensor([0, 2, 1, 1, 0])
-    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
+    _assert_matches_the_loop_without_warning(clipper, model, x, y)
 
 
 def test_negative_control_the_rules_on_the_flattened_rows_would_clip_each_row():
@@ -273,10 +279,7 @@ def test_a_layer_that_a_checked_batch_does_not_call_keeps_the_dimension_found():
     for size in (4, 3, 5):
         clipper(_sequences(size, steps=6), torch.arange(size) % 3, max_grad_norm=0.5)
     x, y = _sequences(6, steps=6), torch.tensor([0, 2, 1, 1, 0, 2])
-    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
+    _assert_matches_the_loop_without_warning(clipper, model, x, y)
 
 
 class _Switching(_SequenceFirst):
@@ -306,10 +309,7 @@ def test_a_layer_the_checks_see_on_two_layouts_falls_back_for_good(first):
     clipper(_sequences(2), torch.arange(2) % 3, max_grad_norm=0.5)
     model.time_first = first
     x, y = _sequences(5), torch.tensor([0, 2, 1, 1, 0])
-    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
+    _assert_matches_the_loop_without_warning(clipper, model, x, y)
 
 
 class _FcLate(_SequenceFirst):
@@ -344,12 +344,9 @@ def test_a_batch_of_one_example_takes_the_rules_on_any_layout():
     checked) keep them."""
     model = _seeded(_SequenceFirst)
     clipper = PerExampleClipper(model, loss="cross_entropy")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for size, steps in ((1, 1), (1, 5), (4, 5), (1, 5)):
-            x, y = _sequences(size, steps=steps), torch.arange(size) % 3
-            expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
-            _assert_same(clipper(x, y, max_grad_norm=0.5).sums, expected)
+    for size, steps in ((1, 1), (1, 5), (4, 5), (1, 5)):
+        x, y = _sequences(size, steps=steps), torch.arange(size) % 3
+        _assert_matches_the_loop_without_warning(clipper, model, x, y)
     assert clipper.plan.dims[model.fc] == 1
 
 
