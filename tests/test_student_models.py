@@ -261,23 +261,27 @@ def test_a_clipper_moves_such_a_layer_once_and_names_it_once():
     _assert_same(second.sums, expected)
 
 
-class _FcSkippedSometimes(_SequenceFirst):
-    """Calls ``fc`` (on (T, B, F)) but for batches of 3 or 5 examples."""
+class _FcSkippable(_SequenceFirst):
+    """Calls ``fc`` (on (T, B, F)) only while ``use_fc`` is set."""
+
+    use_fc = True
 
     def forward(self, x):
-        if len(x) in (3, 5):
-            return self.head(self.norm(x.mean(1).repeat(1, 2)[:, :6]))
-        return super().forward(x)
+        if self.use_fc:
+            return super().forward(x)
+        return self.head(self.norm(x.mean(1).repeat(1, 2)[:, :6]))
 
 
 def test_a_layer_that_a_checked_batch_does_not_call_keeps_the_dimension_found():
     """The first checked batch (4 examples) shows ``fc``'s examples along dimension 1; the next
     two (3 and 5 examples) do not call it. The fourth batch, not checked, has B = T = 6: the
     dimension found for ``fc`` must hold until a check sees it again."""
-    model = _seeded(_FcSkippedSometimes)
+    model = _seeded(_FcSkippable)
     clipper = PerExampleClipper(model, loss="cross_entropy")
     for size in (4, 3, 5):
+        model.use_fc = size == 4
         clipper(_sequences(size, steps=6), torch.arange(size) % 3, max_grad_norm=0.5)
+    model.use_fc = True
     x, y = _sequences(6, steps=6), torch.tensor([0, 2, 1, 1, 0, 2])
     _assert_matches_the_loop_without_warning(clipper, model, x, y)
 
@@ -312,22 +316,12 @@ def test_a_layer_the_checks_see_on_two_layouts_falls_back_for_good(first):
     _assert_matches_the_loop_without_warning(clipper, model, x, y)
 
 
-class _FcLate(_SequenceFirst):
-    """Calls ``fc`` (on (T, B, F)) only once ``use_fc`` is set."""
-
-    use_fc = False
-
-    def forward(self, x):
-        if self.use_fc:
-            return super().forward(x)
-        return self.head(self.norm(x.mean(1).repeat(1, 2)[:, :6]))
-
-
 def test_a_layer_no_check_settled_falls_back_where_b_equals_t():
     """``fc`` is first called after the checks, on (T, B, F) with B = T = 5: its shapes fit
     both dimensions, and nothing says which holds the examples, so it moves to vmap with a
     warning; the sum matches the loop."""
-    model = _seeded(_FcLate)
+    model = _seeded(_FcSkippable)
+    model.use_fc = False
     clipper = PerExampleClipper(model, loss="cross_entropy")
     for size in (4, 3, 2):
         clipper(_sequences(size), torch.arange(size) % 3, max_grad_norm=0.5)
