@@ -10,15 +10,11 @@ STAMP := $(VENV)/.installed
 # torch is installed first and pinned: on a machine with the CPU wheel at hand pip takes it,
 # while an unpinned torch would pull a CUDA build of several GB.
 # The first line stops at once, with a clear message, on a Python older than 3.11.
-# --no-compile: Python compiles a module to bytecode the first time it is imported, and most of
-# the 17,000 files installed are never imported; compiling them all took 80 s of a 3.5-minute
-# install on a two-core machine.
-PIP_INSTALL := $(BIN)/python -m pip install --quiet --no-compile --disable-pip-version-check
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: the book needs Python 3.11 or newer, but $(PYTHON) is Python %d.%d. Install 3.11+ and name it, e.g. make PYTHON=python3.11 book" % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -c constraints.txt -e ".[book,test,lab,flower]"
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[book,test,lab,flower]"
 	touch $(STAMP)
 
 book: $(STAMP)
