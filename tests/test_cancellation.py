@@ -16,12 +16,14 @@ import pytest
 import torch
 from _oracles import _assert_same, _loop_clipped_sum
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from companion.per_example import (
     PerExampleClipper,
     clipped_gradient_sum,
+    ghost,
+    gradients,
     per_example_gradients,
-    rules,
 )
 
 pytestmark = pytest.mark.unit
@@ -61,13 +63,13 @@ def total_norm(sums: dict[str, torch.Tensor]) -> float:
 def ghost_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many times the ghost path ran: its tests check that they test it."""
     calls: list[int] = []
-    squares = rules._ghost_squares
+    squares = ghost.ghost_squares
 
     def counted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         calls.append(a.shape[0])
         return squares(a, b)
 
-    monkeypatch.setattr(rules, "_ghost_squares", counted)
+    monkeypatch.setattr(ghost, "ghost_squares", counted)
     return calls
 
 
@@ -179,8 +181,8 @@ def test_the_ghost_sum_runs_in_float64_when_float32_products_are_rounded():
     sum runs in float64. Each setting is put back as it was."""
     a = torch.zeros(2, 1, 3, 4)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert rules._ghost_sum_dtype(a) == torch.float32
-    assert rules._ghost_sum_dtype(a.to(torch.bfloat16)) == torch.float32
+    assert ghost.ghost_sum_dtype(a) == torch.float32
+    assert ghost.ghost_sum_dtype(a.to(torch.bfloat16)) == torch.float32
     settings = [
         (torch.backends.mkldnn.matmul, "bf16", {cpu: False, cuda: True}),
         (torch.backends.cuda.matmul, "tf32", {cpu: True, cuda: False}),
@@ -190,27 +192,81 @@ def test_the_ghost_sum_runs_in_float64_when_float32_products_are_rounded():
         before = backend.fp32_precision
         try:
             backend.fp32_precision = value
-            assert {d: rules._full_float32_matmul(d) for d in full} == full, (backend, value)
+            assert {d: ghost.full_float32_matmul(d) for d in full} == full, (backend, value)
         finally:
             backend.fp32_precision = before
-        assert rules._ghost_sum_dtype(a) == torch.float32
+        assert ghost.ghost_sum_dtype(a) == torch.float32
     before = torch.backends.mkldnn.matmul.fp32_precision
     torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     try:
-        assert rules._ghost_sum_dtype(a) == torch.float64
+        assert ghost.ghost_sum_dtype(a) == torch.float64
     finally:
         torch.backends.mkldnn.matmul.fp32_precision = before
 
 
-def test_ghost_norms_of_a_batch_larger_than_a_chunk_match_the_loop(ghost_calls: list[int]) -> None:
-    """The Gram matrices are computed in float64 on 64 examples at a time (their copies stay
-    small); 150 examples are two full chunks and a partial one, in the batch's order."""
+def test_the_ghost_path_in_chunks_matches_the_loop(
+    ghost_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The float64 copies are made on chunks of examples: with a bound of 64 examples' elements,
+    150 examples are two full chunks and a partial one, in the batch's order. A chunk out of line
+    with its examples would change norms and sums by order 1."""
     torch.manual_seed(0)
     model = SequenceNet(width=64).double()
-    x, y = torch.randn(150, 4, 64, dtype=torch.float64), torch.arange(150) % 4
-    _, expected = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
+    length, width = 4, 64
+    # Per example, as ghost_squares counts: a and b (L * 2 * width), the Grams and their product.
+    monkeypatch.setattr(gradients, "CHUNK_ELEMENTS", 64 * (length * 2 * width + 3 * length**2))
+    x, y = torch.randn(150, length, width, dtype=torch.float64), torch.arange(150) % 4
+    expected, norms = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
     result = PerExampleClipper(model, loss="cross_entropy", method="layerwise")(
         x, y, max_grad_norm=1.0
     )
-    torch.testing.assert_close(result.norms, expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(result.norms, norms, rtol=1e-10, atol=0)
+    _assert_same(result.sums, expected)
     assert ghost_calls == [150]
+
+
+class _LargestNewTensor(TorchDispatchMode):
+    """Records the bytes of the largest storage an operation allocates while on (a view shares
+    an argument's storage and is not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in (*args, *kwargs.values())
+            if isinstance(t, torch.Tensor)
+        }
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_ghost_paths_copies_stay_within_a_chunk(dtype: torch.dtype, monkeypatch):
+    """A BERT-sized projection (768 -> 2304 on 512 positions) once took a 1 GiB float64 copy on
+    64 examples. Here, scaled down (96 -> 288 on 64 positions, 32 examples, a 1.2 MiB output
+    gradient), no tensor the ghost path allocates exceeds the chunk bound (64 Ki float64
+    elements, 512 KiB), in the norms or in the clipped sum (float64 with a float64 layer). The
+    negative control: with a bound above the batch, the float64 copy of the whole output gradient
+    (4.5 MiB) shows."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 1, 64, 96, generator=g, dtype=dtype)
+    b = torch.randn(32, 1, 64, 288, generator=g, dtype=dtype)
+
+    def largest_allocation(bound: int) -> int:
+        monkeypatch.setattr(gradients, "CHUNK_ELEMENTS", bound)
+        total = torch.zeros(288, 96, dtype=dtype)
+        with _LargestNewTensor() as seen:
+            _, squares, add_to = ghost.ghost_weight(a, b, total.shape)
+            add_to(torch.rand(32, generator=g, dtype=dtype), total)
+        return seen.largest
+
+    bound = 2**16
+    assert largest_allocation(bound) <= 8 * bound
+    assert largest_allocation(2**30) >= 8 * 32 * 64 * 288

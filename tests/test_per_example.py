@@ -25,6 +25,7 @@ from companion.per_example import (
     check_examples_independent,
     clipped_gradient_sum,
     engine,
+    gradients,
     rules,
 )
 from companion.per_example.engine import autograd_graph
@@ -1142,7 +1143,7 @@ def test_normalisation_rules_in_chunks_of_one_example_match_the_loop(name, monke
     """GroupNorm and LayerNorm recompute their normalised input in chunks of examples (of 2**21
     elements, so the test models' batches make one chunk). With one example per chunk, a chunk
     out of line with its examples would change the sum by order 1."""
-    monkeypatch.setattr(rules, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(gradients, "CHUNK_ELEMENTS", 1)
     build, batch, loss = FAST[name]
     model, (x, y) = build(), batch()
     c, expected, loop_norms = _loop_at_most_clipped(model, loss, x, y)

@@ -289,6 +289,21 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+#: The rules compute what they derive per example (a normalised input, a float64 copy) in chunks
+#: of examples of at most this many elements. A fresh tensor above the allocator's reuse limit (32
+#: MB with glibc) is mapped anew on every call, and its page faults cost more than the arithmetic:
+#: the first GroupNorm of the CIFAR benchmark (256 examples, 32 channels, 32x32) took 14 ms whole,
+#: 1.6 ms in chunks of 64.
+CHUNK_ELEMENTS = 2**21
+
+
+def example_chunks(batch: int, per_example: int) -> list[slice]:
+    """Slices of ``range(batch)`` of at most :data:`CHUNK_ELEMENTS` elements each, at
+    ``per_example`` elements an example (one example at least)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_example))
+    return [slice(start, start + step) for start in range(0, batch, step)]
+
+
 def materialised(name: str, grads: torch.Tensor) -> Entry:
     """The entry of a parameter whose per-example gradients ``grads`` (B, ...) are at hand."""
     return (name, squared_norms(grads), lambda f, total: add_weighted(total, f, grads))

@@ -19,11 +19,12 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from companion._torch import OutOfMemoryError
+from companion.per_example.ghost import ghost_weight
 from companion.per_example.gradients import (
     Entry,
     add_weighted,
+    example_chunks,
     materialised,
-    norm_dtype,
     squared_norms,
 )
 
@@ -80,84 +81,11 @@ def _matmul_rule(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, groups: int
         # norm up to twice as slow near the switch on a 2-core CPU (128 against 64 ms at
         # L (I + O) / (I O) = 2/3), but it keeps no I O per example: memory decides there.
         if length * (i_size + o_size) < i_size * o_size:
-            squares = _ghost_squares(ag, bg)
-            wide = _ghost_sum_dtype(ag)
-
-            def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
-                weighted = bg.to(wide) * f.to(wide)[:, None, None, None]
-                summed = torch.einsum("bglo,bgli->goi", weighted, ag.to(wide))
-                total.add_(summed.reshape(shape).to(total.dtype))
-
-            out.append(("weight", squares, add_to))
+            out.append(ghost_weight(ag, bg, shape))
         else:
             grads = bg.transpose(-1, -2) @ ag  # (B, g, O/g, I/g)
             out.append(materialised("weight", grads))
     return out + _bias(layer, b)
-
-
-#: On the ghost-norm path, an example whose squared weight-gradient norm is below the square of
-#: its bound divided by this is clipped as if its norm were the bound (:func:`_ghost_squares`).
-GHOST_MAX_CANCELLATION = 100.0
-
-
-def _ghost_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    r"""Each example's squared norm of :math:`\sum_s b_s a_s^\top` over positions :math:`s`, from
-    Gram matrices (``a`` is (B, g, L, I) and ``b`` (B, g, L, O), by group).
-
-    The squared norm is :math:`\sum_{s,t} \langle a_s, a_t \rangle \langle b_s, b_t \rangle`, whose
-    rounding error is relative to the bound :math:`M = (\sum_s \lVert a_s \rVert \lVert b_s
-    \rVert)^2` (the triangle inequality), not to the norm: where an example's positions cancel
-    (a record crafted so), float32 would measure the norm far too small, even negative (NaN), and
-    the clipped vector, computed by another product, would exceed :math:`C`. So the sums run in
-    float64 (float32 on Apple's ``mps``, which has none), and an example whose squared norm is
-    below :math:`M / 100^2` is given :math:`M`: it is clipped harder, never softer. The clipped
-    sum (:func:`_ghost_sum_dtype`) runs in float32, or in float64 where float32 products would
-    be rounded to TF32 or bfloat16; its rounding adds to an example's term an error of order
-    :math:`L u f \sqrt{M} \le 100 L u C` (:math:`u = 6 \times 10^{-8}` the unit roundoff of
-    float32, :math:`f` the clipping factor; :math:`L = 64`: :math:`4 \times 10^{-4} C`), and in
-    practice far less, plus the rounding of the factors and of the result to the parameters'
-    dtype. (Run in bfloat16, whose :math:`u` is :math:`2^{15}` times larger, the sum let a
-    crafted record reach 1.19 C.)
-    """
-    dtype = norm_dtype(a.dtype)
-    wide = torch.float32 if a.device.type == "mps" else torch.float64
-    found = []
-    for a_part, b_part in zip(a.split(64), b.split(64), strict=True):  # small float64 copies
-        x, y = a_part.to(wide), b_part.to(wide)
-        squares = torch.einsum("bgls,bgls->b", x @ x.transpose(-1, -2), y @ y.transpose(-1, -2))
-        row_norms = torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1)
-        bound = row_norms.sum(dim=-1).square().sum(dim=-1)
-        found.append(torch.where(squares * GHOST_MAX_CANCELLATION**2 < bound, bound, squares))
-    return torch.cat(found).to(dtype)
-
-
-def _full_float32_matmul(device: torch.device) -> bool:
-    """Whether float32 matrix products on ``device`` round as float32: not to TF32 or bfloat16,
-    as they may after ``torch.set_float32_matmul_precision("high")`` or a backend's
-    ``fp32_precision`` (oneDNN on the CPU, cuBLAS on CUDA)."""
-    backends = {
-        "cpu": getattr(torch.backends.mkldnn, "matmul", None),
-        "cuda": torch.backends.cuda.matmul,
-    }
-    precision = getattr(backends.get(device.type), "fp32_precision", None)
-    if precision is None:  # torch before 2.9, or another device: the legacy setting
-        try:
-            return torch.get_float32_matmul_precision() == "highest"
-        except RuntimeError:  # torch refuses to read it after a mix of legacy and new settings
-            return False
-    if precision == "none":  # the backend follows the global setting
-        precision = getattr(torch.backends, "fp32_precision", "none")
-    return precision in ("none", "ieee")
-
-
-def _ghost_sum_dtype(a: torch.Tensor) -> torch.dtype:
-    """The dtype of the ghost path's clipped sum: float32, or float64 where float32 products
-    would be rounded to fewer bits (:func:`_ghost_squares`)."""
-    if a.device.type == "mps":  # no float64 there
-        return torch.float32
-    if a.dtype == torch.float64 or not _full_float32_matmul(a.device):
-        return torch.float64
-    return torch.float32
 
 
 def _one_position(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
@@ -363,21 +291,6 @@ def _embedding_bag(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOu
     return _embedding(layer, a, b[:, None, :] * weights[:, :, None])
 
 
-#: The normalisation rules recompute the normalised input in chunks of examples of at most this
-#: many elements. A fresh tensor above the allocator's reuse limit (32 MB with glibc) is mapped anew
-#: on every call, and its page faults cost more than the arithmetic: the first GroupNorm of the
-#: CIFAR benchmark (256 examples, 32 channels, 32x32) took 14 ms whole, 1.6 ms in chunks of 64.
-_CHUNK_ELEMENTS = 2**21
-
-
-def _in_example_chunks(
-    batch: int, per_example: int, chunk_grads: Callable[[slice], torch.Tensor]
-) -> torch.Tensor:
-    """``chunk_grads(part)`` over slices of the batch of ``_CHUNK_ELEMENTS`` at most, joined."""
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
-    return torch.cat([chunk_grads(slice(s, s + step)) for s in range(0, batch, step)])
-
-
 @_rule(nn.LayerNorm)
 def _layer_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
     # Per-example scale and shift gradients: sums over positions of (normalised input) * b and of
@@ -391,7 +304,7 @@ def _layer_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
             normalised = F.layer_norm(a[part], shape, eps=layer.eps).reshape(b[part].shape)
             return normalised.mul_(b[part]).sum(dim=1)
 
-        grads = _in_example_chunks(batch, b[0].numel(), chunk_grads)
+        grads = torch.cat([chunk_grads(part) for part in example_chunks(batch, b[0].numel())])
         out.append(materialised("weight", grads))
     if _wants(layer, "bias"):
         out.append(materialised("bias", b.sum(dim=1)))
@@ -410,7 +323,7 @@ def _group_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
             normalised = F.group_norm(a[part], layer.num_groups, eps=layer.eps)
             return normalised.reshape(b[part].shape).mul_(b[part]).sum(dim=2)
 
-        grads = _in_example_chunks(batch, b[0].numel(), chunk_grads)
+        grads = torch.cat([chunk_grads(part) for part in example_chunks(batch, b[0].numel())])
         out.append(materialised("weight", grads))
     if _wants(layer, "bias"):
         out.append(materialised("bias", b.sum(dim=2)))

@@ -1,0 +1,109 @@
+r"""The ghost norm of a linear layer on sequences, and its clipped sum, with bounded rounding.
+
+Part of :mod:`companion.per_example`; import from there. Example :math:`i`'s weight gradient of a
+linear layer on :math:`L` positions is :math:`\sum_s b_s a_s^\top` (input rows :math:`a_s`, output
+gradient rows :math:`b_s`). Its squared norm, from Gram matrices without the :math:`I \times O`
+product (Goodfellow 2015; Li, Tramèr, Liang and Hashimoto 2022, "Large Language Models Can Be
+Strong Differentially Private Learners", ICLR), is
+
+.. math::
+
+    \Bigl\lVert \sum_s b_s a_s^\top \Bigr\rVert_F^2
+    = \sum_{s,t} \langle a_s, a_t \rangle \langle b_s, b_t \rangle,
+
+and the clipped sum over the batch, with clipping factors :math:`f_i`, is one product,
+:math:`\sum_i f_i b_i^\top a_i`. Both run on chunks of examples of at most
+:data:`~companion.per_example.gradients.CHUNK_ELEMENTS` elements, so that the wider copies they
+make (float64) stay small whatever the layer's size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from companion.per_example.gradients import Entry, example_chunks, norm_dtype
+
+__all__ = ["GHOST_MAX_CANCELLATION"]
+
+#: An example whose squared weight-gradient norm is below the square of its bound divided by this
+#: is clipped as if its norm were the bound (:func:`ghost_squares`).
+GHOST_MAX_CANCELLATION = 100.0
+
+
+def ghost_weight(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> Entry:
+    """The entry of a weight of ``shape`` whose example-``i`` gradient is :math:`b_i^\\top a_i`,
+    by group: ``a`` is (B, g, L, I) and ``b`` (B, g, L, O)."""
+    squares = ghost_squares(a, b)
+    wide = ghost_sum_dtype(a)
+
+    def add_to(f: torch.Tensor, total: torch.Tensor) -> None:
+        summed = a.new_zeros((a.shape[1], b.shape[-1], a.shape[-1]), dtype=wide)  # (g, O, I)
+        for part in example_chunks(a.shape[0], a[0].numel() + b[0].numel()):
+            weighted = b[part].to(wide) * f[part].to(wide)[:, None, None, None]
+            summed += torch.einsum("bglo,bgli->goi", weighted, a[part].to(wide))
+        total.add_(summed.reshape(shape).to(total.dtype))
+
+    return ("weight", squares, add_to)
+
+
+def ghost_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""Each example's squared norm of :math:`\sum_s b_s a_s^\top` over positions :math:`s`, from
+    Gram matrices (``a`` is (B, g, L, I) and ``b`` (B, g, L, O), by group).
+
+    The squared norm is :math:`\sum_{s,t} \langle a_s, a_t \rangle \langle b_s, b_t \rangle`, whose
+    rounding error is relative to the bound :math:`M = (\sum_s \lVert a_s \rVert \lVert b_s
+    \rVert)^2` (the triangle inequality), not to the norm: where an example's positions cancel
+    (a record crafted so), float32 would measure the norm far too small, even negative (NaN), and
+    the clipped vector, computed by another product, would exceed :math:`C`. So the sums run in
+    float64 (float32 on Apple's ``mps``, which has none), and an example whose squared norm is
+    below :math:`M / 100^2` is given :math:`M`: it is clipped harder, never softer. The clipped
+    sum (:func:`ghost_sum_dtype`) runs in float32, or in float64 where float32 products would
+    be rounded to TF32 or bfloat16; its rounding adds to an example's term an error of order
+    :math:`L u f \sqrt{M} \le 100 L u C` (:math:`u = 6 \times 10^{-8}` the unit roundoff of
+    float32, :math:`f` the clipping factor; :math:`L = 64`: :math:`4 \times 10^{-4} C`), and in
+    practice far less, plus the rounding of the factors and of the result to the parameters'
+    dtype. (Run in bfloat16, whose :math:`u` is :math:`2^{15}` times larger, the sum let a
+    crafted record reach 1.19 C.)
+    """
+    dtype = norm_dtype(a.dtype)
+    wide = torch.float32 if a.device.type == "mps" else torch.float64
+    groups, length = a.shape[1], a.shape[2]
+    # Per example: the wide copies of a and b, the two Gram matrices and their product.
+    per_example = a[0].numel() + b[0].numel() + 3 * groups * length * length
+    found = []
+    for part in example_chunks(a.shape[0], per_example):
+        x, y = a[part].to(wide), b[part].to(wide)
+        squares = torch.einsum("bgls,bgls->b", x @ x.transpose(-1, -2), y @ y.transpose(-1, -2))
+        row_norms = torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1)
+        bound = row_norms.sum(dim=-1).square().sum(dim=-1)
+        found.append(torch.where(squares * GHOST_MAX_CANCELLATION**2 < bound, bound, squares))
+    return torch.cat(found).to(dtype)
+
+
+def full_float32_matmul(device: torch.device) -> bool:
+    """Whether float32 matrix products on ``device`` round as float32: not to TF32 or bfloat16,
+    as they may after ``torch.set_float32_matmul_precision("high")`` or a backend's
+    ``fp32_precision`` (oneDNN on the CPU, cuBLAS on CUDA)."""
+    backends = {
+        "cpu": getattr(torch.backends.mkldnn, "matmul", None),
+        "cuda": torch.backends.cuda.matmul,
+    }
+    precision = getattr(backends.get(device.type), "fp32_precision", None)
+    if precision is None:  # torch before 2.9, or another device: the legacy setting
+        try:
+            return torch.get_float32_matmul_precision() == "highest"
+        except RuntimeError:  # torch refuses to read it after a mix of legacy and new settings
+            return False
+    if precision == "none":  # the backend follows the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision in ("none", "ieee")
+
+
+def ghost_sum_dtype(a: torch.Tensor) -> torch.dtype:
+    """The dtype of the ghost path's clipped sum: float32, or float64 where float32 products
+    would be rounded to fewer bits (:func:`ghost_squares`)."""
+    if a.device.type == "mps":  # no float64 there
+        return torch.float32
+    if a.dtype == torch.float64 or not full_float32_matmul(a.device):
+        return torch.float64
+    return torch.float32
