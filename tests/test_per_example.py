@@ -1140,7 +1140,7 @@ def test_the_embedding_rules_sort_is_torchs_stable_sort(bound):
     "name", ["cifar_like_conv2d_variants_groupnorm", "linear_on_sequences_conv1d_same_reflect"]
 )
 def test_normalisation_rules_in_chunks_of_one_example_match_the_loop(name, monkeypatch):
-    """GroupNorm and LayerNorm recompute their normalised input in chunks of examples (of 2**21
+    """GroupNorm and LayerNorm recompute their normalised input in chunks of examples (of 2**19
     elements, so the test models' batches make one chunk). With one example per chunk, a chunk
     out of line with its examples would change the sum by order 1."""
     monkeypatch.setattr(gradients, "CHUNK_ELEMENTS", 1)

@@ -293,8 +293,10 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
 #: of examples of at most this many elements. A fresh tensor above the allocator's reuse limit (32
 #: MB with glibc) is mapped anew on every call, and its page faults cost more than the arithmetic:
 #: the first GroupNorm of the CIFAR benchmark (256 examples, 32 channels, 32x32) took 14 ms whole,
-#: 1.6 ms in chunks of 64.
-CHUNK_ELEMENTS = 2**21
+#: 1.6 ms in chunks of 64. Smaller chunks keep the peak down: the float64 copies of the ghost norm
+#: took the transformer benchmark's step to 52.8 MiB of tensors with 2**21, 44.6 with 2**19 (the
+#: backward pass's peak), in the same time; 2**18 was slower.
+CHUNK_ELEMENTS = 2**19
 
 
 def example_chunks(batch: int, per_example: int) -> list[slice]:
