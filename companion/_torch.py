@@ -36,7 +36,6 @@ __all__ = [
     "check_optional_test",
     "epoch_record",
     "evaluate_model",
-    "note_spent",
     "loss_fn",
     "model_device",
     "to_tensors",
@@ -374,23 +373,6 @@ def epoch_record(
             if "accuracy" in scores:
                 record[f"{prefix}_accuracy"] = scores["accuracy"]
     return record
-
-
-def note_spent(
-    error: BaseException, accountant: Any, taken: int, delta: float, *, run: str
-) -> None:
-    """Say on ``error`` what the ``taken`` noisy steps (or rounds) that ``run`` recorded in
-    ``accountant`` (a companion accountant) before ``error`` stopped it have spent."""
-    if taken == 0:
-        return
-    try:
-        epsilon = f"{accountant.get_epsilon(delta):.4g}"
-    except ValueError:  # PLD: a grid too small to follow the run
-        epsilon = "not computable by this accountant"
-    error.add_note(
-        f"{run} stopped after recording {taken} noisy step(s) (at most that many changed the "
-        f"model); with them the accountant's total is epsilon = {epsilon} at delta = {delta}."
-    )
 
 
 def warn_if_delta_large(delta: float, n: int, *, unit: str = "example", symbol: str = "n") -> None:

@@ -32,7 +32,13 @@ from scipy import stats
 
 from companion import data, models, training
 from companion._torch import add_to_model
-from companion.accounting import DEFAULT_ORDERS, RDPAccountant, compute_rdp, get_privacy_spent
+from companion.accounting import (
+    DEFAULT_ORDERS,
+    PLDAccountant,
+    RDPAccountant,
+    compute_rdp,
+    get_privacy_spent,
+)
 from companion.federated import (
     client_datasets,
     dp_fedavg,
@@ -376,6 +382,86 @@ def test_a_stopped_dp_fedavg_run_says_what_its_recorded_rounds_spent(monkeypatch
     assert f"epsilon = {epsilon:.4g} at delta = 0.001" in note
 
 
+_CONTINUED = dict(sample_rate=0.25, noise_multiplier=1.3, max_update_norm=1.0, local_epochs=1,
+                  batch_size=None, lr=0.1, delta=1e-3, progress=False)  # fmt: skip
+
+
+def _rdp_epsilon(rounds):
+    """The oracle: epsilon of ``rounds`` rounds of _CONTINUED, from compute_rdp directly."""
+    rdp = compute_rdp(q=0.25, noise_multiplier=1.3, steps=rounds, orders=DEFAULT_ORDERS)
+    return get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=1e-3)[0]
+
+
+def test_continuing_dp_fedavg_through_accountant_reports_the_epsilon_of_one_long_run():
+    accountant, model, clients = RDPAccountant(), models.logistic_regression(), _iid_clients(20)
+    first = dp_fedavg(model, clients, rounds=2, accountant=accountant, seed=0, **_CONTINUED)
+    history = dp_fedavg(model, clients, rounds=3, accountant=accountant, seed=1, **_CONTINUED)
+    assert len(accountant) == 5
+    assert [r["round"] for r in history] == [1, 2, 3]  # this call's; the accountant holds all
+    assert [r["total_rounds"] for r in first + history] == [1, 2, 3, 4, 5]
+    for record in first + history:
+        assert record["epsilon"] == pytest.approx(_rdp_epsilon(record["total_rounds"]), rel=1e-9)
+
+
+def test_a_continued_pld_accountant_reports_dp_accountings_epsilon_of_one_long_run():
+    """Two calls (2 then 3 rounds) continuing one PLDAccountant report the epsilon of
+    dp_accounting's PLD of 5 Poisson-sampled Gaussian rounds, to the discretisation (1e-3)."""
+    dp_accounting = pytest.importorskip("dp_accounting")
+    accountant, model, clients = PLDAccountant(), models.logistic_regression(), _iid_clients(20)
+    dp_fedavg(model, clients, rounds=2, accountant=accountant, seed=0, **_CONTINUED)
+    history = dp_fedavg(model, clients, rounds=3, accountant=accountant, seed=1, **_CONTINUED)
+    reference = dp_accounting.pld.PLDAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(1.3))
+    reference.compose(dp_accounting.SelfComposedDpEvent(event, 5))
+    assert history[-1]["epsilon"] == pytest.approx(reference.get_epsilon(1e-3), abs=1e-3)
+
+
+def test_continuing_dp_fedavg_with_the_same_seed_draws_new_samples_and_noise():
+    """Two calls from the same weights with seed 5: with a new accountant each, the same run;
+    with the second continuing the first's accountant, another one (the same run would make
+    the difference of the two calls' updates noise-free). The derived seed is reproducible."""
+    clients, start = _iid_clients(20), models.logistic_regression()
+
+    def call(accountant):
+        model = copy.deepcopy(start)
+        history = dp_fedavg(model, clients, rounds=3, accountant=accountant, seed=5, **_CONTINUED)
+        return _weights(model), [r["clients"] for r in history]
+
+    first = RDPAccountant()
+    a, picked_a = call(first)
+    b, picked_b = call(RDPAccountant())
+    assert _max_diff(a, b) == 0 and picked_a == picked_b
+    continued, picked_continued = call(first)
+    assert _max_diff(a, continued) > 1e-3 and picked_continued != picked_a
+    again_first = RDPAccountant()
+    call(again_first)
+    again, picked_again = call(again_first)
+    assert _max_diff(continued, again) == 0 and picked_again == picked_continued
+
+
+def test_a_stopped_continued_dp_fedavg_run_notes_the_accountants_total(monkeypatch):
+    """A call continuing 2 rounds stops in its third: the note counts this call's 3 rounds and
+    gives the total epsilon of 5."""
+    accountant, clients = RDPAccountant(), _iid_clients(20)
+    dp_fedavg(models.logistic_regression(), clients, rounds=2, accountant=accountant, seed=0,
+              **_CONTINUED)  # fmt: skip
+    calls = []
+
+    def stop_at_the_third(model, aggregate, scale):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        add_to_model(model, aggregate, scale)
+
+    monkeypatch.setattr("companion.federated.loops.add_to_model", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        dp_fedavg(models.logistic_regression(), clients, rounds=6, accountant=accountant, seed=1,
+                  **_CONTINUED)  # fmt: skip
+    (note,) = caught.value.__notes__
+    assert note.startswith("dp_fedavg stopped after recording 3 noisy step(s)")
+    assert f"epsilon = {_rdp_epsilon(5):.4g} at delta = 0.001" in note
+
+
 def test_dp_fedavg_without_noise_or_clipping_is_fedavg_with_equal_weights():
     """Equal client sizes (4 x 30), q = 1, sigma = 0, S = 1e6 (no update comes near it): one
     DP-FedAvg round (divide the sum by qK = 4) gives the same global weights as one FedAvg round
@@ -533,7 +619,15 @@ def test_dp_fedavg_records_test_scores():
                   seed=0, progress=False)  # fmt: skip
     model = models.logistic_regression()
     history = dp_fedavg(model, clients, rounds=2, **kwargs)
-    assert set(history[0]) == {"round", "clients", "epsilon", "delta", "test_loss", "test_accuracy"}
+    assert set(history[0]) == {
+        "round",
+        "total_rounds",
+        "clients",
+        "epsilon",
+        "delta",
+        "test_loss",
+        "test_accuracy",
+    }
     first = models.logistic_regression()
     dp_fedavg(first, clients, rounds=1, **kwargs)
     for record, trained in [(history[0], first), (history[1], model)]:
@@ -787,6 +881,8 @@ _BAD = [
     ("dp", {"delta": 0.0}, ValueError, r"delta must lie in the open interval \(0, 1\)"),
     ("dp", {"delta": 1.0}, ValueError, r"delta must lie in the open interval \(0, 1\)"),
     ("dp", {"server_lr": 0.0}, ValueError, "server_lr must be > 0"),
+    ("dp", {"accountant": "rdp"}, TypeError, "accountant must be a companion.accounting.RDPAcc"),
+    ("dp", {"accountant": RDPAccountant}, TypeError, "got the class RDPAccountant; pass an inst"),
 ]
 
 

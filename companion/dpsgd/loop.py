@@ -5,7 +5,6 @@ Part of :mod:`companion.dpsgd`; import from there.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import warnings
@@ -16,13 +15,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from companion._progress import progress_loop
-from companion._random import check_optional_seed, derive_seed, torch_generator
+from companion._random import torch_generator
+from companion._runs import Accountant, check_accountant, continued, note_spent, run_seed
 from companion._torch import (
     ArrayLike,
     check_loss_or_callable,
     epoch_record,
     model_device,
-    note_spent,
     trainable_named,
     warn_if_delta_large,
 )
@@ -90,46 +89,8 @@ def _check_optimizer(
     return optimizer
 
 
-def _check_accountant(accountant: object) -> RDPAccountant | PLDAccountant:
-    if accountant is None:
-        return RDPAccountant()
-    if not isinstance(accountant, RDPAccountant | PLDAccountant):
-        kind = accountant if isinstance(accountant, type) else type(accountant)
-        name = kind.__qualname__  # with its module if another library's (Opacus's accountants)
-        if kind.__module__.partition(".")[0] not in ("builtins", "companion"):
-            name = f"{kind.__module__}.{name}"
-        got = f"the class {name}; pass an instance" if kind is accountant else name
-        raise TypeError(
-            "accountant must be a companion.accounting.RDPAccountant or PLDAccountant (to "
-            f"continue an earlier run, pass the one it used); got {got}."
-        )
-    return accountant
-
-
-def _run_seed(seed: object, accountant: RDPAccountant | PLDAccountant) -> int | None:
-    """The seed of this run's generator: ``seed`` itself for a new accountant, and a seed derived
-    from it and the steps the accountant already holds for a continued one, so that continuing a
-    run with the same seed never replays an earlier call's batches and noise (their difference
-    would then be noise-free)."""
-    seed = check_optional_seed(seed)
-    return seed if len(accountant) == 0 else derive_seed(seed, len(accountant))
-
-
-def _continued(
-    accountant: RDPAccountant | PLDAccountant,
-    *,
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-) -> RDPAccountant | PLDAccountant:
-    """A copy of ``accountant`` with ``steps`` more steps; ``accountant`` is left as it is."""
-    trial = copy.deepcopy(accountant)
-    trial.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-    return trial
-
-
 def _calibrate(
-    accountant: RDPAccountant | PLDAccountant,
+    accountant: Accountant,
     *,
     target_epsilon: float,
     delta: float,
@@ -144,7 +105,7 @@ def _calibrate(
     """
 
     def epsilon(sigma: float) -> float:
-        trial = _continued(accountant, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+        trial = continued(accountant, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
         try:
             return trial.get_epsilon(delta)
         except ValueError:  # PLD: so little noise that the losses leave the grid, far too much
@@ -355,11 +316,11 @@ def train_dpsgd(
     if lr is not None:
         lr = check_positive("lr", lr)
     optimizer = _check_optimizer(optimizer, model, lr)
-    accountant = _check_accountant(accountant)
+    accountant = check_accountant(accountant)
     if expected_batch_size is None:
         expected_batch_size = sample_rate * data.n
     expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
-    generator = torch_generator(_run_seed(seed, accountant), device=device)
+    generator = torch_generator(run_seed(seed, accountant), device=device)
     clipper = PerExampleClipper(model, loss=loss, method=method)
     warn_if_delta_large(delta, data.n)
     if sample_rate * data.n < 1:
@@ -381,7 +342,7 @@ def train_dpsgd(
         )
     else:  # the planned run's epsilon, so that an accountant that cannot follow it says so now
         noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
-        _continued(
+        continued(
             accountant,
             noise_multiplier=noise_multiplier,
             sample_rate=sample_rate,

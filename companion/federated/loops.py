@@ -14,6 +14,7 @@ from torch import nn
 
 from companion._progress import progress_loop
 from companion._random import check_optional_seed, torch_generator
+from companion._runs import check_accountant, continued, note_spent, run_seed
 from companion._torch import (
     ArrayLike,
     LossName,
@@ -23,7 +24,6 @@ from companion._torch import (
     check_optional_test,
     evaluate_model,
     model_device,
-    note_spent,
     trainable_named,
     warn_if_delta_large,
 )
@@ -34,7 +34,7 @@ from companion._validation import (
     check_positive,
     check_positive_int,
 )
-from companion.accounting import RDPAccountant
+from companion.accounting import PLDAccountant, RDPAccountant
 from companion.federated.aggregation import dp_fedavg_aggregate, fedavg_aggregate
 from companion.federated.clients import (
     check_batch_size,
@@ -111,10 +111,10 @@ def fedavg(
         global model after the round if test data were given.
 
     Raises:
-        TypeError: if ``model`` is not a module, ``clients`` not a list of ``(x, y)`` pairs, or
-            an integer argument not an integer.
-        ValueError: if a client's data are empty or do not fit the loss, or a number is out of
-            the range given above.
+        TypeError: if ``model`` is not a module, ``clients`` not a list of ``(x, y)`` pairs,
+            an integer argument not an integer, or ``accountant`` not a companion accountant.
+        ValueError: if a client's data are empty or do not fit the loss, a number is out of
+            the range given above, or a PLD accountant cannot follow the planned rounds.
 
     Example:
         >>> from companion import data, models
@@ -177,6 +177,7 @@ def dp_fedavg(
     lr: float,
     delta: float,
     server_lr: float = 1.0,
+    accountant: RDPAccountant | PLDAccountant | None = None,
     loss: LossName = "cross_entropy",
     x_test: ArrayLike | None = None,
     y_test: ArrayLike | None = None,
@@ -203,9 +204,9 @@ def dp_fedavg(
 
     Every client weighs the same (unlike :func:`fedavg`, whose weights :math:`n_k` would depend
     on private data), so the noisy sum has L2 sensitivity :math:`S` and each round is one step of
-    the Poisson-subsampled Gaussian mechanism. An :class:`companion.accounting.RDPAccountant`
-    records one step ``(noise_multiplier, sample_rate)`` per round and reports epsilon at
-    ``delta``.
+    the Poisson-subsampled Gaussian mechanism. The accountant records one step
+    ``(noise_multiplier, sample_rate)`` per round, before the round's update is applied, and
+    reports epsilon at ``delta``.
 
     **What is protected.** The neighbouring relation is adding or removing one client's whole
     data set (user-level differential privacy), not one example. The guarantee covers the
@@ -217,12 +218,17 @@ def dp_fedavg(
     sampling the accountant credits. So is a run that stops with an error on a sampled client
     (local training that diverges to a non-finite update, a bad record): the error reveals that
     the client was sampled, and its message names it; a note on the error gives the epsilon of
-    the rounds recorded. The run's accountant is its own: a second call (after a run that
-    stopped, or to train further) starts a new one, and the two calls' epsilons must be added,
-    which overstates their total. The server sees the individual updates
+    the rounds recorded. The server sees the individual updates
     in the clear: it is trusted to clip and add the noise (central DP); secure aggregation
     (:mod:`companion.secure_aggregation`) with noise added by the clients removes that trust in
     deployed systems. Choose ``delta`` well below :math:`1/K` (a ``UserWarning`` says so).
+
+    **Accounting across calls.** To train one model in several calls (after a run that stopped,
+    or to train further), pass every call the same ``accountant``: each call adds its rounds to
+    it in place, and the reported epsilon is the total, as one long run's. Give every call the
+    same ``delta`` (an accountant holds none) and the same clients. Without ``accountant``, each
+    call starts a new :class:`companion.accounting.RDPAccountant`, whose epsilon covers that call
+    alone.
 
     **Randomness.** With ``seed=None`` (the default) the client sampling, the noise and the
     local shuffling come from fresh entropy, so two runs do not share noise (but the generators
@@ -231,7 +237,10 @@ def dp_fedavg(
     :class:`torch.Generator`, client ``k``'s shuffling in round ``t`` from
     ``numpy.random.SeedSequence((seed, t, k))``), and it is then a secret: whoever knows it can
     regenerate the noise and subtract it. Pass one for notebooks and tests, never when
-    releasing a model.
+    releasing a model. With a continued ``accountant``, the seed of all three is derived from
+    ``seed`` and the rounds the accountant already holds, so a second call with the same seed
+    does not replay the first one's sampling and noise (the difference of the two calls'
+    updates would then be noise-free).
 
     .. warning::
 
@@ -254,21 +263,25 @@ def dp_fedavg(
         lr: the clients' learning rate, > 0.
         delta: the delta at which epsilon is reported, in (0, 1).
         server_lr: :math:`\eta_s`, > 0; the noisy average update is multiplied by it.
+        accountant: the :class:`companion.accounting.RDPAccountant` or
+            :class:`companion.accounting.PLDAccountant` of an earlier run, to continue.
         loss: ``"cross_entropy"`` or ``"bce"``.
         x_test, y_test: optional held-out data, evaluated after every round.
         seed: None for fresh entropy (default), or a secret int seed for a reproducible run.
         progress: show a tqdm progress bar over the rounds.
 
     Returns:
-        One dict per round, with keys ``"round"`` (1, 2, ...), ``"clients"`` (the sorted
-        indices of the clients that joined), ``"epsilon"`` (spent so far, at ``delta``),
-        ``"delta"``, and ``"test_loss"`` and ``"test_accuracy"`` if test data were given.
+        One dict per round, with keys ``"round"`` (this call's: 1, 2, ...), ``"total_rounds"``
+        (the rounds the accountant holds: with a continued accountant, the earlier calls' too),
+        ``"clients"`` (the sorted indices of the clients that joined), ``"epsilon"`` (the
+        accountant's total, at ``delta``), ``"delta"``, and ``"test_loss"`` and
+        ``"test_accuracy"`` if test data were given.
 
     Raises:
-        TypeError: if ``model`` is not a module, ``clients`` not a list of ``(x, y)`` pairs, or
-            an integer argument not an integer.
-        ValueError: if a client's data are empty or do not fit the loss, or a number is out of
-            the range given above.
+        TypeError: if ``model`` is not a module, ``clients`` not a list of ``(x, y)`` pairs,
+            an integer argument not an integer, or ``accountant`` not a companion accountant.
+        ValueError: if a client's data are empty or do not fit the loss, a number is out of
+            the range given above, or a PLD accountant cannot follow the planned rounds.
 
     Example:
         >>> from companion import data, models
@@ -300,16 +313,21 @@ def dp_fedavg(
     delta = check_delta(delta)
     server_lr = check_positive("server_lr", server_lr)
     test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
-    seed = check_optional_seed(seed)
+    accountant = check_accountant(accountant)
+    seed = run_seed(seed, accountant)
     noise_generator = torch_generator(seed, device=device)
     rng = np.random.default_rng(seed)
     num_clients = len(data)
     warn_if_delta_large(delta, num_clients, unit="client", symbol="K")
     expected_clients = sample_rate * num_clients
     shapes = {name: p.shape for name, p in params}
-    accountant = RDPAccountant()
+    # The planned run's epsilon, so that an accountant that cannot follow it says so now.
+    continued(
+        accountant, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=rounds
+    ).get_epsilon(delta)
 
     history: list[dict[str, Any]] = []
+    start = len(accountant)
     try:
         for round_ in progress_loop(
             rounds, history=history, desc="DP-FedAvg", unit="round", progress=progress
@@ -332,6 +350,7 @@ def dp_fedavg(
             add_to_model(model, aggregate, server_lr)  # recorded first: none applied unrecorded
             record: dict[str, Any] = {
                 "round": round_,
+                "total_rounds": len(accountant),
                 "clients": picked,
                 "epsilon": accountant.get_epsilon(delta),
                 "delta": delta,
@@ -339,6 +358,6 @@ def dp_fedavg(
             record.update(_test_record(model, test_data, loss))
             history.append(record)
     except BaseException as error:  # KeyboardInterrupt too: say what the rounds taken spent
-        note_spent(error, accountant, len(accountant), delta, run="dp_fedavg")
+        note_spent(error, accountant, len(accountant) - start, delta, run="dp_fedavg")
         raise
     return history
