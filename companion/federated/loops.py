@@ -111,10 +111,10 @@ def fedavg(
         global model after the round if test data were given.
 
     Raises:
-        TypeError: if ``model`` is not a module, ``clients`` not a list of ``(x, y)`` pairs,
-            an integer argument not an integer, or ``accountant`` not a companion accountant.
-        ValueError: if a client's data are empty or do not fit the loss, a number is out of
-            the range given above, or a PLD accountant cannot follow the planned rounds.
+        TypeError: if ``model`` is not a module, ``clients`` not a list of ``(x, y)`` pairs, or
+            an integer argument not an integer.
+        ValueError: if a client's data are empty or do not fit the loss, or a number is out of
+            the range given above.
 
     Example:
         >>> from companion import data, models
@@ -225,10 +225,10 @@ def dp_fedavg(
 
     **Accounting across calls.** To train one model in several calls (after a run that stopped,
     or to train further), pass every call the same ``accountant``: each call adds its rounds to
-    it in place, and the reported epsilon is the total, as one long run's. Give every call the
-    same ``delta`` (an accountant holds none) and the same clients. Without ``accountant``, each
-    call starts a new :class:`companion.accounting.RDPAccountant`, whose epsilon covers that call
-    alone.
+    it in place, and the reported epsilon covers every call together (it is one long run's where
+    the calls' settings agree). Give every call the same ``delta`` (an accountant holds none).
+    Without ``accountant``, each call starts a new :class:`companion.accounting.RDPAccountant`,
+    whose epsilon covers that call alone.
 
     **Randomness.** With ``seed=None`` (the default) the client sampling, the noise and the
     local shuffling come from fresh entropy, so two runs do not share noise (but the generators
