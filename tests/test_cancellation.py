@@ -207,14 +207,23 @@ def test_the_ghost_sum_runs_in_float64_when_float32_products_are_rounded():
 def test_the_ghost_path_in_chunks_matches_the_loop(
     ghost_calls: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The float64 copies are made on chunks of examples: with a bound of 64 examples' elements,
-    150 examples are two full chunks and a partial one, in the batch's order. A chunk out of line
-    with its examples would change norms and sums by order 1."""
+    """The float64 copies are made on chunks of examples: with a bound of 64 examples' elements
+    (as ghost_squares counts them; the clipped sum, which counts fewer, takes 70), 150 examples
+    are two full chunks and a partial one, in the batch's order. A chunk out of line with its
+    examples would change norms and sums by order 1."""
     torch.manual_seed(0)
     model = SequenceNet(width=64).double()
     length, width = 4, 64
     # Per example, as ghost_squares counts: a and b (L * 2 * width), the Grams and their product.
     monkeypatch.setattr(gradients, "CHUNK_ELEMENTS", 64 * (length * 2 * width + 3 * length**2))
+    chunks: list[list[int]] = []
+
+    def counted(batch: int, per_example: int) -> list[slice]:
+        parts = gradients.example_chunks(batch, per_example)
+        chunks.append([len(range(batch)[part]) for part in parts])
+        return parts
+
+    monkeypatch.setattr(ghost, "example_chunks", counted)
     x, y = torch.randn(150, length, width, dtype=torch.float64), torch.arange(150) % 4
     expected, norms = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
     result = PerExampleClipper(model, loss="cross_entropy", method="layerwise")(
@@ -223,6 +232,7 @@ def test_the_ghost_path_in_chunks_matches_the_loop(
     torch.testing.assert_close(result.norms, norms, rtol=1e-10, atol=0)
     _assert_same(result.sums, expected)
     assert ghost_calls == [150]
+    assert chunks == [[64, 64, 22], [70, 70, 10]]  # the norms, then the clipped sum
 
 
 class _LargestNewTensor(TorchDispatchMode):
@@ -250,9 +260,10 @@ class _LargestNewTensor(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_ghost_paths_copies_stay_within_a_chunk(dtype: torch.dtype, monkeypatch):
     """A BERT-sized projection (768 -> 2304 on 512 positions) once took a 1 GiB float64 copy on
-    64 examples. Here, scaled down (96 -> 288 on 64 positions, 32 examples, a 1.2 MiB output
-    gradient), no tensor the ghost path allocates exceeds the chunk bound (64 Ki float64
-    elements, 512 KiB), in the norms or in the clipped sum (float64 with a float64 layer). The
+    64 examples. Here, scaled down (96 -> 288 on 64 positions, 32 examples, a 2.25 MiB float32
+    output gradient), no tensor the ghost path allocates exceeds the chunk bound (64 Ki float64
+    elements, 512 KiB), in the norms or in the clipped sum (float64 with a float64 layer): an
+    example (24 Ki elements of a and b) and the weight's accumulator (27 Ki) are below it. The
     negative control: with a bound above the batch, the float64 copy of the whole output gradient
     (4.5 MiB) shows."""
     g = torch.Generator().manual_seed(0)

@@ -405,7 +405,9 @@ def test_continuing_dp_fedavg_through_accountant_reports_the_epsilon_of_one_long
 
 def test_a_continued_pld_accountant_reports_dp_accountings_epsilon_of_one_long_run():
     """Two calls (2 then 3 rounds) continuing one PLDAccountant report the epsilon of
-    dp_accounting's PLD of 5 Poisson-sampled Gaussian rounds, to the discretisation (1e-3)."""
+    dp_accounting's PLD of 5 Poisson-sampled Gaussian rounds. Both discretise the privacy loss
+    with the same default interval (1e-4) and agree here to about 1e-11; the tolerance, 1e-6,
+    is far below what one round more or less changes (0.17)."""
     dp_accounting = pytest.importorskip("dp_accounting")
     accountant, model, clients = PLDAccountant(), models.logistic_regression(), _iid_clients(20)
     dp_fedavg(model, clients, rounds=2, accountant=accountant, seed=0, **_CONTINUED)
@@ -413,30 +415,41 @@ def test_a_continued_pld_accountant_reports_dp_accountings_epsilon_of_one_long_r
     reference = dp_accounting.pld.PLDAccountant()
     event = dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(1.3))
     reference.compose(dp_accounting.SelfComposedDpEvent(event, 5))
-    assert history[-1]["epsilon"] == pytest.approx(reference.get_epsilon(1e-3), abs=1e-3)
+    assert history[-1]["epsilon"] == pytest.approx(reference.get_epsilon(1e-3), abs=1e-6)
 
 
-def test_continuing_dp_fedavg_with_the_same_seed_draws_new_samples_and_noise():
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param({"noise_multiplier": 0.0}, id="sampling"),  # q = 0.25, no noise
+        pytest.param({"sample_rate": 1.0}, id="noise"),  # every client, full batch: noise alone
+        pytest.param(  # every client, no noise, batches of 2: the local shuffling alone
+            {"sample_rate": 1.0, "noise_multiplier": 0.0, "batch_size": 2}, id="shuffling"
+        ),
+    ],
+)
+def test_continuing_dp_fedavg_with_the_same_seed_draws_new_randomness(stream):
     """Two calls from the same weights with seed 5: with a new accountant each, the same run;
     with the second continuing the first's accountant, another one (the same run would make
-    the difference of the two calls' updates noise-free). The derived seed is reproducible."""
+    the difference of the two calls' updates noise-free). Each case leaves one of the three
+    streams (sampling, noise, shuffling) as the only randomness, so a stream seeded from
+    ``seed`` itself in a continued call shows. The derived seed is reproducible."""
     clients, start = _iid_clients(20), models.logistic_regression()
+    settings = {**_CONTINUED, **stream}
 
     def call(accountant):
         model = copy.deepcopy(start)
-        history = dp_fedavg(model, clients, rounds=3, accountant=accountant, seed=5, **_CONTINUED)
-        return _weights(model), [r["clients"] for r in history]
+        dp_fedavg(model, clients, rounds=3, accountant=accountant, seed=5, **settings)
+        return _weights(model)
 
     first = RDPAccountant()
-    a, picked_a = call(first)
-    b, picked_b = call(RDPAccountant())
-    assert _max_diff(a, b) == 0 and picked_a == picked_b
-    continued, picked_continued = call(first)
-    assert _max_diff(a, continued) > 1e-3 and picked_continued != picked_a
+    a = call(first)
+    assert _max_diff(a, call(RDPAccountant())) == 0
+    continued = call(first)
+    assert _max_diff(a, continued) > 1e-3
     again_first = RDPAccountant()
     call(again_first)
-    again, picked_again = call(again_first)
-    assert _max_diff(continued, again) == 0 and picked_again == picked_continued
+    assert _max_diff(continued, call(again_first)) == 0
 
 
 def test_a_stopped_continued_dp_fedavg_run_notes_the_accountants_total(monkeypatch):

@@ -223,12 +223,13 @@ def dp_fedavg(
     (:mod:`companion.secure_aggregation`) with noise added by the clients removes that trust in
     deployed systems. Choose ``delta`` well below :math:`1/K` (a ``UserWarning`` says so).
 
-    **Accounting across calls.** To train one model in several calls (after a run that stopped,
-    or to train further), pass every call the same ``accountant``: each call adds its rounds to
-    it in place, and the reported epsilon covers every call together (it is one long run's where
-    the calls' settings agree). Give every call the same ``delta`` (an accountant holds none).
-    Without ``accountant``, each call starts a new :class:`companion.accounting.RDPAccountant`,
-    whose epsilon covers that call alone.
+    **Accounting across calls.** To train one model in several calls (after a run that stopped, or
+    to train further), pass every call the same ``accountant``, one that only ``dp_fedavg`` calls
+    have stepped (a :func:`~companion.dpsgd.train_dpsgd` accountant counts steps that protect one
+    example, not one client): each call adds its rounds to it in place, and the reported epsilon
+    covers every call together (it is one long run's where the calls' settings agree). Give every
+    call the same ``delta`` (an accountant holds none). Without ``accountant``, each call starts a
+    new :class:`companion.accounting.RDPAccountant`, whose epsilon covers that call alone.
 
     **Randomness.** With ``seed=None`` (the default) the client sampling, the noise and the
     local shuffling come from fresh entropy, so two runs do not share noise (but the generators
@@ -264,7 +265,8 @@ def dp_fedavg(
         delta: the delta at which epsilon is reported, in (0, 1).
         server_lr: :math:`\eta_s`, > 0; the noisy average update is multiplied by it.
         accountant: the :class:`companion.accounting.RDPAccountant` or
-            :class:`companion.accounting.PLDAccountant` of an earlier run, to continue.
+            :class:`companion.accounting.PLDAccountant` of earlier ``dp_fedavg`` calls, to
+            continue.
         loss: ``"cross_entropy"`` or ``"bce"``.
         x_test, y_test: optional held-out data, evaluated after every round.
         seed: None for fresh entropy (default), or a secret int seed for a reproducible run.

@@ -13,8 +13,9 @@ Strong Differentially Private Learners", ICLR), is
 
 and the clipped sum over the batch, with clipping factors :math:`f_i`, is one product,
 :math:`\sum_i f_i b_i^\top a_i`. Both run on chunks of examples of at most
-:data:`~companion.per_example.gradients.CHUNK_ELEMENTS` elements, so that the wider copies they
-make (float64) stay small whatever the layer's size.
+:data:`~companion.per_example.gradients.CHUNK_ELEMENTS` elements (or of one example, where one
+is larger), so that the wider copies they make (float64) grow with the chunk, not the batch;
+the clipped sum also holds one (g, O, I) accumulator of the weight's size.
 """
 
 from __future__ import annotations
