@@ -646,6 +646,35 @@ def test_a_rules_input_and_output_gradient_are_released_once_it_returns(monkeypa
     assert alive == [0, 0]
 
 
+def test_rules_above_another_layer_run_in_the_backward_pass(monkeypatch):
+    """A layer with a rule above another hooked layer has its rule run as soon as the backward
+    pass reaches its output, so that its input and output gradient are not all held until the
+    pass ends (the transformer benchmark's step: 44.6 to 39.3 MiB of tensors). Here the head and
+    the LayerNorm take their rules during the pass, top down; the lowest Linear's, after it, when
+    the LayerNorm's tensors must be dead (they were held before)."""
+    calls, given = [], []
+    linear_rule, norm_rule = rules.LAYER_RULES[nn.Linear], rules.LAYER_RULES[nn.LayerNorm]
+
+    def watched_linear(layer, a, b):
+        calls.append((layer, sum(ref() is not None for ref in given)))
+        return linear_rule(layer, a, b)
+
+    def watched_norm(layer, a, b):
+        calls.append((layer, None))
+        given.extend((weakref.ref(a), weakref.ref(b)))
+        return norm_rule(layer, a, b)
+
+    monkeypatch.setitem(rules.LAYER_RULES, nn.Linear, watched_linear)
+    monkeypatch.setitem(rules.LAYER_RULES, nn.LayerNorm, watched_norm)
+    model = _seeded(
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3))
+    ).double()
+    x, y = torch.randn(B, 4, generator=_gen(), dtype=torch.float64), _classes(B, 3)
+    c, expected, _ = _loop_at_most_clipped(model, "cross_entropy", x, y)
+    _assert_same(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c), expected)
+    assert calls == [(model[3], 0), (model[2], None), (model[0], 0)]
+
+
 @pytest.mark.parametrize("method", ["auto", "layerwise"])
 def test_layers_without_a_rule_take_vmap_over_their_own_call(method):
     """PReLU and hand-written layers (_OwnLayers) match the loop, with one warning naming them,

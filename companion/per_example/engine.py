@@ -5,9 +5,11 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from companion._outputs import batch_outputs
 from companion._torch import LossFn, trainable_named
@@ -40,7 +42,7 @@ from companion.per_example.layout import (
     warn_moved,
 )
 from companion.per_example.plan import LayerPlan, checked, move_to_vmap, plan_layers
-from companion.per_example.rules import LAYER_RULES, vmap_over_call
+from companion.per_example.rules import LAYER_RULES, RuleOutput, vmap_over_call
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
 
@@ -107,34 +109,62 @@ def layerwise_add_clipped(
         # else no parameter of the layer reaches the loss, and its gradients are 0
     # The outputs' places in the graph, not the outputs: an output no later operation saves
     # (a Linear's, read by a ReLU) is then freed, not held through the backward pass.
-    targets = [get_gradient_edge(capture.seen[m][1]) for _, m in active]
+    edges = {m: get_gradient_edge(capture.seen[m][1]) for _, m in active}
     inputs = {m: capture.seen[m][0] for _, m in active}  # what the rules read besides
     # and, for a layer without a rule, the output vmap over its call must give again
     kept = {m: capture.seen[m][1].detach() for _, m in active if type(m) not in LAYER_RULES}
     capture = outputs = seen = None  # every other reference to the outputs (seen: the loop's)
-    output_grads = list(torch.autograd.grad(loss, targets, allow_unused=True) if targets else [])
+    found: dict[nn.Module, RuleOutput | None] = {}  # None: vmap over the call did not apply
+
+    def apply_rule(module: nn.Module, b: torch.Tensor) -> None:
+        # a and b are released once the rule returns, unless its entries keep them
+        with torch.no_grad():
+            a = inputs.pop(module).detach()
+            if along[module] == 1:  # the rules take the examples along dimension 0
+                a, b = a.transpose(0, 1), b.transpose(0, 1)
+            if type(module) in LAYER_RULES:
+                found[module] = LAYER_RULES[type(module)](module, a, b)
+            else:
+                found[module] = vmap_over_call(module, a, b, kept.pop(module))
+
+    # The rule of a layer above another hooked layer runs in a hook, as soon as the backward
+    # pass (which computes the lower layer's output gradient) reaches the layer's output, so
+    # that the inputs and output gradients are not all held until the pass ends. The other
+    # layers' output gradients are asked of autograd, which holds them until it returns.
+    def on_reaching(module: nn.Module) -> Callable[[tuple[torch.Tensor | None, ...]], None]:
+        def hook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+            if (b := grad_outputs[edges[module].output_nr]) is not None:
+                apply_rule(module, b)
+
+        return hook
+
+    eager = [m for m in above_others(loss, edges) if type(m) in LAYER_RULES]
+    asked = [m for _, m in active if m not in eager]  # the lowest layers: empty if none is active
+    handles = [edges[m].node.register_prehook(on_reaching(m)) for m in eager]
+    try:
+        targets = [edges[m] for m in asked]
+        output_grads = list(torch.autograd.grad(loss, targets, allow_unused=True) if asked else [])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, module in enumerate(asked):
+        b, output_grads[i] = output_grads[i], None  # released once its rule has run
+        if b is not None:
+            apply_rule(module, b)
     # A compiled model's graph holds the outputs the hooks keep, but gives them no gradient.
-    hidden = [layer for layer, b in zip(active, output_grads, strict=True) if b is None]
+    hidden = [(name, m) for name, m in active if m not in found]
+    not_repeated = [(name, m) for name, m in active if m in found and found[m] is None]
     warn_moved(misread, READ_ELSEWHERE)
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
     warn_moved(odd, "takes or returns more than one tensor, or a call its rule does not take")
-    moved, entries = misread + misrowed + hidden + odd, []
-    with torch.no_grad():
-        for i, (name, module) in enumerate(active):
-            # a and b are released once the rule returns, unless its entries keep them
-            a, b, output_grads[i] = inputs.pop(module).detach(), output_grads[i], None
-            if b is None:
-                continue
-            if along[module] == 1:  # the rules take the examples along dimension 0
-                a, b = a.transpose(0, 1), b.transpose(0, 1)
-            if type(module) in LAYER_RULES:
-                found = LAYER_RULES[type(module)](module, a, b)
-            elif (found := vmap_over_call(module, a, b, kept.pop(module))) is None:
-                warn_moved([(name, module)], NOT_REPEATED)
-                moved.append((name, module))
-                continue
-            entries.extend((f"{name}.{p}" if name else p, sq, s) for p, sq, s in found)
+    warn_moved(not_repeated, NOT_REPEATED)
+    moved = misread + misrowed + hidden + odd + not_repeated
+    entries = [
+        (f"{name}.{p}" if name else p, sq, add_to)
+        for name, module in active
+        for p, sq, add_to in found.get(module) or []
+    ]
     plan = move_to_vmap(plan, moved)
     if late := [name for name in plan.fallback if name not in grads]:
         check_input_unchanged(x, version)
@@ -144,6 +174,27 @@ def layerwise_add_clipped(
         if not entries:  # the forward pass reached no trainable layer: every gradient is 0
             return x.new_zeros(x.shape[0], dtype=model_dtype(model)), plan
         return add_clipped(entries, max_grad_norm, into, scale), plan
+
+
+def above_others(loss: torch.Tensor, edges: dict[nn.Module, GradientEdge]) -> list[nn.Module]:
+    """The layers (keys of ``edges``, their outputs' places in the autograd graph of ``loss``)
+    from whose output's node the graph reaches another's: a backward pass that computes the
+    lower layer's output gradient runs that node."""
+    marked = {edge.node for edge in edges.values()}
+
+    def children(node: Node) -> list[Node]:  # not the leaves' AccumulateGrad nodes
+        return [c for c, _ in node.next_functions if c is not None and not hasattr(c, "variable")]
+
+    below: dict[Node, bool] = {}  # node -> whether a marked node lies below it
+    stack = [(loss.grad_fn, False)] if loss.grad_fn is not None else []
+    while stack:  # depth first, each node once, after its children
+        node, children_done = stack.pop()
+        if children_done:
+            below[node] = any(c in marked or below[c] for c in children(node))
+        elif node not in below:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children(node) if c not in below)
+    return [module for module, edge in edges.items() if below.get(edge.node, False)]
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
