@@ -358,10 +358,8 @@ def test_dp_fedavg_epsilon_matches_the_accountant():
     assert 0 < history[0]["epsilon"] < history[-1]["epsilon"]
 
 
-def test_a_stopped_dp_fedavg_run_says_what_its_recorded_rounds_spent(monkeypatch):
-    """The third round's update fails to apply (a KeyboardInterrupt, say): its round was
-    recorded first, and the note on the exception gives the epsilon of three rounds (compute_rdp,
-    the oracle), which would otherwise be lost with the run's own accountant."""
+def _stop_in_the_third_round(monkeypatch):
+    """From now on, dp_fedavg's third round fails to apply its update (a KeyboardInterrupt)."""
     calls = []
 
     def stop_at_the_third(model, aggregate, scale):
@@ -371,6 +369,13 @@ def test_a_stopped_dp_fedavg_run_says_what_its_recorded_rounds_spent(monkeypatch
         add_to_model(model, aggregate, scale)
 
     monkeypatch.setattr("companion.federated.loops.add_to_model", stop_at_the_third)
+
+
+def test_a_stopped_dp_fedavg_run_says_what_its_recorded_rounds_spent(monkeypatch):
+    """The third round's update fails to apply (a KeyboardInterrupt, say): its round was
+    recorded first, and the note on the exception gives the epsilon of three rounds (compute_rdp,
+    the oracle), which would otherwise be lost with the run's own accountant."""
+    _stop_in_the_third_round(monkeypatch)
     with pytest.raises(KeyboardInterrupt) as caught:
         dp_fedavg(models.logistic_regression(), _iid_clients(20, n=40), rounds=6,
                   sample_rate=0.25, noise_multiplier=1.3, max_update_norm=1.0, local_epochs=1,
@@ -458,15 +463,7 @@ def test_a_stopped_continued_dp_fedavg_run_notes_the_accountants_total(monkeypat
     accountant, clients = RDPAccountant(), _iid_clients(20)
     dp_fedavg(models.logistic_regression(), clients, rounds=2, accountant=accountant, seed=0,
               **_CONTINUED)  # fmt: skip
-    calls = []
-
-    def stop_at_the_third(model, aggregate, scale):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        add_to_model(model, aggregate, scale)
-
-    monkeypatch.setattr("companion.federated.loops.add_to_model", stop_at_the_third)
+    _stop_in_the_third_round(monkeypatch)
     with pytest.raises(KeyboardInterrupt) as caught:
         dp_fedavg(models.logistic_regression(), clients, rounds=6, accountant=accountant, seed=1,
                   **_CONTINUED)  # fmt: skip

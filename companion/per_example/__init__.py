@@ -20,16 +20,17 @@ same result (the tests check both against a plain loop over examples):
   pattern of Opacus's ``register_grad_sampler``) turns them into each example's squared gradient
   norm and, once the clipping factors :math:`f_i` are known, into the clipped sum, without a second
   backward pass ("book-keeping", Bu, Wang, Zha and Karypis 2023, "Differentially Private
-  Optimization on Large Model at Small Cost", ICML). The rule of a layer above another runs as soon
-  as the backward pass reaches the layer's output, so that what it does not keep (a LayerNorm's
-  input and output gradient) is freed before the pass ends. For a linear layer the per-example
-  weight gradient is :math:`b_i^\top a_i` (rows of :math:`a_i, b_i` are positions of a sequence or
-  an image), whose squared norm is either computed from the materialised product or, without it,
-  from Gram matrices, :math:`\langle a_i a_i^\top, b_i b_i^\top \rangle` (the "ghost norm",
-  Goodfellow 2015; Li, Tramèr, Liang and Hashimoto 2022): for a linear layer whichever costs fewer
-  multiplications, for a convolution the materialised gradients (from a convolution backward,
-  without the patch matrix the Gram matrices need) unless they would take over four times the
-  memory; the clipped sum is then one matrix product :math:`(f \odot b)^\top a`.
+  Optimization on Large Model at Small Cost", ICML). The rule of a layer above another, whose
+  per-example gradients take no more room than its input and output gradient (a LayerNorm), runs
+  as soon as the backward pass reaches the layer's output, so that those are freed before the pass
+  ends. For a linear layer the per-example weight gradient is :math:`b_i^\top a_i` (rows of
+  :math:`a_i, b_i` are positions of a sequence or an image), whose squared norm is either computed
+  from the materialised product or, without it, from Gram matrices,
+  :math:`\langle a_i a_i^\top, b_i b_i^\top \rangle` (the "ghost norm", Goodfellow 2015; Li,
+  Tramèr, Liang and Hashimoto 2022): for a linear layer whichever costs fewer multiplications,
+  for a convolution the materialised gradients (from a convolution backward, without the patch
+  matrix the Gram matrices need) unless they would take over four times the memory; the clipped
+  sum is then one matrix product :math:`(f \odot b)^\top a`.
 
 The rules cover ``Linear`` (also on sequences), ``Conv1d`` and ``Conv2d`` (groups, dilation, strides
 and every padding mode), ``Embedding``, ``EmbeddingBag`` (one bag per example, a ``(B, T)`` input;

@@ -113,6 +113,14 @@ def layerwise_add_clipped(
     inputs = {m: capture.seen[m][0] for _, m in active}  # what the rules read besides
     # and, for a layer without a rule, the output vmap over its call must give again
     kept = {m: capture.seen[m][1].detach() for _, m in active if type(m) not in LAYER_RULES}
+    # The layers whose per-example gradients take no more room than their input and output
+    # gradient (a LayerNorm's, not a convolution's): materialised, they free more than they take.
+    small = {
+        m
+        for _, m in active
+        if sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad) * x.shape[0]
+        <= inputs[m].numel() + capture.seen[m][1].numel()
+    }
     capture = outputs = seen = None  # every other reference to the outputs (seen: the loop's)
     found: dict[nn.Module, RuleOutput | None] = {}  # None: vmap over the call did not apply
 
@@ -127,10 +135,12 @@ def layerwise_add_clipped(
             else:
                 found[module] = vmap_over_call(module, a, b, kept.pop(module))
 
-    # The rule of a layer above another hooked layer runs in a hook, as soon as the backward
-    # pass (which computes the lower layer's output gradient) reaches the layer's output, so
-    # that the inputs and output gradients are not all held until the pass ends. The other
-    # layers' output gradients are asked of autograd, which holds them until it returns.
+    # The rule of a small layer above another hooked layer runs in a hook, as soon as the
+    # backward pass (which computes the lower layer's output gradient) reaches the layer's
+    # output, so that its input and output gradient are not held until the pass ends. The other
+    # layers' rules run after the pass, when its saved tensors are freed: autograd holds their
+    # output gradients until it returns. (Run in the pass, the materialised per-example
+    # gradients of the MNIST CNN's second convolution raised its peak from 20.4 to 28.4 MiB.)
     def on_reaching(module: nn.Module) -> Callable[[tuple[torch.Tensor | None, ...]], None]:
         def hook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
             if (b := grad_outputs[edges[module].output_nr]) is not None:
@@ -138,7 +148,7 @@ def layerwise_add_clipped(
 
         return hook
 
-    eager = [m for m in above_others(loss, edges) if type(m) in LAYER_RULES]
+    eager = [m for m in above_others(loss, edges) if type(m) in LAYER_RULES and m in small]
     asked = [m for _, m in active if m not in eager]  # the lowest layers: empty if none is active
     handles = [edges[m].node.register_prehook(on_reaching(m)) for m in eager]
     try:
