@@ -26,6 +26,7 @@ from companion.per_example import (
     clipped_gradient_sum,
     engine,
     gradients,
+    layout,
     rules,
 )
 from companion.per_example.engine import autograd_graph
@@ -653,29 +654,104 @@ def test_small_layers_above_another_take_their_rules_in_the_backward_pass(monkey
     44.6 to 36.9 MiB of tensors). Here the LayerNorm (12 parameters; 6 inputs and 6 outputs an
     example) takes its rule during the pass; the two Linears, after it, in the layers' order:
     the lowest is asked of autograd, and the head's gradients (21 an example) are larger than
-    its input and output (9). The LayerNorm's tensors must then be dead (they were held
-    before)."""
-    calls, given = [], []
+    its input and output (9). The LayerNorm's input (the Tanh's output, which autograd frees in
+    the pass) and output gradient must then be dead."""
+    calls, norm_input, norm_grad = [], [], []
     linear_rule, norm_rule = rules.LAYER_RULES[nn.Linear], rules.LAYER_RULES[nn.LayerNorm]
 
     def watched_linear(layer, a, b):
-        calls.append((layer, sum(ref() is not None for ref in given)))
+        calls.append((layer, sum(ref() is not None for ref in norm_input + norm_grad)))
         return linear_rule(layer, a, b)
 
     def watched_norm(layer, a, b):
         calls.append((layer, None))
-        given.extend((weakref.ref(a), weakref.ref(b)))
+        norm_grad.append(weakref.ref(b))
         return norm_rule(layer, a, b)
+
+    keep = layout.Capture._keep
+
+    def watched_keep(capture, module, args, kwargs, output):  # the input the engine holds
+        kept = keep(capture, module, args, kwargs, output)
+        if isinstance(module, nn.LayerNorm):  # the last forward pass's is the rules' (the checks
+            norm_input[:] = [weakref.ref(capture.seen[module][0])]  # of a first batch run first)
+        return kept
 
     monkeypatch.setitem(rules.LAYER_RULES, nn.Linear, watched_linear)
     monkeypatch.setitem(rules.LAYER_RULES, nn.LayerNorm, watched_norm)
+    monkeypatch.setattr(layout.Capture, "_keep", watched_keep)
     model = _seeded(
         lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3))
-    ).double()
+    )
     x, y = torch.randn(B, 4, generator=_gen(), dtype=torch.float64), _classes(B, 3)
     c, expected, _ = _loop_at_most_clipped(model, "cross_entropy", x, y)
     _assert_same(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c), expected)
     assert calls == [(model[2], None), (model[0], 0), (model[3], 0)]
+
+
+class _HookedOutput(nn.Module):
+    """Linear -> Tanh -> LayerNorm -> Linear, whose forward hooks the output tensor of one layer
+    (``where``) to triple its gradient: that layer's backward, and so its parameters' gradients,
+    get the tripled one."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+        self.lin, self.norm, self.head = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        z = self._hooked("lin", self.lin(x))
+        z = self._hooked("norm", self.norm(torch.tanh(z)))
+        return self._hooked("head", self.head(z))
+
+    def _hooked(self, name, z):
+        if name == self.where and z.requires_grad:
+            z.register_hook(lambda g: 3 * g)
+        return z
+
+
+@pytest.mark.parametrize("where", ["lin", "norm", "head"])
+def test_a_hook_on_a_layers_output_tensor_reaches_its_rule(where):
+    """autograd.grad gives the gradient of an edge whose node it still runs without the hooks on
+    its tensor; the engine reads every layer above another in a hook on its node, after those.
+    Before, the LayerNorm's and the head's sums were off by up to 0.2, silently."""
+    model = _seeded(lambda: _HookedOutput(where))
+    x, y = torch.randn(B, 4, generator=_gen(), dtype=torch.float64), _classes(B, 3)
+    c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
+    sums, norms = clipped_gradient_sum(
+        model, "cross_entropy", x, y, max_grad_norm=c, return_norms=True
+    )
+    _assert_same(sums, expected)
+    torch.testing.assert_close(norms, loop_norms, rtol=1e-5, atol=0)
+
+
+class _Weighted(nn.Module):
+    """``x * weight``, per feature: a layer named as the rules name parameters, with no rule of
+    its own (a test gives it one)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.mark.parametrize("changed", ["a", "b"])
+def test_a_rule_that_changes_its_input_or_output_gradient_is_refused(changed, monkeypatch):
+    """A small layer's rule runs in the backward pass, which still reads the layer's input and
+    output gradient. A rule that changed one in place gave the layers below wrong gradients
+    (b, silently) or torch's error about a saved tensor (a); now a clear error names it."""
+
+    def rule(layer, a, b):
+        return [gradients.materialised("weight", a.mul_(b) if changed == "a" else b.mul_(a))]
+
+    monkeypatch.setitem(rules.LAYER_RULES, _Weighted, rule)
+    model = _seeded(
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), _Weighted(6), nn.Linear(6, 3))
+    )
+    x, y = torch.randn(B, 4, generator=_gen(), dtype=torch.float64), _classes(B, 3)
+    with pytest.raises(ValueError, match="the rule for _Weighted changed its input or output g"):
+        clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1.0)
 
 
 @pytest.mark.parametrize("method", ["auto", "layerwise"])

@@ -36,6 +36,7 @@ from companion.per_example.layout import (
     batch_dim,
     check_input_unchanged,
     forward_with_capture,
+    global_forward_hooks,
     layer_names,
     refuse_reentrant_checkpoint,
     rows_cross,
@@ -47,12 +48,6 @@ from companion.per_example.rules import LAYER_RULES, RuleOutput, vmap_over_call
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
 
 # --- the layerwise engine -----------------------------------------------------------------------
-
-
-def global_forward_hooks() -> bool:
-    """Whether a global forward hook is registered (``register_module_forward_hook``): it runs
-    before the hooks that keep a layer's output, and may change that output."""
-    return bool(getattr(nn.modules.module, "_global_forward_hooks", None))
 
 
 def layerwise_add_clipped(
@@ -130,37 +125,51 @@ def layerwise_add_clipped(
             a = inputs.pop(module).detach()
             if along[module] == 1:  # the rules take the examples along dimension 0
                 a, b = a.transpose(0, 1), b.transpose(0, 1)
+            versions = a._version, b._version
             if type(module) in LAYER_RULES:
                 found[module] = LAYER_RULES[type(module)](module, a, b)
             else:
                 found[module] = vmap_over_call(module, a, b, kept.pop(module))
+            if (a._version, b._version) != versions:  # the backward pass may still read them
+                raise ValueError(
+                    f"the rule for {type(module).__name__} changed its input or output gradient "
+                    "in place; a rule must leave them as they are (work on a copy)."
+                )
 
-    # The rule of a small layer above another hooked layer runs in a hook, as soon as the
-    # backward pass (which computes the lower layer's output gradient) reaches the layer's
-    # output, so that its input and output gradient are not held until the pass ends. The other
-    # layers' rules run after the pass, when its saved tensors are freed: autograd holds their
-    # output gradients until it returns. (Run in the pass, the materialised per-example
-    # gradients of the MNIST CNN's second convolution raised its peak from 20.4 to 28.4 MiB.)
+    # A layer above another hooked layer reads its output gradient in a hook on its node, as the
+    # backward pass reaches it, after any hook on the output tensor (autograd.grad skips those of
+    # an edge whose node it still runs). A small layer's rule runs there, freeing its input and
+    # output gradient early; the others' run after the pass, as do the lowest layers' (asked of
+    # autograd.grad), once the pass's saved tensors are freed (in the pass, the per-example
+    # gradients of the MNIST CNN's second convolution raised its peak from 20.4 to 28.4 MiB).
+    later: dict[nn.Module, torch.Tensor] = {}  # output gradients for the rules after the pass
+
     def on_reaching(module: nn.Module) -> Callable[[tuple[torch.Tensor | None, ...]], None]:
         def hook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
-            if (b := grad_outputs[edges[module].output_nr]) is not None:
+            if (b := grad_outputs[edges[module].output_nr]) is None:
+                return
+            if type(module) in LAYER_RULES and module in small:
                 apply_rule(module, b)
+            else:
+                later[module] = b
 
         return hook
 
-    eager = [m for m in above_others(loss, edges) if type(m) in LAYER_RULES and m in small]
-    asked = [m for _, m in active if m not in eager]  # the lowest layers: empty if none is active
-    handles = [edges[m].node.register_prehook(on_reaching(m)) for m in eager]
+    above = above_others(loss, edges)
+    asked = [m for _, m in active if m not in above]  # empty only if no layer is active
+    handles = [edges[m].node.register_prehook(on_reaching(m)) for m in above]
     try:
         targets = [edges[m] for m in asked]
-        output_grads = list(torch.autograd.grad(loss, targets, allow_unused=True) if asked else [])
+        asked_grads = torch.autograd.grad(loss, targets, allow_unused=True) if asked else ()
     finally:
         for handle in handles:
             handle.remove()
-    for i, module in enumerate(asked):
-        b, output_grads[i] = output_grads[i], None  # released once its rule has run
-        if b is not None:
+    later.update((m, b) for m, b in zip(asked, asked_grads, strict=True) if b is not None)
+    asked_grads = ()  # each gradient is released once its rule has run, in the layers' order
+    for _, module in active:
+        if (b := later.pop(module, None)) is not None:
             apply_rule(module, b)
+    b = None
     # A compiled model's graph holds the outputs the hooks keep, but gives them no gradient.
     hidden = [(name, m) for name, m in active if m not in found]
     not_repeated = [(name, m) for name, m in active if m in found and found[m] is None]
@@ -186,25 +195,26 @@ def layerwise_add_clipped(
         return add_clipped(entries, max_grad_norm, into, scale), plan
 
 
-def above_others(loss: torch.Tensor, edges: dict[nn.Module, GradientEdge]) -> list[nn.Module]:
+def above_others(loss: torch.Tensor, edges: dict[nn.Module, GradientEdge]) -> set[nn.Module]:
     """The layers (keys of ``edges``, their outputs' places in the autograd graph of ``loss``)
     from whose output's node the graph reaches another's: a backward pass that computes the
     lower layer's output gradient runs that node."""
     marked = {edge.node for edge in edges.values()}
-
-    def children(node: Node) -> list[Node]:  # not the leaves' AccumulateGrad nodes
-        return [c for c, _ in node.next_functions if c is not None and not hasattr(c, "variable")]
-
     below: dict[Node, bool] = {}  # node -> whether a marked node lies below it
-    stack = [(loss.grad_fn, False)] if loss.grad_fn is not None else []
-    while stack:  # depth first, each node once, after its children
-        node, children_done = stack.pop()
-        if children_done:
-            below[node] = any(c in marked or below[c] for c in children(node))
-        elif node not in below:
-            stack.append((node, True))
-            stack.extend((c, False) for c in children(node) if c not in below)
-    return [module for module, edge in edges.items() if below.get(edge.node, False)]
+    stack: list[tuple[Node, list[Node] | None]] = []
+    if loss.grad_fn is not None:
+        stack.append((loss.grad_fn, None))
+    while stack:  # depth first, each node once, after its children (those found on the way down)
+        node, children = stack.pop()
+        if children is not None:
+            below[node] = any(c in marked or below[c] for c in children)
+        elif node not in below:  # not the leaves' AccumulateGrad nodes
+            children = [
+                c for c, _ in node.next_functions if c is not None and not hasattr(c, "variable")
+            ]
+            stack.append((node, children))
+            stack.extend((c, None) for c in children if c not in below)
+    return {module for module, edge in edges.items() if below.get(edge.node, False)}
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

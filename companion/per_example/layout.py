@@ -123,6 +123,12 @@ def forward_with_capture(
         capture.remove()
 
 
+def global_forward_hooks() -> bool:
+    """Whether a global forward hook is registered (``register_module_forward_hook``): it runs
+    before the hooks that keep a layer's output, and may change that output."""
+    return bool(getattr(nn.modules.module, "_global_forward_hooks", None))
+
+
 def check_input_unchanged(x: torch.Tensor, version: int) -> None:
     """Refuse a batch ``x`` changed in place (its ``_version`` is no longer ``version``) by a
     pass over the model that another pass follows: the second would read the changed input."""

@@ -5,6 +5,8 @@ the gradient ``b`` of the summed loss with respect to its output (both with the 
 returns, for each trainable parameter of the layer, the examples' squared gradient norms and a
 function that adds the sum of the per-example gradients weighted by the clipping factors into a
 tensor of the parameter's shape (in place: the caller passes zeros, or the noise of a DP step).
+A rule must leave ``a`` and ``b`` as they are: it may run during the backward pass, which still
+reads them (the engine refuses a rule that changes them in place).
 """
 
 from __future__ import annotations
