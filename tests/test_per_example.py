@@ -654,8 +654,8 @@ def test_small_layers_above_another_take_their_rules_in_the_backward_pass(monkey
     44.6 to 36.9 MiB of tensors). Here the LayerNorm (12 parameters; 6 inputs and 6 outputs an
     example) takes its rule during the pass; the two Linears, after it, in the layers' order:
     the lowest is asked of autograd, and the head's gradients (21 an example) are larger than
-    its input and output (9). The LayerNorm's input (the Tanh's output, which autograd frees in
-    the pass) and output gradient must then be dead."""
+    its input and output (9). When the lowest Linear's rule runs, the LayerNorm's input (as the
+    engine keeps it) and its output gradient must be dead."""
     calls, norm_input, norm_grad = [], [], []
     linear_rule, norm_rule = rules.LAYER_RULES[nn.Linear], rules.LAYER_RULES[nn.LayerNorm]
 
@@ -670,10 +670,10 @@ def test_small_layers_above_another_take_their_rules_in_the_backward_pass(monkey
 
     keep = layout.Capture._keep
 
-    def watched_keep(capture, module, args, kwargs, output):  # the input the engine holds
+    def watched_keep(capture, module, args, kwargs, output):
         kept = keep(capture, module, args, kwargs, output)
-        if isinstance(module, nn.LayerNorm):  # the last forward pass's is the rules' (the checks
-            norm_input[:] = [weakref.ref(capture.seen[module][0])]  # of a first batch run first)
+        if isinstance(module, nn.LayerNorm):  # the input the engine holds, from the last pass
+            norm_input[:] = [weakref.ref(capture.seen[module][0])]
         return kept
 
     monkeypatch.setitem(rules.LAYER_RULES, nn.Linear, watched_linear)
