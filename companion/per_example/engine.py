@@ -83,6 +83,7 @@ def layerwise_add_clipped(
     refuse_reentrant_checkpoint(nodes)
     active, misread, misrowed, odd = [], [], [], []
     along: dict[nn.Module, int] = {}  # the dimension of each active layer's examples
+    small: set[nn.Module] = set()  # active layers whose per-example gradients are small
     for name, module in plan.hooked:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         # The hook keeps a layer's last call; the rule applies if it reads every parameter once
@@ -97,6 +98,10 @@ def layerwise_add_clipped(
         elif read_once and (dim := batch_dim(plan, module, *seen[:2], x.shape[0])) is not None:
             active.append((name, module))  # each parameter read once in the graph: by this call
             along[module] = dim
+            # Per-example gradients that take no more room than the input and output (a
+            # LayerNorm's, not a convolution's): materialised, they free more than they take.
+            if sum(p.numel() for p in own) * x.shape[0] <= seen[0].numel() + seen[1].numel():
+                small.add(module)
         elif read_once:
             misrowed.append((name, module))
         elif any(reads[id(p)] for p in own):  # read by several calls or outside the call
@@ -108,14 +113,6 @@ def layerwise_add_clipped(
     inputs = {m: capture.seen[m][0] for _, m in active}  # what the rules read besides
     # and, for a layer without a rule, the output vmap over its call must give again
     kept = {m: capture.seen[m][1].detach() for _, m in active if type(m) not in LAYER_RULES}
-    # The layers whose per-example gradients take no more room than their input and output
-    # gradient (a LayerNorm's, not a convolution's): materialised, they free more than they take.
-    small = {
-        m
-        for _, m in active
-        if sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad) * x.shape[0]
-        <= inputs[m].numel() + capture.seen[m][1].numel()
-    }
     capture = outputs = seen = None  # every other reference to the outputs (seen: the loop's)
     found: dict[nn.Module, RuleOutput | None] = {}  # None: vmap over the call did not apply
 
