@@ -25,10 +25,12 @@ and Bassily, Smith and Thakurta 2014) changes one step of SGD in three ways.
    from Gram matrices, summed in float64 (float32 on Apple's ``mps``, which has no float64), and
    an example whose norm is below 1/100 of its bound :math:`\sum_s \lVert a_s \rVert \lVert b_s
    \rVert` (:math:`a_s` the layer's input and :math:`b_s` its output gradient at each of
-   :math:`L` positions) is clipped as if its norm were that bound (harder, never softer); the
-   vector added, a different product computed in float32 or wider, can then exceed :math:`C` by
-   a relative amount of order :math:`100 L u` (float32's :math:`u`), far less in practice.
-   ``method="vmap"`` measures every norm on the vector it adds.
+   :math:`L` positions), where the Gram matrices' rounding could hide its true norm, is measured
+   again on its gradient, materialised in float64 (as when its positions are duplicates read as
+   a difference); that vector is the one added. For the other examples the vector added, a
+   different product computed in float32 or wider, can exceed :math:`C` by a relative amount of
+   order :math:`100 L u` (float32's :math:`u`), far less in practice. ``method="vmap"`` measures
+   every norm on the vector it adds.
 3. **Gaussian noise.** The clipped gradients are summed and Gaussian noise with standard deviation
    :math:`\sigma C` is added to every coordinate (``noise_multiplier`` is :math:`\sigma`):
 

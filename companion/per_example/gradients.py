@@ -306,6 +306,22 @@ def example_chunks(batch: int, per_example: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, batch, step)]
 
 
+class Refinable:
+    """An :data:`AddTo` whose entry's squared norms are only bounds for some examples
+    (``loose``, a bool mask of shape (B,)), as a fast rule may give where rounding would make
+    them unreliable. :func:`add_clipped` calls :meth:`refine` when a batch has such examples:
+    it measures them exactly and returns the squared norms to use; the sum then adds, for
+    each, the vector it measured."""
+
+    loose: torch.Tensor
+
+    def refine(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, f: torch.Tensor, total: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
 def materialised(name: str, grads: torch.Tensor) -> Entry:
     """The entry of a parameter whose per-example gradients ``grads`` (B, ...) are at hand."""
     return (name, squared_norms(grads), lambda f, total: add_weighted(total, f, grads))
@@ -323,14 +339,23 @@ def add_clipped(
     """Add ``scale`` times the clipped sum of the (non-empty) ``entries`` into ``into``; the norms.
 
     An example's norm is taken over every entry together, as eq. :eq:`per-example-clipped-sum`
-    asks. A norm that is not finite is refused, before anything is added."""
-    squares = entries[0][1]
-    for _, sq, _ in entries[1:]:
-        squares = squares + sq  # not in place: the first is an entry's own tensor
-    norms = squares.sqrt()
+    asks; an entry's bounds (:class:`Refinable`) are refined first. A norm that is not finite is
+    refused, before anything is added."""
+    squares = _total(entries)
+    refinable = [add_to for _, _, add_to in entries if isinstance(add_to, Refinable)]
     # One sum and one sync (cheaper than isfinite().all()) to look for an example whose gradient
-    # is not finite: clipping it would give nan, which the sum would spread.
-    if not math.isfinite(float(squares.sum())) and (
+    # is not finite (clipping it would give nan, which the sum would spread), and for bounds.
+    checks = [squares.sum(), *(add_to.loose.sum() for add_to in refinable)]
+    total, *loose = torch.stack([c.double() for c in checks]).tolist() if refinable else checks
+    if any(loose):
+        entries = [
+            (name, add_to.refine() if isinstance(add_to, Refinable) else sq, add_to)
+            for name, sq, add_to in entries
+        ]
+        squares = _total(entries)
+        total = squares.sum()
+    norms = squares.sqrt()
+    if not math.isfinite(float(total)) and (
         bad := torch.nonzero(~torch.isfinite(squares)).flatten().tolist()
     ):
         raise ValueError(
@@ -343,6 +368,14 @@ def add_clipped(
     for name, _, add_to in entries:
         add_to(factors.to(into[name].dtype), into[name])  # the same dtype unless params mix
     return norms
+
+
+def _total(entries: list[Entry]) -> torch.Tensor:
+    """The entries' squared norms summed (a new tensor: the first is an entry's own)."""
+    squares = entries[0][1]
+    for _, sq, _ in entries[1:]:
+        squares = squares + sq
+    return squares
 
 
 def add_weighted(out: torch.Tensor, factors: torch.Tensor, grads: torch.Tensor) -> None:
