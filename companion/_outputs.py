@@ -17,7 +17,13 @@ from companion._labels import TOKEN_MEAN
 from companion._torch import LossFn, OutOfMemoryError, eval_mode
 from companion._validation import warn
 
-__all__ = ["batch_outputs", "check_outputs", "looks_like_probabilities", "run_model"]
+__all__ = [
+    "batch_outputs",
+    "check_label_weights",
+    "check_outputs",
+    "looks_like_probabilities",
+    "run_model",
+]
 
 # A softmax row sums to 1 up to rounding, about n_classes * 2**-24 in float32; logits that are all
 # non-negative and sum to 1 within this tolerance for every example do not occur in practice.
@@ -83,7 +89,7 @@ def check_outputs(
     (every label of ``y`` below the number of outputs for cross-entropy); a callable loss must
     give the mean of the examples' losses and read nothing else that has a gradient
     (:func:`_check_mean_loss`, which says what the check can miss), and for class labels of
-    shape ``(N,)`` weight every label of ``y`` alike (:func:`_check_label_weights`). Outputs that
+    shape ``(N,)`` weight every label of ``y`` alike (:func:`check_label_weights`). Outputs that
     look like probabilities with cross-entropy get a warning."""
     index = _probe_indices(y)
     n = len(index)
@@ -96,7 +102,7 @@ def check_outputs(
     if callable(loss):
         _check_mean_loss(loss, outputs, y[index], index=index)
         if y.ndim == 1 and _integer(y):
-            _check_label_weights(loss, outputs, y)
+            check_label_weights(loss, outputs, y)
         return
     if loss == "cross_entropy":
         if outputs.ndim != 2:
@@ -133,7 +139,7 @@ def _probe_indices(y: torch.Tensor, first: int = 4, spread: int = 16) -> torch.T
     * for integer labels of shape ``(N,)``, the first example of up to ``first`` other labels: a
       loss that weights classes or ignores a label is a plain mean on examples that share one
       label (data sorted by class), so the check needs several labels (and
-      :func:`_check_label_weights` pairs every label with the probed outputs);
+      :func:`check_label_weights` pairs every label with the probed outputs);
     * for other targets (one label per token, float or boolean targets), examples evenly spaced
       over the rest, up to ``spread`` in all: a mean over the tokens of a padded batch is a plain
       mean over examples of one length, and the first examples of a batch often share theirs.
@@ -240,12 +246,13 @@ def _check_mean_loss(
     them (weights carried in float targets, or padding when the probed examples share one
     length although the extremes of the most frequent values' counts are probed; for labels of
     shape (N,), class weights and ignored labels are checked on every label by
-    :func:`_check_label_weights`; a Dataset is checked on its first 256 examples only,
-    set_private_gradients checks each batch it is given); a weighting of gradients so small
-    that float16 holds them to its subnormal spacing (:func:`_gradient_mismatch`); a loss that
-    reads tensors outside its arguments that do not require a gradient (a batch statistic kept
-    in a global, a counter, random numbers); and a loss that mixes examples only on inputs
-    other than the probed ones (a branch on the batch's size, say).
+    :func:`check_label_weights`: a Dataset's on its first 256 examples, and each label first
+    read later as it is read; set_private_gradients checks each batch it is given); a
+    weighting of gradients so small that float16 holds them to its subnormal spacing
+    (:func:`_gradient_mismatch`); a loss that reads tensors outside its arguments that do not
+    require a gradient (a batch statistic kept in a global, a counter, random numbers); and a
+    loss that mixes examples only on inputs other than the probed ones (a branch on the batch's
+    size, say).
     """
     shapes = f"outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)}"
     n, targets = len(outputs), targets.detach()
@@ -371,12 +378,12 @@ def _gradient_mismatch(
     return float(differences[worst] / scale), ratio
 
 
-# Output elements of _check_label_weights per chunk and in all: 500 labels of 32000 classes
+# Output elements of check_label_weights per chunk and in all: 500 labels of 32000 classes
 # take 26 ms a check (a step 490 ms; 2**22 and 2**24 took 136 ms).
 _CHUNK_ELEMENTS, _TOTAL_ELEMENTS = 2**20, 2**22
 
 
-def _check_label_weights(loss: LossFn, outputs: torch.Tensor, y: torch.Tensor) -> None:
+def check_label_weights(loss: LossFn, outputs: torch.Tensor, y: torch.Tensor) -> None:
     r"""A callable loss on class labels ``y`` of shape ``(N,)`` must weight every label alike:
     :func:`_check_mean_loss` sees the probed labels only, and class weights or an ignored label
     on a rare class the probe missed passed (one example moved the clipped sum by 2.5 to 3.9 C).
@@ -405,7 +412,7 @@ def _check_label_weights(loss: LossFn, outputs: torch.Tensor, y: torch.Tensor) -
 
 
 def _check_parts(loss: LossFn, outputs: torch.Tensor, labels: torch.Tensor) -> None:
-    """:func:`_check_label_weights` on one chunk of ``labels``, each paired with a row of
+    """:func:`check_label_weights` on one chunk of ``labels``, each paired with a row of
     ``outputs`` in turn (each call on a new copy of the rows: a loss may change them)."""
     k = len(labels)
     rows = torch.arange(k, device=outputs.device) % len(outputs)

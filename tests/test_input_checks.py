@@ -357,6 +357,65 @@ def test_a_datasets_bad_item_is_named_by_its_index_in_the_dataset(kind, message)
         _train(nn.Linear(4, 3), _BadItem(kind), sample_rate=1.0)
 
 
+class _LateClass(Dataset):
+    """400 examples of 4 features with labels 0 and 1, except item 350 (after the 256 checked
+    before training): the only example of class 2."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(400, 4, generator=generator)
+        self.y = torch.randint(0, 2, (400,), generator=generator)
+        self.y[350] = 2
+
+    def __len__(self):
+        return 400
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _late_batch():
+    """The items a Poisson batch reads after the first 256: 3, 100, 350 and 399."""
+    mask = torch.zeros(400, dtype=torch.bool)
+    mask[[3, 100, 350, 399]] = True
+    return mask
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 1.0, 10.0])),
+        nn.CrossEntropyLoss(ignore_index=2),
+    ],
+    ids=["class_weight", "ignore_index"],
+)
+def test_a_loss_that_weights_a_class_first_read_late_from_a_dataset_is_refused(loss):
+    """The coursework trial's F1. The first 256 items hold labels 0 and 1, on which both losses
+    are plain means; a later batch was checked for its labels' range only, not for the loss's
+    weights, so a class weight or an ignore_index on a label first met there passed (with the
+    labels of items 300 on ignored, train_dpsgd trained with no warning, each labelled example's
+    gradient scaled by B / (B - k) for k ignored examples in its batch). The test of a rare
+    unprobed class (below) shows the weighting itself against the loop."""
+    data = RunData(_LateClass(), None, loss, torch.device("cpu"))
+    data.check(nn.Linear(4, 3))
+    message = r"weight every label alike.*label 2, first read from the Dataset x at its index 350"
+    with pytest.raises(ValueError, match=message):
+        data.batch(_late_batch())
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=message):
+        _train(nn.Linear(4, 3), _LateClass(), loss=loss, sample_rate=1.0)
+
+
+def test_a_plain_loss_takes_a_class_first_read_late_from_a_dataset():
+    """The negative control: a plain mean reads the late class, which is then known."""
+    data = RunData(_LateClass(), None, nn.CrossEntropyLoss(), torch.device("cpu"))
+    data.check(nn.Linear(4, 3))
+    assert data.labels == {0, 1}
+    x, y = data.batch(_late_batch())
+    assert y.tolist() == [_LateClass().y[i] for i in (3, 100, 350, 399)]
+    assert data.labels == {0, 1, 2}
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [

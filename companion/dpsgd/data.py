@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from companion._labels import first_bad_label
-from companion._outputs import check_outputs, run_model
+from companion._outputs import check_label_weights, check_outputs, run_model
 from companion._torch import EVAL_BATCH, LossFn, check_data
 from companion.per_example import check_examples_independent
 
@@ -28,8 +28,11 @@ class RunData:
 
     Tensors are checked whole once. A Dataset is checked as it is read: every batch (also those
     of the evaluation after each epoch) must hold ``(input, target)`` pairs that pass
-    :func:`~companion._torch.check_data`, with labels below the model's number of outputs.
-    ``names`` are the arguments' names, for the messages.
+    :func:`~companion._torch.check_data`, with labels below the model's number of outputs; a
+    callable loss must weight a class label first read there as it weights the others
+    (:func:`~companion._outputs.check_label_weights`: an ``ignore_index`` on a label first met
+    after the first 256 examples is refused too). ``names`` are the arguments' names, for the
+    messages.
     """
 
     def __init__(
@@ -42,6 +45,10 @@ class RunData:
     ) -> None:
         self.device, self.loss, self.names = device, loss, names
         self.classes: int | None = None  # the model's outputs, for cross-entropy on a Dataset
+        # For a callable loss on class labels read from a Dataset: a few examples' outputs and
+        # the labels whose weight the loss was checked for.
+        self.probe: torch.Tensor | None = None
+        self.labels: set[int] = set()
         if isinstance(x, DataLoader):
             raise TypeError(
                 f"{names[0]} is a DataLoader: pass its Dataset ({names[0]}.dataset); train_dpsgd "
@@ -80,6 +87,8 @@ class RunData:
         check_examples_independent(model, x)
         if self.dataset is not None and self.loss == "cross_entropy":
             self.classes = run_model(model, x[:1]).shape[1]
+        if self.dataset is not None and callable(self.loss) and _class_labels(y):
+            self.probe, self.labels = run_model(model, x[:8]), set(y.unique().tolist())
 
     def _read(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked tensors ``(x, y)`` of the Dataset's ``(input, target)`` items at ``index``, on
@@ -114,6 +123,7 @@ class RunData:
                 f"{names[1]} must hold {bad[1]}; its item at index {index[bad[0]]} has {bad[2]}."
             )
         x, y = check_data(x, y, loss=self.loss, names=names)
+        self._check_new_labels(y, index)
         if self.classes is not None and int(y.max()) >= self.classes:
             j = int((y >= self.classes).nonzero()[0])
             raise ValueError(
@@ -122,6 +132,26 @@ class RunData:
                 f"{index[j]}."
             )
         return x, y
+
+    def _check_new_labels(self, y: torch.Tensor, index: Sequence[int]) -> None:
+        """The callable loss weights the labels of ``y`` not read before as it weights those
+        read before (checked on a few of these, with the probed outputs), for a callable loss
+        on class labels."""
+        if self.probe is None or not _class_labels(y):
+            return
+        new = [label for label in y.unique().tolist() if label not in self.labels]
+        if not new:
+            return
+        known = sorted(self.labels)[:8]
+        try:
+            check_label_weights(self.loss, self.probe, torch.tensor(known + new, dtype=y.dtype))
+        except ValueError as error:
+            j = int(torch.isin(y, torch.tensor(new, dtype=y.dtype)).nonzero()[0])
+            raise ValueError(
+                f"{error} (Checked on the label {int(y[j])}, first read from the Dataset "
+                f"{self.names[0]} at its index {index[j]}.)"
+            ) from None
+        self.labels.update(new)
 
     def batch(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dataset is None:
@@ -179,6 +209,11 @@ def _bad_label(loss: object, items: list[Any], y: object) -> tuple[int, str, str
         return None
     j, need, value = bad
     return j, need, f"the label {value}"
+
+
+def _class_labels(y: torch.Tensor) -> bool:
+    """Whether ``y`` holds integer class labels of shape (N,)."""
+    return y.ndim == 1 and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
 
 
 def _is_float(value: object) -> bool:
