@@ -15,7 +15,7 @@ from torch import nn
 
 from companion._labels import TOKEN_MEAN
 from companion._torch import LossFn, OutOfMemoryError, eval_mode
-from companion._validation import warn
+from companion._validation import warn, with_article
 
 __all__ = [
     "batch_outputs",
@@ -49,7 +49,7 @@ def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             outputs = model(x)
     except OutOfMemoryError:
         raise
-    except (RuntimeError, TypeError, IndexError) as error:
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
         raise model_error(x, error) from None
     if not isinstance(outputs, torch.Tensor):
         raise TypeError(f"model must return a tensor of outputs, got {type(outputs).__name__}.")
@@ -189,7 +189,7 @@ def _call(loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor, shapes: st
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         raise ValueError(f"loss cannot be applied to {shapes}: {error}") from None
     if not (isinstance(value, torch.Tensor) and value.numel() == 1):
-        kind = f"a {type(value).__name__}"
+        kind = with_article(type(value).__name__)
         got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else kind
         raise ValueError(
             f"loss must return the mean loss over the examples as a tensor holding one number; on "
@@ -245,14 +245,12 @@ def _check_mean_loss(
     What it can still miss: a weighting that is uniform on the probed examples, at most 16 of
     them (weights carried in float targets, or padding when the probed examples share one
     length although the extremes of the most frequent values' counts are probed; for labels of
-    shape (N,), class weights and ignored labels are checked on every label by
-    :func:`check_label_weights`: a Dataset's on its first 256 examples, and each label first
-    read later as it is read; set_private_gradients checks each batch it is given); a
-    weighting of gradients so small that float16 holds them to its subnormal spacing
-    (:func:`_gradient_mismatch`); a loss that reads tensors outside its arguments that do not
-    require a gradient (a batch statistic kept in a global, a counter, random numbers); and a
-    loss that mixes examples only on inputs other than the probed ones (a branch on the batch's
-    size, say).
+    shape (N,), class weights and ignored labels are checked on every label, a Dataset's as
+    they are read, by :func:`check_label_weights`); a weighting of gradients so small that
+    float16 holds them to its subnormal spacing (:func:`_gradient_mismatch`); a loss that reads
+    tensors outside its arguments that do not require a gradient (a batch statistic kept in a
+    global, a counter, random numbers); and a loss that mixes examples only on inputs other than
+    the probed ones (a branch on the batch's size, say).
     """
     shapes = f"outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)}"
     n, targets = len(outputs), targets.detach()
@@ -378,8 +376,8 @@ def _gradient_mismatch(
     return float(differences[worst] / scale), ratio
 
 
-# Output elements of check_label_weights per chunk and in all: 500 labels of 32000 classes
-# take 26 ms a check (a step 490 ms; 2**22 and 2**24 took 136 ms).
+# Output elements per chunk and in all: 500 labels of 32000 classes take 26 ms a check (a step
+# 490 ms; 2**22 and 2**24 took 136 ms).
 _CHUNK_ELEMENTS, _TOTAL_ELEMENTS = 2**20, 2**22
 
 

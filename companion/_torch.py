@@ -38,6 +38,7 @@ __all__ = [
     "evaluate_model",
     "loss_fn",
     "model_device",
+    "refuse_meta_data",
     "to_tensors",
     "trainable",
     "trainable_named",
@@ -189,6 +190,7 @@ def _check_data(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     name_x, name_y = names
     x, y = _to_tensors(x, y, names)
+    refuse_meta_data(names, (x, y))
     if x.is_complex() or x.dtype == torch.bool:
         raise TypeError(f"{name_x} must hold real or integer inputs, got dtype {x.dtype}.")
     if x.ndim < 2:
@@ -270,6 +272,17 @@ def _refuse_meta(model: nn.Module) -> None:
             "model.to_empty(device=...) and then initialise the weights (load a state_dict, or "
             "call each layer's reset_parameters()) before training."
         )
+
+
+def refuse_meta_data(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """Refuse data on the meta device, which holds no values (a tensor subclass on "meta" that
+    computes, as the tests' shadow device, passes)."""
+    for name, t in zip(names, tensors, strict=True):
+        if t.is_meta and type(t) is torch.Tensor:
+            raise ValueError(
+                f"{name} is on the meta device, which holds no values: create the data on the "
+                "CPU (or on the model's device)."
+            )
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -111,6 +111,11 @@ def type_name(value: object) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def with_article(word: str) -> str:
+    """``word`` after "a", or "an" where it starts with a vowel: "an int", "a tuple"."""
+    return f"an {word}" if word[:1].lower() in "aeiou" else f"a {word}"
+
+
 def check_flag(name: str, value: object) -> bool:
     """True or False (not 0, 1 or a string, which would be read by truth value); numpy's bools
     (``np.True_``, what comparing numpy numbers gives) are returned as Python bools.

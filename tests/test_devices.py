@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from companion import data, models
 from companion.attacks import logit_confidence, loss_threshold_attack, model_gradient
-from companion.dpsgd import train_dpsgd
+from companion.dpsgd import set_private_gradients, train_dpsgd
 from companion.federated import client_datasets, dp_fedavg, fedavg, local_update
 from companion.per_example import clipped_gradient_sum
 from companion.training import evaluate, train
@@ -161,6 +161,30 @@ def test_a_model_on_the_meta_device_is_refused_with_the_fix(run):
         model = models.logistic_regression()
     with pytest.raises(ValueError, match=r"meta device, which hold no values: call .*to_empty"):
         run(model)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda m, x, y: train_dpsgd(
+            m, x, y, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, epochs=1,
+            lr=0.1, delta=1e-3,
+        ),
+        lambda m, x, y: clipped_gradient_sum(m, "cross_entropy", x, y, max_grad_norm=1.0),
+        lambda m, x, y: set_private_gradients(
+            m, x, y, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8.0,
+            generator=torch.Generator().manual_seed(0),
+        ),
+        lambda m, x, y: train(m, x, y, epochs=1, batch_size=16, lr=0.1),
+    ],
+    ids=["train_dpsgd", "clipped_gradient_sum", "set_private_gradients", "train"],
+)  # fmt: skip
+def test_data_on_the_meta_device_is_refused(run):
+    """The coursework trial's F5: inputs made on the meta device hold no values; torch's error
+    was "Tensor.item() cannot be called on meta tensors", from companion's finiteness check."""
+    x, y = torch.as_tensor(X[:8]).to("meta"), torch.as_tensor(Y[:8]).to("meta")
+    with pytest.raises(ValueError, match=r"^x\w* is on the meta device, which holds no values"):
+        run(models.logistic_regression(), x, y)
 
 
 class _MetaBuffer(nn.Module):

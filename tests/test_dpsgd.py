@@ -730,7 +730,7 @@ def test_train_dpsgd_learns_the_digits():
         (nn.BatchNorm1d(16), r"layer '1' is a BatchNorm1d"),
         (
             nn.InstanceNorm1d(16, track_running_stats=True),
-            r"layer '1' is a InstanceNorm1d with track_running_stats",
+            r"layer '1' is an InstanceNorm1d with track_running_stats",
         ),
     ],
     ids=["batchnorm", "instancenorm"],

@@ -411,6 +411,7 @@ def test_a_callable_regression_loss_trains_and_records_the_loss():
         (nn.MSELoss(reduction="sum"), lambda y: y, "not a sum \\(reduction='sum'\\)"),
         (nn.MSELoss(reduction="none"), lambda y: y, "it returned a tensor of shape \\(8, 1\\)"),
         (lambda outputs, targets: 1.0, lambda y: y, "it returned a float"),
+        (lambda outputs, targets: 3, lambda y: y, "it returned an int"),
     ],
 )
 def test_a_callable_loss_that_is_not_the_mean_of_the_examples_losses_is_refused(

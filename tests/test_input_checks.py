@@ -357,6 +357,27 @@ def test_a_datasets_bad_item_is_named_by_its_index_in_the_dataset(kind, message)
         _train(nn.Linear(4, 3), _BadItem(kind), sample_rate=1.0)
 
 
+class _GRURegression(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 8, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[1][-1])
+
+
+def test_a_recurrent_model_given_inputs_of_another_dtype_gets_the_models_message():
+    """The coursework trial's F4: torch's recurrent layers refuse a dtype with a ValueError,
+    which the check of the model's outputs let through as torch's own traceback (it caught
+    RuntimeError, TypeError and IndexError)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 7, 3, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    message = r"model cannot be applied to the inputs .*dtype torch.float64\): RNN input dtype"
+    with pytest.raises(ValueError, match=message):
+        _train(_GRURegression(), x, y, loss=nn.MSELoss())
+
+
 class _LateClass(Dataset):
     """400 examples of 4 features with labels 0 and 1, except item 350 (after the 256 checked
     before training): the only example of class 2."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from _oracles import _assert_same, _loop_at_most_clipped, _loop_clipped_sum, _most_clipped_norm
 from torch import nn
 
+from companion.dpsgd import train_dpsgd
 from companion.per_example import (
     LAYER_RULES,
     PerExampleClipper,
@@ -27,6 +28,7 @@ from companion.per_example import (
     engine,
     gradients,
     layout,
+    per_example_gradients,
     rules,
 )
 from companion.per_example.engine import autograd_graph
@@ -1040,6 +1042,38 @@ def test_a_layer_vmap_cannot_batch_gets_a_value_error_naming_it():
         clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1.0)
 
 
+class _CellLoop(nn.Module):
+    """A GRUCell run over the time steps, from an initial state made in forward."""
+
+    def __init__(self, new_zeros: bool) -> None:
+        super().__init__()
+        self.new_zeros = new_zeros
+        self.cell = nn.GRUCell(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = (x.shape[0], 5)
+        h = x.new_zeros(size) if self.new_zeros else torch.zeros(size, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+def test_a_recurrent_cell_from_a_state_made_by_torch_zeros_gets_the_fix():
+    """The coursework trial's F7: vmap cannot batch a GRUCell's state made by torch.zeros, and
+    the message spoke of a cell "without an initial state" only; it now names torch.zeros and
+    the fix, x.new_zeros, with which the clipped sum is the loop's."""
+    x, y = torch.randn(B, 3, 4, generator=_gen(), dtype=torch.float64), _classes(B, 3)
+    model = _seeded(lambda: _CellLoop(new_zeros=False).double())
+    with pytest.raises(ValueError, match=r"layer\(s\) cell: .*made by torch.zeros .*new_zeros"):
+        clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1.0)
+    model = _seeded(lambda: _CellLoop(new_zeros=True).double())
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 1.0)
+    with pytest.warns(UserWarning, match="layer 'cell' takes or returns more than one tensor"):
+        sums = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1.0)
+    _assert_same(sums, expected)
+
+
 def test_a_clipper_names_a_layer_that_falls_back_once_pointing_at_the_caller():
     """The fallback is found on every batch; the warning comes once per clipper (Python's own
     once-per-line filter is reset whenever a library changes the filters), at the caller."""
@@ -1141,7 +1175,7 @@ def test_check_dp_compatible_lists_every_offending_layer():
     )
     parts = (
         "'1' is a BatchNorm1d",
-        "'2' is a InstanceNorm1d",
+        "'2' is an InstanceNorm1d",
         "'3' is an Embedding with scale_grad_by_freq",
         "'4' is an Embedding with max_norm",
         "'5' is an EmbeddingBag with scale_grad_by_freq",
@@ -1151,10 +1185,64 @@ def test_check_dp_compatible_lists_every_offending_layer():
         check_dp_compatible(model)
     for part in parts:
         assert part in str(error.value)
+    fixes = ("use torch.nn.GroupNorm", "use scale_grad_by_freq=False", "Use max_norm=None")
+    for fix in fixes:  # each fix once, after the list of layers
+        assert str(error.value).count(fix) == 1
     with pytest.raises(ValueError) as error:  # per-example gradients need the same
         PerExampleClipper(model, loss="cross_entropy")
     for part in parts:
         assert part in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("layer", "fix"),
+    [
+        (nn.BatchNorm1d(4), "use torch.nn.GroupNorm"),
+        (nn.Embedding(5, 4, scale_grad_by_freq=True), "use scale_grad_by_freq=False"),
+        (nn.Embedding(5, 4, max_norm=1.0), "Use max_norm=None"),
+    ],
+)
+def test_check_dp_compatible_gives_the_fix_of_each_refused_layer_alone(layer, fix):
+    """The coursework trial's F6: an Embedding with max_norm got the advice for batch
+    normalisation first, its own last; now each refused layer gets its own fix, and no other."""
+    with pytest.raises(ValueError) as error:
+        check_dp_compatible(nn.Sequential(layer))
+    fixes = ("use torch.nn.GroupNorm", "use scale_grad_by_freq=False", "Use max_norm=None")
+    assert [other for other in fixes if other in str(error.value)] == [fix]
+
+
+@pytest.mark.parametrize("kind", ["register_hook", "register_post_accumulate_grad_hook"])
+def test_a_gradient_hook_on_a_trainable_parameter_is_refused(kind):
+    """The coursework trial's F3: a mask applied by a hook on a weight's gradient (as for
+    pruning). A plain backward applies it; the per-example gradients never met it, so the
+    masked entries were trained (by 0.54 in two epochs of train_dpsgd), without a word. Now
+    every entry point refuses it; with the hook removed, the clipped sum is the loop's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    mask = torch.zeros_like(model[0].weight)
+    mask[:, :2] = 1
+    if kind == "register_hook":
+        handle = model[0].weight.register_hook(lambda g: g * mask)
+        F.cross_entropy(model(x), y).backward()
+        assert float(model[0].weight.grad[:, 2:].abs().sum()) == 0  # a plain backward masks
+    else:
+        handle = model[0].weight.register_post_accumulate_grad_hook(lambda p: None)
+    message = r"parameter\(s\) \['0.weight'\] have gradient hooks .* Remove them"
+    calls = (
+        lambda: check_dp_compatible(model),
+        lambda: PerExampleClipper(model, loss="cross_entropy"),
+        lambda: per_example_gradients(model, "cross_entropy", x, y),
+        lambda: train_dpsgd(model, x, y, noise_multiplier=1.0, max_grad_norm=1.0,
+                            sample_rate=0.5, epochs=1, delta=1e-3, lr=0.1, seed=0),
+    )  # fmt: skip
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call()
+    handle.remove()
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    _assert_same(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5), expected)
 
 
 @pytest.mark.parametrize("method", ["layerwise", "vmap"])

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from companion._labels import first_bad_label
 from companion._outputs import check_label_weights, check_outputs, run_model
 from companion._torch import EVAL_BATCH, LossFn, check_data
+from companion._validation import with_article
 from companion.per_example import check_examples_independent
 
 __all__: list[str] = []  # RunData serves train_dpsgd; it is not part of the public API
@@ -98,7 +99,7 @@ class RunData:
         name = self.names[0]
         for i, item in zip(index, items, strict=True):
             if not isinstance(item, tuple | list) or len(item) != 2:
-                got = f"a {type(item).__name__}"
+                got = with_article(type(item).__name__)
                 got += f" of length {len(item)}" if isinstance(item, tuple | list) else ""
                 raise ValueError(
                     f"a Dataset given as {name} must return (input, target) pairs; one of its "

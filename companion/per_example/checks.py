@@ -12,6 +12,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from companion._outputs import run_model
 from companion._torch import check_model, trainable_named
+from companion._validation import with_article
 
 __all__ = ["check_dp_compatible", "check_examples_independent"]
 
@@ -28,14 +29,16 @@ def check_dp_compatible(model: nn.Module) -> None:
     pass, the rows of the tokens it reads: a change of the weights by the data, without noise.
     Replace normalisation with :class:`torch.nn.GroupNorm` or :class:`torch.nn.LayerNorm`.
     For a forward pass written by hand that mixes examples, see
-    :func:`check_examples_independent`.
+    :func:`check_examples_independent`. A gradient hook on a trainable parameter
+    (:meth:`torch.Tensor.register_hook`) is refused too: the per-example gradients would skip it.
 
     Args:
         model: the model to check.
 
     Raises:
         TypeError: if ``model`` is not a :class:`torch.nn.Module`, or is compiled.
-        ValueError: listing every layer above, or if the model has no trainable parameter.
+        ValueError: listing every layer above, or if a trainable parameter has a gradient hook
+            or the model has none.
 
     Example:
         >>> from torch import nn
@@ -52,29 +55,69 @@ def check_dp_compatible(model: nn.Module) -> None:
             "calls that per-example gradients need: pass the module given to torch.compile "
             "(its ._orig_mod) or torch.jit.script."
         )
-    problems = []
+    problems, fixes = [], {}  # fixes: a dict, to keep their order without repeats
     for name, module in model.named_modules():
-        where = f"layer {name!r}" if name else "the model"
-        kind = type(module).__name__
-        if isinstance(module, _BatchNorm):
-            problems.append(f"{where} is a {kind}")
-        elif isinstance(module, _InstanceNorm) and module.track_running_stats:
-            problems.append(f"{where} is a {kind} with track_running_stats=True")
-        elif isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq:
-            problems.append(f"{where} is an {kind} with scale_grad_by_freq=True")
-        elif isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None:
-            problems.append(f"{where} is an {kind} with max_norm")
+        if refusal := _refusal(module):
+            problems.append(f"layer {name!r} {refusal[0]}" if name else f"the model {refusal[0]}")
+            fixes[refusal[1]] = None
     if problems:
         raise ValueError(
-            f"model cannot be trained with DP-SGD: {'; '.join(problems)}. These layers mix the "
-            "examples of a batch (batch normalisation normalises by batch statistics and its "
-            "running statistics average the training data), so per-example gradients and the "
-            "DP-SGD guarantee do not hold. Replace batch or instance normalisation with "
-            "torch.nn.GroupNorm or torch.nn.LayerNorm (or track_running_stats=False), and use "
-            "scale_grad_by_freq=False. An Embedding with max_norm renormalises the rows of the "
-            "tokens it reads in place, by the data and without noise: use max_norm=None."
+            f"model cannot be trained with DP-SGD: {'; '.join(problems)}. {' '.join(fixes)}"
         )
+    refuse_gradient_hooks(model)
     trainable_named(model)
+
+
+_NORMALISATION = (
+    "Batch normalisation normalises each example by the batch's statistics, so an example's "
+    "gradient depends on the others (and its running statistics average the training data "
+    "without noise): use torch.nn.GroupNorm or torch.nn.LayerNorm, or instance normalisation "
+    "with track_running_stats=False."
+)
+_BY_FREQUENCY = (
+    "scale_grad_by_freq scales each token's gradient by its count in the whole batch, so an "
+    "example's gradient depends on the others: use scale_grad_by_freq=False."
+)
+_MAX_NORM = (
+    "max_norm renormalises the rows of the tokens an example reads, in place during the forward "
+    "pass: a change of the weights by the data, without noise. Use max_norm=None."
+)
+
+
+def _refusal(module: nn.Module) -> tuple[str, str] | None:
+    """Why DP-SGD refuses ``module`` and what to do instead; None if it does not."""
+    kind = with_article(type(module).__name__)
+    if isinstance(module, _BatchNorm):
+        return f"is {kind}", _NORMALISATION
+    if isinstance(module, _InstanceNorm) and module.track_running_stats:
+        return f"is {kind} with track_running_stats=True", _NORMALISATION
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        if module.scale_grad_by_freq:
+            return f"is {kind} with scale_grad_by_freq=True", _BY_FREQUENCY
+        if module.max_norm is not None:
+            return f"is {kind} with max_norm", _MAX_NORM
+    return None
+
+
+def refuse_gradient_hooks(model: nn.Module) -> None:
+    """Raise if a trainable parameter of ``model`` has a gradient hook, which DP-SGD would skip:
+    it computes each example's gradient of each parameter and clips it, and sets ``.grad``
+    itself, so neither a hook on the parameter's gradient (:meth:`torch.Tensor.register_hook`)
+    nor one after its accumulation (``register_post_accumulate_grad_hook``) would run."""
+    hooked = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (p._backward_hooks or p._post_accumulate_grad_hooks)
+    ]
+    if hooked:
+        raise ValueError(
+            f"model's parameter(s) {hooked} have gradient hooks (Tensor.register_hook or "
+            "register_post_accumulate_grad_hook), which DP-SGD would skip without a word: it "
+            "computes and clips each example's gradient and sets .grad itself, and the hooks "
+            "see neither. Remove them (handle.remove()). To train part of a weight, multiply "
+            "the weight by a mask in forward; to freeze a whole parameter, call "
+            "requires_grad_(False) on it."
+        )
 
 
 def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from companion._labels import check_labels
 from companion._outputs import batch_outputs, check_outputs, model_error
 from companion._torch import LossFn, LossName, check_model, trainable_named
 from companion._validation import check_positive
+from companion.per_example.checks import refuse_gradient_hooks
 
 __all__ = [
     "ClippedSum",
@@ -86,6 +87,7 @@ def check_batch(
             f"{name_x} and {name_y} must be on one device (the model's), got {x.device} and "
             f"{y.device}."
         )
+    _torch.refuse_meta_data(names, (x, y))
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError(f"{name_x} must not contain NaN or infinite values.")
     y = check_labels(y, loss=loss, name=name_y)  # converted for a named loss only
@@ -121,7 +123,8 @@ def per_example_gradients(
     Raises:
         TypeError: if ``model`` is not a module, ``x`` or ``y`` not a tensor, ``loss`` neither a
             known name nor a callable.
-        ValueError: if ``x`` and ``y`` hold different numbers of examples or the loss is unknown.
+        ValueError: if ``x`` and ``y`` hold different numbers of examples, the loss is unknown,
+            or a trainable parameter has a gradient hook, which these gradients would skip.
 
     Example:
         >>> import torch
@@ -132,6 +135,7 @@ def per_example_gradients(
         {'0.weight': (3, 10, 64), '0.bias': (3, 10)}
     """
     model = check_model(model)
+    refuse_gradient_hooks(model)
     mean_loss, _ = resolve_loss(loss)
     x, y = check_batch(model, loss, x, y)
     names = [name for name, _ in trainable_named(model)]
@@ -185,8 +189,8 @@ def vmap_gradients(
             f"torch.func.vmap cannot compute the per-example gradients of layer(s) {shown}: "
             f"{error}. Some operations fail under vmap: a packed sequence (method='auto' "
             "unrolls a recurrent layer called once on it), nn.GRUCell and the like without an "
-            "initial state, a forward pass that reads a tensor's value (.item()) or changes one "
-            "in place."
+            "initial state or with one made by torch.zeros (make it with x.new_zeros(...)), a "
+            "forward pass that reads a tensor's value (.item()) or changes one in place."
         ) from None
     finally:
         for module, parameters, buffers in saved:
