@@ -45,6 +45,7 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from companion._outputs import check_outputs
 from companion._validation import check_flag
+from companion.dpsgd import data as data_module
 from companion.dpsgd import set_private_gradients, train_dpsgd
 from companion.dpsgd.data import RunData
 from companion.per_example import clipped_gradient_sum
@@ -427,6 +428,50 @@ def test_a_loss_that_weights_a_class_first_read_late_from_a_dataset_is_refused(l
         _train(nn.Linear(4, 3), _LateClass(), loss=loss, sample_rate=1.0)
 
 
+class _LateClasses(Dataset):
+    """400 examples of 4 features with labels 0 and 1, except items 300 to 307 (after the 256
+    checked before training), which hold the classes 2 to 9, one each."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(400, 4, generator=generator)
+        self.y = torch.randint(0, 2, (400,), generator=generator)
+        self.y[300:308] = torch.arange(2, 10)
+
+    def __len__(self):
+        return 400
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("groups", [False, True], ids=["one-group", "groups-of-2"])
+def test_every_late_class_is_checked_and_the_refused_one_is_named(groups, monkeypatch):
+    """Eight classes first read in one batch, the ignored one (8) among them. A review found
+    that the check cut many new labels to those of one chunk and took the others as checked (so
+    an ignore_index on a label past the cut passed, with 32000 classes), and that the message
+    named the first new label of the batch, not the refused one. The new labels are now checked
+    in groups that one chunk holds (monkeypatched to 2 labels a group here: 3 x 10 outputs, one
+    for the label read before), and a refused group a label at a time."""
+    if groups:
+        monkeypatch.setattr(data_module, "LABEL_CHUNK_ELEMENTS", 30)
+    loss = nn.CrossEntropyLoss(ignore_index=8)
+    data = RunData(_LateClasses(), None, loss, torch.device("cpu"))
+    data.check(nn.Linear(4, 10))
+    mask = torch.zeros(400, dtype=torch.bool)
+    mask[[3, *range(300, 308)]] = True
+    message = (
+        r"ignore_index.*\(Checked on the label 8, first read from the Dataset x at its index 306"
+    )
+    with pytest.raises(ValueError, match=message):
+        data.batch(mask)
+    assert data.labels == ({0, 1, 2, 3, 4, 5, 6, 7} if groups else {0, 1})
+    plain = RunData(_LateClasses(), None, nn.CrossEntropyLoss(), torch.device("cpu"))
+    plain.check(nn.Linear(4, 10))
+    plain.batch(mask)
+    assert plain.labels == set(range(10))
+
+
 def test_a_plain_loss_takes_a_class_first_read_late_from_a_dataset():
     """The negative control: a plain mean reads the late class, which is then known."""
     data = RunData(_LateClass(), None, nn.CrossEntropyLoss(), torch.device("cpu"))
@@ -588,7 +633,7 @@ def test_many_labels_are_checked_in_chunks_that_mix_rare_and_frequent_ones(monke
     (here of 3 labels, forced by a small budget), dealt from the rarest so that each chunk
     holds rare and frequent ones, and the rarest first when the budget leaves some out (here 6
     of the 9): the rare class's weight is still seen, and the plain mean still passes."""
-    monkeypatch.setattr("companion._outputs._CHUNK_ELEMENTS", 3 * (RARE + 1))
+    monkeypatch.setattr("companion._outputs.LABEL_CHUNK_ELEMENTS", 3 * (RARE + 1))
     monkeypatch.setattr("companion._outputs._TOTAL_ELEMENTS", 6 * (RARE + 1))
     model, (x, y) = _nine_classes(), _rare_class_batch()
     with pytest.raises(ValueError, match="weight every label alike"):

@@ -1185,7 +1185,12 @@ def test_check_dp_compatible_lists_every_offending_layer():
         check_dp_compatible(model)
     for part in parts:
         assert part in str(error.value)
-    fixes = ("use torch.nn.GroupNorm", "use scale_grad_by_freq=False", "Use max_norm=None")
+    fixes = (
+        "use torch.nn.GroupNorm",
+        "use track_running_stats=False",
+        "use scale_grad_by_freq=False",
+        "Use max_norm=None",
+    )
     for fix in fixes:  # each fix once, after the list of layers
         assert str(error.value).count(fix) == 1
     with pytest.raises(ValueError) as error:  # per-example gradients need the same
@@ -1198,6 +1203,7 @@ def test_check_dp_compatible_lists_every_offending_layer():
     ("layer", "fix"),
     [
         (nn.BatchNorm1d(4), "use torch.nn.GroupNorm"),
+        (nn.InstanceNorm1d(4, track_running_stats=True), "use track_running_stats=False"),
         (nn.Embedding(5, 4, scale_grad_by_freq=True), "use scale_grad_by_freq=False"),
         (nn.Embedding(5, 4, max_norm=1.0), "Use max_norm=None"),
     ],
@@ -1207,7 +1213,12 @@ def test_check_dp_compatible_gives_the_fix_of_each_refused_layer_alone(layer, fi
     normalisation first, its own last; now each refused layer gets its own fix, and no other."""
     with pytest.raises(ValueError) as error:
         check_dp_compatible(nn.Sequential(layer))
-    fixes = ("use torch.nn.GroupNorm", "use scale_grad_by_freq=False", "Use max_norm=None")
+    fixes = (
+        "use torch.nn.GroupNorm",
+        "use track_running_stats=False",
+        "use scale_grad_by_freq=False",
+        "Use max_norm=None",
+    )
     assert [other for other in fixes if other in str(error.value)] == [fix]
 
 
@@ -1216,13 +1227,15 @@ def test_a_gradient_hook_on_a_trainable_parameter_is_refused(kind):
     """The coursework trial's F3: a mask applied by a hook on a weight's gradient (as for
     pruning). A plain backward applies it; the per-example gradients never met it, so the
     masked entries were trained (by 0.54 in two epochs of train_dpsgd), without a word. Now
-    every entry point refuses it; with the hook removed, the clipped sum is the loop's."""
+    every entry point refuses it, a clipper built before the hook too (at its next batch); with
+    the hook removed, the clipped sum is the loop's."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x = torch.randn(8, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (8,))
     mask = torch.zeros_like(model[0].weight)
     mask[:, :2] = 1
+    built = PerExampleClipper(model, loss="cross_entropy")
     if kind == "register_hook":
         handle = model[0].weight.register_hook(lambda g: g * mask)
         F.cross_entropy(model(x), y).backward()
@@ -1233,6 +1246,7 @@ def test_a_gradient_hook_on_a_trainable_parameter_is_refused(kind):
     calls = (
         lambda: check_dp_compatible(model),
         lambda: PerExampleClipper(model, loss="cross_entropy"),
+        lambda: built(x, y, max_grad_norm=1.0),
         lambda: per_example_gradients(model, "cross_entropy", x, y),
         lambda: train_dpsgd(model, x, y, noise_multiplier=1.0, max_grad_norm=1.0,
                             sample_rate=0.5, epochs=1, delta=1e-3, lr=0.1, seed=0),

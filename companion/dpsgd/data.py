@@ -15,7 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from companion._labels import first_bad_label
-from companion._outputs import check_label_weights, check_outputs, run_model
+from companion._outputs import (
+    LABEL_CHUNK_ELEMENTS,
+    check_label_weights,
+    check_outputs,
+    run_model,
+)
 from companion._torch import EVAL_BATCH, LossFn, check_data
 from companion._validation import with_article
 from companion.per_example import check_examples_independent
@@ -47,7 +52,7 @@ class RunData:
         self.device, self.loss, self.names = device, loss, names
         self.classes: int | None = None  # the model's outputs, for cross-entropy on a Dataset
         # For a callable loss on class labels read from a Dataset: a few examples' outputs and
-        # the labels whose weight the loss was checked for.
+        # the labels for which the loss's weight was checked.
         self.probe: torch.Tensor | None = None
         self.labels: set[int] = set()
         if isinstance(x, DataLoader):
@@ -135,24 +140,37 @@ class RunData:
         return x, y
 
     def _check_new_labels(self, y: torch.Tensor, index: Sequence[int]) -> None:
-        """The callable loss weights the labels of ``y`` not read before as it weights those
-        read before (checked on a few of these, with the probed outputs), for a callable loss
-        on class labels."""
+        """For a callable loss on class labels: the labels of ``y`` not read before must be
+        weighted as one read before is (:func:`~companion._outputs.check_label_weights` with the
+        probed outputs, on as many new labels at a time as one chunk of the check holds; in a
+        refused group, each is checked alone to name the one refused)."""
         if self.probe is None or not _class_labels(y):
             return
         new = [label for label in y.unique().tolist() if label not in self.labels]
-        if not new:
-            return
-        known = sorted(self.labels)[:8]
-        try:
-            check_label_weights(self.loss, self.probe, torch.tensor(known + new, dtype=y.dtype))
-        except ValueError as error:
-            j = int(torch.isin(y, torch.tensor(new, dtype=y.dtype)).nonzero()[0])
+        size = max(1, LABEL_CHUNK_ELEMENTS // max(1, self.probe[0].numel()) - 1)
+        for start in range(0, len(new), size):
+            group = new[start : start + size]
+            if (error := self._refusal(group)) is None:
+                self.labels.update(group)
+                continue
+            label, error = next(
+                ((label, e) for label in group if (e := self._refusal([label])) is not None),
+                (group[0], error),  # refused only together: name the first
+            )
+            j = int((y == label).nonzero()[0])
             raise ValueError(
-                f"{error} (Checked on the label {int(y[j])}, first read from the Dataset "
+                f"{error} (Checked on the label {label}, first read from the Dataset "
                 f"{self.names[0]} at its index {index[j]}.)"
-            ) from None
-        self.labels.update(new)
+            )
+
+    def _refusal(self, labels: list[int]) -> ValueError | None:
+        """The error of the label check on ``labels`` and a label read before; None if none."""
+        assert self.probe is not None
+        try:
+            check_label_weights(self.loss, self.probe, torch.tensor([min(self.labels), *labels]))
+        except ValueError as error:
+            return error
+        return None
 
     def batch(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dataset is None:

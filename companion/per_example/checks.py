@@ -5,6 +5,8 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -64,15 +66,19 @@ def check_dp_compatible(model: nn.Module) -> None:
         raise ValueError(
             f"model cannot be trained with DP-SGD: {'; '.join(problems)}. {' '.join(fixes)}"
         )
-    refuse_gradient_hooks(model)
+    refuse_gradient_hooks(model.named_parameters())
     trainable_named(model)
 
 
 _NORMALISATION = (
     "Batch normalisation normalises each example by the batch's statistics, so an example's "
     "gradient depends on the others (and its running statistics average the training data "
-    "without noise): use torch.nn.GroupNorm or torch.nn.LayerNorm, or instance normalisation "
-    "with track_running_stats=False."
+    "without noise): use torch.nn.GroupNorm or torch.nn.LayerNorm."
+)
+_RUNNING_STATISTICS = (
+    "Instance normalisation with track_running_stats=True averages the statistics of the "
+    "training batches, without noise, and normalises by that average in evaluation: use "
+    "track_running_stats=False."
 )
 _BY_FREQUENCY = (
     "scale_grad_by_freq scales each token's gradient by its count in the whole batch, so an "
@@ -90,7 +96,7 @@ def _refusal(module: nn.Module) -> tuple[str, str] | None:
     if isinstance(module, _BatchNorm):
         return f"is {kind}", _NORMALISATION
     if isinstance(module, _InstanceNorm) and module.track_running_stats:
-        return f"is {kind} with track_running_stats=True", _NORMALISATION
+        return f"is {kind} with track_running_stats=True", _RUNNING_STATISTICS
     if isinstance(module, nn.Embedding | nn.EmbeddingBag):
         if module.scale_grad_by_freq:
             return f"is {kind} with scale_grad_by_freq=True", _BY_FREQUENCY
@@ -99,14 +105,15 @@ def _refusal(module: nn.Module) -> tuple[str, str] | None:
     return None
 
 
-def refuse_gradient_hooks(model: nn.Module) -> None:
-    """Raise if a trainable parameter of ``model`` has a gradient hook, which DP-SGD would skip:
-    it computes each example's gradient of each parameter and clips it, and sets ``.grad``
-    itself, so neither a hook on the parameter's gradient (:meth:`torch.Tensor.register_hook`)
-    nor one after its accumulation (``register_post_accumulate_grad_hook``) would run."""
+def refuse_gradient_hooks(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise if a trainable parameter of the ``named`` ones (as ``model.named_parameters()``
+    gives them) has a gradient hook, which DP-SGD would skip: it computes each example's
+    gradient of each parameter and clips it, and sets ``.grad`` itself, so neither a hook on the
+    parameter's gradient (:meth:`torch.Tensor.register_hook`) nor one after its accumulation
+    (``register_post_accumulate_grad_hook``) would run."""
     hooked = [
         name
-        for name, p in model.named_parameters()
+        for name, p in named
         if p.requires_grad and (p._backward_hooks or p._post_accumulate_grad_hooks)
     ]
     if hooked:

@@ -14,7 +14,7 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from companion._outputs import batch_outputs
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
-from companion.per_example.checks import check_dp_compatible
+from companion.per_example.checks import check_dp_compatible, refuse_gradient_hooks
 from companion.per_example.gradients import (
     ClippedSum,
     LossLike,
@@ -343,6 +343,7 @@ class PerExampleClipper:
                 f"into must hold tensors of the parameters' shapes, dtypes and devices; those of "
                 f"{unlike} are not."
             )
+        refuse_gradient_hooks(self.trainable.items())  # at every batch, as a hook may be new
         if x.shape[0] == 0:
             return x.new_zeros(0, dtype=model_dtype(self.model))
         plan = self.plan

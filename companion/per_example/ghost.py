@@ -28,8 +28,9 @@ from companion.per_example.gradients import Entry, Refinable, example_chunks, no
 
 __all__ = ["GHOST_MAX_CANCELLATION"]
 
-#: An example whose ghost norm (squared) is below the square of its bound divided by this is
-#: measured again on its materialised gradient (:func:`ghost_squares`, :class:`GhostSum`).
+#: An example whose norm from the Gram matrices is below its bound divided by this (its square
+#: below :math:`M / 100^2`) is measured again on its materialised gradient (:func:`ghost_squares`,
+#: :class:`GhostSum`).
 GHOST_MAX_CANCELLATION = 100.0
 
 

@@ -135,7 +135,7 @@ def per_example_gradients(
         {'0.weight': (3, 10, 64), '0.bias': (3, 10)}
     """
     model = check_model(model)
-    refuse_gradient_hooks(model)
+    refuse_gradient_hooks(model.named_parameters())
     mean_loss, _ = resolve_loss(loss)
     x, y = check_batch(model, loss, x, y)
     names = [name for name, _ in trainable_named(model)]
@@ -349,17 +349,19 @@ def add_clipped(
     refinable = [add_to for _, _, add_to in entries if isinstance(add_to, Refinable)]
     # One sum and one sync (cheaper than isfinite().all()) to look for an example whose gradient
     # is not finite (clipping it would give nan, which the sum would spread), and for bounds.
-    checks = [squares.sum(), *(add_to.loose.sum() for add_to in refinable)]
-    total, *loose = torch.stack([c.double() for c in checks]).tolist() if refinable else checks
+    # The counts of bounds in the dtype of the squares: float32 counts exactly to 2**24, and mps
+    # has no float64.
+    checks = [squares.sum(), *(add_to.loose.sum().to(squares.dtype) for add_to in refinable)]
+    total, *loose = torch.stack(checks).tolist()
     if any(loose):
         entries = [
             (name, add_to.refine() if isinstance(add_to, Refinable) else sq, add_to)
             for name, sq, add_to in entries
         ]
         squares = _total(entries)
-        total = squares.sum()
+        total = float(squares.sum())
     norms = squares.sqrt()
-    if not math.isfinite(float(total)) and (
+    if not math.isfinite(total) and (
         bad := torch.nonzero(~torch.isfinite(squares)).flatten().tolist()
     ):
         raise ValueError(
