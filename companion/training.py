@@ -176,6 +176,8 @@ def train(
     x, y = check_data(x, y, loss=loss, device=device)
     check_outputs(model, x, y, loss=loss)
     test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
+    if test_data is not None:  # before any epoch: the model must fit the test data
+        check_outputs(model, *test_data, loss=loss)
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
     lr = check_positive("lr", lr)

@@ -961,3 +961,43 @@ def test_a_model_with_batch_norm_is_trained_with_a_warning(loop):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(models.logistic_regression(), clients, **kwargs)
+
+
+# --- test data that the model does not fit ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("x_test", "y_test", "message"),
+    [
+        (DIGITS.x_test[:3], np.array([0, 1, 11]), "labels must be below the model's 10 outputs"),
+        (DIGITS.x_test[:3, :5], DIGITS.y_test[:3], r"model cannot be applied .* shape \(5,\)"),
+    ],
+    ids=["label-11", "5-features"],
+)
+@pytest.mark.parametrize("loop", ["fedavg", "dp_fedavg", "train"])
+def test_test_data_the_model_does_not_fit_are_refused_before_training(
+    loop, x_test, y_test, message
+):
+    """A coursework trial: the test data were first read after the first round (or epoch),
+    through torch's own IndexError or RuntimeError, with the model already changed and a
+    continued accountant already charged. They are now checked as the training data are."""
+    model, accountant = models.logistic_regression(seed=0), RDPAccountant()
+    before = copy.deepcopy(model.state_dict())
+    test = dict(x_test=x_test, y_test=y_test)
+    runs = {
+        "fedavg": lambda: fedavg(
+            model, _iid_clients(4), rounds=1, client_fraction=1.0, local_epochs=1,
+            batch_size=None, lr=0.1, progress=False, **test,
+        ),
+        "dp_fedavg": lambda: dp_fedavg(
+            model, _iid_clients(4), rounds=1, accountant=accountant, **_CONTINUED, **test
+        ),
+        "train": lambda: training.train(
+            model, DIGITS.x_train[:32], DIGITS.y_train[:32], epochs=1, batch_size=8, lr=0.1,
+            **test,
+        ),
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        runs[loop]()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(accountant) == 0

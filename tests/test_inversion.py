@@ -297,6 +297,16 @@ def test_analytic_label_recovery_returns_the_true_label(state):
         assert int(result.y[0]) == Y[i]
 
 
+def test_the_label_is_recovered_from_a_model_that_is_one_linear_layer():
+    """A coursework trial: a bare nn.Linear names its bias "bias", not "<layer>.bias", and was
+    told it had no bias in its last Linear ("pass label")."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10)
+    for i in FIRST_OF_EACH_CLASS[:3]:
+        result = invert_gradient(model, model_gradient(model, *_one(i)), steps=1)
+        assert int(result.y[0]) == Y[i]
+
+
 @pytest.mark.parametrize("label", [4, [4], (4,), np.array([4]), torch.tensor([4]), torch.tensor(4)])
 def test_given_labels_are_used(label):
     model = models.mlp(seed=0)

@@ -214,7 +214,8 @@ def _last_bias_gradient(model: nn.Module, gradient: dict[str, torch.Tensor]) -> 
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             bias = module.bias
-            bias_name = f"{name}.bias" if bias is not None and bias.requires_grad else None
+            trainable = bias is not None and bias.requires_grad
+            bias_name = (f"{name}.bias" if name else "bias") if trainable else None
     if bias_name is None or bias_name not in gradient:
         raise ValueError("cannot recover the label without a bias in the last Linear: pass label.")
     return gradient[bias_name]

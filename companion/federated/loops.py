@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from companion._outputs import check_outputs
 from companion._progress import progress_loop
 from companion._random import check_optional_seed, torch_generator
 from companion._runs import check_accountant, continued, note_spent, run_seed
@@ -143,6 +144,8 @@ def fedavg(
     lr = check_positive("lr", lr)
     mu = check_nonnegative("mu", mu)
     test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
+    if test_data is not None:  # before any round: the model must fit the test data
+        check_outputs(model, *test_data, loss=loss)
     seed = check_optional_seed(seed)
     rng = np.random.default_rng(seed)
     num_clients = len(data)
@@ -315,6 +318,8 @@ def dp_fedavg(
     delta = check_delta(delta)
     server_lr = check_positive("server_lr", server_lr)
     test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
+    if test_data is not None:  # before any round: the model must fit the test data
+        check_outputs(model, *test_data, loss=loss)
     accountant = check_accountant(accountant)
     seed = run_seed(seed, accountant)
     noise_generator = torch_generator(seed, device=device)

@@ -121,7 +121,8 @@ def randomized_response_estimate(reports: np.ndarray, *, epsilon: float) -> floa
         TypeError: if ``reports`` is not a numpy array of bool or integers, or ``epsilon`` is
             not a real number.
         ValueError: if ``reports`` is empty, not one-dimensional or holds values other than 0
-            and 1, or ``epsilon`` is not finite and > 0.
+            and 1, or ``epsilon`` is not finite and > 0, or so small (about 1e-16) that a true
+            report's probability rounds to 1/2.
 
     Example:
         >>> bits = np.arange(10_000) < 3_000  # 30% ones
@@ -132,4 +133,9 @@ def randomized_response_estimate(reports: np.ndarray, *, epsilon: float) -> floa
     """
     reports = check_bits("reports", reports)
     keep = randomized_response_keep_probability(epsilon=epsilon)
+    if 2 * keep - 1 == 0:
+        raise ValueError(
+            f"epsilon={epsilon:g} is too small to estimate anything: the probability of a true "
+            "report rounds to 1/2, so the reports hold no information about the bits."
+        )
     return (float(np.mean(reports)) - (1 - keep)) / (2 * keep - 1)
