@@ -291,6 +291,21 @@ def test_fedprox_with_large_mu_keeps_the_update_near_zero():
     assert plain > bound / mu  # the bound is not trivially met by plain training
 
 
+def test_fedprox_with_lr_times_mu_above_2_is_refused():
+    """A coursework trial: the proximal term alone multiplies d = w - w_t by 1 - lr * mu at each
+    step, so lr * mu above 2 diverges (lr = 1, mu = 3 gave weights of 29.6 and a test loss of
+    333; mu = 1e6 a NaN update), without a word. At 2 exactly |1 - lr mu| = 1: allowed."""
+    x, y = _tensors(0, 40)
+    model = models.logistic_regression(seed=0).double()
+    with pytest.raises(ValueError, match=r"lr \* mu must be at most 2, got 1 \* 3 = 3"):
+        local_update(model, x, y, epochs=1, batch_size=10, lr=1.0, mu=3.0)
+    with pytest.raises(ValueError, match=r"lr \* mu must be at most 2"):
+        fedavg(model, _iid_clients(2, n=20, dtype=torch.float64), rounds=1, client_fraction=1.0,
+               local_epochs=1, batch_size=None, lr=1.0, mu=3.0, progress=False)  # fmt: skip
+    update = local_update(model, x, y, epochs=1, batch_size=10, lr=1.0, mu=2.0)
+    assert all(bool(torch.isfinite(v).all()) for v in update.values())
+
+
 # --- client selection in FedAvg -----------------------------------------------------------------
 
 

@@ -398,3 +398,16 @@ def test_attack_refuses_models_that_return_probabilities():
 
     with pytest.raises(ValueError, match="returns probabilities"):
         shadow_confidences(*pair, train_fn=softmax_shadows, num_shadow=4)
+
+
+def test_a_shadow_model_that_does_not_fit_the_data_is_named():
+    """A coursework trial: a train_fn whose model has 5 outputs for labels up to 9 got "x y
+    holds a label >= the model's 5 classes", which named neither the shadow model nor y."""
+    x, y = DIGITS.x_train[:40], DIGITS.y_train[:40]
+
+    def train_fn(x, y, *, seed):
+        return torch.nn.Linear(64, 5)
+
+    message = r"the shadow model train_fn returned does not fit x and y: labels must be below"
+    with pytest.raises(ValueError, match=message):
+        shadow_confidences(x, y, train_fn=train_fn, num_shadow=4, seed=0, progress=False)

@@ -364,6 +364,28 @@ def test_a_sigmoid_in_forward_is_warned_about_and_logits_are_not():
     assert caught[0].filename == __file__
 
 
+def test_a_sigmoid_on_class_logits_is_warned_about_under_cross_entropy():
+    """A coursework trial: a 10-class model whose forward ends in torch.sigmoid passed the
+    cross-entropy checks, which refused only rows that sum to 1, and the attack read its
+    squashed outputs (member losses in [1.78, 1.96]) as logits, without a word. Negative
+    control: the logits, of both signs, pass."""
+    torch.manual_seed(0)
+    net = nn.Linear(64, 10)
+    x, y = DIGITS.x_test[:20], DIGITS.y_test[:20]
+    with pytest.warns(UserWarning, match=r"outputs on (non)?members all lie in \[0, 1\]"):
+        loss_threshold_attack(nn.Sequential(net, _Sigmoid()), (x, y), (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_threshold_attack(net, (x, y), (x, y))
+
+
+class _Sigmoid(nn.Module):
+    """torch.sigmoid in a layer of one's own, which the check of the last layer does not know."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+
 def test_probabilities_read_as_logits_give_wrong_losses(overfitted):
     """Why the refusal below: the cross-entropy of a probability vector p read as logits is
     -p_y + log sum_k e^{p_k} >= log(10) + 1/10 - 1 = 1.40 for ten classes (Jensen: the log of a
@@ -459,7 +481,7 @@ TRAIN5, TEST5 = (DIGITS.x_train[:5], DIGITS.y_train[:5]), (DIGITS.x_test[:5], DI
             (TEST5[0], TEST5[1] + 10),
             "cross_entropy",
             ValueError,
-            "nonmembers y holds a label >= the model's 10 classes",
+            r"below the model's 10 outputs .* in the labels of nonmembers\.",
         ),
         (TRAIN5, TEST5, "hinge", ValueError, "loss must be one of"),
         (

@@ -159,7 +159,12 @@ def shadow_confidences(
             raise TypeError(
                 f"train_fn must return the trained torch.nn.Module, got {type(model).__name__}."
             )
-        shadow_phi[s] = logit_confidence(model, x, y, loss=loss)
+        try:
+            shadow_phi[s] = logit_confidence(model, x, y, loss=loss)
+        except ValueError as error:
+            raise ValueError(
+                f"the shadow model train_fn returned does not fit x and y: {error}"
+            ) from None
     return shadow_phi, shadow_in
 
 

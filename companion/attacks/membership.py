@@ -47,6 +47,16 @@ def _last_layer(model: nn.Module) -> nn.Module:
     return model
 
 
+def _warn_unit_interval(name: str) -> None:
+    """A warning, not an error: logits can all lie in [0, 1] (weak positive predictions)."""
+    warn(
+        f"the model's outputs on {name} all lie in [0, 1], as probabilities do; if the model "
+        "applies a sigmoid, the attack reads probabilities as logits and its losses and "
+        "confidences are wrong (squashed into an interval of width 1). Remove the sigmoid: the "
+        "loss applies the softmax or sigmoid itself."
+    )
+
+
 def _logits(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str, name: str
 ) -> torch.Tensor:
@@ -72,7 +82,10 @@ def _logits(
                 f"with n_classes >= 2, got {tuple(outputs.shape)} for {name}."
             )
         if int(y.max()) >= outputs.shape[1]:
-            raise ValueError(f"{name} y holds a label >= the model's {outputs.shape[1]} classes.")
+            raise ValueError(
+                f"labels must be below the model's {outputs.shape[1]} outputs for "
+                f"loss='cross_entropy', got a label {int(y.max())} in the labels of {name}."
+            )
         if looks_like_probabilities(outputs):
             raise ValueError(
                 f"the model's outputs on {name} look like probabilities (every row is "
@@ -81,19 +94,15 @@ def _logits(
                 "Remove the final softmax, or return log-probabilities (log_softmax), "
                 "which give the same losses as logits."
             )
+        if x.shape[0] >= 8 and ((outputs >= 0) & (outputs <= 1)).all():
+            _warn_unit_interval(name)
     elif outputs.reshape(-1).shape[0] != x.shape[0]:
         raise ValueError(
             f"for loss='bce' the model must return one logit per example, got "
             f"{tuple(outputs.shape)} for {name}."
         )
     elif x.shape[0] >= 8 and ((outputs >= 0) & (outputs <= 1)).all():
-        # A warning, not an error: logits can all lie in [0, 1] (weak positive predictions).
-        warn(
-            f"the model's outputs on {name} all lie in [0, 1], as probabilities do; if the "
-            "model applies a sigmoid, the attack reads probabilities as logits and its losses "
-            "and confidences are wrong (squashed into an interval of width 1). Remove the "
-            "sigmoid: the loss applies it."
-        )
+        _warn_unit_interval(name)
     # float64: a confident prediction's loss, log(1 + sum_k exp(-margin_k)), underflows to 0 in
     # float32 once the margins exceed about 17, which would tie the examples the attack is
     # surest of.

@@ -192,8 +192,8 @@ def local_update(
         TypeError: if ``model`` is not a module, the data are not tensors or arrays, or an
             integer argument is not an integer.
         ValueError: if the data do not fit the loss, ``epochs``, ``batch_size`` or ``lr`` is
-            not positive, ``mu`` is negative, ``seed`` is negative or the model has no
-            trainable parameter.
+            not positive, ``mu`` is negative or ``lr * mu`` above 2, ``seed`` is negative or the
+            model has no trainable parameter.
 
     Example:
         >>> from companion import data, models
@@ -212,9 +212,23 @@ def local_update(
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_batch_size(batch_size)
     lr = check_positive("lr", lr)
-    mu = check_nonnegative("mu", mu)
+    mu = check_mu(mu, lr=lr)
     generator = torch_generator(seed)
     return train_locally(model, x, y, epochs, batch_size, lr, mu, loss, generator)
+
+
+def check_mu(mu: object, *, lr: float) -> float:
+    """FedProx's ``mu``: >= 0, with ``lr * mu`` at most 2 (above, the proximal term alone makes
+    local training diverge)."""
+    mu = check_nonnegative("mu", mu)
+    if lr * mu > 2:
+        raise ValueError(
+            f"lr * mu must be at most 2, got {lr:g} * {mu:g} = {lr * mu:g}: each local step "
+            "multiplies the distance to the global model by 1 - lr * mu, here of size above 1, "
+            "so local training diverges. Lower mu or lr (with lr * mu at most 1 every step "
+            "shrinks the distance)."
+        )
+    return mu
 
 
 def train_locally(

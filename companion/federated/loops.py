@@ -40,6 +40,7 @@ from companion.federated.aggregation import dp_fedavg_aggregate, fedavg_aggregat
 from companion.federated.clients import (
     check_batch_size,
     check_clients,
+    check_mu,
     client_updates,
     warn_if_running_statistics,
 )
@@ -100,7 +101,7 @@ def fedavg(
         local_epochs: :math:`E`, >= 1.
         batch_size: :math:`B`, >= 1, or None for each client's full batch.
         lr: the clients' learning rate, > 0.
-        mu: FedProx coefficient, >= 0 (0 is FedAvg).
+        mu: FedProx coefficient, >= 0 (0 is FedAvg), with ``lr * mu`` at most 2.
         loss: ``"cross_entropy"`` or ``"bce"``.
         x_test, y_test: optional held-out data, evaluated after every round.
         seed: seed of the client selection and the local shuffling, or None for fresh entropy.
@@ -142,7 +143,7 @@ def fedavg(
     local_epochs = check_positive_int("local_epochs", local_epochs)
     batch_size = check_batch_size(batch_size)
     lr = check_positive("lr", lr)
-    mu = check_nonnegative("mu", mu)
+    mu = check_mu(mu, lr=lr)
     test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
     if test_data is not None:  # before any round: the model must fit the test data
         check_outputs(model, *test_data, loss=loss)
