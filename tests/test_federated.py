@@ -884,7 +884,8 @@ _BAD = [
         "both",
         {"clients": [_CLIENTS[0], _LABEL_12]},
         ValueError,
-        "labels must be below the model's 10 outputs for loss='cross_entropy', got a label 12",
+        r"clients\[1\]: labels must be below the model's 10 outputs for loss='cross_entropy', "
+        "got a label 12",  # the client named since a coursework trial
     ),
     ("both", {"rounds": 0}, ValueError, "rounds must be >= 1"),
     ("both", {"rounds": 2.0}, TypeError, "rounds must be an integer"),

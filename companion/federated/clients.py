@@ -111,7 +111,10 @@ def check_clients(clients: object, *, model: nn.Module, loss: str) -> list[Clien
             raise TypeError(f"clients[{k}] must be an (x, y) pair, got {type(client).__name__}.")
         names = (f"clients[{k}] x", f"clients[{k}] y")
         x, y = check_data(client[0], client[1], loss=loss, names=names, device=device)
-        check_outputs(model, x, y, loss=loss)
+        try:
+            check_outputs(model, x, y, loss=loss)
+        except ValueError as error:
+            raise ValueError(f"clients[{k}]: {error}") from None
         checked.append((x, y))
     return checked
 
