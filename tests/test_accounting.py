@@ -958,6 +958,13 @@ BAD_CALLS = {
         ValueError,
         "epsilon_tolerance must be a number",
     ),
+    # a coursework trial: target 0.005 with the default tolerance 0.01 returned sigma = 20, the
+    # first end of the bracket, where sigma between 1 and 2 met the target
+    "sigma tolerance above target": (
+        _sigma(target_epsilon=0.005, sample_rate=1e-3, steps=1, accountant="pld"),
+        ValueError,
+        r"epsilon_tolerance=0.01 must be below target_epsilon=0.005",
+    ),
 }
 
 

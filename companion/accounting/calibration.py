@@ -84,7 +84,8 @@ def get_noise_multiplier(
             ``int(epochs / q)`` steps, so the two may differ for the same arguments).
         orders: the RDP orders, each > 1; by default ``DEFAULT_ORDERS`` (used only with
             ``accountant="rdp"``).
-        epsilon_tolerance: > 0, how far below the target the returned sigma's epsilon may be.
+        epsilon_tolerance: > 0 and below ``target_epsilon``, how far below the target the
+            returned sigma's epsilon may be.
         accountant: ``"rdp"`` (the default, as before) or ``"pld"``: which accountant's epsilon
             must meet the target. Opacus's ``"prv"`` has no separate name here: like its PRV
             accountant, ``"pld"`` discretises the privacy-loss distribution (both directions,
@@ -127,6 +128,13 @@ def get_noise_multiplier(
     if scalar:
         raise TypeError("orders must be a sequence of orders, not a single number.")
     epsilon_tolerance = check_epsilon(epsilon_tolerance, "epsilon_tolerance")
+    if epsilon_tolerance >= target_epsilon:
+        raise ValueError(
+            f"epsilon_tolerance={epsilon_tolerance:g} must be below target_epsilon="
+            f"{target_epsilon:g}: the search stops once epsilon is within the tolerance below "
+            "the target, which any noise multiplier large enough would then be. Pass a smaller "
+            "epsilon_tolerance (a hundredth of the target, say)."
+        )
     if not isinstance(accountant, str):
         raise TypeError(f"accountant must be a string, got {type(accountant).__name__}.")
     if accountant not in ("rdp", "pld"):
