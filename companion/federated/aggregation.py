@@ -133,7 +133,9 @@ def dp_fedavg_aggregate(
     The norm :math:`\lVert \Delta_k \rVert_2` is taken over all parameters of the update
     together, with the factor of :func:`companion.per_example.clip_factors`; the noise is
     :func:`companion.dpsgd.add_gaussian_noise` with std :math:`\sigma S`, one draw over all
-    parameters in the order of ``parameter_shapes`` (or of ``updates[0]``). The denominator
+    parameters in the order of ``parameter_shapes`` (or of ``updates[0]``). The norms, the sum
+    and the noise are computed in float32 for 16-bit updates, and the result is rounded to
+    their dtype once, after the noise (post-processing). The denominator
     ``expected_clients`` :math:`= qK` must be fixed before seeing the data, never the realised
     number of clients, which depends on the sample and would leak it. Then the noisy sum has L2
     sensitivity :math:`S` with respect to adding or removing one client, and one call is one
@@ -203,17 +205,22 @@ def dp_fedavg_aggregate(
             "so that its names and shapes are known."
         )
     if updates:
-        total = {name: torch.zeros_like(updates[0][name]) for name in shapes}
+        like = {name: updates[0][name] for name in shapes}
     else:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}.")
-        total = {
+        like = {
             name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()
         }
+    # The norms, the sum and the noise in float32 at least: in bfloat16 the rounding of the
+    # clipped updates' sum let one reach 1.006 S. Rounding the noisy result to the updates'
+    # dtype afterwards is post-processing.
+    wide = {name: torch.promote_types(v.dtype, torch.float32) for name, v in like.items()}
+    total = {name: torch.zeros_like(v, dtype=wide[name]) for name, v in like.items()}
     for update in updates:
-        norms = torch.stack([torch.linalg.vector_norm(value) for value in update.values()])
+        norms = torch.stack([torch.linalg.vector_norm(v, dtype=wide[n]) for n, v in update.items()])
         factor = float(clip_factors(torch.linalg.vector_norm(norms), max_grad_norm=max_update_norm))
         for name, value in update.items():
-            total[name].add_(value, alpha=factor)
+            total[name].add_(value.to(wide[name]), alpha=factor)
     add_gaussian_noise(total, std=noise_multiplier * max_update_norm, generator=generator)
-    return {name: value.div_(expected_clients) for name, value in total.items()}
+    return {name: (v / expected_clients).to(like[name].dtype) for name, v in total.items()}
