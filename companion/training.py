@@ -177,7 +177,10 @@ def train(
     check_outputs(model, x, y, loss=loss)
     test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
     if test_data is not None:  # before any epoch: the model must fit the test data
-        check_outputs(model, *test_data, loss=loss)
+        try:
+            check_outputs(model, *test_data, loss=loss)
+        except ValueError as error:
+            raise ValueError(f"x_test and y_test: {error}") from None
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
     lr = check_positive("lr", lr)

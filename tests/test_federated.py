@@ -985,8 +985,8 @@ def test_a_model_with_batch_norm_is_trained_with_a_warning(loop):
 @pytest.mark.parametrize(
     ("x_test", "y_test", "message"),
     [
-        (DIGITS.x_test[:3], np.array([0, 1, 11]), "labels must be below the model's 10 outputs"),
-        (DIGITS.x_test[:3, :5], DIGITS.y_test[:3], r"model cannot be applied .* shape \(5,\)"),
+        (DIGITS.x_test[:3], np.array([0, 1, 11]), "x_test and y_test: labels must be below"),
+        (DIGITS.x_test[:3, :5], DIGITS.y_test[:3], r"x_test and y_test: model cannot be applied"),
     ],
     ids=["label-11", "5-features"],
 )

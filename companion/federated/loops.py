@@ -146,7 +146,10 @@ def fedavg(
     mu = check_mu(mu, lr=lr)
     test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
     if test_data is not None:  # before any round: the model must fit the test data
-        check_outputs(model, *test_data, loss=loss)
+        try:
+            check_outputs(model, *test_data, loss=loss)
+        except ValueError as error:
+            raise ValueError(f"x_test and y_test: {error}") from None
     seed = check_optional_seed(seed)
     rng = np.random.default_rng(seed)
     num_clients = len(data)
@@ -320,7 +323,10 @@ def dp_fedavg(
     server_lr = check_positive("server_lr", server_lr)
     test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
     if test_data is not None:  # before any round: the model must fit the test data
-        check_outputs(model, *test_data, loss=loss)
+        try:
+            check_outputs(model, *test_data, loss=loss)
+        except ValueError as error:
+            raise ValueError(f"x_test and y_test: {error}") from None
     accountant = check_accountant(accountant)
     seed = run_seed(seed, accountant)
     noise_generator = torch_generator(seed, device=device)
