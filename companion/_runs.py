@@ -1,21 +1,27 @@
-"""What the training loops share about their accountant (private).
+"""What the training loops share: their accountant, and the check of their test data (private).
 
 :func:`companion.dpsgd.train_dpsgd` and :func:`companion.federated.dp_fedavg` account for a run
 in an accountant, their own or one passed in to continue an earlier run: they check it
 (:func:`check_accountant`), seed the run so that a continued run never replays an earlier one
 (:func:`run_seed`), try the planned run on a copy (:func:`continued`), and say on an error what
-the steps recorded before it spent (:func:`note_spent`). Like :mod:`companion._torch`, one of the
-private modules other modules may import from.
+the steps recorded before it spent (:func:`note_spent`). They check their test data before
+training (:func:`check_test`). Like :mod:`companion._torch`, one of the private modules other
+modules may import from.
 """
 
 from __future__ import annotations
 
 import copy
 
+import torch
+from torch import nn
+
+from companion._outputs import check_outputs
 from companion._random import check_optional_seed, derive_seed
+from companion._torch import ArrayLike, LossFn, check_optional_test
 from companion.accounting import PLDAccountant, RDPAccountant
 
-__all__ = ["Accountant", "check_accountant", "continued", "note_spent", "run_seed"]
+__all__ = ["Accountant", "check_accountant", "check_test", "continued", "note_spent", "run_seed"]
 
 Accountant = RDPAccountant | PLDAccountant
 
@@ -71,3 +77,22 @@ def note_spent(
         f"{run} stopped after recording {taken} noisy step(s) (at most that many changed the "
         f"model); with them the accountant's total is epsilon = {epsilon} at delta = {delta}."
     )
+
+
+def check_test(
+    model: nn.Module,
+    x_test: ArrayLike | None,
+    y_test: ArrayLike | None,
+    *,
+    loss: str | LossFn,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The test data of a run, or None, checked before training: a model that does not fit them
+    is refused now, not after a round or an epoch has changed it (and charged an accountant)."""
+    test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
+    if test_data is not None:
+        try:
+            check_outputs(model, *test_data, loss=loss)
+        except ValueError as error:
+            raise ValueError(f"x_test and y_test: {error}") from None
+    return test_data

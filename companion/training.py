@@ -33,13 +33,13 @@ from torch import nn
 from companion._outputs import check_outputs
 from companion._progress import progress_loop
 from companion._random import torch_generator
+from companion._runs import check_test
 from companion._torch import (
     ArrayLike,
     LossName,
     check_data,
     check_loss,
     check_model,
-    check_optional_test,
     epoch_record,
     evaluate_model,
     loss_fn,
@@ -175,12 +175,7 @@ def train(
     device = model_device(model)
     x, y = check_data(x, y, loss=loss, device=device)
     check_outputs(model, x, y, loss=loss)
-    test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
-    if test_data is not None:  # before any epoch: the model must fit the test data
-        try:
-            check_outputs(model, *test_data, loss=loss)
-        except ValueError as error:
-            raise ValueError(f"x_test and y_test: {error}") from None
+    test_data = check_test(model, x_test, y_test, loss=loss, device=device)
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
     lr = check_positive("lr", lr)

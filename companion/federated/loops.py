@@ -12,17 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from companion._outputs import check_outputs
 from companion._progress import progress_loop
 from companion._random import check_optional_seed, torch_generator
-from companion._runs import check_accountant, continued, note_spent, run_seed
+from companion._runs import check_accountant, check_test, continued, note_spent, run_seed
 from companion._torch import (
     ArrayLike,
     LossName,
     add_to_model,
     check_loss,
     check_model,
-    check_optional_test,
     evaluate_model,
     model_device,
     trainable_named,
@@ -144,12 +142,7 @@ def fedavg(
     batch_size = check_batch_size(batch_size)
     lr = check_positive("lr", lr)
     mu = check_mu(mu, lr=lr)
-    test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
-    if test_data is not None:  # before any round: the model must fit the test data
-        try:
-            check_outputs(model, *test_data, loss=loss)
-        except ValueError as error:
-            raise ValueError(f"x_test and y_test: {error}") from None
+    test_data = check_test(model, x_test, y_test, loss=loss, device=device)
     seed = check_optional_seed(seed)
     rng = np.random.default_rng(seed)
     num_clients = len(data)
@@ -321,12 +314,7 @@ def dp_fedavg(
     lr = check_positive("lr", lr)
     delta = check_delta(delta)
     server_lr = check_positive("server_lr", server_lr)
-    test_data = check_optional_test(x_test, y_test, loss=loss, device=device)
-    if test_data is not None:  # before any round: the model must fit the test data
-        try:
-            check_outputs(model, *test_data, loss=loss)
-        except ValueError as error:
-            raise ValueError(f"x_test and y_test: {error}") from None
+    test_data = check_test(model, x_test, y_test, loss=loss, device=device)
     accountant = check_accountant(accountant)
     seed = run_seed(seed, accountant)
     noise_generator = torch_generator(seed, device=device)
