@@ -1035,3 +1035,21 @@ def test_dp_fedavg_aggregate_sums_16_bit_updates_in_float32_and_rounds_once():
                 for u in updates)  # fmt: skip
     error = (out["w"].double() - exact).abs()
     assert bool((error <= 2.0**-8 * exact.abs() + 1e-6).all())
+
+
+@pytest.mark.parametrize(
+    "dtypes", [(torch.float32, torch.float64), (torch.bfloat16, torch.float64)], ids=str
+)
+def test_dp_fedavg_aggregate_takes_updates_of_mixed_dtypes(dtypes):
+    """A review: with the sum in the first update's dtype (float32 at least), a later float64
+    update made vector_norm refuse to narrow it (a RuntimeError; a Flower client replying in
+    float64 could end a run). The sum runs in the widest dtype and is rounded to the first's:
+    the updates (1, 1, 1, 1) and (2, 2, 2, 2), of norms 2 and 4, clipped to norm 1, sum to
+    1 / (2 + 1e-6) + 2 / (4 + 1e-6) in each entry, within the first dtype's unit roundoff."""
+    updates = [{"w": torch.ones(4, dtype=dtypes[0])}, {"w": torch.full((4,), 2.0, dtype=dtypes[1])}]
+    out = dp_fedavg_aggregate(updates, max_update_norm=1.0, noise_multiplier=0.0,
+                              expected_clients=1.0, generator=torch.Generator())  # fmt: skip
+    assert out["w"].dtype == dtypes[0]
+    expected = 1 / (2 + 1e-6) + 2 / (4 + 1e-6)
+    unit = torch.finfo(dtypes[0]).eps / 2
+    assert bool(((out["w"].double() - expected).abs() <= unit * expected).all())

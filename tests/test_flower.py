@@ -132,6 +132,8 @@ def test_the_setup_round_trips_and_refuses_what_it_does_not_know():
         FederatedSetup.from_run_config({"noise": 1.0})
     with pytest.raises(ValueError, match="algorithm must be one of"):
         FederatedSetup(algorithm="fedsgd")
+    with pytest.raises(ValueError, match=r"lr \* mu must be at most 2"):  # at the start
+        FederatedSetup(lr=1.0, mu=3.0)
     with pytest.raises(ValueError, match="needs a seed"):
         run_in_process(FederatedSetup())
 

@@ -212,10 +212,13 @@ def dp_fedavg_aggregate(
         like = {
             name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()
         }
-    # The norms, the sum and the noise in float32 at least: in bfloat16 the rounding of the
-    # clipped updates' sum let one reach 1.006 S. Rounding the noisy result to the updates'
-    # dtype afterwards is post-processing.
-    wide = {name: torch.promote_types(v.dtype, torch.float32) for name, v in like.items()}
+    # The norms, the sum and the noise in the widest of the updates' dtypes, float32 at least: in
+    # bfloat16 the rounding of the clipped updates' sum let one reach 1.006 S. Rounding the noisy
+    # result to the first update's dtype afterwards is post-processing.
+    wide = dict.fromkeys(like, torch.float32)
+    for update in [like, *updates]:
+        for name, value in update.items():
+            wide[name] = torch.promote_types(wide[name], value.dtype)
     total = {name: torch.zeros_like(v, dtype=wide[name]) for name, v in like.items()}
     for update in updates:
         norms = torch.stack([torch.linalg.vector_norm(v, dtype=wide[n]) for n, v in update.items()])

@@ -29,6 +29,7 @@ from companion import federated, models
 from companion._random import derive_seed
 from companion._torch import trainable_named
 from companion._validation import check_delta, check_fraction, check_positive_int
+from companion.federated.clients import check_mu
 
 __all__ = [
     "ALGORITHMS",
@@ -114,6 +115,7 @@ class FederatedSetup:
         check_positive_int("rounds", self.rounds)
         check_fraction("sample_rate", self.sample_rate)
         check_delta(self.delta)
+        check_mu(self.mu, lr=self.lr)  # at the start, not as every client's error in every round
         if self.seed < -1 or self.batch_size < 0:
             raise ValueError("seed must be >= -1 (-1: fresh entropy) and batch_size >= 0.")
 
