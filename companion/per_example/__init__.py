@@ -90,7 +90,7 @@ own dtype.
     evaluation mode, but cannot prove independence. A callable loss must be the *mean over
     examples* of a per-example loss (as :class:`torch.nn.CrossEntropyLoss` and
     :class:`torch.nn.MSELoss` with their default ``reduction="mean"`` are); a weighted mean is
-    not. A gradient hook on a trainable parameter (:meth:`torch.Tensor.register_hook`) is
+    not. A gradient hook on a trainable parameter (``Tensor.register_hook``) is
     refused: the per-example gradients would skip it.
 
 See the DP-SGD chapter, :ref:`sec-dpsgd-per-example`, for the derivation with pictures.

@@ -32,7 +32,7 @@ def check_dp_compatible(model: nn.Module) -> None:
     Replace normalisation with :class:`torch.nn.GroupNorm` or :class:`torch.nn.LayerNorm`.
     For a forward pass written by hand that mixes examples, see
     :func:`check_examples_independent`. A gradient hook on a trainable parameter
-    (:meth:`torch.Tensor.register_hook`) is refused too: the per-example gradients would skip it.
+    (``Tensor.register_hook``) is refused too: the per-example gradients would skip it.
 
     Args:
         model: the model to check.
@@ -109,7 +109,7 @@ def refuse_gradient_hooks(named: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Raise if a trainable parameter of the ``named`` ones (as ``model.named_parameters()``
     gives them) has a gradient hook, which DP-SGD would skip: it computes each example's
     gradient of each parameter and clips it, and sets ``.grad`` itself, so neither a hook on the
-    parameter's gradient (:meth:`torch.Tensor.register_hook`) nor one after its accumulation
+    parameter's gradient (``Tensor.register_hook``) nor one after its accumulation
     (``register_post_accumulate_grad_hook``) would run."""
     hooked = [
         name
