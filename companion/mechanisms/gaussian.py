@@ -70,8 +70,8 @@ def _log_gaussian_delta(sigma: float, epsilon: float, sensitivity: float) -> flo
     log_first = special.log_ndtr(a - b)
     log_second = epsilon + special.log_ndtr(-a - b)
     # delta = exp(log_first) - exp(log_second), and log_second < log_first for sigma > 0; where
-    # rounding makes them meet (epsilon sigma / sensitivity above about 560, where delta is below
-    # exp(-10**5)), the first term alone, an upper bound.
+    # rounding makes them meet (b in the hundreds: from about 100 at sigma = 1e10, 560 at 1e8;
+    # delta below exp(-b^2 / 2)), the first term alone, an upper bound.
     if log_second >= log_first:
         return float(log_first)
     return float(log_first + np.log(-np.expm1(log_second - log_first)))
