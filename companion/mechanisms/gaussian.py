@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import mpmath
 import numpy as np
 from scipy import optimize, special
 
@@ -63,18 +64,51 @@ def classic_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float =
     return sensitivity * math.sqrt(2 * math.log(1.25 / delta)) / epsilon
 
 
+# Where delta = first - second loses more than about 3 digits to cancellation (the gap below),
+# the profile is computed again in mpmath with the digits it loses; in double precision the
+# relative error is then at most about 4 u (1 + |log first|) / 1e-3 (u = 1.1e-16 the unit
+# roundoff): under 1e-12 wherever delta does not underflow.
+_DOUBLE_GAP = 1e-3
+# The profile's relative error, with a margin of 10 over that bound: the calibration solves for
+# delta (1 - _PROFILE_ERROR) so that rounding never leaves the exact delta above the target.
+_PROFILE_ERROR = 1e-11
+# Below exp(-800), delta underflows as a float whatever it is, and no target delta (a positive
+# float, at least exp(-745)) lies there: the first term, an upper bound, is returned as it is.
+_UNDERFLOW_LOG = -800.0
+
+
 def _log_gaussian_delta(sigma: float, epsilon: float, sensitivity: float) -> float:
     r"""Natural log of :func:`gaussian_privacy_profile`, computed in log space."""
     a = sensitivity / (2 * sigma)
     b = epsilon * sigma / sensitivity
-    log_first = special.log_ndtr(a - b)
-    log_second = epsilon + special.log_ndtr(-a - b)
-    # delta = exp(log_first) - exp(log_second), and log_second < log_first for sigma > 0; where
-    # rounding makes them meet (b in the hundreds: from about 100 at sigma = 1e10, 560 at 1e8;
-    # delta below exp(-b^2 / 2)), the first term alone, an upper bound.
-    if log_second >= log_first:
-        return float(log_first)
-    return float(log_first + np.log(-np.expm1(log_second - log_first)))
+    log_first = float(special.log_ndtr(a - b))
+    if log_first < _UNDERFLOW_LOG:
+        return log_first
+    # delta = first (1 - e^gap); the gap is < 0 exactly, but rounding in the two logs (a few units
+    # in the last place of |log first|) decides it when it is small.
+    gap = epsilon + float(special.log_ndtr(-a - b)) - log_first
+    if gap < -_DOUBLE_GAP * (1 + abs(log_first)):
+        return log_first + math.log(-math.expm1(gap))
+    return _log_gaussian_delta_mpmath(sigma, epsilon, sensitivity)
+
+
+def _log_gaussian_delta_mpmath(sigma: float, epsilon: float, sensitivity: float) -> float:
+    """The same, with as many digits as the subtraction loses: 1 - second / first is of the order
+    of a / max(b, 1), so log10(max(b, 1) / a) digits cancel; 20 more are kept."""
+    a = sensitivity / (2 * sigma)
+    b = epsilon * sigma / sensitivity
+    digits = 20 + max(0, math.ceil(math.log10(max(b, 1.0)) - math.log10(a)))
+    while True:
+        with mpmath.workdps(digits):
+            sigma_, epsilon_, sensitivity_ = map(mpmath.mpf, (sigma, epsilon, sensitivity))
+            a_ = sensitivity_ / (2 * sigma_)
+            b_ = epsilon_ * sigma_ / sensitivity_
+            first = mpmath.ncdf(a_ - b_)
+            delta = first - mpmath.exp(epsilon_) * mpmath.ncdf(-a_ - b_)
+            # Ten digits left after the subtraction, or more digits.
+            if delta > first * mpmath.mpf(10) ** (10 - digits):
+                return float(mpmath.log(delta))
+        digits *= 2
 
 
 def gaussian_privacy_profile(*, sigma: float, epsilon: float, sensitivity: float = 1.0) -> float:
@@ -90,7 +124,12 @@ def gaussian_privacy_profile(*, sigma: float, epsilon: float, sensitivity: float
         - \frac{\varepsilon\sigma}{\Delta_2}\right),
 
     where :math:`\Phi` is the standard normal CDF (Balle and Wang 2018, Theorem 8). This
-    function returns the right-hand side. See the chapter's section :ref:`sec-dp-gaussian`.
+    function returns the right-hand side, to a relative error under :math:`10^{-12}` where it is
+    a normal float (above :math:`2.2 \times 10^{-308}`): in double
+    precision where the two terms differ by more than about 0.1%, and otherwise (large
+    :math:`\sigma` with small :math:`\varepsilon`, where they nearly cancel) in mpmath with as many
+    digits as the subtraction loses. Where delta is below :math:`e^{-800}` it returns the first
+    term, an upper bound; both round to 0. See the chapter's section :ref:`sec-dp-gaussian`.
 
     Args:
         sigma: the standard deviation of the noise, > 0.
@@ -121,8 +160,9 @@ def analytic_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float 
     for Differential Privacy", Theorem 8 and Algorithm 1): instead of a sufficient condition it
     solves the exact condition :func:`gaussian_privacy_profile` ``(sigma) = delta`` for sigma.
     The profile falls strictly as sigma grows, so the solution is unique; it is found by Brent's
-    method on :math:`\log\sigma` and then nudged up until the profile is at most ``delta``, so
-    the returned sigma never gives less privacy than asked for. It is valid for every
+    method on :math:`\log\sigma` and then nudged up until the profile is at most
+    :math:`\delta (1 - 10^{-11})`, ten times the profile's rounding error below ``delta``, so the
+    returned sigma never gives less privacy than asked for. It is valid for every
     ``epsilon > 0`` and never larger than :func:`classic_gaussian_sigma`.
 
     See the chapter's section :ref:`sec-dp-gaussian`.
@@ -150,7 +190,7 @@ def analytic_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float 
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta)
     sensitivity = check_positive("sensitivity", sensitivity)
-    log_delta = math.log(delta)
+    log_delta = math.log(delta) + math.log1p(-_PROFILE_ERROR)
 
     def excess(log_sigma: float) -> float:
         return _log_gaussian_delta(math.exp(log_sigma), epsilon, sensitivity) - log_delta
@@ -162,7 +202,7 @@ def analytic_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float 
     while excess(high) > 0:
         high += 1.0
     sigma = math.exp(optimize.brentq(excess, low, high, xtol=1e-14, rtol=1e-15))
-    while math.exp(_log_gaussian_delta(sigma, epsilon, sensitivity)) > delta:
+    while _log_gaussian_delta(sigma, epsilon, sensitivity) > log_delta:
         sigma *= 1 + 1e-14
     return sigma
 
