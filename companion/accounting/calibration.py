@@ -9,6 +9,7 @@ is that of the RDP accountant (:mod:`companion.accounting.rdp`) or of the PLD ac
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Literal
 
@@ -29,6 +30,10 @@ __all__ = ["get_noise_multiplier"]
 
 # get_noise_multiplier gives up above this noise multiplier, as Opacus does.
 _MAX_SIGMA = 1e6
+# Where the PLD accountant's range, not the target, bounds the search, it stops with the bracket
+# this narrow (relative to its upper end): each candidate there costs seconds, and float64 would
+# take about 50 of them.
+_GRID_EDGE_RTOL = 1e-3
 
 
 def get_noise_multiplier(
@@ -64,7 +69,10 @@ def get_noise_multiplier(
     settings (Koskela, Jalko and Honkela 2020; Doroshenko et al. 2022), so the returned
     :math:`\sigma` meets the target under the true privacy profile too. Each candidate costs up
     to about a second. A candidate so small that its privacy loss does not fit the PLD grid
-    counts as missing the target.
+    counts as missing the target. With a very small sample rate (say ``1e-7``) that edge,
+    not the target, can set the answer, as epsilon jumps there from missing the target to far
+    below it: the search then stops once the bracket is within 0.1% and warns (the RDP
+    accountant may then need less noise).
 
     With the RDP accountant, even infinite noise cannot bring the bound below
     :math:`\min_\alpha \left[\log\frac{\alpha-1}{\alpha}
@@ -162,7 +170,7 @@ def get_noise_multiplier(
             pld.step(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
             try:
                 return pld.get_epsilon(target_delta)
-            except ValueError:  # sigma far too small for the grid: far above any useful target
+            except ValueError:  # the loss overflows the grid or float64: counts as missing it
                 return math.inf
         rdp = compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=order_array)
         return get_privacy_spent(orders=order_array, rdp=rdp, delta=target_delta)[0]
@@ -179,7 +187,21 @@ def get_noise_multiplier(
             )
         eps_high = epsilon(sigma_high)
 
+    # The lower end is a sigma whose privacy loss the PLD accountant cannot hold (its grid, or
+    # float64, overflows): epsilon jumps there from "missing the target" to a value that may lie
+    # far below the tolerance band.
+    low_overflows = False
     while target_epsilon - eps_high > epsilon_tolerance:
+        if low_overflows and sigma_high - sigma_low <= _GRID_EDGE_RTOL * sigma_high:
+            warnings.warn(
+                f"get_noise_multiplier: below noise_multiplier={sigma_high:.6g} the PLD accountant "
+                f"cannot hold the privacy loss of {steps} steps at sample_rate={sample_rate:g} "
+                "(in its grid or in float64), so that limit, not target_epsilon, sets the value "
+                f"(its epsilon is {eps_high:.3g}). The RDP accountant may reach the target with "
+                'less noise: try accountant="rdp".',
+                stacklevel=2,
+            )
+            break
         sigma = (sigma_low + sigma_high) / 2
         if not sigma_low < sigma < sigma_high:  # the bracket cannot shrink further in float64
             break
@@ -187,5 +209,5 @@ def get_noise_multiplier(
         if eps < target_epsilon:
             sigma_high, eps_high = sigma, eps
         else:
-            sigma_low = sigma
+            sigma_low, low_overflows = sigma, eps == math.inf
     return sigma_high
