@@ -17,7 +17,14 @@ import torch
 if TYPE_CHECKING:
     from companion._torch import LossFn
 
-__all__ = ["TOKEN_MEAN", "check_labels", "first_bad_label", "label_shape_error"]
+__all__ = [
+    "TOKEN_MEAN",
+    "check_labels",
+    "class_labels",
+    "first_bad_label",
+    "integer_targets",
+    "label_shape_error",
+]
 
 #: A plain mean over the examples of each one's mean over its tokens (-100: ignored), for labels
 #: of shape (N, T) and outputs of shape (N, n_classes, T): the hint of the loss and label checks.
@@ -25,6 +32,16 @@ TOKEN_MEAN = (
     "lambda o, t: (F.cross_entropy(o, t, reduction='none').sum(1) / "
     "(t != -100).sum(1).clamp(min=1)).mean()"
 )
+
+
+def integer_targets(y: torch.Tensor) -> bool:
+    """Whether ``y`` holds integers (class labels, token ids), not floats or flags."""
+    return not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+
+
+def class_labels(y: torch.Tensor) -> bool:
+    """Whether ``y`` holds integer class labels of shape (N,)."""
+    return y.ndim == 1 and integer_targets(y)
 
 
 def label_shape_error(y: torch.Tensor, *, loss: str, name: str = "y") -> ValueError:

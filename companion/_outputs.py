@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from companion._labels import TOKEN_MEAN
+from companion._labels import TOKEN_MEAN, class_labels, integer_targets
 from companion._torch import LossFn, OutOfMemoryError, eval_mode
 from companion._validation import warn, with_article
 
@@ -102,7 +102,7 @@ def check_outputs(
         )
     if callable(loss):
         _check_mean_loss(loss, outputs, y[index], index=index)
-        if y.ndim == 1 and _integer(y):
+        if class_labels(y):
             check_label_weights(loss, outputs, y)
         return
     if loss == "cross_entropy":
@@ -129,11 +129,6 @@ def check_outputs(
         )
 
 
-def _integer(y: torch.Tensor) -> bool:
-    """Whether ``y`` holds integers (class labels, token ids), not floats or flags."""
-    return not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
-
-
 def _probe_indices(y: torch.Tensor, first: int = 4, spread: int = 16) -> torch.Tensor:
     """The examples :func:`check_outputs` runs the model on: the first ``first``, then
 
@@ -153,14 +148,14 @@ def _probe_indices(y: torch.Tensor, first: int = 4, spread: int = 16) -> torch.T
     index = torch.arange(min(first, n), device=y.device)
     if n <= first:
         return index
-    if y.ndim == 1 and _integer(y):
+    if class_labels(y):
         values, inverse = torch.unique(y, return_inverse=True)
         positions = torch.arange(n, device=y.device)
         firsts = torch.full_like(values, n, dtype=torch.long)
         firsts = firsts.scatter_reduce(0, inverse, positions, "amin")  # each label's first example
         others = firsts[firsts >= first].sort().values[:first]
         return torch.cat([index, others])
-    if y.ndim > 1 and _integer(y):
+    if y.ndim > 1 and integer_targets(y):
         index = torch.cat([index, _extreme_rows(y)]).unique()
     count = min(max(spread - len(index), 0), n - first)
     rest = torch.linspace(first, n - 1, count, device=y.device)

@@ -112,8 +112,23 @@ def type_name(value: object) -> str:
 
 
 def with_article(word: str) -> str:
-    """``word`` after "a", or "an" where it starts with a vowel: "an int", "a tuple"."""
-    return f"an {word}" if word[:1].lower() in "aeiou" else f"a {word}"
+    """``word`` after "a", or "an" where it is read with a vowel first.
+
+    An acronym (two capitals first) is read letter by letter, so "an" goes before A, E, F, H, I,
+    L, M, N, O, R, S and X; otherwise "an" goes before a vowel, except a "u" read as "you", and
+    before ``ndarray``.
+
+    Example:
+        >>> [with_article(w) for w in ("int", "tuple", "LSTM", "GRU", "ndarray", "UserDict")]
+        ['an int', 'a tuple', 'an LSTM', 'a GRU', 'an ndarray', 'a UserDict']
+    """
+    if word[:2].isupper():
+        vowel = word[0] in "AEFHILMNORSX"
+    elif word.lower().startswith(("use", "uint", "uni")):
+        vowel = False
+    else:
+        vowel = word[:1].lower() in "aeiou" or word.startswith("nd")
+    return f"an {word}" if vowel else f"a {word}"
 
 
 def check_flag(name: str, value: object) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from companion._labels import first_bad_label
+from companion._labels import class_labels, first_bad_label
 from companion._outputs import (
     LABEL_CHUNK_ELEMENTS,
     check_label_weights,
@@ -93,7 +93,7 @@ class RunData:
         check_examples_independent(model, x)
         if self.dataset is not None and self.loss == "cross_entropy":
             self.classes = run_model(model, x[:1]).shape[1]
-        if self.dataset is not None and callable(self.loss) and _class_labels(y):
+        if self.dataset is not None and callable(self.loss) and class_labels(y):
             self.probe, self.labels = run_model(model, x[:8]), set(y.unique().tolist())
 
     def _read(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +144,7 @@ class RunData:
         weighted as one read before is (:func:`~companion._outputs.check_label_weights` with the
         probed outputs, on as many new labels at a time as one chunk of the check holds; in a
         refused group, each is checked alone to name the one refused)."""
-        if self.probe is None or not _class_labels(y):
+        if self.probe is None or not class_labels(y):
             return
         new = [label for label in y.unique().tolist() if label not in self.labels]
         size = max(1, LABEL_CHUNK_ELEMENTS // max(1, self.probe[0].numel()) - 1)
@@ -228,11 +228,6 @@ def _bad_label(loss: object, items: list[Any], y: object) -> tuple[int, str, str
         return None
     j, need, value = bad
     return j, need, f"the label {value}"
-
-
-def _class_labels(y: torch.Tensor) -> bool:
-    """Whether ``y`` holds integer class labels of shape (N,)."""
-    return y.ndim == 1 and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
 
 
 def _is_float(value: object) -> bool:
