@@ -67,13 +67,7 @@ def null():
     one distribution), 2,000 draws from a fixed seed (0.2 s)."""
     rng = np.random.default_rng(0)
     tpr, advantage = _null_rates(rng.standard_normal((2000, N)), rng.standard_normal((2000, N)))
-    return {
-        "tpr_mean": tpr.mean(),
-        "tpr_q90": np.quantile(tpr, 0.9),
-        "tpr_q99": np.quantile(tpr, 0.99),
-        "advantage_mean": advantage.mean(),
-        "advantage_q99": np.quantile(advantage, 0.99),
-    }
+    return {"tpr_q99": np.quantile(tpr, 0.99), "advantage_q99": np.quantile(advantage, 0.99)}
 
 
 def test_null_rates_agree_with_the_result_object():
@@ -144,11 +138,11 @@ def test_attack_detects_membership_in_an_overfitted_model(overfitted, null):
     # Measured 0.224 (seeds 0-4: 0.21-0.25); no signal gives 0.055 on average, 0.136 at the
     # 99th percentile: require both 0.15 and more than that percentile.
     assert result.advantage() > max(0.15, null["advantage_q99"])
-    # Measured 0.024 (6 of 250 members at <= 2 of 250 false positives). This is above the mean
-    # of no signal (0.012), but only at its 90th percentile (0.024): the single-threshold loss
-    # attack is weak at low FPR even on a model with 100% training accuracy, the point of
-    # Carlini et al. 2022 (tests/test_lira.py shows the per-example attack doing better).
-    assert result.tpr_at(0.01) > max(0.01, null["tpr_mean"])
+    # No check of the TPR at 1% FPR: it measured 0.024 (6 of 250 members at <= 2 of 250 false
+    # positives), only the 90th percentile of no signal (0.024), and seeds 1, 4 and 5 gave 0.004
+    # to 0.008, below no signal's mean (0.012). The single-threshold loss attack is weak at low
+    # FPR even on a model with 100% training accuracy, the point of Carlini et al. 2022;
+    # tests/test_lira.py checks the per-example attack there.
 
 
 def test_attack_on_a_strongly_private_model_is_near_chance(private, null):
