@@ -115,8 +115,8 @@ def with_article(word: str) -> str:
     """``word`` after "a", or "an" where it is read with a vowel first.
 
     An acronym (two capitals first) is read letter by letter, so "an" goes before A, E, F, H, I,
-    L, M, N, O, R, S and X; otherwise "an" goes before a vowel, except a "u" read as "you", and
-    before ``ndarray``.
+    L, M, N, O, R, S and X; otherwise "an" goes before a vowel, except a "u" read as "you" or an
+    "o" read as "w" (in the names below), and before ``ndarray``.
 
     Example:
         >>> [with_article(w) for w in ("int", "tuple", "LSTM", "GRU", "ndarray", "UserDict")]
@@ -124,7 +124,7 @@ def with_article(word: str) -> str:
     """
     if word[:2].isupper():
         vowel = word[0] in "AEFHILMNORSX"
-    elif word.lower().startswith(("use", "uint", "uni")):
+    elif word.lower().startswith(("use", "usu", "uint", "ufunc", "unique", "one")):
         vowel = False
     else:
         vowel = word[:1].lower() in "aeiou" or word.startswith("nd")

@@ -645,15 +645,39 @@ def test_gaussian_profile_matches_quadrature_where_its_terms_nearly_cancel(sigma
     assert abs(math.expm1(log_profile - _log_profile_by_quadrature(sigma, epsilon))) < 1.2e-12
 
 
+def test_gaussian_profile_at_a_large_epsilon_and_an_underflowing_half_sensitivity():
+    """A review's points. At epsilon = 651 the rounding of epsilon itself in the gap between the
+    two terms left the double-precision value 1.3e-12 low; where sensitivity / (2 sigma)
+    underflows, the digit count took log10(0) (a math domain error). The profile depends on
+    sigma / sensitivity and epsilon only."""
+    sigma, epsilon, sensitivity = 34.183584378762525, 651.3400848091837, 582.053813386013
+    profile = m.gaussian_privacy_profile(sigma=sigma, epsilon=epsilon, sensitivity=sensitivity)
+    oracle = _log_profile_by_quadrature(sigma / sensitivity, epsilon)
+    assert abs(math.expm1(math.log(profile) - oracle)) < 1.2e-12
+    # delta is about Phi(-10) times 2a, far below the smallest float
+    assert m.gaussian_privacy_profile(sigma=1.7e308, epsilon=10 / 1.7e308) == 0.0
+
+
 @pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")
 @pytest.mark.parametrize(
-    ("epsilon", "delta"), [(1e-10, 1e-100), (5.6e-9, 1e-5), (1e-6, 1e-12), (0.5, 1e-5), (2.0, 0.3)]
+    ("epsilon", "delta"),
+    [
+        (1e-10, 1e-100),
+        (5.6e-9, 1e-5),
+        (1e-6, 1e-12),
+        (0.5, 1e-5),
+        (2.0, 0.3),
+        (3e-308, 1e-5),
+        (1.0, 1e-310),
+        (1.0, 5e-324),
+    ],
 )
 def test_analytic_sigma_meets_the_target_by_quadrature(epsilon, delta):
     """By the independent quadrature, the returned sigma's delta is at most the target (epsilon =
-    1e-10, delta = 1e-100 gave 1.048 times it), and within the calibration's margin of 1e-11 plus
-    the quadrature's error and the last nudge (a relative step of 1e-14 in sigma moves log delta
-    by at most b^2 1e-14 < 1e-10 here): 1e-9."""
+    1e-10, delta = 1e-100 gave 1.048 times it; below delta = 7e-309, 1.25 / delta overflowed and
+    the bracket search never ended; epsilon = 3e-308 hit log10(0)), and within the calibration's
+    margin of 1e-11 plus the quadrature's error and the last nudge (a relative step of 1e-14 in
+    sigma moves log delta by at most b^2 1e-14 < 1e-10 here): 1e-9."""
     sigma = m.analytic_gaussian_sigma(epsilon=epsilon, delta=delta)
     ratio = math.exp(_log_profile_by_quadrature(sigma, epsilon) - math.log(delta))
     assert 1 - 1e-9 < ratio <= 1

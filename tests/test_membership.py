@@ -139,10 +139,10 @@ def test_attack_detects_membership_in_an_overfitted_model(overfitted, null):
     # 99th percentile: require both 0.15 and more than that percentile.
     assert result.advantage() > max(0.15, null["advantage_q99"])
     # No check of the TPR at 1% FPR: it measured 0.024 (6 of 250 members at <= 2 of 250 false
-    # positives), only the 90th percentile of no signal (0.024), and seeds 1, 4 and 5 gave 0.004
-    # to 0.008, below no signal's mean (0.012). The single-threshold loss attack is weak at low
-    # FPR even on a model with 100% training accuracy, the point of Carlini et al. 2022;
-    # tests/test_lira.py checks the per-example attack there.
+    # positives), only the 90th percentile of no signal (0.024), and of seeds 0-5, seeds 1, 4 and
+    # 5 gave 0.004 to 0.008, below no signal's mean (0.012). The single-threshold loss attack is
+    # weak at low FPR even on a model with 100% training accuracy, the point of Carlini et al.
+    # 2022; tests/test_lira.py checks the per-example attack there.
 
 
 def test_attack_on_a_strongly_private_model_is_near_chance(private, null):

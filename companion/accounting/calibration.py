@@ -71,8 +71,8 @@ def get_noise_multiplier(
     to about a second. A candidate so small that its privacy loss does not fit the PLD grid
     counts as missing the target. With a very small sample rate (say ``1e-7``) that edge,
     not the target, can set the answer, as epsilon jumps there from missing the target to far
-    below it: the search then stops once the bracket is within 0.1% and warns (the RDP
-    accountant may then need less noise).
+    below it: once the bracket's lower end is such a candidate and the bracket is within 0.1%,
+    the search stops and warns (the RDP accountant may then need less noise).
 
     With the RDP accountant, even infinite noise cannot bring the bound below
     :math:`\min_\alpha \left[\log\frac{\alpha-1}{\alpha}
@@ -194,11 +194,12 @@ def get_noise_multiplier(
     while target_epsilon - eps_high > epsilon_tolerance:
         if low_overflows and sigma_high - sigma_low <= _GRID_EDGE_RTOL * sigma_high:
             warnings.warn(
-                f"get_noise_multiplier: below noise_multiplier={sigma_high:.6g} the PLD accountant "
-                f"cannot hold the privacy loss of {steps} steps at sample_rate={sample_rate:g} "
-                "(in its grid or in float64), so that limit, not target_epsilon, sets the value "
-                f"(its epsilon is {eps_high:.3g}). The RDP accountant may reach the target with "
-                'less noise: try accountant="rdp".',
+                f"get_noise_multiplier: the search stopped at noise_multiplier={sigma_high:.6g}, "
+                f"within 0.1% of a value below which the PLD accountant cannot hold the privacy "
+                f"loss of {steps} steps at sample_rate={sample_rate:g} (in its grid or in "
+                f"float64); its epsilon, {eps_high:.3g}, is more than epsilon_tolerance below "
+                "target_epsilon. The RDP accountant may reach the target with less noise: try "
+                'accountant="rdp".',
                 stacklevel=2,
             )
             break

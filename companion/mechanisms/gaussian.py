@@ -61,13 +61,14 @@ def classic_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float =
             f"the classic Gaussian calibration holds only for epsilon < 1, got epsilon={epsilon}; "
             "use analytic_gaussian_sigma, which is exact for every epsilon > 0."
         )
-    return sensitivity * math.sqrt(2 * math.log(1.25 / delta)) / epsilon
+    return sensitivity * math.sqrt(2 * (math.log(1.25) - math.log(delta))) / epsilon
 
 
 # Where delta = first - second loses more than about 3 digits to cancellation (the gap below),
 # the profile is computed again in mpmath with the digits it loses; in double precision the
-# relative error is then at most about 4 u (1 + |log first|) / 1e-3 (u = 1.1e-16 the unit
-# roundoff): under 1e-12 wherever delta does not underflow.
+# relative error is then at most about 4 u (1 + |log first| + epsilon) / 1e-3 (u = 1.1e-16 the
+# unit roundoff; the gap's rounding grows with both terms it adds): under 1e-12 wherever delta
+# does not underflow.
 _DOUBLE_GAP = 1e-3
 # The profile's relative error, with a margin of 10 over that bound: the calibration solves for
 # delta (1 - _PROFILE_ERROR) so that rounding never leaves the exact delta above the target.
@@ -84,20 +85,21 @@ def _log_gaussian_delta(sigma: float, epsilon: float, sensitivity: float) -> flo
     log_first = float(special.log_ndtr(a - b))
     if log_first < _UNDERFLOW_LOG:
         return log_first
-    # delta = first (1 - e^gap); the gap is < 0 exactly, but rounding in the two logs (a few units
-    # in the last place of |log first|) decides it when it is small.
+    # delta = first (1 - e^gap); the gap is < 0 exactly, but rounding in its three terms (a few
+    # units in the last place of |log first| and of epsilon) decides it when it is small.
     gap = epsilon + float(special.log_ndtr(-a - b)) - log_first
-    if gap < -_DOUBLE_GAP * (1 + abs(log_first)):
+    if gap < -_DOUBLE_GAP * (1 + abs(log_first) + epsilon):
         return log_first + math.log(-math.expm1(gap))
     return _log_gaussian_delta_mpmath(sigma, epsilon, sensitivity)
 
 
 def _log_gaussian_delta_mpmath(sigma: float, epsilon: float, sensitivity: float) -> float:
     """The same, with as many digits as the subtraction loses: 1 - second / first is of the order
-    of a / max(b, 1), so log10(max(b, 1) / a) digits cancel; 20 more are kept."""
-    a = sensitivity / (2 * sigma)
-    b = epsilon * sigma / sensitivity
-    digits = 20 + max(0, math.ceil(math.log10(max(b, 1.0)) - math.log10(a)))
+    of a / max(b, 1), so log10(max(b, 1) / a) digits cancel (in logs: a may underflow); 20 more
+    are kept."""
+    log10_b = math.log10(epsilon) + math.log10(sigma) - math.log10(sensitivity)
+    log10_a = math.log10(sensitivity) - math.log10(2) - math.log10(sigma)
+    digits = 20 + max(0, math.ceil(max(log10_b, 0.0) - log10_a))
     while True:
         with mpmath.workdps(digits):
             sigma_, epsilon_, sensitivity_ = map(mpmath.mpf, (sigma, epsilon, sensitivity))
@@ -195,8 +197,10 @@ def analytic_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float 
     def excess(log_sigma: float) -> float:
         return _log_gaussian_delta(math.exp(log_sigma), epsilon, sensitivity) - log_delta
 
-    # Bracket the root: excess(log sigma) falls from log(1/delta) > 0 towards -inf.
-    low = high = math.log(sensitivity * math.sqrt(2 * math.log(1.25 / delta)) / epsilon)
+    # Bracket the root, from the classic sigma (in logs, which neither 1.25 / delta nor a tiny
+    # epsilon overflows): excess(log sigma) falls from log(1/delta) > 0 towards -inf.
+    log_classic = math.log(2 * (math.log(1.25) - math.log(delta))) / 2
+    low = high = math.log(sensitivity) + log_classic - math.log(epsilon)
     while excess(low) <= 0:
         low -= 1.0
     while excess(high) > 0:
