@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import tomllib
 
@@ -36,7 +37,7 @@ from scipy import stats
 
 pytest.importorskip("flwr")
 
-from companion import training  # noqa: E402
+from companion import data, training  # noqa: E402
 from companion.accounting import RDPAccountant  # noqa: E402
 from companion.federated import local_update  # noqa: E402
 from companion.flower.deploy import APP_DIR, FlowerRunError, LocalFederation  # noqa: E402
@@ -138,6 +139,54 @@ def test_the_setup_round_trips_and_refuses_what_it_does_not_know():
         run_in_process(FederatedSetup())
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"noise_multiplier": -1.0}, "noise_multiplier must be >= 0"),
+        ({"max_update_norm": 0.0}, "max_update_norm must be > 0"),
+        ({"lr": -0.1}, "lr must be > 0"),
+        ({"server_lr": 0.0}, "server_lr must be > 0"),
+        ({"local_epochs": 0}, "local_epochs must be >= 1"),
+        ({"round_timeout": -1.0}, "round_timeout must be > 0"),
+        ({"dirichlet_alpha": 0.0}, "dirichlet_alpha must be > 0"),
+        ({"fail_partition": 7}, "fail_partition must be -1 .none. or a part 0 .. 2"),
+    ],
+)
+def test_the_setup_refuses_what_every_client_or_the_server_would_fail_on(changes, message):
+    """A coursework trial: these were accepted; the clients then all raised in every round (the
+    run 'completed' with an untrained model plus noise) or the server failed after round 1."""
+    with pytest.raises(ValueError, match=message):
+        FederatedSetup(**changes)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"evaluate-clients": "false"}, "'evaluate-clients' must be a bool, got 'false'"),
+        ({"rounds": 2.7}, "'rounds' must be an int, got 2.7"),
+    ],
+)
+def test_the_run_config_refuses_values_a_conversion_would_change(config, message):
+    """bool("false") is True and int(2.7) is 2: both were taken silently."""
+    with pytest.raises(ValueError, match=message):
+        FederatedSetup.from_run_config(config)
+    assert FederatedSetup.from_run_config({"rounds": 2.0, "evaluate-clients": False}).rounds == 2
+
+
+def test_the_dirichlet_partition_cuts_label_skewed_parts(tmp_path):
+    """It was accepted, and every client raised (partition_dirichlet needs alpha)."""
+    setup = FederatedSetup(num_clients=5, partition="dirichlet", dirichlet_alpha=0.3)
+    labels = data.load_digits().y_train
+    parts = [client_data(setup, k)[1] for k in range(5)]
+    assert sum(len(p) for p in parts) == len(labels)
+    expected = data.partition_dirichlet(labels, num_clients=5, alpha=0.3, rng=setup.data_seed)
+    assert [len(p) for p in parts] == [len(e) for e in expected]
+    path = str(tmp_path / "part-0.npz")
+    save_partition(setup, 0, path)
+    with pytest.raises(ValueError, match="holds part 0 of"):
+        load_partition(setup.replace(dirichlet_alpha=1.0), 0, path)
+
+
 def test_a_partition_file_holds_the_part_and_refuses_another_setup(tmp_path):
     setup = FederatedSetup(num_clients=3)
     path = str(tmp_path / "part-1.npz")
@@ -182,6 +231,34 @@ def test_a_node_that_never_joins_fails_the_run_with_a_clear_timeout(deployment):
     join_timeout seconds and the run's status says why (flwr itself would exit 0)."""
     setup = FederatedSetup(num_clients=4, seed=0, join_timeout=2.0)
     with pytest.raises(FlowerRunError, match=r"finished:failed: TimeoutError: only 3 of 4 Super"):
+        deployment.run(setup, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"partition": "shards"}, r"holds part \d of .*'partition': 'iid'"),
+        ({"num_clients": 2}, "this SuperNode is one of 3 parts, the run has 2"),
+    ],
+    ids=["data", "parts"],
+)
+def test_nodes_that_do_not_fit_the_run_stop_it_with_their_message(deployment, changes, message):
+    """A coursework trial: with data cut for another setup every client raised in every round
+    and the run 'completed' with an untrained model plus noise; a node cut into another number
+    of parts was reported as a timeout. The handshake now loads each node's data, and the run
+    fails at once with the node's own message."""
+    setup = FederatedSetup(seed=0, rounds=1, **changes)
+    with pytest.raises(FlowerRunError, match="SuperNodes refused the run: ") as error:
+        deployment.run(setup, timeout=300)
+    assert re.search(message, str(error.value))
+
+
+def test_a_round_in_which_every_client_raises_stops_the_run(deployment):
+    """Seed 4 samples client 1 alone in round 1, which raises there: nothing to aggregate but
+    noise, and an error, not a dropout, the cause. The run stops before releasing the round
+    (the faulty run below shows a round that goes on when one of two clients raises)."""
+    setup = FederatedSetup(seed=4, rounds=1, fail_partition=1, fail_round=1)
+    with pytest.raises(FlowerRunError, match="RuntimeError: every client asked in round 1"):
         deployment.run(setup, timeout=300)
 
 

@@ -121,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
     _print_table(report)
+    print(
+        f"epsilon: user-level (one client's data) at delta = {setup.delta:g}, RDP accountant, for "
+        "the released models, with the server trusted to add the noise; with a seed, every "
+        "client can rebuild that noise, so this run shows the mechanics only."
+    )
     worst = max(
         cell["max_weight_difference"]
         for row in report["rounds"] for way, cell in row.items() if way != "round"

@@ -44,12 +44,14 @@ def query(message: Message, context: Context) -> Message:
     """Reply with this node's partition id (``node.partition-id`` in a ConfigRecord).
 
     Raises:
-        ValueError: if the node has no ``partition-id`` or is cut for another number of
-            clients (:func:`companion.flower.partitions.node_partition`); Flower then sends the
-            server an error reply.
+        ValueError: if the node has no ``partition-id``, is cut for another number of clients
+            (:func:`companion.flower.partitions.node_partition`) or holds a data file cut for
+            another setup (:func:`companion.flower.partitions.load_partition`); Flower then
+            sends the server an error reply, and the run stops with its message.
     """
     setup = FederatedSetup.from_run_config(context.run_config)
     partition = node_partition(context.node_config, setup)
+    node_data(context.node_config, setup)  # a part cut for another setup fails here, not later
     content = RecordDict({"node": ConfigRecord({"partition-id": partition})})
     return Message(content, reply_to=message)
 

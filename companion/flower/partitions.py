@@ -53,7 +53,7 @@ def load_partition(
         ValueError: if the file holds another part, or a part cut for another setup.
     """
     with np.load(path) as saved:
-        key = {name: saved[name].item() for name in _data_key(setup)}
+        key = {name: saved[name].item() if name in saved else None for name in _data_key(setup)}
         if key != _data_key(setup) or int(saved["partition_id"]) != partition_id:
             raise ValueError(
                 f"{path} holds part {int(saved['partition_id'])} of {key}; this run needs part "
@@ -64,7 +64,7 @@ def load_partition(
 
 def _data_key(setup: FederatedSetup) -> dict[str, Any]:
     return {"num_clients": setup.num_clients, "partition": setup.partition,
-            "data_seed": setup.data_seed}  # fmt: skip
+            "dirichlet_alpha": setup.dirichlet_alpha, "data_seed": setup.data_seed}  # fmt: skip
 
 
 def node_partition(node_config: Mapping[str, Any], setup: FederatedSetup) -> int:

@@ -28,6 +28,7 @@ The records say which clients were sampled, replied and failed; like ``dp_fedavg
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from companion._random import torch_generator
-from companion._torch import add_to_model, evaluate_model, trainable_named
+from companion._torch import add_to_model, evaluate_model, trainable_named, warn_if_delta_large
 from companion.accounting import RDPAccountant
 from companion.federated import dp_fedavg_aggregate, fedavg_aggregate
 from companion.flower.records import save_round, write_json
@@ -89,7 +90,9 @@ def connect_clients(grid: Grid, setup: FederatedSetup) -> dict[int, int]:
     Raises:
         TimeoutError: if fewer than ``num_clients`` nodes joined within ``join_timeout``
             seconds, or a node did not say which part it holds within ``round_timeout``.
-        ValueError: if the nodes' partition ids are not ``0 .. num_clients - 1``, each once.
+        ValueError: if a node refused the run (its error, for example a part of another
+            number of parts), or the nodes' partition ids are not ``0 .. num_clients - 1``,
+            each once.
 
     Example:
         >>> nodes = connect_clients(grid, FederatedSetup(num_clients=3))  # doctest: +SKIP
@@ -107,7 +110,10 @@ def connect_clients(grid: Grid, setup: FederatedSetup) -> dict[int, int]:
         time.sleep(0.5)
     queries = [Message(RecordDict(), dst_node_id=node, message_type="query") for node in nodes]
     replies = list(grid.send_and_receive(queries, timeout=setup.round_timeout))
-    answered = {r.metadata.src_node_id: r for r in replies if not r.has_error()}
+    refused = [r.error.reason for r in replies if r.has_error()]
+    if refused:  # a node that does not fit the run (its part, its data) says why
+        raise ValueError(f"{len(refused)} of {len(nodes)} SuperNodes refused the run: {refused[0]}")
+    answered = {r.metadata.src_node_id: r for r in replies}
     if len(answered) < len(nodes):
         raise TimeoutError(
             f"{len(nodes) - len(answered)} of {len(nodes)} SuperNodes did not say which part "
@@ -163,8 +169,9 @@ def run_server(
     Args:
         grid: Flower's Grid, given to the ServerApp's main function.
         setup: the run, with ``algorithm`` ``"fedavg"`` or ``"dp-fedavg"``; ``seed=-1``
-            draws sampling and noise from fresh entropy (and a seed given here is a secret:
-            it determines the noise).
+            draws sampling and noise from fresh entropy. Another seed determines the noise,
+            and every SuperNode receives it in the run config: it warns that such a run
+            protects nothing against the clients (:class:`FederatedSetup`).
         nodes: ``{partition id: node id}`` from :func:`connect_clients` (default: connect).
         on_round: called after each round with the record and the global model.
 
@@ -179,6 +186,9 @@ def run_server(
 
     Raises:
         TimeoutError, ValueError: from :func:`connect_clients`.
+        RuntimeError: if every client asked in a round raised an error (not a dropout: a
+            setting or data that no client can train with), before the round releases
+            anything, as :func:`companion.federated.dp_fedavg` raises the client's error.
 
     Example:
         In the ServerApp's main function (:func:`main`), with the Grid Flower passes in; a
@@ -190,6 +200,16 @@ def run_server(
     """
     if setup.algorithm not in ("fedavg", "dp-fedavg"):
         raise ValueError(f'run_server runs "fedavg" or "dp-fedavg", got {setup.algorithm!r}.')
+    if setup.algorithm == "dp-fedavg":
+        warn_if_delta_large(setup.delta, setup.num_clients, unit="client", symbol="K")
+        if setup.seed != -1:
+            warnings.warn(
+                f"seed={setup.seed}: every SuperNode receives the run config, seed included, so "
+                "every client can rebuild the server's noise; the run's privacy holds only "
+                "against those who see the models but not the run config. Use seed=-1 (fresh "
+                "entropy).",
+                stacklevel=2,
+            )
     nodes = connect_clients(grid, setup) if nodes is None else nodes
     model = build_model(setup)
     params = trainable_named(model)
@@ -227,6 +247,13 @@ def run_server(
                 if setup.algorithm == "fedavg":
                     counts.append(int(reply.content["metrics"]["num-examples"]))
                 replied.append(k)
+        raised = [k for k in asked if failed.get(k, "").startswith("error: ")]
+        if asked and len(raised) == len(asked):
+            raise RuntimeError(
+                f"every client asked in round {round_} raised an error, as a setting or a data "
+                f"file that does not fit the run makes them all do: client {asked[0]}: "
+                f"{failed[asked[0]]}. Nothing of this round is released."
+            )
         record: dict[str, Any] = {
             "round": round_, "sampled": sampled, "replied": replied,
             "failed": {str(k): v for k, v in sorted(failed.items())},

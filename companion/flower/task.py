@@ -28,7 +28,14 @@ from torch import nn
 from companion import federated, models
 from companion._random import derive_seed
 from companion._torch import trainable_named
-from companion._validation import check_delta, check_fraction, check_positive_int
+from companion._validation import (
+    check_delta,
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    with_article,
+)
 from companion.federated.clients import check_mu
 
 __all__ = [
@@ -56,7 +63,12 @@ class FederatedSetup:
     ``sample_rate`` is then the client fraction :math:`C`) and
     :func:`companion.federated.dp_fedavg` (``"dp-fedavg"``), plus the data and the model;
     ``"both"`` runs FedAvg, then DP-FedAvg from the same initial model, in one Flower run.
+    ``partition`` is ``"iid"``, ``"shards"`` or ``"dirichlet"`` (label skew of concentration
+    ``dirichlet_alpha``, :func:`companion.data.partition_dirichlet`).
     ``batch_size=0`` means the full batch; ``seed=-1`` means fresh entropy (``seed=None``).
+    Flower sends the whole run config to every SuperNode, so a ``seed`` other than -1 is known
+    to every client, which can then rebuild the server's noise: a seeded run is for tests and
+    demonstrations, and its noise protects nothing against the clients.
     Everything else configures the Flower run: ``join_timeout`` (seconds to wait for the
     clients' SuperNodes), ``round_timeout`` (seconds to wait for replies in a round; a client
     that has not answered by then has dropped out), ``evaluate_clients`` (ask every client to
@@ -72,7 +84,10 @@ class FederatedSetup:
 
     Raises:
         ValueError: if a name (algorithm, model, partition) is unknown or a number is out of
-            range (``delta`` in (0, 1), ``sample_rate`` in (0, 1], counts >= 1).
+            range (``delta`` in (0, 1), ``sample_rate`` in (0, 1], counts >= 1,
+            ``noise_multiplier`` >= 0, norms, rates, ``dirichlet_alpha`` and timeouts > 0,
+            ``fail_partition`` a part or -1); :meth:`from_run_config` also if a value has the
+            wrong type (a string for a flag, a fraction for a count).
 
     Example:
         >>> setup = FederatedSetup.from_run_config({"noise-multiplier": 1.0, "seed": 0})
@@ -96,6 +111,7 @@ class FederatedSetup:
     model: str = "logistic_regression"
     model_seed: int = 0
     partition: str = "iid"
+    dirichlet_alpha: float = 0.5
     data_seed: int = 0
     join_timeout: float = 60.0
     round_timeout: float = 120.0
@@ -113,8 +129,18 @@ class FederatedSetup:
             raise ValueError(f"partition must be one of {_PARTITIONS}, got {self.partition!r}.")
         check_positive_int("num_clients", self.num_clients)
         check_positive_int("rounds", self.rounds)
+        check_positive_int("local_epochs", self.local_epochs)
         check_fraction("sample_rate", self.sample_rate)
         check_delta(self.delta)
+        check_nonnegative("noise_multiplier", self.noise_multiplier)
+        for name in ("max_update_norm", "lr", "server_lr", "dirichlet_alpha", "join_timeout",
+                     "round_timeout"):  # fmt: skip
+            check_positive(name, getattr(self, name))
+        if not -1 <= self.fail_partition < self.num_clients or self.fail_round < -1:
+            raise ValueError(
+                f"fail_partition must be -1 (none) or a part 0 .. {self.num_clients - 1}, and "
+                f"fail_round >= -1; got {self.fail_partition} and {self.fail_round}."
+            )
         check_mu(self.mu, lr=self.lr)  # at the start, not as every client's error in every round
         if self.seed < -1 or self.batch_size < 0:
             raise ValueError("seed must be >= -1 (-1: fresh entropy) and batch_size >= 0.")
@@ -148,6 +174,11 @@ class FederatedSetup:
             if name not in fields:
                 raise ValueError(f"unknown run-config key {key!r}; known: {sorted(fields)}.")
             kind = type(fields[name].default)
+            if (kind is bool and not isinstance(value, bool)) or (
+                kind is int and isinstance(value, float) and not value.is_integer()
+            ):  # bool("false") is True, int(2.7) is 2
+                raise ValueError(f"run-config key {key!r} must be {with_article(kind.__name__)}, "
+                                 f"got {value!r}.")  # fmt: skip
             values[name] = kind(value)
         return cls(**values)
 
@@ -192,7 +223,9 @@ def _parts(setup: FederatedSetup, labels: np.ndarray) -> list[np.ndarray]:
         return data.partition_iid(len(labels), num_clients=setup.num_clients, rng=setup.data_seed)
     if setup.partition == "shards":
         return data.partition_shards(labels, num_clients=setup.num_clients, rng=setup.data_seed)
-    return data.partition_dirichlet(labels, num_clients=setup.num_clients, rng=setup.data_seed)
+    return data.partition_dirichlet(
+        labels, num_clients=setup.num_clients, alpha=setup.dirichlet_alpha, rng=setup.data_seed
+    )
 
 
 def client_data(setup: FederatedSetup, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,7 +319,8 @@ def shuffle_seed(setup: FederatedSetup, round_: int, client: int) -> int:
 
     The seed of the in-process loops' stream ``(seed, round, client)``
     (``numpy.random.SeedSequence``); a derived value, so the server can send it without
-    sending ``seed`` itself (which also seeds the noise and must stay secret).
+    sending ``seed`` itself (which also seeds the noise; but the run config, which every
+    SuperNode receives, holds it: see :class:`FederatedSetup`).
 
     Args:
         setup: the run; with ``seed=-1`` every stream is fresh entropy.
