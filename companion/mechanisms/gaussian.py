@@ -127,10 +127,10 @@ def gaussian_privacy_profile(*, sigma: float, epsilon: float, sensitivity: float
 
     where :math:`\Phi` is the standard normal CDF (Balle and Wang 2018, Theorem 8). This
     function returns the right-hand side, to a relative error under :math:`10^{-12}` where it is
-    a normal float (above :math:`2.2 \times 10^{-308}`): in double
-    precision where the two terms differ by more than about 0.1%, and otherwise (large
-    :math:`\sigma` with small :math:`\varepsilon`, where they nearly cancel) in mpmath with as many
-    digits as the subtraction loses. Where delta is below :math:`e^{-800}` it returns the first
+    a normal float (above :math:`2.2 \times 10^{-308}`): in double precision where the two terms
+    differ by more than about 0.1%, and otherwise (large :math:`\sigma` with small
+    :math:`\varepsilon`, where they nearly cancel) in mpmath with as many digits as the
+    subtraction loses. Where delta is below :math:`e^{-800}` it returns the first
     term, an upper bound; both round to 0. See the chapter's section :ref:`sec-dp-gaussian`.
 
     Args:
