@@ -76,7 +76,7 @@ from companion.federated import local_update
 from companion.flower import client_app as plain_client
 from companion.flower.partitions import node_data, node_partition
 from companion.flower.records import save_round, write_json
-from companion.flower.server_app import connect_clients
+from companion.flower.server_app import connect_clients, warn_about_setup
 from companion.flower.task import (
     FederatedSetup,
     build_model,
@@ -316,7 +316,8 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
     Args:
         grid: the ServerApp's Grid.
         context: the ServerApp's Context (the legacy workflow keeps its state there).
-        setup: the run; ``seed=-1`` for fresh entropy (a seed given is a secret).
+        setup: the run; ``seed=-1`` for fresh entropy (another seed is known to every client:
+            see :class:`~companion.flower.task.FederatedSetup`; it warns).
 
     Returns:
         A list with one record per round, holding ``"round"``, ``"sampled"``, ``"contributors"``
@@ -332,6 +333,7 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
     Example:
         >>> run_secagg_server(grid, context, FederatedSetup(seed=0))  # doctest: +SKIP
     """
+    warn_about_setup(setup)
     nodes = connect_clients(grid, setup)
     recording = _RecordingGrid(grid)
     strategy = _PoissonStrategy(recording, setup, nodes)
@@ -381,8 +383,8 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
             torch.save(secure_sum, folder / f"secure-sum-{round_}.pt")
             np.savez(folder / f"received-{round_}.npz", **seen)
         print(
-            f"secagg round {round_}: {strategy.contributors} clients, test accuracy "
-            f"{record['test_accuracy']:.4f}, epsilon {record['epsilon']:.3f}",
+            f"secagg round {round_}: test accuracy {record['test_accuracy']:.4f}, epsilon "
+            f"{record['epsilon']:.3f}",
             flush=True,
         )
     return history

@@ -50,7 +50,7 @@ from companion.flower.task import (
     shuffle_seed,
 )
 
-__all__ = ["app", "connect_clients", "main", "run_server"]
+__all__ = ["app", "connect_clients", "main", "run_server", "warn_about_setup"]
 
 app = ServerApp()
 
@@ -201,15 +201,7 @@ def run_server(
     if setup.algorithm not in ("fedavg", "dp-fedavg"):
         raise ValueError(f'run_server runs "fedavg" or "dp-fedavg", got {setup.algorithm!r}.')
     if setup.algorithm == "dp-fedavg":
-        warn_if_delta_large(setup.delta, setup.num_clients, unit="client", symbol="K")
-        if setup.seed != -1:
-            warnings.warn(
-                f"seed={setup.seed}: every SuperNode receives the run config, seed included, so "
-                "every client can rebuild the server's noise; the run's privacy holds only "
-                "against those who see the models but not the run config. Use seed=-1 (fresh "
-                "entropy).",
-                stacklevel=2,
-            )
+        warn_about_setup(setup)
     nodes = connect_clients(grid, setup) if nodes is None else nodes
     model = build_model(setup)
     params = trainable_named(model)
@@ -302,10 +294,36 @@ def _evaluate_clients(
     return {str(k): dict(replies[nodes[k]].content["metrics"]) for k in live if nodes[k] in replies}
 
 
+def warn_about_setup(setup: FederatedSetup) -> None:
+    """Warn where a DP-FedAvg run's setup weakens what its epsilon says: ``delta >= 1/K``, or a
+    seed, which every SuperNode receives in the run config (so every client can rebuild the
+    server's noise). :func:`run_server` and the SecAgg+ app call it.
+
+    Args:
+        setup: the run.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_about_setup(FederatedSetup(seed=0))
+        >>> "every client can rebuild the server's noise" in str(caught[0].message)
+        True
+    """
+    warn_if_delta_large(setup.delta, setup.num_clients, unit="client", symbol="K")
+    if setup.seed != -1:
+        warnings.warn(
+            f"seed={setup.seed}: every SuperNode receives the run config, seed included, so "
+            "every client can rebuild the server's noise; the run's privacy holds only against "
+            "those who see the models but not the run config. Use seed=-1 (fresh entropy).",
+            stacklevel=3,
+        )
+
+
 def _summary(setup: FederatedSetup, record: dict[str, Any]) -> str:
+    """The log line of a round: what the run releases. Which clients were sampled, replied or
+    failed stays in the server's records (``output_dir``): the guarantee does not cover it,
+    and ``flwr log`` shows the log to whoever submitted the run."""
     epsilon = f", epsilon {record['epsilon']:.3f}" if "epsilon" in record else ""
-    return (
-        f"{setup.algorithm} round {record['round']}: clients {record['replied']} of "
-        f"{record['sampled']}, "
-        f"test accuracy {record['test_accuracy']:.4f}{epsilon}"
-    )
+    accuracy = record["test_accuracy"]
+    return f"{setup.algorithm} round {record['round']}: test accuracy {accuracy:.4f}{epsilon}"
