@@ -171,7 +171,8 @@ def run_server(
         setup: the run, with ``algorithm`` ``"fedavg"`` or ``"dp-fedavg"``; ``seed=-1``
             draws sampling and noise from fresh entropy. Another seed determines the noise,
             and every SuperNode receives it in the run config: it warns that such a run
-            protects nothing against the clients (:class:`FederatedSetup`).
+            protects nothing against the clients
+            (:class:`~companion.flower.task.FederatedSetup`).
         nodes: ``{partition id: node id}`` from :func:`connect_clients` (default: connect).
         on_round: called after each round with the record and the global model.
 
