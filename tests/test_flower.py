@@ -234,16 +234,23 @@ def test_a_node_that_never_joins_fails_the_run_with_a_clear_timeout(deployment):
         deployment.run(setup, timeout=300)
 
 
-def test_secagg_gives_the_plain_sum_and_the_server_sees_no_update(deployment):
-    """DP-FedAvg with SecAgg+, one round, all three clients (q = 1). (1) The sum the server
+@pytest.fixture(scope="module")
+def secagg_run(deployment):
+    """DP-FedAvg with SecAgg+ for three rounds at q = 0.67; seed 32 draws the clients
+    [0, 1, 2], [0] and none."""
+    setup = FederatedSetup(seed=32, round_timeout=240.0)
+    return setup, deployment.run(setup, app_dir=SECAGG_APP_DIR, timeout=600)
+
+
+def test_secagg_gives_the_plain_sum_and_the_server_sees_no_update(secagg_run):
+    """Round 1 of the SecAgg+ run, all three clients. (1) The sum the server
     unmasks equals the sum of the clients' clipped updates computed here, within m = 3
     quantisation steps of 2S / 2^22 plus float32 rounding; leaving one client out misses by far
     more. (2) The replies held no array in the clear, and each masked vector looks uniform on
     [0, 2^32) (KS, p > 1e-8) and uncorrelated with every client's quantised update
     (|r| < 6 / sqrt(n - 1)), while the quantised update correlates perfectly with itself (the
     control). (3) The model equals the in-process dp_fedavg to the error of (1) over qK."""
-    setup = FederatedSetup(seed=3, rounds=1, sample_rate=1.0, round_timeout=240.0)
-    result = deployment.run(setup, app_dir=SECAGG_APP_DIR, timeout=600)
+    setup, result = secagg_run
     folder = result.output_dir / "dp-fedavg"
     S, m = setup.max_update_norm, 3
     start = dict(build_model(setup).state_dict())
@@ -281,6 +288,35 @@ def test_secagg_gives_the_plain_sum_and_the_server_sees_no_update(deployment):
     qk = setup.sample_rate * setup.num_clients
     assert _max_diff(result.weights["dp-fedavg"][0], reference) <= (m * step + 1e-6) / qk
     assert result.histories["dp-fedavg"][0]["contributors"] == m
+
+
+def test_secagg_releases_the_rounds_with_one_client_or_none(secagg_run):
+    """Rounds 2 (client 0 alone) and 3 (no client) of the SecAgg+ run: the run does not stop;
+    the lone client sends its clipped update in the clear (the one reply of round 2 holds the
+    model's arrays, no masked vector), round 3 asks no one, and each round's model equals the
+    round written out by hand from the previous round's model (float32 arithmetic in the
+    clear, TOL), with client 0's update in round 2 (leaving it out misses by far more); the
+    accountant took a step in every round."""
+    setup, result = secagg_run
+    history, weights = result.histories["dp-fedavg"], result.weights["dp-fedavg"]
+    assert [r["sampled"] for r in history] == [[0, 1, 2], [0], []]
+    assert [r["aggregation"] for r in history] == ["SecAgg+", "in the clear", "none"]
+    assert [r["contributors"] for r in history] == [3, 1, 0]
+    folder = result.output_dir / "dp-fedavg"
+    arrays = len(build_model(setup).state_dict())
+    for round_, replies, array_count in [(2, 1, arrays), (3, 0, 0)]:
+        seen = np.load(folder / f"received-{round_}.npz")
+        assert (int(seen["replies"]), int(seen["array_count"])) == (replies, array_count)
+        assert seen["masked"].size == 0
+    for round_, present in [(2, {0}), (3, set())]:
+        expected, _ = _dp_round_by_hand(setup, weights[round_ - 2], round_, present=present)
+        assert _max_diff(weights[round_ - 1], expected) <= TOL
+    without, _ = _dp_round_by_hand(setup, weights[0], 2, present=set())
+    assert _max_diff(weights[1], without) > 1e-2  # the control: client 0's update is missing
+    accountant = RDPAccountant()
+    for _ in range(3):
+        accountant.step(noise_multiplier=setup.noise_multiplier, sample_rate=setup.sample_rate)
+    assert history[-1]["epsilon"] == pytest.approx(accountant.get_epsilon(setup.delta), rel=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,17 @@ masked sum lives in the integers modulo :math:`2^{32}`, which holds the sum of u
 unmasked sum differs from the plain sum of the clipped updates by less than :math:`m` steps per
 coordinate for :math:`m` clients, far below the noise :math:`\sigma S`.
 
-**Limits.** SecAgg+ needs at least two sampled clients (with one, the sum is the update).
-Poisson sampling can draw fewer; skipping such a round would double the sensitivity of the next
-(a lone client's update would be dropped in one neighbour and not the other), so the run stops
-with an error instead: choose :math:`q` and :math:`K` so that this is unlikely. The ServerApp
-records everything it receives, so that a test can check that no reply holds an update in the
-clear.
+**Rounds with fewer than two clients.** Poisson sampling can draw one client or none, and
+SecAgg+ needs two (with one, the sum is the update: no protocol can hide it). Such a round is
+still a round of DP-FedAvg, released like any other: with no client the sum is zero; a lone
+client is asked for its clipped update in the clear (the action ``train.alone``, without
+``secaggplus_mod``), which is exactly what the sum would have told the server. Neither
+skipping the round nor stopping the run would do: whether a round has fewer than two clients
+depends on who takes part, so a skipped round or a stop would release something the
+accountant does not cover (and skipping one would double the sensitivity of the next). The
+run stops only when SecAgg+ cannot unmask a round because too many sampled clients dropped
+out, a fault that DP-FedAvg's guarantee does not model. The ServerApp records everything it
+receives, so that a test can check which replies held an update in the clear.
 """
 
 from __future__ import annotations
@@ -108,7 +113,9 @@ client_app.query()(plain_client.query)
 
 @client_app.train(mods=[secaggplus_mod])
 def train(message: Message, context: Context) -> Message:
-    """Local training, then clip the update to S; ``secaggplus_mod`` masks what this returns."""
+    """Local training, then clip the update to S; ``secaggplus_mod`` masks what this returns
+    (registered a second time as the action ``alone``, unmasked, for a round in which this
+    client is the only one sampled)."""
     torch.set_num_threads(1)
     setup = FederatedSetup.from_run_config(context.run_config)
     node_partition(context.node_config, setup)  # checks the node's part against the run
@@ -129,6 +136,9 @@ def train(message: Message, context: Context) -> Message:
         Status(Code.OK, ""), ndarrays_to_parameters([v.numpy() for v in clipped.values()]), 1, {}
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
+
+
+client_app.train("alone")(train)
 
 
 def clip_update(
@@ -159,12 +169,20 @@ def clip_update(
 # --- the server --------------------------------------------------------------------------------
 
 
+def _fit_ins(setup: FederatedSetup, parameters: Parameters, round_: int, client: int) -> FitIns:
+    """The instruction to train, in the legacy format that SecAgg+ wraps."""
+    config: dict[str, Scalar] = {
+        "shuffle-seed": shuffle_seed(setup, round_, client), "epochs": setup.local_epochs,
+        "batch-size": setup.batch_size, "lr": setup.lr,
+    }  # fmt: skip
+    return FitIns(parameters, config)
+
+
 class _PoissonStrategy(Strategy):
     """The legacy strategy the SecAgg+ workflow calls: our sampling in, the secure sum out."""
 
     def __init__(self, grid: Grid, setup: FederatedSetup, nodes: dict[int, int]) -> None:
         self.grid, self.setup, self.nodes = grid, setup, nodes
-        self.rng = np.random.default_rng(setup.seed_or_none)
         self.sampled: list[int] = []
         self.secure_sum: list[np.ndarray] | None = None
         self.contributors = 0
@@ -175,25 +193,14 @@ class _PoissonStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        setup = self.setup
-        self.sampled = sample_clients(setup, self.rng)
+        # self.sampled is set by run_secagg_server before the workflow runs
         self.secure_sum = None
         run_id = self.grid.run.run_id
         return [
-            (
-                GridClientProxy(self.nodes[k], self.grid, run_id),
-                FitIns(
-                    parameters,
-                    {
-                        "shuffle-seed": shuffle_seed(setup, server_round, k),
-                        "epochs": setup.local_epochs,
-                        "batch-size": setup.batch_size,
-                        "lr": setup.lr,
-                    },
-                ),
-            )  # fmt: skip
+            (GridClientProxy(self.nodes[k], self.grid, run_id),
+             _fit_ins(self.setup, parameters, server_round, k))
             for k in self.sampled
-        ]
+        ]  # fmt: skip
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: Any
@@ -288,7 +295,39 @@ def _what_the_server_saw(replies: list[Message]) -> dict[str, Any]:
             if SecAggKey.MASKED_PARAMETERS in record:
                 parts = [bytes_to_ndarray(b) for b in record[SecAggKey.MASKED_PARAMETERS]]
                 masked.append(np.concatenate([part.ravel() for part in parts]))
-    return {"replies": len(replies), "array_count": arrays, "masked": np.stack(masked)}
+    masked_vectors = np.stack(masked) if masked else np.empty((0, 0), dtype=np.int64)
+    return {"replies": len(replies), "array_count": arrays, "masked": masked_vectors}
+
+
+def _sum_without_secagg(
+    grid: Grid, setup: FederatedSetup, nodes: dict[int, int], sampled: list[int],
+    weights: list[np.ndarray], round_: int,
+) -> tuple[list[np.ndarray], int]:  # fmt: skip
+    """The sum of a round with fewer than two sampled clients and how many it holds: zero, or
+    the lone client's clipped update, asked for in the clear (see the module docstring)."""
+    total = [np.zeros_like(w) for w in weights]
+    if not sampled:
+        return total, 0
+    (client,) = sampled
+    fitins = _fit_ins(setup, ndarrays_to_parameters(weights), round_, client)
+    content = compat.fitins_to_recorddict(fitins, keep_input=True)
+    message = Message(
+        content, dst_node_id=nodes[client], message_type="train.alone", group_id=str(round_)
+    )
+    replies = list(grid.send_and_receive([message], timeout=setup.round_timeout))
+    if not replies:  # a dropout, as in a SecAgg+ round
+        return total, 0
+    if replies[0].has_error():
+        raise RuntimeError(
+            f"the only client asked in round {round_} raised an error: "
+            f"{replies[0].error.reason}. Nothing of this round is released."
+        )
+    update = parameters_to_ndarrays(
+        compat.recorddict_to_fitres(replies[0].content, keep_input=True).parameters
+    )
+    if [a.shape for a in update] != [w.shape for w in weights]:
+        raise ValueError(f"the update of round {round_} does not fit the model's parameters")
+    return update, 1
 
 
 server_app = ServerApp()
@@ -321,14 +360,15 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
 
     Returns:
         A list with one record per round, holding ``"round"``, ``"sampled"``, ``"contributors"``
-        (clients whose masked update entered the sum), ``"epsilon"``, ``"delta"``,
-        ``"test_accuracy"``,
-        ``"test_loss"``, ``"quantization_step"``.
+        (clients whose update entered the sum), ``"aggregation"`` (``"SecAgg+"``, or for a
+        round with fewer than two clients ``"in the clear"`` or ``"none"``), ``"epsilon"``,
+        ``"delta"``, ``"test_accuracy"``, ``"test_loss"``, ``"quantization_step"``.
 
     Raises:
-        RuntimeError: if SecAgg+ could not aggregate a round (fewer than 2 clients sampled,
-            or too few survivors to unmask).
+        RuntimeError: if SecAgg+ could not unmask a round (too many sampled clients dropped
+            out or raised), or a lone client raised.
         TimeoutError, ValueError: from :func:`companion.flower.server_app.connect_clients`.
+        ValueError: if a lone client's update does not fit the model.
 
     Example:
         >>> run_secagg_server(grid, context, FederatedSetup(seed=0))  # doctest: +SKIP
@@ -344,23 +384,33 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
     noise = torch_generator(setup.seed_or_none)
     accountant = RDPAccountant()
     x_test, y_test = held_out_data()
+    rng = np.random.default_rng(setup.seed_or_none)
     history: list[dict[str, Any]] = []
     for round_ in range(1, setup.rounds + 1):
-        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: round_})
-        legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
-            [p.detach().numpy() for _, p in params]
-        )
+        strategy.sampled = sample_clients(setup, rng)
+        weights = [p.detach().numpy() for _, p in params]
         recording.received.clear()
-        workflow(recording, legacy)
-        if strategy.secure_sum is None:
-            raise RuntimeError(
-                f"SecAgg+ did not aggregate round {round_} ({len(strategy.sampled)} clients "
-                "sampled; it needs at least 2 and enough survivors to unmask): stopping rather "
-                "than releasing a round the accountant does not cover."
+        if len(strategy.sampled) >= 2:
+            legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+                {Key.CURRENT_ROUND: round_}
             )
+            legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(weights)
+            workflow(recording, legacy)
+            if strategy.secure_sum is None:
+                raise RuntimeError(
+                    f"SecAgg+ could not unmask round {round_}: too many of its clients dropped "
+                    "out or raised. Stopping: nothing of this round is released."
+                )
+            summed, contributors = strategy.secure_sum, strategy.contributors
+            aggregation = "SecAgg+"
+        else:
+            summed, contributors = _sum_without_secagg(
+                recording, setup, nodes, strategy.sampled, weights, round_
+            )
+            aggregation = "in the clear" if strategy.sampled else "none"
         total = {
             name: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(p.shape)
-            for (name, p), a in zip(params, strategy.secure_sum, strict=True)
+            for (name, p), a in zip(params, summed, strict=True)
         }
         secure_sum = {name: value.clone() for name, value in total.items()}
         add_gaussian_noise(total, std=setup.noise_multiplier * setup.max_update_norm,
@@ -370,7 +420,8 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
         accountant.step(noise_multiplier=setup.noise_multiplier, sample_rate=setup.sample_rate)
         scores = evaluate_model(model, x_test, y_test, loss="cross_entropy")
         record = {
-            "round": round_, "sampled": strategy.sampled, "contributors": strategy.contributors,
+            "round": round_, "sampled": strategy.sampled, "contributors": contributors,
+            "aggregation": aggregation,
             "epsilon": accountant.get_epsilon(setup.delta), "delta": setup.delta,
             "test_accuracy": scores["accuracy"], "test_loss": scores["loss"],
             "quantization_step": 2 * setup.max_update_norm / QUANTIZATION_RANGE,
