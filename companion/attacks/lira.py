@@ -104,7 +104,11 @@ def shadow_confidences(
     The shadow models stand for the attacker's knowledge of how the target was trained, so
     ``train_fn`` should train as the target was trained (architecture, epochs, learning rate,
     DP-SGD and its noise if used) on as many examples. The randomness here is the attacker's
-    own and public; ``seed`` defaults to 0 so that runs repeat (``None``: fresh entropy).
+    own and public; ``seed`` defaults to 0 so that runs repeat (``None``: fresh entropy). When
+    the target's members were chosen by coin flips for a one-run audit
+    (:func:`companion.audit.one_run_audit`), draw those coins from another stream than the
+    halves here (another seed): the audit needs the guesses to depend on the coins only through
+    the target model.
 
     Args:
         x: the population's inputs, shape ``(N, n_features)`` (tensor or numpy array).

@@ -23,10 +23,11 @@ Machine Learning", USENIX Security). The auditor here plays that adversary:
 
 For a correct step the canary moves the score by at most :math:`C` per step in which it is
 sampled, against noise of standard deviation :math:`\sigma C`, so the bound stays below the
-accountant's epsilon. A step that adds too little noise, or does not clip (the canary then moves
-the score by :math:`c > C`), is caught once the bound exceeds the claim. With :math:`q = 1` and one
-step the score is exactly the Gaussian mechanism with sensitivity :math:`C`, and the audit is
-tight up to the number of trials (Nasr et al. 2023).
+accountant's epsilon in at least a fraction ``confidence`` of audits. A step that adds too
+little noise, or does not clip (the canary then moves the score by :math:`c > C`), is caught
+once the bound exceeds the claim. With :math:`q = 1` and one step the score is exactly the
+Gaussian mechanism with sensitivity :math:`C`, and the audit is tight up to the number of
+trials (Nasr et al. 2023).
 """
 
 from __future__ import annotations
