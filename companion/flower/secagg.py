@@ -29,7 +29,9 @@ coordinate for :math:`m` clients, far below the noise :math:`\sigma S`.
 SecAgg+ needs two (with one, the sum is the update: no protocol can hide it). Such a round is
 still a round of DP-FedAvg, released like any other: with no client the sum is zero; a lone
 client is asked for its clipped update in the clear (the action ``train.alone``, without
-``secaggplus_mod``), which is exactly what the sum would have told the server. Neither
+``secaggplus_mod``), which is exactly what the sum would have told the server. (The lone
+client learns that it is alone; in a SecAgg+ round every sampled client learns how many were
+sampled too, as it exchanges keys with each.) Neither
 skipping the round nor stopping the run would do: whether a round has fewer than two clients
 depends on who takes part, so a skipped round or a stop would release something the
 accountant does not cover (and skipping one would double the sensitivity of the next). The
