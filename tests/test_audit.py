@@ -476,7 +476,8 @@ def papers_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
 
 
 def papers_epsilon(m: int, r: int, v: int, delta: float, p: float = 0.05) -> float:
-    """The reference code's search: double the upper end, then 40 bisections (to 2^-40 hi)."""
+    """The reference code's search: raise the upper end by 1 until its p-value reaches ``p``,
+    then bisect (40 halvings)."""
     low, high = 0.0, 1.0
     while papers_p_value(m, r, v, high, delta) < p:
         high += 1
@@ -561,7 +562,7 @@ def test_one_run_audit_covers_randomized_response():
     # mechanism to be, so it is the hardest case for the coverage: the bound may exceed the true
     # eps in at most 5% of audits. Over 400 independent audits (seed 0) the count above is
     # Binomial(400, p <= 0.05): accept at most 0.05 + 3 * sqrt(0.05 * 0.95 / 400) = 8.3%. The
-    # control at eps = 1.5 shows the count can be large: a 0.5 smaller claim is refuted often.
+    # control: randomized response at eps = 1.5 makes the bound exceed 1 in most audits.
     bounds = _randomized_response_bounds(1.0, runs=400, m=1000, seed=0)
     assert np.mean(bounds > 1.0) <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 400)
     assert np.mean(bounds > 0.0) > 0.5  # not vacuous: most audits find something
