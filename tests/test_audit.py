@@ -234,6 +234,32 @@ def test_threshold_is_chosen_on_the_first_part_only():
     assert "first 500" in audit.threshold_rule
 
 
+def _threshold_audits_of_randomized_response(true_epsilon, audits, n, seed):
+    """Bounds of ``audits`` threshold audits of randomized response at ``true_epsilon``: ``n``
+    trials a side, each reporting the canary truthfully with probability e^eps / (1 + e^eps)."""
+    rng = np.random.default_rng(seed)
+    truthful = math.exp(true_epsilon) / (1 + math.exp(true_epsilon))
+    bounds = []
+    for _ in range(audits):
+        positive = (rng.random(n) < truthful).astype(float)
+        negative = (rng.random(n) < 1 - truthful).astype(float)
+        bounds.append(threshold_audit(positive, negative, delta=DELTA).epsilon)
+    return np.array(bounds)
+
+
+def test_threshold_audit_covers_randomized_response():
+    # Randomized response at eps = 1 (pure DP) has exactly the error rates that eps = 1 allows,
+    # so the bound of a correct audit, threshold chosen on the first half, exceeds 1 in at most
+    # 5% of audits. Over 400 seeded audits the count above is Binomial(400, p <= 0.05): accept
+    # at most 0.05 + 3 * sqrt(0.05 * 0.95 / 400) = 8.3% (1% measured). Not vacuous: most bounds
+    # are above 0.8 (median 0.88); the control at eps = 1.3 exceeds 1 in most audits.
+    bounds = _threshold_audits_of_randomized_response(1.0, audits=400, n=2000, seed=0)
+    assert np.mean(bounds > 1.0) <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 400)
+    assert np.mean(bounds > 0.8) > 0.5
+    control = _threshold_audits_of_randomized_response(1.3, audits=100, n=2000, seed=1)
+    assert np.mean(control > 1.0) > 0.5
+
+
 @pytest.mark.parametrize(
     "pos, neg, kwargs, error",
     [
