@@ -403,7 +403,8 @@ def test_dpsgd_audit_against_the_accountant(
 def test_dpsgd_audit_full_batch_matches_the_gaussian_mechanism(gradients):
     # q = 1, one step, canary on a zero coordinate: the score is N(0, (sigma C)^2) without the
     # canary and N(C, (sigma C)^2) with it (the canary of norm 10 C is clipped to C (1 - 1e-7)).
-    # Check the means of 1000 scores each within 4 standard errors (4 * 2 / sqrt(1000) = 0.25).
+    # Check the means of 1000 scores each within 4 standard errors (4 * 2 / sqrt(1000) = 0.25),
+    # and the standard deviation within 4 of its standard errors (relative 1 / sqrt(2 * 1000)).
     audit = audit_dpsgd(
         gradients,
         noise_multiplier=2.0,
@@ -415,7 +416,7 @@ def test_dpsgd_audit_full_batch_matches_the_gaussian_mechanism(gradients):
     )
     assert audit.scores_without.mean() == pytest.approx(0.0, abs=0.25)
     assert audit.scores_with.mean() == pytest.approx(1.0, abs=0.25)
-    assert audit.scores_with.std() == pytest.approx(2.0, rel=0.1)
+    assert audit.scores_with.std() == pytest.approx(2.0, rel=4 / math.sqrt(2 * 1000))
 
 
 def test_dpsgd_audit_rejects_bad_input(gradients):
@@ -555,7 +556,6 @@ def test_random_guesses_give_about_zero():
         members = rng.random(1000) < 0.5
         bounds.append(one_run_audit(rng.normal(size=1000), members, delta=DELTA).epsilon)
     assert sum(b > 0 for b in bounds) <= 2
-    assert max(bounds) < 0.5
 
 
 def test_one_run_audit_of_a_gaussian_mechanism_is_below_its_epsilon():
