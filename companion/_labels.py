@@ -144,9 +144,15 @@ def check_labels(y: torch.Tensor, *, loss: str | LossFn, name: str = "y") -> tor
         raise label_shape_error(y, loss=loss, name=name)
     if loss == "cross_entropy":
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            hint = (
+                f" Class labels: convert them with {name}.long(). Regression targets: give a "
+                "callable loss, such as torch.nn.MSELoss()."
+                if y.is_floating_point()
+                else ""
+            )
             raise TypeError(
                 f"{name} must hold integer class labels for loss='cross_entropy', got dtype "
-                f"{y.dtype}."
+                f"{y.dtype}.{hint}"
             )
     elif y.is_complex():
         raise TypeError(f"{name} must hold real labels 0 or 1 for loss='bce', got dtype {y.dtype}.")

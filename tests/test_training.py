@@ -389,7 +389,8 @@ BAD_DATA = [
     (
         {"y": Y.astype(np.float32)},
         TypeError,
-        "y must hold integer class labels for loss='cross_entropy'",
+        "y must hold integer class labels for loss='cross_entropy', got dtype torch.float32. "
+        r"Class labels: convert them with y.long\(\). Regression targets: give a callable loss",
     ),
     ({"y": torch.tensor(Y) > 4}, TypeError, "y must hold integer class labels"),
     ({"y": -Y - 1}, ValueError, "y must hold class labels >= 0"),
