@@ -29,6 +29,7 @@ import math
 import re
 import time
 import tomllib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -37,11 +38,20 @@ from scipy import stats
 
 pytest.importorskip("flwr")
 
+from flwr.app import ArrayRecord, RecordDict  # noqa: E402
+
 from companion import data, training  # noqa: E402
 from companion.accounting import RDPAccountant  # noqa: E402
 from companion.federated import local_update  # noqa: E402
 from companion.flower.deploy import APP_DIR, FlowerRunError, LocalFederation  # noqa: E402
 from companion.flower.partitions import load_partition, save_partition  # noqa: E402
+from companion.flower.secagg import (  # noqa: E402
+    QUANTIZATION_RANGE,
+    clip_update,
+    clipping_norm,
+    run_secagg_server,
+)
+from companion.flower.server_app import _read_update  # noqa: E402
 from companion.flower.task import (  # noqa: E402
     FederatedSetup,
     build_model,
@@ -90,9 +100,10 @@ def _updates_by_hand(setup, weights, round_, clients):
     }  # fmt: skip
 
 
-def _dp_round_by_hand(setup, weights, round_, present):
+def _dp_round_by_hand(setup, weights, round_, present, clip_to=None):
     """Round ``round_`` of DP-FedAvg from ``weights`` with only the clients in ``present``
-    contributing: sampling, noise stream and arithmetic written out."""
+    contributing, each clipped to ``clip_to`` (default S): sampling, noise stream and arithmetic
+    written out."""
     rng = np.random.default_rng(setup.seed)
     for _ in range(round_):
         draws = rng.random(setup.num_clients)
@@ -106,7 +117,8 @@ def _dp_round_by_hand(setup, weights, round_, present):
     S, qk = setup.max_update_norm, setup.sample_rate * setup.num_clients
     result, start = {}, 0
     for name, w in weights.items():
-        total = sum((_clip(u, S)[name] for u in updates.values()), torch.zeros_like(w))
+        clipped = (_clip(u, clip_to or S)[name] for u in updates.values())
+        total = sum(clipped, torch.zeros_like(w))
         z = noise[start : start + w.numel()].view_as(w)
         start += w.numel()
         result[name] = w + setup.server_lr * (total + setup.noise_multiplier * S * z) / qk
@@ -200,6 +212,60 @@ def test_a_partition_file_holds_the_part_and_refuses_another_setup(tmp_path):
         load_partition(setup, 2, path)
 
 
+def test_a_client_whose_update_is_not_finite_sends_zero():
+    """Local training that diverged (NaN, or a norm that overflows float32): the SecAgg+ client
+    sends a zero update, within the bound, with a warning. Quantized, NaN would have moved the
+    secure sum by about 1023 S per coordinate. The control: a finite update is clipped to S."""
+    clipped = clip_update({"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0])},
+                          max_update_norm=1.0)  # fmt: skip
+    assert torch.allclose(clipped["w"], torch.tensor([0.6, 0.8]))
+    for bad in (float("nan"), float("inf"), 1e30):  # 1e30 squared overflows float32
+        update = {"w": torch.tensor([bad, 4.0]), "b": torch.tensor([1.0])}
+        with pytest.warns(UserWarning, match="not finite"):
+            clipped = clip_update(update, max_update_norm=1.0)
+        assert all(float(value.abs().max()) == 0.0 for value in clipped.values())
+
+
+def test_the_clipping_norm_leaves_room_for_the_quantizers_rounding():
+    """SecAgg+ rounds each coordinate to a neighbouring level of a grid of 2^22 levels over
+    [-S, S] (Flower's quantize). Worst case: every coordinate to the level farther from 0. An
+    update of norm clipping_norm(S, d) then stays within S; one clipped to S itself does not
+    (the control: the outward rounding adds about step * sqrt(2d / pi) / 2 to the norm)."""
+    S, d = 1.0, 650
+    step = 2 * S / QUANTIZATION_RANGE
+    direction = np.random.default_rng(0).normal(size=d)
+    direction /= np.linalg.norm(direction)
+
+    def worst_rounded_norm(norm):
+        levels = (direction * norm + S) / step
+        outward = np.where(direction > 0, np.ceil(levels), np.floor(levels))
+        return np.linalg.norm(outward * step - S)
+
+    assert worst_rounded_norm(clipping_norm(S, d)) <= S
+    assert worst_rounded_norm(S) > S + 1e-6
+
+
+def test_secagg_refuses_more_clients_than_its_ring_can_sum():
+    """1024 clients' quantized coordinates, each up to 2^22, can sum to 2^32 = 0 modulo 2^32:
+    the app refuses such a setup before it connects to anyone (no grid is needed)."""
+    with pytest.raises(ValueError, match="num_clients=1024 is too many for SecAgg"):
+        run_secagg_server(None, None, FederatedSetup(num_clients=1024))
+
+
+def test_the_server_refuses_an_update_that_is_not_finite():
+    """The plain ServerApp reads a NaN update as a failure of that client (the round goes on
+    without it) rather than letting the aggregation raise and stop the run."""
+    shapes = {"w": torch.Size([2])}
+
+    def reply(values):
+        return SimpleNamespace(content=RecordDict({"update": ArrayRecord({"w": values})}))
+
+    assert torch.equal(_read_update(reply(torch.tensor([1.0, 2.0])), shapes)["w"],
+                       torch.tensor([1.0, 2.0]))  # fmt: skip
+    with pytest.raises(ValueError, match="not finite"):
+        _read_update(reply(torch.tensor([1.0, float("nan")])), shapes)
+
+
 def test_the_recorded_run_matches_a_fresh_in_process_run():
     """The table printed in the book: the in-process column is recomputed here (accuracy is a
     count over 450 test digits, so exact; epsilon to 1e-12 relative), and the simulation and
@@ -236,25 +302,27 @@ def test_a_node_that_never_joins_fails_the_run_with_a_clear_timeout(deployment):
 
 @pytest.fixture(scope="module")
 def secagg_run(deployment):
-    """DP-FedAvg with SecAgg+ for three rounds at q = 0.67; seed 32 draws the clients
-    [0, 1, 2], [0] and none."""
-    setup = FederatedSetup(seed=32, round_timeout=240.0)
+    """DP-FedAvg with SecAgg+ for four rounds at q = 0.67; seed 354 draws the clients
+    [0, 1, 2], [2], none and [1], and client 1 raises in round 4."""
+    setup = FederatedSetup(seed=354, rounds=4, fail_partition=1, fail_round=4, round_timeout=240.0)
     return setup, deployment.run(setup, app_dir=SECAGG_APP_DIR, timeout=600)
 
 
 def test_secagg_gives_the_plain_sum_and_the_server_sees_no_update(secagg_run):
-    """Round 1 of the SecAgg+ run, all three clients. (1) The sum the server
-    unmasks equals the sum of the clients' clipped updates computed here, within m = 3
-    quantisation steps of 2S / 2^22 plus float32 rounding; leaving one client out misses by far
-    more. (2) The replies held no array in the clear, and each masked vector looks uniform on
-    [0, 2^32) (KS, p > 1e-8) and uncorrelated with every client's quantised update
-    (|r| < 6 / sqrt(n - 1)), while the quantised update correlates perfectly with itself (the
-    control). (3) The model equals the in-process dp_fedavg to the error of (1) over qK."""
+    """Round 1 of the SecAgg+ run, all three clients. (1) The sum the server unmasks equals the
+    sum of the clients' clipped updates computed here (each clipped to clipping_norm, S less
+    sqrt(d) steps), within m = 3 quantisation steps of 2S / 2^22 plus float32 rounding; leaving
+    one client out misses by far more. (2) The replies held no array in the clear, and each
+    masked vector looks uniform on [0, 2^32) (KS, p > 1e-8) and uncorrelated with every client's
+    quantised update (|r| < 6 / sqrt(n - 1)), while the quantised update correlates perfectly
+    with itself (the control). (3) The model equals the in-process dp_fedavg, which clips to
+    S, to the error of (1) plus m times the clipping margin S - clipping_norm, over qK."""
     setup, result = secagg_run
     folder = result.output_dir / "dp-fedavg"
     S, m = setup.max_update_norm, 3
     start = dict(build_model(setup).state_dict())
-    clipped = [_clip(u, S) for u in _updates_by_hand(setup, start, 1, range(m)).values()]
+    clip_to = clipping_norm(S, sum(v.numel() for v in start.values()))
+    clipped = [_clip(u, clip_to) for u in _updates_by_hand(setup, start, 1, range(m)).values()]
     plain = {k: sum(c[k] for c in clipped) for k in start}
     secure = torch.load(folder / "secure-sum-1.pt", weights_only=True)
     step = 2 * S / 2**22
@@ -286,35 +354,45 @@ def test_secagg_gives_the_plain_sum_and_the_server_sees_no_update(secagg_run):
 
     reference = run_in_process(setup)[0]["weights"]
     qk = setup.sample_rate * setup.num_clients
-    assert _max_diff(result.weights["dp-fedavg"][0], reference) <= (m * step + 1e-6) / qk
+    margin = m * (S - clip_to)
+    assert _max_diff(result.weights["dp-fedavg"][0], reference) <= (m * step + margin + 1e-6) / qk
     assert result.histories["dp-fedavg"][0]["contributors"] == m
 
 
 def test_secagg_releases_the_rounds_with_one_client_or_none(secagg_run):
-    """Rounds 2 (client 0 alone) and 3 (no client) of the SecAgg+ run: the run does not stop;
-    the lone client sends its clipped update in the clear (the one reply of round 2 holds the
-    model's arrays, no masked vector), round 3 asks no one, and each round's model equals the
-    round written out by hand from the previous round's model (float32 arithmetic in the
-    clear, TOL), with client 0's update in round 2 (leaving it out misses by far more); the
-    accountant took a step in every round."""
+    """Rounds 2 (client 2 alone), 3 (no client) and 4 (client 1 alone, and it raises) of the
+    SecAgg+ run: the run does not stop; the lone client of round 2 sends its clipped update in
+    the clear (the one reply holds the model's arrays, no masked vector), round 3 asks no one,
+    round 4's failing client contributes zero, like a dropout; each round's model equals the
+    round written out by hand from the previous round's model (float32 arithmetic in the clear,
+    TOL), with client 2's update in round 2 and none in round 4 (the controls: the other choice
+    misses by far more); the accountant took a step in every round."""
     setup, result = secagg_run
     history, weights = result.histories["dp-fedavg"], result.weights["dp-fedavg"]
-    assert [r["sampled"] for r in history] == [[0, 1, 2], [0], []]
-    assert [r["aggregation"] for r in history] == ["SecAgg+", "in the clear", "none"]
-    assert [r["contributors"] for r in history] == [3, 1, 0]
+    assert [r["sampled"] for r in history] == [[0, 1, 2], [2], [], [1]]
+    assert [r["aggregation"] for r in history] == [
+        "SecAgg+",
+        "in the clear",
+        "none",
+        "in the clear",
+    ]
+    assert [r["contributors"] for r in history] == [3, 1, 0, 0]
     folder = result.output_dir / "dp-fedavg"
     arrays = len(build_model(setup).state_dict())
-    for round_, replies, array_count in [(2, 1, arrays), (3, 0, 0)]:
+    for round_, replies, array_count in [(2, 1, arrays), (3, 0, 0), (4, 1, 0)]:
         seen = np.load(folder / f"received-{round_}.npz")
         assert (int(seen["replies"]), int(seen["array_count"])) == (replies, array_count)
         assert seen["masked"].size == 0
-    for round_, present in [(2, {0}), (3, set())]:
-        expected, _ = _dp_round_by_hand(setup, weights[round_ - 2], round_, present=present)
+    clip_to = clipping_norm(setup.max_update_norm, sum(v.numel() for v in weights[0].values()))
+    for round_, present, other in [(2, {2}, set()), (3, set(), None), (4, set(), {1})]:
+        before = weights[round_ - 2]
+        expected, _ = _dp_round_by_hand(setup, before, round_, present, clip_to)
         assert _max_diff(weights[round_ - 1], expected) <= TOL
-    without, _ = _dp_round_by_hand(setup, weights[0], 2, present=set())
-    assert _max_diff(weights[1], without) > 1e-2  # the control: client 0's update is missing
+        if other is not None:
+            control, _ = _dp_round_by_hand(setup, before, round_, other, clip_to)
+            assert _max_diff(weights[round_ - 1], control) > 1e-2
     accountant = RDPAccountant()
-    for _ in range(3):
+    for _ in range(4):
         accountant.step(noise_multiplier=setup.noise_multiplier, sample_rate=setup.sample_rate)
     assert history[-1]["epsilon"] == pytest.approx(accountant.get_epsilon(setup.delta), rel=1e-12)
 

@@ -218,10 +218,12 @@ def dp_fedavg(
     sampling the accountant credits. So is a run that stops with an error on a sampled client
     (local training that diverges to a non-finite update, a bad record): the error reveals that
     the client was sampled, and its message names it; a note on the error gives the epsilon of
-    the rounds recorded. The server sees the individual updates
-    in the clear: it is trusted to clip and add the noise (central DP); secure aggregation
-    (:mod:`companion.secure_aggregation`) with noise added by the clients removes that trust in
-    deployed systems. Choose ``delta`` well below :math:`1/K` (a ``UserWarning`` says so).
+    the rounds recorded. The server sees the individual updates in the clear: it is trusted to
+    clip and add the noise (central DP); secure aggregation (:mod:`companion.secure_aggregation`)
+    with noise added by the clients reduces that trust to a server that follows the protocol,
+    with enough honest clients in each round (it does not protect against a server that crafts
+    the model: see the chapter). Choose ``delta`` well below :math:`1/K` (a ``UserWarning`` says
+    so).
 
     **Accounting across calls.** To train one model in several calls (after a run that stopped, or
     to train further), pass every call the same ``accountant``, one that only ``dp_fedavg`` calls

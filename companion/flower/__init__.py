@@ -22,13 +22,14 @@ The modules, one idea each:
   :class:`companion.accounting.RDPAccountant`, dropped clients;
 - :mod:`companion.flower.secagg`: DP-FedAvg with Flower's SecAgg+ (legacy workflow);
 - :mod:`companion.flower.partitions`: each client's part of the data on disk;
-- :mod:`companion.flower.records`: the files in which a ServerApp leaves its results;
+- :mod:`companion.flower.records`: the files in which a ServerApp leaves its results, and what
+  its server received;
 - :mod:`companion.flower.deploy`: start and stop the processes, submit runs, check their status.
 
 The Flower App folders ``companion/flower/app`` and ``companion/flower/secagg_app`` hold only a
 ``pyproject.toml`` naming the apps; ``flwr run`` sends that file, and the SuperLink and
 SuperNodes import the code from the installed package. Importing this package does not import
-Flower; its modules other than ``task`` and ``records`` need the extra.
+Flower; its modules other than ``task`` need the extra.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from companion.federated import local_update
 from companion.flower.partitions import node_data, node_partition
 from companion.flower.task import FederatedSetup, build_model
 
-__all__ = ["app", "evaluate", "query", "train"]
+__all__ = ["app", "evaluate", "query", "raise_injected_failure", "train"]
 
 app = ClientApp()
 
@@ -85,9 +85,7 @@ def train(message: Message, context: Context) -> Message:
     setup = FederatedSetup.from_run_config(context.run_config)
     partition = node_partition(context.node_config, setup)
     config = message.content["config"]
-    round_ = int(config["round"])
-    if partition == setup.fail_partition and round_ == setup.fail_round:
-        raise RuntimeError(f"injected failure: client {partition} in round {round_}")
+    raise_injected_failure(setup, partition, int(config["round"]))
     x, y = node_data(context.node_config, setup)
     batch_size, seed = int(config["batch-size"]), int(config["shuffle-seed"])
     update = local_update(
@@ -99,6 +97,13 @@ def train(message: Message, context: Context) -> Message:
     if config["send-num-examples"]:
         content["metrics"] = MetricRecord({"num-examples": int(x.shape[0])})
     return Message(content, reply_to=message)
+
+
+def raise_injected_failure(setup: FederatedSetup, partition: int, round_: int) -> None:
+    """The tests' fault injection: raise if this client is ``fail_partition`` and the round is
+    ``fail_round``."""
+    if partition == setup.fail_partition and round_ == setup.fail_round:
+        raise RuntimeError(f"injected failure: client {partition} in round {round_}")
 
 
 @app.evaluate()

@@ -5,22 +5,30 @@ through files in ``setup.output_dir`` (nothing is written if that is empty):
 ``<algorithm>/history.json`` (one record per round, rewritten after every round),
 ``<algorithm>/weights-<round>.pt`` (the global model's trainable parameters after the round),
 and at the end ``done.json`` or ``error.json``. Each file is written under a temporary name and
-renamed, so a reader never sees half of one.
+renamed, so a reader never sees half of one. :class:`RecordingGrid` and
+:func:`what_the_server_saw` keep and summarise the replies a server received, so that a test
+can check what it saw (:mod:`companion.flower.secagg` saves them per round).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from flwr.app import Message
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from flwr.serverapp import Grid
 
 from companion._torch import trainable_named
 from companion.flower.task import FederatedSetup
 
-__all__ = ["save_round", "write_json"]
+__all__ = ["RecordingGrid", "save_round", "what_the_server_saw", "write_json"]
 
 
 def write_json(setup: FederatedSetup, name: str, payload: Any) -> None:
@@ -63,3 +71,55 @@ def save_round(
     torch.save(weights, folder / f"weights-{history[-1]['round']}.pt")
     write_json(setup, f"{setup.algorithm}/history.json", history)
     return folder
+
+
+class RecordingGrid(Grid):
+    """A Grid that keeps every reply the server receives (to show what the server sees)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.received: list[Message] = []
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        self.received.extend(replies)
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.received.extend(replies)
+        return replies
+
+
+def what_the_server_saw(replies: list[Message]) -> dict[str, Any]:
+    """All replies of a round: how many arrays their ArrayRecords held, and the masked
+    vectors (one per client that sent one, flattened: the weight factor, then the update)."""
+    arrays, masked = 0, []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        arrays += sum(len(record) for record in reply.content.array_records.values())
+        for record in reply.content.config_records.values():
+            if SecAggKey.MASKED_PARAMETERS in record:
+                parts = [bytes_to_ndarray(b) for b in record[SecAggKey.MASKED_PARAMETERS]]
+                masked.append(np.concatenate([part.ravel() for part in parts]))
+    masked_vectors = np.stack(masked) if masked else np.empty((0, 0), dtype=np.int64)
+    return {"replies": len(replies), "array_count": arrays, "masked": masked_vectors}

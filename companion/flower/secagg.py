@@ -9,8 +9,16 @@ ACM CCS; in Flower 1.42 only the legacy workflow has it: ``SecAggPlusWorkflow`` 
 cancel in the sum (:mod:`companion.secure_aggregation` shows the idea in miniature) and a
 private mask whose seed it secret-shares, so the server can unmask the sum, and only the sum,
 even if some clients drop out. The server then adds :math:`\mathcal N(0, \sigma^2 S^2 I)` and
-divides by the fixed :math:`qK`, as :func:`companion.federated.dp_fedavg_aggregate` does; the
-sensitivity is still :math:`S`, so the accountant is unchanged.
+divides by the fixed :math:`qK`, as :func:`companion.federated.dp_fedavg_aggregate` does. Each
+client clips to :func:`clipping_norm`, :math:`S` less what the quantizer's rounding can add, so
+the update summed has norm at most :math:`S` and the accountant is unchanged. A client whose
+update is not finite (local training that diverged) sends zero (:func:`clip_update`).
+
+**Against whom.** The server learns only the sum if it follows the protocol (honest but
+curious). Flower relays the clients' public keys without authenticating them, so a server that
+deviates can sit between two clients; and Flower 1.42 derives each mask from a 32-bit seed
+(NumPy's ``RandomState``), which is not cryptographic. This app demonstrates the protocol's
+flow; it is not a hardened deployment.
 
 **Ranges, chosen for our models.** After clipping, every coordinate of an update lies in
 :math:`[-S, S]` (a coordinate is at most the L2 norm), so the quantizer's clipping range is
@@ -19,7 +27,8 @@ sensitivity is still :math:`S`, so the accountant is unchanged.
 Each coordinate is rounded stochastically to one of :math:`2^{22}` levels (Flower's default
 ``quantization_range``), a step of :math:`2S / 2^{22}` (4.8e-7 for :math:`S = 1`), and the
 masked sum lives in the integers modulo :math:`2^{32}`, which holds the sum of up to
-:math:`2^{32}/2^{22} = 1024` clients without wrapping. Every client sends weight 1
+:data:`MAX_CLIENTS` :math:`= 2^{32}/2^{22} - 1 = 1023` clients without wrapping (a setup with more
+is refused). Every client sends weight 1
 (``max_weight = 1``: the server must not weight by private data sizes, and a weight below
 ``max_weight`` would scale the update down before quantization and lose precision), so the
 unmasked sum differs from the plain sum of the clipped updates by less than :math:`m` steps per
@@ -29,20 +38,26 @@ coordinate for :math:`m` clients, far below the noise :math:`\sigma S`.
 SecAgg+ needs two (with one, the sum is the update: no protocol can hide it). Such a round is
 still a round of DP-FedAvg, released like any other: with no client the sum is zero; a lone
 client is asked for its clipped update in the clear (the action ``train.alone``, without
-``secaggplus_mod``), which is exactly what the sum would have told the server. (The lone
-client learns that it is alone; in a SecAgg+ round every sampled client learns how many were
-sampled too, as it exchanges keys with each.) Neither
+``secaggplus_mod``), which is exactly what the sum would have told the server; if it raises or
+does not reply, it contributes zero, like a client that drops out of a SecAgg+ round. Neither
 skipping the round nor stopping the run would do: whether a round has fewer than two clients
 depends on who takes part, so a skipped round or a stop would release something the
 accountant does not cover (and skipping one would double the sensitivity of the next). The
 run stops only when SecAgg+ cannot unmask a round because too many sampled clients dropped
-out, a fault that DP-FedAvg's guarantee does not model. The ServerApp records everything it
-receives, so that a test can check which replies held an update in the clear.
+out or raised (in a round of two, one is too many); whether it does can depend on one client,
+so a stop is outside the guarantee. The ServerApp records everything it receives, so that a
+test can check which replies held an update in the clear.
+
+**What the clients learn.** The lone client learns that it is alone. In a SecAgg+ round every
+sampled client receives the others' public keys under their node ids, so it learns who else
+was sampled: clients who collude can tell in which rounds a node took part, and against them
+the amplification by sampling that the accountant credits does not hold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +75,9 @@ from flwr.common import (
     Parameters,
     Scalar,
     Status,
-    bytes_to_ndarray,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
@@ -82,7 +95,7 @@ from companion.dpsgd import add_gaussian_noise
 from companion.federated import local_update
 from companion.flower import client_app as plain_client
 from companion.flower.partitions import node_data, node_partition
-from companion.flower.records import save_round, write_json
+from companion.flower.records import RecordingGrid, save_round, what_the_server_saw, write_json
 from companion.flower.server_app import connect_clients, warn_about_setup
 from companion.flower.task import (
     FederatedSetup,
@@ -94,9 +107,11 @@ from companion.flower.task import (
 from companion.per_example import clip_factors
 
 __all__ = [
+    "MAX_CLIENTS",
     "QUANTIZATION_RANGE",
     "client_app",
     "clip_update",
+    "clipping_norm",
     "main",
     "run_secagg_server",
     "secagg_workflow",
@@ -107,6 +122,23 @@ __all__ = [
 QUANTIZATION_RANGE = 2**22
 """Quantization levels per coordinate (Flower's default); the sum lives modulo 2**32."""
 
+MAX_CLIENTS = 2**32 // QUANTIZATION_RANGE - 1
+"""The most clients a run may have. Each adds up to 2**22 to every coordinate of the masked sum
+(and to its weight factor), so 1024 of them would wrap around 2**32."""
+
+
+def clipping_norm(max_update_norm: float, dimension: int) -> float:
+    r"""The norm a client clips its update to: :math:`S` less the most that stochastic rounding
+    can add to the norm of a ``dimension``-long update, :math:`\sqrt d` steps of
+    :math:`2S / 2^{22}`, so that the update SecAgg+ sums has norm at most :math:`S`.
+
+    Example:
+        >>> round(1 - clipping_norm(1.0, 650), 7)  # logistic regression 64-10: 1.2e-5 below S
+        1.22e-05
+    """
+    return max_update_norm * (1 - math.sqrt(dimension) * 2 / QUANTIZATION_RANGE)
+
+
 # --- the client --------------------------------------------------------------------------------
 
 client_app = ClientApp()
@@ -115,14 +147,16 @@ client_app.query()(plain_client.query)
 
 @client_app.train(mods=[secaggplus_mod])
 def train(message: Message, context: Context) -> Message:
-    """Local training, then clip the update to S; ``secaggplus_mod`` masks what this returns
-    (registered a second time as the action ``alone``, unmasked, for a round in which this
-    client is the only one sampled)."""
+    """Local training, then clip the update to :func:`clipping_norm` (zero if it is not
+    finite); ``secaggplus_mod`` quantizes and masks what this returns (registered a second time
+    as the action ``alone``, unmasked, for a round in which this client is the only one
+    sampled)."""
     torch.set_num_threads(1)
     setup = FederatedSetup.from_run_config(context.run_config)
-    node_partition(context.node_config, setup)  # checks the node's part against the run
+    partition = node_partition(context.node_config, setup)  # checks the part against the run
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     config = fitins.config
+    plain_client.raise_injected_failure(setup, partition, int(config["round"]))
     model = build_model(setup)
     names = [name for name, _ in trainable_named(model)]
     arrays = parameters_to_ndarrays(fitins.parameters)
@@ -133,7 +167,8 @@ def train(message: Message, context: Context) -> Message:
         model, x, y, epochs=int(config["epochs"]), batch_size=int(config["batch-size"]) or None,
         lr=float(config["lr"]), seed=None if seed == -1 else seed,
     )  # fmt: skip
-    clipped = clip_update(update, max_update_norm=setup.max_update_norm)
+    dimension = sum(value.numel() for value in update.values())
+    clipped = clip_update(update, max_update_norm=clipping_norm(setup.max_update_norm, dimension))
     fitres = FitRes(
         Status(Code.OK, ""), ndarrays_to_parameters([v.numpy() for v in clipped.values()]), 1, {}
     )
@@ -148,6 +183,11 @@ def clip_update(
 ) -> dict[str, torch.Tensor]:
     """The update times :math:`\\min(1, S / (\\lVert u \\rVert_2 + 10^{-6}))`, the norm over all
     parameters: the factor and the arithmetic of :func:`companion.federated.dp_fedavg_aggregate`.
+
+    An update whose norm is not finite (local training that diverged) becomes zero, with a
+    warning on the client: a zero contribution is within the bound and tells the server
+    nothing, where an error would tell it that this client's training failed (and NaN,
+    quantized, would move the secure sum by about :math:`1023 S` per coordinate).
 
     Args:
         update: name -> tensor, as :func:`companion.federated.local_update` returns it.
@@ -164,7 +204,16 @@ def clip_update(
         tensor([0.6000, 0.8000])
     """
     norms = torch.stack([torch.linalg.vector_norm(value) for value in update.values()])
-    factor = float(clip_factors(torch.linalg.vector_norm(norms), max_grad_norm=max_update_norm))
+    norm = torch.linalg.vector_norm(norms)
+    if not torch.isfinite(norm):
+        warnings.warn(
+            "the local update's norm is not finite (local training diverged: lower lr?); this "
+            "client sends a zero update in its place.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return {name: torch.zeros_like(value) for name, value in update.items()}
+    factor = float(clip_factors(norm, max_grad_norm=max_update_norm))
     return {name: value * factor for name, value in update.items()}
 
 
@@ -174,8 +223,8 @@ def clip_update(
 def _fit_ins(setup: FederatedSetup, parameters: Parameters, round_: int, client: int) -> FitIns:
     """The instruction to train, in the legacy format that SecAgg+ wraps."""
     config: dict[str, Scalar] = {
-        "shuffle-seed": shuffle_seed(setup, round_, client), "epochs": setup.local_epochs,
-        "batch-size": setup.batch_size, "lr": setup.lr,
+        "round": round_, "shuffle-seed": shuffle_seed(setup, round_, client),
+        "epochs": setup.local_epochs, "batch-size": setup.batch_size, "lr": setup.lr,
     }  # fmt: skip
     return FitIns(parameters, config)
 
@@ -229,42 +278,6 @@ class _PoissonStrategy(Strategy):
         return None
 
 
-class _RecordingGrid(Grid):
-    """A Grid that keeps every reply the server receives (to show what the server sees)."""
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-        self.received: list[Message] = []
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self._grid.pull_messages(message_ids))
-        self.received.extend(replies)
-        return replies
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.received.extend(replies)
-        return replies
-
-
 def secagg_workflow(setup: FederatedSetup) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ workflow with the ranges stated in the module docstring.
 
@@ -285,22 +298,6 @@ def secagg_workflow(setup: FederatedSetup) -> SecAggPlusWorkflow:
     )  # fmt: skip
 
 
-def _what_the_server_saw(replies: list[Message]) -> dict[str, Any]:
-    """All replies of a round: how many arrays their ArrayRecords held, and the masked
-    vectors (one per client that sent one, flattened: the weight factor, then the update)."""
-    arrays, masked = 0, []
-    for reply in replies:
-        if reply.has_error():
-            continue
-        arrays += sum(len(record) for record in reply.content.array_records.values())
-        for record in reply.content.config_records.values():
-            if SecAggKey.MASKED_PARAMETERS in record:
-                parts = [bytes_to_ndarray(b) for b in record[SecAggKey.MASKED_PARAMETERS]]
-                masked.append(np.concatenate([part.ravel() for part in parts]))
-    masked_vectors = np.stack(masked) if masked else np.empty((0, 0), dtype=np.int64)
-    return {"replies": len(replies), "array_count": arrays, "masked": masked_vectors}
-
-
 def _sum_without_secagg(
     grid: Grid, setup: FederatedSetup, nodes: dict[int, int], sampled: list[int],
     weights: list[np.ndarray], round_: int,
@@ -317,13 +314,8 @@ def _sum_without_secagg(
         content, dst_node_id=nodes[client], message_type="train.alone", group_id=str(round_)
     )
     replies = list(grid.send_and_receive([message], timeout=setup.round_timeout))
-    if not replies:  # a dropout, as in a SecAgg+ round
+    if not replies or replies[0].has_error():  # a dropout, as in a SecAgg+ round
         return total, 0
-    if replies[0].has_error():
-        raise RuntimeError(
-            f"the only client asked in round {round_} raised an error: "
-            f"{replies[0].error.reason}. Nothing of this round is released."
-        )
     update = parameters_to_ndarrays(
         compat.recorddict_to_fitres(replies[0].content, keep_input=True).parameters
     )
@@ -368,16 +360,23 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
 
     Raises:
         RuntimeError: if SecAgg+ could not unmask a round (too many sampled clients dropped
-            out or raised), or a lone client raised.
+            out or raised).
         TimeoutError, ValueError: from :func:`companion.flower.server_app.connect_clients`.
-        ValueError: if a lone client's update does not fit the model.
+        ValueError: if the setup has more than :data:`MAX_CLIENTS` clients, or a lone
+            client's update does not fit the model.
 
     Example:
         >>> run_secagg_server(grid, context, FederatedSetup(seed=0))  # doctest: +SKIP
     """
+    if setup.num_clients > MAX_CLIENTS:
+        raise ValueError(
+            f"num_clients={setup.num_clients} is too many for SecAgg+ with {QUANTIZATION_RANGE} "
+            f"quantization levels: a round's sum would wrap around 2**32 from 1024 clients on. "
+            f"Use at most {MAX_CLIENTS}."
+        )
     warn_about_setup(setup)
     nodes = connect_clients(grid, setup)
-    recording = _RecordingGrid(grid)
+    recording = RecordingGrid(grid)
     strategy = _PoissonStrategy(recording, setup, nodes)
     legacy = LegacyContext(context, ServerConfig(num_rounds=setup.rounds), strategy)
     workflow = secagg_workflow(setup)
@@ -431,7 +430,7 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
         history.append(record)
         save_round(setup, history, model)
         if setup.output_dir:
-            seen = _what_the_server_saw(recording.received)
+            seen = what_the_server_saw(recording.received)
             folder = Path(setup.output_dir) / setup.algorithm
             torch.save(secure_sum, folder / f"secure-sum-{round_}.pt")
             np.savez(folder / f"received-{round_}.npz", **seen)

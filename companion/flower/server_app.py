@@ -15,14 +15,18 @@ of :mod:`companion.federated`, so that it reads like the in-process loops:
 
 **Faults.** A client that raises sends an error reply; a node that does not reply within
 ``round_timeout`` (killed, disconnected) is treated as gone and not asked again (Flower itself
-notices a dead node only after about a minute of missed heartbeats). Either way the round goes
-on with the updates that arrived. For DP-FedAvg this is what the analysis allows: a sampled
+notices a dead node only after about a minute of missed heartbeats); an update that does not
+fit the model or is not finite (local training that diverged) is refused. Either way the round
+goes on with the updates that arrived. For DP-FedAvg this is what the analysis allows: a sampled
 client whose update is missing contributes zero, which the clipping bound covers; the
 denominator stays the public :math:`qK` fixed before training, and the accountant takes one
 step :math:`(\sigma, q)` for each round whose aggregate was released, the sampling that
 actually happened (clients are drawn with probability :math:`q`, whether or not they answer).
 The records say which clients were sampled, replied and failed; like ``dp_fedavg``'s
-``"clients"``, who was sampled is outside the guarantee and must not be published.
+``"clients"``, who was sampled is outside the guarantee and must not be published. The run
+stops in a round in which every client asked raised (as a setting or a data file that does not
+fit the run makes them all do). Under Poisson sampling that can be a single client, so a stop,
+and its message, which names a client and its error, are outside the guarantee too.
 """
 
 from __future__ import annotations
@@ -146,10 +150,13 @@ def _train_message(
 
 
 def _read_update(reply: Message, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """The update in a reply, in the order of ``shapes``; ValueError if it does not fit."""
+    """The update in a reply, in the order of ``shapes``; ValueError if it does not fit or is
+    not finite (the client's local training diverged)."""
     received = reply.content["update"].to_torch_state_dict()
     if {name: value.shape for name, value in received.items()} != shapes:
         raise ValueError("the update's parameter names or shapes differ from the model's")
+    if not all(torch.isfinite(value).all() for value in received.values()):
+        raise ValueError("the update is not finite (the client's local training diverged)")
     return {name: received[name] for name in shapes}
 
 

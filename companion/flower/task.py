@@ -72,9 +72,11 @@ class FederatedSetup:
     Everything else configures the Flower run: ``join_timeout`` (seconds to wait for the
     clients' SuperNodes), ``round_timeout`` (seconds to wait for replies in a round; a client
     that has not answered by then has dropped out), ``evaluate_clients`` (ask every client to
-    evaluate the final model on its own data), ``output_dir`` (where the ServerApp writes its
-    records; empty: nowhere), and the fault injection used by the tests: the client holding
-    part ``fail_partition`` raises in round ``fail_round`` (``-1``: never).
+    evaluate the final model on its own data; the replies, each client's number of examples,
+    accuracy and loss, come in the clear and are outside any DP guarantee), ``output_dir``
+    (where the ServerApp writes its records; empty: nowhere), and the fault injection used by
+    the tests: the client holding part ``fail_partition`` raises in round ``fail_round``
+    (``-1``: never).
 
     The defaults are the app's (``companion/flower/app/pyproject.toml``): DP-FedAvg with 3
     clients, 3 rounds, ``q = 0.67``, ``sigma = 0.5``, ``S = 1``, 5 local epochs of batches of
