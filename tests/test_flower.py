@@ -25,6 +25,7 @@ simulation starts Ray; marked ``flower``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -39,18 +40,20 @@ from scipy import stats
 pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, RecordDict  # noqa: E402
+from flwr.common.logger import LOGGER_NAME  # noqa: E402
+from flwr.common.logger import log as flower_log  # noqa: E402
 
 from companion import data, training  # noqa: E402
 from companion.accounting import RDPAccountant  # noqa: E402
 from companion.federated import local_update  # noqa: E402
 from companion.flower.deploy import APP_DIR, FlowerRunError, LocalFederation  # noqa: E402
 from companion.flower.partitions import load_partition, save_partition  # noqa: E402
-from companion.flower.secagg import (  # noqa: E402
+from companion.flower.quantization import (  # noqa: E402
     QUANTIZATION_RANGE,
     clip_update,
     clipping_norm,
-    run_secagg_server,
 )
+from companion.flower.secagg import _flower_quiet, run_secagg_server  # noqa: E402
 from companion.flower.server_app import _read_update  # noqa: E402
 from companion.flower.task import (  # noqa: E402
     FederatedSetup,
@@ -252,6 +255,25 @@ def test_secagg_refuses_more_clients_than_its_ring_can_sum():
         run_secagg_server(None, None, FederatedSetup(num_clients=1024))
 
 
+def test_the_secagg_server_silences_flowers_round_sizes():
+    """Flower's SecAgg+ workflow logs each round's number of sampled clients and failures at
+    INFO, and flwr log shows the log to whoever submitted the run: inside _flower_quiet only
+    warnings pass; outside, INFO does again (the control)."""
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    try:
+        with _flower_quiet():
+            flower_log(logging.INFO, "configure_fit: strategy sampled 2 clients")
+            flower_log(logging.WARNING, "a warning")
+        flower_log(logging.INFO, "after")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["a warning", "after"]
+
+
 def test_the_server_refuses_an_update_that_is_not_finite():
     """The plain ServerApp reads a NaN update as a failure of that client (the round goes on
     without it) rather than letting the aggregation raise and stop the run."""
@@ -304,7 +326,8 @@ def test_a_node_that_never_joins_fails_the_run_with_a_clear_timeout(deployment):
 def secagg_run(deployment):
     """DP-FedAvg with SecAgg+ for four rounds at q = 0.67; seed 354 draws the clients
     [0, 1, 2], [2], none and [1], and client 1 raises in round 4."""
-    setup = FederatedSetup(seed=354, rounds=4, fail_partition=1, fail_round=4, round_timeout=240.0)
+    setup = FederatedSetup(seed=354, rounds=4, fail_partition=1, fail_round=4, round_timeout=240.0,
+                           record_received=True)  # fmt: skip
     return setup, deployment.run(setup, app_dir=SECAGG_APP_DIR, timeout=600)
 
 

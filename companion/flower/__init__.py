@@ -21,6 +21,7 @@ The modules, one idea each:
   :func:`companion.federated.fedavg_aggregate` / :func:`~companion.federated.dp_fedavg_aggregate`,
   :class:`companion.accounting.RDPAccountant`, dropped clients;
 - :mod:`companion.flower.secagg`: DP-FedAvg with Flower's SecAgg+ (legacy workflow);
+- :mod:`companion.flower.quantization`: the clipping that SecAgg+'s quantization needs;
 - :mod:`companion.flower.partitions`: each client's part of the data on disk;
 - :mod:`companion.flower.records`: the files in which a ServerApp leaves its results, and what
   its server received;
@@ -29,7 +30,7 @@ The modules, one idea each:
 The Flower App folders ``companion/flower/app`` and ``companion/flower/secagg_app`` hold only a
 ``pyproject.toml`` naming the apps; ``flwr run`` sends that file, and the SuperLink and
 SuperNodes import the code from the installed package. Importing this package does not import
-Flower; its modules other than ``task`` need the extra.
+Flower; its modules other than ``task`` and ``quantization`` need the extra.
 """
 
 from __future__ import annotations
@@ -38,7 +39,16 @@ import importlib
 
 # The modules, imported on first access (PEP 562), so that importing the package needs no Flower.
 _SUBMODULES = frozenset(
-    {"client_app", "deploy", "partitions", "records", "secagg", "server_app", "task"}
+    {
+        "client_app",
+        "deploy",
+        "partitions",
+        "quantization",
+        "records",
+        "secagg",
+        "server_app",
+        "task",
+    }
 )
 
 

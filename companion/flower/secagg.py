@@ -10,9 +10,11 @@ cancel in the sum (:mod:`companion.secure_aggregation` shows the idea in miniatu
 private mask whose seed it secret-shares, so the server can unmask the sum, and only the sum,
 even if some clients drop out. The server then adds :math:`\mathcal N(0, \sigma^2 S^2 I)` and
 divides by the fixed :math:`qK`, as :func:`companion.federated.dp_fedavg_aggregate` does. Each
-client clips to :func:`clipping_norm`, :math:`S` less what the quantizer's rounding can add, so
-the update summed has norm at most :math:`S` and the accountant is unchanged. A client whose
-update is not finite (local training that diverged) sends zero (:func:`clip_update`).
+client clips to :func:`~companion.flower.quantization.clipping_norm`, :math:`S` less what the
+quantizer's rounding can add, so the update summed has norm at most :math:`S` and the
+accountant is unchanged (:mod:`companion.flower.quantization` gives the ranges). A client whose
+update is not finite (local training that diverged) sends zero
+(:func:`~companion.flower.quantization.clip_update`).
 
 **Against whom.** The server learns only the sum if it follows the protocol (honest but
 curious). Flower relays the clients' public keys without authenticating them, so a server that
@@ -20,24 +22,10 @@ deviates can sit between two clients; and Flower 1.42 derives each mask from a 3
 (NumPy's ``RandomState``), which is not cryptographic. This app demonstrates the protocol's
 flow; it is not a hardened deployment.
 
-**Ranges, chosen for our models.** After clipping, every coordinate of an update lies in
-:math:`[-S, S]` (a coordinate is at most the L2 norm), so the quantizer's clipping range is
-:math:`S` (``clipping_range = max_update_norm``; Flower's default of 8 would waste a factor
-:math:`8/S` of resolution, and a range below :math:`S` would clip coordinates a second time).
-Each coordinate is rounded stochastically to one of :math:`2^{22}` levels (Flower's default
-``quantization_range``), a step of :math:`2S / 2^{22}` (4.8e-7 for :math:`S = 1`), and the
-masked sum lives in the integers modulo :math:`2^{32}`, which holds the sum of up to
-:data:`MAX_CLIENTS` :math:`= 2^{32}/2^{22} - 1 = 1023` clients without wrapping (a setup with more
-is refused). Every client sends weight 1
-(``max_weight = 1``: the server must not weight by private data sizes, and a weight below
-``max_weight`` would scale the update down before quantization and lose precision), so the
-unmasked sum differs from the plain sum of the clipped updates by less than :math:`m` steps per
-coordinate for :math:`m` clients, far below the noise :math:`\sigma S`.
-
 **Rounds with fewer than two clients.** Poisson sampling can draw one client or none, and
 SecAgg+ needs two (with one, the sum is the update: no protocol can hide it). Such a round is
 still a round of DP-FedAvg, released like any other: with no client the sum is zero; a lone
-client is asked for its clipped update in the clear (the action ``train.alone``, without
+client is asked for its clipped update unmasked (the action ``train.alone``, without
 ``secaggplus_mod``), which is exactly what the sum would have told the server; if it raises or
 does not reply, it contributes zero, like a client that drops out of a SecAgg+ round. Neither
 skipping the round nor stopping the run would do: whether a round has fewer than two clients
@@ -45,19 +33,26 @@ depends on who takes part, so a skipped round or a stop would release something 
 accountant does not cover (and skipping one would double the sensitivity of the next). The
 run stops only when SecAgg+ cannot unmask a round because too many sampled clients dropped
 out or raised (in a round of two, one is too many); whether it does can depend on one client,
-so a stop is outside the guarantee. The ServerApp records everything it receives, so that a
-test can check which replies held an update in the clear.
+so a stop is outside the guarantee. With ``record_received`` the ServerApp also writes what
+it received and each round's sum before the noise, so that a test can check which replies
+held an update in the clear; these files, like the records' ``"sampled"``,
+``"contributors"`` and ``"aggregation"``, are outside the guarantee. Flower's SecAgg+ workflow
+logs each round's number of sampled clients and failures at level INFO; the ServerApp raises
+Flower's log level to WARNING while it runs, since ``flwr log`` shows the log to whoever
+submitted the run.
 
 **What the clients learn.** The lone client learns that it is alone. In a SecAgg+ round every
 sampled client receives the others' public keys under their node ids, so it learns who else
-was sampled: clients who collude can tell in which rounds a node took part, and against them
-the amplification by sampling that the accountant credits does not hold.
+was sampled: a client that knows a node's id can tell in which of its own rounds that node
+took part, and against it the amplification by sampling that the accountant credits does not
+hold.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +73,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.logger import LOGGER_NAME
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
@@ -95,6 +91,12 @@ from companion.dpsgd import add_gaussian_noise
 from companion.federated import local_update
 from companion.flower import client_app as plain_client
 from companion.flower.partitions import node_data, node_partition
+from companion.flower.quantization import (
+    MAX_CLIENTS,
+    QUANTIZATION_RANGE,
+    clip_update,
+    clipping_norm,
+)
 from companion.flower.records import RecordingGrid, save_round, what_the_server_saw, write_json
 from companion.flower.server_app import connect_clients, warn_about_setup
 from companion.flower.task import (
@@ -104,40 +106,15 @@ from companion.flower.task import (
     sample_clients,
     shuffle_seed,
 )
-from companion.per_example import clip_factors
 
 __all__ = [
-    "MAX_CLIENTS",
-    "QUANTIZATION_RANGE",
     "client_app",
-    "clip_update",
-    "clipping_norm",
     "main",
     "run_secagg_server",
     "secagg_workflow",
     "server_app",
     "train",
 ]
-
-QUANTIZATION_RANGE = 2**22
-"""Quantization levels per coordinate (Flower's default); the sum lives modulo 2**32."""
-
-MAX_CLIENTS = 2**32 // QUANTIZATION_RANGE - 1
-"""The most clients a run may have. Each adds up to 2**22 to every coordinate of the masked sum
-(and to its weight factor), so 1024 of them would wrap around 2**32."""
-
-
-def clipping_norm(max_update_norm: float, dimension: int) -> float:
-    r"""The norm a client clips its update to: :math:`S` less the most that stochastic rounding
-    can add to the norm of a ``dimension``-long update, :math:`\sqrt d` steps of
-    :math:`2S / 2^{22}`, so that the update SecAgg+ sums has norm at most :math:`S`.
-
-    Example:
-        >>> round(1 - clipping_norm(1.0, 650), 7)  # logistic regression 64-10: 1.2e-5 below S
-        1.22e-05
-    """
-    return max_update_norm * (1 - math.sqrt(dimension) * 2 / QUANTIZATION_RANGE)
-
 
 # --- the client --------------------------------------------------------------------------------
 
@@ -147,10 +124,10 @@ client_app.query()(plain_client.query)
 
 @client_app.train(mods=[secaggplus_mod])
 def train(message: Message, context: Context) -> Message:
-    """Local training, then clip the update to :func:`clipping_norm` (zero if it is not
-    finite); ``secaggplus_mod`` quantizes and masks what this returns (registered a second time
-    as the action ``alone``, unmasked, for a round in which this client is the only one
-    sampled)."""
+    """Local training, then clip the update to
+    :func:`~companion.flower.quantization.clipping_norm` (zero if it is not finite);
+    ``secaggplus_mod`` quantizes and masks what this returns (registered a second time as the
+    action ``alone``, unmasked, for a round in which this client is the only one sampled)."""
     torch.set_num_threads(1)
     setup = FederatedSetup.from_run_config(context.run_config)
     partition = node_partition(context.node_config, setup)  # checks the part against the run
@@ -176,45 +153,6 @@ def train(message: Message, context: Context) -> Message:
 
 
 client_app.train("alone")(train)
-
-
-def clip_update(
-    update: dict[str, torch.Tensor], *, max_update_norm: float
-) -> dict[str, torch.Tensor]:
-    """The update times :math:`\\min(1, S / (\\lVert u \\rVert_2 + 10^{-6}))`, the norm over all
-    parameters: the factor and the arithmetic of :func:`companion.federated.dp_fedavg_aggregate`.
-
-    An update whose norm is not finite (local training that diverged) becomes zero, with a
-    warning on the client: a zero contribution is within the bound and tells the server
-    nothing, where an error would tell it that this client's training failed (and NaN,
-    quantized, would move the secure sum by about :math:`1023 S` per coordinate).
-
-    Args:
-        update: name -> tensor, as :func:`companion.federated.local_update` returns it.
-        max_update_norm: :math:`S`, > 0.
-
-    Returns:
-        A new dict; its L2 norm over all tensors is at most :math:`S`.
-
-    Raises:
-        ValueError: if ``max_update_norm`` is not > 0.
-
-    Example:
-        >>> clip_update({"w": torch.tensor([3.0, 4.0])}, max_update_norm=1.0)["w"]
-        tensor([0.6000, 0.8000])
-    """
-    norms = torch.stack([torch.linalg.vector_norm(value) for value in update.values()])
-    norm = torch.linalg.vector_norm(norms)
-    if not torch.isfinite(norm):
-        warnings.warn(
-            "the local update's norm is not finite (local training diverged: lower lr?); this "
-            "client sends a zero update in its place.",
-            UserWarning,
-            stacklevel=2,
-        )
-        return {name: torch.zeros_like(value) for name, value in update.items()}
-    factor = float(clip_factors(norm, max_grad_norm=max_update_norm))
-    return {name: value * factor for name, value in update.items()}
 
 
 # --- the server --------------------------------------------------------------------------------
@@ -278,6 +216,18 @@ class _PoissonStrategy(Strategy):
         return None
 
 
+@contextlib.contextmanager
+def _flower_quiet() -> Iterator[None]:
+    """Flower's log level raised to WARNING for the duration (see the module docstring)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def secagg_workflow(setup: FederatedSetup) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ workflow with the ranges stated in the module docstring.
 
@@ -330,9 +280,9 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     """The SecAgg+ ServerApp's main function: DP-FedAvg for ``rounds`` rounds (the run
-    config's ``algorithm`` is ignored); records as the plain ServerApp writes them, plus per
-    round ``secure-sum-<t>.pt`` (the unmasked sum) and ``received-<t>.npz`` (what the
-    replies held)."""
+    config's ``algorithm`` is ignored); records as the plain ServerApp writes them, plus, with
+    ``record_received``, per round ``secure-sum-<t>.pt`` (the unmasked sum, before the noise)
+    and ``received-<t>.npz`` (what the replies held)."""
     torch.set_num_threads(1)
     setup = FederatedSetup.from_run_config(context.run_config).replace(algorithm="dp-fedavg")
     try:
@@ -362,8 +312,9 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
         RuntimeError: if SecAgg+ could not unmask a round (too many sampled clients dropped
             out or raised).
         TimeoutError, ValueError: from :func:`companion.flower.server_app.connect_clients`.
-        ValueError: if the setup has more than :data:`MAX_CLIENTS` clients, or a lone
-            client's update does not fit the model.
+        ValueError: if the setup has more than
+            :data:`~companion.flower.quantization.MAX_CLIENTS` clients, or a lone client's
+            update does not fit the model.
 
     Example:
         >>> run_secagg_server(grid, context, FederatedSetup(seed=0))  # doctest: +SKIP
@@ -396,7 +347,8 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
                 {Key.CURRENT_ROUND: round_}
             )
             legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(weights)
-            workflow(recording, legacy)
+            with _flower_quiet():  # its INFO lines give the round's size and failures
+                workflow(recording, legacy)
             if strategy.secure_sum is None:
                 raise RuntimeError(
                     f"SecAgg+ could not unmask round {round_}: too many of its clients dropped "
@@ -429,7 +381,7 @@ def run_secagg_server(grid: Grid, context: Context, setup: FederatedSetup) -> li
         }  # fmt: skip
         history.append(record)
         save_round(setup, history, model)
-        if setup.output_dir:
+        if setup.output_dir and setup.record_received:
             seen = what_the_server_saw(recording.received)
             folder = Path(setup.output_dir) / setup.algorithm
             torch.save(secure_sum, folder / f"secure-sum-{round_}.pt")

@@ -74,7 +74,9 @@ class FederatedSetup:
     that has not answered by then has dropped out), ``evaluate_clients`` (ask every client to
     evaluate the final model on its own data; the replies, each client's number of examples,
     accuracy and loss, come in the clear and are outside any DP guarantee), ``output_dir``
-    (where the ServerApp writes its records; empty: nowhere), and the fault injection used by
+    (where the ServerApp writes its records; empty: nowhere), ``record_received`` (the SecAgg+
+    app also writes each round's un-noised secure sum and what its server received, for
+    tests: whoever reads those files gets no DP guarantee), and the fault injection used by
     the tests: the client holding part ``fail_partition`` raises in round ``fail_round``
     (``-1``: never).
 
@@ -119,6 +121,7 @@ class FederatedSetup:
     round_timeout: float = 120.0
     evaluate_clients: bool = True
     output_dir: str = ""
+    record_received: bool = False
     fail_partition: int = -1
     fail_round: int = -1
 
