@@ -144,9 +144,14 @@ def check_labels(y: torch.Tensor, *, loss: str | LossFn, name: str = "y") -> tor
         raise label_shape_error(y, loss=loss, name=name)
     if loss == "cross_entropy":
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            fix = (
+                f"convert them with {name}.long()"
+                if name.isidentifier()
+                else "return them as integers from the Dataset's __getitem__"
+            )
             hint = (
-                f" Class labels: convert them with {name}.long(). Regression targets: give a "
-                "callable loss, such as torch.nn.MSELoss()."
+                f" Class labels: {fix}. Regression targets: give a callable loss, such as "
+                "torch.nn.MSELoss()."
                 if y.is_floating_point()
                 else ""
             )

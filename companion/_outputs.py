@@ -112,9 +112,10 @@ def check_outputs(
                 f"{tuple(outputs[:1].shape)} for one example."
             )
         if int(y.max()) >= outputs.shape[1]:
+            position = int(torch.nonzero(y >= outputs.shape[1])[0, 0])
             raise ValueError(
                 f"labels must be below the model's {outputs.shape[1]} outputs for "
-                f"loss='cross_entropy', got a label {int(y.max())}."
+                f"loss='cross_entropy', got a label {int(y[position])} at position {position}."
             )
         if looks_like_probabilities(outputs):
             warn(
@@ -179,9 +180,14 @@ def _extreme_rows(y: torch.Tensor, values: int = 3, sample: int = 1024) -> torch
 def _call(loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor, shapes: str) -> torch.Tensor:
     """``loss(outputs, targets)``, checked to be a tensor holding one number (as a scalar)."""
     try:
-        with warnings.catch_warnings():  # torch's broadcast warning, once a call: the run has it
-            warnings.filterwarnings("ignore", "Using a target size", UserWarning)
+        with warnings.catch_warnings():  # outputs (N, 3) against targets (N, 1), say
+            warnings.filterwarnings("error", "Using a target size", UserWarning)
             value = loss(outputs, targets)
+    except UserWarning as warning:  # torch's losses broadcast with this warning only
+        raise ValueError(
+            f"loss broadcasts the outputs against the targets: on {shapes}, torch warns "
+            f"'{warning}' Give the targets the outputs' shape."
+        ) from None
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         raise ValueError(f"loss cannot be applied to {shapes}: {error}") from None
     if not (isinstance(value, torch.Tensor) and value.numel() == 1):
@@ -220,13 +226,12 @@ def _check_mean_loss(
     r"""A callable loss must return one number, the mean of its values on each example alone,
     and read nothing but its arguments.
 
-    The per-example clipping of DP-SGD assumes it: a loss that sums, or weights the examples
-    unequally, or broadcasts outputs of shape (N, 1) against targets of shape (N,) (mixing every
-    output with every target), would give other gradients than the examples' own, and the
-    clipping would no longer bound one example's effect; a loss that reads a model parameter
-    (an L2 penalty) would have that term's gradient dropped. Both without an error, so both
-    are checked on the probed examples (:func:`_probe_indices`; ``index``, their places in the
-    batch, names one in the messages):
+    The per-example clipping of DP-SGD assumes it: a loss that sums, weights the examples
+    unequally or broadcasts outputs against targets (which :func:`_call` refuses as torch warns
+    of it) would give other gradients, and the clipping would no longer bound one example's
+    effect; a loss that reads a model parameter (an L2 penalty) would have that term's gradient
+    dropped. Both without an error, so both are checked on the probed examples
+    (:func:`_probe_indices`; ``index``, their places in the data, names one in the messages):
 
     * the loss of the outputs detached from the model must not require a gradient (it reads
       another tensor that does: a parameter, or a tensor made with ``requires_grad=True``);
@@ -323,7 +328,7 @@ def _not_finite(
             "that mixes the examples (a normalisation by the batch) does this."
         )
     i = int((~torch.isfinite(values)).int().argmax())
-    where = f"index {int(index[i])} of the batch" if index is not None else f"place {i}"
+    where = f"index {int(index[i])} of the examples given" if index is not None else f"place {i}"
     got = f"returned {float(total):.6g}, and {float(values[i]):.6g} on the example at {where} alone"
     causes = (
         "Seen in practice: an example whose targets are all ignored (an ignore_index, or tokens "

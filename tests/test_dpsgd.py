@@ -945,10 +945,11 @@ def test_dp_sgd_step_bad_arguments(kwargs, error, message):
             "labels must be below the model's 10 outputs",
         ),
         # the boundary: a label equal to the number of outputs (10 for 10) is out of range too
-        (
+        (  # the last label is the bad one: the message gives its position
             lambda m: per_example_gradients(m, "cross_entropy", X, Y_AT_10),
             ValueError,
-            "labels must be below the model's 10 outputs .*got a label 10",
+            "labels must be below the model's 10 outputs .*"
+            rf"got a label 10 at position {len(Y) - 1}\.",
         ),
         (
             lambda m: clipped_gradient_sum(m, "cross_entropy", X, Y_AT_10, max_grad_norm=1.0),

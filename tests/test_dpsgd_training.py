@@ -406,8 +406,13 @@ def test_a_callable_regression_loss_trains_and_records_the_loss():
 @pytest.mark.parametrize(
     ("loss", "targets", "message"),
     [
-        # (N, 1) outputs against (N,) targets broadcast to (N, N): every output meets every target
-        (nn.MSELoss(), lambda y: y[:, 0], "returned .*, while the mean of its values on each"),
+        # (N, 1) outputs against (N,) targets broadcast to (N, N): every output meets every
+        # target (torch's losses warn, and test_input_checks refuses them on the warning)
+        (
+            lambda outputs, targets: ((outputs - targets) ** 2).mean(),
+            lambda y: y[:, 0],
+            "returned .*, while the mean of its values on each",
+        ),
         (nn.MSELoss(reduction="sum"), lambda y: y, "not a sum \\(reduction='sum'\\)"),
         (nn.MSELoss(reduction="none"), lambda y: y, "it returned a tensor of shape \\(8, 1\\)"),
         (lambda outputs, targets: 1.0, lambda y: y, "it returned a float"),
@@ -417,8 +422,9 @@ def test_a_callable_regression_loss_trains_and_records_the_loss():
 def test_a_callable_loss_that_is_not_the_mean_of_the_examples_losses_is_refused(
     loss, targets, message
 ):
-    """Before the check, the first case trained on wrong gradients with only torch's broadcast
-    warning, and the second gave the per-example rules 8 times vmap's gradient (batch of 8)."""
+    """Before the check, the first case (then with torch's MSELoss) trained on wrong gradients
+    with only torch's broadcast warning, and the second gave the per-example rules 8 times
+    vmap's gradient (batch of 8)."""
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
     model = nn.Linear(3, 1).double()
@@ -698,7 +704,8 @@ def _late_bad_label(label=12):
             TensorDataset(X, Y.double()),
             {},
             TypeError,
-            "the targets of the Dataset x must hold integer",
+            "the targets of the Dataset x must hold integer .* Class labels: return them as "
+            "integers from the Dataset's __getitem__",
         ),
         (TensorDataset(X, Y + 10), {}, ValueError, "labels must be below the model's 10 outputs"),
         (_late_bad_label(), {"sample_rate": 1.0}, ValueError, "got a label 12 in the Dataset x"),

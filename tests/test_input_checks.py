@@ -243,6 +243,28 @@ def test_a_loss_that_reads_a_constant_tensor_is_accepted():
     _assert_same(sums, _loop_clipped_sum(model, scaled, x, y, 0.1)[0])
 
 
+@pytest.mark.parametrize("entry", sorted(_ENTRY_POINTS))
+@pytest.mark.parametrize("outputs, targets", [(3, (1,)), (1, (3,)), (1, ())])
+def test_outputs_and_targets_that_broadcast_are_refused(entry, outputs, targets):
+    """A coursework trial: nn.MSELoss on outputs (N, 3) and targets (N, 1), or the reverse,
+    broadcasts within each example, so every mean and gradient check passes and the run trained
+    with only torch's warning; outputs (N, 1) against targets (N,) mix the examples (the mean
+    check caught those). torch's warning is now the error. The control: targets of the outputs'
+    shape are accepted."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 5, generator=generator, dtype=torch.float64)
+    y = torch.randn(24, *targets, generator=generator, dtype=torch.float64)
+    model = nn.Linear(5, outputs).double()
+    shape = ", ".join(str(n) for n in targets)
+    with pytest.raises(
+        ValueError,
+        match=r"loss broadcasts the outputs against the targets: on "
+        rf"outputs of shape \(\d+, {outputs}\) and targets of shape \(\d+,( {shape})?\)",
+    ):
+        _ENTRY_POINTS[entry](model, x, y, nn.MSELoss())
+    _ENTRY_POINTS[entry](nn.Linear(5, y[0].numel()).double(), x, y.reshape(24, -1), nn.MSELoss())
+
+
 # --- F7: labels that are not one per example for a named loss -----------------------------------
 
 
@@ -844,7 +866,7 @@ def test_an_example_without_targets_gets_a_message_about_a_loss_that_is_not_fini
 
     model = _token_model()
     message = r"loss must be finite: .* returned nan, and nan on the example at index 2 of the"
-    with pytest.raises(ValueError, match=message + r" batch alone.*\.clamp\(min=1\)"):
+    with pytest.raises(ValueError, match=message + r" examples given alone.*\.clamp\(min=1\)"):
         clipped_gradient_sum(model, unclamped, tokens, targets, max_grad_norm=1.0)
 
     def clamped(outputs, targets):

@@ -30,6 +30,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -272,6 +273,23 @@ def test_every_make_command_of_the_readme_is_a_makefile_target() -> None:
     commands = set(re.findall(r"(?:^|`)make (?:PYTHON=\S+ )?([a-z][\w-]*)", readme, re.M))
     assert {"book", "test", "unit", "student-notebooks"} <= commands
     assert commands <= makefile_targets(), commands - makefile_targets()
+
+
+def test_the_readmes_python_runs_and_spends_at_most_its_target() -> None:
+    """The README's example of train_dpsgd on one's own model: it runs as printed, and the
+    epsilon it reports is within 2% below its target of 3 (train_dpsgd's calibration)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) == 1
+    namespace: dict[str, object] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exec(compile(blocks[0], "README.md", "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
+    epsilon = namespace["history"][-1]["epsilon"]  # type: ignore[index]
+    assert 0.98 * 3.0 <= epsilon <= 3.0
 
 
 @pytest.fixture

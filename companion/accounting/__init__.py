@@ -4,7 +4,10 @@
   :func:`get_privacy_spent`), and :mod:`companion.accounting.rdp_accountant`: the
   :class:`RDPAccountant` built on it;
 - :mod:`companion.accounting.pld`: the :class:`PLDAccountant` (privacy loss distributions,
-  connect-the-dots discretisation, FFT composition): nearly tight, where RDP is loose;
+  connect-the-dots discretisation, FFT composition): nearly tight for runs of up to some
+  thousands of steps, where RDP is loose; its grid's error grows with the number of steps, so
+  over very many steps that each leak very little (millions of steps at a large noise
+  multiplier) RDP can be the tighter of the two. Both are upper bounds: take the smaller;
 - :mod:`companion.accounting.calibration`: :func:`get_noise_multiplier`, the smallest noise
   multiplier that meets a target epsilon;
 - :mod:`companion.accounting.steps`: :func:`steps_for_epochs`, the steps rule of the training loop.

@@ -3,7 +3,8 @@ r"""Calibration: the smallest noise multiplier that meets a privacy target.
 The search is monotone and conservative, as in Opacus and dp_accounting: it returns the upper end
 of a bracket whose epsilon is at or below the target, so the budget is never exceeded. The epsilon
 is that of the RDP accountant (:mod:`companion.accounting.rdp`) or of the PLD accountant
-(:mod:`companion.accounting.pld`), which is tighter and so allows less noise for the same target.
+(:mod:`companion.accounting.pld`), which is tighter for ordinary runs and so allows less noise
+for the same target (over very many steps at a large noise multiplier RDP can be the tighter).
 """
 
 from __future__ import annotations

@@ -236,7 +236,8 @@ class PLDAccountant:
     Raises:
         TypeError, ValueError: on bad arguments (every method), naming the argument; and
             ValueError from :meth:`get_epsilon` and :meth:`get_delta` when the grid would exceed
-            :math:`2^{24}` points (noise multipliers far below 0.1 at the default :math:`h`), or
+            :math:`2^{24}` points (noise multipliers far below 0.1 at the default :math:`h`, or
+            runs whose total privacy loss is that wide: sigma = 1 at q = 1 over 10,000 steps), or
             one step's privacy loss 700, which float64 cannot exponentiate (sigma below about
             0.035 at q = 1).
 

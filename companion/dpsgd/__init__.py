@@ -47,8 +47,10 @@ Why these choices:
   :math:`C`: its L2 sensitivity is :math:`C`, whatever the model and the data, for a forward
   pass that treats the examples of a batch independently (see :mod:`companion.per_example`,
   whose checks of that catch mistakes but prove nothing; a forward pass that mixes examples in
-  training mode, by batch statistics or a batch mean, is refused where the check of the first
-  batches sees it, for floating-point inputs, and only there). Noise of standard deviation
+  training mode, by batch statistics or a batch mean that gradients flow through, is refused
+  where the check of the first batches sees it, for floating-point inputs, and only there; one
+  that mixes them only through a detached statistic, or a buffer it updates from its input,
+  is not detected and voids the guarantee). Noise of standard deviation
   :math:`\sigma C` therefore makes each step a Gaussian mechanism with noise multiplier
   :math:`\sigma` (noise std divided by sensitivity).
 - *Normalisation by a constant.* The sum is divided by ``expected_batch_size``, a number fixed
