@@ -7,7 +7,8 @@ through files in ``setup.output_dir`` (nothing is written if that is empty):
 and at the end ``done.json`` or ``error.json``. Each file is written under a temporary name and
 renamed, so a reader never sees half of one. :class:`RecordingGrid` and
 :func:`what_the_server_saw` keep and summarise the replies a server received, so that a test
-can check what it saw (:mod:`companion.flower.secagg` saves them per round).
+can check what it saw (:mod:`companion.flower.secagg` saves them per round with
+``record_received``).
 """
 
 from __future__ import annotations
