@@ -677,6 +677,14 @@ class _Triples(torch.utils.data.Dataset):
         return X[i], Y[i], i
 
 
+class _TwoInputs(torch.utils.data.Dataset):
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return (X[i, :32], X[i, 32:]), Y[i]
+
+
 def _late_bad_label(label=12):
     """Labels in range for the first 256 examples (checked before training), then ``label``."""
     x = torch.cat([X, X])[:300]
@@ -693,6 +701,13 @@ def _late_bad_label(label=12):
             {},
             ValueError,
             r"must return \(input, target\) pairs; one of its items is a ",
+        ),
+        (
+            _TwoInputs(),
+            {},
+            ValueError,
+            "must return one input tensor per item; .* returns a tuple as input. For several "
+            "inputs, concatenate them",
         ),
         (
             TensorDataset(X, Y - 1),

@@ -114,6 +114,13 @@ class RunData:
             x, y = default_collate(items)
         except (RuntimeError, TypeError) as error:
             raise ValueError(_stack_error(name, index, items, error)) from None
+        if not isinstance(x, torch.Tensor):  # ((x1, x2), y): the inputs collate to a list
+            raise ValueError(
+                f"a Dataset given as {name} must return one input tensor per item; its item at "
+                f"index {index[0]} returns {with_article(type(items[0][0]).__name__)} as input. "
+                "For several inputs, concatenate them into one row and split it in forward (the "
+                "FAQ: 'My model takes several inputs')."
+            )
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim > 0:
             finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
             if not finite.all():
