@@ -196,6 +196,8 @@ def above_others(loss: torch.Tensor, edges: dict[nn.Module, GradientEdge]) -> se
     """The layers (keys of ``edges``, their outputs' places in the autograd graph of ``loss``)
     from whose output's node the graph reaches another's: a backward pass that computes the
     lower layer's output gradient runs that node."""
+    if len(edges) < 2:  # a layer's node is not below itself
+        return set()
     marked = {edge.node for edge in edges.values()}
     below: dict[Node, bool] = {}  # node -> whether a marked node lies below it
     stack: list[tuple[Node, list[Node] | None]] = []

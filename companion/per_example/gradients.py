@@ -352,7 +352,7 @@ def add_clipped(
     # The counts of bounds in the dtype of the squares: float32 counts exactly to 2**24, and mps
     # has no float64.
     checks = [squares.sum(), *(add_to.loose.sum().to(squares.dtype) for add_to in refinable)]
-    total, *loose = torch.stack(checks).tolist()
+    total, *loose = torch.stack(checks).tolist() if refinable else [checks[0].item()]
     if any(loose):
         entries = [
             (name, add_to.refine() if isinstance(add_to, Refinable) else sq, add_to)
