@@ -834,6 +834,26 @@ def test_a_frozen_parameters_stale_gradient_is_never_applied():
     assert model[0].weight.grad is None
 
 
+def test_set_private_gradients_clears_a_frozen_parameters_stale_gradient():
+    """The same in a loop of one's own that forgets ``zero_grad``: ``set_private_gradients``
+    sets a frozen parameter's ``.grad`` to None, so the optimizer, which holds every parameter,
+    steps only the trainable ones, by the private gradient."""
+    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    nn.functional.cross_entropy(model(X), Y).backward()
+    model[0].weight.requires_grad_(False)
+    assert float(model[0].weight.grad.abs().max()) > 0  # the stale gradient is there
+    frozen, trained = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+    set_private_gradients(
+        model, X[:16], Y[:16], noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=16.0,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert model[0].weight.grad is None
+    optimizer.step()
+    assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[2].weight, trained)  # control: the trainable layer did step
+
+
 @pytest.mark.parametrize("optimizer", [False, True])
 def test_a_step_is_computed_without_the_last_steps_gradient_in_memory(monkeypatch, optimizer):
     """The last step's noisy gradient (the loop's ``sums`` and, with an optimizer, ``.grad``) is

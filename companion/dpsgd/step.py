@@ -238,12 +238,11 @@ def set_private_gradients(
     the data, never the realised batch size). Then call any optimizer's ``step()``: your
     own loop, with the batch drawn by :func:`poisson_sample`, is DP-SGD. Account for each call
     with ``accountant.step(noise_multiplier=..., sample_rate=...)``. The gradient replaces
-    ``.grad``, set to None once the arguments are checked (``backward`` would add to it); one
-    call per optimizer step, on one Poisson batch (summed calls would add the noise each). Call
-    ``optimizer.zero_grad(set_to_none=True)`` before it (it writes only the trainable
-    parameters' ``.grad``; a frozen parameter the optimizer holds keeps its old one), and call no
-    ``backward()`` between it and ``optimizer.step()``: a stale or raw ``.grad`` would be applied
-    without clipping or noise.
+    ``.grad``, set to None once the arguments are checked (``backward`` would add to it), and so
+    is a frozen parameter's (an optimizer that holds it would apply a stale one); one call per
+    optimizer step, on one Poisson batch (summed calls would add the noise each). Call no
+    ``backward()`` between it and ``optimizer.step()``: a raw ``.grad`` would be applied without
+    clipping or noise.
 
     Each call checks the batch and plans the model anew, with a few small forward passes; on a
     tiny model that is most of the call's time. Where that matters, build a
@@ -428,16 +427,16 @@ def _checked_noisy_gradient(
     release_grads: bool = False,
 ) -> ClippedSum:
     """Check a step's arguments (all before any computation), then its noisy gradient; with
-    ``release_grads``, the trainable parameters' ``.grad`` is set to None in between (the caller
-    replaces it: the old one is then not held while the new one is computed)."""
+    ``release_grads``, every parameter's ``.grad`` is set to None in between (the caller
+    replaces the trainable ones': the old one is then not held while the new one is computed)."""
     clipper = PerExampleClipper(model, loss=loss, method=method)
     x_batch, y_batch = check_batch(model, loss, x_batch, y_batch, ("x_batch", "y_batch"))
     noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
     max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
     expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
     generator = check_generator(generator)
-    if release_grads:
-        for p in clipper.trainable.values():
+    if release_grads:  # a frozen parameter's too: an optimizer that holds it would apply it
+        for p in model.parameters():
             p.grad = None
     return noisy_clipped_gradient(
         clipper,

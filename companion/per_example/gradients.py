@@ -366,7 +366,8 @@ def add_clipped(
     ):
         raise ValueError(
             f"the gradient of example(s) {bad[:5]} of the batch is not finite, so clipping "
-            "cannot bound it. An input or a weight may be too large for the model's dtype, or "
+            "cannot bound it. An input or a weight may be too large for the model's dtype (in "
+            "training, a learning rate too large makes the weights grow until they are), or "
             "the loss may have no gradient there (a square root at 0, as in a distance at an "
             "exact prediction)."
         )
