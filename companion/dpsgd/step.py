@@ -232,23 +232,20 @@ def set_private_gradients(
     r"""Write DP-SGD's noisy gradient :math:`\tilde g` into ``.grad`` of every trainable parameter.
 
     :math:`\tilde g = \bigl(\sum_{i \in B} \bar g_i + \mathcal N(0, \sigma^2 C^2 I)\bigr) / (qN)`,
-    eq. :eq:`dpsgd-noise`: the clipped per-example gradient sum
-    (:func:`companion.per_example.clipped_gradient_sum`), Gaussian noise (one draw of
+    eq. :eq:`dpsgd-noise`: the clipped per-example gradient sum, Gaussian noise (one draw of
     :func:`gaussian_noise`), divided by ``expected_batch_size`` (:math:`qN`, fixed before seeing
-    the data, never the realised batch size). Then call any optimizer's ``step()``: your
-    own loop, with the batch drawn by :func:`poisson_sample`, is DP-SGD. Account for each call
-    with ``accountant.step(noise_multiplier=..., sample_rate=...)``. The gradient replaces
-    ``.grad``, set to None once the arguments are checked (``backward`` would add to it), and so
-    is a frozen parameter's (an optimizer that holds it would apply a stale one); one call per
-    optimizer step, on one Poisson batch (summed calls would add the noise each). Call no
+    the data, never the realised batch size). With batches from :func:`poisson_sample`, any
+    optimizer's ``step()`` and an accountant told of each call, your own loop is DP-SGD (see the
+    example). The gradient replaces ``.grad`` (``backward`` would add to it), and a frozen
+    parameter's ``.grad`` is set to None (an optimizer holding it would apply a stale one). One
+    call per optimizer step, on one Poisson batch (summed calls would add the noise each); no
     ``backward()`` between it and ``optimizer.step()``: a raw ``.grad`` would be applied without
     clipping or noise.
 
-    Each call checks the batch and plans the model anew, with a few small forward passes; on a
-    tiny model that is most of the call's time. Where that matters, build a
-    :class:`~companion.per_example.PerExampleClipper` once and call
-    :func:`noisy_clipped_gradient` at each step, as :func:`train_dpsgd` does (it leaves the
-    batch unchecked).
+    Each call checks the batch and plans the model anew (a few small forward passes, most of a
+    tiny model's time). Where that matters, build a
+    :class:`~companion.per_example.PerExampleClipper` once and call :func:`noisy_clipped_gradient`
+    at each step, as :func:`train_dpsgd` does.
 
     Args:
         model: the model; must pass :func:`~companion.per_example.check_dp_compatible`. Its
@@ -273,15 +270,19 @@ def set_private_gradients(
             finite.
 
     Example:
-        >>> from companion import models
+        >>> from companion import accounting, models
+        >>> x, y = torch.randn(200, 64), torch.randint(10, (200,))
         >>> model = models.logistic_regression()
         >>> optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        >>> norms = set_private_gradients(model, torch.zeros(4, 64), torch.tensor([0, 1, 2, 3]),
-        ...     noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4.0,
-        ...     generator=torch.Generator().manual_seed(0))
-        >>> optimizer.step()
-        >>> model[0].weight.grad.shape, norms.shape
-        (torch.Size([10, 64]), torch.Size([4]))
+        >>> generator, accountant = torch.Generator().manual_seed(0), accounting.RDPAccountant()
+        >>> for step in range(20):  # a loop of one's own, with any optimizer
+        ...     batch = poisson_sample(len(x), sample_rate=0.1, generator=generator)
+        ...     norms = set_private_gradients(model, x[batch], y[batch], noise_multiplier=1.0,
+        ...         max_grad_norm=1.0, expected_batch_size=20.0, generator=generator)
+        ...     optimizer.step()  # no backward() in between: it would add a raw gradient
+        ...     accountant.step(noise_multiplier=1.0, sample_rate=0.1)
+        >>> len(accountant), round(accountant.get_epsilon(1e-5), 2)
+        (20, 4.22)
     """
     sums, norms = _checked_noisy_gradient(
         model, x_batch, y_batch, noise_multiplier, max_grad_norm, expected_batch_size, generator,
