@@ -382,6 +382,6 @@ def test_a_layer_of_parts_under_checkpoint_is_refused_not_silently_wrong(rnn, ba
     off the loop's, without a word, where the checks of the first batches do not run.)"""
     torch.manual_seed(0)
     model, (x, y) = _Checkpointed(rnn).double(), _batch()
-    with pytest.warns(UserWarning, match="or a call its rule does not take"):
+    with pytest.warns(UserWarning, match="makes a call its rule does not take"):
         with pytest.raises(ValueError, match="saved tensor hooks"):
             clipped_gradient_sum(model, "cross_entropy", x[:batch], y[:batch], max_grad_norm=0.1)

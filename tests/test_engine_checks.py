@@ -8,6 +8,9 @@
   last layer's kept output is the model's output, and the rule read the changed tensor.
 - A channels_last convolution with one output position (a weight that cannot be viewed as a
   matrix), and a clipper that stopped checking after three batches that raised.
+- A layer called with tensors swapped in for its parameters (``torch.func.functional_call``), and
+  a model changed after its clipper was planned (a forward replaced, a layer pruned,
+  parametrized, frozen or unfrozen): the rules credited the call to the planned parameters.
 
 The oracle is a plain loop in float64 (one forward pass and ``torch.autograd.grad`` per example,
 clipped with Opacus's ``min(1, C / (norm + 1e-6))``), written here. Models are float64 and
@@ -24,6 +27,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.nn.utils import parametrize, prune
 
 from companion.per_example import PerExampleClipper, clipped_gradient_sum
 
@@ -313,3 +318,111 @@ def test_an_into_unlike_the_parameters_is_refused_by_name(change):
     x, y = torch.randn(4, 2, 3, 3), torch.tensor([0, 1, 2, 0])
     with pytest.raises(ValueError, match=r"into must hold tensors .* \['0.weight'\] are not"):
         clipper.add_clipped_sum(x, y, max_grad_norm=1.0, into=into)
+
+
+# --- parameters swapped for a call, and a model changed after its plan ---------------------------
+
+
+class _Masked(nn.Module):
+    """``a`` called with its weight masked (``functional_call``): each parameter is read once, so
+    the graph looked as if ``a`` had used it, and the rule credited ``b a^T`` to the weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.register_buffer("mask", (torch.rand(4, 4) > 0.5).double())
+
+    def forward(self, x):
+        h = functional_call(self.a, {"weight": self.a.weight * self.mask, "bias": self.a.bias}, x)
+        return self.c(torch.tanh(h))
+
+
+class _Doubled(nn.Module):
+    """A whole network called with twice its parameters: every gradient was half the truth."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        return functional_call(self.net, {n: 2 * p for n, p in self.net.named_parameters()}, x)
+
+
+class _Attending(nn.Module):
+    """A layer of parts (MultiheadAttention) called with its output weight doubled."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        swapped = {"out_proj.weight": 2 * self.attention.out_proj.weight}
+        h = x.reshape(len(x), 2, 2).repeat(1, 1, 2)  # two positions of 4 features
+        out = functional_call(self.attention, swapped, (h, h, h), {"need_weights": False})[0]
+        return self.head(out.sum(1))
+
+
+@pytest.mark.parametrize("build", [_Masked, _Doubled, _Attending], ids=lambda b: b.__name__)
+def test_a_layer_called_with_parameters_swapped_in_moves_to_vmap_and_matches_the_loop(build):
+    torch.manual_seed(0)
+    model = build().double()
+    x, y = _batch()
+    c = _median_clip(model, _ce, x, y)
+    expected = _loop(model, _ce, x, y, c)[0]
+    with pytest.warns(UserWarning, match=r"swapped in for its parameters"):
+        _assert_close(clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=c), expected)
+
+
+def _mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def test_a_forward_replaced_after_the_plan_moves_to_vmap_and_matches_the_loop():
+    """The plan refuses a replaced forward; one replaced after it was made ran the rule."""
+    model = _mlp()
+    x, y = _batch()
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    clipper(x, y, max_grad_norm=1.0)
+    layer = model[0]
+    layer.forward = lambda h: F.linear(h, 2 * layer.weight, layer.bias)
+    c = _median_clip(model, _ce, x, y)
+    with pytest.warns(UserWarning, match=r"layer '0' .*has its forward replaced"):
+        _assert_close(clipper(x, y, max_grad_norm=c).sums, _loop(model, _ce, x, y, c)[0])
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (lambda m: prune.l1_unstructured(m[0], "weight", amount=0.4), "'0.weight_orig'"),
+        (
+            lambda m: parametrize.register_parametrization(m[0], "weight", nn.Identity()),
+            "'0.parametrizations.weight.original'",
+        ),
+        (lambda m: m[0].weight.requires_grad_(False), "'0.weight'"),
+        (lambda m: m[2].bias.requires_grad_(False), "'2.bias'"),
+        (lambda m: m.__setitem__(2, nn.Linear(4, 3).double()), "a parameter replaced"),
+    ],
+    ids=["pruned", "parametrized", "frozen", "frozen bias", "replaced"],
+)
+def test_a_model_whose_trainable_parameters_changed_since_the_plan_is_refused(change, named):
+    """Pruned or parametrized, the weight was no longer a parameter: its sum was exactly 0, only
+    noise. A frozen one stayed 0 too, and an unfrozen one raised a bare KeyError."""
+    model = _mlp()
+    x, y = _batch()
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    clipper(x, y, max_grad_norm=1.0)  # control: the model as planned
+    change(model)
+    with pytest.raises(ValueError, match=rf"no longer those .*{named}.* Build a new"):
+        clipper(x, y, max_grad_norm=1.0)
+
+
+def test_an_unfrozen_parameter_is_refused_too():
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    x, y = _batch()
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    clipper(x, y, max_grad_norm=1.0)
+    model[0].weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"no longer those .*'0.weight'"):
+        clipper(x, y, max_grad_norm=1.0)

@@ -79,6 +79,20 @@ def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return list(module.named_parameters(recurse=False))
 
 
+def holds_own(module: nn.Module, own: list[tuple[str, nn.Parameter]]) -> bool:
+    """Whether ``module`` (a :class:`Part`'s layer for a part) holds each parameter of ``own``
+    (:func:`own_parameters`) under its name now, not a tensor swapped in for a call, as
+    ``torch.func.functional_call`` does: a rule takes the call as made with the parameters."""
+    layer = module.layer if isinstance(module, Part) else module
+    for name, p in own:
+        owner, *path = layer, *name.split(".")
+        for step in path:
+            owner = getattr(owner, step, None)
+        if owner is not p:
+            return False
+    return True
+
+
 def _part(part: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
     """The Linear rule, on all the positions of a sequence (``a`` (B, T, in), ``b`` (B, T, out)),
     under the layer's names of the parameters."""

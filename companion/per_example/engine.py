@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+from torch.autograd.graph import get_gradient_edge
 
 from companion._outputs import batch_outputs
 from companion._torch import LossFn, trainable_named
@@ -28,21 +28,29 @@ from companion.per_example.gradients import (
     without_autocast,
 )
 from companion.per_example.layout import (
-    LAYOUT_CHANGED,
-    NOT_REPEATED,
-    READ_ELSEWHERE,
-    ROWS_ARE_NOT_EXAMPLES,
+    above_others,
     autograd_graph,
     batch_dim,
     check_input_unchanged,
     forward_with_capture,
     global_forward_hooks,
-    layer_names,
     refuse_reentrant_checkpoint,
     rows_cross,
+)
+from companion.per_example.plan import (
+    LAYOUT_CHANGED,
+    NOT_REPEATED,
+    ODD_CALL,
+    READ_ELSEWHERE,
+    ROWS_ARE_NOT_EXAMPLES,
+    LayerPlan,
+    check_unchanged,
+    checked,
+    layer_names,
+    move_to_vmap,
+    plan_layers,
     warn_moved,
 )
-from companion.per_example.plan import LayerPlan, checked, move_to_vmap, plan_layers
 from companion.per_example.rules import LAYER_RULES, RuleOutput, vmap_over_call
 
 __all__ = ["PerExampleClipper", "clipped_gradient_sum"]
@@ -173,7 +181,7 @@ def layerwise_add_clipped(
     warn_moved(misread, READ_ELSEWHERE)
     warn_moved(misrowed, ROWS_ARE_NOT_EXAMPLES)
     warn_moved(hidden, "has an output whose gradient autograd does not give (torch.compile)")
-    warn_moved(odd, "takes or returns more than one tensor, or a call its rule does not take")
+    warn_moved(odd, ODD_CALL)
     warn_moved(not_repeated, NOT_REPEATED)
     moved = misread + misrowed + hidden + odd + not_repeated
     entries = [
@@ -190,30 +198,6 @@ def layerwise_add_clipped(
         if not entries:  # the forward pass reached no trainable layer: every gradient is 0
             return x.new_zeros(x.shape[0], dtype=model_dtype(model)), plan
         return add_clipped(entries, max_grad_norm, into, scale), plan
-
-
-def above_others(loss: torch.Tensor, edges: dict[nn.Module, GradientEdge]) -> set[nn.Module]:
-    """The layers (keys of ``edges``, their outputs' places in the autograd graph of ``loss``)
-    from whose output's node the graph reaches another's: a backward pass that computes the
-    lower layer's output gradient runs that node."""
-    if len(edges) < 2:  # a layer's node is not below itself
-        return set()
-    marked = {edge.node for edge in edges.values()}
-    below: dict[Node, bool] = {}  # node -> whether a marked node lies below it
-    stack: list[tuple[Node, list[Node] | None]] = []
-    if loss.grad_fn is not None:
-        stack.append((loss.grad_fn, None))
-    while stack:  # depth first, each node once, after its children (those found on the way down)
-        node, children = stack.pop()
-        if children is not None:
-            below[node] = any(c in marked or below[c] for c in children)
-        elif node not in below:  # not the leaves' AccumulateGrad nodes
-            children = [
-                c for c, _ in node.next_functions if c is not None and not hasattr(c, "variable")
-            ]
-            stack.append((node, children))
-            stack.extend((c, None) for c in children if c not in below)
-    return {module for module, edge in edges.items() if below.get(edge.node, False)}
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -233,8 +217,9 @@ class PerExampleClipper:
 
     Args:
         model: the model; its parameters are read, not changed (a buffer may be: each call runs
-            forward passes, which advance ``spectral_norm``'s power iteration). Build a new
-            clipper if you add or freeze layers.
+            forward passes, which advance ``spectral_norm``'s power iteration). Once its
+            trainable parameters change (a layer added, replaced, frozen, pruned), the clipper
+            refuses a batch: build a new one.
         loss: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss over examples.
         method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see :func:`clipped_gradient_sum`).
 
@@ -317,7 +302,8 @@ class PerExampleClipper:
 
         Raises:
             TypeError: if the batch is not two tensors.
-            ValueError: if ``into`` lacks a trainable parameter or holds a tensor unlike it
+            ValueError: if the model's trainable parameters changed since the clipper was
+                built, ``into`` lacks one or holds a tensor unlike it
                 (shape, dtype, device), an example's gradient is not finite (then nothing is
                 added), the model runs layers in a reentrant checkpoint, or it changes its input
                 in place where another pass over the model follows.
@@ -338,6 +324,7 @@ class PerExampleClipper:
                 f"the batch must be two torch tensors, got {type(x).__name__} and "
                 f"{type(y).__name__}."
             )
+        check_unchanged(self.model, self.trainable)
         if missing := [name for name in self.trainable if name not in into]:
             raise ValueError(f"into lacks the trainable parameter(s) {missing}.")
         if unlike := [name for name, p in self.trainable.items() if not _alike(into[name], p)]:

@@ -25,11 +25,12 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, Node
 
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, OutOfMemoryError
 from companion._validation import warn
-from companion.per_example.composite import Part, call
+from companion.per_example.composite import Part, call, holds_own, own_parameters
 from companion.per_example.plan import LayerPlan
 
 __all__: list[str] = []
@@ -46,7 +47,10 @@ class Capture:
     inputs, a tuple out) is put in ``odd``: no rule can repeat that call. A layer of parts (a
     recurrent layer, a MultiheadAttention: :mod:`~companion.per_example.composite`) runs its
     products, whose inputs and outputs are kept in ``seen``, or its parts are put in ``odd`` for
-    a call those do not compute (an input torch's layer refuses, one under a checkpoint)."""
+    a call those do not compute (an input torch's layer refuses, one under a checkpoint). A layer
+    whose ``forward`` was replaced on the instance, or that is called with tensors swapped in for
+    its parameters (``torch.func.functional_call``), is put in ``odd`` too: its call may not
+    compute the rule's maths with the parameters the rule credits."""
 
     def __init__(
         self, layers: list[tuple[str, nn.Module]], *, copy_inputs: bool, copy_outputs: bool
@@ -55,8 +59,11 @@ class Capture:
         self.odd: set[nn.Module] = set()
         self.copy_inputs, self.copy_outputs = copy_inputs, copy_outputs
         self.handles, composite = [], {}
+        self.own = {m: own_parameters(m) for _, m in layers}
         for _, m in layers:
-            if isinstance(m, Part):  # kept by its layer's replaced forward, below
+            if "forward" in vars(m.layer if isinstance(m, Part) else m):  # replaced since planned
+                self.odd.add(m)
+            elif isinstance(m, Part):  # kept by its layer's replaced forward, below
                 composite.setdefault(m.layer, []).append(m)
             else:
                 self.handles.append(
@@ -77,7 +84,11 @@ class Capture:
     ) -> torch.Tensor | None:
         a = args[0] if args else next(iter(kwargs.values()), None)  # one input: by place or name
         one_to_one = isinstance(a, torch.Tensor) and isinstance(output, torch.Tensor)
-        if not one_to_one or len(args) + len(kwargs) != 1:
+        if (
+            not one_to_one
+            or len(args) + len(kwargs) != 1
+            or not holds_own(module, self.own[module])
+        ):
             self.odd.add(module)
             return None
         a = a.clone() if self.copy_inputs else a.detach()  # no copy; its shape stays as it was
@@ -90,8 +101,8 @@ class Capture:
         """The forward of a layer of parts (:mod:`~companion.per_example.composite`), keeping
         their inputs and outputs; torch's own for a call it does not compute (its parts are then
         ``odd``)."""
-        done = call(layer, args, kwargs, copy=self.copy_outputs)
-        if done is None:
+        swapped = not all(holds_own(part, self.own[part]) for part in parts)
+        if swapped or (done := call(layer, args, kwargs, copy=self.copy_outputs)) is None:
             self.odd.update(parts)
             return type(layer).forward(layer, *args, **kwargs)
         output, kept = done
@@ -208,6 +219,30 @@ def refuse_reentrant_checkpoint(nodes: set[object]) -> None:
             "the model calls torch.utils.checkpoint.checkpoint with use_reentrant=True, which "
             "hides the layers it runs from per-example gradients; pass use_reentrant=False."
         )
+
+
+def above_others(loss: torch.Tensor, edges: dict[nn.Module, GradientEdge]) -> set[nn.Module]:
+    """The layers (keys of ``edges``, their outputs' places in the autograd graph of ``loss``)
+    from whose output's node the graph reaches another's: a backward pass that computes the
+    lower layer's output gradient runs that node."""
+    if len(edges) < 2:  # a layer's node is not below itself
+        return set()
+    marked = {edge.node for edge in edges.values()}
+    below: dict[Node, bool] = {}  # node -> whether a marked node lies below it
+    stack: list[tuple[Node, list[Node] | None]] = []
+    if loss.grad_fn is not None:
+        stack.append((loss.grad_fn, None))
+    while stack:  # depth first, each node once, after its children (those found on the way down)
+        node, children = stack.pop()
+        if children is not None:
+            below[node] = any(c in marked or below[c] for c in children)
+        elif node not in below:  # not the leaves' AccumulateGrad nodes
+            children = [
+                c for c, _ in node.next_functions if c is not None and not hasattr(c, "variable")
+            ]
+            stack.append((node, children))
+            stack.extend((c, None) for c in children if c not in below)
+    return {module for module, edge in edges.items() if below.get(edge.node, False)}
 
 
 def rows_cross(
@@ -390,51 +425,3 @@ def _cuda_index(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
-#: Why a layer without a rule falls back when vmap over its call fails, for :func:`warn_moved`.
-NOT_REPEATED = (
-    "gives another output when its call is repeated (a random draw, state set outside the call, "
-    "a hook added since the clipper was built, an input the call changes in place), or vmap "
-    "fails on it"
-)
-
-#: Why a layer falls back when the graph shows its parameters read by more than its call (or a
-#: layer without a rule reading one twice: the graph does not tell where), for :func:`warn_moved`.
-READ_ELSEWHERE = (
-    "is called more than once, or has a parameter read more than once in its call or outside it"
-)
-
-#: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.
-ROWS_ARE_NOT_EXAMPLES = (
-    "is called on an input whose rows are not the batch's examples (a flattened batch, a sequence "
-    "laid out (T, B, F) into a layer of a type that takes the batch first only, a batch reordered "
-    "around it, or a layout the checked batches did not show)"
-)
-
-#: Why a layer falls back when the checked batches showed it on two layouts, for
-#: :func:`warn_moved`.
-LAYOUT_CHANGED = (
-    "holds the batch's examples along dimension 0 in some batches and along dimension 1 in "
-    "others, which the shapes of a batch with as many examples as positions cannot tell apart"
-)
-
-
-def warn_moved(layers: list[tuple[str, nn.Module]], why: str) -> None:
-    """Name the hooked ``layers`` that move to vmap, and why."""
-    if layers:
-        warn(
-            f"{layer_names(layers)} {why}: its per-example gradients are computed with vmap from "
-            "now on, which is slower; the result is the same."
-        )
-
-
-def layer_names(layers: list[tuple[str, nn.Module]], *, kinds: bool = False) -> str:
-    """``layer 'a', 'b'`` for messages, with each layer's type if ``kinds``; ``the model`` for the
-    one layer named '' (a model that is itself a layer with no sublayers)."""
-    # a layer's parts are named once, by the layer's name and type
-    named = {name: m.layer if isinstance(m, Part) else m for name, m in layers}
-    kind = {name: f" ({type(m).__name__})" if kinds else "" for name, m in named.items()}
-    if list(named) == [""]:
-        return f"the model{kind['']}"
-    return "layer " + ", ".join(f"{name!r}{kind[name]}" for name in named)

@@ -14,7 +14,10 @@ from typing import NamedTuple
 
 from torch import nn
 
+from companion._torch import trainable_named
+from companion._validation import warn
 from companion.per_example.composite import (
+    Part,
     computed_weights,
     is_composite,
     own_parameters,
@@ -118,6 +121,19 @@ def _why_no_rule(module: nn.Module) -> str | None:
     return None
 
 
+def check_unchanged(model: nn.Module, trainable: dict[str, nn.Parameter]) -> None:
+    """Refuse a ``model`` whose trainable parameters are no longer ``trainable``, those planned
+    for: a layer replaced, frozen, unfrozen, pruned or parametrized since."""
+    now = dict(trainable_named(model))
+    if now.keys() != trainable.keys() or any(p is not trainable[n] for n, p in now.items()):
+        raise ValueError(
+            "the model's trainable parameters are no longer those the clipper was built for "
+            f"({sorted(now.keys() ^ trainable.keys()) or 'a parameter replaced'}): a layer "
+            "replaced, frozen or unfrozen, pruned or parametrized since. Build a new "
+            "PerExampleClipper for the model as it is now."
+        )
+
+
 def move_to_vmap(plan: LayerPlan, layers: list[tuple[str, nn.Module]]) -> LayerPlan:
     """``plan`` with the hooked ``layers`` moved to vmap."""
     fallback = plan.fallback + [
@@ -147,3 +163,58 @@ def checked(
         if len(left) == 1 and dims.setdefault(layer, left[0]) != left[0]:
             changed.append((name, layer))
     return move_to_vmap(plan._replace(dims=dims), wrong + changed), changed
+
+
+#: Why a layer without a rule falls back when vmap over its call fails, for :func:`warn_moved`.
+NOT_REPEATED = (
+    "gives another output when its call is repeated (a random draw, state set outside the call, "
+    "a hook added since the clipper was built, an input the call changes in place), or vmap "
+    "fails on it"
+)
+
+#: Why a layer falls back when the graph shows its parameters read by more than its call (or a
+#: layer without a rule reading one twice: the graph does not tell where), for :func:`warn_moved`.
+READ_ELSEWHERE = (
+    "is called more than once, or has a parameter read more than once in its call or outside it"
+)
+
+#: Why a layer :class:`Capture` put in ``odd`` falls back, for :func:`warn_moved`.
+ODD_CALL = (
+    "takes or returns more than one tensor, has its forward replaced, is called with tensors "
+    "swapped in for its parameters (torch.func.functional_call), or makes a call its rule does "
+    "not take"
+)
+
+#: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.
+ROWS_ARE_NOT_EXAMPLES = (
+    "is called on an input whose rows are not the batch's examples (a flattened batch, a sequence "
+    "laid out (T, B, F) into a layer of a type that takes the batch first only, a batch reordered "
+    "around it, or a layout the checked batches did not show)"
+)
+
+#: Why a layer falls back when the checked batches showed it on two layouts, for
+#: :func:`warn_moved`.
+LAYOUT_CHANGED = (
+    "holds the batch's examples along dimension 0 in some batches and along dimension 1 in "
+    "others, which the shapes of a batch with as many examples as positions cannot tell apart"
+)
+
+
+def warn_moved(layers: list[tuple[str, nn.Module]], why: str) -> None:
+    """Name the hooked ``layers`` that move to vmap, and why."""
+    if layers:
+        warn(
+            f"{layer_names(layers)} {why}: its per-example gradients are computed with vmap from "
+            "now on, which is slower; the result is the same."
+        )
+
+
+def layer_names(layers: list[tuple[str, nn.Module]], *, kinds: bool = False) -> str:
+    """``layer 'a', 'b'`` for messages, with each layer's type if ``kinds``; ``the model`` for the
+    one layer named '' (a model that is itself a layer with no sublayers)."""
+    # a layer's parts are named once, by the layer's name and type
+    named = {name: m.layer if isinstance(m, Part) else m for name, m in layers}
+    kind = {name: f" ({type(m).__name__})" if kinds else "" for name, m in named.items()}
+    if list(named) == [""]:
+        return f"the model{kind['']}"
+    return "layer " + ", ".join(f"{name!r}{kind[name]}" for name in named)
