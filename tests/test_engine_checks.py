@@ -8,6 +8,8 @@
   last layer's kept output is the model's output, and the rule read the changed tensor.
 - A channels_last convolution with one output position (a weight that cannot be viewed as a
   matrix), and a clipper that stopped checking after three batches that raised.
+- A check of rows whose gradient is 0 (a head initialised to 0) sees no read: it passed, and
+  three such batches ended the checks, so a layer on reversed rows kept its rule.
 - A layer called with tensors swapped in for its parameters (``torch.func.functional_call``), and
   a model changed after its clipper was planned (a forward replaced, a layer pruned,
   parametrized, frozen or unfrozen): the rules credited the call to the planned parameters.
@@ -426,3 +428,67 @@ def test_an_unfrozen_parameter_is_refused_too():
     model[0].weight.requires_grad_(True)
     with pytest.raises(ValueError, match=r"no longer those .*'0.weight'"):
         clipper(x, y, max_grad_norm=1.0)
+
+
+# --- checks that see no read ---------------------------------------------------------------------
+
+
+class _ZeroHeadFlip(nn.Module):
+    """``a`` on the batch reversed (rows that are not the examples), under a head of zeros: while
+    the head is 0, every gradient below it is 0 and no check can see which rows a loss reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        nn.init.zeros_(self.c.weight)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.a(x.flip(0)).flip(0)) + torch.tanh(self.b(x)))
+
+
+def test_checks_that_see_no_read_do_not_count_and_a_later_one_finds_the_rows():
+    """Three batches under the zero head (micro-batches accumulated before a step) spent every
+    check; with the head then nonzero, the rule on ``a`` gave a sum off the loop, by which one
+    example moved the clipped sum by about 2C."""
+    torch.manual_seed(0)
+    model = _ZeroHeadFlip().double()
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about while nothing is read
+        for seed in range(3):
+            clipper(*_batch(seed=seed), max_grad_norm=1.0)
+    with torch.no_grad():
+        model.c.weight.normal_()
+    x, y = _batch(seed=3)
+    c = _median_clip(model, _ce, x, y)
+    with pytest.warns(UserWarning, match=rf"layer 'a' .*{ROWS_WARNING}"):
+        _assert_close(clipper(x, y, max_grad_norm=c).sums, _loop(model, _ce, x, y, c)[0])
+
+
+def test_after_the_limit_a_layer_never_seen_read_moves_to_vmap_and_the_checks_stop(monkeypatch):
+    """A head frozen at 0: no check ever sees a read. After 12 checked batches the layers below
+    move to vmap and the input's mixing is said to be unchecked; no check runs after that."""
+    import companion.per_example.engine as engine
+
+    torch.manual_seed(0)
+    model = _ZeroHeadFlip().double()
+    model.c.requires_grad_(False)
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    checks = []
+    rows_cross = engine.rows_cross
+    monkeypatch.setattr(engine, "rows_cross", lambda *a: checks.append(1) or rows_cross(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(11):
+            clipper(*_batch(seed=seed), max_grad_norm=1.0)
+    with pytest.warns(UserWarning) as caught:
+        clipper(*_batch(seed=11), max_grad_norm=1.0)
+    messages = [str(w.message) for w in caught]
+    assert any(
+        m.startswith("layer 'a', 'b' had, in every batch checked, an output row") for m in messages
+    )
+    assert any(m.startswith("the input of an example had a gradient of 0") for m in messages)
+    assert clipper.plan.fallback == ["a.weight", "a.bias", "b.weight", "b.bias"]
+    for seed in range(12, 15):
+        clipper(*_batch(seed=seed), max_grad_norm=1.0)
+    assert len(checks) == 12

@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter
+from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge, Node
 
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, OutOfMemoryError
 from companion._validation import warn
 from companion.per_example.composite import Part, call, holds_own, own_parameters
+from companion.per_example.graph import autograd_graph, refuse_reentrant_checkpoint
 from companion.per_example.plan import LayerPlan
 
 __all__: list[str] = []
@@ -186,68 +186,18 @@ def _positions(layer: nn.Module, a: torch.Tensor) -> int:
     return 1
 
 
-def autograd_graph(loss: torch.Tensor) -> tuple[Counter[int], set[object]]:
-    """The operations of the autograd graph of ``loss``, and how many of them read each leaf.
+class RowCheck(NamedTuple):
+    """What :func:`rows_cross` found."""
 
-    Returns ``(reads, nodes)``: ``reads[id(t)]`` counts the operations that read the leaf tensor
-    ``t`` (a trainable parameter), and ``nodes`` holds every operation's node (a tensor's
-    ``grad_fn``). A rule computes a layer's gradients from its one call, so it applies only where
-    that call's output is in the graph and each of the layer's parameters is read once: by that
-    call. A parameter also read elsewhere (a tied output head ``h @ embedding.weight.t()``) is
-    read more often, or, when the call's output does not reach the loss, read only elsewhere.
-    """
-    reads: Counter[int] = Counter()
-    stack = [loss.grad_fn] if loss.grad_fn is not None else []
-    nodes = set(stack)
-    while stack:
-        for node, _ in stack.pop().next_functions:
-            if node is None:
-                continue
-            if hasattr(node, "variable"):  # AccumulateGrad: the node of a leaf tensor
-                reads[id(node.variable)] += 1
-            elif node not in nodes:
-                nodes.add(node)
-                stack.append(node)
-    return reads, nodes
-
-
-def refuse_reentrant_checkpoint(nodes: set[object]) -> None:
-    """Refuse a graph (its ``nodes``, from :func:`autograd_graph`) with a reentrant checkpoint,
-    whose layers run without autograd in the forward pass: no rule and no gradient sees them."""
-    if any(type(node).__name__ == "CheckpointFunctionBackward" for node in nodes):
-        raise ValueError(
-            "the model calls torch.utils.checkpoint.checkpoint with use_reentrant=True, which "
-            "hides the layers it runs from per-example gradients; pass use_reentrant=False."
-        )
-
-
-def above_others(loss: torch.Tensor, edges: dict[nn.Module, GradientEdge]) -> set[nn.Module]:
-    """The layers (keys of ``edges``, their outputs' places in the autograd graph of ``loss``)
-    from whose output's node the graph reaches another's: a backward pass that computes the
-    lower layer's output gradient runs that node."""
-    if len(edges) < 2:  # a layer's node is not below itself
-        return set()
-    marked = {edge.node for edge in edges.values()}
-    below: dict[Node, bool] = {}  # node -> whether a marked node lies below it
-    stack: list[tuple[Node, list[Node] | None]] = []
-    if loss.grad_fn is not None:
-        stack.append((loss.grad_fn, None))
-    while stack:  # depth first, each node once, after its children (those found on the way down)
-        node, children = stack.pop()
-        if children is not None:
-            below[node] = any(c in marked or below[c] for c in children)
-        elif node not in below:  # not the leaves' AccumulateGrad nodes
-            children = [
-                c for c, _ in node.next_functions if c is not None and not hasattr(c, "variable")
-            ]
-            stack.append((node, children))
-            stack.extend((c, None) for c in children if c not in below)
-    return {module for module, edge in edges.items() if below.get(edge.node, False)}
+    wrong: list[tuple[str, nn.Module]]  # layers whose rows are not the examples
+    dims: dict[nn.Module, list[int]]  # each other layer's dimensions whose rows passed
+    unseen: list[tuple[str, nn.Module]]  # layers with a row no loss read: not checked
+    input_unseen: bool  # whether an example's input was read by no loss: mixing not checked
 
 
 def rows_cross(
     model: nn.Module, plan: LayerPlan, sum_loss: LossFn, x: torch.Tensor, y: torch.Tensor
-) -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, list[int]]]:
+) -> RowCheck:
     r"""The hooked layers whose rows, in a forward pass on the few examples ``x``, are not one per
     example or reach the loss of other examples than their own; and for each other layer called,
     the dimensions that may hold its examples (:func:`example_dims`) whose rows passed.
@@ -285,6 +235,11 @@ def rows_cross(
     ids), nor where autograd does not see it (a ``detach``, a buffer, a trip through numpy: a
     forward pass that cannot take an input requiring a gradient gets a warning instead).
 
+    A row whose gradient is 0 (a head initialised to 0, a unit no example uses) shows no read,
+    so the check passes it whatever reads it: a layer with such a row along a dimension that
+    passed is ``unseen`` (not settled in ``dims``), and ``input_unseen`` says the same of an
+    example's input. The caller checks again on another batch.
+
     Raises:
         ValueError: if the forward pass mixes examples, or runs a reentrant checkpoint.
         TypeError: if the model does not return a tensor.
@@ -293,9 +248,20 @@ def rows_cross(
     seen = [(name, m) for name, m in plan.hooked if m in kept]
     dims = {m: example_dims(m, *kept[m][:2], len(x)) for _, m in seen}  # narrowed below
     right = [(n, m) for n, m in seen if dims[m] and kept[m][1].requires_grad]
+    rows = torch.arange(len(x), device=x.device)
+    # The rows that a backward pass read (a nonzero gradient), per layer reached and dimension.
+    hit = {m: {d: rows < 0 for d in dims[m]} for _, m in right}
+    input_hit, reached, input_reached = rows < 0, set(), False
 
-    def found() -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, list[int]]]:
-        return [(n, m) for n, m in seen if not dims[m]], {m: d for m, d in dims.items() if d}
+    def found() -> RowCheck:
+        unseen = [
+            (n, m)
+            for n, m in right
+            if m in reached and not all(bool(hit[m][d].all()) for d in dims[m])
+        ]
+        settled = {m: d for m, d in dims.items() if d and m not in {m for _, m in unseen}}
+        input_unseen = input_reached and not bool(input_hit.all())
+        return RowCheck([(n, m) for n, m in seen if not dims[m]], settled, unseen, input_unseen)
 
     if not outputs.requires_grad or not (right or leaf is not None):
         return found()
@@ -337,7 +303,6 @@ def rows_cross(
         return list(torch.autograd.grad(outputs, targets, weighted, allow_unused=True))
 
     # Few distinct operations: the first call of each pages in a few hundred KiB of torch's code.
-    rows = torch.arange(len(x), device=x.device)
     weights = 1 + torch.rand(
         len(x), generator=torch.Generator(x.device).manual_seed(0), device=x.device
     ).to(gradient.dtype)
@@ -349,13 +314,18 @@ def rows_cross(
             input_read = reads.pop(0) if leaf is not None else None  # the input's gradient
             for (_, m), read in zip(right, reads, strict=True):
                 if read is not None:  # along each dimension that may hold the examples
+                    reached.add(m)
                     dims[m] = [d for d in dims[m] if not read.movedim(d, 0)[~subset].ne(0).any()]
+                    for d in dims[m]:
+                        hit[m][d] |= read.movedim(d, 0).reshape(len(x), -1).ne(0).any(1)
             if input_read is not None:  # a read is finite and nonzero: 0 * inf gives NaN
                 # Comparisons, which make masks only (isfinite copies the gradient's values).
                 read = input_read.ne(0)
                 read &= input_read.eq(input_read)
                 read &= input_read.ne(math.inf)
                 read &= input_read.ne(-math.inf)
+                input_hit |= read.reshape(len(x), -1).any(1)
+                input_reached = True
                 if bool(read.index_fill_(0, rows[subset], False).any()):  # a read outside the set
                     raise ValueError(MIXES_EXAMPLES)
     return found()
@@ -417,6 +387,14 @@ MIXES_EXAMPLES = (
     "one example reads other examples' inputs, as batch statistics or a batch mean do. DP-SGD's "
     "clipping bounds each example's contribution only if its loss depends on that example "
     "alone. Use per-example normalisation (GroupNorm, LayerNorm) in place of batch statistics."
+)
+
+
+#: The warning of a clipper whose checks of :func:`rows_cross` never saw every example's input read.
+INPUT_UNREAD = (
+    "the input of an example had a gradient of 0 in every batch checked, so whether the model's "
+    "forward pass mixes the examples of a batch was not checked there: make sure it does not "
+    "(batch statistics, a batch mean), or DP-SGD's guarantee does not hold."
 )
 
 

@@ -185,6 +185,13 @@ ODD_CALL = (
     "not take"
 )
 
+#: Why a layer falls back when no check of its rows saw every row read (a zero gradient), for
+#: :func:`warn_moved`.
+UNREAD = (
+    "had, in every batch checked, an output row whose gradient was 0, so which examples' losses "
+    "read that row was not seen"
+)
+
 #: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.
 ROWS_ARE_NOT_EXAMPLES = (
     "is called on an input whose rows are not the batch's examples (a flattened batch, a sequence "
