@@ -66,19 +66,22 @@ example's index, the losses of the examples with that bit set, and of those with
 no row of a layer's output outside their set (:math:`2 \lceil \log_2 n \rceil` more backward passes
 on the first :math:`n \le 8` examples, each example's loss weighted by a random factor so that reads
 cannot cancel; exact zeros, so neither rounding, identical examples nor the model's random draws
-matter). A batch in which a row of a layer's output, or an example's input, has a gradient of 0
-(under a head initialised to 0) shows no read of it and does not count; after 12 checked batches, a
-layer with such a row moves to ``vmap``. A layer that fails moves to ``vmap`` for the clipper's
-life, and so does one that the checks show on both layouts, or whose batch fits both (as many
-examples as positions) where no check has settled which dimension holds its examples. A reordering
-or layout that depends on the data (a sort by length) or on the batch's size, or a reordering that
-leaves the first 8 examples in place (a roll by 8), is found only if a checked batch shows it: a
-model that reorders its batch should use ``method="vmap"``, and one that sorts it to pack it for a
-recurrent layer (which vmap cannot take) should pack with ``enforce_sorted=False`` instead (a batch
-packed sorted gets a warning). Random layers such as ``Dropout`` draw other masks in ``vmap``'s
-forward pass than in the rules' one, so where a layer takes vmap over the model an example's
-gradient may mix two draws; it is still clipped as a whole, which is what the guarantee needs.
-Under :class:`torch.autocast` the clipped sum is computed with autocast switched off, in the
+matter). A row whose gradient is 0 (under a head initialised to 0) shows no read: a batch counts
+only once every row it checked has been seen read, in it or an earlier batch, and after 12 checked
+batches with the parameters changed in between, a layer with a row never seen read moves to
+``vmap`` (and a warning says if an input was never seen read: its mixing is then not fully
+checked). A read through weights that are 0 while the checks run (another example's input read
+through a head initialised to 0) is not seen. A layer that fails moves to ``vmap`` for the
+clipper's life, and so does one that the checks show on both layouts, or whose batch fits both (as
+many examples as positions) where no check has settled which dimension holds its examples. A
+reordering or layout that depends on the data (a sort by length) or on the batch's size, or a
+reordering that leaves the first 8 examples in place (a roll by 8), is found only if a checked
+batch shows it: a model that reorders its batch should use ``method="vmap"``, and one that sorts it
+to pack it for a recurrent layer (which vmap cannot take) should pack with ``enforce_sorted=False``
+instead (a batch packed sorted gets a warning). Random layers such as ``Dropout`` draw other masks
+in ``vmap``'s forward pass than in the rules' one, so where a layer takes vmap over the model an
+example's gradient may mix two draws; it is still clipped as a whole, which is what the guarantee
+needs. Under :class:`torch.autocast` the clipped sum is computed with autocast switched off, in the
 parameters' own dtype.
 
 .. note::

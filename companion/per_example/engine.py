@@ -30,7 +30,7 @@ from companion.per_example.gradients import (
 from companion.per_example.graph import above_others, autograd_graph, refuse_reentrant_checkpoint
 from companion.per_example.layout import (
     INPUT_UNREAD,
-    RowCheck,
+    RowsRead,
     batch_dim,
     check_input_unchanged,
     forward_with_capture,
@@ -207,9 +207,8 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 #: How many batches (of two examples or more) each clipper checks with :func:`rows_cross`: the
 #: layout of a layer seldom depends on the data, but a sort by length can leave a batch as it is.
-#: A check counts only if every row it checked was read (a nonzero gradient); after
-#: ``_CHECK_LIMIT`` checks, the layers with a row still unread move to vmap.
-_CHECKED_BATCHES, _CHECK_LIMIT = 3, 12
+#: A check counts only if every row it checked has been seen read (:class:`RowsRead`).
+_CHECKED_BATCHES = 3
 
 
 class PerExampleClipper:
@@ -221,7 +220,7 @@ class PerExampleClipper:
     Args:
         model: the model; its parameters are read, not changed (a buffer may be: each call runs
             forward passes, which advance ``spectral_norm``'s power iteration). Once its
-            trainable parameters change (a layer added, replaced, frozen, pruned), the clipper
+            trainable parameters change (a layer added, frozen, pruned, given new ones), the clipper
             refuses a batch: build a new one.
         loss: ``"cross_entropy"``, ``"bce"`` or a callable returning the mean loss over examples.
         method: ``"auto"``, ``"vmap"`` or ``"layerwise"`` (see :func:`clipped_gradient_sum`).
@@ -254,8 +253,7 @@ class PerExampleClipper:
         self.trainable = dict(trainable_named(self.model))
         self.plan = None if self.method == "vmap" else plan_layers(self.model)
         self._warned_hooks = False  # whether a global forward hook has been warned about
-        self._checks_left = _CHECKED_BATCHES  # batches of >= 2 examples whose rows to check
-        self._checks_run = 0
+        self._checks = RowsRead(_CHECKED_BATCHES)  # of batches of >= 2 examples
         if self.plan is not None and self.plan.fallback:
             reasons = "; ".join(self.plan.reasons)
             if self.method == "layerwise":
@@ -356,30 +354,21 @@ class PerExampleClipper:
                 with torch.no_grad():
                     entries = [materialised(name, g) for name, g in grads.items()]
                     return add_clipped(entries, max_grad_norm, into, scale)
-            if self._checks_left > 0 and x.shape[0] >= 2:  # one example: nothing to mix
+            if self._checks.left > 0 and x.shape[0] >= 2:  # one example: nothing to mix
                 check = rows_cross(self.model, plan, self.sum_loss, x[:8], y[:8])
                 warn_moved(check.wrong, ROWS_ARE_NOT_EXAMPLES)
                 self.plan, changed = checked(plan, check.wrong, check.dims)
                 warn_moved(changed, LAYOUT_CHANGED)
-                self._count(check)  # only a batch that passed: one that raised is checked again
-                plan = self.plan
+                # only a batch that passed counts: one that raised is checked again
+                unread, input_unread = self._checks.add(check, list(self.trainable.values()))
+                warn_moved(unread, UNREAD)
+                if input_unread:
+                    warn(INPUT_UNREAD)
+                self.plan = plan = move_to_vmap(self.plan, unread)
             norms, self.plan = layerwise_add_clipped(
                 self.model, plan, self.mean_loss, self.sum_loss, x, y, max_grad_norm, into, scale
             )
         return norms
-
-    def _count(self, check: RowCheck) -> None:
-        """Count a batch whose rows were checked: one with a row no loss read (a zero gradient)
-        checked nothing there, and does not count, until the limit."""
-        self._checks_run += 1
-        if not check.unseen and not check.input_unseen:
-            self._checks_left -= 1
-        elif self._checks_run >= _CHECK_LIMIT:
-            self._checks_left = 0
-            warn_moved(check.unseen, UNREAD)
-            self.plan = move_to_vmap(self.plan, check.unseen)
-            if check.input_unseen:
-                warn(INPUT_UNREAD)
 
 
 def clipped_gradient_sum(

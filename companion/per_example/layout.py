@@ -191,8 +191,51 @@ class RowCheck(NamedTuple):
 
     wrong: list[tuple[str, nn.Module]]  # layers whose rows are not the examples
     dims: dict[nn.Module, list[int]]  # each other layer's dimensions whose rows passed
-    unseen: list[tuple[str, nn.Module]]  # layers with a row no loss read: not checked
-    input_unseen: bool  # whether an example's input was read by no loss: mixing not checked
+    #: for each layer reached, along each dimension that passed, the rows some loss read
+    read: dict[tuple[str, nn.Module], dict[int, set[int]]]
+    input_read: set[int] | None  # the examples whose input some loss read; None: not reached
+    rows: int  # how many examples were checked
+
+
+class RowsRead:
+    """The checks of a clipper's batches (:func:`rows_cross`): which rows of each layer's output
+    and of the input some check saw read (a nonzero gradient), and how many checks are left.
+
+    A check sees no read of a row whose gradient is 0 (a head initialised to 0, an example the
+    loss does not reach), and so passes it whatever reads it. For a reordering the same in every
+    batch, a row seen read by its own example is in place, so what the checks saw adds up. A
+    check counts only when every row it checked has been seen read, in it or before. Once
+    ``LIMIT`` checks have run with the parameters changed since the one before (not micro-batches
+    before a step), :meth:`add` gives the layers with a row never seen read, to move to vmap,
+    and whether the input had one (its mixing was then not fully checked), and checks stop."""
+
+    LIMIT = 12
+
+    def __init__(self, checks: int) -> None:
+        self.left, self.spent, self.version = checks, 0, -1
+        self.seen: dict[tuple[nn.Module, int], set[int]] = {}
+        self.input_seen: set[int] = set()
+
+    def add(
+        self, check: RowCheck, parameters: list[nn.Parameter]
+    ) -> tuple[list[tuple[str, nn.Module]], bool]:
+        every, unread = set(range(check.rows)), []
+        for (name, layer), by_dim in check.read.items():
+            for d, rows in by_dim.items():
+                self.seen.setdefault((layer, d), set()).update(rows)
+            if any(not every <= self.seen[layer, d] for d in by_dim):
+                unread.append((name, layer))
+        self.input_seen |= check.input_read or set()
+        input_unread = check.input_read is not None and not every <= self.input_seen
+        if not unread and not input_unread:
+            self.left -= 1
+            return [], False
+        if (version := sum(p._version for p in parameters)) != self.version:
+            self.version, self.spent = version, self.spent + 1
+        if self.spent < self.LIMIT:
+            return [], False
+        self.left = 0
+        return unread, input_unread
 
 
 def rows_cross(
@@ -235,10 +278,9 @@ def rows_cross(
     ids), nor where autograd does not see it (a ``detach``, a buffer, a trip through numpy: a
     forward pass that cannot take an input requiring a gradient gets a warning instead).
 
-    A row whose gradient is 0 (a head initialised to 0, a unit no example uses) shows no read,
-    so the check passes it whatever reads it: a layer with such a row along a dimension that
-    passed is ``unseen`` (not settled in ``dims``), and ``input_unseen`` says the same of an
-    example's input. The caller checks again on another batch.
+    A row whose gradient is 0 (a head initialised to 0) shows no read, so the check passes it
+    whatever reads it; ``read`` and ``input_read`` say which rows were seen read
+    (:class:`RowsRead` adds them up over the batches).
 
     Raises:
         ValueError: if the forward pass mixes examples, or runs a reentrant checkpoint.
@@ -254,14 +296,14 @@ def rows_cross(
     input_hit, reached, input_reached = rows < 0, set(), False
 
     def found() -> RowCheck:
-        unseen = [
-            (n, m)
+        read = {
+            (n, m): {d: set(hit[m][d].nonzero().flatten().tolist()) for d in dims[m]}
             for n, m in right
-            if m in reached and not all(bool(hit[m][d].all()) for d in dims[m])
-        ]
-        settled = {m: d for m, d in dims.items() if d and m not in {m for _, m in unseen}}
-        input_unseen = input_reached and not bool(input_hit.all())
-        return RowCheck([(n, m) for n, m in seen if not dims[m]], settled, unseen, input_unseen)
+            if m in reached and dims[m]
+        }
+        input_read = set(input_hit.nonzero().flatten().tolist()) if input_reached else None
+        wrong = [(n, m) for n, m in seen if not dims[m]]
+        return RowCheck(wrong, {m: d for m, d in dims.items() if d}, read, input_read, len(x))
 
     if not outputs.requires_grad or not (right or leaf is not None):
         return found()
@@ -392,9 +434,9 @@ MIXES_EXAMPLES = (
 
 #: The warning of a clipper whose checks of :func:`rows_cross` never saw every example's input read.
 INPUT_UNREAD = (
-    "the input of an example had a gradient of 0 in every batch checked, so whether the model's "
-    "forward pass mixes the examples of a batch was not checked there: make sure it does not "
-    "(batch statistics, a batch mean), or DP-SGD's guarantee does not hold."
+    "in every batch checked, the input at some place of the batch had a gradient of 0, so whether "
+    "the model's forward pass mixes the examples of a batch was not fully checked: make sure it "
+    "does not (batch statistics, a batch mean), or DP-SGD's guarantee does not hold."
 )
 
 

@@ -188,8 +188,8 @@ ODD_CALL = (
 #: Why a layer falls back when no check of its rows saw every row read (a zero gradient), for
 #: :func:`warn_moved`.
 UNREAD = (
-    "had, in every batch checked, an output row whose gradient was 0, so which examples' losses "
-    "read that row was not seen"
+    "has an output row that no batch checked showed read (its gradient was 0 in each), so which "
+    "example's loss reads it is not known"
 )
 
 #: Why a layer falls back when its rows are not the examples, for :func:`warn_moved`.
