@@ -246,7 +246,7 @@ def loss_threshold_attack(
     restored afterwards, and in float64 (from the model's logits) so that very confident
     predictions do not all tie at a loss of 0. The model's parameters are not changed. A model
     that returns probabilities instead of logits is refused (see :func:`logit_confidence`):
-    the cross-entropy of probabilities read as logits lies between 1.40 and 2.46 for ten
+    the cross-entropy of probabilities read as logits lies between 1.46 and 2.46 for ten
     classes whatever the model, so the reported losses would be meaningless.
 
     Args:

@@ -118,11 +118,11 @@ class MembershipAttackResult:
         .. math:: \mathrm{TPR}@\alpha = \max\{\mathrm{TPR}(\tau) : \mathrm{FPR}(\tau) \le \alpha\}
 
         Carlini, Chien, Nasr, Song, Terzis and Tramèr 2022 ("Membership Inference Attacks From
-        First Principles", IEEE S&P) argue for this measure at a small :math:`\alpha` (0.1% or
-        1%) instead of accuracy or AUC: an attack that identifies a few members with confidence
-        is a real privacy breach, while one that is right slightly more often than chance on
-        everyone, which is what an AUC of 0.6 may mean, exposes no one. With :math:`m`
-        non-members the curve moves in steps of :math:`1/m`, so at most
+        First Principles", IEEE S&P) argue for this measure at a small :math:`\alpha` (they
+        report 0.1% and 0.001%) instead of accuracy or AUC: an attack that identifies a few
+        members with confidence is a real privacy breach, while one that is right slightly more
+        often than chance on everyone, which is what an AUC of 0.6 may mean, may expose no one.
+        With :math:`m` non-members the curve moves in steps of :math:`1/m`, so at most
         :math:`\lfloor \alpha m \rfloor` non-members may score above the threshold (none at all
         for :math:`\alpha m < 1`: then this is the TPR at zero false positives); a meaningful
         estimate at 1% needs a few hundred non-members at least.
@@ -154,17 +154,22 @@ class MembershipAttackResult:
 
         Yeom et al. 2018 define the advantage of an attack as :math:`\mathrm{TPR} -
         \mathrm{FPR}`, which is twice its accuracy minus one when members and non-members are
-        equally likely; the best threshold gives this maximum (the Kolmogorov-Smirnov distance
-        between the two empirical score distributions). It is 0 for guessing and 1 for a perfect
-        attack.
+        equally likely; the best threshold gives this maximum (the one-sided Kolmogorov-Smirnov
+        statistic of the two empirical score distributions, members above non-members). It is 0
+        for guessing and 1 for a perfect attack.
 
-        If the training algorithm is :math:`(\varepsilon, 0)`-differentially private, the
-        advantage of any attack is at most :math:`e^\varepsilon - 1` (Yeom et al. 2018,
-        Theorem 1). More generally :math:`(\varepsilon, \delta)`-DP bounds the whole ROC curve,
-        :math:`\mathrm{TPR} \le e^\varepsilon\, \mathrm{FPR} + \delta` at every threshold, hence
-        :math:`\mathrm{TPR} - \mathrm{FPR} \le (e^\varepsilon - 1)\,\mathrm{FPR} + \delta`. These
-        bounds are on the *probabilities*; the rates measured on finitely many examples scatter
-        around them.
+        Which bound differential privacy puts on it depends on what the members are compared
+        with. For one example, trained on with it or without it, :math:`(\varepsilon,
+        \delta)`-DP under add/remove bounds the ROC curve by :math:`\mathrm{TPR} \le
+        e^\varepsilon\, \mathrm{FPR} + \delta` at every threshold, hence :math:`\mathrm{TPR} -
+        \mathrm{FPR} \le (e^\varepsilon - 1)\,\mathrm{FPR} + \delta`. Members compared with
+        *other* examples as non-members, from a random split and with the training set's size
+        fixed, are neighbours under replace, where the guarantee is only :math:`(2\varepsilon,
+        (1 + e^\varepsilon)\delta)`: then :math:`\mathrm{TPR} \le e^{2\varepsilon}\,
+        \mathrm{FPR} + (1 + e^\varepsilon)\delta`. Yeom et al. (2018, Theorem 1) bound the
+        advantage by :math:`e^\varepsilon - 1` in their experiment, where the training set's size
+        is fixed, so for :math:`\varepsilon`-DP under replace. These bounds are on the
+        *probabilities*; the rates measured on finitely many examples scatter around them.
 
         Returns:
             The advantage, in [0, 1].
@@ -182,8 +187,8 @@ class MembershipAttackResult:
         r"""Draw the ROC curve, on log-log axes by default, with the diagonal of guessing.
 
         Carlini et al. 2022 plot ROC curves on log-log axes so that the region that matters, a
-        false-positive rate of 0.1% or 1%, is visible: on linear axes every attack looks like
-        the diagonal there. The x axis starts at half a step, :math:`1 / (2m)` for :math:`m`
+        false-positive rate of 1% or far less, is visible: on linear axes every attack looks
+        like the diagonal there. The x axis starts at half a step, :math:`1 / (2m)` for :math:`m`
         non-members, the resolution of the measured curve (points with FPR 0 cannot be drawn
         on a log axis). Needs matplotlib (the ``book`` extra).
 
