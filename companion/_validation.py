@@ -244,8 +244,20 @@ def check_epsilon(value: object, name: str = "epsilon") -> float:
     return check_positive(name, value)
 
 
-def check_delta(value: object, name: str = "delta", *, allow_zero: bool = False) -> float:
+# Why delta = 0 is refused where it is: every caller without allow_zero adds Gaussian noise.
+GAUSSIAN_NEEDS_DELTA = (
+    "Gaussian noise is not (epsilon, 0)-DP for any finite epsilon, so this needs delta > 0; "
+    "pass a small one, such as 1e-5, well below 1/n for n people."
+)
+
+
+def check_delta(
+    value: object, name: str = "delta", *, allow_zero: bool = False, why_not_zero: str = ""
+) -> float:
     """A privacy parameter delta: a real number in (0, 1), or in [0, 1) with ``allow_zero``.
+
+    Without ``allow_zero`` a zero is refused with ``why_not_zero`` appended, by default
+    :data:`GAUSSIAN_NEEDS_DELTA`.
 
     Raises:
         TypeError: as :func:`check_real`.
@@ -256,7 +268,8 @@ def check_delta(value: object, name: str = "delta", *, allow_zero: bool = False)
         return value
     if not 0 < value < 1:
         interval = "[0, 1)" if allow_zero else "the open interval (0, 1)"
-        raise ValueError(f"{name} must lie in {interval}, got {value}.")
+        why = f" {why_not_zero or GAUSSIAN_NEEDS_DELTA}" if value == 0 else ""
+        raise ValueError(f"{name} must lie in {interval}, got {value}.{why}")
     return value
 
 

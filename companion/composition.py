@@ -95,7 +95,11 @@ def advanced_composition(
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta, allow_zero=True)
     k = check_positive_int("k", k)
-    delta_prime = check_delta(delta_prime, "delta_prime")
+    delta_prime = check_delta(
+        delta_prime,
+        "delta_prime",
+        why_not_zero="The bound grows like sqrt(log(1 / delta_prime)): at 0 it is infinite.",
+    )
     total_epsilon = math.sqrt(
         2 * k * math.log(1 / delta_prime)
     ) * epsilon + k * epsilon * math.expm1(epsilon)

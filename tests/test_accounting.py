@@ -916,7 +916,8 @@ BAD_CALLS = {
     "sigma delta zero": (
         _sigma(target_delta=0.0),
         ValueError,
-        r"target_delta must lie in the open interval",
+        r"target_delta must lie in the open interval \(0, 1\), got 0.0. Gaussian noise is not "
+        r"\(epsilon, 0\)-DP for any finite epsilon",
     ),
     "sigma delta one": (
         _sigma(target_delta=1.0),

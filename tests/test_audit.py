@@ -635,6 +635,37 @@ def test_one_run_audit_rejects_bad_input():
         one_run_audit(scores, members, delta=0.0, guess_counts=[3])
 
 
+def _two_sided_fair_p(k: int, m: int) -> float:
+    """P[|Binomial(m, 1/2) - m/2| >= |k - m/2|], summed exactly with integers (the oracle)."""
+    far = abs(2 * k - m)
+    return sum(math.comb(m, j) for j in range(m + 1) if abs(2 * j - m) >= far) / 2**m
+
+
+def test_one_run_audit_refuses_members_not_drawn_with_probability_one_half():
+    # The theorem needs each canary included with probability 1/2. Scores that know nothing,
+    # with 80% of the canaries included: guessing "in" for the top half is right 80% of the time,
+    # which a fair draw would read as epsilon > 0.8 (0.87 with this seed before this check).
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=1000)
+    unfair = rng.random(1000) < 0.8
+    with pytest.raises(ValueError, match="probability 1/2"):
+        one_run_audit(scores, unfair, delta=DELTA)
+    with pytest.raises(ValueError, match="1000 included canaries of 1000"):
+        one_run_audit(scores, np.ones(1000, dtype=bool), delta=DELTA)
+    # The threshold, p < 1e-6 for a fair draw, on both sides of it (the oracle sums exactly):
+    assert _two_sided_fair_p(580, 1000) < 1e-6 < _two_sided_fair_p(570, 1000)
+    for included, refused in ((580, True), (420, True), (570, False), (430, False)):
+        members = np.arange(1000) < included
+        if refused:
+            with pytest.raises(ValueError, match=f"{included} included canaries of 1000"):
+                one_run_audit(scores, members, delta=DELTA)
+        else:
+            one_run_audit(scores, members, delta=DELTA)
+    # 20 canaries all included happen once in 2^19 fair draws, above 1e-6: accepted.
+    assert _two_sided_fair_p(20, 20) > 1e-6
+    one_run_audit(np.arange(20.0), np.ones(20, dtype=bool), delta=0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # DP-FedAvg: canary clients
 # --------------------------------------------------------------------------------------------

@@ -59,7 +59,13 @@ def test_group_privacy():
         (
             lambda: advanced_composition(epsilon=1.0, k=2, delta_prime=0.0),
             ValueError,
-            "delta_prime",
+            r"delta_prime must lie in the open interval \(0, 1\), got 0.0. The bound grows like "
+            r"sqrt\(log\(1 / delta_prime\)\): at 0 it is infinite.$",
+        ),
+        (
+            lambda: advanced_composition(epsilon=1.0, k=2, delta_prime=1.0),
+            ValueError,
+            r"delta_prime must lie in the open interval \(0, 1\), got 1.0.$",  # no reason given
         ),
         (
             lambda: advanced_composition(epsilon=float("nan"), k=2, delta_prime=1e-5),

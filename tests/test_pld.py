@@ -408,6 +408,7 @@ def test_where_the_grid_edge_sets_the_noise_multiplier_the_search_stops_and_warn
     [
         # Opacus's name: the message points to the PLD accountant (the same distribution).
         ("prv", ValueError, r"got 'prv'\. Opacus's PRV accountant and the PLD .*=.pld.\.$"),
+        ("PLD", ValueError, r"got 'PLD'\. The names are lower case: accountant='pld'\.$"),
         ("gdp", ValueError, r"accountant must be .rdp. or .pld., got 'gdp'\.$"),  # no hint
         (None, TypeError, "accountant must be a string"),
     ],

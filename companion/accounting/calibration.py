@@ -148,7 +148,9 @@ def get_noise_multiplier(
         raise TypeError(f"accountant must be a string, got {type(accountant).__name__}.")
     if accountant not in ("rdp", "pld"):
         hint = ""
-        if accountant.lower() == "prv":
+        if accountant.lower() in ("rdp", "pld"):
+            hint = f" The names are lower case: accountant={accountant.lower()!r}."
+        elif accountant.lower() == "prv":
             hint = (
                 " Opacus's PRV accountant and the PLD accountant both discretise the privacy-loss"
                 ' distribution: use accountant="pld".'

@@ -309,9 +309,9 @@ def audit_dp_fedavg(
         rounds: rounds per run, >= 1.
         delta: in (0, 1).
         num_canaries: canaries per run, >= 1.
-        runs: independent runs, >= 1. Together they need at least 2 inserted and 2 not inserted
-            canaries (4 of each is the least that leaves both halves of the threshold audit
-            non-empty).
+        runs: independent runs, >= 1. Together they need at least 4 inserted and 4 not inserted
+            canaries (the threshold audit chooses its threshold on half of each and counts the
+            other half).
         canary_norm: :math:`c`, > 0; by default :math:`10 S`, so that skipped clipping shows.
         confidence: of the bound, in (0, 1).
         aggregate: the round under audit, an ``Aggregate``; by default

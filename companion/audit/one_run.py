@@ -44,6 +44,8 @@ from companion.audit.bounds import check_confidence
 __all__ = ["OneRunAudit", "OneRunBound", "one_run_audit", "one_run_epsilon_lower_bound"]
 
 _GRID = 400  # points of the scan for the largest rejected epsilon when delta > 0
+# members whose count a fair draw gives with a smaller two-sided binomial p-value are refused
+_UNFAIR_P = 1e-6
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,12 @@ def one_run_audit(
     Args:
         scores: one score per canary, higher meaning "more likely included"; a 1-D array.
         members: whether each canary was included, a boolean array of the same length; each
-            must have been included independently with probability 1/2.
+            must have been included independently with probability 1/2. The bound rests on
+            those coins: with 80% of the canaries included, scores that know nothing would
+            "prove" epsilon > 0.8. A count of included canaries that a fair draw gives with a
+            two-sided binomial p-value below 1e-6 is refused; that catches a wrong probability
+            or a forgotten draw, not a subtle bias (a fair draw is refused once in a million
+            audits, never with 20 canaries or fewer).
         delta: in [0, 1).
         confidence: overall, in (0, 1).
         guess_counts: the candidates ``(k_plus, k_minus)``, each with ``k_plus + k_minus <= m``
@@ -239,7 +246,8 @@ def one_run_audit(
 
     Raises:
         TypeError: if ``members`` is not a boolean array or a candidate is not a pair of ints.
-        ValueError: if the arrays differ in length, contain NaN, or a candidate is out of range.
+        ValueError: if the arrays differ in length, contain NaN, a candidate is out of range,
+            or the members are far from half of the canaries (above).
 
     Example:
         >>> import numpy as np
@@ -258,6 +266,15 @@ def one_run_audit(
             f"members must have the shape of scores {scores.shape}, got {members.shape}."
         )
     m = scores.size
+    included = int(members.sum())
+    fair = stats.binomtest(included, m, 0.5).pvalue
+    if fair < _UNFAIR_P:
+        raise ValueError(
+            f"members holds {included} included canaries of {m}; the bound assumes each was "
+            f"included independently with probability 1/2, and such a draw gives a count this "
+            f"far from {m / 2:g} with probability {fair:.1g}. Draw the coins with, for example, "
+            f"np.random.default_rng().random({m}) < 0.5."
+        )
     candidates = _default_candidates(m) if guess_counts is None else list(guess_counts)
     if not candidates:
         raise ValueError("guess_counts must not be empty.")
