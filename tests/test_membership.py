@@ -346,9 +346,9 @@ def test_a_sigmoid_in_forward_is_warned_about_and_logits_are_not():
     """Outputs all in [0, 1] on at least 8 examples: a warning (logits can lie there too, so it
     is not an error). Negative control: the same network's logits, of both signs, pass."""
     x, y = DIGITS.x_test[:20], (DIGITS.y_test[:20] % 2).astype(np.int64)
-    with pytest.warns(UserWarning, match=r"outputs on (non)?members all lie in \[0, 1\]") as caught:
+    with pytest.warns(UserWarning, match=r"outputs on the members and non-members all lie in") as w:
         loss_threshold_attack(_SigmoidInForward(), (x, y), (x, y), loss="bce")
-    assert caught[0].filename == __file__  # points at the caller
+    assert len(w) == 1 and w[0].filename == __file__  # one warning, pointing at the caller
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss_threshold_attack(_SigmoidInForward().net, (x, y), (x, y), loss="bce")
@@ -366,11 +366,25 @@ def test_a_sigmoid_on_class_logits_is_warned_about_under_cross_entropy():
     torch.manual_seed(0)
     net = nn.Linear(64, 10)
     x, y = DIGITS.x_test[:20], DIGITS.y_test[:20]
-    with pytest.warns(UserWarning, match=r"outputs on (non)?members all lie in \[0, 1\]"):
+    with pytest.warns(UserWarning, match=r"outputs on the members and non-members all lie in"):
         loss_threshold_attack(nn.Sequential(net, _Sigmoid()), (x, y), (x, y))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss_threshold_attack(net, (x, y), (x, y))
+
+
+def test_the_sigmoid_warning_counts_members_and_non_members_together():
+    """An attack review: 5 members and 5 non-members, each under the 8 examples the warning
+    needs, got no warning, though together they are 10. Now they count together; with 3 and 3
+    (6 in all) it stays silent, as for 6 examples of one set. Control: the logits pass."""
+    x, y = DIGITS.x_test[:10], (DIGITS.y_test[:10] % 2).astype(np.int64)
+    with pytest.warns(UserWarning, match=r"members and non-members all lie in \[0, 1\]"):
+        loss_threshold_attack(_SigmoidInForward(), (x[:5], y[:5]), (x[5:], y[5:]), loss="bce")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_threshold_attack(_SigmoidInForward(), (x[:3], y[:3]), (x[3:6], y[3:6]), loss="bce")
+        logits = _SigmoidInForward().net
+        loss_threshold_attack(logits, (x[:5], y[:5]), (x[5:], y[5:]), loss="bce")
 
 
 class _Sigmoid(nn.Module):

@@ -47,14 +47,21 @@ def _last_layer(model: nn.Module) -> nn.Module:
     return model
 
 
-def _warn_unit_interval(name: str) -> None:
-    """A warning, not an error: logits can all lie in [0, 1] (weak positive predictions)."""
-    warn(
-        f"the model's outputs on {name} all lie in [0, 1], as probabilities do; if the model "
-        "applies a sigmoid, the attack reads probabilities as logits and its losses and "
-        "confidences are wrong (squashed into an interval of width 1). Remove the sigmoid: the "
-        "loss applies the softmax or sigmoid itself."
-    )
+def _warn_if_unit_interval(outputs: list[torch.Tensor], name: str) -> None:
+    """Warn when 8 or more examples' outputs, over all of ``outputs``, lie in [0, 1].
+
+    A warning, not an error: logits can all lie in [0, 1] (weak positive predictions), the less
+    likely the more examples there are; with fewer than 8 it stays silent.
+    """
+    if sum(out.shape[0] for out in outputs) < 8:
+        return
+    if all(((out >= 0) & (out <= 1)).all() for out in outputs):
+        warn(
+            f"the model's outputs on {name} all lie in [0, 1], as probabilities do; if the "
+            "model applies a sigmoid, the attack reads probabilities as logits and its losses "
+            "and confidences are wrong (squashed into an interval of width 1). Remove the "
+            "sigmoid: the loss applies the softmax or sigmoid itself."
+        )
 
 
 def _logits(
@@ -94,15 +101,11 @@ def _logits(
                 "Remove the final softmax, or return log-probabilities (log_softmax), "
                 "which give the same losses as logits."
             )
-        if x.shape[0] >= 8 and ((outputs >= 0) & (outputs <= 1)).all():
-            _warn_unit_interval(name)
     elif outputs.reshape(-1).shape[0] != x.shape[0]:
         raise ValueError(
             f"for loss='bce' the model must return one logit per example, got "
             f"{tuple(outputs.shape)} for {name}."
         )
-    elif x.shape[0] >= 8 and ((outputs >= 0) & (outputs <= 1)).all():
-        _warn_unit_interval(name)
     # float64: a confident prediction's loss, log(1 + sum_k exp(-margin_k)), underflows to 0 in
     # float32 once the margins exceed about 17, which would tie the examples the attack is
     # surest of.
@@ -110,21 +113,17 @@ def _logits(
 
 
 def _per_example_losses(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str, name: str
+    outputs: torch.Tensor, y: torch.Tensor, *, loss: str, name: str
 ) -> np.ndarray:
-    """Each example's loss in float64, without gradients (the caller sets the mode)."""
-    outputs = _logits(model, x, y, loss=loss, name=name)
+    """Each example's loss in float64, from the outputs of :func:`_logits`."""
     values = loss_fn(loss, reduction="none")(outputs, y).reshape(-1).cpu().numpy()
     if not np.isfinite(values).all():
         raise ValueError(f"the model's loss on {name} is NaN or infinite for some examples.")
     return values
 
 
-def _confidences(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str, name: str
-) -> np.ndarray:
-    """Each example's logit-scaled confidence in float64, without gradients."""
-    z = _logits(model, x, y, loss=loss, name=name)
+def _confidences(z: torch.Tensor, y: torch.Tensor, *, loss: str, name: str) -> np.ndarray:
+    """Each example's logit-scaled confidence in float64, from the outputs of :func:`_logits`."""
     if loss == "cross_entropy":
         rows = torch.arange(z.shape[0], device=z.device)
         true = z[rows, y]
@@ -205,7 +204,9 @@ def logit_confidence(
     loss = check_loss(loss)
     x, y = check_data(x, y, loss=loss, device=model_device(model))
     with eval_mode(model), torch.no_grad():
-        return _confidences(model, x, y, loss=loss, name="x")
+        z = _logits(model, x, y, loss=loss, name="x")
+    _warn_if_unit_interval([z], "x")
+    return _confidences(z, y, loss=loss, name="x")
 
 
 # --- the loss-threshold attack ------------------------------------------------------------------
@@ -245,7 +246,8 @@ def loss_threshold_attack(
     The losses are computed without gradients with the model in evaluation mode, which is
     restored afterwards, and in float64 (from the model's logits) so that very confident
     predictions do not all tie at a loss of 0. The model's parameters are not changed. A model
-    that returns probabilities instead of logits is refused (see :func:`logit_confidence`):
+    that returns probabilities instead of logits is refused or warned about (see
+    :func:`logit_confidence`; the warning counts the members and non-members together):
     the cross-entropy of probabilities read as logits lies between 1.46 and 2.46 for ten
     classes whatever the model, so the reported losses would be meaningless.
 
@@ -284,6 +286,11 @@ def loss_threshold_attack(
     member_data = check_pair("members", members, loss=loss, device=device)
     nonmember_data = check_pair("nonmembers", nonmembers, loss=loss, device=device)
     with eval_mode(model), torch.no_grad():
-        member_losses = _per_example_losses(model, *member_data, loss=loss, name="members")
-        nonmember_losses = _per_example_losses(model, *nonmember_data, loss=loss, name="nonmembers")
+        member_out = _logits(model, *member_data, loss=loss, name="members")
+        nonmember_out = _logits(model, *nonmember_data, loss=loss, name="nonmembers")
+    _warn_if_unit_interval([member_out, nonmember_out], "the members and non-members")
+    member_losses = _per_example_losses(member_out, member_data[1], loss=loss, name="members")
+    nonmember_losses = _per_example_losses(
+        nonmember_out, nonmember_data[1], loss=loss, name="nonmembers"
+    )
     return MembershipAttackResult.from_scores(-member_losses, -nonmember_losses)
