@@ -273,6 +273,29 @@ def check_delta(
     return value
 
 
+def check_accountant_name(accountant: object) -> str:
+    """``"rdp"`` or ``"pld"``, the accountants named by a string; hints for near misses.
+
+    Raises:
+        TypeError: if ``accountant`` is not a string.
+        ValueError: if it is another string (for ``"PLD"`` and ``"prv"`` the message says which
+            name to use).
+    """
+    if not isinstance(accountant, str):
+        raise TypeError(f"accountant must be a string, got {type_name(accountant)}.")
+    if accountant not in ("rdp", "pld"):
+        hint = ""
+        if accountant.lower() in ("rdp", "pld"):
+            hint = f" The names are lower case: accountant={accountant.lower()!r}."
+        elif accountant.lower() == "prv":
+            hint = (
+                " Opacus's PRV accountant and the PLD accountant both discretise the privacy-loss"
+                ' distribution: use accountant="pld".'
+            )
+        raise ValueError(f'accountant must be "rdp" or "pld", got {accountant!r}.{hint}')
+    return accountant
+
+
 def check_positive_int(name: str, value: object) -> int:
     """An integer >= 1 (not a bool).
 

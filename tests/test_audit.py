@@ -41,6 +41,7 @@ from companion.audit import (
     threshold_audit,
     two_gaussians_epsilon,
 )
+from companion.audit.gradient_canary import claimed_epsilon
 from companion.dpsgd import add_gaussian_noise, poisson_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -639,6 +640,41 @@ def _two_sided_fair_p(k: int, m: int) -> float:
     """P[|Binomial(m, 1/2) - m/2| >= |k - m/2|], summed exactly with integers (the oracle)."""
     far = abs(2 * k - m)
     return sum(math.comb(m, j) for j in range(m + 1) if abs(2 * j - m) >= far) / 2**m
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_the_claim_can_come_from_the_pld_accountant(gradients, sigma):
+    # One step with q = 1 is the Gaussian mechanism with mu = 1 / sigma, whose exact epsilon the
+    # oracle gdp_epsilon solves for. The PLD accountant rounds pessimistically: at or above it,
+    # within 1e-3; RDP's claim is looser, above both.
+    exact = gdp_epsilon(1 / sigma, DELTA)
+    pld = claimed_epsilon(
+        noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=DELTA, accountant="pld"
+    )
+    assert exact - 1e-9 <= pld <= exact + 1e-3
+    rdp = claimed_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=DELTA)
+    assert rdp > pld + 0.1
+    audit = audit_dpsgd(
+        gradients[:20], noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=1.0, delta=DELTA,
+        trials=8, seed=0, accountant="pld",
+    )  # fmt: skip
+    assert audit.claimed_epsilon == pld
+
+
+def test_the_audits_refuse_an_unknown_accountant_before_running(gradients, client_updates):
+    def never(*args, **kwargs):
+        raise AssertionError("the audit ran")
+
+    common = dict(noise_multiplier=1.0, sample_rate=1.0, delta=DELTA, accountant="PLD")
+    with pytest.raises(ValueError, match="lower case: accountant='pld'"):
+        audit_dpsgd(gradients, max_grad_norm=1.0, step=never, **common)
+    with pytest.raises(ValueError, match="lower case: accountant='pld'"):
+        audit_dp_fedavg(client_updates, max_update_norm=0.5, rounds=1, aggregate=never, **common)
+    fedavg = audit_dp_fedavg(
+        client_updates, max_update_norm=0.5, noise_multiplier=2.0, sample_rate=1.0, rounds=1,
+        delta=DELTA, num_canaries=1, runs=16, seed=0, accountant="pld",
+    )  # fmt: skip
+    assert fedavg.claimed_epsilon == pytest.approx(gdp_epsilon(0.5, DELTA), abs=1e-3)
 
 
 def test_one_run_audit_refuses_members_not_drawn_with_probability_one_half():

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 
 from companion._validation import (
+    check_accountant_name,
     check_delta,
     check_epsilon,
     check_int,
@@ -144,18 +145,7 @@ def get_noise_multiplier(
             "the target, which any noise multiplier large enough would then be. Pass a smaller "
             "epsilon_tolerance (a hundredth of the target, say)."
         )
-    if not isinstance(accountant, str):
-        raise TypeError(f"accountant must be a string, got {type(accountant).__name__}.")
-    if accountant not in ("rdp", "pld"):
-        hint = ""
-        if accountant.lower() in ("rdp", "pld"):
-            hint = f" The names are lower case: accountant={accountant.lower()!r}."
-        elif accountant.lower() == "prv":
-            hint = (
-                " Opacus's PRV accountant and the PLD accountant both discretise the privacy-loss"
-                ' distribution: use accountant="pld".'
-            )
-        raise ValueError(f'accountant must be "rdp" or "pld", got {accountant!r}.{hint}')
+    accountant = check_accountant_name(accountant)
 
     floor, _ = get_privacy_spent(
         orders=order_array, rdp=np.zeros_like(order_array), delta=target_delta

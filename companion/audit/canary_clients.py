@@ -46,6 +46,7 @@ from scipy import optimize, stats
 
 from companion._random import torch_generator
 from companion._validation import (
+    check_accountant_name,
     check_delta,
     check_nonnegative,
     check_positive,
@@ -211,8 +212,8 @@ class CanaryClientAudit:
             (:func:`companion.audit.one_run_audit`, rigorous: its ``epsilon`` is the bound to
             quote); otherwise ``None``.
         epsilon_estimate: the Andrew et al. estimate (Gaussian fit); an estimate, not a bound.
-        claimed_epsilon: :class:`companion.accounting.RDPAccountant` for ``rounds`` rounds at
-            this ``noise_multiplier`` and ``sample_rate``.
+        claimed_epsilon: the accountant's epsilon (``accountant``, RDP by default) for
+            ``rounds`` rounds at this ``noise_multiplier`` and ``sample_rate``.
         threshold_audit: counts, threshold and how it was chosen.
         inserted_mean, inserted_std: the Gaussian fitted to the inserted canaries' cosines.
         null_std: :math:`1/\\sqrt d`, the std of a not-inserted canary's cosine.
@@ -278,6 +279,7 @@ def audit_dp_fedavg(
     confidence: float = 0.95,
     aggregate: Aggregate = dp_fedavg_noisy_mean,
     seed: int | None = None,
+    accountant: str = "rdp",
 ) -> CanaryClientAudit:
     r"""Audit DP-FedAvg with random canary clients: an estimate (Andrew et al.) and a bound.
 
@@ -317,6 +319,8 @@ def audit_dp_fedavg(
         aggregate: the round under audit, an ``Aggregate``; by default
             :func:`~companion.audit.dp_fedavg_noisy_mean` with ``expected_clients`` = :math:`qK`.
         seed: seed of the canaries, sampling and noise; ``None`` for fresh entropy.
+        accountant: of the claim, ``"rdp"`` or ``"pld"``
+            (:func:`~companion.audit.gradient_canary.claimed_epsilon`).
 
     Returns:
         A :class:`CanaryClientAudit`.
@@ -355,6 +359,7 @@ def audit_dp_fedavg(
     runs = check_positive_int("runs", runs)
     norm = 10.0 * clip if canary_norm is None else check_positive("canary_norm", canary_norm)
     confidence = check_confidence(confidence)
+    accountant = check_accountant_name(accountant)
     aggregate = check_step(aggregate, "aggregate")
     clients, d = updates.shape
     expected = q * clients
@@ -411,7 +416,7 @@ def audit_dp_fedavg(
         epsilon_lower_bound=audit.epsilon,
         epsilon_estimate=estimate,
         claimed_epsilon=claimed_epsilon(
-            noise_multiplier=sigma, sample_rate=q, steps=rounds, delta=delta
+            noise_multiplier=sigma, sample_rate=q, steps=rounds, delta=delta, accountant=accountant
         ),
         threshold_audit=audit,
         one_run=one_run,
