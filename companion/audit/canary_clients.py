@@ -319,8 +319,8 @@ def audit_dp_fedavg(
         aggregate: the round under audit, an ``Aggregate``; by default
             :func:`~companion.audit.dp_fedavg_noisy_mean` with ``expected_clients`` = :math:`qK`.
         seed: seed of the canaries, sampling and noise; ``None`` for fresh entropy.
-        accountant: of the claim, ``"rdp"`` or ``"pld"``
-            (:func:`~companion.audit.gradient_canary.claimed_epsilon`).
+        accountant: the accountant of the claim, ``"rdp"`` (the default) or the tighter ``"pld"``
+            (as in :func:`~companion.audit.audit_dpsgd`).
 
     Returns:
         A :class:`CanaryClientAudit`.

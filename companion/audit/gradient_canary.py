@@ -310,8 +310,9 @@ def audit_dpsgd(
             :func:`~companion.audit.dpsgd_noisy_sum`.
         seed: seed of the audit's sampling and noise (the step's ``generator``); ``None`` for
             fresh entropy. Fix it to reproduce an audit.
-        accountant: the accountant of the claim, ``"rdp"`` (the default) or the tighter
-            ``"pld"`` (:func:`claimed_epsilon`).
+        accountant: the accountant of the claim, ``"rdp"`` (the default) or ``"pld"``
+            (:class:`companion.accounting.PLDAccountant`), which is tighter: close to the exact
+            epsilon, where RDP's upper bound is a few percent or more above it.
 
     Returns:
         A :class:`GradientCanaryAudit`.
