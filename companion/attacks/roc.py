@@ -161,15 +161,22 @@ class MembershipAttackResult:
         Which bound differential privacy puts on it depends on what the members are compared
         with. For one example, trained on with it or without it, :math:`(\varepsilon,
         \delta)`-DP under add/remove bounds the ROC curve by :math:`\mathrm{TPR} \le
-        e^\varepsilon\, \mathrm{FPR} + \delta` at every threshold, hence :math:`\mathrm{TPR} -
-        \mathrm{FPR} \le (e^\varepsilon - 1)\,\mathrm{FPR} + \delta`. Members compared with
-        *other* examples as non-members, from a random split and with the training set's size
-        fixed, are neighbours under replace, where the guarantee is only :math:`(2\varepsilon,
-        (1 + e^\varepsilon)\delta)`: then :math:`\mathrm{TPR} \le e^{2\varepsilon}\,
-        \mathrm{FPR} + (1 + e^\varepsilon)\delta`. Yeom et al. (2018, Theorem 1) bound the
-        advantage by :math:`e^\varepsilon - 1` in their experiment, where the training set's size
-        is fixed, so for :math:`\varepsilon`-DP under replace. These bounds are on the
-        *probabilities*; the rates measured on finitely many examples scatter around them.
+        e^\varepsilon\, \mathrm{FPR} + \delta` and :math:`1 - \mathrm{FPR} \le
+        e^\varepsilon (1 - \mathrm{TPR}) + \delta` at every threshold fixed in advance; the two
+        lines meet at :math:`\mathrm{FPR} = (1 - \delta) / (e^\varepsilon + 1)`, so the advantage
+        is at most :math:`(e^\varepsilon - 1 + 2\delta) / (e^\varepsilon + 1)`, which is
+        :math:`\tanh(\varepsilon / 2)` for :math:`\delta = 0`. The same holds when the examples
+        enter training by independent coin flips, members being those the coin put in. Members
+        compared with *other* examples as non-members, the two groups a uniformly random split of
+        one pool with the training set's size fixed, are neighbours under replace, where the
+        guarantee is only :math:`(2\varepsilon, (1 + e^\varepsilon)\delta)`: then
+        :math:`\mathrm{TPR} \le e^{2\varepsilon}\, \mathrm{FPR} + (1 + e^\varepsilon)\delta`.
+        Yeom et al. (2018, Theorem 1) bound the advantage by :math:`e^\varepsilon - 1` in their
+        experiment, where the training set's size is fixed, so for :math:`\varepsilon`-DP under
+        replace. If members and non-members come from different distributions, no DP bound
+        applies: an attack may tell them apart by their source alone. These bounds are on the
+        *probabilities*; the rates measured on finitely many examples scatter around them, and
+        a threshold chosen on the same scores favours the attack.
 
         Returns:
             The advantage, in [0, 1].
