@@ -500,6 +500,22 @@ def test_a_compiled_model_is_refused_and_a_compiled_part_matches_the_loop():
     _assert_same(result, expected)
 
 
+@pytest.mark.parametrize("part", ["model", "submodule"])
+def test_a_model_compiled_in_place_is_accepted_and_matches_the_loop(part):
+    """``Module.compile()`` compiles in place, keeping the module and its layers, so it is not
+    refused as ``torch.compile(model)``'s wrapper is, and the result is each example's clipped
+    gradient, summed."""
+    torch._dynamo.reset()
+    model, (x, y) = (
+        _seeded(lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))),
+        _batch(12),
+    )
+    expected, _ = _loop_clipped_sum(model, "cross_entropy", x, y, 0.5)
+    (model if part == "model" else model[0]).compile(backend="aot_eager")
+    result = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=0.5)
+    _assert_same(result, expected)
+
+
 class _Centred(nn.Module):
     """Subtracts the batch mean: a forward pass that mixes examples."""
 

@@ -38,7 +38,11 @@ def check_dp_compatible(model: nn.Module) -> None:
         model: the model to check.
 
     Raises:
-        TypeError: if ``model`` is not a :class:`torch.nn.Module`, or is compiled.
+        TypeError: if ``model`` is not a :class:`torch.nn.Module`, or is the module that
+            ``torch.compile(model)`` or ``torch.jit.script`` returns. A model or submodule
+            compiled in place (``Module.compile()``) is accepted: the hooks see its layers'
+            calls, and a layer whose outputs' gradient a compiled graph hides is computed with
+            ``vmap`` instead, with a warning.
         ValueError: listing every layer above, or if a trainable parameter has a gradient hook
             or the model has none.
 
