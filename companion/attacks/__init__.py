@@ -53,14 +53,12 @@ Differential Privacy", ICML). Summaries of the curve: the area under it (0.5 for
 TPR at a small FPR such as 1% (the measure Carlini et al. 2022 argue for: an attack that is sure
 about a few people matters more than one that is right 55% of the time about everyone), and the
 advantage :math:`\max_\tau \mathrm{TPR} - \mathrm{FPR}` (Yeom et al. 2018). The bound holds at
-a threshold fixed in advance. Measured rates compare members with *other* examples as
-non-members. Where examples enter training by independent coin flips, the bound above applies;
-where members and non-members are a uniformly random split of one pool with the training set's
-size fixed, they are neighbours under replace, where an add/remove guarantee gives only
-:math:`(2\varepsilon, (1 + e^\varepsilon)\delta)` and the bound becomes
-:math:`\mathrm{TPR} \le e^{2\varepsilon}\, \mathrm{FPR} + (1 + e^\varepsilon)\delta`
-(:meth:`MembershipAttackResult.advantage`). Members and non-members from different
-distributions are bounded by neither: an attack may tell them apart by their source alone.
+a threshold fixed in advance, for one example's two worlds, or for examples that enter training
+by independent coin flips when the attack uses nothing else that depends on those coins. Measured
+rates compare members with *other* examples as non-members, and which bound applies then is set
+out in :meth:`MembershipAttackResult.advantage`: for a random split of one pool, that of
+:math:`(2\varepsilon, (1 + e^\varepsilon)\delta)` (replace); for groups from different
+distributions, none.
 
 .. rubric:: Why a fully connected first layer gives the input away
 

@@ -166,10 +166,11 @@ class MembershipAttackResult:
         lines meet at :math:`\mathrm{FPR} = (1 - \delta) / (e^\varepsilon + 1)`, so the advantage
         is at most :math:`(e^\varepsilon - 1 + 2\delta) / (e^\varepsilon + 1)`, which is
         :math:`\tanh(\varepsilon / 2)` for :math:`\delta = 0`. The same holds when the examples
-        enter training by independent coin flips, members being those the coin put in. Members
-        compared with *other* examples as non-members, the two groups a uniformly random split of
-        one pool with the training set's size fixed, are neighbours under replace, where the
-        guarantee is only :math:`(2\varepsilon, (1 + e^\varepsilon)\delta)`: then
+        enter training by independent coin flips, members being those the coin put in, and the
+        attack uses nothing else that depends on those coins. Members compared with *other*
+        examples as non-members, the two groups a uniformly random split of one pool with the
+        training set's size fixed, are neighbours under replace, where the guarantee is only
+        :math:`(2\varepsilon, (1 + e^\varepsilon)\delta)`: then
         :math:`\mathrm{TPR} \le e^{2\varepsilon}\, \mathrm{FPR} + (1 + e^\varepsilon)\delta`.
         Yeom et al. (2018, Theorem 1) bound the advantage by :math:`e^\varepsilon - 1` in their
         experiment, where the training set's size is fixed, so for :math:`\varepsilon`-DP under
