@@ -1283,9 +1283,9 @@ def test_add_clipped_sum_adds_the_scaled_clipped_sum_into_what_it_is_given(name,
 
 
 def test_a_convolution_over_several_cpu_chunks_matches_the_loop():
-    """On CPU the convolution rule computes the per-example gradients in chunks of 32 examples;
-    70 examples make two full chunks and a partial one, each of which must line up with its
-    clipping factors (a shifted or dropped chunk changes the sum by order 1)."""
+    """On CPU the convolution rule computes the per-example gradients in chunks (of 64 examples);
+    two chunks and 6 examples make two full chunks and a partial one, each of which must line up
+    with its clipping factors (a shifted or dropped chunk changes the sum by order 1)."""
 
     def build():
         return nn.Sequential(
@@ -1293,8 +1293,9 @@ def test_a_convolution_over_several_cpu_chunks_matches_the_loop():
         )
 
     model = _seeded(build)
-    x = torch.randn(70, 3, 6, 6, generator=_gen(), dtype=torch.float64)
-    y = _classes(70, 3)
+    batch = 2 * rules._CPU_CONV_CHUNK + 6
+    x = torch.randn(batch, 3, 6, 6, generator=_gen(), dtype=torch.float64)
+    y = _classes(batch, 3)
     c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
     sums, norms = clipped_gradient_sum(
         model, "cross_entropy", x, y, max_grad_norm=c, method="layerwise", return_norms=True

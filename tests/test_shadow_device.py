@@ -243,11 +243,11 @@ def _text_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def _conv_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """40 examples: more than the CPU's chunk of the convolution rule (32), so the GPU branch,
+    """80 examples: more than the CPU's chunk of the convolution rule (64), so the GPU branch,
     one chunk of all examples, differs from the CPU's two."""
     torch.manual_seed(0)
-    x = torch.tensor(X[:40], dtype=torch.float64)
-    return _ConvNet().double(), x, torch.tensor(Y[:40])
+    x = torch.tensor(X[:80], dtype=torch.float64)
+    return _ConvNet().double(), x, torch.tensor(Y[:80])
 
 
 @pytest.mark.parametrize(
@@ -263,7 +263,7 @@ def _conv_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def test_clipped_gradient_sum_on_the_device_equals_the_cpu_one(batch, method):
     """The clipped sums (a norm of 1e-3 clips every example) equal those on the CPU: bit for bit
     where the arithmetic is the same; for the convolution, whose rule takes its GPU branch here
-    (all examples as groups of one call, where the CPU makes chunks of 32), up to the float64
+    (all examples as groups of one call, where the CPU makes chunks of 64), up to the float64
     rounding of other kernels (relative 1e-16 per operation; 1e-12 leaves a wide margin). Fails if
     a rule builds an index or a mask on the other device or without values (a real meta
     tensor), or the GPU branch computes something else."""
