@@ -53,12 +53,12 @@ Differential Privacy", ICML). Summaries of the curve: the area under it (0.5 for
 TPR at a small FPR such as 1% (the measure Carlini et al. 2022 argue for: an attack that is sure
 about a few people matters more than one that is right 55% of the time about everyone), and the
 advantage :math:`\max_\tau \mathrm{TPR} - \mathrm{FPR}` (Yeom et al. 2018). The bound holds at
-a threshold fixed in advance, for one example's two worlds, or for examples that enter training
-by independent coin flips when the attack uses nothing else that depends on those coins. Measured
-rates compare members with *other* examples as non-members, and which bound applies then is set
-out in :meth:`MembershipAttackResult.advantage`: for a random split of one pool, that of
+a threshold fixed in advance, for one example's two worlds. Measured rates compare members with
+*other* examples as non-members: where those entered training by independent coin flips (and the
+attack uses nothing else that depends on those coins), the bound above applies; where they are a
+random split of one pool with the training set's size fixed, that of
 :math:`(2\varepsilon, (1 + e^\varepsilon)\delta)` (replace); for groups from different
-distributions, none.
+distributions, none (:meth:`MembershipAttackResult.advantage`).
 
 .. rubric:: Why a fully connected first layer gives the input away
 
