@@ -32,7 +32,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize, prune
 
-from companion.per_example import PerExampleClipper, clipped_gradient_sum
+from companion.per_example import (
+    PerExampleClipper,
+    check_examples_independent,
+    clipped_gradient_sum,
+)
 
 ROWS_WARNING = "rows are not the batch's examples"
 
@@ -185,7 +189,8 @@ def test_a_position_row_broadcast_to_integer_inputs_matches_the_loop(size):
 class _CancellingReads(nn.Module):
     """Examples 1, 2 and 3 read row 0 of a data-free layer with signs +, +, -. Under a loss
     linear in the outputs each read's gradient is the same constant, so the unweighted sum of
-    every checked set at row 0 was exactly 0 ({1, 3} gives +1 - 1, {2, 3} too)."""
+    every checked set at row 0 was exactly 0 ({1, 3} gives +1 - 1, {2, 3} too). The rows are
+    alike, so example 3 adds twice its own row: each example's output is what it is alone."""
 
     def __init__(self):
         super().__init__()
@@ -196,10 +201,11 @@ class _CancellingReads(nn.Module):
         n = x.shape[0]
         rows = self.pos(self.table.expand(n, 2))  # one data-free row per example
         source, sign = torch.arange(n), torch.ones(n, 1, dtype=x.dtype)
+        own = torch.zeros(n, 1, dtype=x.dtype)
         if n >= 4:
             source[1:4] = 0
-            sign[3] = -1
-        return self.head(torch.tanh(self.fc(x))) + sign * rows[source]
+            sign[3], own[3] = -1, 2
+        return self.head(torch.tanh(self.fc(x))) + sign * rows[source] + own * rows
 
 
 def test_reads_of_one_row_that_cancel_are_found():
@@ -303,6 +309,71 @@ def test_a_model_that_mixes_examples_is_refused_at_every_call_not_only_the_first
     for _ in range(5):
         with pytest.raises(ValueError, match="mixes the examples of a batch"):
             clipper(x.float(), y, max_grad_norm=1.0)
+
+
+class _TokensCentred(nn.Module):
+    """Token ids, embedded and averaged, minus the batch's mean: mixes the examples where no
+    input gradient shows it (the ids are integers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        e = self.embed(tokens).mean(1)
+        return self.head(e - e.mean(0))
+
+
+class _ScaledByTheBatch(nn.Module):
+    """Divides by the batch's largest activation, detached: mixes the examples unseen by
+    autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h / h.detach().abs().max())
+
+
+class _BranchesOnTheBatchSize(nn.Module):
+    """One layer for a batch, another for a single example."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) if x.shape[0] > 1 else self.b(x)
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise"])
+@pytest.mark.parametrize(
+    "build", [_TokensCentred, _ScaledByTheBatch, _BranchesOnTheBatchSize], ids=lambda b: b.__name__
+)
+def test_a_forward_pass_that_mixes_examples_unseen_by_autograd_is_refused(build, method):
+    """Each gave a clipped sum far from the loop's (norms 50% off for the tokens, where a
+    warning called the result the same; the loop credits another layer for the branch): the
+    check of the outputs run alone refuses them."""
+    torch.manual_seed(0)
+    model = build().double()
+    x, y = _batch()
+    if build is _TokensCentred:
+        x = torch.randint(0, 10, (8, 5), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="depends on the other examples of its batch"):
+        clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1.0, method=method)
+
+
+def test_the_outputs_check_leaves_a_batch_changed_in_place_by_the_model_as_it_was():
+    class Doubles(nn.Module):
+        def forward(self, x):
+            return x.mul_(2.0)
+
+    x = _batch()[0]
+    before = x.clone()
+    check_examples_independent(Doubles(), x)
+    assert torch.equal(x, before)
 
 
 @pytest.mark.parametrize(

@@ -1113,13 +1113,15 @@ def test_the_known_fallback_runs_before_the_hooked_pass(monkeypatch):
     pass, so that the two passes' tensors are not alive together (after the rules, it ran with
     every layer's input and output gradient alive). The order is watched at the last layer: a
     call on a plain tensor is the hooked pass (the vmap pass's calls see functorch's wrapped
-    tensors); the first batches run the layout check first, which calls the model too."""
+    tensors); the first batches run the layout check first, which calls the model too (and
+    without gradients, for the outputs' check, not watched)."""
     with pytest.warns(UserWarning):
         clipper = PerExampleClipper(_seeded(_MixedBlock), loss="cross_entropy")
     events, vmap_gradients = [], engine.vmap_gradients
 
     def watch(module, args):
-        if not torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor(args[0])
+        if not wrapped and torch.is_grad_enabled():
             events.append("model")
 
     def vmap_watched(*args):

@@ -264,10 +264,9 @@ def set_private_gradients(
 
     Raises:
         TypeError: if an argument is of the wrong kind.
-        ValueError: if an argument is out of range or the model has a layer that mixes
-            examples (:func:`~companion.per_example.check_dp_compatible`; a forward pass written
-            by hand that mixes them is not detected here), or an example's gradient is not
-            finite.
+        ValueError: if an argument is out of range, the model has a layer that mixes examples
+            (:func:`~companion.per_example.check_dp_compatible`), its forward pass is seen to
+            mix the first examples, or an example's gradient is not finite.
 
     Example:
         >>> from companion import accounting, models
@@ -390,10 +389,9 @@ def dp_sgd_step(
 
     Raises:
         TypeError: if an argument is of the wrong kind.
-        ValueError: if an argument is out of range or the model has a layer that mixes
-            examples (:func:`~companion.per_example.check_dp_compatible`; a forward pass written
-            by hand that mixes them is not detected here), or an example's gradient is not
-            finite.
+        ValueError: if an argument is out of range, the model has a layer that mixes examples
+            (:func:`~companion.per_example.check_dp_compatible`), its forward pass is seen to
+            mix the first examples, or an example's gradient is not finite.
 
     Example:
         >>> from companion import models

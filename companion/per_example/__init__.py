@@ -90,10 +90,12 @@ parameters' own dtype.
     output depends on example :math:`i`'s input alone. Batch normalisation breaks this, and
     :func:`check_dp_compatible` refuses it. A hand-written forward that mixes examples (a batch
     mean, attention across the batch) breaks it too, and then neither the gradients nor the DP
-    guarantee hold; :func:`check_examples_independent` (which
-    :func:`companion.dpsgd.train_dpsgd` runs) catches such a forward pass on a few examples, in
-    evaluation mode, but cannot prove independence. A callable loss must be the *mean over
-    examples* of a per-example loss (as :class:`torch.nn.CrossEntropyLoss` and
+    guarantee hold; the checks of the first batches refuse it where the first 8 examples' losses
+    read each other's inputs, and :func:`check_examples_independent`, which they run too (as
+    does :func:`companion.dpsgd.train_dpsgd`), where the first 4 examples' outputs change when
+    they are run alone in evaluation mode (mixing that autograd does not show: token ids, a
+    ``detach``, a branch on the batch's size). Neither proves independence. A callable loss must
+    be the *mean over examples* of a per-example loss (as :class:`torch.nn.CrossEntropyLoss` and
     :class:`torch.nn.MSELoss` with their default ``reduction="mean"`` are); a weighted mean is
     not. A gradient hook on a trainable parameter (``Tensor.register_hook``) is
     refused: the per-example gradients would skip it.

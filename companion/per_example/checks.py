@@ -142,7 +142,8 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
     nothing: a model that mixes examples in training mode only, or by less than the tolerance,
     passes, and so does a model whose outputs are random in evaluation mode (Monte Carlo
     dropout), which cannot be compared, and a batch of one example.
-    :func:`companion.dpsgd.train_dpsgd` runs it before training.
+    :func:`companion.dpsgd.train_dpsgd` runs it before training, and a
+    :class:`~companion.per_example.PerExampleClipper` on the batches whose layout it checks.
 
     Args:
         model: the model.
@@ -167,14 +168,17 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
     n = min(4, x.shape[0])
     if n < 2:
         return
-    first = run_model(model, x[:n])
+    # The model gets copies, which an in-place operation may change: the batch is the caller's.
+    first = run_model(model, x[:n].clone())
     if not torch.isfinite(first).all():
         raise ValueError("the model's outputs on the first examples are NaN or infinite.")
-    if not torch.equal(run_model(model, x[:n]), first):
+    if not torch.equal(run_model(model, x[:n].clone()), first):
         return  # random in evaluation mode: nothing to compare with
     eps = torch.finfo(first.dtype).eps if first.is_floating_point() else 0.0
     together = first.double().reshape(-1)
-    alone = torch.cat([run_model(model, x[i : i + 1]).double().reshape(-1) for i in range(n)])
+    alone = torch.cat(
+        [run_model(model, x[i : i + 1].clone()).double().reshape(-1) for i in range(n)]
+    )
     tolerance = max(1e-2, 8 * eps) * float(together.abs().max())
     if alone.shape != together.shape or not float((together - alone).abs().max()) <= tolerance:
         raise ValueError(
@@ -184,3 +188,22 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
             "treats the examples independently: remove statistics taken over the batch (a mean "
             "or a normalisation over dim 0) and anything that compares examples."
         )
+
+
+#: The error of :func:`~companion.per_example.layout.rows_cross` for a forward pass that mixes
+#: examples.
+MIXES_EXAMPLES = (
+    "the model's forward pass mixes the examples of a batch (in its current mode): the loss of "
+    "one example reads other examples' inputs, as batch statistics or a batch mean do. DP-SGD's "
+    "clipping bounds each example's contribution only if its loss depends on that example "
+    "alone. Use per-example normalisation (GroupNorm, LayerNorm) in place of batch statistics."
+)
+
+
+#: The warning of a clipper whose checks of :func:`~companion.per_example.layout.rows_cross`
+#: never saw every example's input read.
+INPUT_UNREAD = (
+    "in every batch checked, the input at some place of the batch had a gradient of 0, so whether "
+    "the model's forward pass mixes the examples of a batch was not fully checked: make sure it "
+    "does not (batch statistics, a batch mean), or DP-SGD's guarantee does not hold."
+)

@@ -14,7 +14,7 @@ from torch.autograd.graph import get_gradient_edge
 from companion._outputs import batch_outputs
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
-from companion.per_example.checks import check_dp_compatible, refuse_gradient_hooks
+from companion.per_example.checks import INPUT_UNREAD, check_dp_compatible, refuse_gradient_hooks
 from companion.per_example.gradients import (
     ClippedSum,
     LossLike,
@@ -29,7 +29,6 @@ from companion.per_example.gradients import (
 )
 from companion.per_example.graph import above_others, autograd_graph, refuse_reentrant_checkpoint
 from companion.per_example.layout import (
-    INPUT_UNREAD,
     RowsRead,
     batch_dim,
     check_input_unchanged,
@@ -307,8 +306,9 @@ class PerExampleClipper:
             ValueError: if the model's trainable parameters changed since the clipper was
                 built, ``into`` lacks one or holds a tensor unlike it
                 (shape, dtype, device), an example's gradient is not finite (then nothing is
-                added), the model runs layers in a reentrant checkpoint, or it changes its input
-                in place where another pass over the model follows.
+                added), the model runs layers in a reentrant checkpoint, its forward pass is seen
+                to mix the first examples, or it changes its input in place where another pass
+                over the model follows.
 
         Example:
             >>> import torch
@@ -410,7 +410,8 @@ def clipped_gradient_sum(
         TypeError: if an argument is of the wrong kind.
         ValueError: if an argument is out of range, ``method="layerwise"`` does not apply, an
             example's gradient is not finite, the model runs layers in a reentrant checkpoint,
-            or it changes its input in place where another pass over the model follows.
+            its forward pass is seen to mix the first examples, or it changes its input in place
+            where another pass over the model follows.
 
     Example:
         >>> import torch

@@ -12,9 +12,10 @@ would give one example's gradient part of another's, and one example could then 
 clipped sum by more than :math:`C`. Every batch's shapes are checked (:func:`batch_dim`), and
 the autograd graph of a few examples of the first batches shows which rows each example's loss
 reads (:func:`rows_cross`), and whether it reads other examples' inputs: a forward pass that
-mixes examples, which no per-example gradient can serve, is refused. The hooks that keep each
-layer's call (:class:`Capture`) and the warnings naming the layers that move to vmap live here
-too.
+mixes examples, which no per-example gradient can serve, is refused (as is one whose outputs on
+the first examples change when they are run alone, which autograd does not always show). The
+hooks that keep each layer's call (:class:`Capture`) and the warnings naming the layers that move
+to vmap live here too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, OutOfMemoryError
 from companion._validation import warn
+from companion.per_example.checks import MIXES_EXAMPLES, check_examples_independent
 from companion.per_example.composite import Part, call, holds_own, own_parameters
 from companion.per_example.graph import autograd_graph, refuse_reentrant_checkpoint
 from companion.per_example.plan import LayerPlan
@@ -274,18 +276,34 @@ def rows_cross(
     outside and is no read), some example's loss depends on another's data (batch statistics, a
     batch mean) and no per-example gradient is the example's own. That raises. (A layer's
     output read by several examples may hold no data, as a position table: only the layer
-    moves to ``vmap``.) Mixing is not found for integer inputs (token
-    ids), nor where autograd does not see it (a ``detach``, a buffer, a trip through numpy: a
-    forward pass that cannot take an input requiring a gradient gets a warning instead).
+    moves to ``vmap``.) Autograd does not show mixing for integer inputs (token ids), nor
+    through a ``detach``, a buffer or a trip through numpy (a forward pass that cannot take an
+    input requiring a gradient gets a warning), nor a forward pass that branches on the batch's
+    size or values. So each check then runs
+    :func:`~companion.per_example.check_examples_independent` (the first 4 examples in
+    evaluation mode, together and one at a time, drawing nothing from the global generators),
+    which raises if their outputs differ: it catches such mistakes where evaluation mode shows
+    them, and proves nothing.
 
     A row whose gradient is 0 (a head initialised to 0) shows no read, so the check passes it
     whatever reads it; ``read`` and ``input_read`` say which rows were seen read
     (:class:`RowsRead` adds them up over the batches).
 
     Raises:
-        ValueError: if the forward pass mixes examples, or runs a reentrant checkpoint.
+        ValueError: if the forward pass mixes examples (or the outputs of the first examples
+            differ when they are run alone), or runs a reentrant checkpoint.
         TypeError: if the model does not return a tensor.
     """
+    check = _reads(model, plan, sum_loss, x, y)
+    with torch.random.fork_rng(devices=_cuda_index(x.device)):
+        check_examples_independent(model, x)  # what autograd does not show (see above)
+    return check
+
+
+def _reads(
+    model: nn.Module, plan: LayerPlan, sum_loss: LossFn, x: torch.Tensor, y: torch.Tensor
+) -> RowCheck:
+    """What :func:`rows_cross` finds from the autograd graph."""
     kept, outputs, leaf = _traced(model, plan.hooked, x)
     seen = [(name, m) for name, m in plan.hooked if m in kept]
     dims = {m: example_dims(m, *kept[m][:2], len(x)) for _, m in seen}  # narrowed below
@@ -421,22 +439,6 @@ NOT_REPEATABLE = (
     "which examples each layer's rows belong to takes a forward pass for each backward pass, "
     "and the model's forward pass calls other layers when it runs again on the same examples "
     "(a layer skipped at random, with Python's random): use method='vmap'."
-)
-
-#: The error of :func:`rows_cross` for a forward pass that mixes examples.
-MIXES_EXAMPLES = (
-    "the model's forward pass mixes the examples of a batch (in its current mode): the loss of "
-    "one example reads other examples' inputs, as batch statistics or a batch mean do. DP-SGD's "
-    "clipping bounds each example's contribution only if its loss depends on that example "
-    "alone. Use per-example normalisation (GroupNorm, LayerNorm) in place of batch statistics."
-)
-
-
-#: The warning of a clipper whose checks of :func:`rows_cross` never saw every example's input read.
-INPUT_UNREAD = (
-    "in every batch checked, the input at some place of the batch had a gradient of 0, so whether "
-    "the model's forward pass mixes the examples of a batch was not fully checked: make sure it "
-    "does not (batch statistics, a batch mean), or DP-SGD's guarantee does not hold."
 )
 
 
