@@ -285,6 +285,13 @@ def refuse_meta_data(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) 
             )
 
 
+def coarsest_finfo(*tensors: torch.Tensor) -> torch.finfo:
+    """The rounding of the coarsest floating-point dtype of ``tensors`` (float64 if none): a loss
+    computed on float32 outputs and returned as float64 is rounded as float32."""
+    dtypes = [t.dtype for t in tensors if t.is_floating_point()] or [torch.float64]
+    return max((torch.finfo(d) for d in dtypes), key=lambda f: f.eps)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's parameters (the CPU for a model without parameters)."""
     _refuse_meta(model)
