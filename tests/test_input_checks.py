@@ -525,6 +525,16 @@ def test_a_test_datasets_bad_item_first_read_in_the_evaluation_is_named_by_its_i
         _train(nn.Linear(4, 3), x, y, x_test=_BadItem(kind), sample_rate=1.0)
 
 
+def test_a_test_label_out_of_range_is_named_as_the_test_datas():
+    """The label check of the test tensors said "labels must be below the model's 3 outputs ..."
+    without saying that they were y_test's (a coursework trial)."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 4, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+    message = r"^on x_test and y_test: labels must be below the model's 3 outputs"
+    with pytest.raises(ValueError, match=message):
+        _train(nn.Linear(4, 3), x, y, x_test=x, y_test=y + 3)
+
+
 class _Stream(IterableDataset):
     def __iter__(self):
         yield from zip(torch.randn(8, 4), torch.randint(0, 3, (8,)), strict=True)

@@ -89,7 +89,12 @@ class RunData:
         else:
             x, y = self._read(range(min(self.n, 256)))
             x, y = x.to(self.device), y.to(self.device)
-        check_outputs(model, x, y, loss=self.loss)
+        try:
+            check_outputs(model, x, y, loss=self.loss)
+        except ValueError as error:
+            if self.names == ("x", "y"):
+                raise
+            raise ValueError(f"on {self.names[0]} and {self.names[1]}: {error}") from None
         check_examples_independent(model, x)
         if self.dataset is not None and self.loss == "cross_entropy":
             self.classes = run_model(model, x[:1]).shape[1]
