@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from companion._labels import TOKEN_MEAN, class_labels, integer_targets
-from companion._torch import LossFn, OutOfMemoryError, coarsest_finfo, eval_mode
+from companion._torch import LossFn, OutOfMemoryError, eval_mode, loss_rounding
 from companion._validation import warn, with_article
 
 __all__ = [
@@ -287,10 +287,10 @@ def _check_mean_loss(
     if not (torch.isfinite(total) and torch.isfinite(values).all()):
         _not_finite(total, values, index, shapes)
     mean = values.mean()
-    # A few roundings of the loss's or the outputs' dtype apart, the coarser (bfloat16 has 8
-    # significant bits); below the dtype's smallest normal number (tiny) values are held to an
-    # absolute tiny * eps only, and a few operations on them can be off by up to tiny.
-    finfo = coarsest_finfo(value, leaf)
+    # A few roundings of the loss's arithmetic apart (bfloat16 has 8 significant bits); below
+    # the dtype's smallest normal number (tiny) values are held to an absolute tiny * eps only,
+    # and a few operations on them can be off by up to tiny.
+    finfo = loss_rounding(loss, leaf, targets, value)
     rtol = max(1e-4, 8 * finfo.eps)
     hint = (
         "Check that the outputs' shape matches the targets' (a mismatch broadcasts every output "
@@ -304,6 +304,8 @@ def _check_mean_loss(
             f"returned {float(total):.6g}, while the mean of its values on each example alone is "
             f"{float(mean):.6g}. {hint}"
         )
+    # the gradients are rounded in the outputs' dtype too (float16: 11 significant bits)
+    rtol = max(rtol, 8 * torch.finfo(leaf.dtype).eps) if leaf.is_floating_point() else rtol
     mismatch = _gradient_mismatch(torch.stack(norms), leaf, rtol) if norms else None
     if mismatch is not None:
         raise ValueError(
@@ -419,7 +421,7 @@ def _check_parts(loss: LossFn, outputs: torch.Tensor, labels: torch.Tensor) -> N
 
     value = _call(loss, outputs[rows], labels, shapes)
     whole = float(value)
-    finfo = coarsest_finfo(value, outputs)
+    finfo = loss_rounding(loss, outputs[rows], labels, value)
     # Both sides average the same per-example values: a few roundings of the largest of them (16
     # examples alone; a critic's o * t on centred targets cancels in the means) apart: 8 in 16
     # bits, 64 in float32 (1e-4 missed a weight of 2 on one of 1000 labels), 1e-12 in float64.

@@ -285,11 +285,25 @@ def refuse_meta_data(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) 
             )
 
 
-def coarsest_finfo(*tensors: torch.Tensor) -> torch.finfo:
-    """The rounding of the coarsest floating-point dtype of ``tensors`` (float64 if none): a loss
-    computed on float32 outputs and returned as float64 is rounded as float32."""
-    dtypes = [t.dtype for t in tensors if t.is_floating_point()] or [torch.float64]
-    return max((torch.finfo(d) for d in dtypes), key=lambda f: f.eps)
+def loss_rounding(
+    loss: LossFn, outputs: torch.Tensor, targets: torch.Tensor, value: torch.Tensor
+) -> torch.finfo:
+    """The rounding of a loss's arithmetic, for the tolerances of its checks: that of its
+    ``value``'s dtype, unless the outputs' dtype is coarser and the loss computes in it (then its
+    value on one example moves when the outputs come in the value's dtype, as for
+    ``F.cross_entropy(o, t).double()`` on float32 outputs; not for ``F.cross_entropy(o.float(),
+    t)`` on bfloat16 ones, which is as exact as float32)."""
+    fine = torch.finfo(value.dtype if value.is_floating_point() else torch.float64)
+    if not outputs.is_floating_point() or torch.finfo(outputs.dtype).eps <= fine.eps:
+        return fine
+    one, target = outputs[:1].detach(), targets[:1]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            same = torch.equal(loss(one.clone(), target), loss(one.to(value.dtype), target))
+    except Exception:  # a loss that takes only the outputs' dtype computes in it
+        same = False
+    return fine if same else torch.finfo(outputs.dtype)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -330,15 +344,17 @@ def add_to_model(model: nn.Module, delta: Mapping[str, torch.Tensor], scale: flo
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in evaluation mode for a block and give each of its modules back its own
-    previous mode (a submodule a user put in evaluation mode stays there)."""
-    modes = [(module, module.training) for module in model.modules()]
+    previous mode (a submodule a user put in evaluation mode stays there), through its
+    ``train()``, which a module may override to set more than its mode."""
+    modes = [(module, module.training) for module in model.modules()]  # parents first
     if any(training for _, training in modes):
         model.eval()
     try:
         yield model
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training != training:  # a parent's train() also set its children
+                module.train(training)
 
 
 def evaluate_model(

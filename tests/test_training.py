@@ -339,6 +339,30 @@ def test_evaluate_uses_eval_mode_and_restores_the_mode(training):
     assert scores["loss"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_evaluate_gives_the_modes_back_through_train_which_a_module_may_override():
+    """A module whose train(mode) also sets its dropout rate: the mode was given back by setting
+    .training alone, which left the rate of evaluation mode (0) in training mode. A submodule
+    the user put in evaluation mode stays there."""
+
+    class Rated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head, self.rate = nn.Linear(64, 10), nn.Linear(10, 10), 0.5
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.rate = 0.5 if mode else 0.0
+            return self
+
+        def forward(self, x):
+            return self.head(F.dropout(self.fc(x), self.rate, training=self.rate > 0))
+
+    model = Rated()
+    model.head.eval()
+    evaluate(model, DIGITS.x_test[:10], DIGITS.y_test[:10])
+    assert model.training and model.rate == 0.5 and not model.head.training
+
+
 # --- conversion ---------------------------------------------------------------------------------
 
 

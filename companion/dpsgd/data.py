@@ -91,10 +91,11 @@ class RunData:
             x, y = x.to(self.device), y.to(self.device)
         try:
             check_outputs(model, x, y, loss=self.loss)
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             if self.names == ("x", "y"):
                 raise
-            raise ValueError(f"on {self.names[0]} and {self.names[1]}: {error}") from None
+            data = self.names[0] if self.dataset is not None else " and ".join(self.names)
+            raise type(error)(f"on {data}: {error}") from None
         check_examples_independent(model, x)
         if self.dataset is not None and self.loss == "cross_entropy":
             self.classes = run_model(model, x[:1]).shape[1]

@@ -5,8 +5,10 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -140,9 +142,11 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
     comparing examples). This runs the model in evaluation mode on the first examples (up to 4),
     together and one at a time, and compares the outputs. It catches mistakes and proves
     nothing: a model that mixes examples in training mode only, or by less than the tolerance,
-    passes, and so does a model whose outputs are random in evaluation mode (Monte Carlo
-    dropout), which cannot be compared, and a batch of one example.
-    :func:`companion.dpsgd.train_dpsgd` runs it before training, and a
+    passes, and so does a model that draws from a global generator in evaluation mode (Monte
+    Carlo dropout) or whose outputs change when it runs again, which cannot be compared, and a
+    batch of one example. The global generators (torch's, Python's, numpy's) are left as they
+    were. Outputs padded to the batch's longest sequence are compared over the example's own
+    length. :func:`companion.dpsgd.train_dpsgd` runs it before training, and a
     :class:`~companion.per_example.PerExampleClipper` on the batches whose layout it checks.
 
     Args:
@@ -151,10 +155,10 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
 
     Raises:
         TypeError: if the model does not return a tensor.
-        ValueError: if the model cannot be applied to ``x``, its outputs on the batch are NaN
-            or infinite, or differ from the same examples' outputs alone (in shape, or by more
-            than 1% of the largest output of the batch; 8 roundings, for dtypes with fewer
-            bits).
+        ValueError: if the model cannot be applied to ``x`` or to a batch of one example, its
+            outputs on the batch are NaN, or they differ from the same examples' outputs alone
+            (in shape, in an infinite output, or by more than 1% of the largest finite output
+            of the batch; 8 roundings, for dtypes with fewer bits).
 
     Example:
         >>> class Centred(nn.Module):  # subtracts the batch's mean: mixes the examples
@@ -168,19 +172,23 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
     n = min(4, x.shape[0])
     if n < 2:
         return
-    # The model gets copies, which an in-place operation may change: the batch is the caller's.
-    first = run_model(model, x[:n].clone())
-    if not torch.isfinite(first).all():
-        raise ValueError("the model's outputs on the first examples are NaN or infinite.")
-    if not torch.equal(run_model(model, x[:n].clone()), first):
-        return  # random in evaluation mode: nothing to compare with
+    states = _generator_states(x.device)
+    try:
+        # The model gets copies, which an in-place operation may change: the batch is the
+        # caller's.
+        first = run_model(model, x[:n].clone())
+        if torch.isnan(first).any():
+            raise ValueError("the model's outputs on the first examples are NaN.")
+        if _drew(states, x.device) or not torch.equal(run_model(model, x[:n].clone()), first):
+            return  # random in evaluation mode: nothing to compare with
+        alone = [_alone(model, x[i : i + 1].clone()) for i in range(n)]
+    finally:
+        _set_generator_states(states, x.device)
+    pairs = [_comparable(row, one) for row, one in zip(first.double(), alone, strict=True)]
+    finite = first[first.isfinite()].double()
     eps = torch.finfo(first.dtype).eps if first.is_floating_point() else 0.0
-    together = first.double().reshape(-1)
-    alone = torch.cat(
-        [run_model(model, x[i : i + 1].clone()).double().reshape(-1) for i in range(n)]
-    )
-    tolerance = max(1e-2, 8 * eps) * float(together.abs().max())
-    if alone.shape != together.shape or not float((together - alone).abs().max()) <= tolerance:
+    tolerance = max(1e-2, 8 * eps) * float(finite.abs().max()) if finite.numel() else 0.0
+    if any(pair is None or not _close(*pair, tolerance) for pair in pairs):
         raise ValueError(
             "the model's output for an example depends on the other examples of its batch: on "
             f"the first {n} examples, the outputs of one forward pass differ from those of each "
@@ -188,6 +196,62 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
             "treats the examples independently: remove statistics taken over the batch (a mean "
             "or a normalisation over dim 0) and anything that compares examples."
         )
+
+
+def _alone(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs on a batch of one example, as float64; a failure says so."""
+    try:
+        return run_model(model, x).double()
+    except ValueError as error:
+        raise ValueError(
+            f"the model fails on a batch of one example, which Poisson sampling draws: {error}"
+        ) from None
+
+
+def _comparable(row: torch.Tensor, alone: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An example's outputs in the batch and alone, flattened to one shape: as they are when they
+    have as many elements (a squeeze may take a batch of one's first dimension), cropped to
+    their common size when only their lengths differ (outputs padded to the batch's longest
+    sequence); None if neither."""
+    if alone.numel() == row.numel():
+        return row.reshape(-1), alone.reshape(-1)
+    if alone.dim() != row.dim() + 1 or alone.shape[0] != 1:
+        return None
+    crop = tuple(slice(0, min(p, q)) for p, q in zip(row.shape, alone.shape[1:], strict=True))
+    return row[crop].reshape(-1), alone[0][crop].reshape(-1)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> bool:
+    """Equal where infinite (a masked logit), within ``tolerance`` where finite."""
+    finite = a.isfinite() & b.isfinite()
+    return bool(torch.equal(a[~finite], b[~finite]) and ((a - b)[finite].abs() <= tolerance).all())
+
+
+def _generator_states(device: torch.device) -> tuple:
+    """The states of the global generators a forward pass may draw from: torch's (on the CPU, and
+    on ``device`` if it is a CUDA device), Python's and numpy's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def _drew(states: tuple, device: torch.device) -> bool:
+    """Whether a global generator moved since ``states``."""
+
+    def comparable(states: tuple) -> tuple:
+        cpu, cuda, python, (name, keys, *rest) = states
+        cuda = None if cuda is None else cuda.cpu().numpy().tobytes()
+        return cpu.numpy().tobytes(), cuda, python, name, keys.tobytes(), *rest
+
+    return comparable(states) != comparable(_generator_states(device))
+
+
+def _set_generator_states(states: tuple, device: torch.device) -> None:
+    cpu, cuda, python, numpy_state = states
+    torch.set_rng_state(cpu)
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 #: The error of :func:`~companion.per_example.layout.rows_cross` for a forward pass that mixes

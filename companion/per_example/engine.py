@@ -306,9 +306,9 @@ class PerExampleClipper:
             ValueError: if the model's trainable parameters changed since the clipper was
                 built, ``into`` lacks one or holds a tensor unlike it
                 (shape, dtype, device), an example's gradient is not finite (then nothing is
-                added), the model runs layers in a reentrant checkpoint, its forward pass is seen
-                to mix the first examples, or it changes its input in place where another pass
-                over the model follows.
+                added), the model runs layers in a reentrant checkpoint, the per-layer rules'
+                checks see its forward pass mix the first examples, or it changes its input in
+                place where another pass over the model follows.
 
         Example:
             >>> import torch
@@ -410,8 +410,8 @@ def clipped_gradient_sum(
         TypeError: if an argument is of the wrong kind.
         ValueError: if an argument is out of range, ``method="layerwise"`` does not apply, an
             example's gradient is not finite, the model runs layers in a reentrant checkpoint,
-            its forward pass is seen to mix the first examples, or it changes its input in place
-            where another pass over the model follows.
+            the per-layer rules' checks see its forward pass mix the first examples, or it
+            changes its input in place where another pass over the model follows.
 
     Example:
         >>> import torch
