@@ -237,12 +237,12 @@ def _generator_states(device: torch.device) -> tuple:
 def _drew(states: tuple, device: torch.device) -> bool:
     """Whether a global generator moved since ``states``."""
 
-    def comparable(states: tuple) -> tuple:
-        cpu, cuda, python, (name, keys, *rest) = states
+    def as_values(snapshot: tuple) -> tuple:  # what == compares
+        cpu, cuda, python, (name, keys, *rest) = snapshot
         cuda = None if cuda is None else cuda.cpu().numpy().tobytes()
         return cpu.numpy().tobytes(), cuda, python, name, keys.tobytes(), *rest
 
-    return comparable(states) != comparable(_generator_states(device))
+    return as_values(states) != as_values(_generator_states(device))
 
 
 def _set_generator_states(states: tuple, device: torch.device) -> None:
