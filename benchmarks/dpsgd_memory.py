@@ -40,6 +40,7 @@ import resource
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -173,33 +174,41 @@ def default_malloc_env() -> dict[str, str]:
 
 
 def measure_all(
-    models: list[str], methods: list[str], *, device: str, threads: int, steps: int
+    methods: dict[str, list[str]], *, device: str, threads: int, steps: int
 ) -> tuple[dict[str, dict[str, dict[str, float]]], list[str]]:
-    """One process per model, method and measure; returns ``{model: {method: {what: MiB}}}``
-    and the measures taken (keys of ``WHAT``), in ``WHAT``'s order."""
+    """One process per model, method of that model (``methods[model]``) and measure; returns
+    ``{model: {method: {what: MiB}}}`` and the measures taken (keys of ``WHAT``), in ``WHAT``'s
+    order.
+
+    On CUDA the processes run 8 at a time: each one's allocator counts its own tensors alone. On
+    the CPU they run one after another, so that none takes memory or time from another."""
+    measures = ["tensors"] if device.startswith("cuda") else ["tensors", "rss"]
+    cases = [(n, m, w) for n, of_n in methods.items() for m in of_n for w in measures]
+
+    def measure(case: tuple[str, str, str]) -> subprocess.CompletedProcess:
+        model_name, method, measure = case
+        command = [
+            sys.executable, str(Path(__file__).resolve()), "--child", model_name, method,
+            "--device", device, "--threads", str(threads), "--steps", str(steps),
+            "--measure", measure,
+        ]  # fmt: skip
+        return subprocess.run(
+            command, capture_output=True, text=True, check=False, env=default_malloc_env()
+        )
+
+    workers = 8 if device.startswith("cuda") else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        finished = list(pool.map(measure, cases))
     results: dict[str, dict[str, dict[str, float]]] = {}
     kinds = set()
-    measures = ["tensors"] if device.startswith("cuda") else ["tensors", "rss"]
-    for model_name in models:
-        for method in methods:
-            for measure in measures:
-                command = [
-                    sys.executable, str(Path(__file__).resolve()), "--child", model_name, method,
-                    "--device", device, "--threads", str(threads), "--steps", str(steps),
-                    "--measure", measure,
-                ]  # fmt: skip
-                done = subprocess.run(
-                    command, capture_output=True, text=True, check=False, env=default_malloc_env()
-                )
-                if done.returncode != 0:
-                    print(f"memory {model_name} / {method} / {measure} failed:")
-                    print(done.stderr[-2000:])
-                    continue
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                row = results.setdefault(model_name, {}).setdefault(method, {})
-                row[result["what"]] = result["mib"]
-                kinds.add(result["what"])
-        print(f"memory {model_name} done", flush=True)
+    for (model_name, method, measure), done in zip(cases, finished, strict=True):
+        if done.returncode != 0:
+            print(f"memory {model_name} / {method} / {measure} failed:")
+            print(done.stderr[-2000:])
+            continue
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        results.setdefault(model_name, {}).setdefault(method, {})[result["what"]] = result["mib"]
+        kinds.add(result["what"])
     return results, [what for what in WHAT if what in kinds]
 
 
@@ -229,7 +238,7 @@ def main() -> None:
         return
     models, methods = args.models.split(","), args.methods.split(",")
     results, measures = measure_all(
-        models, methods, device=args.device, threads=args.threads, steps=steps
+        dict.fromkeys(models, methods), device=args.device, threads=args.threads, steps=steps
     )
     print(f"\n{steps} steps of batch 256 per process, {args.threads} threads, {args.device}\n")
     for what in measures:

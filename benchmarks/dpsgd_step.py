@@ -501,13 +501,14 @@ def main() -> None:
         )
         print(f"timed {model_name}", flush=True)
     memory, measures = {}, []
-    for model_name in [] if args.no_memory else args.models:
-        methods = [m for m in applicable(model_name, args.methods) if m not in REFERENCES]
-        measured, measures = measure_all(
-            [model_name], methods, device=args.device, threads=args.threads,
-            steps=2 if args.quick else 3,
-        )  # fmt: skip
-        memory.update(measured)
+    if not args.no_memory:
+        methods = {
+            name: [m for m in applicable(name, args.methods) if m not in REFERENCES]
+            for name in args.models
+        }
+        memory, measures = measure_all(
+            methods, device=args.device, threads=args.threads, steps=2 if args.quick else 3
+        )
     print()
     print(header(args))
     print()

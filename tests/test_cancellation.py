@@ -276,8 +276,8 @@ def test_the_ghost_path_in_chunks_matches_the_loop(
     monkeypatch.setattr(gradients, "CHUNK_ELEMENTS", 64 * (length * 2 * width + 3 * length**2))
     chunks: list[list[int]] = []
 
-    def counted(batch: int, per_example: int) -> list[slice]:
-        parts = gradients.example_chunks(batch, per_example)
+    def counted(batch: int, per_example: int, device: torch.device) -> list[slice]:
+        parts = gradients.example_chunks(batch, per_example, device)
         chunks.append([len(range(batch)[part]) for part in parts])
         return parts
 

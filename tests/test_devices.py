@@ -118,8 +118,9 @@ def _mlp_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("batch", [_conv_batch, _text_batch, _mlp_batch])
 @pytest.mark.parametrize("device", DEVICES)
 def test_clipped_sums_match_the_loop_on_the_device(device, batch, method):
-    """The per-layer rules (the GPU's convolution takes all examples as groups in one call) and
-    vmap against the loop, with a clipping norm that clips every example."""
+    """The per-layer rules (on a GPU the Embedding's reads no count back, and the chunks of
+    examples are larger) and vmap against the loop, with a clipping norm that clips every
+    example."""
     torch.manual_seed(0)
     model, x, y = batch()
     model, x, y = model.double().to(device), x.to(device), y.to(device)

@@ -1284,8 +1284,8 @@ def test_add_clipped_sum_adds_the_scaled_clipped_sum_into_what_it_is_given(name,
         clipper.add_clipped_sum(x, y, max_grad_norm=0.5, into={n: into[n] for n in list(into)[:-1]})
 
 
-def test_a_convolution_over_several_cpu_chunks_matches_the_loop():
-    """On CPU the convolution rule computes the per-example gradients in chunks (of 64 examples);
+def test_a_convolution_over_several_chunks_matches_the_loop():
+    """The convolution rule computes the per-example gradients in chunks (of 64 examples);
     two chunks and 6 examples make two full chunks and a partial one, each of which must line up
     with its clipping factors (a shifted or dropped chunk changes the sum by order 1)."""
 
@@ -1295,7 +1295,7 @@ def test_a_convolution_over_several_cpu_chunks_matches_the_loop():
         )
 
     model = _seeded(build)
-    batch = 2 * rules._CPU_CONV_CHUNK + 6
+    batch = 2 * rules._CONV_CHUNK + 6
     x = torch.randn(batch, 3, 6, 6, generator=_gen(), dtype=torch.float64)
     y = _classes(batch, 3)
     c, expected, loop_norms = _loop_at_most_clipped(model, "cross_entropy", x, y)
@@ -1347,6 +1347,20 @@ def test_the_embedding_rules_sort_is_torchs_stable_sort(bound):
     assert torch.equal(got[0], expected.values) and torch.equal(got[1], expected.indices)
     empty = torch.zeros(0, dtype=torch.int64)
     assert [t.shape for t in rules._sort(empty, bound=bound)] == [(0,), (0,)]
+
+
+def test_chunks_off_the_cpu_are_larger_by_the_gpu_factor():
+    """A chunk holds at most CHUNK_ELEMENTS elements on the CPU (8 examples of an eighth of it)
+    and GPU_CHUNK_FACTOR (16) times more on another device (a device object is enough: nothing is
+    allocated)."""
+    per_example = gradients.CHUNK_ELEMENTS // 8
+
+    def bounds(device: str) -> list[tuple[int, int]]:
+        parts = gradients.example_chunks(150, per_example, torch.device(device))
+        return [(part.start, min(part.stop, 150)) for part in parts]
+
+    assert bounds("cpu") == [(start, min(start + 8, 150)) for start in range(0, 150, 8)]
+    assert bounds("cuda") == [(0, 128), (128, 150)]
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from _oracles import _assert_same, _loop_clipped_sum
 from _shadow_device import SHADOW, Shadow, shadow_device, values
 from conftest import load_shared_digits
 from torch import nn
@@ -243,8 +244,8 @@ def _text_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def _conv_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """80 examples: more than the CPU's chunk of the convolution rule (64), so the GPU branch,
-    one chunk of all examples, differs from the CPU's two."""
+    """80 examples: more than the convolution rule's chunk (64), so its per-example gradients
+    come in two chunks."""
     torch.manual_seed(0)
     x = torch.tensor(X[:80], dtype=torch.float64)
     return _ConvNet().double(), x, torch.tensor(Y[:80])
@@ -262,11 +263,9 @@ def _conv_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 )
 def test_clipped_gradient_sum_on_the_device_equals_the_cpu_one(batch, method):
     """The clipped sums (a norm of 1e-3 clips every example) equal those on the CPU: bit for bit
-    where the arithmetic is the same; for the convolution, whose rule takes its GPU branch here
-    (all examples as groups of one call, where the CPU makes chunks of 64), up to the float64
-    rounding of other kernels (relative 1e-16 per operation; 1e-12 leaves a wide margin). Fails if
-    a rule builds an index or a mask on the other device or without values (a real meta
-    tensor), or the GPU branch computes something else."""
+    where the arithmetic is the same; for the convolution, up to the float64 rounding of other
+    kernels (relative 1e-16 per operation; 1e-12 leaves a wide margin). Fails if a rule builds an
+    index or a mask on the other device or without values (a real meta tensor)."""
     model, x, y = batch()
     expected = clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1e-3,
                                     method=method)  # fmt: skip
@@ -280,6 +279,32 @@ def test_clipped_gradient_sum_on_the_device_equals_the_cpu_one(batch, method):
     else:
         assert actual.keys() == expected.keys()
         assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("vocabulary", [3, 40])  # most positions repeat a pair; few do
+def test_the_embedding_rule_on_the_device_matches_the_loop(vocabulary):
+    """Off the CPU the Embedding rule sums the rows of every (example, token) pair with no count
+    read back from the device: its sums have a row per position, and those past the last pair
+    stay zero under key 0, which is example 0's token 0. Example 0 holds token 0 twice here, and
+    token 1, the padding, once: rows summed into another pair's sum, a pair's rows split, or an
+    unused sum that is not zero would move a norm or a row of the Embedding's sum (checked against
+    the per-example loop, with a clipping norm that clips every example)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(vocabulary, 4, padding_idx=1), nn.Flatten(), nn.Linear(24, 3)
+    ).double()
+    tokens = torch.randint(0, vocabulary, (10, 6), generator=torch.Generator().manual_seed(0))
+    tokens[0, :3] = torch.tensor([0, 0, 1])
+    y = torch.arange(10) % 3
+    expected, norms = _loop_clipped_sum(model, "cross_entropy", tokens, y, 1e-3)
+    assert float(norms.min()) > 1e-3
+    with shadow_device():
+        model, tokens, y = model.to(SHADOW), tokens.to(SHADOW), y.to(SHADOW)
+        actual = clipped_gradient_sum(
+            model, "cross_entropy", tokens, y, max_grad_norm=1e-3, return_norms=True
+        )
+    torch.testing.assert_close(values(actual.norms), norms, rtol=1e-12, atol=0)
+    _assert_same({name: values(t) for name, t in actual.sums.items()}, expected)
 
 
 def test_loss_threshold_attack_scores_cpu_data_with_a_model_on_the_device():

@@ -13,11 +13,11 @@ Strong Differentially Private Learners", ICLR), is
 
 and the clipped sum over the batch, with clipping factors :math:`f_i`, is one product,
 :math:`\sum_i f_i b_i^\top a_i`. Both run on chunks of examples of at most
-:data:`~companion.per_example.gradients.CHUNK_ELEMENTS` elements (or of one example, where one
-is larger), so that the wider copies they make (float64) grow with the chunk, not the batch;
-the clipped sum also holds one (g, O, I) accumulator of the weight's size. An example whose
-positions cancel, so that the Gram matrices' rounding could hide its norm, is measured again on
-its materialised gradient (:class:`GhostSum`).
+:data:`~companion.per_example.gradients.CHUNK_ELEMENTS` elements on the CPU, more on a GPU (or
+of one example, where one is larger), so that the wider copies they make (float64) grow with the
+chunk, not the batch; the clipped sum also holds one (g, O, I) accumulator of the weight's size.
+An example whose positions cancel, so that the Gram matrices' rounding could hide its norm, is
+measured again on its materialised gradient (:class:`GhostSum`).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def ghost_squares(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     # Per example: the wide copies of a and b, the two Gram matrices and their product.
     per_example = a[0].numel() + b[0].numel() + 3 * groups * length * length
     found, loose = [], []
-    for part in example_chunks(a.shape[0], per_example):
+    for part in example_chunks(a.shape[0], per_example, a.device):
         x, y = a[part].to(wide), b[part].to(wide)
         squares = torch.einsum("bgls,bgls->b", x @ x.transpose(-1, -2), y @ y.transpose(-1, -2))
         row_norms = torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1)
@@ -100,7 +100,7 @@ class GhostSum(Refinable):
         if not self.exact:
             return []
         size = self.a[0, :, 0].numel() * self.b.shape[-1] + self.a[0].numel() + self.b[0].numel()
-        return [self.exact[part] for part in example_chunks(len(self.exact), size)]
+        return [self.exact[part] for part in example_chunks(len(self.exact), size, self.a.device)]
 
     def _gradients(self, index: list[int]) -> torch.Tensor:
         wide = _wide(self.a)
@@ -122,7 +122,7 @@ class GhostSum(Refinable):
             summed += torch.einsum("k,kgoi->goi", f[index].to(grads.dtype), grads).to(wide)
         if self.exact:
             f = f.index_fill(0, torch.tensor(self.exact, device=f.device), 0.0)
-        for part in example_chunks(a.shape[0], a[0].numel() + b[0].numel()):
+        for part in example_chunks(a.shape[0], a[0].numel() + b[0].numel(), a.device):
             weighted = b[part].to(wide) * f[part].to(wide)[:, None, None, None]
             summed += torch.einsum("bglo,bgli->goi", weighted, a[part].to(wide))
         total.add_(summed.reshape(self.shape).to(total.dtype))

@@ -158,7 +158,7 @@ def _patches(a: torch.Tensor, conv: nn.Module, dims: int) -> torch.Tensor:
     return a.permute(order).reshape(batch, math.prod(positions), -1)
 
 
-_CPU_CONV_CHUNK = 64
+_CONV_CHUNK = 64
 _GHOST_MEMORY_RATIO = 4
 
 
@@ -199,13 +199,17 @@ def _conv(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput:
     if i_size * o_size > _GHOST_MEMORY_RATIO * positions * (i_size + o_size):
         return _matmul_rule(layer, _patches(a, layer, dims), outputs, groups=layer.groups)
     # Materialised: every example's weight gradient from a convolution backward with the examples
-    # folded into the groups, so no patch matrix is built. On CPU, oneDNN is several times slower
-    # per example with hundreds of groups than with tens (35 ms against 6 ms for 256 examples of a
-    # 64-to-64 3x3 convolution on 8x8 maps), so the batch goes in chunks there: of 64 examples,
-    # where 32 made the MNIST CNN's step 5% slower and the CIFAR CNN's no faster.
+    # folded into the groups, so no patch matrix is built, in chunks of 64 examples. On CPU,
+    # oneDNN is several times slower per example with hundreds of groups than with tens (35 ms
+    # against 6 ms for 256 examples of a 64-to-64 3x3 convolution on 8x8 maps); 32 made the MNIST
+    # CNN's step 5% slower and the CIFAR CNN's no faster. On a GPU, cuDNN's workspace grows with
+    # the groups: the whole batch of 256 took the MNIST CNN's step to 25 MiB more than chunks of
+    # 64 on an H200 (3 steps from a fresh start: 111 MiB of tensors, 26 more than a non-private
+    # step, against Opacus ghost's 99), though it was faster (2.5 against 3.0 ms a step; the
+    # CIFAR CNN 4.5 against 5.5 ms; Opacus's fastest mode took 3.5 and 5.8 ms).
     # The chunks are kept apart: one tensor of all of them is often too large for the allocator
     # to reuse, and writing a fresh one cost more than computing it (page faults).
-    chunk = _CPU_CONV_CHUNK if a.device.type == "cpu" else batch
+    chunk = _CONV_CHUNK
     chunks = [
         _per_example_conv_weight(layer, a[start : start + chunk], b[start : start + chunk])
         for start in range(0, batch, chunk)
@@ -248,10 +252,19 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
     example = torch.arange(batch, device=a.device).repeat_interleave(a[0].numel())
     sorted_keys, order = _sort(tokens + vocabulary * example, bound=vocabulary * batch)
     repeats = sorted_keys[1:] == sorted_keys[:-1]  # positions holding the pair of the one before
-    if 2 * int(repeats.sum()) > tokens.numel():
+    # On a GPU, every pair's rows are summed, with no count read back (each read waits for the
+    # device): a row per position is allocated for the sums, and those past the last pair stay
+    # zero, with key 0 (example 0's, token 0's: they add zero to both).
+    on_cpu = a.device.type == "cpu"
+    if not on_cpu or 2 * int(repeats.sum()) > tokens.numel():
         # Most positions repeat a pair (a small vocabulary): sum the rows of every pair; the norms
         # and the total then take one summed row per pair in place of one row per position.
-        pairs, segment = torch.unique_consecutive(sorted_keys, return_inverse=True)
+        if on_cpu:
+            pairs, segment = torch.unique_consecutive(sorted_keys, return_inverse=True)
+        else:
+            segment = torch.zeros_like(sorted_keys)  # the pair of each sorted key
+            segment[1:] = (~repeats).cumsum(0)
+            pairs = sorted_keys.new_zeros(tokens.numel()).scatter_(0, segment, sorted_keys)
         segment = torch.empty_like(segment).scatter_(0, order, segment)  # in position order
         summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows)
         pair_squares = squared_norms(summed)
@@ -307,7 +320,8 @@ def _layer_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
             normalised = F.layer_norm(a[part], shape, eps=layer.eps).reshape(b[part].shape)
             return normalised.mul_(b[part]).sum(dim=1)
 
-        grads = torch.cat([chunk_grads(part) for part in example_chunks(batch, b[0].numel())])
+        parts = example_chunks(batch, b[0].numel(), a.device)
+        grads = torch.cat([chunk_grads(part) for part in parts])
         out.append(materialised("weight", grads))
     if _wants(layer, "bias"):
         out.append(materialised("bias", b.sum(dim=1)))
@@ -326,7 +340,8 @@ def _group_norm(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutpu
             normalised = F.group_norm(a[part], layer.num_groups, eps=layer.eps)
             return normalised.reshape(b[part].shape).mul_(b[part]).sum(dim=2)
 
-        grads = torch.cat([chunk_grads(part) for part in example_chunks(batch, b[0].numel())])
+        parts = example_chunks(batch, b[0].numel(), a.device)
+        grads = torch.cat([chunk_grads(part) for part in parts])
         out.append(materialised("weight", grads))
     if _wants(layer, "bias"):
         out.append(materialised("bias", b.sum(dim=2)))
