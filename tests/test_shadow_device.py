@@ -285,7 +285,7 @@ def test_clipped_gradient_sum_on_the_device_equals_the_cpu_one(batch, method):
 def test_the_embedding_rule_on_the_device_matches_the_loop(vocabulary):
     """Off the CPU the Embedding rule sums the rows of every (example, token) pair with no count
     read back from the device: its sums have a row per position, and those past the last pair
-    stay zero under key 0, which is example 0's token 0. Example 0 holds token 0 twice here, and
+    stay zero under the keys of the last positions. Example 0 holds token 0 twice here, and
     token 1, the padding, once: rows summed into another pair's sum, a pair's rows split, or an
     unused sum that is not zero would move a norm or a row of the Embedding's sum (checked against
     the per-example loop, with a clipping norm that clips every example)."""

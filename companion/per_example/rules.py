@@ -254,7 +254,8 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
     repeats = sorted_keys[1:] == sorted_keys[:-1]  # positions holding the pair of the one before
     # On a GPU, every pair's rows are summed, with no count read back (each read waits for the
     # device): a row per position is allocated for the sums, and those past the last pair stay
-    # zero, with key 0 (example 0's, token 0's: they add zero to both).
+    # zero, each under the key sorted to its place (adding zero to that example's norm and that
+    # token's row; one key for all would make their atomic additions wait on one another).
     on_cpu = a.device.type == "cpu"
     if not on_cpu or 2 * int(repeats.sum()) > tokens.numel():
         # Most positions repeat a pair (a small vocabulary): sum the rows of every pair; the norms
@@ -264,7 +265,7 @@ def _embedding(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> RuleOutput
         else:
             segment = torch.zeros_like(sorted_keys)  # the pair of each sorted key
             segment[1:] = (~repeats).cumsum(0)
-            pairs = sorted_keys.new_zeros(tokens.numel()).scatter_(0, segment, sorted_keys)
+            pairs = sorted_keys.scatter(0, segment, sorted_keys)
         segment = torch.empty_like(segment).scatter_(0, order, segment)  # in position order
         summed = rows.new_zeros(pairs.shape[0], width).index_add_(0, segment, rows)
         pair_squares = squared_norms(summed)
