@@ -370,7 +370,9 @@ def _scores(model: nn.Module, batches: Iterable[Any], loss: str | LossFn) -> dic
     total, loss_sum, correct = 0, 0.0, 0.0
     with eval_mode(model), torch.no_grad():
         for x, y in batches:
-            x, y = x.to(device), y.to(device)
+            # A copy, even on the device: a model that changes its input in place would change
+            # the caller's data.
+            x, y = x.to(device, copy=True), y.to(device)
             outputs = model(x)
             loss_sum += float(loss_fn(loss)(outputs, y)) * x.shape[0]
             if not callable(loss):

@@ -32,7 +32,7 @@ from companion.accounting import (
     steps_for_epochs,
 )
 from companion.dpsgd import set_private_gradients, train_dpsgd
-from companion.per_example import clipped_gradient_sum
+from companion.per_example import check_dp_compatible, clipped_gradient_sum
 
 DIGITS = data.load_digits(seed=0)
 N = 160
@@ -302,6 +302,19 @@ def test_one_noiseless_step_gives_the_gradient_of_opacus_dpoptimizer():
     optimizer.pre_step()
     expected = {name: p.grad for name, p in theirs._module.named_parameters()}
     _assert_same({name: p.grad for name, p in ours.named_parameters()}, expected)
+
+
+def test_opacus_checks_batch_norm_only_with_trainable_parameters():
+    """What the FAQ says of Opacus (faq-batchnorm): its validator, which make_private runs,
+    reports a BatchNorm with trainable parameters and passes a frozen one or one built with
+    affine=False; companion refuses all three."""
+    validators = pytest.importorskip("opacus.validators")
+    frozen, fixed = nn.BatchNorm1d(4).requires_grad_(False), nn.BatchNorm1d(4, affine=False)
+    for norm, reported in [(nn.BatchNorm1d(4), 1), (frozen, 0), (fixed, 0)]:
+        model = nn.Sequential(nn.Linear(3, 4), norm, nn.Linear(4, 2))
+        assert len(validators.ModuleValidator.validate(model, strict=False)) == reported
+        with pytest.raises(ValueError, match="BatchNorm1d"):
+            check_dp_compatible(model)
 
 
 # --- optimizers, losses, data, normaliser -------------------------------------------------------

@@ -20,7 +20,10 @@ and Bassily, Smith and Thakurta 2014) changes one step of SGD in three ways.
    (the factor Opacus uses; the :math:`10^{-6}` guards against division by zero and keeps
    :math:`\lVert \bar g_i \rVert_2 < C` up to rounding). Where the norm is measured on the
    vector that is added, rounding can take it above :math:`C` by a relative amount of order the
-   unit roundoff :math:`u` (:math:`6 \cdot 10^{-8}` in float32). On the ghost-norm path of
+   unit roundoff :math:`u` of the parameters' dtype: :math:`6 \cdot 10^{-8}` in float32, but
+   :math:`5 \cdot 10^{-4}` in float16 and :math:`4 \cdot 10^{-3}` in bfloat16, where a clipped
+   gradient can be 0.4% longer than :math:`C` (the noise then covers a sensitivity that much
+   above :math:`C`, as would a noise multiplier that much smaller). On the ghost-norm path of
    :mod:`companion.per_example` (a ``Linear`` on sequences, a wide convolution) the norm comes
    from Gram matrices, summed in float64 (float32 on Apple's ``mps``, which has no float64), and
    an example whose norm is below 1/100 of its bound :math:`\sum_s \lVert a_s \rVert \lVert b_s

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from companion._forward import parameters_unwritten
 from companion._labels import class_labels, first_bad_label
 from companion._outputs import (
     LABEL_CHUNK_ELEMENTS,
@@ -89,18 +90,19 @@ class RunData:
         else:
             x, y = self._read(range(min(self.n, 256)))
             x, y = x.to(self.device), y.to(self.device)
-        try:
-            check_outputs(model, x, y, loss=self.loss)
-        except (TypeError, ValueError) as error:
-            if self.names == ("x", "y"):
-                raise
-            data = self.names[0] if self.dataset is not None else " and ".join(self.names)
-            raise type(error)(f"on {data}: {error}") from None
-        check_examples_independent(model, x)
-        if self.dataset is not None and self.loss == "cross_entropy":
-            self.classes = run_model(model, x[:1]).shape[1]
-        if self.dataset is not None and callable(self.loss) and class_labels(y):
-            self.probe, self.labels = run_model(model, x[:8]), set(y.unique().tolist())
+        with parameters_unwritten(model):
+            try:
+                check_outputs(model, x, y, loss=self.loss)
+            except (TypeError, ValueError) as error:
+                if self.names == ("x", "y"):
+                    raise
+                data = self.names[0] if self.dataset is not None else " and ".join(self.names)
+                raise type(error)(f"on {data}: {error}") from None
+            check_examples_independent(model, x)
+            if self.dataset is not None and self.loss == "cross_entropy":
+                self.classes = run_model(model, x[:1]).shape[1]
+            if self.dataset is not None and callable(self.loss) and class_labels(y):
+                self.probe, self.labels = run_model(model, x[:8]), set(y.unique().tolist())
 
     def _read(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked tensors ``(x, y)`` of the Dataset's ``(input, target)`` items at ``index``, on

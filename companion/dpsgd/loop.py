@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from companion._forward import parameters_unwritten, refuse_inference
 from companion._progress import progress_loop
 from companion._random import torch_generator
 from companion._runs import Accountant, check_accountant, continued, note_spent, run_seed
@@ -285,8 +286,10 @@ def train_dpsgd(
             (see :func:`~companion.per_example.check_dp_compatible`) or its outputs on the first
             examples change when they are run together rather than one by one (see
             :func:`~companion.per_example.check_examples_independent`, which catches mistakes
-            but cannot prove independence), the target cannot be reached, or an example's
-            gradient is not finite (the run stops there: see *What is public*).
+            but cannot prove independence), its forward pass writes a parameter in place, the
+            target cannot be reached, or an example's gradient is not finite (the run stops
+            there: see *What is public*).
+        RuntimeError: inside ``torch.inference_mode()``.
 
     Example:
         >>> from companion import data, models
@@ -298,6 +301,7 @@ def train_dpsgd(
         (20, True)
     """
     check_dp_compatible(model)
+    refuse_inference()
     loss = check_loss_or_callable(loss)
     device = model_device(model)
     data = RunData(x, y, loss, device)
@@ -396,7 +400,8 @@ def train_dpsgd(
             record["delta"] = delta
             record["noise_multiplier"] = noise_multiplier
             record["clipped_fraction"] = int(clipped) / seen if seen else 0.0
-            record.update(epoch_record(model, epoch, train_data, test_data, loss))
+            with parameters_unwritten(model):
+                record.update(epoch_record(model, epoch, train_data, test_data, loss))
             history.append(record)
     except BaseException as error:  # KeyboardInterrupt too: say what the steps taken spent
         note_spent(error, accountant, len(accountant) - start, delta, run="train_dpsgd")

@@ -265,8 +265,9 @@ def set_private_gradients(
     Raises:
         TypeError: if an argument is of the wrong kind.
         ValueError: if an argument is out of range, the model has a layer that mixes examples
-            (:func:`~companion.per_example.check_dp_compatible`), the per-layer rules' checks
-            see its forward pass mix the first examples, or an example's gradient is not finite.
+            (:func:`~companion.per_example.check_dp_compatible`), its forward pass is seen to mix
+            the first examples or to write a parameter, or an example's gradient is not finite.
+        RuntimeError: inside ``torch.inference_mode()``.
 
     Example:
         >>> from companion import accounting, models
@@ -390,8 +391,9 @@ def dp_sgd_step(
     Raises:
         TypeError: if an argument is of the wrong kind.
         ValueError: if an argument is out of range, the model has a layer that mixes examples
-            (:func:`~companion.per_example.check_dp_compatible`), the per-layer rules' checks
-            see its forward pass mix the first examples, or an example's gradient is not finite.
+            (:func:`~companion.per_example.check_dp_compatible`), its forward pass is seen to mix
+            the first examples or to write a parameter, or an example's gradient is not finite.
+        RuntimeError: inside ``torch.inference_mode()``.
 
     Example:
         >>> from companion import models

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from companion._forward import parameters_unwritten, refuse_inference
 from companion._outputs import batch_outputs
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
@@ -307,8 +308,11 @@ class PerExampleClipper:
                 built, ``into`` lacks one or holds a tensor unlike it
                 (shape, dtype, device), an example's gradient is not finite (then nothing is
                 added), the model runs layers in a reentrant checkpoint, the per-layer rules'
-                checks see its forward pass mix the first examples, or it changes its input in
-                place where another pass over the model follows.
+                checks see its forward pass mix the first examples, its forward pass writes a
+                parameter in place, it changes its input in place where another pass over the
+                model follows, or the batch was made in ``torch.inference_mode()``.
+            RuntimeError: inside ``torch.inference_mode()`` (under ``torch.no_grad()`` the
+                clipper turns gradients on for its own passes).
 
         Example:
             >>> import torch
@@ -326,6 +330,7 @@ class PerExampleClipper:
                 f"the batch must be two torch tensors, got {type(x).__name__} and "
                 f"{type(y).__name__}."
             )
+        refuse_inference(("x", "y"), (x, y))
         check_unchanged(self.model, self.trainable)
         if missing := [name for name in self.trainable if name not in into]:
             raise ValueError(f"into lacks the trainable parameter(s) {missing}.")
@@ -348,7 +353,8 @@ class PerExampleClipper:
                     "per-example gradient is computed with vmap, which is slower; the result is "
                     "the same."
                 )
-        with without_autocast(x.device):  # the rules need the parameters' dtype
+        # Under a caller's torch.no_grad() too, where the rules would see no graph.
+        with torch.enable_grad(), parameters_unwritten(self.model), without_autocast(x.device):
             if plan is None:
                 grads = vmap_gradients(self.model, self.mean_loss, x, y, list(self.trainable))
                 with torch.no_grad():
@@ -410,8 +416,10 @@ def clipped_gradient_sum(
         TypeError: if an argument is of the wrong kind.
         ValueError: if an argument is out of range, ``method="layerwise"`` does not apply, an
             example's gradient is not finite, the model runs layers in a reentrant checkpoint,
-            the per-layer rules' checks see its forward pass mix the first examples, or it
-            changes its input in place where another pass over the model follows.
+            the per-layer rules' checks see its forward pass mix the first examples, its forward
+            pass writes a parameter in place, or it changes its input in place where another pass
+            over the model follows.
+        RuntimeError: inside ``torch.inference_mode()``.
 
     Example:
         >>> import torch

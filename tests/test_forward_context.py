@@ -1,0 +1,200 @@
+"""What a pass over private data needs of its context and its model (companion/_forward.py).
+
+- Autograd on: under a caller's ``torch.no_grad()`` the per-layer rules once saw no graph and
+  returned norms of 0 (each step moved the model by noise alone, with an epsilon reported); now
+  every entry point gives what it gives outside. ``torch.inference_mode()``, which nothing can
+  turn back, and tensors made there are refused with a message, not a torch error.
+- No parameter written by the forward pass: a layer that sets its weights from the data it reads
+  (Glow's ActNorm on its first batch, found by a coursework trial) put four examples' mean into
+  the weights with no noise while an epsilon of 1 was reported. Now every entry point refuses it.
+- The caller's data unchanged: train_dpsgd's evaluation passes ran the model on views of the
+  training tensors, so a model that divides its input in place divided the caller's data.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from companion.dpsgd import dp_sgd_step, set_private_gradients, train_dpsgd
+from companion.per_example import PerExampleClipper, clipped_gradient_sum
+
+X = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
+Y = torch.arange(60) % 3
+RUN = {"max_grad_norm": 1.0, "sample_rate": 0.2, "epochs": 2, "delta": 1e-3, "lr": 0.5}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# Each entry point on a fresh model, returning what it computes (norms, or the weights after it).
+def _clipped_sum(model):
+    return clipped_gradient_sum(model, "cross_entropy", X[:6], Y[:6], max_grad_norm=1.0,
+                                return_norms=True).norms  # fmt: skip
+
+
+def _set_private(model):
+    generator = torch.Generator().manual_seed(1)
+    return set_private_gradients(model, X[:6], Y[:6], noise_multiplier=0.5, max_grad_norm=1.0,
+                                 expected_batch_size=6.0, generator=generator)  # fmt: skip
+
+
+def _step(model):
+    generator = torch.Generator().manual_seed(1)
+    dp_sgd_step(model, X[:6], Y[:6], noise_multiplier=0.5, max_grad_norm=1.0,
+                expected_batch_size=6.0, lr=0.5, generator=generator)  # fmt: skip
+    return _weights(model)
+
+
+def _clipper(model):
+    return PerExampleClipper(model, loss="cross_entropy")(X[:6], Y[:6], max_grad_norm=1.0).norms
+
+
+def _train(model):
+    train_dpsgd(model, X, Y, noise_multiplier=0.5, seed=0, progress=False, **RUN)
+    return _weights(model)
+
+
+ENTRIES = {
+    "clipped_gradient_sum": _clipped_sum,
+    "set_private_gradients": _set_private,
+    "dp_sgd_step": _step,
+    "PerExampleClipper": _clipper,
+    "train_dpsgd": _train,
+}
+
+
+@pytest.mark.parametrize("entry", ENTRIES.values(), ids=ENTRIES.keys())
+def test_under_no_grad_every_entry_point_computes_what_it_computes_outside(entry):
+    expected = entry(_model())
+    with torch.no_grad():
+        actual = entry(_model())
+    assert torch.equal(actual, expected)
+    if entry in (_clipped_sum, _set_private, _clipper):  # the norms, all > 0 (they were 0)
+        assert bool((actual > 0).all())
+    else:  # the weights moved from the initial ones
+        assert not torch.equal(actual, _weights(_model()))
+
+
+@pytest.mark.parametrize("entry", ENTRIES.values(), ids=ENTRIES.keys())
+def test_inference_mode_is_refused_with_a_message(entry):
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode.. turns off"):
+        entry(_model())
+
+
+def test_an_inference_tensor_is_refused_by_name():
+    with torch.inference_mode():
+        features, labels = X.clone(), Y.clone()
+    generator = torch.Generator().manual_seed(1)
+    with pytest.raises(ValueError, match=r"^x_batch is an inference tensor.*x_batch\.clone\(\)"):
+        set_private_gradients(_model(), features[:6], Y[:6], noise_multiplier=0.5,
+                              max_grad_norm=1.0, expected_batch_size=6.0,
+                              generator=generator)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^y is an inference tensor"):
+        clipped_gradient_sum(_model(), "cross_entropy", X[:6], labels[:6], max_grad_norm=1.0)
+    with pytest.raises(ValueError, match=r"^x is an inference tensor"):
+        PerExampleClipper(_model(), loss="cross_entropy")(features[:6], Y[:6], max_grad_norm=1.0)
+
+
+def test_train_dpsgd_takes_inference_tensors_as_data():
+    """Its batches and evaluation chunks are copies, which autograd can use: the same run."""
+    with torch.inference_mode():
+        features, labels = X.clone(), Y.clone()
+    expected, actual = _model(), _model()
+    train_dpsgd(expected, X, Y, noise_multiplier=0.5, seed=0, progress=False, **RUN)
+    train_dpsgd(actual, features, labels, noise_multiplier=0.5, seed=0, progress=False, **RUN)
+    assert torch.equal(_weights(actual), _weights(expected))
+
+
+class ActNorm(nn.Module):
+    """Glow's ActNorm: its first call sets its shift from the batch's mean."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(width))
+        self.ready = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.ready:
+            with torch.no_grad():
+                self.loc.copy_(-x.mean(dim=0))
+            self.ready = True
+        return x + self.loc
+
+
+class Drift(nn.Module):
+    """A bias moved by every batch's mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.linear.bias.add_(x.mean())
+        return self.linear(x)
+
+
+def _act_norm() -> nn.Module:
+    return nn.Sequential(ActNorm(5), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("entry", ENTRIES.values(), ids=ENTRIES.keys())
+@pytest.mark.parametrize(("build", "name"), [(_act_norm, "0.loc"), (Drift, "linear.bias")])
+def test_a_forward_pass_that_writes_a_parameter_is_refused(entry, build, name):
+    with pytest.raises(ValueError, match=rf"changed its parameter\(s\) \['{name}'\] in place"):
+        entry(build())
+
+
+class CountsCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.linear(x)
+
+
+def test_a_forward_pass_that_writes_only_a_buffer_is_accepted():
+    """A negative control: the check reads parameters only (BatchNorm's running statistics,
+    buffers written from the data, are refused by check_dp_compatible)."""
+    torch.manual_seed(0)
+    model = CountsCalls()
+    assert bool((_clipper(model) > 0).all())
+    assert float(model.calls) > 0
+
+
+class DividesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x /= 4.0
+        return self.linear(x)
+
+
+def test_train_dpsgd_leaves_the_callers_data_as_it_was():
+    """The evaluation passes run on copies: the tensors are unchanged, and the run is the one a
+    TensorDataset of the same tensors gives (whose items are always copies)."""
+    x, x_test = X.clone(), X[:20].clone()
+    torch.manual_seed(0)
+    on_tensors = DividesItsInput()
+    on_dataset = DividesItsInput()
+    on_dataset.load_state_dict(on_tensors.state_dict())
+    train_dpsgd(on_tensors, x, Y, noise_multiplier=0.5, seed=0, progress=False, x_test=x_test,
+                y_test=Y[:20], **RUN)  # fmt: skip
+    assert torch.equal(x, X) and torch.equal(x_test, X[:20])
+    train_dpsgd(on_dataset, TensorDataset(X.clone(), Y), noise_multiplier=0.5, seed=0,
+                progress=False, **RUN)  # fmt: skip
+    assert torch.equal(_weights(on_tensors), _weights(on_dataset))
