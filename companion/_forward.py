@@ -37,14 +37,18 @@ def refuse_inference(names: tuple[str, ...] = (), tensors: tuple[torch.Tensor, .
 def parameters_unwritten(model: nn.Module) -> Iterator[None]:
     """Refuse a block of forward passes over private data that changes a parameter of ``model``
     in place: a layer that sets its weights from the data it reads (as Glow's ActNorm does on its
-    first batch) puts that data into the weights with no noise, which no epsilon covers."""
-    versions = [(name, p, p._version) for name, p in model.named_parameters()]
+    first batch) puts that data into the weights with no noise, which no epsilon covers. A lazy
+    layer's parameters (``nn.LazyLinear``), which its first call creates from the input's shape
+    alone, are not counted."""
+    params = [(name, p) for name, p in model.named_parameters() if not nn.parameter.is_lazy(p)]
+    versions = [(name, p, p._version) for name, p in params]
     yield
     if written := [name for name, p, version in versions if p._version != version]:
         raise ValueError(
-            f"the model's forward pass changed its parameter(s) {written[:5]} in place, from the "
-            "data it read (as a layer that initialises itself from its first batch does): that "
-            "data reaches the weights with no noise, and no epsilon would cover it. Those "
-            "parameters now hold values computed from the data: rebuild the model, and "
-            "initialise such a layer on public data, outside its forward pass."
+            f"the model's forward pass changed its parameter(s) {written[:5]} in place. Values "
+            "written from the data it reads (as by a layer that initialises itself from its "
+            "first batch) reach the weights with no noise, which no epsilon covers, so this is "
+            "refused; those parameters may now hold values computed from the data: rebuild the "
+            "model. Initialise such a layer on public data, and apply a constraint (a clamp) "
+            "after the optimizer's step, outside the forward pass."
         )

@@ -174,6 +174,15 @@ def test_a_forward_pass_that_writes_only_a_buffer_is_accepted():
     assert float(model.calls) > 0
 
 
+def test_a_lazy_layer_is_accepted():
+    """A negative control: LazyLinear's first call creates and initialises its parameters from
+    the input's shape alone; they are not counted as written (they were refused as such)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 3))
+    history = train_dpsgd(model, X, Y, noise_multiplier=0.5, seed=0, progress=False, **RUN)
+    assert history[-1]["steps"] == 10 and model[0].weight.shape == (8, 5)
+
+
 class DividesItsInput(nn.Module):
     def __init__(self) -> None:
         super().__init__()
