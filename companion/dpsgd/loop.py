@@ -286,7 +286,7 @@ def train_dpsgd(
             (see :func:`~companion.per_example.check_dp_compatible`) or its outputs on the first
             examples change when they are run together rather than one by one (see
             :func:`~companion.per_example.check_examples_independent`, which catches mistakes
-            but cannot prove independence), its forward pass writes a parameter in place, the
+            but cannot prove independence), its first passes write a parameter's values, the
             target cannot be reached, or an example's gradient is not finite (the run stops
             there: see *What is public*).
         RuntimeError: inside ``torch.inference_mode()``.

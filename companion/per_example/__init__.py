@@ -98,11 +98,12 @@ parameters' own dtype.
     be the *mean over examples* of a per-example loss (as :class:`torch.nn.CrossEntropyLoss` and
     :class:`torch.nn.MSELoss` with their default ``reduction="mean"`` are); a weighted mean is
     not. A gradient hook on a trainable parameter (``Tensor.register_hook``) is
-    refused: the per-example gradients would skip it. So is a forward pass that writes to a
-    parameter in place (a layer that initialises itself from its first batch, as Glow's ActNorm
-    does): the data it reads would reach the weights with no noise. The clipper turns gradients
-    on for its own passes (it works under a caller's ``torch.no_grad()``), but nothing can in
-    ``torch.inference_mode()``, which is refused.
+    refused: the per-example gradients would skip it. So is a forward pass that changes a
+    parameter's values (a layer that initialises itself from its first batch, as Glow's ActNorm
+    does): the data it reads would reach the weights with no noise. It is seen on the first
+    batches, where such a layer initialises itself; one that writes only later is not. The
+    clipper turns gradients on for its own passes (it works under a caller's
+    ``torch.no_grad()``), but nothing can in ``torch.inference_mode()``, which is refused.
 
 See the DP-SGD chapter, :ref:`sec-dpsgd-per-example`, for the derivation with pictures.
 """

@@ -308,8 +308,8 @@ class PerExampleClipper:
                 built, ``into`` lacks one or holds a tensor unlike it
                 (shape, dtype, device), an example's gradient is not finite (then nothing is
                 added), the model runs layers in a reentrant checkpoint, the per-layer rules'
-                checks see its forward pass mix the first examples, its forward pass writes a
-                parameter in place, it changes its input in place where another pass over the
+                checks see its forward pass mix the first examples, its first passes write a
+                parameter's values, it changes its input in place where another pass over the
                 model follows, or the batch was made in ``torch.inference_mode()``.
             RuntimeError: inside ``torch.inference_mode()`` (under ``torch.no_grad()`` the
                 clipper turns gradients on for its own passes).
@@ -353,8 +353,10 @@ class PerExampleClipper:
                     "per-example gradient is computed with vmap, which is slower; the result is "
                     "the same."
                 )
-        # Under a caller's torch.no_grad() too, where the rules would see no graph.
-        with torch.enable_grad(), parameters_unwritten(self.model), without_autocast(x.device):
+        # Under a caller's torch.no_grad() too, where the rules would see no graph; the forward
+        # passes of the first batches (every batch under vmap) must not write the parameters.
+        unwritten = parameters_unwritten(self.model, check=self._checks.left > 0)
+        with torch.enable_grad(), unwritten, without_autocast(x.device):
             if plan is None:
                 grads = vmap_gradients(self.model, self.mean_loss, x, y, list(self.trainable))
                 with torch.no_grad():
@@ -416,9 +418,9 @@ def clipped_gradient_sum(
         TypeError: if an argument is of the wrong kind.
         ValueError: if an argument is out of range, ``method="layerwise"`` does not apply, an
             example's gradient is not finite, the model runs layers in a reentrant checkpoint,
-            the per-layer rules' checks see its forward pass mix the first examples, its forward
-            pass writes a parameter in place, or it changes its input in place where another pass
-            over the model follows.
+            the per-layer rules' checks see its forward pass mix the first examples, its first
+            passes write a parameter's values, or it changes its input in place where another
+            pass over the model follows.
         RuntimeError: inside ``torch.inference_mode()``.
 
     Example:
