@@ -1222,6 +1222,8 @@ def test_check_dp_compatible_gives_the_fix_of_each_refused_layer_alone(layer, fi
         "Use max_norm=None",
     )
     assert [other for other in fixes if other in str(error.value)] == [fix]
+    # a frozen pretrained backbone (a coursework trial's case) is told how to use it
+    assert ("compute its features once" in str(error.value)) == isinstance(layer, nn.BatchNorm1d)
 
 
 @pytest.mark.parametrize("kind", ["register_hook", "register_post_accumulate_grad_hook"])

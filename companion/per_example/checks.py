@@ -79,7 +79,8 @@ def check_dp_compatible(model: nn.Module) -> None:
 _NORMALISATION = (
     "Batch normalisation normalises each example by the batch's statistics, so an example's "
     "gradient depends on the others (and its running statistics average the training data "
-    "without noise): use torch.nn.GroupNorm or torch.nn.LayerNorm."
+    "without noise): use torch.nn.GroupNorm or torch.nn.LayerNorm. For a frozen pretrained "
+    "backbone with batch normalisation, compute its features once and train on them."
 )
 _RUNNING_STATISTICS = (
     "Instance normalisation with track_running_stats=True averages the statistics of the "
