@@ -49,7 +49,8 @@ def parameters_unwritten(model: nn.Module, *, check: bool = True) -> Iterator[No
     ``check=False`` the block runs unchecked): a forward pass that writes only later is not seen.
     A lazy layer's parameters (``nn.LazyLinear``), which its first call creates from the input's
     shape alone, are left out."""
-    params = [(n, p) for n, p in model.named_parameters() if check and not nn.parameter.is_lazy(p)]
+    named = model.named_parameters() if check else ()
+    params = [(n, p) for n, p in named if not nn.parameter.is_lazy(p)]
     before = [(p.detach(), _fingerprint(p)) for _, p in params]
     yield
     written = [n for (n, p), old in zip(params, before, strict=True) if _written(p.detach(), *old)]
