@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["parameters_unwritten", "refuse_inference"]
+__all__ = ["parameters_unwritten", "refuse_inference", "same_values"]
 
 
 def refuse_inference(names: tuple[str, ...] = (), tensors: tuple[torch.Tensor, ...] = ()) -> None:
@@ -72,10 +72,10 @@ def _fingerprint(p: torch.Tensor) -> torch.Tensor:
 
 def _written(p: torch.Tensor, old: torch.Tensor, fingerprint: torch.Tensor) -> bool:
     if p.data_ptr() != old.data_ptr() or p.shape != old.shape:  # new storage: compare values
-        return not _same(p, old)
-    return not _same(_fingerprint(p), fingerprint)
+        return not same_values(p, old)
+    return not same_values(_fingerprint(p), fingerprint)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shapes and values, NaN where the other has NaN."""
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())

@@ -142,6 +142,23 @@ def to_tensors(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     return _to_tensors(x, y, ("x", "y"))
 
 
+#: The hint for a model with several inputs, given them as a tuple, list or dict.
+SEVERAL_INPUTS = (
+    "For several inputs, concatenate them into one row and split it in forward (the FAQ: 'My "
+    "model takes several inputs')."
+)
+
+
+def several_inputs(x: object) -> str:
+    """For an error about ``x``: :data:`SEVERAL_INPUTS` if it is a tuple, list or dict of tensors
+    or arrays (with a word for a list of examples), else ''."""
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, tuple | list) else ()
+    if not values or not all(isinstance(v, torch.Tensor | np.ndarray) for v in values):
+        return ""
+    examples = "" if isinstance(x, dict) else " (For a list of examples, torch.stack it.)"
+    return f" {SEVERAL_INPUTS}{examples}"
+
+
 def _to_tensors(x: object, y: object, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
     name_x, name_y = names
     if isinstance(x, np.ndarray):
@@ -158,6 +175,7 @@ def _to_tensors(x: object, y: object, names: tuple[str, str]) -> tuple[torch.Ten
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{name_x} must be a torch.Tensor or a numpy array, got {type(x).__name__}."
+            + several_inputs(x)
         )
     if not isinstance(y, torch.Tensor):
         raise TypeError(

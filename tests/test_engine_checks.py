@@ -244,6 +244,41 @@ def test_a_loss_that_reads_another_examples_input_is_refused():
         clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1.0)
 
 
+class _TimeFirstOnBatchFirst(nn.Module):
+    """A GRU built time first (batch_first=False) and given (B, T, features): it runs along the
+    batch, so each example's output reads the examples before it (helper-99's trial)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru, self.head = nn.GRU(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x.view(len(x), 1, 3))[0][:, -1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.long], ids=["floats", "token ids"])
+def test_a_time_first_layer_given_the_batch_first_is_named_in_the_error(dtype):
+    """The floats are refused by the autograd check, the token ids (which have no gradient) by
+    the comparison of outputs; both messages name the layer."""
+    torch.manual_seed(0)
+    model = _TimeFirstOnBatchFirst().double()
+    x, y = _batch(features=3)
+    if dtype == torch.long:
+        embedding = nn.Embedding(10, 3).double()
+        model = nn.Sequential(embedding, model)
+        x = torch.arange(len(y)) % 10
+    with pytest.raises(ValueError, match=r"Layer\(s\) \['(1\.)?gru'\] have batch_first=False"):
+        clipped_gradient_sum(model, "cross_entropy", x, y, max_grad_norm=1.0)
+
+
+def test_a_mixing_error_has_no_time_first_hint_without_such_a_layer():
+    x, y = _batch()
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"statistics\.$"):
+        clipped_gradient_sum(_ReadsNeighboursFeature().double(), "cross_entropy", x, y,
+                             max_grad_norm=1.0)  # fmt: skip
+
+
 # --- a loss that changes the outputs in place ---------------------------------------------------
 
 _IN_PLACE_LOSSES = {

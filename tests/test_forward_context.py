@@ -8,7 +8,10 @@
   (Glow's ActNorm on its first batch, found by a coursework trial) put four examples' mean into
   the weights with no noise while an epsilon of 1 was reported. Now every entry point refuses it,
   written in place, through ``.data`` or by a ``.data`` assignment; a move to new storage that
-  keeps the values, a buffer and a lazy layer's creation are accepted.
+  keeps the values and a lazy layer's creation are accepted.
+- No buffer written from the data (helper-100's audit): a running mean kept in a buffer, in
+  training or in evaluation mode, is refused; buffers written by every pass but not from the
+  data (a count of calls, a random mask, spectral normalisation's vectors) are accepted.
 - The caller's data unchanged: train_dpsgd's evaluation passes ran the model on views of the
   training tensors, so a model that divides its input in place divided the caller's data.
 """
@@ -21,7 +24,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from companion.dpsgd import dp_sgd_step, set_private_gradients, train_dpsgd
-from companion.per_example import PerExampleClipper, clipped_gradient_sum
+from companion.per_example import (
+    PerExampleClipper,
+    check_examples_independent,
+    clipped_gradient_sum,
+)
 
 X = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
 Y = torch.arange(60) % 3
@@ -224,13 +231,90 @@ class CountsCalls(nn.Module):
         return self.linear(x)
 
 
-def test_a_forward_pass_that_writes_only_a_buffer_is_accepted():
-    """A negative control: the check reads parameters only (BatchNorm's running statistics,
-    buffers written from the data, are refused by check_dp_compatible)."""
+def test_a_forward_pass_that_writes_a_buffer_not_from_the_data_is_accepted():
+    """A negative control: a count of calls is written by every pass, not from the data."""
     torch.manual_seed(0)
     model = CountsCalls()
     assert bool((_clipper(model) > 0).all())
     assert float(model.calls) > 0
+
+
+class RunningMean(nn.Module):
+    """Keeps a running mean of its inputs in a buffer, in training mode (``when="train"``), in
+    evaluation mode (where train_dpsgd evaluates on the training data) or always, by an update in
+    place or by assigning a new tensor."""
+
+    def __init__(self, when: str = "train", in_place: bool = True) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.register_buffer("mean", torch.zeros(5))
+        self.when, self.in_place = when, in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.when == "always" or self.training == (self.when == "train"):
+            new = 0.9 * self.mean + 0.1 * x.detach().mean(dim=0)
+            if self.in_place:
+                self.mean.copy_(new)
+            else:
+                self.mean = new
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("entry", ENTRIES.values(), ids=ENTRIES.keys())
+@pytest.mark.parametrize(("when", "in_place"), [("train", True), ("eval", True), ("always", False)])
+def test_a_forward_pass_that_writes_a_buffer_from_the_data_is_refused(entry, when, in_place):
+    """The running mean of helper-100's audit: accepted before, with an epsilon reported while
+    the buffer held a noise-free mean of the training data (in evaluation mode, of all of it)."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"writes its buffer\(s\) \['mean'\] from the data"):
+        entry(RunningMean(when, in_place))
+
+
+class RandomBuffer(nn.Module):
+    """Writes a random mask (drawn from torch's global generator) and a table to buffers at every
+    pass, neither from the data, and uses both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.register_buffer("mask", torch.ones(5))
+        self.register_buffer("table", torch.arange(5.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.mask = (torch.rand(5) > 0.2).float()
+        self.table.add_(1.0)
+        return self.linear(x * self.mask + self.table)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        RandomBuffer,
+        lambda: nn.Sequential(
+            nn.utils.parametrizations.spectral_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)
+        ),  # fmt: skip
+    ],
+    ids=["random mask and table", "spectral norm"],
+)
+def test_buffers_written_from_the_generator_or_the_weights_are_accepted(build):
+    """Negative controls: spectral normalisation's power iteration writes its vectors from the
+    weight alone, and a random mask is drawn from the same generator state in each probe."""
+    torch.manual_seed(0)
+    model = build()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    history = train_dpsgd(model, X, Y, noise_multiplier=0.5, seed=0, progress=False, **RUN)
+    assert history[-1]["steps"] == 10
+    assert all(not torch.equal(b, before[name]) for name, b in model.named_buffers())
+
+
+def test_the_buffer_check_leaves_the_buffers_and_the_generators_as_they_were():
+    model = RandomBuffer()
+    table = model.table.clone()
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    check_examples_independent(model, X[:4])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(model.table, table) and torch.equal(model.mask, torch.ones(5))
 
 
 def test_a_lazy_layer_is_accepted():

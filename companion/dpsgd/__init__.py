@@ -52,8 +52,10 @@ Why these choices:
   whose checks of that catch mistakes but prove nothing; a forward pass that mixes examples in
   training mode, by batch statistics or a batch mean that gradients flow through, is refused
   where the check of the first batches sees it, for floating-point inputs, and only there; one
-  that mixes them only through a detached statistic, or a buffer it updates from its input,
-  is not detected and voids the guarantee). Noise of standard deviation
+  that mixes them only through a detached statistic may not be detected (the check of the
+  outputs sees it only where it changes the first examples' outputs in evaluation mode) and
+  voids the guarantee, as a buffer written from the data does where the check of the first
+  examples misses it). Noise of standard deviation
   :math:`\sigma C` therefore makes each step a Gaussian mechanism with noise multiplier
   :math:`\sigma` (noise std divided by sensitivity).
 - *Normalisation by a constant.* The sum is divided by ``expected_batch_size``, a number fixed

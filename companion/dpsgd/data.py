@@ -22,7 +22,7 @@ from companion._outputs import (
     check_outputs,
     run_model,
 )
-from companion._torch import EVAL_BATCH, LossFn, check_data
+from companion._torch import EVAL_BATCH, SEVERAL_INPUTS, LossFn, check_data
 from companion._validation import with_article
 from companion.per_example import check_examples_independent
 
@@ -126,8 +126,7 @@ class RunData:
             raise ValueError(
                 f"a Dataset given as {name} must return one input tensor per item; its item at "
                 f"index {index[0]} returns {with_article(type(items[0][0]).__name__)} as input. "
-                "For several inputs, concatenate them into one row and split it in forward (the "
-                "FAQ: 'My model takes several inputs')."
+                + SEVERAL_INPUTS
             )
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim > 0:
             finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)

@@ -5,6 +5,7 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterable
 
@@ -14,8 +15,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from companion._outputs import run_model
-from companion._torch import check_model, trainable_named
+from companion._forward import same_values
+from companion._outputs import model_error, run_model
+from companion._torch import OutOfMemoryError, check_model, eval_mode, trainable_named
 from companion._validation import with_article
 
 __all__ = ["check_dp_compatible", "check_examples_independent"]
@@ -145,9 +147,13 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
     nothing: a model that mixes examples in training mode only, or by less than the tolerance,
     passes, and so does a model that draws from a global generator in evaluation mode (Monte
     Carlo dropout) or whose outputs change when it runs again, which cannot be compared, and a
-    batch of one example. The global generators (torch's, Python's, numpy's) are left as they
-    were. Outputs padded to the batch's longest sequence are compared over the example's own
-    length. :func:`companion.dpsgd.train_dpsgd` runs it before training, and a
+    batch of one example. Outputs padded to the batch's longest sequence are compared over the
+    example's own length. A model with buffers is also run on the first example, then on the
+    next ones, from the same buffers, in its own mode and in evaluation mode: a buffer whose
+    values then differ is written from the data (a running mean kept by hand, which no noise
+    covers), and raises. The model's buffers and the global generators (torch's, Python's,
+    numpy's) are left as they were. :func:`companion.dpsgd.train_dpsgd` runs it before training,
+    and a
     :class:`~companion.per_example.PerExampleClipper` on the batches whose layout it checks.
 
     Args:
@@ -159,7 +165,8 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
         ValueError: if the model cannot be applied to ``x`` or to a batch of one example, its
             outputs on the batch are NaN, or they differ from the same examples' outputs alone
             (in shape, in an infinite output, or by more than 1% of the largest finite output
-            of the batch; 8 roundings, for dtypes with fewer bits).
+            of the batch; 8 roundings, for dtypes with fewer bits), or if a forward pass writes
+            a buffer from the data.
 
     Example:
         >>> class Centred(nn.Module):  # subtracts the batch's mean: mixes the examples
@@ -173,18 +180,19 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
     n = min(4, x.shape[0])
     if n < 2:
         return
-    states = _generator_states(x.device)
+    kept = _Kept(model, x.device)
     try:
+        _check_buffers(model, x, kept)
         # The model gets copies, which an in-place operation may change: the batch is the
         # caller's.
         first = run_model(model, x[:n].clone())
         if torch.isnan(first).any():
             raise ValueError("the model's outputs on the first examples are NaN.")
-        if _drew(states, x.device) or not torch.equal(run_model(model, x[:n].clone()), first):
+        if _drew(kept.states, x.device) or not torch.equal(run_model(model, x[:n].clone()), first):
             return  # random in evaluation mode: nothing to compare with
         alone = [_alone(model, x[i : i + 1].clone()) for i in range(n)]
     finally:
-        _set_generator_states(states, x.device)
+        kept.restore()
     pairs = [_comparable(row, one) for row, one in zip(first.double(), alone, strict=True)]
     finite = first[first.isfinite()].double()
     eps = torch.finfo(first.dtype).eps if first.is_floating_point() else 0.0
@@ -196,6 +204,87 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
             "example run alone. DP-SGD bounds each example's influence only if the forward pass "
             "treats the examples independently: remove statistics taken over the batch (a mean "
             "or a normalisation over dim 0) and anything that compares examples."
+            + time_first_hint(model)
+        )
+
+
+def time_first_hint(model: nn.Module) -> str:
+    """For an error about mixing: the layers built with ``batch_first=False`` (recurrent and
+    attention layers), which mix the examples of a batch given with the batch first."""
+    names = [name for name, m in model.named_modules() if getattr(m, "batch_first", None) is False]
+    if not names:
+        return ""
+    return (
+        f" Layer(s) {[name or 'the model' for name in names][:3]} have batch_first=False: they "
+        "take inputs of shape (T, B, ...), time first, and mix the examples of a batch given "
+        "as (B, T, ...). Build them with batch_first=True, or transpose their input."
+    )
+
+
+class _Kept:
+    """The model's buffers and the global generators as they are now; :meth:`restore` puts them
+    back (a buffer that a forward pass replaced by a new tensor too)."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.held = [(name, b) for name, b in model.named_buffers() if not nn.parameter.is_lazy(b)]
+        self.homes = [name.rpartition(".") for name, _ in self.held]
+        self.homes = [(model.get_submodule(module), attr) for module, _, attr in self.homes]
+        self.values = [b.clone() for _, b in self.held]
+        self.device, self.states = device, _generator_states(device)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for (_, b), (home, attr), value in zip(self.held, self.homes, self.values, strict=True):
+                setattr(home, attr, b)
+                if not same_values(b, value):  # (an expanded buffer cannot be written)
+                    b.copy_(value)
+        _set_generator_states(self.states, self.device)
+
+
+def _check_buffers(model: nn.Module, x: torch.Tensor, kept: _Kept) -> None:
+    """Raise if a forward pass writes a buffer of the model from the data it reads.
+
+    A statistic of the data kept in a buffer (a running mean updated in ``forward``) reaches the
+    model with no noise. Spectral normalisation's vectors, a cache or a count of calls do not
+    depend on the data. So the model runs on the first example, then on the next one or two,
+    each time from the buffers and global generators ``kept``, in its own mode and in evaluation
+    mode (where :func:`~companion.dpsgd.train_dpsgd` evaluates it on the training data); a
+    buffer whose values then differ was written from the data. Like the check of the outputs,
+    this catches mistakes and proves nothing (two examples with the same data are not told
+    apart).
+    """
+    if not kept.held:
+        return
+
+    def buffers_after(part: torch.Tensor) -> list[torch.Tensor]:
+        kept.restore()
+        try:
+            model(part.clone())
+        except OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            raise model_error(part, error) from None
+        return [model.get_buffer(name).clone() for name, _ in kept.held]
+
+    written: set[str] = set()
+    training = any(m.training for m in model.modules())
+    try:
+        for evaluation in (False, True) if training else (True,):
+            with eval_mode(model) if evaluation else contextlib.nullcontext(), torch.no_grad():
+                first, others = buffers_after(x[:1]), buffers_after(x[1:3])
+            changed = zip(kept.held, first, others, strict=True)
+            written |= {name for (name, _), a, b in changed if not same_values(a, b)}
+    finally:
+        kept.restore()
+    if written:
+        raise ValueError(
+            f"a forward pass of the model writes its buffer(s) {sorted(written)[:5]} from the "
+            "data: their values after a pass over one example differ from those after a pass "
+            "over others. A statistic of the data kept in a buffer (as BatchNorm's running "
+            "statistics) reaches the model with no noise, which no epsilon covers, so this is "
+            "refused; the passes before this check may have written them: rebuild the model. "
+            "Compute such statistics on public data, outside the forward pass; a buffer that "
+            "does not depend on the data (a cache, a count of calls) is accepted."
         )
 
 
@@ -255,14 +344,16 @@ def _set_generator_states(states: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-#: The error of :func:`~companion.per_example.layout.rows_cross` for a forward pass that mixes
-#: examples.
-MIXES_EXAMPLES = (
-    "the model's forward pass mixes the examples of a batch (in its current mode): the loss of "
-    "one example reads other examples' inputs, as batch statistics or a batch mean do. DP-SGD's "
-    "clipping bounds each example's contribution only if its loss depends on that example "
-    "alone. Use per-example normalisation (GroupNorm, LayerNorm) in place of batch statistics."
-)
+def mixes_examples(model: nn.Module) -> str:
+    """The error of :func:`~companion.per_example.layout.rows_cross` for a forward pass that
+    mixes examples."""
+    return (
+        "the model's forward pass mixes the examples of a batch (in its current mode): the loss "
+        "of one example reads other examples' inputs, as batch statistics or a batch mean do. "
+        "DP-SGD's clipping bounds each example's contribution only if its loss depends on that "
+        "example alone. Use per-example normalisation (GroupNorm, LayerNorm) in place of batch "
+        "statistics." + time_first_hint(model)
+    )
 
 
 #: The warning of a clipper whose checks of :func:`~companion.per_example.layout.rows_cross`

@@ -18,7 +18,7 @@ from companion import _torch
 from companion._forward import parameters_unwritten, refuse_inference
 from companion._labels import check_labels
 from companion._outputs import batch_outputs, check_outputs, model_error
-from companion._torch import LossFn, LossName, check_model, trainable_named
+from companion._torch import LossFn, LossName, check_model, several_inputs, trainable_named
 from companion._validation import check_positive
 from companion.per_example.checks import refuse_gradient_hooks
 
@@ -77,6 +77,7 @@ def check_batch(
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(
             f"{name_x} and {name_y} must be torch tensors (see companion.training.to_tensors)."
+            + several_inputs(x)
         )
     if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
         raise ValueError(

@@ -30,7 +30,7 @@ from torch import nn
 from companion._outputs import batch_outputs, model_error
 from companion._torch import LossFn, OutOfMemoryError
 from companion._validation import warn
-from companion.per_example.checks import MIXES_EXAMPLES, check_examples_independent
+from companion.per_example.checks import check_examples_independent, mixes_examples
 from companion.per_example.composite import Part, call, holds_own, own_parameters
 from companion.per_example.graph import autograd_graph, refuse_reentrant_checkpoint
 from companion.per_example.plan import LayerPlan
@@ -386,7 +386,7 @@ def _reads(
                 input_hit |= read.reshape(len(x), -1).any(1)
                 input_reached = True
                 if bool(read.index_fill_(0, rows[subset], False).any()):  # a read outside the set
-                    raise ValueError(MIXES_EXAMPLES)
+                    raise ValueError(mixes_examples(model))
     return found()
 
 
