@@ -260,7 +260,8 @@ def set_private_gradients(
             :func:`companion.per_example.clipped_gradient_sum`).
 
     Returns:
-        The per-example gradient norms before clipping, shape ``(B,)``.
+        The per-example gradient norms before clipping, shape ``(B,)``, read from the raw
+        batch: not covered by the guarantee, like the training loss.
 
     Raises:
         TypeError: if an argument is of the wrong kind.
@@ -324,7 +325,7 @@ def noisy_clipped_gradient(
 
     Returns:
         ``ClippedSum(sums, norms)``: the noisy mean gradient per parameter name, and the
-        per-example norms before clipping.
+        per-example norms before clipping (read from the raw batch: not covered by the guarantee).
 
     Raises:
         TypeError: if ``clipper`` is not a :class:`~companion.per_example.PerExampleClipper`,
@@ -386,7 +387,8 @@ def dp_sgd_step(
         method: ``"auto"``, ``"vmap"`` or ``"layerwise"``.
 
     Returns:
-        The per-example gradient norms before clipping, shape ``(B,)``.
+        The per-example gradient norms before clipping, shape ``(B,)``, read from the raw
+        batch: not covered by the guarantee, like the training loss.
 
     Raises:
         TypeError: if an argument is of the wrong kind.
@@ -440,11 +442,6 @@ def _checked_noisy_gradient(
         for p in model.parameters():
             p.grad = None
     return noisy_clipped_gradient(
-        clipper,
-        x_batch,
-        y_batch,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size,
-        generator=generator,
-    )
+        clipper, x_batch, y_batch, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, generator=generator,
+    )  # fmt: skip
