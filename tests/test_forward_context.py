@@ -286,19 +286,34 @@ class RandomBuffer(nn.Module):
         return self.linear(x * self.mask + self.table)
 
 
+class BatchSizedCache(nn.Module):
+    """Keeps zeros of the batch's size in a buffer (a recurrent state, say): not from the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.register_buffer("state", torch.zeros(0, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.state = x.new_zeros(len(x), 3)
+        return self.linear(x) + self.state
+
+
 @pytest.mark.parametrize(
     "build",
     [
         RandomBuffer,
+        BatchSizedCache,
         lambda: nn.Sequential(
             nn.utils.parametrizations.spectral_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)
         ),  # fmt: skip
     ],
-    ids=["random mask and table", "spectral norm"],
+    ids=["random mask and table", "cache sized by the batch", "spectral norm"],
 )
 def test_buffers_written_from_the_generator_or_the_weights_are_accepted(build):
     """Negative controls: spectral normalisation's power iteration writes its vectors from the
-    weight alone, and a random mask is drawn from the same generator state in each probe."""
+    weight alone, a random mask is drawn from the same generator state in each probe, and the
+    probes' batches have the same size."""
     torch.manual_seed(0)
     model = build()
     before = {name: b.clone() for name, b in model.named_buffers()}

@@ -149,7 +149,7 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
     Carlo dropout) or whose outputs change when it runs again, which cannot be compared, and a
     batch of one example. Outputs padded to the batch's longest sequence are compared over the
     example's own length. A model with buffers is also run on the first example, then on the
-    next ones, from the same buffers, in its own mode and in evaluation mode: a buffer whose
+    second, from the same buffers, in its own mode and in evaluation mode: a buffer whose
     values then differ is written from the data (a running mean kept by hand, which no noise
     covers), and raises. The model's buffers and the global generators (torch's, Python's,
     numpy's) are left as they were. :func:`companion.dpsgd.train_dpsgd` runs it before training,
@@ -246,12 +246,13 @@ def _check_buffers(model: nn.Module, x: torch.Tensor, kept: _Kept) -> None:
 
     A statistic of the data kept in a buffer (a running mean updated in ``forward``) reaches the
     model with no noise. Spectral normalisation's vectors, a cache or a count of calls do not
-    depend on the data. So the model runs on the first example, then on the next one or two,
-    each time from the buffers and global generators ``kept``, in its own mode and in evaluation
-    mode (where :func:`~companion.dpsgd.train_dpsgd` evaluates it on the training data); a
-    buffer whose values then differ was written from the data. Like the check of the outputs,
-    this catches mistakes and proves nothing (two examples with the same data are not told
-    apart).
+    depend on the data. So the model runs on the first example, then on the second (a batch of
+    the same size: a cache sized by the batch compares equal), each time from the buffers and
+    global generators ``kept``, in its own mode and in evaluation mode (where
+    :func:`~companion.dpsgd.train_dpsgd` evaluates it on the training data); a buffer whose
+    values then differ was written from the data. Like the check of the outputs, this catches
+    mistakes and proves nothing (two examples with the same data are not told apart, nor is a
+    buffer that counts the examples).
     """
     if not kept.held:
         return
@@ -271,8 +272,8 @@ def _check_buffers(model: nn.Module, x: torch.Tensor, kept: _Kept) -> None:
     try:
         for evaluation in (False, True) if training else (True,):
             with eval_mode(model) if evaluation else contextlib.nullcontext(), torch.no_grad():
-                first, others = buffers_after(x[:1]), buffers_after(x[1:3])
-            changed = zip(kept.held, first, others, strict=True)
+                first, second = buffers_after(x[:1]), buffers_after(x[1:2])
+            changed = zip(kept.held, first, second, strict=True)
             written |= {name for (name, _), a, b in changed if not same_values(a, b)}
     finally:
         kept.restore()
@@ -280,7 +281,7 @@ def _check_buffers(model: nn.Module, x: torch.Tensor, kept: _Kept) -> None:
         raise ValueError(
             f"a forward pass of the model writes its buffer(s) {sorted(written)[:5]} from the "
             "data: their values after a pass over one example differ from those after a pass "
-            "over others. A statistic of the data kept in a buffer (as BatchNorm's running "
+            "over another. A statistic of the data kept in a buffer (as BatchNorm's running "
             "statistics) reaches the model with no noise, which no epsilon covers, so this is "
             "refused; the passes before this check may have written them: rebuild the model. "
             "Compute such statistics on public data, outside the forward pass; a buffer that "
