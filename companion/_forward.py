@@ -1,20 +1,32 @@
 """What a pass over private data needs of its context and its model (private).
 
-Like :mod:`companion._torch`, one of the private modules other modules may import from. Two
+Like :mod:`companion._torch`, one of the private modules other modules may import from. Three
 refusals: computing gradients where autograd is off (``torch.inference_mode()``, or tensors made
-there), and a forward pass that writes to the model's parameters, which would put the data it
-reads into the weights with no noise.
+there), and a forward pass that writes to the model's parameters or a buffer from the data, which
+would put the data it reads into the model with no noise. Also the states of the global
+generators, which the checks' passes leave as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["parameters_unwritten", "refuse_inference", "same_values"]
+from companion._torch import OutOfMemoryError, eval_mode
+
+__all__ = [
+    "check_buffers_unwritten",
+    "generator_states",
+    "parameters_unwritten",
+    "refuse_inference",
+    "set_generator_states",
+]
 
 
 def refuse_inference(names: tuple[str, ...] = (), tensors: tuple[torch.Tensor, ...] = ()) -> None:
@@ -72,10 +84,104 @@ def _fingerprint(p: torch.Tensor) -> torch.Tensor:
 
 def _written(p: torch.Tensor, old: torch.Tensor, fingerprint: torch.Tensor) -> bool:
     if p.data_ptr() != old.data_ptr() or p.shape != old.shape:  # new storage: compare values
-        return not same_values(p, old)
-    return not same_values(_fingerprint(p), fingerprint)
+        return not _same(p, old)
+    return not _same(_fingerprint(p), fingerprint)
 
 
-def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shapes and values, NaN where the other has NaN."""
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def check_buffers_unwritten(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise if a forward pass of ``model`` writes a buffer from the data it reads.
+
+    A statistic of the data kept in a buffer (a running mean updated in ``forward``, or fitted on
+    the first call) is released with the model with no noise. Spectral normalisation's vectors,
+    a cache, a schedule or a count of calls do not depend on the data. So a model with buffers
+    is copied, as it is before any pass over the data, and each copy runs once: on the first
+    example, and on the second (a batch of the same size: a cache sized by the batch compares
+    equal), with the global generators in the same state, in the model's own mode (with
+    gradients on) and in evaluation mode (where :func:`~companion.dpsgd.train_dpsgd` evaluates it
+    on the training data); a buffer whose values then differ was written from the data. The
+    entry points call this first, before their other checks, which report a model that cannot
+    take the data (here it is skipped), as it is for a model that ``copy.deepcopy`` cannot copy.
+    It catches mistakes and proves nothing: a statistic that the two examples share (a running
+    minimum and maximum of images that all span [0, 1]) or one written only after the first
+    passes is not seen. The model and the global generators are left as they were.
+    """
+    if x.shape[0] < 2 or not any(m._buffers for m in model.modules()):
+        return
+    training = any(m.training for m in model.modules())
+    states = generator_states(x.device)
+    written: list[str] = []
+    try:
+        for evaluation in (False, True) if training else (True,):
+            runs = [_buffers_after(model, part, evaluation, states) for part in (x[:1], x[1:2])]
+            if runs[0] is None or runs[1] is None:
+                return  # the other checks report a model that cannot take the data
+            first, second = runs
+            written += [
+                name
+                for name in first
+                if name not in written and not _same_buffer(first[name], second.get(name))
+            ]
+    finally:
+        set_generator_states(states, x.device)
+    if written:
+        raise ValueError(
+            f"a forward pass of the model writes its buffer(s) {written[:5]} from the data: their "
+            "values after a pass over one example differ from those after a pass over another. A "
+            "statistic of the data kept in a buffer (as BatchNorm's running statistics) is "
+            "released with the model with no noise, which no epsilon covers, so this is refused. "
+            "Compute such statistics on public data, outside the forward pass; a buffer that does "
+            "not depend on the data (a cache, a count of calls) is accepted."
+        )
+
+
+def _buffers_after(
+    model: nn.Module, x: torch.Tensor, evaluation: bool, states: tuple
+) -> dict[str, torch.Tensor | None] | None:
+    """The buffers by name (None for one set to None) of a copy of ``model`` after a pass over
+    ``x`` from the generator ``states``, in evaluation mode or in its own with gradients on; None
+    if the model cannot be copied or applied to ``x``."""
+    try:
+        probe = copy.deepcopy(model)
+    except Exception:  # a tensor attribute that autograd computed (the old weight_norm), ...
+        return None
+    set_generator_states(states, x.device)
+    try:
+        with eval_mode(probe) if evaluation else contextlib.nullcontext():
+            with torch.set_grad_enabled(not evaluation):
+                probe(x.clone())
+    except OutOfMemoryError:
+        raise
+    except Exception:
+        return None
+    return {
+        f"{name}.{key}" if name else key: value
+        for name, m in probe.named_modules()
+        for key, value in m._buffers.items()
+    }
+
+
+def _same_buffer(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return _same(a.detach(), b.detach())
+
+
+def generator_states(device: torch.device) -> tuple:
+    """The states of the global generators a forward pass may draw from: torch's (on the CPU, and
+    on ``device`` if it is a CUDA device), Python's and numpy's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def set_generator_states(states: tuple, device: torch.device) -> None:
+    cpu, cuda, python, numpy_state = states
+    torch.set_rng_state(cpu)
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)

@@ -23,12 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from companion._forward import check_buffers_unwritten
 from companion.dpsgd import dp_sgd_step, set_private_gradients, train_dpsgd
-from companion.per_example import (
-    PerExampleClipper,
-    check_examples_independent,
-    clipped_gradient_sum,
-)
+from companion.per_example import PerExampleClipper, clipped_gradient_sum
 
 X = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
 Y = torch.arange(60) % 3
@@ -260,14 +257,41 @@ class RunningMean(nn.Module):
         return self.linear(x)
 
 
+class FittedOnFirstCall(nn.Module):
+    """Sets a buffer registered as None to the mean of its first batch (helper-101's review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.register_buffer("mean", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            self.mean = x.detach().mean(dim=0)
+        return self.linear(x - self.mean)
+
+
 @pytest.mark.parametrize("entry", ENTRIES.values(), ids=ENTRIES.keys())
-@pytest.mark.parametrize(("when", "in_place"), [("train", True), ("eval", True), ("always", False)])
-def test_a_forward_pass_that_writes_a_buffer_from_the_data_is_refused(entry, when, in_place):
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: RunningMean("train", in_place=True),
+        lambda: RunningMean("eval", in_place=True),
+        lambda: RunningMean("always", in_place=False),
+        FittedOnFirstCall,
+    ],
+    ids=["in training", "in evaluation", "assigned", "fitted on the first call"],
+)
+def test_a_forward_pass_that_writes_a_buffer_from_the_data_is_refused(entry, build):
     """The running mean of helper-100's audit: accepted before, with an epsilon reported while
-    the buffer held a noise-free mean of the training data (in evaluation mode, of all of it)."""
+    the buffer held a noise-free mean of the training data (in evaluation mode, of all of it).
+    The check runs before any other pass, on copies: a buffer fitted on the first call is seen,
+    and the model is left as it was."""
     torch.manual_seed(0)
+    model = build()
     with pytest.raises(ValueError, match=r"writes its buffer\(s\) \['mean'\] from the data"):
-        entry(RunningMean(when, in_place))
+        entry(model)
+    assert model.mean is None if build is FittedOnFirstCall else not model.mean.any()
 
 
 class RandomBuffer(nn.Module):
@@ -299,16 +323,38 @@ class BatchSizedCache(nn.Module):
         return self.linear(x) + self.state
 
 
+class Schedule(nn.Module):
+    """A temperature in a buffer set from a count of training calls kept in a Python attribute, a
+    dropout drawn from a generator of the model's own, and an activation whose gradient it keeps
+    in training (which needs autograd on): none of it from the data (helper-101's review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.calls, self.generator = 0, torch.Generator().manual_seed(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        if self.training:
+            self.calls += 1
+            self.temperature.fill_(1.0 - 0.01 * self.calls)
+            h = h * (torch.rand(h.shape, generator=self.generator) > 0.1)
+            h.retain_grad()
+        return h / self.temperature
+
+
 @pytest.mark.parametrize(
     "build",
     [
         RandomBuffer,
         BatchSizedCache,
+        Schedule,
         lambda: nn.Sequential(
             nn.utils.parametrizations.spectral_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)
         ),  # fmt: skip
     ],
-    ids=["random mask and table", "cache sized by the batch", "spectral norm"],
+    ids=["random mask and table", "cache sized by the batch", "schedule", "spectral norm"],
 )
 def test_buffers_written_from_the_generator_or_the_weights_are_accepted(build):
     """Negative controls: spectral normalisation's power iteration writes its vectors from the
@@ -322,14 +368,31 @@ def test_buffers_written_from_the_generator_or_the_weights_are_accepted(build):
     assert all(not torch.equal(b, before[name]) for name, b in model.named_buffers())
 
 
-def test_the_buffer_check_leaves_the_buffers_and_the_generators_as_they_were():
-    model = RandomBuffer()
-    table = model.table.clone()
+def test_the_buffer_check_runs_on_copies_and_leaves_the_model_as_it_was():
+    """What the check's passes would have changed, had they run on the model: its count, its
+    generator, its buffer, and the global generators."""
+    torch.manual_seed(0)
+    model = Schedule()
+    generator = model.generator.get_state()
     torch.manual_seed(5)
     state = torch.get_rng_state()
-    check_examples_independent(model, X[:4])
+    check_buffers_unwritten(model, X[:4])
     assert torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(model.table, table) and torch.equal(model.mask, torch.ones(5))
+    assert torch.equal(model.generator.get_state(), generator)
+    assert model.calls == 0 and float(model.temperature) == 1.0
+
+
+def test_a_model_that_cannot_take_the_data_gets_the_other_checks_message():
+    """The buffer check skips a model that fails on its data (here on a batch of one, from a
+    squeeze): the message is check_examples_independent's, which says why."""
+
+    class Squeezes(CountsCalls):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log_softmax(super().forward(x).squeeze(), dim=1)
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="fails on a batch of one example, which Poisson"):
+        train_dpsgd(Squeezes(), X, Y, noise_multiplier=0.5, seed=0, progress=False, **RUN)
 
 
 def test_a_lazy_layer_is_accepted():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from companion._forward import parameters_unwritten
+from companion._forward import check_buffers_unwritten, parameters_unwritten
 from companion._labels import class_labels, first_bad_label
 from companion._outputs import (
     LABEL_CHUNK_ELEMENTS,
@@ -90,6 +90,7 @@ class RunData:
         else:
             x, y = self._read(range(min(self.n, 256)))
             x, y = x.to(self.device), y.to(self.device)
+        check_buffers_unwritten(model, x)  # before any pass over the data
         with parameters_unwritten(model):
             try:
                 check_outputs(model, x, y, loss=self.loss)

@@ -220,11 +220,10 @@ def train_dpsgd(
     data. Buffers that a forward pass updates from its input (running statistics) are released
     with the model, without noise: batch normalisation and ``InstanceNorm`` with
     ``track_running_stats=True`` are refused
-    (:func:`~companion.per_example.check_dp_compatible`), and so is a model whose buffers, run
-    on its first examples in training and in evaluation mode (the mode of the per-epoch
-    evaluation, which runs every training example), change with the data
-    (:func:`~companion.per_example.check_examples_independent`); a layer that keeps such
-    statistics where that check does not see it voids the guarantee.
+    (:func:`~companion.per_example.check_dp_compatible`), and so is a model whose buffers, when
+    copies of it run on two of its first examples before training, in training and in evaluation
+    mode (the mode of the per-epoch evaluation, which runs every training example), differ; a
+    layer that keeps such statistics where that check does not see it voids the guarantee.
 
     *Randomness.* One :class:`torch.Generator`, on the model's device, draws the batches and the
     noise; ``seed=None`` (the default) seeds it from fresh OS entropy, so two runs do not share

@@ -5,19 +5,16 @@ Part of :mod:`companion.per_example`; import from there.
 
 from __future__ import annotations
 
-import contextlib
-import random
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from companion._forward import same_values
-from companion._outputs import model_error, run_model
-from companion._torch import OutOfMemoryError, check_model, eval_mode, trainable_named
+from companion._forward import generator_states, set_generator_states
+from companion._outputs import run_model
+from companion._torch import check_model, trainable_named
 from companion._validation import with_article
 
 __all__ = ["check_dp_compatible", "check_examples_independent"]
@@ -147,13 +144,9 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
     nothing: a model that mixes examples in training mode only, or by less than the tolerance,
     passes, and so does a model that draws from a global generator in evaluation mode (Monte
     Carlo dropout) or whose outputs change when it runs again, which cannot be compared, and a
-    batch of one example. Outputs padded to the batch's longest sequence are compared over the
-    example's own length. A model with buffers is also run on the first example, then on the
-    second, from the same buffers, in its own mode and in evaluation mode: a buffer whose
-    values then differ is written from the data (a running mean kept by hand, which no noise
-    covers), and raises. The model's buffers and the global generators (torch's, Python's,
-    numpy's) are left as they were. :func:`companion.dpsgd.train_dpsgd` runs it before training,
-    and a
+    batch of one example. The global generators (torch's, Python's, numpy's) are left as they
+    were. Outputs padded to the batch's longest sequence are compared over the example's own
+    length. :func:`companion.dpsgd.train_dpsgd` runs it before training, and a
     :class:`~companion.per_example.PerExampleClipper` on the batches whose layout it checks.
 
     Args:
@@ -165,8 +158,7 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
         ValueError: if the model cannot be applied to ``x`` or to a batch of one example, its
             outputs on the batch are NaN, or they differ from the same examples' outputs alone
             (in shape, in an infinite output, or by more than 1% of the largest finite output
-            of the batch; 8 roundings, for dtypes with fewer bits), or if a forward pass writes
-            a buffer from the data.
+            of the batch; 8 roundings, for dtypes with fewer bits).
 
     Example:
         >>> class Centred(nn.Module):  # subtracts the batch's mean: mixes the examples
@@ -180,19 +172,18 @@ def check_examples_independent(model: nn.Module, x: torch.Tensor) -> None:
     n = min(4, x.shape[0])
     if n < 2:
         return
-    kept = _Kept(model, x.device)
+    states = generator_states(x.device)
     try:
-        _check_buffers(model, x, kept)
         # The model gets copies, which an in-place operation may change: the batch is the
         # caller's.
         first = run_model(model, x[:n].clone())
         if torch.isnan(first).any():
             raise ValueError("the model's outputs on the first examples are NaN.")
-        if _drew(kept.states, x.device) or not torch.equal(run_model(model, x[:n].clone()), first):
+        if _drew(states, x.device) or not torch.equal(run_model(model, x[:n].clone()), first):
             return  # random in evaluation mode: nothing to compare with
         alone = [_alone(model, x[i : i + 1].clone()) for i in range(n)]
     finally:
-        kept.restore()
+        set_generator_states(states, x.device)
     pairs = [_comparable(row, one) for row, one in zip(first.double(), alone, strict=True)]
     finite = first[first.isfinite()].double()
     eps = torch.finfo(first.dtype).eps if first.is_floating_point() else 0.0
@@ -219,74 +210,6 @@ def time_first_hint(model: nn.Module) -> str:
         "take inputs of shape (T, B, ...), time first, and mix the examples of a batch given "
         "as (B, T, ...). Build them with batch_first=True, or transpose their input."
     )
-
-
-class _Kept:
-    """The model's buffers and the global generators as they are now; :meth:`restore` puts them
-    back (a buffer that a forward pass replaced by a new tensor too)."""
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.held = [(name, b) for name, b in model.named_buffers() if not nn.parameter.is_lazy(b)]
-        self.homes = [name.rpartition(".") for name, _ in self.held]
-        self.homes = [(model.get_submodule(module), attr) for module, _, attr in self.homes]
-        self.values = [b.clone() for _, b in self.held]
-        self.device, self.states = device, _generator_states(device)
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for (_, b), (home, attr), value in zip(self.held, self.homes, self.values, strict=True):
-                setattr(home, attr, b)
-                if not same_values(b, value):  # (an expanded buffer cannot be written)
-                    b.copy_(value)
-        _set_generator_states(self.states, self.device)
-
-
-def _check_buffers(model: nn.Module, x: torch.Tensor, kept: _Kept) -> None:
-    """Raise if a forward pass writes a buffer of the model from the data it reads.
-
-    A statistic of the data kept in a buffer (a running mean updated in ``forward``) reaches the
-    model with no noise. Spectral normalisation's vectors, a cache or a count of calls do not
-    depend on the data. So the model runs on the first example, then on the second (a batch of
-    the same size: a cache sized by the batch compares equal), each time from the buffers and
-    global generators ``kept``, in its own mode and in evaluation mode (where
-    :func:`~companion.dpsgd.train_dpsgd` evaluates it on the training data); a buffer whose
-    values then differ was written from the data. Like the check of the outputs, this catches
-    mistakes and proves nothing (two examples with the same data are not told apart, nor is a
-    buffer that counts the examples).
-    """
-    if not kept.held:
-        return
-
-    def buffers_after(part: torch.Tensor) -> list[torch.Tensor]:
-        kept.restore()
-        try:
-            model(part.clone())
-        except OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError, ValueError, IndexError) as error:
-            raise model_error(part, error) from None
-        return [model.get_buffer(name).clone() for name, _ in kept.held]
-
-    written: set[str] = set()
-    training = any(m.training for m in model.modules())
-    try:
-        for evaluation in (False, True) if training else (True,):
-            with eval_mode(model) if evaluation else contextlib.nullcontext(), torch.no_grad():
-                first, second = buffers_after(x[:1]), buffers_after(x[1:2])
-            changed = zip(kept.held, first, second, strict=True)
-            written |= {name for (name, _), a, b in changed if not same_values(a, b)}
-    finally:
-        kept.restore()
-    if written:
-        raise ValueError(
-            f"a forward pass of the model writes its buffer(s) {sorted(written)[:5]} from the "
-            "data: their values after a pass over one example differ from those after a pass "
-            "over another. A statistic of the data kept in a buffer (as BatchNorm's running "
-            "statistics) reaches the model with no noise, which no epsilon covers, so this is "
-            "refused; the passes before this check may have written them: rebuild the model. "
-            "Compute such statistics on public data, outside the forward pass; a buffer that "
-            "does not depend on the data (a cache, a count of calls) is accepted."
-        )
 
 
 def _alone(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -318,13 +241,6 @@ def _close(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> bool:
     return bool(torch.equal(a[~finite], b[~finite]) and ((a - b)[finite].abs() <= tolerance).all())
 
 
-def _generator_states(device: torch.device) -> tuple:
-    """The states of the global generators a forward pass may draw from: torch's (on the CPU, and
-    on ``device`` if it is a CUDA device), Python's and numpy's."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
-
-
 def _drew(states: tuple, device: torch.device) -> bool:
     """Whether a global generator moved since ``states``."""
 
@@ -333,16 +249,7 @@ def _drew(states: tuple, device: torch.device) -> bool:
         cuda = None if cuda is None else cuda.cpu().numpy().tobytes()
         return cpu.numpy().tobytes(), cuda, python, name, keys.tobytes(), *rest
 
-    return as_values(states) != as_values(_generator_states(device))
-
-
-def _set_generator_states(states: tuple, device: torch.device) -> None:
-    cpu, cuda, python, numpy_state = states
-    torch.set_rng_state(cpu)
-    random.setstate(python)
-    np.random.set_state(numpy_state)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+    return as_values(states) != as_values(generator_states(device))
 
 
 def mixes_examples(model: nn.Module) -> str:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from companion._forward import parameters_unwritten, refuse_inference
+from companion._forward import check_buffers_unwritten, parameters_unwritten, refuse_inference
 from companion._outputs import batch_outputs
 from companion._torch import LossFn, trainable_named
 from companion._validation import check_positive, warn
@@ -309,8 +309,9 @@ class PerExampleClipper:
                 (shape, dtype, device), an example's gradient is not finite (then nothing is
                 added), the model runs layers in a reentrant checkpoint, the per-layer rules'
                 checks see its forward pass mix the first examples, its first passes write a
-                parameter's values, it changes its input in place where another pass over the
-                model follows, or the batch was made in ``torch.inference_mode()``.
+                parameter's values or a buffer from the data, it changes its input in place
+                where another pass over the model follows, or the batch was made in
+                ``torch.inference_mode()``.
             RuntimeError: inside ``torch.inference_mode()`` (under ``torch.no_grad()`` the
                 clipper turns gradients on for its own passes).
 
@@ -342,6 +343,8 @@ class PerExampleClipper:
         refuse_gradient_hooks(self.trainable.items())  # at every batch, as a hook may be new
         if x.shape[0] == 0:
             return x.new_zeros(0, dtype=model_dtype(self.model))
+        if self._checks.left > 0:  # before the batch's passes
+            check_buffers_unwritten(self.model, x)
         plan = self.plan
         if plan is not None and global_forward_hooks():  # checked at every batch: no rules
             plan = None
@@ -416,11 +419,8 @@ def clipped_gradient_sum(
 
     Raises:
         TypeError: if an argument is of the wrong kind.
-        ValueError: if an argument is out of range, ``method="layerwise"`` does not apply, an
-            example's gradient is not finite, the model runs layers in a reentrant checkpoint,
-            the per-layer rules' checks see its forward pass mix the first examples, its first
-            passes write a parameter's values, or it changes its input in place where another
-            pass over the model follows.
+        ValueError: if an argument is out of range or ``method="layerwise"`` does not apply,
+            and as :meth:`PerExampleClipper.add_clipped_sum` raises.
         RuntimeError: inside ``torch.inference_mode()``.
 
     Example:

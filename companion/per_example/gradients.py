@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from companion import _torch
-from companion._forward import parameters_unwritten, refuse_inference
+from companion._forward import check_buffers_unwritten, parameters_unwritten, refuse_inference
 from companion._labels import check_labels
 from companion._outputs import batch_outputs, check_outputs, model_error
 from companion._torch import LossFn, LossName, check_model, several_inputs, trainable_named
@@ -95,6 +95,7 @@ def check_batch(
         raise ValueError(f"{name_x} must not contain NaN or infinite values.")
     y = check_labels(y, loss=loss, name=name_y)  # converted for a named loss only
     if x.shape[0] > 0:
+        check_buffers_unwritten(model, x)  # before any pass over the data
         with parameters_unwritten(model):
             check_outputs(model, x, y, loss=loss)
     return x, y
