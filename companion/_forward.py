@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from companion._torch import OutOfMemoryError, eval_mode
+from companion._validation import warn
 
 __all__ = [
     "check_buffers_unwritten",
@@ -99,33 +100,54 @@ def check_buffers_unwritten(model: nn.Module, x: torch.Tensor) -> None:
     A statistic of the data kept in a buffer (a running mean updated in ``forward``, or fitted on
     the first call) is released with the model with no noise. Spectral normalisation's vectors,
     a cache, a schedule or a count of calls do not depend on the data. So a model with buffers
-    is copied, as it is before any pass over the data, and each copy runs once: on the first
-    example, and on the second (a batch of the same size: a cache sized by the batch compares
-    equal), with the global generators in the same state, in the model's own mode (with
-    gradients on) and in evaluation mode (where :func:`~companion.dpsgd.train_dpsgd` evaluates it
-    on the training data); a buffer whose values then differ was written from the data. The
-    entry points call this first, before their other checks, which report a model that cannot
-    take the data (here it is skipped), as it is for a model that ``copy.deepcopy`` cannot copy.
-    It catches mistakes and proves nothing: a statistic that the two examples share (a running
-    minimum and maximum of images that all span [0, 1]) or one written only after the first
-    passes is not seen. The model and the global generators are left as they were.
+    is copied (its parameters shared, under :func:`parameters_unwritten`; its buffers and other
+    state as they are before any pass over the data) and the copies run once each: on the first
+    example, on the second (a batch of the same size: a cache sized by the batch compares
+    equal) and on the first again, with the global generators in the same state, in the
+    model's own mode (with gradients on) and in evaluation mode (where
+    :func:`~companion.dpsgd.train_dpsgd` evaluates it on the training data). A buffer that the
+    two runs on the first example leave equal and the run on the second leaves different was
+    written from the data (one that differs between runs on the same example, as a timestamp or
+    a count kept outside the model, is not). The entry points call this first, before their
+    other checks, which report a model that cannot take the data (here it is skipped); a model
+    that ``copy.deepcopy`` cannot copy (it holds a lock or an open file) is skipped with a
+    warning. It catches mistakes and proves nothing: a statistic that the two examples share (a
+    running minimum and maximum of images that all span [0, 1]) or one written only after the
+    first passes is not seen. The copies run the model's forward hooks; the global generators
+    are left as they were.
     """
     if x.shape[0] < 2 or not any(m._buffers for m in model.modules()):
         return
-    training = any(m.training for m in model.modules())
+    shared = {id(p): p for p in model.parameters() if not nn.parameter.is_lazy(p)}
+    modes = (False, True) if any(m.training for m in model.modules()) else (True,)
+    try:  # all the copies first: one run must not change another's start
+        copies = {(mode, i): copy.deepcopy(model, dict(shared)) for mode in modes for i in range(3)}
+    except Exception as error:  # a lock, an open file, the old weight_norm's computed weight
+        warn(
+            f"the model cannot be copied ({type(error).__name__}: {error}), so whether its "
+            "forward pass writes a buffer from the data was not checked: make sure it does not "
+            "(a running mean kept by hand), or DP-SGD's guarantee does not hold."
+        )
+        return
     states = generator_states(x.device)
     written: list[str] = []
     try:
-        for evaluation in (False, True) if training else (True,):
-            runs = [_buffers_after(model, part, evaluation, states) for part in (x[:1], x[1:2])]
-            if runs[0] is None or runs[1] is None:
-                return  # the other checks report a model that cannot take the data
-            first, second = runs
-            written += [
-                name
-                for name in first
-                if name not in written and not _same_buffer(first[name], second.get(name))
-            ]
+        with parameters_unwritten(model):
+            for mode in modes:
+                parts = (x[:1], x[1:2], x[:1])
+                runs = [
+                    _buffers_after(copies[mode, i], p, mode, states) for i, p in enumerate(parts)
+                ]
+                if any(run is None for run in runs):
+                    return  # the other checks report a model that cannot take the data
+                first, second, again = runs
+                written += [
+                    name
+                    for name in first
+                    if name not in written
+                    and _same_buffer(first[name], again.get(name))
+                    and not _same_buffer(first[name], second.get(name))
+                ]
     finally:
         set_generator_states(states, x.device)
     if written:
@@ -140,15 +162,11 @@ def check_buffers_unwritten(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def _buffers_after(
-    model: nn.Module, x: torch.Tensor, evaluation: bool, states: tuple
+    probe: nn.Module, x: torch.Tensor, evaluation: bool, states: tuple
 ) -> dict[str, torch.Tensor | None] | None:
-    """The buffers by name (None for one set to None) of a copy of ``model`` after a pass over
-    ``x`` from the generator ``states``, in evaluation mode or in its own with gradients on; None
-    if the model cannot be copied or applied to ``x``."""
-    try:
-        probe = copy.deepcopy(model)
-    except Exception:  # a tensor attribute that autograd computed (the old weight_norm), ...
-        return None
+    """The buffers by name (None for one set to None) of ``probe`` after a pass over ``x`` from
+    the generator ``states``, in evaluation mode or in its own with gradients on; None if it
+    cannot be applied to ``x``."""
     set_generator_states(states, x.device)
     try:
         with eval_mode(probe) if evaluation else contextlib.nullcontext():
@@ -168,7 +186,10 @@ def _buffers_after(
 def _same_buffer(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is b
-    return _same(a.detach(), b.detach())
+    if a.is_meta or b.is_meta:  # no values to compare
+        return a.shape == b.shape
+    a, b = (t.detach() if t.layout == torch.strided else t.detach().to_dense() for t in (a, b))
+    return _same(a, b)
 
 
 def generator_states(device: torch.device) -> tuple:

@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -344,17 +346,53 @@ class Schedule(nn.Module):
         return h / self.temperature
 
 
+class SparseAdjacency(nn.Module):
+    """A graph's adjacency matrix, a sparse buffer, read by every pass (helper-102's review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.register_buffer("adjacency", torch.eye(5).to_sparse())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.sparse.mm(self.adjacency, x.T).T)
+
+
+class SharedSchedule(nn.Module):
+    """A temperature set from a count kept on the class, shared by every copy: each pass of the
+    check's copies sees another count, whatever its example."""
+
+    calls = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        SharedSchedule.calls += 1
+        self.temperature.fill_(1.0 + 0.01 * SharedSchedule.calls)
+        return self.linear(x) / self.temperature
+
+
 @pytest.mark.parametrize(
     "build",
     [
         RandomBuffer,
         BatchSizedCache,
         Schedule,
+        SharedSchedule,
         lambda: nn.Sequential(
             nn.utils.parametrizations.spectral_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)
         ),  # fmt: skip
     ],
-    ids=["random mask and table", "cache sized by the batch", "schedule", "spectral norm"],
+    ids=[
+        "random mask and table",
+        "cache sized by the batch",
+        "schedule",
+        "shared schedule",
+        "spectral norm",
+    ],  # fmt: skip
 )
 def test_buffers_written_from_the_generator_or_the_weights_are_accepted(build):
     """Negative controls: spectral normalisation's power iteration writes its vectors from the
@@ -366,6 +404,28 @@ def test_buffers_written_from_the_generator_or_the_weights_are_accepted(build):
     history = train_dpsgd(model, X, Y, noise_multiplier=0.5, seed=0, progress=False, **RUN)
     assert history[-1]["steps"] == 10
     assert all(not torch.equal(b, before[name]) for name, b in model.named_buffers())
+
+
+def test_a_sparse_buffer_is_compared_and_accepted():
+    torch.manual_seed(0)
+    history = train_dpsgd(SparseAdjacency(), X, Y, noise_multiplier=0.5, seed=0, progress=False,
+                          **RUN)  # fmt: skip
+    assert history[-1]["steps"] == 10
+
+
+class RunningMeanWithLock(RunningMean):
+    """A running mean in a model that holds a lock, which copy.deepcopy cannot copy."""
+
+    def __init__(self) -> None:
+        super().__init__("train")
+        self.lock = threading.Lock()
+
+
+def test_a_model_that_cannot_be_copied_gets_a_warning_that_its_buffers_were_not_checked():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="cannot be copied .* was not checked"):
+        train_dpsgd(RunningMeanWithLock(), X, Y, noise_multiplier=0.5, seed=0, progress=False,
+                    **RUN)  # fmt: skip
 
 
 def test_the_buffer_check_runs_on_copies_and_leaves_the_model_as_it_was():
