@@ -464,6 +464,19 @@ def test_a_lazy_layer_is_accepted():
     assert history[-1]["steps"] == 10 and model[0].weight.shape == (8, 5)
 
 
+def test_a_clipper_of_a_lazy_layer_asks_for_a_first_call():
+    """A clipper's first batch read the unmade parameters (torch's ValueError from zeros_like);
+    once the model has run, the same clipper computes the clipped sum."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 3))
+    clipper = PerExampleClipper(model, loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] are not made yet: .* Call the"):
+        clipper(X[:6], Y[:6], max_grad_norm=1.0)
+    with torch.no_grad():
+        model(X[:2])
+    assert clipper(X[:6], Y[:6], max_grad_norm=1.0).sums["0.weight"].shape == (8, 5)
+
+
 class DividesItsInput(nn.Module):
     def __init__(self) -> None:
         super().__init__()

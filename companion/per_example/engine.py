@@ -274,6 +274,7 @@ class PerExampleClipper:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, max_grad_norm: float) -> ClippedSum:
         """The clipped sum and norms of the batch ``(x, y)`` (checked by the caller)."""
+        check_unchanged(self.model, self.trainable)  # before zeros_like reads the parameters
         sums = {name: torch.zeros_like(p) for name, p in self.trainable.items()}
         return ClippedSum(sums, self.add_clipped_sum(x, y, max_grad_norm=max_grad_norm, into=sums))
 
@@ -305,13 +306,12 @@ class PerExampleClipper:
         Raises:
             TypeError: if the batch is not two tensors.
             ValueError: if the model's trainable parameters changed since the clipper was
-                built, ``into`` lacks one or holds a tensor unlike it
-                (shape, dtype, device), an example's gradient is not finite (then nothing is
-                added), the model runs layers in a reentrant checkpoint, the per-layer rules'
+                built or a lazy layer's are not made yet, ``into`` lacks one or holds a tensor
+                unlike it (shape, dtype, device), an example's gradient is not finite (then
+                nothing is added), the model runs layers in a reentrant checkpoint, the rules'
                 checks see its forward pass mix the first examples, its first passes write a
                 parameter's values or a buffer from the data, it changes its input in place
-                where another pass over the model follows, or the batch was made in
-                ``torch.inference_mode()``.
+                where another pass follows, or the batch was made in inference mode.
             RuntimeError: inside ``torch.inference_mode()`` (under ``torch.no_grad()`` the
                 clipper turns gradients on for its own passes).
 

@@ -123,7 +123,14 @@ def _why_no_rule(module: nn.Module) -> str | None:
 
 def check_unchanged(model: nn.Module, trainable: dict[str, nn.Parameter]) -> None:
     """Refuse a ``model`` whose trainable parameters are no longer ``trainable``, those planned
-    for: a layer replaced, frozen, unfrozen, pruned or parametrized since."""
+    for: a layer replaced, frozen, unfrozen, pruned or parametrized since; or not made yet."""
+    if lazy := [name for name, p in trainable.items() if nn.parameter.is_lazy(p)]:
+        raise ValueError(
+            f"the model's parameter(s) {lazy[:5]} are not made yet: a lazy layer (nn.LazyLinear) "
+            "makes them at its first call. Call the model once on a batch of inputs (under "
+            "torch.no_grad()) before the clipper's first batch; train_dpsgd and "
+            "set_private_gradients do it themselves."
+        )
     now = dict(trainable_named(model))
     if now.keys() != trainable.keys() or any(p is not trainable[n] for n, p in now.items()):
         raise ValueError(
