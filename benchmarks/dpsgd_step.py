@@ -324,14 +324,23 @@ def time_model(
         for _ in range(warmup):
             run()
     sync()
-    times: dict[str, list[float]] = {m: [] for m in methods}
+    return interleaved(steps, repeats, sync)
+
+
+def interleaved(
+    runs: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Seconds per call of each of ``runs``, ``repeats`` times each, in rotating order: drifts of
+    the machine affect all alike."""
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
-        shift = repeat % len(methods)
-        for method in methods[shift:] + methods[:shift]:
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            steps[method]()
+            runs[name]()
             sync()
-            times[method].append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start)
     return times
 
 

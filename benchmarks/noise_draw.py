@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,10 +35,10 @@ import numpy as np
 import torch
 
 try:  # run as a script from the repository root: benchmarks/ is sys.path[0]
-    from dpsgd_step import BATCH, build_step
+    from dpsgd_step import BATCH, build_step, interleaved
     from models import MODELS, build_model, make_batch
 except ImportError:  # imported as benchmarks.noise_draw
-    from benchmarks.dpsgd_step import BATCH, build_step
+    from benchmarks.dpsgd_step import BATCH, build_step, interleaved
     from benchmarks.models import MODELS, build_model, make_batch
 
 
@@ -71,17 +70,9 @@ def time_model(name: str, repeats: int, pool: ThreadPoolExecutor) -> dict[str, l
     x, y = make_batch(name, BATCH)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     runs = {"non-private": build_step("non-private", model, x, y).run, **samplers(n, pool)}
-    names = list(runs)
     for run in runs.values():  # warm-up
         run()
-    times: dict[str, list[float]] = {m: [] for m in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for method in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            runs[method]()
-            times[method].append(time.perf_counter() - start)
-    return times
+    return interleaved(runs, repeats)
 
 
 def report(name: str, times: dict[str, list[float]]) -> str:
