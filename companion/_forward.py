@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -80,6 +81,8 @@ def parameters_unwritten(model: nn.Module, *, check: bool = True) -> Iterator[No
 
 def _fingerprint(p: torch.Tensor) -> torch.Tensor:
     p = p.detach()
+    if not (p.is_floating_point() or p.is_complex()):
+        p = p.double()  # an integer parameter (vector_norm takes none): rare and small
     return torch.stack([p.sum(), torch.linalg.vector_norm(p)])
 
 
@@ -97,68 +100,90 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def check_buffers_unwritten(model: nn.Module, x: torch.Tensor) -> None:
     """Raise if a forward pass of ``model`` writes a buffer from the data it reads.
 
-    A statistic of the data kept in a buffer (a running mean updated in ``forward``, or fitted on
-    the first call) is released with the model with no noise. Spectral normalisation's vectors,
-    a cache, a schedule or a count of calls do not depend on the data. So a model with buffers
-    is copied (its parameters shared, under :func:`parameters_unwritten`; its buffers and other
-    state as they are before any pass over the data) and the copies run once each: on the first
-    example, on the second (a batch of the same size: a cache sized by the batch compares
-    equal) and on the first again, with the global generators in the same state, in the
-    model's own mode (with gradients on) and in evaluation mode (where
-    :func:`~companion.dpsgd.train_dpsgd` evaluates it on the training data). A buffer that the
-    two runs on the first example leave equal and the run on the second leaves different was
-    written from the data (one that differs between runs on the same example, as a timestamp or
-    a count kept outside the model, is not). The entry points call this first, before their
-    other checks, which report a model that cannot take the data (here it is skipped); a model
-    that ``copy.deepcopy`` cannot copy (it holds a lock or an open file) is skipped with a
-    warning. It catches mistakes and proves nothing: a statistic that the two examples share (a
-    running minimum and maximum of images that all span [0, 1]) or one written only after the
-    first passes is not seen. The copies run the model's forward hooks; the global generators
-    are left as they were.
+    A statistic of the data kept in a buffer (a running mean or variance updated in ``forward``,
+    or one fitted on the first call) is released with the model with no noise. Spectral
+    normalisation's vectors, a cache, a schedule or a count of calls do not depend on the data.
+    So a model with buffers is copied (its parameters shared, under
+    :func:`parameters_unwritten`; its buffers and other state as they are before any pass over
+    the data) and the copies run once each, on batches of two: the first example twice, the
+    first and the second, the first twice again (a cache sized by the batch compares equal; a
+    mean and a spread differ), with the global generators in the same state, in the model's own
+    mode (with gradients on) and in evaluation mode (where :func:`~companion.dpsgd.train_dpsgd`
+    evaluates it on the training data). A buffer that the two runs on the first example leave
+    equal and the other run leaves different was written from the data (one that differs
+    between runs on the same data, as a timestamp or a count kept outside the model, is not).
+
+    The entry points call this first, before their other checks, which report a model that
+    cannot take the data (here such a run is skipped). A model whose buffers are not made yet
+    (a lazy layer that has not run) is checked at a later call; one that ``copy.deepcopy``
+    cannot copy (it holds a lock or an open file) is skipped with a warning. It catches
+    mistakes and proves nothing: a statistic that the examples share (a running minimum and
+    maximum of images that all span [0, 1]), one written only after the first passes, and one
+    that a forward hook writes into the model itself are not seen; a layer that writes a
+    parameter (refused) has written the copies' first batch into the model. The copies run the
+    model's forward hooks; their warnings are not shown; the global generators are left as
+    they were.
     """
-    if x.shape[0] < 2 or not any(m._buffers for m in model.modules()):
+    lazy = any(nn.parameter.is_lazy(b) for b in model.buffers())
+    if x.shape[0] < 2 or lazy or not any(m._buffers for m in model.modules()):
         return
-    shared = {id(p): p for p in model.parameters() if not nn.parameter.is_lazy(p)}
     modes = (False, True) if any(m.training for m in model.modules()) else (True,)
-    try:  # all the copies first: one run must not change another's start
-        copies = {(mode, i): copy.deepcopy(model, dict(shared)) for mode in modes for i in range(3)}
-    except Exception as error:  # a lock, an open file, the old weight_norm's computed weight
-        warn(
-            f"the model cannot be copied ({type(error).__name__}: {error}), so whether its "
-            "forward pass writes a buffer from the data was not checked: make sure it does not "
-            "(a running mean kept by hand), or DP-SGD's guarantee does not hold."
-        )
-        return
+    batches = (x[[0, 0]], x[[0, 1]], x[[0, 0]])
     states = generator_states(x.device)
     written: list[str] = []
     try:
-        with parameters_unwritten(model):
+        if (copies := _copies(model, 3 * len(modes))) is None:
+            return
+        with warnings.catch_warnings(), parameters_unwritten(model):
+            warnings.simplefilter("ignore")
             for mode in modes:
-                parts = (x[:1], x[1:2], x[:1])
-                runs = [
-                    _buffers_after(copies[mode, i], p, mode, states) for i, p in enumerate(parts)
-                ]
+                runs = [_buffers_after(copies.pop(), part, mode, states) for part in batches]
                 if any(run is None for run in runs):
-                    return  # the other checks report a model that cannot take the data
-                first, second, again = runs
+                    continue  # the other checks report a model that cannot take the data
+                first, other, again = runs
                 written += [
                     name
                     for name in first
                     if name not in written
                     and _same_buffer(first[name], again.get(name))
-                    and not _same_buffer(first[name], second.get(name))
+                    and not _same_buffer(first[name], other.get(name))
                 ]
     finally:
         set_generator_states(states, x.device)
     if written:
         raise ValueError(
             f"a forward pass of the model writes its buffer(s) {written[:5]} from the data: their "
-            "values after a pass over one example differ from those after a pass over another. A "
-            "statistic of the data kept in a buffer (as BatchNorm's running statistics) is "
+            "values after a pass over some examples differ from those after a pass over others. "
+            "A statistic of the data kept in a buffer (as BatchNorm's running statistics) is "
             "released with the model with no noise, which no epsilon covers, so this is refused. "
             "Compute such statistics on public data, outside the forward pass; a buffer that does "
             "not depend on the data (a cache, a count of calls) is accepted."
         )
+
+
+def _copies(model: nn.Module, n: int) -> list[nn.Module] | None:
+    """``n`` copies of ``model``, all made before any runs (one run must not change another's
+    start), that share its parameters and the tensors it computed from them with autograd (the
+    old ``weight_norm``'s weight, which ``copy.deepcopy`` refuses); None, with a warning, if it
+    cannot be copied or its copies share its buffers (a ``__deepcopy__`` returning itself)."""
+    shared = {id(p): p for p in model.parameters() if not nn.parameter.is_lazy(p)}
+    for module in model.modules():
+        computed = (v for v in vars(module).values() if isinstance(v, torch.Tensor) and v.grad_fn)
+        shared.update((id(v), v) for v in computed)
+    try:
+        copies = [copy.deepcopy(model, dict(shared)) for _ in range(n)]
+        reason = "its copies share its buffers"
+        own = {id(b) for b in model.buffers()}
+        if not any(id(b) in own for c in copies for b in c.buffers()):
+            return copies
+    except Exception as error:  # a lock, an open file
+        reason = f"{type(error).__name__}: {error}"
+    warn(
+        f"the model cannot be copied ({reason}), so whether its forward pass writes a buffer "
+        "from the data was not checked: make sure it does not (a running mean kept by hand), or "
+        "DP-SGD's guarantee does not hold."
+    )
+    return None
 
 
 def _buffers_after(

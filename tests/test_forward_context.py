@@ -273,6 +273,21 @@ class FittedOnFirstCall(nn.Module):
         return self.linear(x - self.mean)
 
 
+class RunningVariance(nn.Module):
+    """Scales its input by a running variance: on a batch of one the variance is 0 for every
+    example, so the check's batches are pairs (helper-103's review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.register_buffer("mean", torch.zeros(5))  # named so: the test reads model.mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.mean.mul_(0.9).add_(0.1 * x.detach().var(dim=0, unbiased=False))
+        return self.linear(x / (1 + self.mean).sqrt())
+
+
 @pytest.mark.parametrize("entry", ENTRIES.values(), ids=ENTRIES.keys())
 @pytest.mark.parametrize(
     "build",
@@ -281,8 +296,9 @@ class FittedOnFirstCall(nn.Module):
         lambda: RunningMean("eval", in_place=True),
         lambda: RunningMean("always", in_place=False),
         FittedOnFirstCall,
+        RunningVariance,
     ],
-    ids=["in training", "in evaluation", "assigned", "fitted on the first call"],
+    ids=["in training", "in evaluation", "assigned", "fitted on the first call", "variance"],
 )
 def test_a_forward_pass_that_writes_a_buffer_from_the_data_is_refused(entry, build):
     """The running mean of helper-100's audit: accepted before, with an epsilon reported while
@@ -426,6 +442,46 @@ def test_a_model_that_cannot_be_copied_gets_a_warning_that_its_buffers_were_not_
     with pytest.warns(UserWarning, match="cannot be copied .* was not checked"):
         train_dpsgd(RunningMeanWithLock(), X, Y, noise_multiplier=0.5, seed=0, progress=False,
                     **RUN)  # fmt: skip
+
+
+class CopiedAsItself(nn.Module):
+    """A submodule whose copy is itself (a frozen backbone shared on purpose)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = RunningMean("train")
+        self.inner.__deepcopy__ = lambda memo: self.inner
+
+
+def test_copies_that_share_the_buffers_get_a_warning_that_they_were_not_checked():
+    """The three runs wrote one tensor, which compared equal with itself."""
+    torch.manual_seed(0)
+    model = CopiedAsItself()
+    with pytest.warns(UserWarning, match=r"copies share its buffers\), so .* was not checked"):
+        check_buffers_unwritten(model, X[:4])
+    assert not model.inner.mean.any()
+
+
+def test_a_model_that_fails_on_one_example_is_checked_on_pairs():
+    """A squeeze that fails on a batch of one: the check ran on single examples, skipped the
+    model, and the running mean went through (helper-103's review)."""
+
+    class Squeezes(RunningMean):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.squeeze())
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"writes its buffer\(s\) \['mean'\] from the data"):
+        check_buffers_unwritten(Squeezes(), X[:4, None, :])
+
+
+def test_an_integer_parameter_is_fingerprinted():
+    """vector_norm takes no integer tensor: torch's RuntimeError came out of the write check."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3))
+    model.register_parameter("step", nn.Parameter(torch.zeros(1, dtype=torch.long), False))
+    history = train_dpsgd(model, X, Y, noise_multiplier=0.5, seed=0, progress=False, **RUN)
+    assert history[-1]["steps"] == 10
 
 
 def test_the_buffer_check_runs_on_copies_and_leaves_the_model_as_it_was():
