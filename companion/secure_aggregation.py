@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from companion._random import RNGLike, as_generator
-from companion._validation import check_positive, check_positive_int
+from companion._validation import check_int, check_positive, check_positive_int
 
 __all__ = ["MODULUS", "mask_update", "pairwise_seeds", "secure_sum"]
 
@@ -132,8 +132,10 @@ def mask_update(
 
     Raises:
         TypeError: if ``update`` is not a one-dimensional numpy array.
-        ValueError: if ``client`` is out of range, ``scale`` is not > 0, ``update`` holds NaN or
-            inf, or ``|update| * scale * num_clients`` reaches 2^31 (the sum could wrap).
+        ValueError: if ``client`` is out of range, ``seeds`` are not those of ``num_clients``
+            clients (one seed for each pair ``(i, j)``, ``0 <= i < j < num_clients``: a client
+            in no pair would send its update unmasked), ``scale`` is not > 0, ``update`` holds
+            NaN or inf, or ``|update| * scale * num_clients`` reaches 2^31 (the sum could wrap).
 
     Example:
         >>> import numpy as np
@@ -145,8 +147,19 @@ def mask_update(
         [1.0, -2.0]
     """
     num_clients = check_positive_int("num_clients", num_clients)
-    if not 0 <= client < num_clients:
+    client = check_int("client", client, minimum=0)
+    if not client < num_clients:
         raise ValueError(f"client must lie in [0, {num_clients}), got {client}.")
+    # This client's pairs, and as many in all as num_clients have (a pair of other indices
+    # would leave another client's missing: that client is refused).
+    own = ((min(client, j), max(client, j)) for j in range(num_clients) if j != client)
+    total = num_clients * (num_clients - 1) // 2
+    if not isinstance(seeds, Mapping) or len(seeds) != total or not all(p in seeds for p in own):
+        raise ValueError(
+            f"seeds must hold one seed for each pair (i, j) of the {num_clients} clients, "
+            "0 <= i < j < num_clients, as pairwise_seeds(num_clients) makes them: with seeds of "
+            "other clients, a client's update would go out unmasked or the masks would not cancel."
+        )
     scale = check_positive("scale", scale)
     masked = _encode(update, scale, num_clients)
     for pair in seeds:
@@ -201,7 +214,11 @@ def secure_sum(
     if len(dims) != 1 or -1 in dims:
         raise ValueError("updates must be numpy arrays of one common length.")
     dim = dims.pop()
-    dropped_set = set(dropped)
+    if not isinstance(dropped, Sequence | set | frozenset | np.ndarray) or isinstance(dropped, str):
+        raise TypeError(
+            f"dropped must be a sequence of client indices, got {type(dropped).__name__}."
+        )
+    dropped_set = set(np.asarray(dropped).ravel().tolist())
     if not dropped_set <= set(range(num_clients)):
         raise ValueError(f"dropped must hold client indices in [0, {num_clients}).")
     survivors = [c for c in range(num_clients) if c not in dropped_set]

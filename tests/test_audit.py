@@ -750,6 +750,27 @@ def test_fedavg_round_is_the_clipped_mean_of_a_plain_loop():
     assert torch.allclose(out, expected, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("updates", "error", "message"),
+    [
+        (torch.ones(3), ValueError, r"updates must have shape \(n, d\)"),  # was an IndexError
+        (np.ones((4, 3), dtype=int), TypeError, "updates must be a floating"),  # AttributeError
+        (torch.full((4, 3), float("nan")), ValueError, "updates must be finite"),  # returned NaN
+    ],
+)
+def test_fedavg_round_checks_its_updates(updates, error, message):
+    """helper-104's trial: the public round, the default aggregate of audit_dp_fedavg."""
+    with pytest.raises(error, match=message):
+        dp_fedavg_noisy_mean(
+            updates,
+            max_update_norm=1.0,
+            noise_multiplier=1.0,
+            sample_rate=1.0,
+            expected_clients=4.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+
 def two_gaussian_delta_by_quadrature(eps, m0, s0, m1, s1):
     """max over both orders of the integral of (p - e^eps q)_+, by adaptive quadrature."""
 

@@ -90,6 +90,30 @@ def test_seeds_reproduce():
         (lambda: secure_sum([np.zeros(2)], scale=0.0), ValueError, "scale"),
         (lambda: mask_update(np.zeros(2), client=3, seeds={}, num_clients=2), ValueError, "client"),
         (lambda: mask_update([0.0], client=0, seeds={}, num_clients=1), TypeError, "numpy array"),
+        # helper-104's trial: client 2 is in no pair of 2 clients' seeds, and went out unmasked;
+        # seeds of 3 clients for 2 left a mask with no partner in the sum
+        (
+            lambda: mask_update(
+                np.zeros(2), client=2, seeds=pairwise_seeds(2, rng=0), num_clients=3
+            ),
+            ValueError,
+            r"one seed for each pair \(i, j\) of the 3 clients",
+        ),
+        (
+            lambda: mask_update(
+                np.zeros(2), client=0, seeds=pairwise_seeds(3, rng=0), num_clients=2
+            ),
+            ValueError,
+            "one seed for each pair",
+        ),
+        (
+            lambda: mask_update(
+                np.zeros(2), client=1.0, seeds=pairwise_seeds(2, rng=0), num_clients=2
+            ),
+            TypeError,
+            "client must be an integer",
+        ),
+        (lambda: secure_sum([np.zeros(2)] * 3, dropped=2), TypeError, "dropped must be a sequence"),
     ],
 )
 def test_bad_input(call, error, message):

@@ -105,7 +105,8 @@ def dp_fedavg_noisy_mean(
         The noisy mean update, shape ``(d,)``.
 
     Raises:
-        ValueError: if a parameter is out of range.
+        TypeError: if ``updates`` is not a floating tensor or numpy array.
+        ValueError: if a parameter is out of range, or ``updates`` is not (n, d) or not finite.
 
     Example:
         >>> import torch
@@ -114,6 +115,7 @@ def dp_fedavg_noisy_mean(
         ...                      expected_clients=2.0, generator=torch.Generator().manual_seed(0))
         tensor([0.3000, 0.6500])
     """
+    updates = _check_updates(updates, "updates")
     expected_clients = check_positive("expected_clients", expected_clients)
     mask = poisson_sample(updates.shape[0], sample_rate=sample_rate, generator=generator)
     batch = updates[mask]
@@ -251,17 +253,17 @@ class CanaryClientAudit:
     cosines_not_inserted: np.ndarray = field(repr=False, compare=False)
 
 
-def _check_updates(updates: object) -> torch.Tensor:
+def _check_updates(updates: object, name: str = "client_updates") -> torch.Tensor:
     if isinstance(updates, np.ndarray):
         updates = torch.from_numpy(updates)
     if not isinstance(updates, torch.Tensor) or not updates.is_floating_point():
-        raise TypeError("client_updates must be a floating torch.Tensor or numpy array (n, d).")
+        raise TypeError(f"{name} must be a floating torch.Tensor or numpy array (n, d).")
     if updates.ndim != 2 or 0 in updates.shape:
         raise ValueError(
-            f"client_updates must have shape (n, d) with n, d >= 1, got {tuple(updates.shape)}."
+            f"{name} must have shape (n, d) with n, d >= 1, got {tuple(updates.shape)}."
         )
     if not bool(torch.isfinite(updates).all()):
-        raise ValueError("client_updates must be finite (no NaN or inf).")
+        raise ValueError(f"{name} must be finite (no NaN or inf).")
     return updates
 
 
