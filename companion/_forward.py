@@ -127,17 +127,17 @@ def check_buffers_unwritten(model: nn.Module, x: torch.Tensor) -> None:
     lazy = any(nn.parameter.is_lazy(b) for b in model.buffers())
     if x.shape[0] < 2 or lazy or not any(m._buffers for m in model.modules()):
         return
-    modes = (False, True) if any(m.training for m in model.modules()) else (True,)
+    evaluations = (False, True) if any(m.training for m in model.modules()) else (True,)
     batches = (x[[0, 0]], x[[0, 1]], x[[0, 0]])
     states = generator_states(x.device)
     written: list[str] = []
     try:
-        if (copies := _copies(model, 3 * len(modes))) is None:
+        if (copies := _copies(model, 3 * len(evaluations))) is None:
             return
         with warnings.catch_warnings(), parameters_unwritten(model):
             warnings.simplefilter("ignore")
-            for mode in modes:
-                runs = [_buffers_after(copies.pop(), part, mode, states) for part in batches]
+            for evaluation in evaluations:
+                runs = [_buffers_after(copies.pop(), b, evaluation, states) for b in batches]
                 if any(run is None for run in runs):
                     continue  # the other checks report a model that cannot take the data
                 first, other, again = runs
