@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from companion._validation import check_delta, check_epsilon, check_positive_int
+from companion._validation import check_delta, check_epsilon, check_positive_int, warn
 
 __all__ = ["advanced_composition", "basic_composition", "group_privacy"]
 
@@ -37,7 +37,8 @@ def basic_composition(*, epsilon: float, delta: float = 0.0, k: int) -> tuple[fl
         k: the number of mechanisms, >= 1.
 
     Returns:
-        ``(total_epsilon, total_delta)``, two floats.
+        ``(total_epsilon, total_delta)``, two floats (a warning if the delta reaches 1, where
+        the bound guarantees nothing).
 
     Raises:
         TypeError: if ``epsilon`` or ``delta`` is not a real number, or ``k`` is not an integer.
@@ -52,7 +53,7 @@ def basic_composition(*, epsilon: float, delta: float = 0.0, k: int) -> tuple[fl
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta, allow_zero=True)
     k = check_positive_int("k", k)
-    return k * epsilon, k * delta
+    return k * epsilon, _total_delta(k * delta)
 
 
 def advanced_composition(
@@ -77,7 +78,8 @@ def advanced_composition(
         delta_prime: the extra failure probability the theorem spends, in (0, 1).
 
     Returns:
-        ``(total_epsilon, total_delta)``, two floats.
+        ``(total_epsilon, total_delta)``, two floats (a warning if the delta reaches 1, where
+        the bound guarantees nothing).
 
     Raises:
         TypeError: if ``epsilon``, ``delta`` or ``delta_prime`` is not a real number, or ``k``
@@ -103,7 +105,7 @@ def advanced_composition(
     total_epsilon = math.sqrt(
         2 * k * math.log(1 / delta_prime)
     ) * epsilon + k * epsilon * math.expm1(epsilon)
-    return total_epsilon, k * delta + delta_prime
+    return total_epsilon, _total_delta(k * delta + delta_prime)
 
 
 def group_privacy(*, epsilon: float, delta: float = 0.0, group_size: int) -> tuple[float, float]:
@@ -121,7 +123,8 @@ def group_privacy(*, epsilon: float, delta: float = 0.0, group_size: int) -> tup
         group_size: the number of people in the group, >= 1.
 
     Returns:
-        ``(group_epsilon, group_delta)``, two floats.
+        ``(group_epsilon, group_delta)``, two floats (a warning if the delta reaches 1, where
+        the bound guarantees nothing).
 
     Raises:
         TypeError: if ``epsilon`` or ``delta`` is not a real number, or ``group_size`` is not
@@ -137,4 +140,17 @@ def group_privacy(*, epsilon: float, delta: float = 0.0, group_size: int) -> tup
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta, allow_zero=True)
     group_size = check_positive_int("group_size", group_size)
-    return group_size * epsilon, group_size * math.exp((group_size - 1) * epsilon) * delta
+    return group_size * epsilon, _total_delta(
+        group_size * math.exp((group_size - 1) * epsilon) * delta
+    )
+
+
+def _total_delta(delta: float) -> float:
+    """``delta``, with a warning if it is 1 or more: such a bound holds for any mechanism."""
+    if delta >= 1:
+        warn(
+            f"the total delta is {delta:.3g}, 1 or more: an (epsilon, delta) bound with delta >= 1 "
+            "holds for every mechanism and guarantees nothing. Take fewer mechanisms, a smaller "
+            "delta each or a smaller group."
+        )
+    return delta

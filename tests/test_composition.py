@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 
@@ -79,3 +80,24 @@ def test_group_privacy():
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    ("call", "total_delta"),
+    [
+        (lambda: basic_composition(epsilon=0.5, delta=0.2, k=10), 2.0),
+        (lambda: advanced_composition(epsilon=0.1, delta=0.1, k=100, delta_prime=1e-5), 10.00001),
+        (lambda: group_privacy(epsilon=1.0, delta=0.5, group_size=3), 3 * math.e**2 * 0.5),
+    ],
+)
+def test_a_total_delta_of_1_or_more_is_warned_about(call, total_delta):
+    """helper-104's trial: returned without a word, though such a bound guarantees nothing."""
+    with pytest.warns(UserWarning, match="1 or more: .* guarantees nothing"):
+        _, delta = call()
+    assert delta == pytest.approx(total_delta)
+
+
+def test_a_total_delta_below_1_gets_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert basic_composition(epsilon=0.5, delta=0.09, k=10)[1] == pytest.approx(0.9)
