@@ -1053,3 +1053,21 @@ def test_dp_fedavg_aggregate_takes_updates_of_mixed_dtypes(dtypes):
     expected = 1 / (2 + 1e-6) + 2 / (4 + 1e-6)
     unit = torch.finfo(dtypes[0]).eps / 2
     assert bool(((out["w"].double() - expected).abs() <= unit * expected).all())
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["fedavg", "dp_fedavg"])
+def test_a_diverging_client_is_named_by_its_index(dp):
+    """helper-104's trial: the error named the client's place in the round's sample
+    (updates[1]), not clients[4], whose inputs of 1e30 made its local training diverge."""
+    generator = torch.Generator().manual_seed(0)
+    clients = [(torch.randn(10, 5, generator=generator), torch.arange(10) % 2) for _ in range(6)]
+    clients[4] = (clients[4][0] * 1e30, clients[4][1])
+    common = dict(rounds=4, local_epochs=3, batch_size=None, lr=0.1, progress=False)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 2)
+    with pytest.raises(ValueError, match=r"local training of clients\[4\] diverged"):
+        if dp:
+            dp_fedavg(model, clients, sample_rate=0.5, noise_multiplier=1.0, max_update_norm=1.0,
+                      delta=1e-3, seed=1, **common)  # fmt: skip
+        else:
+            fedavg(model, clients, client_fraction=1.0, **common)

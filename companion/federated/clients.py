@@ -288,9 +288,15 @@ def client_updates(
     for k in picked:
         generator = torch_generator(derive_seed(seed, round_, k))
         try:
-            updates.append(train_locally(model, *data[k], *args, generator))
+            update = train_locally(model, *data[k], *args, generator)
         except ValueError as error:  # BatchNorm on a last local batch of one example, say
             raise ValueError(
                 f"the local training of clients[{k}] ({len(data[k][0])} examples) failed: {error}"
             ) from error
+        if diverged := [name for name, value in update.items() if not value.isfinite().all()]:
+            raise ValueError(
+                f"the local training of clients[{k}] diverged: its update of {diverged[:3]} holds "
+                "NaN or inf; lower lr (or check that client's data)."
+            )
+        updates.append(update)
     return updates
