@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from companion._outputs import check_outputs
 from companion._progress import progress_loop
@@ -178,6 +179,7 @@ def train(
     test_data = check_test(model, x_test, y_test, loss=loss, device=device)
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
+    _refuse_batches_of_one(model, x.shape[0], batch_size)
     lr = check_positive("lr", lr)
     if max_grad_norm is not None:
         max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
@@ -219,3 +221,15 @@ def train(
             record["grad_norms"] = norms
         history.append(record)
     return history
+
+
+def _refuse_batches_of_one(model: nn.Module, n: int, batch_size: int) -> None:
+    """Refuse a last batch of one example for a model with batch normalisation in training mode,
+    which cannot normalise one example (torch's error would not name ``batch_size``)."""
+    norms = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
+    if norms and n % batch_size == 1:
+        raise ValueError(
+            f"x has {n} examples and batch_size={batch_size}, so the last batch of each epoch "
+            f"holds one example, which batch normalisation (layer {norms[0]!r}) cannot normalise "
+            "in training mode: choose a batch_size that leaves no batch of one."
+        )

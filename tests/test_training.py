@@ -487,6 +487,21 @@ def test_train_bad_input(kwargs, error, message):
         assert torch.equal(_flat(model), before)  # nothing is trained before the checks pass
 
 
+@pytest.mark.parametrize(("batch_size", "refused"), [(len(X) - 1, True), (len(X) - 2, False)])
+def test_a_last_batch_of_one_example_for_batch_normalisation_is_refused_by_its_size(
+    batch_size, refused
+):
+    """helper-104's trial: torch's "Expected more than 1 value per channel" named no argument;
+    a last batch of two is trained."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(X.shape[1], 4), nn.BatchNorm1d(4), nn.Linear(4, 10))
+    if refused:
+        with pytest.raises(ValueError, match=rf"batch_size={batch_size}, so the last batch .* '1'"):
+            train(model, X, Y, epochs=1, batch_size=batch_size, lr=0.1)
+    else:
+        assert len(train(model, X, Y, epochs=1, batch_size=batch_size, lr=0.1)) == 1
+
+
 def test_the_finiteness_check_of_a_large_data_set_finds_a_nan_in_its_last_rows():
     """The check runs in chunks of about a million elements (isfinite on a whole data set made
     temporaries twice its size): a NaN in the last example of the last chunk is still found."""
