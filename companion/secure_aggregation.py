@@ -99,6 +99,8 @@ def _pair_mask(client: int, pair: tuple[int, int], dim: int, seeds: Seeds) -> np
 def _encode(update: np.ndarray, scale: float, num_clients: int) -> np.ndarray:
     if not isinstance(update, np.ndarray) or update.ndim != 1:
         raise TypeError("update must be a one-dimensional numpy array.")
+    if not (np.issubdtype(update.dtype, np.floating) or np.issubdtype(update.dtype, np.integer)):
+        raise TypeError(f"update must hold real numbers, got dtype {update.dtype}.")
     if not np.isfinite(update).all():
         raise ValueError("update must be finite (no NaN or inf).")
     fixed = np.round(update * scale)
@@ -131,7 +133,8 @@ def mask_update(
         An int64 array of the length of ``update``, values in ``[0, 2^32)``.
 
     Raises:
-        TypeError: if ``update`` is not a one-dimensional numpy array.
+        TypeError: if ``update`` is not a one-dimensional numpy array of real numbers, or
+            ``client`` not an integer.
         ValueError: if ``client`` is out of range, ``seeds`` are not those of ``num_clients``
             clients (one seed for each pair ``(i, j)``, ``0 <= i < j < num_clients``: a client
             in no pair would send its update unmasked), ``scale`` is not > 0, ``update`` holds
@@ -194,7 +197,8 @@ def secure_sum(
         the server received (one per survivor), which is all the server sees of any client.
 
     Raises:
-        TypeError: if an update is not a one-dimensional numpy array.
+        TypeError: if an update is not a one-dimensional numpy array of real numbers, or
+            ``dropped`` not a sequence.
         ValueError: if there is no update, the updates differ in length, ``dropped`` holds an
             index out of range or every client, an update is not finite or too large for the
             ring at this ``scale``, or ``scale`` is not > 0.
@@ -210,8 +214,10 @@ def secure_sum(
     """
     num_clients = len(updates)
     check_positive_int("number of updates", num_clients)
-    dims = {u.size if isinstance(u, np.ndarray) else -1 for u in updates}
-    if len(dims) != 1 or -1 in dims:
+    if not all(isinstance(u, np.ndarray) for u in updates):
+        raise TypeError("updates must be numpy arrays (for torch tensors, pass t.numpy()).")
+    dims = {u.size for u in updates}
+    if len(dims) != 1:
         raise ValueError("updates must be numpy arrays of one common length.")
     dim = dims.pop()
     if not isinstance(dropped, Sequence | set | frozenset | np.ndarray) or isinstance(dropped, str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from companion import federated, secure_aggregation
@@ -114,6 +115,11 @@ def test_seeds_reproduce():
             "client must be an integer",
         ),
         (lambda: secure_sum([np.zeros(2)] * 3, dropped=2), TypeError, "dropped must be a sequence"),
+        # a list of tensors got the ValueError of unequal lengths; complex updates were cast to
+        # real with numpy's warning only; strings got numpy's isfinite error
+        (lambda: secure_sum([torch.zeros(2)] * 2), TypeError, r"pass t\.numpy\(\)"),
+        (lambda: secure_sum([np.array([1j, 2])] * 2), TypeError, "real numbers, got dtype complex"),
+        (lambda: secure_sum([np.array(["a", "b"])] * 2), TypeError, "real numbers, got dtype <U1"),
     ],
 )
 def test_bad_input(call, error, message):
