@@ -485,6 +485,25 @@ def test_a_model_registered_head_first_needs_and_accepts_image_shape():
     assert reconstruction_similarity(X[0], result.x[0]) > CHANCE  # the attack ran on 64 inputs
 
 
+def test_a_convolutional_model_is_told_to_take_flat_inputs():
+    """helper-104's trial: a CNN given image_shape=(8, 8), as the message asked, was refused
+    again with no word that the dummy inputs are flat; the message now says so, and a leading
+    Unflatten makes the attack run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        body = [nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)]
+        model = nn.Sequential(*body)
+    images = torch.as_tensor(X[:1], dtype=torch.float32).view(1, 1, 8, 8)
+    g = model_gradient(model, images, torch.tensor([int(Y[0])]))
+    with pytest.raises(
+        ValueError, match=r"flat, \(batch, 64\): .* nn\.Unflatten\(1, \(C, H, W\)\)"
+    ):
+        invert_gradient(model, g, steps=1, image_shape=(8, 8))
+    flat = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), *body)
+    g = model_gradient(flat, images.view(1, 64), torch.tensor([int(Y[0])]))
+    assert invert_gradient(flat, g, steps=1, image_shape=(8, 8)).x.shape == (1, 64)
+
+
 def test_a_one_logit_model_is_refused():
     model = nn.Sequential(nn.Linear(64, 1))
     g = model_gradient(model, X[:1], np.array([1]), loss="bce")

@@ -398,9 +398,10 @@ def invert_gradient(
         if image_shape is not None:
             where = f"image_shape {image_shape} has {n_features} pixels"
         raise ValueError(
-            f"{where}, but the model does not accept inputs of that size ({error}). Pass "
-            "image_shape with as many pixels as the model takes (layers registered in another "
-            "order than they run can mislead the guess)."
+            f"{where}, but the model does not accept inputs of that size ({error}). The dummy "
+            f"inputs are flat, (batch, {n_features}): a model that takes images needs an "
+            "nn.Unflatten(1, (C, H, W)) first. Pass image_shape with as many pixels as the model "
+            "takes (layers registered in another order than they run can mislead the guess)."
         ) from None
     if n_classes < 2:
         raise ValueError(
