@@ -44,14 +44,24 @@ def class_labels(y: torch.Tensor) -> bool:
     return y.ndim == 1 and integer_targets(y)
 
 
+#: Where a callable loss is taken: the label errors are shared with functions that take a named
+#: loss only (companion.training, federated, attacks).
+_TAKEN_BY = " (companion.dpsgd and companion.per_example take one)"
+
+
+def _from_dataset(name: str) -> bool:
+    """Whether the labels ``name`` were read from a Dataset (by :mod:`companion.dpsgd`)."""
+    return "the Dataset" in name
+
+
 def label_shape_error(y: torch.Tensor, *, loss: str, name: str = "y") -> ValueError:
     """The error for labels ``y`` that are not of shape ``(N,)`` with a named ``loss``, with the
     fix for the shape and the values seen: a dimension of size 1 is removed; a row holding one 1
     and zeros elsewhere (one-hot) becomes its class index; other 0/1 rows (multi-label), and any
     labels for ``loss='bce'``, get ``BCEWithLogitsLoss``; integer labels of more dimensions (one
     per token) get the per-example token mean; float rows get soft-label or regression losses.
-    Targets read from a Dataset (``name`` is not an identifier, as in "the targets of the Dataset
-    x") are fixed in the Dataset's ``__getitem__``, which returns one example's target.
+    Targets read from a Dataset (``name`` says so, as in "the targets of the Dataset x") are
+    fixed in the Dataset's ``__getitem__``, which returns one example's target.
 
     Example:
         >>> print(label_shape_error(torch.eye(3)[[0, 2]], loss="cross_entropy"))
@@ -60,8 +70,8 @@ def label_shape_error(y: torch.Tensor, *, loss: str, name: str = "y") -> ValueEr
         targets of a callable loss, torch.nn.CrossEntropyLoss()).
     """
     shape, integer = tuple(y.shape), not (y.is_floating_point() or y.is_complex())
-    dataset = not name.isidentifier()
-    code = name if not dataset else "y"
+    dataset = _from_dataset(name)
+    code = name if name.isidentifier() else "y"
     binary = y.numel() > 0 and bool(((y == 0) | (y == 1)).all())
     one_hot = binary and y.ndim == 2 and bool((y.sum(1) == 1).all())
     if y.ndim == 2 and shape[1] == 1:
@@ -74,7 +84,8 @@ def label_shape_error(y: torch.Tensor, *, loss: str, name: str = "y") -> ValueEr
     elif loss == "bce":
         fix = (
             "For several 0/1 labels per example (multi-label, or one per token) give a callable "
-            "loss, torch.nn.BCEWithLogitsLoss(), with float targets of the outputs' shape."
+            f"loss{_TAKEN_BY}, torch.nn.BCEWithLogitsLoss(), with float targets of the outputs' "
+            "shape."
         )
     elif one_hot:
         fix = (
@@ -87,12 +98,13 @@ def label_shape_error(y: torch.Tensor, *, loss: str, name: str = "y") -> ValueEr
     elif binary and y.ndim == 2:
         fix = (
             "Rows hold several 1s (multi-label), and loss='cross_entropy' takes one class per "
-            "example: give a callable loss, torch.nn.BCEWithLogitsLoss(), with float targets of "
-            "the outputs' shape."
+            f"example: give a callable loss{_TAKEN_BY}, torch.nn.BCEWithLogitsLoss(), with float "
+            "targets of the outputs' shape."
         )
     elif integer:
         fix = (
-            "For one label per token (or position) give a callable loss that returns the mean "
+            f"For one label per token (or position) give a callable loss{_TAKEN_BY} that "
+            "returns the mean "
             "over the examples of each one's mean over its tokens, such as "
             f"{TOKEN_MEAN}, with outputs of shape (N, n_classes, T) (torch.nn.CrossEntropyLoss() "
             "is that mean only when no token is ignored)."
@@ -101,7 +113,7 @@ def label_shape_error(y: torch.Tensor, *, loss: str, name: str = "y") -> ValueEr
             fix = f"Remove the last dimension of size 1 ({code}.squeeze(-1)). {fix}"
     else:
         fix = (
-            "For soft labels (rows of class probabilities) give a callable loss, "
+            f"For soft labels (rows of class probabilities) give a callable loss{_TAKEN_BY}, "
             "torch.nn.CrossEntropyLoss(), with float targets of shape (N, n_classes); for "
             "real-valued targets (regression) give one such as torch.nn.MSELoss()."
         )
@@ -145,13 +157,13 @@ def check_labels(y: torch.Tensor, *, loss: str | LossFn, name: str = "y") -> tor
     if loss == "cross_entropy":
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             fix = (
-                f"convert them with {name}.long()"
-                if name.isidentifier()
-                else "return them as integers from the Dataset's __getitem__"
+                "return them as integers from the Dataset's __getitem__"
+                if _from_dataset(name)
+                else f"convert them with {name if name.isidentifier() else 'y'}.long()"
             )
             hint = (
-                f" Class labels: {fix}. Regression targets: give a callable loss, such as "
-                "torch.nn.MSELoss()."
+                f" Class labels: {fix}. Regression targets: give a callable loss{_TAKEN_BY}, "
+                "such as torch.nn.MSELoss()."
                 if y.is_floating_point()
                 else ""
             )

@@ -414,7 +414,8 @@ BAD_DATA = [
         {"y": Y.astype(np.float32)},
         TypeError,
         "y must hold integer class labels for loss='cross_entropy', got dtype torch.float32. "
-        r"Class labels: convert them with y.long\(\). Regression targets: give a callable loss",
+        r"Class labels: convert them with y.long\(\). Regression targets: give a callable loss "
+        r"\(companion.dpsgd and companion.per_example take one\)",
     ),
     ({"y": torch.tensor(Y) > 4}, TypeError, "y must hold integer class labels"),
     ({"y": -Y - 1}, ValueError, "y must hold class labels >= 0"),
@@ -500,6 +501,19 @@ def test_a_last_batch_of_one_example_for_batch_normalisation_is_refused_by_its_s
             train(model, X, Y, epochs=1, batch_size=batch_size, lr=0.1)
     else:
         assert len(train(model, X, Y, epochs=1, batch_size=batch_size, lr=0.1)) == 1
+
+
+def test_label_errors_outside_dpsgd_name_no_dataset_and_say_where_callables_go():
+    """helper-104's trial: the membership attack's float labels were told to come "from the
+    Dataset's __getitem__" (no Dataset involved: its name, "members y", is not an identifier),
+    and training.train's to give a callable loss, which it does not take."""
+    from companion import attacks
+
+    x, y = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(Y, dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"members y must hold .* convert them with y\.long\(\)"):
+        attacks.loss_threshold_attack(models.logistic_regression(), (x, y), (x, y))
+    with pytest.raises(TypeError, match=r"callable loss \(companion.dpsgd and .* take one\)"):
+        train(models.logistic_regression(), x, y, epochs=1, batch_size=8, lr=0.1)
 
 
 def test_the_finiteness_check_of_a_large_data_set_finds_a_nan_in_its_last_rows():
