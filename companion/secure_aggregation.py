@@ -135,10 +135,10 @@ def mask_update(
     Raises:
         TypeError: if ``update`` is not a one-dimensional numpy array of real numbers, or
             ``client`` not an integer.
-        ValueError: if ``client`` is out of range, ``seeds`` are not those of ``num_clients``
-            clients (one seed for each pair ``(i, j)``, ``0 <= i < j < num_clients``: a client
-            in no pair would send its update unmasked), ``scale`` is not > 0, ``update`` holds
-            NaN or inf, or ``|update| * scale * num_clients`` reaches 2^31 (the sum could wrap).
+        ValueError: if ``client`` is out of range, ``seeds`` lack a pair of ``client`` (its
+            update would go out unmasked) or hold a pair other than ``(i, j)``,
+            ``0 <= i < j < num_clients``, ``scale`` is not > 0, ``update`` holds NaN or inf, or
+            ``|update| * scale * num_clients`` reaches 2^31 (the sum could wrap).
 
     Example:
         >>> import numpy as np
@@ -153,15 +153,22 @@ def mask_update(
     client = check_int("client", client, minimum=0)
     if not client < num_clients:
         raise ValueError(f"client must lie in [0, {num_clients}), got {client}.")
-    # This client's pairs, and as many in all as num_clients have (a pair of other indices
-    # would leave another client's missing: that client is refused).
+    # Every pair of this client (one missing, its update would go out unmasked), and pairs of the
+    # num_clients clients only (one of another client, its mask would have no partner). A subset
+    # is allowed: the seeds a client reveals give the masks the server removes.
     own = ((min(client, j), max(client, j)) for j in range(num_clients) if j != client)
-    total = num_clients * (num_clients - 1) // 2
-    if not isinstance(seeds, Mapping) or len(seeds) != total or not all(p in seeds for p in own):
+    if (
+        not isinstance(seeds, Mapping)
+        or not all(p in seeds for p in own)
+        or not all(
+            isinstance(p, tuple) and len(p) == 2 and 0 <= p[0] < p[1] < num_clients for p in seeds
+        )
+    ):
         raise ValueError(
-            f"seeds must hold one seed for each pair (i, j) of the {num_clients} clients, "
-            "0 <= i < j < num_clients, as pairwise_seeds(num_clients) makes them: with seeds of "
-            "other clients, a client's update would go out unmasked or the masks would not cancel."
+            f"seeds must hold a seed for each pair of client {client} with the other clients, "
+            f"and only pairs (i, j) with 0 <= i < j < num_clients={num_clients}, as "
+            "pairwise_seeds(num_clients) makes them: with other seeds the update would go out "
+            "unmasked or the masks would not cancel."
         )
     scale = check_positive("scale", scale)
     masked = _encode(update, scale, num_clients)

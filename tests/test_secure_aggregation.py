@@ -98,14 +98,14 @@ def test_seeds_reproduce():
                 np.zeros(2), client=2, seeds=pairwise_seeds(2, rng=0), num_clients=3
             ),
             ValueError,
-            r"one seed for each pair \(i, j\) of the 3 clients",
+            "a seed for each pair of client 2 with the other clients",
         ),
         (
             lambda: mask_update(
                 np.zeros(2), client=0, seeds=pairwise_seeds(3, rng=0), num_clients=2
             ),
             ValueError,
-            "one seed for each pair",
+            r"only pairs \(i, j\) with 0 <= i < j < num_clients=2",
         ),
         (
             lambda: mask_update(
