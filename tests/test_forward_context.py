@@ -410,7 +410,7 @@ class SharedSchedule(nn.Module):
         "spectral norm",
     ],  # fmt: skip
 )
-def test_buffers_written_from_the_generator_or_the_weights_are_accepted(build):
+def test_buffers_written_from_no_data_are_accepted(build):
     """Negative controls: spectral normalisation's power iteration writes its vectors from the
     weight alone, a random mask is drawn from the same generator state in each probe, and the
     probes' batches have the same size."""
